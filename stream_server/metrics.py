@@ -1,0 +1,49 @@
+"""Prometheus metrics, one registry per server instance (no process-global state).
+
+These are the in-server halves of the benchmark's figures, so an operator can watch the same
+quantities live: load (sessions, queue), latency (finalization, queue wait), throughput (batch
+size, decode time, real-time factor) and shedding (dropped interim decodes).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+class ServerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.active_sessions = Gauge("stream_active_sessions", "Open WebSocket sessions", registry=r)
+        self.sessions_total = Counter("stream_sessions_total", "Sessions accepted", registry=r)
+        self.sessions_rejected = Counter("stream_sessions_rejected_total", "Sessions refused (server busy)", registry=r)
+        self.finalization_latency = Histogram(
+            "stream_finalization_latency_seconds",
+            "Wall time from speech_stopped to the utterance's transcript.segment",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "stream_decode_queue_wait_seconds", "Time a decode request waited for a worker", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("stream_decode_queue_depth", "Decode requests waiting", registry=r)
+        self.batch_seconds = Histogram(
+            "stream_decode_batch_seconds", "Model time per decode batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram(
+            "stream_decode_batch_size", "Requests per decode batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+        )
+        self.realtime_factor = Histogram(
+            "stream_decode_realtime_factor",
+            "Audio seconds decoded per second of model time, per batch",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000),
+            registry=r,
+        )
+        self.dropped_interim = Counter("stream_dropped_interim_decodes_total", "Interim decodes shed under load", registry=r)
+        self.audio_seconds = Counter("stream_audio_seconds_total", "Audio seconds received", registry=r)
+        self.decode_errors = Counter("stream_decode_errors_total", "Decodes that raised", registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,351 @@
+"""Wire protocol: typed client messages, typed server events, and the one place that serialises.
+
+Every server event is a frozen dataclass whose ``type`` class attribute is its wire name. Fields
+are exactly the wire fields (``protocol.md`` is checked against this module by a test). Client
+messages are parsed into small dataclasses here too, so that the session core never sees raw
+JSON and every malformed message becomes one typed :class:`ProtocolError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# --------------------------------------------------------------------------------------------
+# Session configuration
+# --------------------------------------------------------------------------------------------
+
+
+class TurnDetection(BaseModel):
+    """OpenAI ``server_vad`` knobs; ranges bound the memory a client can pin (padding, silence)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["server_vad"] = "server_vad"
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    prefix_padding_ms: int = Field(300, ge=0, le=5000)
+    silence_duration_ms: int = Field(500, ge=0, le=5000)
+
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _int_threshold_is_fine(cls, value: Any) -> Any:
+        # JSON has one number type; ``1`` is a valid threshold even though it parses as int.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+
+class SessionConfig(BaseModel):
+    """The effective configuration of a session (defaults documented in protocol.md)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input_audio_format: Literal["pcm16", "float32"] = "pcm16"
+    sample_rate: int = Field(16000, ge=8000, le=48000)
+    language: str | None = None
+    prompt: str = Field("", max_length=1000)
+    model: str = "tiny.en"
+    turn_detection: TurnDetection | None = Field(default_factory=TurnDetection)
+    include: list[Literal["logprobs", "words"]] = Field(default_factory=lambda: ["logprobs"])
+    interim_results: bool = False
+
+    @field_validator("language")
+    @classmethod
+    def _normalise_language(cls, value: str | None) -> str | None:
+        # Locale forms (en-US, pt_BR) are what browsers and SDKs send; Whisper wants ISO-639-1.
+        if value is None:
+            return None
+        code = value.replace("_", "-").split("-")[0].strip().lower()
+        if not (2 <= len(code) <= 3 and code.isalpha()):
+            raise ValueError("must be an ISO-639-1 code such as 'en' or a locale such as 'en-US'")
+        return code
+
+    def updated(self, changes: dict[str, Any]) -> SessionConfig:
+        """Return a new config with ``changes`` merged in; raises ProtocolError naming the field.
+
+        ``turn_detection`` objects merge field by field, so a client can change only the
+        threshold without restating the padding; ``null`` switches VAD off.
+        """
+        if not isinstance(changes, dict):
+            raise ProtocolError("invalid_value", "session must be an object", param="session")
+        merged = self.model_dump()
+        for key, value in changes.items():
+            if key == "turn_detection" and isinstance(value, dict) and merged.get(key):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        try:
+            return SessionConfig.model_validate(merged)
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+
+    def wants(self, what: Literal["logprobs", "words"]) -> bool:
+        return what in self.include
+
+
+def _validation_error(exc: ValidationError) -> ProtocolError:
+    first = exc.errors()[0]
+    loc = [str(part) for part in first["loc"] if not str(part).isdigit() or first["type"] != "literal_error"]
+    # pydantic puts union branch names into the location; they mean nothing to a client.
+    loc = [part for part in loc if part not in ("TurnDetection", "literal['logprobs','words']")]
+    param = ".".join(["session", *loc])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = f"unknown field {loc[-1]!r}"
+    return ProtocolError("invalid_value", f"{param}: {message}", param=param)
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """A client mistake with a stable ``code`` (see protocol.md's error table)."""
+
+    def __init__(self, code: str, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+
+
+# --------------------------------------------------------------------------------------------
+# Client messages
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionUpdate:
+    session: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioAppend:
+    audio: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferCommit:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferClear:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionClose:
+    pass
+
+
+ClientMessage = SessionUpdate | AudioAppend | BufferCommit | BufferClear | SessionClose
+
+CLIENT_MESSAGE_TYPES = (
+    "session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+    "session.close",
+)
+
+
+def parse_client_message(text: str) -> ClientMessage:
+    """Turn one JSON text frame into a typed message, or raise ProtocolError."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ProtocolError("invalid_json", f"message is not valid JSON: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("invalid_json", "message must be a JSON object")
+    kind = data.get("type")
+    if kind == "session.update":
+        session = data.get("session")
+        if not isinstance(session, dict):
+            raise ProtocolError("invalid_value", "session must be an object", param="session")
+        return SessionUpdate(session)
+    if kind == "input_audio_buffer.append":
+        audio = data.get("audio")
+        if not isinstance(audio, str):
+            raise ProtocolError("invalid_value", "audio must be a base64 string", param="audio")
+        try:
+            return AudioAppend(base64.b64decode(audio, validate=True))
+        except (binascii.Error, ValueError):
+            raise ProtocolError("invalid_audio", "audio is not valid base64", param="audio") from None
+    if kind == "input_audio_buffer.commit":
+        return BufferCommit()
+    if kind == "input_audio_buffer.clear":
+        return BufferClear()
+    if kind == "session.close":
+        return SessionClose()
+    raise ProtocolError(
+        "unknown_message_type",
+        f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_MESSAGE_TYPES)}",
+        param="type",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Server events
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+
+    @classmethod
+    def of(cls, token: str, logprob: float) -> TokenLogprob:
+        return cls(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+
+
+@dataclasses.dataclass(frozen=True)
+class WordTiming:
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorInfo:
+    type: str
+    code: str
+    message: str
+    param: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerEvent:
+    """Base of every server event; ``type`` is the wire name and is not a dataclass field."""
+
+    type: ClassVar[str] = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionCreated(ServerEvent):
+    type: ClassVar[str] = "session.created"
+    session: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionUpdated(ServerEvent):
+    type: ClassVar[str] = "session.updated"
+    session: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechStarted(ServerEvent):
+    type: ClassVar[str] = "input_audio_buffer.speech_started"
+    item_id: str
+    audio_start_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechStopped(ServerEvent):
+    type: ClassVar[str] = "input_audio_buffer.speech_stopped"
+    item_id: str
+    audio_end_ms: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferCommitted(ServerEvent):
+    type: ClassVar[str] = "input_audio_buffer.committed"
+    item_id: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BufferCleared(ServerEvent):
+    type: ClassVar[str] = "input_audio_buffer.cleared"
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriptDelta(ServerEvent):
+    type: ClassVar[str] = "transcript.text.delta"
+    item_id: str
+    delta: str
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriptInterim(ServerEvent):
+    type: ClassVar[str] = "transcript.text.interim"
+    item_id: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriptSegment(ServerEvent):
+    type: ClassVar[str] = "transcript.segment"
+    item_id: str
+    start: float
+    end: float
+    text: str
+    logprobs: list[TokenLogprob] | None
+    words: list[WordTiming] | None
+    avg_logprob: float
+    no_speech_prob: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    seconds: float
+    type: str = "duration"
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscriptDone(ServerEvent):
+    type: ClassVar[str] = "transcript.text.done"
+    text: str
+    logprobs: list[TokenLogprob] | None
+    usage: Usage
+
+
+@dataclasses.dataclass(frozen=True)
+class Error(ServerEvent):
+    type: ClassVar[str] = "error"
+    error: ErrorInfo
+
+    @classmethod
+    def invalid(cls, code: str, message: str, param: str | None = None) -> Error:
+        return cls(ErrorInfo("invalid_request_error", code, message, param))
+
+    @classmethod
+    def server(cls, code: str, message: str, param: str | None = None) -> Error:
+        return cls(ErrorInfo("server_error", code, message, param))
+
+
+SERVER_EVENT_TYPES: tuple[type[ServerEvent], ...] = (
+    SessionCreated,
+    SessionUpdated,
+    SpeechStarted,
+    SpeechStopped,
+    BufferCommitted,
+    BufferCleared,
+    TranscriptDelta,
+    TranscriptInterim,
+    TranscriptSegment,
+    TranscriptDone,
+    Error,
+)
+
+
+def event_to_dict(event: ServerEvent, event_id: str | None = None) -> dict[str, Any]:
+    """The single serialisation point: dataclass fields become JSON fields, ``type`` first."""
+    body: dict[str, Any] = {"type": event.type}
+    if event_id is not None:
+        body["event_id"] = event_id
+    body.update(dataclasses.asdict(event))
+    return body
+
+
+def event_to_json(event: ServerEvent, event_id: str | None = None) -> str:
+    return json.dumps(event_to_dict(event, event_id), ensure_ascii=False, separators=(",", ":"))

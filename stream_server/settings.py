@@ -1,0 +1,118 @@
+"""All server configuration in one object, fed from CLI flags and ``STREAM_SERVER_*`` variables.
+
+Each limit says what it bounds, in the spirit of the ``websockets`` library's documented limits.
+Precedence: CLI flag > environment variable > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "STREAM_SERVER_"
+
+
+def _default_cache() -> str:
+    return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "stream-server")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = dataclasses.field(default=8000, metadata={"help": "TCP port (0 = pick a free one)"})
+    model: str = dataclasses.field(
+        default="tiny.en",
+        metadata={"help": "default model: tiny.en (bundled), base (bundled, multilingual, needs the [base] extra), a faster-whisper name, or a CTranslate2 model directory"},
+    )
+    device: str = dataclasses.field(default="cpu", metadata={"help": "cpu, cuda or auto", "choices": ("cpu", "cuda", "auto")})
+    compute_type: str = dataclasses.field(
+        default="default", metadata={"help": "CTranslate2 compute type (default: int8 on CPU, float16 on CUDA)"}
+    )
+    cpu_threads: int = dataclasses.field(default=0, metadata={"help": "threads per decode on CPU (0 = all cores)"})
+    decode_workers: int = dataclasses.field(
+        default=1, metadata={"help": "decode worker threads; each runs one batch at a time"}
+    )
+    max_batch_size: int = dataclasses.field(
+        default=8, metadata={"help": "most decode requests in one model call (bounds model memory per batch)"}
+    )
+    interim_max_wait_s: float = dataclasses.field(
+        default=1.0, metadata={"help": "interim decodes older than this are shed under load (finals never are)"}
+    )
+    interim_step_ms: int = dataclasses.field(
+        default=300, metadata={"help": "new audio needed before an open utterance is decoded again"}
+    )
+    max_utterance_s: float = dataclasses.field(
+        default=15.0, metadata={"help": "split utterances longer than this (bounds decode window and buffer memory)"}
+    )
+    max_message_bytes: int = dataclasses.field(
+        default=1 << 20, metadata={"help": "largest WebSocket message accepted; bigger ones close the session with 1009"}
+    )
+    max_sessions: int = dataclasses.field(
+        default=64, metadata={"help": "concurrent sessions; more are refused with close code 1013"}
+    )
+    idle_timeout_s: float = dataclasses.field(
+        default=60.0, metadata={"help": "close sessions that send nothing for this long (0 = never)"}
+    )
+    max_file_bytes: int = dataclasses.field(
+        default=25 * 1024 * 1024, metadata={"help": "largest upload to the HTTP transcription API"}
+    )
+    cache_dir: str = dataclasses.field(default_factory=_default_cache, metadata={"help": "where assembled models are kept"})
+    log_level: str = dataclasses.field(default="info", metadata={"help": "debug, info, warning or error"})
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        try:
+            import ctranslate2
+
+            return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        except Exception:  # noqa: BLE001 - no CUDA runtime means CPU
+            return "cpu"
+
+    def resolved_compute_type(self) -> str:
+        if self.compute_type != "default":
+            return self.compute_type
+        return "float16" if self.resolved_device() == "cuda" else "int8"
+
+
+def _convert(field: dataclasses.Field, raw: str) -> Any:
+    kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "str": str}[field.type]
+    return kind(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for field in dataclasses.fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        env = ENV_PREFIX + field.name.upper()
+        kwargs: dict[str, Any] = {
+            "dest": field.name,
+            "default": None,
+            "help": f"{field.metadata.get('help', '')} [env {env}]",
+            "type": lambda raw, f=field: _convert(f, raw),
+        }
+        if "choices" in field.metadata:
+            kwargs["choices"] = field.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+
+
+def from_sources(args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(Settings):
+        cli = getattr(args, field.name, None) if args is not None else None
+        env = environ.get(ENV_PREFIX + field.name.upper())
+        if cli is not None:
+            values[field.name] = cli
+        elif env is not None:
+            values[field.name] = _convert(field, env)
+    return Settings(**values)
+
+
+def parse(argv: Sequence[str] | None = None) -> Settings:
+    parser = argparse.ArgumentParser(prog="stream-server")
+    add_arguments(parser)
+    return from_sources(parser.parse_args(argv))

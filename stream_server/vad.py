@@ -1,0 +1,156 @@
+"""Streaming voice activity detection: Silero VAD probabilities and the turn segmenter.
+
+Weights: Silero VAD v6 as ONNX, the copy bundled inside faster-whisper (``faster_whisper/assets/
+silero_vad_v6.onnx``), run with onnxruntime. The ``silero-vad`` PyPI package ships the same v6
+weights but declares a hard dependency on torch, which this server never imports; taking the copy
+that our decoder dependency already installs keeps torch (0.7-5 GB) out of the install entirely.
+
+The segmenter is pure logic over per-frame probabilities so it can be tested with scripted
+probabilities and no model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Protocol
+
+import numpy as np
+
+FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
+CONTEXT = 64  # samples of the previous frame that Silero v6 expects in front of each frame
+
+
+def bundled_silero_path() -> str:
+    import faster_whisper
+
+    return os.path.join(os.path.dirname(faster_whisper.__file__), "assets", "silero_vad_v6.onnx")
+
+
+class VadModel(Protocol):
+    """Frame-probability model; ``state`` is opaque and owned by one audio channel."""
+
+    def new_state(self) -> object: ...
+
+    def probabilities(self, frames: np.ndarray, state: object) -> tuple[np.ndarray, object]: ...
+
+
+@dataclasses.dataclass
+class _SileroState:
+    h: np.ndarray
+    c: np.ndarray
+    context: np.ndarray
+
+
+class SileroVad:
+    """Silero v6 over onnxruntime; one InferenceSession is shared by every channel (thread-safe)."""
+
+    def __init__(self, path: str | None = None) -> None:
+        import onnxruntime
+
+        opts = onnxruntime.SessionOptions()
+        # One thread: VAD runs inline on the event loop in 0.1 ms steps; thread pools would only
+        # add wake-up latency and contend with the decoder for the cores.
+        opts.inter_op_num_threads = 1
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 4
+        self._session = onnxruntime.InferenceSession(
+            path or bundled_silero_path(), providers=["CPUExecutionProvider"], sess_options=opts
+        )
+
+    def new_state(self) -> _SileroState:
+        zeros = np.zeros((1, 1, 128), np.float32)
+        return _SileroState(zeros, zeros.copy(), np.zeros(CONTEXT, np.float32))
+
+    def probabilities(self, frames: np.ndarray, state: object) -> tuple[np.ndarray, object]:
+        """Speech probability of each 512-sample frame in ``frames`` (shape [n, 512])."""
+        assert isinstance(state, _SileroState)
+        probs = np.empty(len(frames), np.float32)
+        h, c, context = state.h, state.c, state.context
+        for i, frame in enumerate(frames):
+            x = np.concatenate([context, frame])[None, :]
+            out, h, c = self._session.run(None, {"input": x, "h": h, "c": c})
+            probs[i] = float(np.asarray(out).ravel()[0])
+            context = frame[-CONTEXT:]
+        return probs, _SileroState(h, c, context.copy())
+
+
+@dataclasses.dataclass(frozen=True)
+class VadParams:
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    # A start needs this many consecutive speech frames (96 ms): single-frame clicks and breaths
+    # otherwise open utterances that decode to nothing.
+    min_speech_frames: int = 3
+
+    @property
+    def off_threshold(self) -> float:
+        # Hysteresis as in Silero's reference iterator: speech continues until prob drops well
+        # below the start threshold, so a soft syllable does not end the turn.
+        return max(self.threshold - 0.15, 0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechStart:
+    sample: int  # where the utterance's audio begins (speech onset minus prefix padding)
+    onset: int  # the first speech frame
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechEnd:
+    sample: int  # the end of the last speech frame
+
+
+class TurnSegmenter:
+    """Per-frame probabilities in, speech start/end decisions out (audio time in samples)."""
+
+    def __init__(self, params: VadParams, floor: int = 0) -> None:
+        self.params = params
+        self.in_speech = False
+        self._run = 0  # consecutive speech frames while not in speech
+        self._silence = 0  # consecutive silent frames while in speech
+        self._last_speech_end = 0
+        self._floor = floor  # padding never reaches back before this sample (last utterance end)
+
+    def reset(self, floor: int) -> None:
+        self.in_speech = False
+        self._run = 0
+        self._silence = 0
+        self._floor = floor
+
+    def force_start(self, sample: int) -> None:
+        """Continue in speech from ``sample`` (after a commit or a split inside speech)."""
+        self.in_speech = True
+        self._silence = 0
+        self._last_speech_end = sample
+
+    def push(self, prob: float, frame_start: int) -> SpeechStart | SpeechEnd | None:
+        p = self.params
+        frame_end = frame_start + FRAME
+        if not self.in_speech:
+            self._run = self._run + 1 if prob >= p.threshold else 0
+            if self._run < p.min_speech_frames:
+                return None
+            self.in_speech = True
+            self._silence = 0
+            onset = frame_end - self._run * FRAME
+            self._last_speech_end = frame_end
+            padding = p.prefix_padding_ms * 16
+            return SpeechStart(sample=max(self._floor, onset - padding), onset=onset)
+        if prob >= p.off_threshold:
+            self._silence = 0
+            self._last_speech_end = frame_end
+            return None
+        self._silence += 1
+        if self._silence * FRAME >= p.silence_duration_ms * 16:
+            self.in_speech = False
+            self._run = 0
+            self._floor = self._last_speech_end
+            return SpeechEnd(sample=self._last_speech_end)
+        return None
+
+    @property
+    def silence_samples(self) -> int:
+        """How long the current in-speech pause has lasted (0 outside speech)."""
+        return self._silence * FRAME if self.in_speech else 0
