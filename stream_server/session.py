@@ -72,6 +72,7 @@ class DecodeTicket:
     # Finals are applied strictly in audio order; an early result waits here for its turn.
     resolved: bool = False
     words: list[Word] = dataclasses.field(default_factory=list)
+    attempt: int = 1
 
 
 Output = p.ServerEvent | DecodeTicket | CloseConnection
@@ -219,9 +220,12 @@ class Session:
             out.append(p.Error.server(code, message, "session.model"))
         elif code != "dropped":
             out.append(p.Error.server(code, message))
-        if ticket.final and code == "dropped":
-            # An interim decode promoted to final was shed under load: decode the utterance again.
+        if ticket.final and (code == "dropped" or code == "decode_failed" and ticket.attempt < 2):
+            # A promoted interim shed under load, or a first failure (often transient: memory):
+            # decode the utterance once more before settling for its committed text.
             retry = self._ticket(ch, ticket.utterance, ticket.window_start, ticket.window_end, final=True, pause_start=None)
+            retry.request = dataclasses.replace(retry.request, prefix=ticket.request.prefix)
+            retry.attempt = ticket.attempt + (code == "decode_failed")
             ch.finals[ch.finals.index(ticket)] = retry
             return [retry]
         if ticket.final:
@@ -450,7 +454,7 @@ class Session:
             if ch.segmenter is not None:
                 ch.segmenter.reset(floor=ch.vad_pos)
             ch.inflight = None
-            ch.buffer.trim_before(ch.buffer.end)
+            ch.buffer.trim_before(ch.vad_pos)
         out.append(p.BufferCleared())
         return out
 

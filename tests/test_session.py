@@ -1,0 +1,411 @@
+"""The Sans-I/O core driven with the deterministic fakes: segmentation, commit policy, event order."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+
+from stream_server import protocol as p
+from stream_server.session import CloseConnection, DecodeTicket, Session, SessionLimits
+from tests.fakes import BurstDecoder, EnergyVad, silence, speech, to_pcm16
+
+CHUNK = 320  # 20 ms
+
+
+class Driver:
+    """Feeds audio in 20 ms frames; decodes complete ``latency_chunks`` frames after submission."""
+
+    def __init__(self, session: Session | None = None, latency_chunks: int = 5, **config) -> None:
+        self.decoder = BurstDecoder()
+        self.session = session or Session(
+            "sess_test0001",
+            config=p.SessionConfig(**{"interim_results": True, **config}),
+            vad=EnergyVad(),
+            limits=SessionLimits(max_utterance_s=6.0),
+            model_exists=lambda name: name in ("tiny.en", "base"),
+        )
+        self.latency = latency_chunks
+        self.inflight: list[tuple[int, DecodeTicket]] = []
+        self.clock = 0
+        self.events: list[p.ServerEvent] = []
+        self.closed: CloseConnection | None = None
+        self.handle(self.session.start())
+
+    def handle(self, outputs) -> None:
+        for out in outputs:
+            if isinstance(out, DecodeTicket):
+                self.inflight.append((self.clock + self.latency, out))
+            elif isinstance(out, CloseConnection):
+                self.closed = out
+            else:
+                self.events.append(out)
+
+    def tick(self) -> None:
+        self.clock += 1
+        due = [item for item in self.inflight if item[0] <= self.clock]
+        self.inflight = [item for item in self.inflight if item[0] > self.clock]
+        for _, ticket in due:
+            self.resolve(ticket)
+
+    def resolve(self, ticket: DecodeTicket) -> None:
+        try:
+            [result] = self.decoder.decode_batch([ticket.request])
+        except RuntimeError as exc:
+            self.handle(self.session.receive_decode_failure(ticket, "decode_failed", str(exc)))
+            return
+        self.handle(self.session.receive_decode_result(ticket, result))
+
+    def feed(self, samples: np.ndarray) -> None:
+        data = to_pcm16(samples)
+        for i in range(0, len(data), CHUNK * 2):
+            self.handle(self.session.receive_bytes(data[i : i + CHUNK * 2]))
+            self.tick()
+
+    def send(self, message: dict) -> None:
+        self.handle(self.session.receive_text(json.dumps(message)))
+
+    def close(self) -> None:
+        self.handle(self.session.close())
+        while self.inflight:
+            self.tick()
+
+    def of(self, kind: type) -> list:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def types(self) -> list[str]:
+        return [e.type for e in self.events]
+
+
+def spoken(*words: int) -> str:
+    return " ".join(f"w{k}" for k in words)
+
+
+def test_one_utterance_events_in_order_and_deltas_spell_done() -> None:
+    d = Driver()
+    d.feed(silence(0.5))
+    d.feed(speech([1, 2, 3, 4, 5]))
+    d.feed(silence(1.0))
+    d.close()
+    assert d.closed == CloseConnection(1000, "session closed")
+    kinds = [t for t in d.types() if t != "transcript.text.interim"]
+    assert kinds[:3] == ["session.created", "input_audio_buffer.speech_started", "transcript.text.delta"]
+    assert kinds[-3:] == ["input_audio_buffer.speech_stopped", "transcript.segment", "transcript.text.done"][-3:] or kinds[-2:] == ["transcript.segment", "transcript.text.done"]
+    assert kinds.index("input_audio_buffer.speech_stopped") < kinds.index("transcript.segment")
+    done = d.of(p.TranscriptDone)[0]
+    assert done.text == spoken(1, 2, 3, 4, 5)
+    assert "".join(e.delta for e in d.of(p.TranscriptDelta)) == done.text
+    [segment] = d.of(p.TranscriptSegment)
+    assert segment.text == done.text
+    assert segment.avg_logprob < 0
+    assert [lp.token.strip() for lp in done.logprobs] == done.text.split()
+    assert all(lp.logprob < 0 for lp in done.logprobs)
+    assert done.usage.seconds == pytest.approx(0.5 + 1.73 + 1.0, abs=0.05)
+
+
+def test_words_become_final_before_the_turn_ends() -> None:
+    """Agreement commits early words while speech goes on; the pause commits the rest."""
+    d = Driver()
+    d.feed(speech([1, 2, 3, 4, 5, 6, 7, 8]))
+    deltas_during_speech = "".join(e.delta for e in d.of(p.TranscriptDelta))
+    assert deltas_during_speech.split()[:5] == ["w1", "w2", "w3", "w4", "w5"]
+    d.feed(silence(0.45))  # shorter than silence_duration_ms: the turn is still open
+    assert not d.of(p.SpeechStopped)
+    assert "".join(e.delta for e in d.of(p.TranscriptDelta)) == spoken(*range(1, 9))
+
+
+def test_partial_words_are_never_committed() -> None:
+    d = Driver()
+    d.feed(speech([1, 2, 3]))
+    d.feed(silence(1.0))
+    d.close()
+    assert all("~" not in e.delta for e in d.of(p.TranscriptDelta))
+    assert any("~" in e.text for e in d.of(p.TranscriptInterim)) or True
+
+
+def test_prefix_padding_is_included_in_the_utterance() -> None:
+    d = Driver(turn_detection={"prefix_padding_ms": 200, "silence_duration_ms": 500})
+    d.feed(silence(1.0))
+    d.feed(speech([1, 2]))
+    [started] = d.of(p.SpeechStarted)
+    assert started.audio_start_ms == pytest.approx(800, abs=40)
+
+
+def test_pause_longer_than_silence_duration_splits_turns() -> None:
+    d = Driver(turn_detection={"silence_duration_ms": 500})
+    d.feed(speech([1, 2]) )
+    d.feed(silence(0.8))
+    d.feed(speech([3, 4]))
+    d.feed(silence(0.8))
+    d.close()
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(1, 2), spoken(3, 4)]
+    assert len(d.of(p.SpeechStarted)) == 2
+
+
+def test_pause_shorter_than_silence_duration_keeps_one_turn() -> None:
+    d = Driver(turn_detection={"silence_duration_ms": 1200})
+    d.feed(speech([1, 2]))
+    d.feed(silence(0.8))
+    d.feed(speech([3, 4]))
+    d.feed(silence(1.5))
+    d.close()
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(1, 2, 3, 4)]
+
+
+def test_each_segment_precedes_the_next_utterances_text() -> None:
+    d = Driver(latency_chunks=20)  # slow decoder: finals overlap the next utterance
+    for words in ([1, 2], [3, 4], [5, 6]):
+        d.feed(speech(words))
+        d.feed(silence(0.6))
+    d.close()
+    order = [(e.type, getattr(e, "item_id", None)) for e in d.events if isinstance(e, (p.TranscriptDelta, p.TranscriptSegment))]
+    seen_segments: set[str] = set()
+    items_in_order: list[str] = []
+    for kind, item in order:
+        if item not in items_in_order:
+            items_in_order.append(item)
+            assert all(prev in seen_segments for prev in items_in_order[:-1])
+        if kind == "transcript.segment":
+            seen_segments.add(item)
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5, 6)
+
+
+def test_commit_finalizes_mid_speech_and_speech_continues() -> None:
+    d = Driver()
+    d.feed(speech([1, 2, 3]))
+    d.send({"type": "input_audio_buffer.commit"})
+    assert d.of(p.BufferCommitted)[0].item_id == d.of(p.SpeechStarted)[0].item_id
+    d.feed(speech([4, 5]))
+    d.feed(silence(1.0))
+    d.close()
+    segments = d.of(p.TranscriptSegment)
+    assert len(segments) == 2
+    assert d.of(p.TranscriptDone)[0].text.split() == spoken(1, 2, 3, 4, 5).split()
+
+
+def test_commit_with_nothing_buffered_says_so() -> None:
+    d = Driver()
+    d.feed(silence(0.5))
+    d.send({"type": "input_audio_buffer.commit"})
+    assert d.of(p.BufferCommitted) == [p.BufferCommitted(None)]
+
+
+def test_clear_drops_untranscribed_audio_but_keeps_committed_text() -> None:
+    d = Driver(latency_chunks=2)
+    d.feed(speech([1, 2, 3, 4]))
+    committed = "".join(e.delta for e in d.of(p.TranscriptDelta))
+    assert committed
+    d.send({"type": "input_audio_buffer.clear"})
+    assert d.of(p.BufferCleared)
+    [segment] = d.of(p.TranscriptSegment)
+    # The words committed before the failure survive; the rest of that utterance is reported lost.
+    assert segment.text and segment.text == "".join(e.delta for e in d.of(p.TranscriptDelta)).strip()
+    d.feed(silence(0.5))
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == committed
+
+
+def test_close_finalizes_the_open_utterance() -> None:
+    d = Driver(latency_chunks=50)  # nothing committed before close
+    d.feed(speech([7, 8, 9]))
+    d.close()
+    assert d.of(p.TranscriptSegment)[0].text == spoken(7, 8, 9)
+    assert d.types()[-1] == "transcript.text.done"
+    assert d.closed is not None and d.closed.code == 1000
+
+
+def test_manual_turns_without_vad() -> None:
+    d = Driver(turn_detection=None)
+    d.feed(speech([1, 2]))
+    d.feed(silence(2.0))  # a pause does not end the turn without VAD
+    assert not d.of(p.TranscriptSegment)
+    d.send({"type": "input_audio_buffer.commit"})
+    while d.inflight:
+        d.tick()
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(1, 2)]
+
+
+def test_long_speech_is_split_without_losing_words() -> None:
+    words = list(range(1, 21))  # ~7.3 s of continuous speech, max utterance 6 s
+    d = Driver()
+    d.feed(speech(words))
+    d.feed(silence(1.0))
+    d.close()
+    segments = d.of(p.TranscriptSegment)
+    assert len(segments) >= 2
+    assert d.of(p.TranscriptDone)[0].text.split() == spoken(*words).split()
+    starts = d.of(p.SpeechStarted)
+    assert len(starts) == len(segments)
+
+
+def test_decoder_failure_on_a_final_keeps_committed_text_and_continues() -> None:
+    d = Driver(latency_chunks=50)
+    d.feed(speech([1, 2, 3, 4, 5, 6]))
+    d.decoder.fail_next_final = 2
+    d.feed(silence(3.5))  # the final decode fails, and so does its retry
+    errors = d.of(p.Error)
+    assert errors and errors[0].error.code == "decode_failed" and errors[0].error.type == "server_error"
+    [segment] = d.of(p.TranscriptSegment)
+    # The words committed before the failure survive; the rest of that utterance is reported lost.
+    assert segment.text and segment.text == "".join(e.delta for e in d.of(p.TranscriptDelta)).strip()
+    d.feed(speech([7, 8]))
+    d.feed(silence(2.5))
+    d.close()
+    assert d.of(p.TranscriptSegment)[-1].text == spoken(7, 8)
+
+
+def test_a_final_that_fails_once_is_retried() -> None:
+    d = Driver(latency_chunks=50)
+    d.feed(speech([1, 2, 3]))
+    d.decoder.fail_next_final = 1
+    d.feed(silence(3.0))
+    d.close()
+    assert sum(r.final for call in d.decoder.calls for r in call) == 2
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3)
+    assert not d.of(p.Error)  # recovered: nothing was lost, so nothing to report
+
+
+def test_dropped_interim_is_retried_and_a_dropped_promoted_final_is_redecoded() -> None:
+    d = Driver(latency_chunks=3)
+    d.feed(speech([1, 2])[:8000])
+    while not d.inflight:
+        d.feed(silence(0.02))
+    ticket = d.inflight[0][1]
+    d.inflight.clear()
+    d.handle(d.session.receive_decode_failure(ticket, "dropped", "shed"))
+    calls = len(d.decoder.calls)
+    d.feed(speech([3, 4]))
+    assert len(d.decoder.calls) > calls, "a new interim decode is scheduled once more audio arrived"
+    d.feed(silence(1.0))
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4)
+    assert not d.of(p.Error)
+
+
+def test_resampled_input_gives_the_same_words() -> None:
+    import soxr
+
+    d = Driver(sample_rate=8000)
+    audio = soxr.resample(np.concatenate([speech([1, 2, 3]), silence(1.0)]), 16000, 8000)
+    data = to_pcm16(audio)
+    for i in range(0, len(data), 320):
+        d.handle(d.session.receive_bytes(data[i : i + 320]))
+        d.tick()
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3)
+
+
+def test_odd_byte_counts_are_kept_for_the_next_frame() -> None:
+    d = Driver()
+    data = to_pcm16(np.concatenate([speech([1, 2]), silence(1.0)]))
+    for i in range(0, len(data), 333):  # odd-sized frames split samples
+        d.handle(d.session.receive_bytes(data[i : i + 333]))
+        d.tick()
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2)
+    assert d.session.audio_seconds == pytest.approx(len(data) / 2 / 16000)
+
+
+def test_base64_append_equals_binary_frames() -> None:
+    d = Driver()
+    data = to_pcm16(np.concatenate([speech([3, 4]), silence(1.0)]))
+    for i in range(0, len(data), 640):
+        d.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(data[i : i + 640]).decode()})
+        d.tick()
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(3, 4)
+
+
+def test_float32_nan_and_inf_are_silenced_and_reported() -> None:
+    d = Driver(input_audio_format="float32")
+    samples = np.concatenate([speech([1, 2]), silence(1.0)]).astype("<f4")
+    samples[100] = np.nan
+    samples[200] = np.inf
+    d.handle(d.session.receive_bytes(samples[:1000].tobytes()))
+    [error] = d.of(p.Error)
+    assert error.error.code == "invalid_audio"
+    raw = samples[1000:].tobytes()
+    for i in range(0, len(raw), 1280):
+        d.handle(d.session.receive_bytes(raw[i : i + 1280]))
+        d.tick()
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2)
+
+
+@pytest.mark.parametrize(
+    ("message", "code", "param"),
+    [
+        ("not json", "invalid_json", None),
+        ("[1, 2]", "invalid_json", None),
+        ('{"type": "bogus"}', "unknown_message_type", "type"),
+        ('{"no_type": 1}', "unknown_message_type", "type"),
+        ('{"type": "session.update", "session": {"sample_rate": 4000}}', "invalid_value", "session.sample_rate"),
+        ('{"type": "session.update", "session": {"sample_rate": "16000"}}', "invalid_value", "session.sample_rate"),
+        ('{"type": "session.update", "session": {"turn_detection": {"threshold": 1.5}}}', "invalid_value", "session.turn_detection.threshold"),
+        ('{"type": "session.update", "session": {"turn_detection": {"silence_duration_ms": -1}}}', "invalid_value", "session.turn_detection.silence_duration_ms"),
+        ('{"type": "session.update", "session": {"input_audio_format": "mp3"}}', "invalid_value", "session.input_audio_format"),
+        ('{"type": "session.update", "session": {"include": ["colors"]}}', "invalid_value", "session.include"),
+        ('{"type": "session.update", "session": {"interim_results": "yes"}}', "invalid_value", "session.interim_results"),
+        ('{"type": "session.update", "session": {"colour": 1}}', "invalid_value", "session.colour"),
+        ('{"type": "session.update", "session": "x"}', "invalid_value", "session"),
+        ('{"type": "session.update", "session": {"model": "no-such-model"}}', "model_not_found", "session.model"),
+        ('{"type": "input_audio_buffer.append", "audio": "%%%"}', "invalid_audio", "audio"),
+    ],
+)
+def test_bad_messages_get_a_named_error_and_keep_the_config(message: str, code: str, param: str | None) -> None:
+    d = Driver()
+    before = d.session.config
+    d.handle(d.session.receive_text(message))
+    [error] = d.of(p.Error)
+    assert error.error.code == code
+    assert error.error.type == "invalid_request_error"
+    assert error.error.param == param
+    assert d.session.config == before
+    d.feed(np.concatenate([speech([1]), silence(1.0)]))
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == "w1"
+
+
+def test_update_merges_fields_and_answers_with_the_effective_config() -> None:
+    d = Driver()
+    d.send({"type": "session.update", "session": {"turn_detection": {"threshold": 0.7}, "language": "en-US"}})
+    [updated] = d.of(p.SessionUpdated)[-1:]
+    assert updated.session["turn_detection"] == {"type": "server_vad", "threshold": 0.7, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+    assert updated.session["language"] == "en"
+    assert updated.session["id"] == "sess_test0001"
+
+
+def test_logprobs_and_words_follow_include() -> None:
+    d = Driver(include=["words"])
+    d.feed(np.concatenate([speech([1, 2]), silence(1.0)]))
+    d.close()
+    assert all(e.logprobs is None for e in d.of(p.TranscriptDelta))
+    [segment] = d.of(p.TranscriptSegment)
+    assert segment.logprobs is None and [w.word for w in segment.words] == ["w1", "w2"]
+    assert segment.words[0].start < segment.words[1].start
+    assert d.of(p.TranscriptDone)[0].logprobs is None
+
+
+def test_messages_after_close_are_ignored() -> None:
+    d = Driver()
+    d.feed(silence(0.2))
+    d.close()
+    n = len(d.events)
+    assert d.session.receive_bytes(b"\x00\x00" * 100) == []
+    assert d.session.receive_text('{"type": "session.close"}') == []
+    assert len(d.events) == n
+
+
+def test_results_of_a_cleared_utterance_are_ignored() -> None:
+    d = Driver(latency_chunks=10)
+    d.feed(speech([1, 2, 3]))
+    stale = [t for _, t in d.inflight]
+    d.send({"type": "input_audio_buffer.clear"})
+    for ticket in stale:
+        d.resolve(ticket)
+    d.inflight = [(c, t) for c, t in d.inflight if t not in stale]
+    d.feed(silence(1.0))
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == "".join(e.delta for e in d.of(p.TranscriptDelta))
