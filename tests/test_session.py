@@ -257,10 +257,10 @@ def test_decoder_failure_on_a_final_keeps_committed_text_and_continues() -> None
 
 
 def test_a_final_that_fails_once_is_retried() -> None:
-    d = Driver(latency_chunks=50)
+    d = Driver(latency_chunks=50, turn_detection=None)
     d.feed(speech([1, 2, 3]))
     d.decoder.fail_next_final = 1
-    d.feed(silence(3.0))
+    d.send({"type": "input_audio_buffer.commit"})
     d.close()
     assert sum(r.final for call in d.decoder.calls for r in call) == 2
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3)
