@@ -350,26 +350,41 @@ def _drop_squeezed_tail(words: list[Word], duration: float) -> list[Word]:
     return words
 
 
-def _drop_echo(prefix_words: list[str], words: list[Word], min_len: int = 3) -> list[Word]:
-    """Cut a tail that repeats, word for word, text said earlier in the same window.
+def _drop_echo(prefix_words: list[str], words: list[Word], min_tail: int = 3, min_inner: int = 4) -> list[Word]:
+    """Remove text the decoder says a second time, word for word, within one window.
 
-    A decoder that loses its place restarts the window's text ("... concerned, in the only sense
-    with which ..."); a speaker repeating three or more words verbatim at the very end of a
-    window is much rarer than that failure.
+    A decoder that loses its place after a forced prefix restarts the window ("... century. the
+    invention of ... century. may justly ..."). A run of ``min_inner`` or more words that repeats
+    earlier text of the window verbatim is dropped (``min_tail`` at the very end of the window,
+    where such restarts are cut off). Speakers do repeat themselves, but rarely four words
+    verbatim within one utterance window; decoders do it often.
     """
     norm = lambda t: t.strip().lower().strip(".,!?;:")  # noqa: E731
     earlier = [norm(w) for w in prefix_words]
     current = [norm(w.text) for w in words]
-    full = earlier + current
-    for k in range(len(current)):
-        tail = current[k:]
-        if len(tail) < min_len:
-            break
-        start = len(earlier) + k
-        for j in range(0, start - len(tail) + 1):
-            if full[j : j + len(tail)] == tail:
-                return words[:k]
-    return words
+    kept: list[Word] = []
+    i = 0
+    while i < len(current):
+        history = earlier + [norm(w.text) for w in kept]
+        run = _longest_repeat(history, current, i)
+        at_end = i + run == len(current)
+        if run >= min_inner or (at_end and run >= min_tail):
+            i += run
+            continue
+        kept.append(words[i])
+        i += 1
+    return kept
+
+
+def _longest_repeat(history: list[str], current: list[str], i: int) -> int:
+    """Length of the longest run current[i:i+n] that occurs contiguously in ``history``."""
+    best = 0
+    for j in range(len(history)):
+        n = 0
+        while i + n < len(current) and j + n < len(history) and history[j + n] == current[i + n]:
+            n += 1
+        best = max(best, n)
+    return best
 
 
 def _drop_repetition_loop(words: list[Word]) -> list[Word]:

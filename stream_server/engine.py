@@ -108,15 +108,30 @@ class Engine:
             interim_decoding=False, max_utterance_s=self.limits.max_utterance_s
         ))
         pending: set[asyncio.Task] = set()
+        # Decode tasks are read back in the order they *finished* (a done-callback queue): the
+        # session computes its outputs when a task runs, so this is the order it produced them in.
+        # (Iterating the set that ``asyncio.wait`` returns emitted utterances out of audio order
+        # whenever several decodes of one batch completed in the same loop iteration.)
+        finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
         chunk = MODEL_RATE * 10
 
         def route(outputs: list[Output]) -> list[p.ServerEvent]:
             events = []
             for out in outputs:
                 if isinstance(out, DecodeTicket):
-                    pending.add(asyncio.ensure_future(self.decode(session, out)))
+                    task = asyncio.ensure_future(self.decode(session, out))
+                    pending.add(task)
+                    task.add_done_callback(finished.put_nowait)
                 elif isinstance(out, p.ServerEvent):
                     events.append(out)
+            return events
+
+        def drain() -> list[p.ServerEvent]:
+            events = []
+            while not finished.empty():
+                task = finished.get_nowait()
+                pending.discard(task)
+                events += route(task.result())
             return events
 
         try:
@@ -125,14 +140,15 @@ class Engine:
                 for event in route(session.receive_bytes(np.ascontiguousarray(audio[i : i + chunk], "<f4").tobytes())):
                     yield event
                 await asyncio.sleep(0)  # let decode results flow while a long file is segmented
+                for event in drain():  # and pass on what is already final (streamed responses)
+                    yield event
             for event in route(session.close()):
                 yield event
             while pending:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    pending.discard(task)
-                    for event in route(task.result()):
-                        yield event
+                task = await finished.get()
+                pending.discard(task)
+                for event in route(task.result()):
+                    yield event
         finally:
             for task in pending:
                 task.cancel()

@@ -81,6 +81,7 @@ Output = p.ServerEvent | DecodeTicket | CloseConnection
 @dataclasses.dataclass(eq=False)
 class Utterance:
     item_id: str
+    serial: int
     start: int  # first sample of the utterance's audio (with prefix padding)
     onset: int  # first speech sample
     end: int | None = None
@@ -117,6 +118,7 @@ class Channel:
         self.inflight: DecodeTicket | None = None
         self.finals: list[DecodeTicket] = []  # awaiting results, in audio order
         self.pause_decoded: int | None = None  # pause start that already got its early decode
+        self.held: list[tuple[Utterance, p.ServerEvent]] = []  # see Session._in_order
 
 
 class Session:
@@ -336,11 +338,12 @@ class Session:
 
     def _open_utterance(self, ch: Channel, start: int, onset: int) -> list[Output]:
         start = max(start, ch.buffer.start)
-        utt = Utterance(item_id=f"item_{self.id[-8:]}_{next(self._items)}", start=start, onset=onset)
+        serial = next(self._items)
+        utt = Utterance(item_id=f"item_{self.id[-8:]}_{serial}", serial=serial, start=start, onset=onset)
         utt.last_window_end = start
         ch.utterance = utt
         ch.pause_decoded = None
-        return [p.SpeechStarted(utt.item_id, start // MS)]
+        return self._in_order(ch, utt, p.SpeechStarted(utt.item_id, start // MS))
 
     def _end_utterance(self, ch: Channel, end: int, *, pause_end: int | None) -> list[Output]:
         """Close the open utterance at ``end``; its last words come from a final decode or the
@@ -349,7 +352,7 @@ class Session:
         assert utt is not None
         ch.utterance = None
         utt.end = max(end, utt.start)
-        out: list[Output] = [p.SpeechStopped(utt.item_id, utt.end // MS)]
+        out: list[Output] = self._in_order(ch, utt, p.SpeechStopped(utt.item_id, utt.end // MS))
         heard = utt.end + self.limits.stable_silence_ms * MS
         inflight = ch.inflight
         if pause_end is not None and inflight is not None and inflight.utterance is utt and inflight.window_end >= heard:
@@ -382,6 +385,24 @@ class Session:
             utt.tail = []
             out += self._commit_words(utt, ticket.words)
             out += self._finish_utterance(ch, utt)
+            out += self._release_held(ch)
+        return out
+
+    def _in_order(self, ch: Channel, utt: Utterance, event: p.ServerEvent) -> list[Output]:
+        """Hold a later utterance's start/stop until every earlier utterance's segment is out.
+
+        Clients then see whole utterances one after another (started → text → stopped →
+        segment), even when a final decode is still running as the next speaker turn begins.
+        """
+        if ch.held or any(t.utterance.serial < utt.serial for t in ch.finals):
+            ch.held.append((utt, event))
+            return []
+        return [event]
+
+    def _release_held(self, ch: Channel) -> list[Output]:
+        out: list[Output] = []
+        while ch.held and not any(t.utterance.serial < ch.held[0][0].serial for t in ch.finals):
+            out.append(ch.held.pop(0)[1])
         return out
 
     def _finish_utterance(self, ch: Channel, utt: Utterance) -> list[Output]:
@@ -403,12 +424,7 @@ class Session:
                 end=round(end, 3),
                 text=utt.text().strip(),
                 logprobs=[p.TokenLogprob.of(t.text, t.logprob) for t in tokens] if wants_lp else None,
-                words=[
-                    p.WordTiming(w.text.strip(), round(w.start, 3), round(w.end, 3), round(w.probability, 4))
-                    for w in utt.committed
-                ]
-                if self.config.wants("words")
-                else None,
+                words=_word_timings(utt.committed) if self.config.wants("words") else None,
                 avg_logprob=round(float(np.mean(logprobs)), 4) if logprobs else 0.0,
                 no_speech_prob=round(utt.no_speech_prob, 4),
             )
@@ -449,7 +465,7 @@ class Session:
             if utt is not None:
                 ch.utterance = None
                 utt.end = self._channel_end(ch)
-                out.append(p.SpeechStopped(utt.item_id, utt.end // MS))
+                out += self._in_order(ch, utt, p.SpeechStopped(utt.item_id, utt.end // MS))
                 out += self._resolve_without_decode(ch, utt, [])
             if ch.segmenter is not None:
                 ch.segmenter.reset(floor=ch.vad_pos)
@@ -512,7 +528,9 @@ class Session:
         words = self._absolute(result, ticket.window_start)
         if ticket.request.prefix != utt.committed_tokens:
             return []  # decoded against an older prefix; its words no longer line up
-        n = agreed_prefix_length(utt.tail, words)
+        # The newest word waits for the word after it: until then its punctuation ("printed."
+        # vs "printed in") is a guess. A pause settles it instead (below).
+        n = min(agreed_prefix_length(utt.tail, words), max(0, len(words) - 1))
         if ticket.pause_start is not None:
             n = max(n, words_before(words, ticket.pause_start / MODEL_RATE))
         out = self._commit_words(utt, words[:n])
@@ -575,7 +593,7 @@ class Session:
         ch.utterance = None
         ch.inflight = None  # its result belongs to the old utterance and will be ignored
         utt.end = cut
-        out: list[Output] = [p.SpeechStopped(utt.item_id, cut // MS)]
+        out: list[Output] = self._in_order(ch, utt, p.SpeechStopped(utt.item_id, cut // MS))
         if utt.committed:
             out += self._resolve_without_decode(ch, utt, [])
         else:
@@ -591,3 +609,16 @@ class Session:
         if not window:
             return hi
         return ch.probs_start + (first + int(np.argmin(window))) * FRAME
+
+
+def _word_timings(words: list[Word]) -> list[p.WordTiming]:
+    """Words for the client; punctuation committed on its own joins the word before it."""
+    merged: list[Word] = []
+    for word in words:
+        text = word.text
+        if merged and not text.startswith(" ") and text.strip() and not any(c.isalnum() for c in text):
+            last = merged[-1]
+            merged[-1] = Word(last.text + text, last.start, max(last.end, word.end), last.tokens + word.tokens)
+        else:
+            merged.append(word)
+    return [p.WordTiming(w.text.strip(), round(w.start, 3), round(w.end, 3), round(w.probability, 4)) for w in merged]

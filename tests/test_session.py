@@ -170,6 +170,14 @@ def test_each_segment_precedes_the_next_utterances_text() -> None:
         if kind == "transcript.segment":
             seen_segments.add(item)
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5, 6)
+    # Whole utterances one after another: the next start waits for the previous segment.
+    lifecycle = [(e.type, e.item_id) for e in d.events if isinstance(e, (p.SpeechStarted, p.SpeechStopped, p.TranscriptSegment))]
+    items = [e.item_id for e in d.of(p.SpeechStarted)]
+    assert lifecycle == [
+        (kind, item)
+        for item in items
+        for kind in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "transcript.segment")
+    ]
 
 
 def test_commit_finalizes_mid_speech_and_speech_continues() -> None:

@@ -1,0 +1,126 @@
+"""Decoding uploaded audio files (wav, mp3, m4a, flac, ogg, webm, ...) to 16 kHz mono float32.
+
+The container is recognised by its *content* (FFmpeg's probe, through PyAV), never by the file
+name or the declared content type. Three outcomes, each with its own HTTP answer:
+
+* :class:`UnsupportedMedia` (415): FFmpeg does not recognise the bytes as a media container, the
+  container is not one we accept, or it holds no audio stream (text, images, video without sound).
+* :class:`AudioDecodeError` (the caller maps it to a server-side error): a recognised audio stream
+  whose packets all failed to decode.
+* a (possibly empty) array: zero-length audio gives an empty array, which transcribes to "".
+
+Playlist and concatenation demuxers (HLS, ffconcat, ...) are refused before they can open other
+URLs or local files named inside an upload, and no network or file protocol is whitelisted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import BinaryIO
+
+import numpy as np
+
+from stream_server.audio import MODEL_RATE
+
+log = logging.getLogger(__name__)
+
+# FFmpeg demuxer names (``container.format.name``) of the containers that carry audio we accept.
+# Anything else that FFmpeg happens to recognise (images, subtitles, playlists, raw video) is 415.
+AUDIO_CONTAINERS = frozenset(
+    {
+        "wav", "w64", "rf64", "mp3", "flac", "ogg", "matroska,webm", "mov,mp4,m4a,3gp,3g2,mj2",
+        "aac", "aiff", "au", "caf", "amr", "amrnb", "amrwb", "wv", "asf", "avi", "mpeg", "mpegts",
+        "opus", "webm_dash_manifest", "ac3", "eac3", "mp2", "tta", "ape", "mpc", "mpc8", "dts",
+        "voc", "ircam", "sox", "s16le", "gsm", "truehd", "mlp", "spdif", "shorten", "adts",
+    }
+) - {"webm_dash_manifest"}
+
+_PLAYLIST_MAGIC = (b"#EXTM3U", b"ffconcat", b"[playlist]", b"<?xml", b"<smil", b"<MPD", b"#EXT")
+
+
+class UnsupportedMedia(Exception):
+    """The upload is not audio we can decode (HTTP 415)."""
+
+
+class AudioDecodeError(Exception):
+    """A recognised audio stream could not be decoded."""
+
+
+class AudioTooLong(Exception):
+    """The decoded audio exceeds the duration limit."""
+
+
+def decode_file(fileobj: BinaryIO, *, max_seconds: float | None = None) -> np.ndarray:
+    """Decode the first audio stream of ``fileobj`` to mono float32 at 16 kHz.
+
+    Blocking (FFmpeg and resampling): call it from a worker thread.
+    """
+    import av
+
+    fileobj.seek(0)
+    head = fileobj.read(64)
+    fileobj.seek(0)
+    if not head:
+        raise UnsupportedMedia("the file is empty")
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if any(stripped.startswith(magic) for magic in _PLAYLIST_MAGIC):
+        raise UnsupportedMedia("playlists and manifests are not accepted; upload the audio itself")
+    try:
+        # A bare protocol whitelist: demuxers that open further URLs (HLS, concat) cannot.
+        container = av.open(fileobj, mode="r", options={"protocol_whitelist": "pipe"})
+    except av.error.FFmpegError as exc:
+        raise UnsupportedMedia(f"the file is not a recognised audio format ({_reason(exc)})") from None
+    with container:
+        name = container.format.name
+        if name not in AUDIO_CONTAINERS:
+            raise UnsupportedMedia(f"container format {name!r} is not an accepted audio format")
+        if not container.streams.audio:
+            raise UnsupportedMedia(f"the {name} file holds no audio stream")
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=MODEL_RATE)
+        pieces: list[np.ndarray] = []
+        total = 0
+        limit = int(max_seconds * MODEL_RATE) if max_seconds else None
+        packets = good = 0
+        first_error: Exception | None = None
+
+        def take(frames) -> None:
+            nonlocal total
+            for out in frames:
+                samples = out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+                pieces.append(samples)
+                total += len(samples)
+            if limit is not None and total > limit:
+                raise AudioTooLong(f"the audio is longer than the limit of {max_seconds:g} s")
+
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0 and packet.dts is None:
+                    continue  # the flush packet
+                packets += 1
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError as exc:
+                    first_error = first_error or exc
+                    continue  # a damaged packet: keep what decodes (as players do)
+                good += 1
+                for frame in frames:
+                    frame.pts = None  # timestamps of damaged files confuse the resampler
+                    take(resampler.resample(frame))
+        except av.error.FFmpegError as exc:
+            # A demuxer error mid-file (truncated or corrupt data): keep what was read so far.
+            first_error = first_error or exc
+            log.info("audio upload ended early: %s", _reason(exc))
+        take(resampler.resample(None))
+        if packets and not good and first_error is not None:
+            raise AudioDecodeError(f"the {stream.codec_context.name} audio stream could not be decoded ({_reason(first_error)})")
+    if not pieces:
+        return np.zeros(0, np.float32)
+    audio = np.concatenate(pieces)
+    # Some decoders overshoot [-1, 1] slightly; NaN/inf from broken streams become silence.
+    np.nan_to_num(audio, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(audio, -1.0, 1.0, out=audio)
+
+
+def _reason(exc: Exception) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__

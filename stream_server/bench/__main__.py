@@ -1,0 +1,278 @@
+"""``python -m stream_server.bench`` / ``stream-server bench``: accuracy, latency and capacity.
+
+Builds long-form streams from real speech, streams them over the real WebSocket protocol with N
+concurrent paced clients, and writes results.json, summary.md and plots to ``--out``. Either
+targets a running server (``--url``) or starts ``python -m stream_server`` itself (passing
+``--model``, ``--device``, ``--compute-type`` and any ``--server-arg``) so it can also measure the
+server's CPU and memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import offline as offline_mod
+from .client import ClientConfig
+from .corpus import LEAD_IN_S, NOISE_DBFS, SPEECH_MARGIN_S, TRAIL_S, build_streams
+from .report import SYNTHETIC_NOTE, markdown, plots, write_json
+from .runner import LevelResult, run_level, run_with_server, target_for_url
+from .server_proc import ServerOptions
+from .sweep import parse_levels, run_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CORPUS = REPO.parent / "shared" / "speech"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stream-server bench",
+        description="Benchmark a streaming STT server on long-form real speech: WER vs offline, "
+        "finalization and first-text latency, flicker, CPU/RSS, capacity.",
+    )
+    tgt = p.add_argument_group("server")
+    tgt.add_argument("--url", help="target a running server, e.g. ws://127.0.0.1:8000/v1/stream "
+                     "(default: start one as a subprocess)")
+    tgt.add_argument("--server-pid", type=int, help="with --url: pid of a local server, to measure its CPU/RSS")
+    tgt.add_argument("--model", help="passed to the server (and used for the offline baseline)")
+    tgt.add_argument("--device", help="passed to the server: cpu, cuda or auto")
+    tgt.add_argument("--compute-type", help="passed to the server (default: int8 on CPU, float16 on CUDA)")
+    tgt.add_argument("--server-arg", action="append", default=[], metavar="ARGS",
+                     help="extra server flags, shell-quoted, repeatable (e.g. --server-arg='--max-batch-size 16')")
+    tgt.add_argument("--synthetic", metavar="SHAPE",
+                     help="serve a random-weight CTranslate2 Whisper of this shape (e.g. large-v3-turbo): "
+                     "throughput only, accuracy figures are meaningless")
+    st = p.add_argument_group("streams")
+    st.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
+                    help=f"folder with manifest.jsonl and audio (default {DEFAULT_CORPUS})")
+    st.add_argument("--streams", type=int, default=1, help="concurrent clients (default 1)")
+    st.add_argument("--speed", type=float, default=1.0, help="1.0 = real time; 2.0 = twice as fast")
+    st.add_argument("--duration-s", type=float, help="cap each stream's length (default: all eligible clips)")
+    st.add_argument("--seed", type=int, default=0, help="clip order and pause lengths (default 0)")
+    st.add_argument("--telephone", action="store_true",
+                    help="stream the 8 kHz clips (orig8k/) at sample_rate 8000")
+    st.add_argument("--pause-min-s", type=float, default=0.6)
+    st.add_argument("--pause-max-s", type=float, default=1.5)
+    st.add_argument("--pause-fill", choices=("noise", "silence"), default="noise",
+                    help=f"pauses as low-level white noise ({NOISE_DBFS:.0f} dBFS RMS) or digital zeros")
+    st.add_argument("--frame-ms", type=int, default=20, help="audio per binary frame, 20-100 (default 20)")
+    st.add_argument("--stagger-s", type=float, default=5.0,
+                    help="client start times are spread evenly over this window (default 5)")
+    st.add_argument("--language", default="en", help="session language (default en; 'auto' = null)")
+    st.add_argument("--silence-ms", type=int, help="turn_detection.silence_duration_ms (default: server's)")
+    run = p.add_argument_group("run")
+    run.add_argument("--capacity-sweep", metavar="N,N,...",
+                     help="run each N (N=1 always added) and report the largest N meeting the criteria")
+    run.add_argument("--p95-limit-s", type=float, default=1.5, help="capacity criterion (default 1.5)")
+    run.add_argument("--offline", action=argparse.BooleanOptionalAction, default=None,
+                     help="compute the offline WER baseline (default on, off with --synthetic)")
+    run.add_argument("--idle-s", type=float, default=2.0, help="idle measurement before each run")
+    run.add_argument("--out", type=Path, help="output folder (default bench-out/<UTC timestamp>)")
+    return p
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _synthetic_model(shape: str, seed: int) -> str:
+    """Build (once, cached) the random-weight model; building large-v3-turbo takes a while."""
+    from .synthetic_model import build_synthetic_whisper
+
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stream-server-bench"
+    target = base / f"synthetic-{shape}-seed{seed}"
+    if (target / "model.bin").exists():
+        return str(target)
+    _log(f"[bench] building synthetic {shape} model in {target} ...")
+    tmp = base / f".synthetic-{shape}-seed{seed}.{os.getpid()}"
+    build_synthetic_whisper(str(tmp), shape=shape, seed=seed)
+    tmp.rename(target)
+    return str(target)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if not 20 <= args.frame_ms <= 100:
+        _log("[bench] warning: --frame-ms outside 20-100 ms; results are not comparable")
+    stamp = _dt.datetime.now(_dt.timezone.utc)
+    out: Path = args.out or Path("bench-out") / stamp.strftime("%Y%m%dT%H%M%SZ")
+    out.mkdir(parents=True, exist_ok=True)
+    notes: list[str] = []
+
+    if not (args.corpus / "manifest.jsonl").exists():
+        _log(f"[bench] corpus not found: {args.corpus}/manifest.jsonl")
+        return 2
+    levels = parse_levels(args.capacity_sweep) if args.capacity_sweep else [args.streams]
+    max_n = max(levels)
+    _log(f"[bench] building {max_n} stream(s) from {args.corpus} ...")
+    streams, pool = build_streams(
+        args.corpus,
+        max_n,
+        seed=args.seed,
+        duration_s=args.duration_s,
+        telephone=args.telephone,
+        pause_range_s=(args.pause_min_s, args.pause_max_s),
+        fill=args.pause_fill,
+    )
+    s0 = streams[0]
+    _log(f"[bench] each stream: {s0.duration_s:.1f} s audio, {len(s0.utterances)} utterances "
+         f"({len(pool)} clips, {s0.speech_s:.1f} s of speech)")
+
+    model = args.model
+    if args.synthetic:
+        model = _synthetic_model(args.synthetic, args.seed)
+        notes.append(SYNTHETIC_NOTE.format(shape=args.synthetic))
+    device = args.device or "cpu"
+    compute_type = args.compute_type or ("float16" if device == "cuda" else "int8")
+    language = None if args.language in ("auto", "null", "") else args.language
+
+    offline_block: dict[str, Any] = {}
+    do_offline = (not args.synthetic) if args.offline is None else args.offline
+    if do_offline and args.url and not args.model:
+        notes.append("offline baseline uses tiny.en (the server's default); pass --model if the server runs another model")
+    if do_offline:
+        model_path = offline_mod.resolve_model_path(model)
+        _log(f"[bench] offline baseline with {model_path} ({device}, {compute_type}) ...")
+        try:
+            texts, info = offline_mod.transcribe_pool(
+                pool, model_path, device=device, compute_type=compute_type, language=language
+            )
+            offline_block = {
+                "metrics": {},
+                "info": info,
+                "penalty_against": f"beam{offline_mod.PENALTY_BEAM}",
+                "by_clip": {f"beam{b}": t for b, t in texts.items()},
+            }
+            # Scored on each level's own streams (same clips in every stream, so identical
+            # across levels up to normalisation at boundaries); the block holds stream 0..max.
+            offline_block["metrics"] = offline_mod.offline_figures(streams, texts)
+            if "offline_rtf" in info:
+                offline_block["metrics"]["offline_rtf"] = info["offline_rtf"]
+        except Exception as exc:  # noqa: BLE001 - a missing baseline must not lose the run
+            notes.append(f"offline baseline failed: {type(exc).__name__}: {exc}")
+            offline_block = {}
+            texts = {}
+    else:
+        texts = {}
+
+    options = ServerOptions(
+        model=model,
+        device=args.device,
+        compute_type=args.compute_type,
+        extra_args=[a for chunk in args.server_arg for a in shlex.split(chunk)],
+    )
+    if not args.url and max_n > 60 and "--max-sessions" not in options.extra_args:
+        options.extra_args += ["--max-sessions", str(max_n + 8)]
+
+    def run_one(n: int) -> LevelResult:
+        cfg = ClientConfig(
+            url=args.url or "",
+            speed=args.speed,
+            frame_ms=args.frame_ms,
+            language=language,
+            silence_duration_ms=args.silence_ms,
+            close_timeout_s=max(60.0, 0.5 * s0.duration_s),
+        )
+        label = f"N{n:03d}"
+        if args.url:
+            lv = run_level(streams[:n], cfg, target_for_url(args.url, args.server_pid), out,
+                           label, args.stagger_s, args.idle_s if args.server_pid else 0.0)
+        else:
+            lv, _ = run_with_server(options, streams[:n], cfg, out, label, args.stagger_s, args.idle_s)
+        if texts:
+            level_off = offline_mod.offline_figures(streams[:n], texts)
+            for k, v in level_off.items():
+                lv.metrics[k] = v
+                lv.metrics["wer_minus_" + k] = lv.metrics["wer"] - v
+        return lv
+
+    sweep_block: dict[str, Any] | None = None
+    if args.capacity_sweep:
+        sw = run_sweep(levels, run_one, p95_limit_s=args.p95_limit_s, log=_log)
+        runs = sw.levels
+        sweep_block = {
+            "levels": levels,
+            "criteria": {"p95_finalization_s": args.p95_limit_s, "lost": 0, "wer_margin_points": 1.0},
+            "reasons": sw.reasons,
+        }
+        if sw.capacity is not None:
+            sweep_block["capacity"] = sw.capacity
+        else:
+            notes.append("capacity: no tested N met the criteria")
+        if sw.rss_per_extra_stream_mb is not None:
+            sweep_block["rss_per_extra_stream_mb"] = sw.rss_per_extra_stream_mb
+    else:
+        _log(f"[bench] streaming {max_n} client(s) ...")
+        runs = [run_one(max_n)]
+
+    if args.speed != 1.0:
+        notes.append(f"audio was sent at {args.speed}x real time: latencies are wall seconds at that pace")
+    notes.append(
+        f"pauses between utterances: {args.pause_min_s}-{args.pause_max_s} s speech-to-speech, filled "
+        + (f"with white noise at {NOISE_DBFS:.0f} dBFS RMS" if args.pause_fill == "noise" else "with digital silence")
+        + f"; clips trimmed to energy-detected speech ± {SPEECH_MARGIN_S} s; {LEAD_IN_S} s lead-in, {TRAIL_S} s tail"
+    )
+    results: dict[str, Any] = {
+        "schema": 1,
+        "tool": "stream_server.bench",
+        "created_utc": stamp.isoformat(timespec="seconds"),
+        "synthetic": bool(args.synthetic),
+        "notes": notes,
+        "config": {
+            "url": args.url,
+            "model": model or "tiny.en (server default)",
+            "device": device,
+            "compute_type": compute_type,
+            "server_args": options.extra_args,
+            "corpus": str(args.corpus),
+            "telephone": args.telephone,
+            "streams": args.streams,
+            "capacity_sweep": levels if args.capacity_sweep else None,
+            "speed": args.speed,
+            "duration_s": args.duration_s,
+            "seed": args.seed,
+            "frame_ms": args.frame_ms,
+            "stagger_s": args.stagger_s,
+            "language": language,
+            "silence_ms": args.silence_ms,
+            "pause_range_s": [args.pause_min_s, args.pause_max_s],
+            "pause_fill": args.pause_fill,
+            "argv": list(sys.argv[1:] if argv is None else argv),
+        },
+        "environment": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "streams": [
+            {
+                "index": s.index,
+                "duration_s": s.duration_s,
+                "sample_rate": s.sample_rate,
+                "utterances": [vars(u) for u in s.utterances],
+            }
+            for s in streams
+        ],
+        "offline": offline_block,
+        "runs": [lv.to_json() for lv in runs],
+    }
+    if sweep_block is not None:
+        results["sweep"] = sweep_block
+    write_json(out / "results.json", results)
+    md = markdown(results)
+    (out / "summary.md").write_text(md)
+    written = plots(out, runs, sweep=bool(args.capacity_sweep))
+    _log(f"[bench] wrote {out}/results.json, summary.md, {', '.join(written)}")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
