@@ -1,0 +1,84 @@
+"""The real decoder (bundled tiny.en) on real speech, and its guards against Whisper's failure modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stream_server.decoding import DecodeRequest, Token, WhisperDecoder, Word, _drop_echo, _drop_repetition_loop, _drop_squeezed_tail
+from stream_server.models import tiny_en_path
+from tests.support import load_clip, manifest, require_speech, wer
+
+
+@pytest.fixture(scope="module")
+def decoder() -> WhisperDecoder:
+    return WhisperDecoder(str(tiny_en_path()), compute_type="int8")
+
+
+def test_words_tokens_and_logprobs_are_consistent(decoder: WhisperDecoder) -> None:
+    require_speech()
+    clip = "ljspeech_LJ001-0005"
+    [result] = decoder.decode_batch([DecodeRequest(load_clip(clip))])
+    assert wer([manifest()[clip]["text"]], [result.text]) < 0.1
+    tokens = [t for w in result.words for t in w.tokens]
+    assert "".join(t.text for t in tokens) == result.text
+    assert all(t.logprob <= 0 for t in tokens) and any(t.logprob < -1e-3 for t in tokens)
+    starts = [w.start for w in result.words]
+    assert starts == sorted(starts) and result.words[-1].end <= len(load_clip(clip)) / 16000 + 0.1
+    assert result.avg_logprob == pytest.approx(np.mean([t.logprob for t in tokens]))
+
+
+def test_a_batch_equals_its_items_alone(decoder: WhisperDecoder) -> None:
+    require_speech()
+    clips = ["ljspeech_LJ001-0002", "leopard_en_test"]
+    together = decoder.decode_batch([DecodeRequest(load_clip(c)) for c in clips])
+    alone = [decoder.decode_batch([DecodeRequest(load_clip(c))])[0] for c in clips]
+    for a, b in zip(together, alone):
+        assert wer([b.text], [a.text]) <= 0.1
+
+
+def test_forced_prefix_is_continued_not_repeated(decoder: WhisperDecoder) -> None:
+    require_speech()
+    audio = load_clip("ljspeech_LJ001-0001")
+    prefix = tuple(decoder.encode_text(" Printing, in the only sense"))
+    [result] = decoder.decode_batch([DecodeRequest(audio, prefix=prefix, prompt="Earlier text.")])
+    assert result.text.split()[:3] == ["with", "which", "we"]
+    assert "Printing" not in result.text
+    assert result.prefix_end > 1.0
+
+
+def test_partial_windows_do_not_loop_past_the_audio(decoder: WhisperDecoder) -> None:
+    require_speech()
+    audio = load_clip("ljspeech_LJ001-0002")  # "in being comparatively modern." (1.9 s)
+    for cut in (0.6, 1.0, 1.5, 1.9):
+        [result] = decoder.decode_batch([DecodeRequest(audio[: int(cut * 16000)])])
+        assert len(result.words) <= 4, (cut, result.text)
+
+
+def test_silence_and_noise_decode_to_nothing(decoder: WhisperDecoder) -> None:
+    noise = np.random.default_rng(1).normal(0, 0.02, 32000).astype(np.float32)
+    results = decoder.decode_batch([DecodeRequest(np.zeros(32000, np.float32)), DecodeRequest(noise)])
+    assert [r.text for r in results] == ["", ""]
+
+
+def word(text: str, start: float = 0.0, end: float = 0.1) -> Word:
+    return Word(text, start, end, (Token(1, text, -0.1),))
+
+
+def test_echo_of_the_prefix_inside_the_continuation_is_dropped() -> None:
+    prefix = "the invention of movable metal letters".split()
+    words = [word(" " + w) for w in "in the 15th century the invention of movable metal letters may justly be".split()]
+    kept = " ".join(w.text.strip() for w in _drop_echo(prefix, words))
+    assert kept == "in the 15th century may justly be"
+
+
+def test_short_genuine_repeats_survive() -> None:
+    words = [word(" " + w) for w in "no no I said no".split()]
+    assert len(_drop_echo([], words)) == 5
+
+
+def test_repetition_loops_and_squeezed_tails_are_cut() -> None:
+    loop = [word(" " + w) for w in ("thank you " * 8).split()]
+    assert len(_drop_repetition_loop(loop)) == 2
+    words = [word(" a", 0.0, 0.5), word(" b", 0.5, 0.9), word(" c", 0.97, 0.97)]
+    assert [w.text for w in _drop_squeezed_tail(words, 1.0)] == [" a", " b"]

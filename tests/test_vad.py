@@ -1,0 +1,80 @@
+"""Turn segmentation on scripted probabilities, and Silero itself on real speech."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stream_server.vad import FRAME, SileroVad, SpeechEnd, SpeechStart, TurnSegmenter, VadParams
+from tests.support import load_clip, require_speech
+
+
+def run(probs: list[float], params: VadParams) -> list[SpeechStart | SpeechEnd]:
+    seg = TurnSegmenter(params)
+    out = []
+    for i, prob in enumerate(probs):
+        decision = seg.push(prob, i * FRAME)
+        if decision:
+            out.append(decision)
+    return out
+
+
+def test_start_needs_consecutive_speech_frames_and_includes_padding() -> None:
+    params = VadParams(threshold=0.5, prefix_padding_ms=64, silence_duration_ms=320)
+    probs = [0.0] * 10 + [0.9, 0.0] + [0.0] * 5 + [0.9] * 3 + [0.0] * 20
+    decisions = run(probs, params)
+    assert decisions[0] == SpeechStart(sample=17 * FRAME - 64 * 16, onset=17 * FRAME)
+    assert decisions[1] == SpeechEnd(sample=20 * FRAME)
+
+
+def test_hysteresis_keeps_soft_syllables_inside_the_turn() -> None:
+    params = VadParams(threshold=0.5, silence_duration_ms=96)
+    probs = [0.9] * 5 + [0.4] * 10 + [0.9] * 3 + [0.0] * 5
+    decisions = run(probs, params)
+    assert [type(d) for d in decisions] == [SpeechStart, SpeechEnd]
+    assert decisions[1].sample == 18 * FRAME
+
+
+def test_silence_duration_decides_where_turns_end() -> None:
+    probs = [0.9] * 10 + [0.0] * 12 + [0.9] * 10 + [0.0] * 30
+    assert len([d for d in run(probs, VadParams(silence_duration_ms=300)) if isinstance(d, SpeechEnd)]) == 2
+    assert len([d for d in run(probs, VadParams(silence_duration_ms=500)) if isinstance(d, SpeechEnd)]) == 1
+
+
+def test_padding_never_reaches_into_the_previous_turn() -> None:
+    probs = [0.9] * 5 + [0.0] * 4 + [0.9] * 5 + [0.0] * 10
+    decisions = run(probs, VadParams(prefix_padding_ms=2000, silence_duration_ms=100))
+    starts = [d for d in decisions if isinstance(d, SpeechStart)]
+    ends = [d for d in decisions if isinstance(d, SpeechEnd)]
+    assert starts[1].sample >= ends[0].sample
+
+
+@pytest.fixture(scope="module")
+def silero() -> SileroVad:
+    return SileroVad()
+
+
+def test_silero_hears_real_speech_and_not_silence_or_noise(silero: SileroVad) -> None:
+    require_speech()
+    audio = np.concatenate([np.zeros(16000, np.float32), load_clip("leopard_en_test"), np.zeros(16000, np.float32)])
+    frames = audio[: len(audio) // FRAME * FRAME].reshape(-1, FRAME)
+    probs, _ = silero.probabilities(frames, silero.new_state())
+    seconds = np.arange(len(probs)) * FRAME / 16000
+    assert probs[seconds < 0.9].max() < 0.3
+    speech = (seconds > 1.8) & (seconds < 6.0)
+    assert np.mean(probs[speech] > 0.5) > 0.8
+    noise = (np.random.default_rng(0).normal(0, 0.01, 16000 * 2)).astype(np.float32)
+    noise_probs, _ = silero.probabilities(noise[: len(noise) // FRAME * FRAME].reshape(-1, FRAME), silero.new_state())
+    assert noise_probs.max() < 0.5
+
+
+def test_silero_state_makes_chunking_irrelevant(silero: SileroVad) -> None:
+    require_speech()
+    audio = load_clip("leopard_en_test")[: 40 * FRAME].reshape(-1, FRAME)
+    whole, _ = silero.probabilities(audio, silero.new_state())
+    state = silero.new_state()
+    parts = []
+    for chunk in (audio[:7], audio[7:20], audio[20:]):
+        probs, state = silero.probabilities(chunk, state)
+        parts.append(probs)
+    np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
