@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 FRAMES_PER_SECOND = 100  # mel frames
 MAX_WINDOW_S = 30
 MAX_PROMPT_TOKENS = 223
+# Earlier text is cut to this many tokens. CTranslate2 needs <|startoftranscript|> at the same
+# position in every prompt of a batch, so one fixed context length lets sessions with any history
+# share a batch; 48 tokens (~35 words) carry the topic and spelling the decoder benefits from.
+CONTEXT_TOKENS = 48
 MIN_WINDOW_S = 5
 PAD_S = 3.0  # Whisper's n_text_ctx // 2 - 1
 
@@ -169,14 +173,29 @@ class WhisperDecoder:
                 languages[i] = detected[i][0][0].strip("<|>")
         return languages
 
-    def _prompt_tokens(self, request: DecodeRequest, tokenizer) -> list[int]:
-        tokens: list[int] = []
-        if request.prompt.strip():
-            context = tokenizer.encode(" " + request.prompt.strip())[-MAX_PROMPT_TOKENS:]
-            tokens = [tokenizer.sot_prev, *context]
+    def _context(self, request: DecodeRequest) -> list[int]:
+        if not request.prompt.strip():
+            return []
+        return self._tokenizer("en").encode(" " + request.prompt.strip())[-CONTEXT_TOKENS:]
+
+    def _prompt_tokens(self, request: DecodeRequest, tokenizer, context: list[int]) -> list[int]:
+        tokens = [tokenizer.sot_prev, *context] if context else []
         return [*tokens, *tokenizer.sot_sequence, tokenizer.timestamp_begin, *request.prefix]
 
     def decode_batch(self, requests: Sequence[DecodeRequest]) -> list[DecodeResult]:
+        """Decode any batch: requests are grouped by context length (one group once histories
+        reach CONTEXT_TOKENS), each group is one encode/generate/align pass."""
+        contexts = [self._context(r) for r in requests]
+        groups: dict[int, list[int]] = {}
+        for i, context in enumerate(contexts):
+            groups.setdefault(len(context), []).append(i)
+        results: list[DecodeResult | None] = [None] * len(requests)
+        for idx in groups.values():
+            for i, result in zip(idx, self._decode_group([requests[i] for i in idx], [contexts[i] for i in idx])):
+                results[i] = result
+        return results  # type: ignore[return-value]
+
+    def _decode_group(self, requests: Sequence[DecodeRequest], contexts: list[list[int]]) -> list[DecodeResult]:
         import ctranslate2
 
         if not requests:
@@ -186,7 +205,7 @@ class WhisperDecoder:
         encoded = self._model.model.encode(ctranslate2.StorageView.from_array(feats), to_cpu=False)
         languages = self._languages(requests, encoded)
         tokenizers = [self._tokenizer(lang) for lang in languages]
-        prompts = [self._prompt_tokens(r, tok) for r, tok in zip(requests, tokenizers)]
+        prompts = [self._prompt_tokens(r, tok, c) for r, tok, c in zip(requests, tokenizers, contexts)]
         # Speech runs at ~3-4 tokens/s; the budget leaves room for fast talkers and timestamp
         # tokens while capping what a repetition loop can cost.
         budgets = [12 + int(len(r.audio) / MODEL_RATE * 8) for r in requests]
@@ -350,18 +369,25 @@ def _drop_squeezed_tail(words: list[Word], duration: float) -> list[Word]:
     return words
 
 
-def _drop_echo(prefix_words: list[str], words: list[Word], min_tail: int = 3, min_inner: int = 4) -> list[Word]:
+def _drop_echo(prefix_words: list[str], words: list[Word], min_tail: int = 2, min_inner: int = 4) -> list[Word]:
     """Remove text the decoder says a second time, word for word, within one window.
 
     A decoder that loses its place after a forced prefix restarts the window ("... century. the
     invention of ... century. may justly ..."). A run of ``min_inner`` or more words that repeats
     earlier text of the window verbatim is dropped (``min_tail`` at the very end of the window,
-    where such restarts are cut off). Speakers do repeat themselves, but rarely four words
+    where such restarts are cut off; a genuine repeat cut there comes back once more audio makes
+    it inner text). Speakers do repeat themselves, but rarely four words
     verbatim within one utterance window; decoders do it often.
     """
     norm = lambda t: t.strip().lower().strip(".,!?;:")  # noqa: E731
     earlier = [norm(w) for w in prefix_words]
     current = [norm(w.text) for w in words]
+    # At the seam: the continuation starting with the prefix's last words ("Printing." →
+    # "Printing. In the ...") is the decoder re-reading them, for runs of any length.
+    for n in range(min(5, len(earlier), len(current)), 0, -1):
+        if earlier[-n:] == current[:n]:
+            words, current = words[n:], current[n:]
+            break
     kept: list[Word] = []
     i = 0
     while i < len(current):

@@ -46,7 +46,9 @@ class Engine:
             )
 
         self.registry = ModelRegistry(
-            default=settings.model, cache_dir=Path(settings.cache_dir), factory=decoder_factory or load
+            default=settings.model,
+            cache_dir=Path(settings.cache_dir),
+            factory=decoder_factory or load,
         )
         self.scheduler = DecodeScheduler(
             self.registry.get,

@@ -49,6 +49,15 @@ class SessionLimits:
     max_utterance_s: float = 15.0
     trailing_audio_ms: int = 300  # silence kept after the speech end for the final decode
     context_chars: int = 200  # earlier text given to the decoder as its prompt
+    # Agreement commits a word only once the decoder has heard this much audio after it: short
+    # right context is where tiny models guess ("how do you marry" for "had he married").
+    right_context_ms: int = 500
+    # ... and only once the utterance is this long: the first words of a turn, decoded from a
+    # second of audio, are the least reliable ones.
+    min_commit_window_ms: int = 2000
+    # A final decode's words that start this long after the VAD's speech end belong to the next
+    # turn (its first syllable often sits in the trailing audio), not to this one.
+    end_tolerance_ms: int = 250
     interim_decoding: bool = True  # False for whole files: one final decode per utterance
 
 
@@ -119,6 +128,7 @@ class Channel:
         self.finals: list[DecodeTicket] = []  # awaiting results, in audio order
         self.pause_decoded: int | None = None  # pause start that already got its early decode
         self.held: list[tuple[Utterance, p.ServerEvent]] = []  # see Session._in_order
+        self.consumed = 0  # audio before this belongs to utterances already closed
 
 
 class Session:
@@ -225,8 +235,8 @@ class Session:
         if ticket.final and (code == "dropped" or code == "decode_failed" and ticket.attempt < 2):
             # A promoted interim shed under load, or a first failure (often transient: memory):
             # decode the utterance once more before settling for its committed text.
-            retry = self._ticket(ch, ticket.utterance, ticket.window_start, ticket.window_end, final=True, pause_start=None)
-            retry.request = dataclasses.replace(retry.request, prefix=ticket.request.prefix)
+            # Same audio and prefix as the failed request: the buffer may have been trimmed since.
+            retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, final=True))
             retry.attempt = ticket.attempt + (code == "decode_failed")
             ch.finals[ch.finals.index(ticket)] = retry
             return [retry]
@@ -300,8 +310,9 @@ class Session:
                 out += self._on_frame(ch, float(prob), ch.vad_pos)
                 ch.probs.append(float(prob))
                 ch.vad_pos += FRAME
-        if ch.segmenter is None and ch.utterance is None and ch.buffer.end > ch.buffer.start:
-            out += self._open_utterance(ch, ch.buffer.start, ch.buffer.start)
+        start = max(ch.buffer.start, ch.consumed)
+        if ch.segmenter is None and ch.utterance is None and ch.buffer.end > start:
+            out += self._open_utterance(ch, start, start)
         out += self._split_if_too_long(ch)
         out += self._schedule(ch)
         self._trim(ch)
@@ -352,6 +363,7 @@ class Session:
         assert utt is not None
         ch.utterance = None
         utt.end = max(end, utt.start)
+        ch.consumed = max(ch.consumed, utt.end)
         out: list[Output] = self._in_order(ch, utt, p.SpeechStopped(utt.item_id, utt.end // MS))
         heard = utt.end + self.limits.stable_silence_ms * MS
         inflight = ch.inflight
@@ -362,7 +374,7 @@ class Session:
             ch.finals.append(inflight)
             return out
         if pause_end is not None and utt.tail_window_end >= heard:
-            return out + self._resolve_without_decode(ch, utt, utt.tail)
+            return out + self._resolve_without_decode(ch, utt, self._within_turn(utt, utt.tail))
         window_end = min(self._channel_end(ch), utt.end + self.limits.trailing_audio_ms * MS)
         ticket = self._ticket(ch, utt, utt.start, window_end, final=True, pause_start=None)
         ch.finals.append(ticket)
@@ -465,6 +477,7 @@ class Session:
             if utt is not None:
                 ch.utterance = None
                 utt.end = self._channel_end(ch)
+                ch.consumed = max(ch.consumed, utt.end)
                 out += self._in_order(ch, utt, p.SpeechStopped(utt.item_id, utt.end // MS))
                 out += self._resolve_without_decode(ch, utt, [])
             if ch.segmenter is not None:
@@ -531,6 +544,12 @@ class Session:
         # The newest word waits for the word after it: until then its punctuation ("printed."
         # vs "printed in") is a guess. A pause settles it instead (below).
         n = min(agreed_prefix_length(utt.tail, words), max(0, len(words) - 1))
+        # Both agreeing hypotheses must have heard the right context after the word.
+        heard = min(ticket.window_end, utt.tail_window_end) if utt.tail else ticket.window_end
+        horizon = (heard - self.limits.right_context_ms * MS) / MODEL_RATE
+        n = min(n, words_before(words, horizon, tolerance=0.0))
+        if ticket.window_end - utt.start < self.limits.min_commit_window_ms * MS:
+            n = 0
         if ticket.pause_start is not None:
             n = max(n, words_before(words, ticket.pause_start / MODEL_RATE))
         out = self._commit_words(utt, words[:n])
@@ -547,8 +566,14 @@ class Session:
         ticket.resolved = True
         if result is not None and len(ticket.request.audio):
             ticket.utterance.no_speech_prob = result.no_speech_prob
-            ticket.words = self._absolute(result, ticket.window_start)
+            ticket.words = self._within_turn(ticket.utterance, self._absolute(result, ticket.window_start))
         return self._apply_resolved_finals(ch) + self._schedule(ch)
+
+    def _within_turn(self, utt: Utterance, words: list[Word]) -> list[Word]:
+        if utt.end is None:
+            return words
+        limit = (utt.end + self.limits.end_tolerance_ms * MS) / MODEL_RATE
+        return [w for w in words if w.start <= limit]
 
     def _commit_words(self, utt: Utterance, words: list[Word]) -> list[Output]:
         if not words:
@@ -593,6 +618,7 @@ class Session:
         ch.utterance = None
         ch.inflight = None  # its result belongs to the old utterance and will be ignored
         utt.end = cut
+        ch.consumed = max(ch.consumed, cut)
         out: list[Output] = self._in_order(ch, utt, p.SpeechStopped(utt.item_id, cut // MS))
         if utt.committed:
             out += self._resolve_without_decode(ch, utt, [])

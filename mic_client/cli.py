@@ -1,0 +1,345 @@
+"""``mic-client`` command line: live captions from a microphone or an audio file.
+
+Exit codes (stable, for scripts and CI):
+
+* 0 -- the session ended normally: ``transcript.text.done`` arrived (after Ctrl-C or end of file);
+* 1 -- something failed after connecting (audio device error, the server closed the session early,
+  no answer to ``session.close``);
+* 2 -- no session could be opened (connection refused, bad URL, handshake rejected, server busy)
+  or the command line was wrong;
+* 130 -- interrupted twice (the second Ctrl-C quits without waiting for the final transcript).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from mic_client import __version__
+from mic_client.audio_source import (
+    AudioSource,
+    AudioSourceError,
+    FileSource,
+    MicSource,
+    list_devices,
+    parse_device,
+)
+from mic_client.captions import CaptionRenderer
+from mic_client.client import (
+    DEFAULT_CLOSE_TIMEOUT_S,
+    DEFAULT_URL,
+    ConnectError,
+    SessionResult,
+    StreamClient,
+    describe_error,
+)
+from mic_client.writers import FORMATS, EventWriter, infer_format, open_writer
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONNECT = 2
+EXIT_ABORTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mic-client",
+        description=(
+            "Stream the default microphone (or an audio file) to stream-server and show live "
+            "captions: the unfinished utterance updates in place, final text becomes lines. "
+            "Ctrl-C (or the end of the file) finalizes the transcript and exits; a second Ctrl-C "
+            "quits at once. When stdout is not a terminal only final lines are printed."
+        ),
+        epilog=(
+            "exit codes: 0 transcript complete, 1 failure during the session, "
+            "2 could not connect / bad arguments, 130 interrupted twice"
+        ),
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("MIC_CLIENT_URL", DEFAULT_URL),
+        help=f"server WebSocket endpoint (env MIC_CLIENT_URL; default {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--file",
+        metavar="PATH",
+        help="stream this audio file (wav, flac, mp3, anything FFmpeg decodes) instead of the "
+        "microphone; it is resampled to 16 kHz mono and sent at real-time pace",
+    )
+    parser.add_argument(
+        "--speed",
+        type=_non_negative_float,
+        default=None,
+        metavar="X",
+        help="with --file: pace multiplier (1 = real time, the default; 2 = twice as fast; "
+        "0 = as fast as the connection allows)",
+    )
+    parser.add_argument(
+        "--language",
+        help="language code (en, de, ...) or locale (en-US); default: the server decides "
+        "(detection with multilingual models, English with .en models)",
+    )
+    parser.add_argument("--model", help="ask the server for this model (e.g. tiny.en, base)")
+    parser.add_argument(
+        "--device",
+        help="input device: index or part of its name from --list-devices (default: the "
+        "system's default input)",
+    )
+    parser.add_argument("--list-devices", action="store_true", help="list audio devices and exit")
+    parser.add_argument(
+        "--output",
+        metavar="PATH",
+        help="also write the session to PATH: jsonl = every received event plus its wall-clock "
+        "'received_at' (Unix seconds); srt = one subtitle cue per final segment",
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="format of --output (default: from its extension, .jsonl or .srt)",
+    )
+    parser.add_argument(
+        "--frame-ms",
+        type=int,
+        default=50,
+        metavar="MS",
+        help="audio per WebSocket frame in milliseconds (default 50; 10-1000)",
+    )
+    parser.add_argument(
+        "--close-timeout",
+        type=float,
+        default=DEFAULT_CLOSE_TIMEOUT_S,
+        metavar="S",
+        help="after the end of input, give up when the server has sent nothing for S seconds "
+        f"(default {DEFAULT_CLOSE_TIMEOUT_S:g})",
+    )
+    parser.add_argument("-q", "--quiet", action="store_true", help="no status lines on stderr (errors still)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:  # also rejects NaN
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.speed is not None and not args.file:
+        parser.error("--speed only applies to --file")
+    if args.device is not None and args.file:
+        parser.error("--device only applies to the microphone, not to --file")
+    if args.format is not None and not args.output:
+        parser.error("--format needs --output")
+    if args.output:
+        try:
+            args.format = infer_format(args.output, args.format)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if not 10 <= args.frame_ms <= 1000:
+        parser.error("--frame-ms must be between 10 and 1000")
+    if args.close_timeout <= 0:
+        parser.error("--close-timeout must be > 0")
+
+
+class Display:
+    """Routes events to the terminal (through the caption renderer) and to the --output writer."""
+
+    def __init__(
+        self,
+        renderer: CaptionRenderer,
+        out: TextIO,
+        err: TextIO,
+        writer: EventWriter | None,
+    ) -> None:
+        self.renderer = renderer
+        self.out = out
+        self.err = err
+        self.writer = writer
+
+    def on_event(self, event: dict[str, Any], received_at: float) -> None:
+        if self.writer is not None:
+            self.writer.write(event, received_at)
+        self._show(self.renderer.feed(event))
+
+    def on_error(self, event: dict[str, Any]) -> None:
+        self.message(describe_error(event))
+
+    def message(self, text: str) -> None:
+        """A line on stderr that does not tear through the live caption line."""
+        self._show(self.renderer.interrupt())
+        self.err.write(f"mic-client: {text}\n")
+        self.err.flush()
+        self._show(self.renderer.restore())
+
+    def finish(self) -> None:
+        self._show(self.renderer.finish())
+
+    def _show(self, text: str) -> None:
+        if text:
+            self.out.write(text)
+            self.out.flush()
+
+
+def _wants_color() -> bool:
+    # https://no-color.org and dumb terminals: no escape sequences beyond \r and erase-line.
+    return "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    source: AudioSource
+    if args.file:
+        speed = 1.0 if args.speed is None else args.speed
+        source = FileSource(args.file, speed=speed, frame_ms=args.frame_ms)
+    else:
+        source = MicSource(parse_device(args.device), frame_ms=args.frame_ms)
+
+    live = _is_tty(out)
+    renderer = CaptionRenderer(
+        live=live,
+        columns=(lambda: shutil.get_terminal_size().columns) if live else None,
+        color=live and _wants_color(),
+    )
+    writer: EventWriter | None = None
+    display = Display(renderer, out, err, None)
+
+    def status(text: str) -> None:
+        if not args.quiet:
+            display.message(text)
+
+    try:
+        try:
+            await source.start()
+        except AudioSourceError as exc:
+            display.message(str(exc))
+            return EXIT_FAILED
+        if args.output:
+            try:
+                writer = open_writer(args.output, args.format)
+            except OSError as exc:
+                display.message(f"cannot write --output {args.output!r}: {exc.strerror or exc}")
+                return EXIT_FAILED
+            display.writer = writer
+
+        if isinstance(source, MicSource):
+            what = f"microphone {source.device_name!r} ({source.sample_rate} Hz)"
+            announce = f"streaming {what} to {args.url}; Ctrl-C to finish"
+        else:
+            announce = f"streaming {args.file} to {args.url}"
+
+        client = StreamClient(
+            args.url,
+            source,
+            language=args.language,
+            model=args.model,
+            on_event=display.on_event,
+            on_error=display.on_error,
+            on_open=lambda: status(announce),
+            close_timeout=args.close_timeout,
+        )
+        _install_signal_handlers(client, display)
+
+        try:
+            result = await client.run()
+        except ConnectError as exc:
+            display.message(str(exc))
+            return EXIT_CONNECT
+        except AudioSourceError as exc:
+            display.message(str(exc))
+            return EXIT_FAILED
+        finally:
+            display.finish()
+        if isinstance(source, MicSource) and source.overflows:
+            status(f"warning: the input overflowed {source.overflows} time(s); audio was lost")
+        return _exit_code(result, display, args)
+    except asyncio.CancelledError:
+        display.finish()
+        display.message("interrupted; the last words may not have been transcribed")
+        return EXIT_ABORTED
+    finally:
+        await source.aclose()
+        if writer is not None:
+            writer.close()
+
+
+def _install_signal_handlers(client: StreamClient, display: Display) -> None:
+    """First Ctrl-C (or SIGTERM): finish gracefully. Second: cancel everything and quit."""
+    loop = asyncio.get_running_loop()
+    main_task = asyncio.current_task()
+    presses = 0
+
+    def on_signal() -> None:
+        nonlocal presses
+        presses += 1
+        if presses == 1:
+            display.message("finishing the transcript... (Ctrl-C again to quit now)")
+            client.request_stop()
+        elif main_task is not None:
+            main_task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Windows has no add_signal_handler; there, KeyboardInterrupt still ends the program.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+
+
+def _exit_code(result: SessionResult, display: Display, args: argparse.Namespace) -> int:
+    if result.complete:
+        return EXIT_OK
+    code = result.close_code
+    reason = f" ({result.close_reason})" if result.close_reason else ""
+    if result.timed_out:
+        display.message(
+            f"no answer from the server for {args.close_timeout:g} s after session.close; "
+            "the transcript may be incomplete"
+        )
+    elif code in (None, 1006):
+        display.message(
+            "the connection to the server was lost before transcript.text.done; "
+            "the transcript may be incomplete"
+        )
+    else:
+        display.message(
+            f"the server closed the session (code {code}{reason}) before transcript.text.done; "
+            "the transcript may be incomplete"
+        )
+    return EXIT_FAILED
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    if args.list_devices:
+        try:
+            print(list_devices())
+        except AudioSourceError as exc:
+            print(f"mic-client: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    try:
+        return asyncio.run(_run(args, sys.stdout, sys.stderr))
+    except KeyboardInterrupt:  # a Ctrl-C before the handlers were installed
+        return EXIT_ABORTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,696 @@
+"""End-to-end tests of ``mic-client`` against the real ``stream-server`` on real speech.
+
+* ``--file`` streaming (wav at real time, a multi-utterance mp3 with SRT output, Ctrl-C mid-file,
+  a server error, a busy server);
+* the real capture path: a private PulseAudio daemon with a pipe source ``virtual_mic`` that a test
+  thread feeds like a sound card (silence, then a speech WAV, at real time); it is the default ALSA
+  capture device (through the ``pulse`` ALSA plugin), so ``mic-client`` with no ``--file`` records
+  it with sounddevice/PortAudio exactly as it would a microphone. Packages:
+  ``tests/setup_virtual_mic.sh``.
+
+Real speech comes from ``../shared/speech`` (skipped with a reason when absent). The server is
+started once per module as a subprocess on a free port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+# ../shared/speech beside the repository; STREAM_SERVER_SPEECH_DIR overrides (as in tests/support.py).
+SPEECH = Path(
+    os.environ.get("STREAM_SERVER_SPEECH_DIR", Path(__file__).resolve().parents[2] / "shared" / "speech")
+)
+SERVER_START_TIMEOUT_S = 180
+MAX_WER = 0.3
+
+
+# ------------------------------------------------------------------------------------------------
+# Corpus helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _manifest() -> dict[str, dict]:
+    path = SPEECH / "manifest.jsonl"
+    if not path.is_file():
+        pytest.skip(f"real speech corpus not found at {SPEECH} (see its README.md)")
+    with path.open(encoding="utf-8") as fh:
+        return {rec["id"]: rec for rec in map(json.loads, fh)}
+
+
+def clip(clip_id: str) -> tuple[Path, str]:
+    """The WAV path and reference text of a corpus clip."""
+    record = _manifest().get(clip_id)
+    path = SPEECH / "audio" / f"{clip_id}.wav"
+    if record is None or not path.is_file():
+        pytest.skip(f"clip {clip_id} not in the speech corpus at {SPEECH}")
+    return path, record["text"]
+
+
+def normalize(text: str) -> str:
+    """Lower-case, punctuation to spaces (apostrophes kept), single spaces -- the README's rule."""
+    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
+
+
+def wer(reference: str, hypothesis: str) -> float:
+    import jiwer
+
+    return jiwer.wer(normalize(reference), normalize(hypothesis) or "<empty>")
+
+
+def read_wav(path: Path) -> np.ndarray:
+    with wave.open(str(path), "rb") as wav:
+        assert wav.getframerate() == 16000 and wav.getnchannels() == 1
+        return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+
+
+# ------------------------------------------------------------------------------------------------
+# Server and client processes
+# ------------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_server(log_dir: Path, *extra: str) -> Server:
+    """Start ``python -m stream_server`` on a free port and wait until it accepts connections."""
+    port = _free_port()
+    log = log_dir / f"stream-server-{port}.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream_server", "--host", "127.0.0.1", "--port", str(port), *extra],
+            cwd=REPO,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(f"ws://127.0.0.1:{port}/v1/stream", proc, log)
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"stream-server exited with {proc.returncode} at startup:\n{server.log_tail()}")
+        if _ready(port):
+            return server
+        if time.monotonic() > deadline:
+            stop_server(server)
+            pytest.fail(
+                f"stream-server was not ready within {SERVER_START_TIMEOUT_S} s:\n{server.log_tail()}"
+            )
+        time.sleep(0.2)
+
+
+def _ready(port: int) -> bool:
+    """``GET /readyz`` is 200 once the model is loaded (a listening socket alone may be earlier)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as exc:
+        return exc.code == 404  # a server without /readyz: listening is all we can know
+    except OSError:
+        return False
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGINT)
+        try:
+            server.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    _manifest()  # skip before paying for a server start when there is no speech to send
+    srv = start_server(tmp_path_factory.mktemp("server"))
+    yield srv
+    stop_server(srv)
+
+
+def mic_client_cmd() -> list[str]:
+    """The installed ``mic-client`` console script if there is one, else ``python -m mic_client``."""
+    script = Path(sys.executable).with_name("mic-client")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "mic_client"]
+
+
+def run_client(*args: str, timeout: float = 180, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*mic_client_cmd(), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_events(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def parse_srt(text: str) -> list[tuple[int, float, float, str]]:
+    def seconds(stamp: str) -> float:
+        h, m, rest = stamp.split(":")
+        s, ms = rest.split(",")
+        return int(h) * 3600 + int(m) * 60 + int(s) + int(ms) / 1000
+
+    cues = []
+    for block in text.strip().split("\n\n"):
+        lines = block.splitlines()
+        start, end = lines[1].split(" --> ")
+        cues.append((int(lines[0]), seconds(start), seconds(end), " ".join(lines[2:])))
+    return cues
+
+
+def check_session_events(events: list[dict], *, update_accepted: bool = True) -> dict:
+    """Checks every client-visible guarantee of a finished session; returns the done event."""
+    assert events, "no events were written"
+    types = [e["type"] for e in events]
+    assert types[0] == "session.created", types[:3]
+    if update_accepted:
+        updated = next(e for e in events if e["type"] == "session.updated")
+        assert updated["session"]["interim_results"] is True  # the client asked for live captions
+    assert types.count("transcript.text.done") == 1, "expected exactly one transcript.text.done"
+    assert types[-1] == "transcript.text.done", (
+        f"events after done: {types[types.index('transcript.text.done') :]}"
+    )
+    stamps = [e["received_at"] for e in events]
+    assert all(isinstance(s, float) for s in stamps)
+    assert stamps == sorted(stamps)
+    assert abs(stamps[-1] - time.time()) < 600  # wall-clock Unix seconds
+    done = events[-1]
+    deltas = "".join(e["delta"] for e in events if e["type"] == "transcript.text.delta")
+    assert deltas == done["text"], "the deltas the client recorded do not add up to done.text"
+    return done
+
+
+# ------------------------------------------------------------------------------------------------
+# --file
+# ------------------------------------------------------------------------------------------------
+
+
+def test_file_at_real_time_gives_live_events_and_an_accurate_transcript(
+    server: Server, tmp_path: Path
+) -> None:
+    path, reference = clip("ljspeech_LJ001-0001")  # 9.7 s, one long sentence
+    duration = len(read_wav(path)) / 16000
+    out = tmp_path / "session.jsonl"
+    started = time.monotonic()
+    proc = run_client("--file", str(path), "--url", server.url, "--output", str(out))
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, f"stderr:\n{proc.stderr}\nserver log:\n{server.log_tail()}"
+    assert elapsed >= duration - 0.5, "the file was not streamed at real-time pace"
+
+    events = read_events(out)
+    done = check_session_events(events)
+    assert abs(done["usage"]["seconds"] - duration) < 0.1, "the server did not get the whole file"
+    types = [e["type"] for e in events]
+    assert "transcript.text.interim" in types, "interim_results was requested but no interim arrived"
+    segments = [e for e in events if e["type"] == "transcript.segment"]
+    assert segments
+    # stdout is a pipe here: exactly the final lines, no control characters.
+    assert proc.stdout.splitlines() == [s["text"] for s in segments if s["text"].strip()]
+    assert "\x1b" not in proc.stdout and "\r" not in proc.stdout
+    error = wer(reference, done["text"])
+    print(f"WER {error:.3f} on {path.name}: {done['text']!r}")
+    assert error < MAX_WER, f"WER {error:.2f}: {done['text']!r} vs {reference!r}"
+
+
+def _concatenate(clip_ids: list[str], gap_s: float, out: Path) -> tuple[np.ndarray, str]:
+    """Real clips joined by silence: a stream of several utterances with natural pauses."""
+    parts: list[np.ndarray] = []
+    refs: list[str] = []
+    gap = np.zeros(int(gap_s * 16000), dtype="<i2")
+    for clip_id in clip_ids:
+        path, text = clip(clip_id)
+        parts += [read_wav(path), gap]
+        refs.append(text)
+    samples = np.concatenate(parts)
+    _encode_44k_stereo(samples, out)
+    return samples, " ".join(refs)
+
+
+def _encode_44k_stereo(samples: np.ndarray, path: Path) -> None:
+    import av
+
+    codec = {".mp3": "libmp3lame", ".flac": "flac"}[path.suffix]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=44100)
+        stream.layout = "stereo"
+        resampler = av.AudioResampler(format=stream.format.name, layout="stereo", rate=44100)
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
+            for packet in stream.encode(chunk):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def test_multi_utterance_mp3_to_srt(server: Server, tmp_path: Path) -> None:
+    mp3 = tmp_path / "three_sentences.mp3"
+    samples, reference = _concatenate(
+        [
+            "arctic_slt_arctic_a0003",
+            "arctic_slt_arctic_a0009",
+            "pocketsphinx_sense_and_sensibility_01_austen_64kb-0880",
+        ],
+        gap_s=1.2,
+        out=mp3,
+    )
+    duration = len(samples) / 16000
+    srt = tmp_path / "captions.srt"
+    proc = run_client("--file", str(mp3), "--speed", "2", "--url", server.url, "--output", str(srt))
+    assert proc.returncode == 0, f"stderr:\n{proc.stderr}\nserver log:\n{server.log_tail()}"
+    cues = parse_srt(srt.read_text(encoding="utf-8"))
+    assert [c[0] for c in cues] == list(range(1, len(cues) + 1))
+    assert len(cues) >= 3, f"expected one cue per sentence (pauses of 1.2 s), got {cues}"
+    for (_, start, end, text), nxt in zip(cues, [*cues[1:], None], strict=True):
+        assert 0 <= start < end <= duration + 0.2 and text
+        if nxt is not None:
+            assert end <= nxt[1] + 0.05, "cues overlap"
+    hypothesis = " ".join(c[3] for c in cues)
+    assert proc.stdout.split() == hypothesis.split()
+    error = wer(reference, hypothesis)
+    print(f"WER {error:.3f} on 3 utterances (mp3, 44.1 kHz stereo, speed 2): {hypothesis!r}")
+    assert error < MAX_WER, f"WER {error:.2f}: {hypothesis!r} vs {reference!r}"
+
+
+def _emulate_terminal(output: str) -> list[str]:
+    """Replay terminal output (\\r, \\n, ESC[K, SGR) and return the rows left on screen."""
+    output = re.sub(r"\x1b\[[0-9;]*m", "", output)
+    rows, col = [""], 0
+    for token in re.findall(r"\x1b\[K|\r|\n|[^\r\n\x1b]", output):
+        if token == "\x1b[K":
+            rows[-1] = rows[-1][:col]
+        elif token == "\r":
+            col = 0
+        elif token == "\n":
+            rows.append("")
+            col = 0
+        else:
+            rows[-1] = rows[-1][:col] + token + rows[-1][col + 1 :]
+            col += 1
+    return rows
+
+
+def test_tty_shows_interim_text_in_place_and_finals_as_lines(server: Server, tmp_path: Path) -> None:
+    """stdout is a pseudo-terminal here, as when a person runs mic-client in a shell."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    path, _ = clip("ljspeech_LJ001-0001")
+    out = tmp_path / "tty.jsonl"
+    columns = 60
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
+    env["TERM"] = "xterm-256color"
+    proc = subprocess.Popen(
+        [*mic_client_cmd(), "--file", str(path), "--speed", "1.5", "--url", server.url, "--output", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(slave)
+    chunks: list[bytes] = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    output = b"".join(chunks).decode("utf-8")
+    events = read_events(out)
+    segments = [e["text"] for e in events if e["type"] == "transcript.segment" and e["text"].strip()]
+    interims = [e for e in events if e["type"] == "transcript.text.interim" and e["text"].strip()]
+    assert interims, "no interim text to show"
+    assert output.count("\r\x1b[K") >= len(interims) // 2, "interim text was not redrawn in place"
+    assert "\x1b[2m" in output, "interim text is not dimmed"
+    rows = _emulate_terminal(output)
+    assert [row for row in rows if row] == segments
+    # Live lines (redrawn, never ended by a newline) must fit the terminal: a wrapped one would
+    # leave stale rows behind. Final lines may wrap; they are never redrawn.
+    live = [re.sub(r"\x1b\[[0-9;]*m", "", part) for part in output.split("\r\x1b[K") if "\n" not in part]
+    assert live and max(len(part) for part in live) <= columns - 1
+
+
+def test_ctrl_c_mid_file_finalizes_what_was_sent_and_exits_0(server: Server, tmp_path: Path) -> None:
+    path, _ = clip("ljspeech_LJ001-0003")  # 9.7 s
+    out = tmp_path / "interrupted.jsonl"
+    proc = subprocess.Popen(
+        [*mic_client_cmd(), "--file", str(path), "--url", server.url, "--output", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_event(out, "input_audio_buffer.speech_started", proc, timeout=30)
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, f"stderr:\n{stderr}\nserver log:\n{server.log_tail()}"
+    assert "finishing" in stderr
+    done = check_session_events(read_events(out))
+    assert 2.0 < done["usage"]["seconds"] < 8.0, "Ctrl-C should stop the stream early"
+    assert done["text"].strip(), "the speech sent before Ctrl-C was not transcribed"
+    assert stdout.strip(), "the final text was not printed"
+
+
+def test_second_ctrl_c_quits_at_once_with_130(server: Server, tmp_path: Path) -> None:
+    path, _ = clip("ljspeech_LJ001-0003")
+    out = tmp_path / "aborted.jsonl"
+    proc = subprocess.Popen(
+        [*mic_client_cmd(), "--file", str(path), "--url", server.url, "--output", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for_event(out, "input_audio_buffer.speech_started", proc, timeout=30)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert "Traceback" not in stderr
+
+
+def test_server_error_goes_to_stderr_and_the_session_continues(server: Server, tmp_path: Path) -> None:
+    path, reference = clip("arctic_slt_arctic_a0004")
+    out = tmp_path / "bad-language.jsonl"
+    proc = run_client(
+        "--file", str(path), "--speed", "0", "--language", "1x", "--url", server.url, "--output", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "invalid_value" in proc.stderr and "session.language" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    events = read_events(out)
+    # protocol.md: a rejected session.update is answered by error, not session.updated.
+    assert [e["type"] for e in events][:2] == ["session.created", "error"]
+    assert events[1]["error"]["param"] == "session.language"
+    done = check_session_events(events, update_accepted=False)
+    assert wer(reference, done["text"]) < MAX_WER  # defaults were kept, transcription went on
+
+
+def test_busy_server_exits_2(tmp_path: Path) -> None:
+    path, _ = clip("arctic_slt_arctic_a0004")
+    from websockets.sync.client import connect
+
+    srv = start_server(tmp_path, "--max-sessions", "1")
+    try:
+        with connect(srv.url) as holder:
+            first = json.loads(holder.recv(timeout=30))
+            assert first["type"] == "session.created"
+            proc = run_client("--file", str(path), "--url", srv.url, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert "busy" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    finally:
+        stop_server(srv)
+
+
+def test_server_dying_mid_session_exits_1_promptly(tmp_path: Path) -> None:
+    path, _ = clip("ljspeech_LJ001-0001")
+    srv = start_server(tmp_path)
+    try:
+        out = tmp_path / "lost.jsonl"
+        proc = subprocess.Popen(
+            [*mic_client_cmd(), "--file", str(path), "--url", srv.url, "--output", str(out)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_for_event(out, "input_audio_buffer.speech_started", proc, timeout=30)
+        srv.proc.kill()
+        killed_at = time.monotonic()
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 1, stderr
+        assert time.monotonic() - killed_at < 10, "the client kept streaming to a dead server"
+        assert "connection to the server was lost" in stderr
+        assert "Traceback" not in stderr
+    finally:
+        stop_server(srv)
+
+
+def _wait_for_event(path: Path, event_type: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and f'"type":"{event_type}"' in path.read_text(encoding="utf-8"):
+            return
+        if proc.poll() is not None:
+            _, stderr = proc.communicate()
+            pytest.fail(f"mic-client exited with {proc.returncode} before {event_type}:\n{stderr}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no {event_type} within {timeout} s")
+
+
+# ------------------------------------------------------------------------------------------------
+# The real capture path: sounddevice -> PortAudio -> ALSA pulse plugin -> PulseAudio virtual mic
+# ------------------------------------------------------------------------------------------------
+
+
+class VirtualMic:
+    """A PulseAudio ``module-pipe-source`` fed like a microphone: a steady real-time sample stream.
+
+    A writer thread puts 20 ms of audio into the source's FIFO every 20 ms (by the monotonic
+    clock): digital silence, or the speech queued with :meth:`say`. That is what a sound card does
+    -- samples keep coming whether anyone speaks or not -- and it makes the captured audio exact:
+    the speech arrives bit for bit, at real time, when the test says.
+
+    (A null sink's monitor fed with ``paplay`` was tried first and is not usable for this: the null
+    sink renders up to ~2 s ahead in large blocks, so a recorder misses its first ~2 s and hears
+    playback before it "happens".)
+    """
+
+    CHUNK_S = 0.02
+
+    def __init__(self, env: dict[str, str], fifo: Path, source: str) -> None:
+        self.env = env
+        self.source = source
+        self._fifo = fifo
+        self._queue: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._write, name="virtual-mic", daemon=True)
+        self._thread.start()
+
+    def say(self, samples: np.ndarray) -> None:
+        """Queue 16 kHz mono int16 samples; they are "spoken" at real time from now on."""
+        with self._lock:
+            self._idle.clear()
+            self._queue.append(samples.astype("<i2"))
+
+    def wait_until_spoken(self, timeout: float) -> None:
+        assert self._idle.wait(timeout), "the virtual microphone did not finish playing"
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _write(self) -> None:
+        per_chunk = int(16000 * self.CHUNK_S)
+        silence = np.zeros(per_chunk, dtype="<i2")
+        # PulseAudio holds the FIFO open for reading, so this open does not block.
+        fd = os.open(self._fifo, os.O_WRONLY)
+        try:
+            t0 = time.monotonic()
+            k = 0
+            while not self._stop.is_set():
+                with self._lock:
+                    chunk = silence
+                    if self._queue:
+                        head = self._queue[0]
+                        chunk, self._queue[0] = head[:per_chunk], head[per_chunk:]
+                        if not len(self._queue[0]):
+                            self._queue.pop(0)
+                        if len(chunk) < per_chunk:
+                            chunk = np.concatenate([chunk, silence[: per_chunk - len(chunk)]])
+                    elif not self._idle.is_set():
+                        self._idle.set()
+                os.write(fd, chunk.tobytes())
+                k += 1
+                delay = t0 + k * self.CHUNK_S - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+        finally:
+            os.close(fd)
+
+
+@pytest.fixture
+def virtual_mic() -> Iterator[VirtualMic]:
+    hint = "run tests/setup_virtual_mic.sh to install it"
+    for tool in ("pulseaudio", "pactl"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed; {hint}")
+    if not Path("/usr/share/alsa/alsa.conf.d/50-pulseaudio.conf").exists() and not any(
+        Path(d).glob("**/libasound_module_pcm_pulse.so") for d in ("/usr/lib", "/usr/lib64")
+    ):
+        pytest.skip(f"the ALSA pulse plugin (libasound2-plugins) is not installed; {hint}")
+    try:
+        import sounddevice  # noqa: F401  (needs the PortAudio shared library)
+    except OSError as exc:
+        pytest.skip(f"sounddevice cannot load PortAudio ({exc}); {hint}")
+
+    # A short private directory: the socket path must fit in sun_path (108 bytes).
+    root = Path(tempfile.mkdtemp(prefix="vmic-"))
+    home = root / "home"
+    for sub in ("home", "runtime", "state"):
+        (root / sub).mkdir()
+    socket_path = root / "runtime" / "native"
+    fifo = root / "mic.fifo"
+    # ALSA reads ~/.asoundrc: route the default PCM to PulseAudio whatever the system config says.
+    (home / ".asoundrc").write_text("pcm.!default { type pulse }\nctl.!default { type pulse }\n")
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "PULSE_RUNTIME_PATH": str(root / "runtime"),
+        "PULSE_STATE_PATH": str(root / "state"),
+        "PULSE_SERVER": f"unix:{socket_path}",
+    }
+    env.pop("DISPLAY", None)
+    source = "virtual_mic"
+    log = (root / "pulseaudio.log").open("wb")
+    # -n: no default.pa (no hardware probing, no D-Bus); only the modules named here.
+    proc = subprocess.Popen(
+        [
+            "pulseaudio",
+            "-n",
+            "--daemonize=no",
+            "--exit-idle-time=-1",
+            "--use-pid-file=no",
+            "--disallow-exit",
+            "--disable-shm=yes",
+            "--log-target=stderr",
+            "--log-level=error",
+            "-L",
+            f"module-native-protocol-unix auth-anonymous=1 socket={socket_path}",
+            "-L",
+            f"module-pipe-source source_name={source} file={fifo} format=s16le rate=16000 "
+            "channels=1 source_properties=device.description=VirtualMic",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    mic: VirtualMic | None = None
+    try:
+        deadline = time.monotonic() + 15
+        while subprocess.run(["pactl", "info"], env=env, capture_output=True).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                text = (root / "pulseaudio.log").read_text(errors="replace")
+                pytest.skip(f"PulseAudio could not be started here (exit {proc.poll()}):\n{text[-2000:]}")
+            time.sleep(0.1)
+        subprocess.run(["pactl", "set-default-source", source], env=env, check=True)
+        mic = VirtualMic(env, fifo, source)
+        yield mic
+    finally:
+        if mic is not None:
+            mic.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    ("device", "clip_id"),
+    [(None, "ljspeech_LJ001-0004"), ("pulse", "ljspeech_LJ001-0011")],
+    ids=["default-input", "device-by-name"],
+)
+def test_virtual_microphone_is_captured_and_transcribed(
+    server: Server, virtual_mic: VirtualMic, tmp_path: Path, device: str | None, clip_id: str
+) -> None:
+    path, reference = clip(clip_id)  # ~5 s of read speech
+    speech = read_wav(path)
+    listed = run_client("--list-devices", env=virtual_mic.env, timeout=30)
+    assert listed.returncode == 0 and "pulse" in listed.stdout, listed.stdout + listed.stderr
+    out = tmp_path / "mic.jsonl"
+    # No --file: the microphone -- the system default input, or the ALSA "pulse" device by name.
+    device_args = [] if device is None else ["--device", device]
+    proc = subprocess.Popen(
+        [*mic_client_cmd(), "--url", server.url, "--output", str(out), *device_args],
+        cwd=REPO,
+        env=virtual_mic.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_event(out, "session.updated", proc, timeout=30)
+        time.sleep(0.5)  # some silence before the speaker starts
+        virtual_mic.say(speech)
+        virtual_mic.wait_until_spoken(timeout=len(speech) / 16000 + 10)
+        time.sleep(1.5)  # the pause after speaking, which ends the utterance
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, f"stderr:\n{stderr}\nserver log:\n{server.log_tail()}"
+    assert "streaming microphone" in stderr
+    events = read_events(out)
+    done = check_session_events(events)
+    # Everything from connect to Ctrl-C was captured: >= 0.5 + 5.1 + 1.5 s.
+    assert done["usage"]["seconds"] > 0.5 + len(speech) / 16000 + 1.0
+    started = [e for e in events if e["type"] == "input_audio_buffer.speech_started"]
+    assert started and started[0]["audio_start_ms"] >= 100, "the silence before the speech was not captured"
+    error = wer(reference, done["text"])
+    print(f"WER {error:.3f} through the virtual microphone: {done['text']!r}")
+    assert error < MAX_WER, f"WER {error:.2f}: {done['text']!r} vs {reference!r}"
+    assert stdout.strip()

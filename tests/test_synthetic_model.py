@@ -1,0 +1,74 @@
+"""The random-weight Whisper builder produces a model CTranslate2 loads and runs (CPU only)."""
+
+import json
+
+import numpy as np
+import pytest
+
+ctranslate2 = pytest.importorskip("ctranslate2")
+
+from stream_server.bench.synthetic_model import (  # noqa: E402
+    SHAPES,
+    build_synthetic_whisper,
+    fixed_decode_kwargs,
+    main,
+    special_token_ids,
+    whisper_vocabulary,
+)
+
+
+@pytest.mark.parametrize(
+    "name, eot, sot, no_timestamps",
+    [("tiny.en", 50256, 50257, 50362), ("tiny", 50257, 50258, 50363), ("large-v3-turbo", 50257, 50258, 50364)],
+)
+def test_special_token_ids_match_real_tokenizers(name, eot, sot, no_timestamps):
+    ids = special_token_ids(name)
+    assert (ids["eot"], ids["sot"], ids["no_timestamps"]) == (eot, sot, no_timestamps)
+    vocab = whisper_vocabulary(SHAPES[name].vocab_size)
+    assert len(vocab) == SHAPES[name].vocab_size == len(set(vocab))
+    assert vocab[-1] == "<|30.00|>"
+
+
+def test_tiny_shape_loads_and_runs_on_cpu(tmp_path):
+    shape = SHAPES["test-tiny"]
+    out = build_synthetic_whisper(tmp_path / "m", shape="test-tiny", seed=1)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["suppress_ids_begin"] == [220, 50256]
+    assert config["lang_ids"] == []
+
+    model = ctranslate2.models.Whisper(out, device="cpu", compute_type="float32", intra_threads=1)
+    assert model.n_mels == shape.n_mels
+    assert not model.is_multilingual
+
+    rng = np.random.default_rng(0)
+    ids = special_token_ids("test-tiny")
+    prompt = [ids["sot"], ids["no_timestamps"]]
+    for frames in (1000, 3000):  # 10 s and 30 s windows
+        features = rng.standard_normal((2, shape.n_mels, frames), dtype=np.float32)
+        encoded = model.encode(ctranslate2.StorageView.from_array(features))
+        assert list(encoded.shape) == [2, frames // 2, shape.d_model]
+        encoded_np = np.array(encoded)
+        assert np.isfinite(encoded_np).all()
+
+        # Fixed decode length: the end token is suppressed, so every sequence runs to the limit,
+        # with a bare prompt and with a previous-text prompt (<|startofprev|> + 30 tokens).
+        prev_prompt = [ids["startofprev"]] + list(range(100, 130)) + prompt
+        prefix_prompt = prompt + list(range(200, 220))  # text prefix after the task tokens
+        for p in (prompt, prev_prompt, prefix_prompt):
+            results = model.generate(
+                encoded, [p, p], beam_size=1, **fixed_decode_kwargs(12, p, ids)
+            )
+            for result in results:
+                tokens = result.sequences_ids[0]
+                assert len(tokens) == 12
+                assert ids["eot"] not in tokens
+                assert all(0 <= t < shape.vocab_size for t in tokens)
+
+
+def test_same_seed_same_weights_and_cli(tmp_path):
+    build_synthetic_whisper(tmp_path / "a", shape="test-tiny", seed=3)
+    assert main([str(tmp_path / "b"), "--shape", "test-tiny", "--seed", "3"]) == 0
+    a = (tmp_path / "a" / "model.bin").read_bytes()
+    assert a == (tmp_path / "b" / "model.bin").read_bytes()
+    with pytest.raises(FileExistsError):
+        build_synthetic_whisper(tmp_path / "a", shape="test-tiny", seed=3)
