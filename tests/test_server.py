@@ -320,3 +320,33 @@ def test_metrics_expose_the_serving_figures(server: ServerProcess) -> None:
 
 def test_event_classes_cover_what_the_server_sends() -> None:
     assert {cls.type for cls in p.SERVER_EVENT_TYPES} == set(documented_events())
+
+
+def test_every_documented_event_type_is_sent_with_exactly_its_fields(server: ServerProcess) -> None:
+    """One session that provokes every event the protocol defines, each checked field by field."""
+    require_speech()
+    speech = load_clip("ljspeech_LJ001-0005")
+    pcm = (np.concatenate([speech, np.zeros(16000, np.float32)]) * 32767).astype("<i2").tobytes()
+
+    async def go() -> list[dict]:
+        async with websockets.connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session.update", "session": {"interim_results": True, "include": ["logprobs", "words"]}}))
+            await ws.send(json.dumps({"type": "session.update", "session": {"sample_rate": 1}}))  # error
+            half = len(pcm) // 2 // 2 * 2
+            for i in range(0, half, 3200):
+                await ws.send(pcm[i : i + 3200])
+                await asyncio.sleep(0.1)
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            for i in range(half, len(pcm), 3200):
+                await ws.send(pcm[i : i + 3200])
+                await asyncio.sleep(0.1)
+            await ws.send(json.dumps({"type": "input_audio_buffer.clear"}))
+            await ws.send(json.dumps({"type": "session.close"}))
+            return await drain(ws)
+
+    events = asyncio.run(go())
+    documented = documented_events()
+    assert {e["type"] for e in events} == set(documented)
+    for event in events:
+        assert set(event) - {"type", "event_id"} == documented[event["type"]], event
+    assert len({e["event_id"] for e in events}) == len(events)
