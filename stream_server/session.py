@@ -49,9 +49,13 @@ class SessionLimits:
     max_utterance_s: float = 15.0
     trailing_audio_ms: int = 300  # silence kept after the speech end for the final decode
     context_chars: int = 200  # earlier text given to the decoder as its prompt
+    # The decoder is forced to continue from at most this many committed words; older ones leave
+    # the window and become context. CTranslate2 feeds forced tokens one step at a time, so an
+    # unbounded prefix made every decode of a long turn as slow as decoding the whole turn.
+    prefix_words: int = 8
     # Agreement commits a word only once the decoder has heard this much audio after it: short
     # right context is where tiny models guess ("how do you marry" for "had he married").
-    right_context_ms: int = 500
+    right_context_ms: int = 300
     # ... and only once the utterance is this long: the first words of a turn, decoded from a
     # second of audio, are the least reliable ones.
     min_commit_window_ms: int = 2000
@@ -82,6 +86,7 @@ class DecodeTicket:
     resolved: bool = False
     words: list[Word] = dataclasses.field(default_factory=list)
     attempt: int = 1
+    committed: int = 0  # words the utterance had committed when this was submitted
 
 
 Output = p.ServerEvent | DecodeTicket | CloseConnection
@@ -103,9 +108,9 @@ class Utterance:
     interim_sent: str = ""
     finished: bool = False
 
-    @property
-    def committed_tokens(self) -> tuple[int, ...]:
-        return tuple(t.id for w in self.committed for t in w.tokens)
+    def prefix_from(self, keep: int) -> int:
+        """Index of the first committed word that stays in the decode window (the last ``keep``)."""
+        return max(0, len(self.committed) - keep)
 
     def text(self) -> str:
         return "".join(w.text for w in self.committed)
@@ -489,23 +494,33 @@ class Session:
 
     # ---------------------------------------------------------------- decoding
 
-    def _prompt(self) -> str:
-        history = "".join(self._text_parts)[-self.limits.context_chars :]
-        if history and not history[0].isspace() and len("".join(self._text_parts)) > self.limits.context_chars:
+    def _prompt(self, without: str = "") -> str:
+        text = "".join(self._text_parts)
+        if without and text.endswith(without):
+            text = text[: len(text) - len(without)]  # the forced prefix is not context too
+        history = text[-self.limits.context_chars :]
+        if history and not history[0].isspace() and len(text) > self.limits.context_chars:
             history = history.split(" ", 1)[-1]  # do not start the context mid-word
         return " ".join(part for part in (self.config.prompt.strip(), history.strip()) if part)
 
     def _ticket(self, ch: Channel, utt: Utterance, start: int, end: int, *, final: bool, pause_start: int | None) -> DecodeTicket:
+        """A request for ``[start, end)``; with committed words, the window starts at the first
+        of the last ``prefix_words`` of them (those are forced as the prefix)."""
+        k = utt.prefix_from(self.limits.prefix_words)
+        kept = utt.committed[k:]
+        if k and start == utt.start:
+            start = max(utt.start, int((kept[0].start - 0.05) * MODEL_RATE))
+        prefix_text = "".join(w.text for w in kept)
         request = DecodeRequest(
             audio=ch.buffer.slice(start, end),
-            prefix=utt.committed_tokens,
-            prompt=self._prompt(),
+            prefix=tuple(t.id for w in kept for t in w.tokens),
+            prompt=self._prompt(without=prefix_text),
             language=self.config.language or utt.language,
             model=self.config.model,
             final=final,
             key=(self.id, ch.index),
         )
-        return DecodeTicket(request, ch.index, utt, final, start, end, pause_start)
+        return DecodeTicket(request, ch.index, utt, final, start, end, pause_start, committed=len(utt.committed))
 
     def _schedule(self, ch: Channel) -> list[Output]:
         """Start an interim decode of the open utterance when one is due and none is in flight."""
@@ -539,14 +554,12 @@ class Session:
         if utt.language is None and self.config.language is None:
             utt.language = result.language
         words = self._absolute(result, ticket.window_start)
-        if ticket.request.prefix != utt.committed_tokens:
+        if ticket.committed != len(utt.committed):
             return []  # decoded against an older prefix; its words no longer line up
         # The newest word waits for the word after it: until then its punctuation ("printed."
         # vs "printed in") is a guess. A pause settles it instead (below).
         n = min(agreed_prefix_length(utt.tail, words), max(0, len(words) - 1))
-        # Both agreeing hypotheses must have heard the right context after the word.
-        heard = min(ticket.window_end, utt.tail_window_end) if utt.tail else ticket.window_end
-        horizon = (heard - self.limits.right_context_ms * MS) / MODEL_RATE
+        horizon = (ticket.window_end - self.limits.right_context_ms * MS) / MODEL_RATE
         n = min(n, words_before(words, horizon, tolerance=0.0))
         if ticket.window_end - utt.start < self.limits.min_commit_window_ms * MS:
             n = 0
