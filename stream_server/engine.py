@@ -43,6 +43,7 @@ class Engine:
                 compute_type=compute_type,
                 cpu_threads=settings.cpu_threads,
                 num_workers=settings.decode_workers,
+                timestamp_tokens=settings.resolved_timestamp_tokens(),
             )
 
         self.registry = ModelRegistry(
