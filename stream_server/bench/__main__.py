@@ -217,7 +217,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes.append(
         f"pauses between utterances: {args.pause_min_s}-{args.pause_max_s} s speech-to-speech, filled "
         + (f"with white noise at {NOISE_DBFS:.0f} dBFS RMS" if args.pause_fill == "noise" else "with digital silence")
-        + f"; clips trimmed to energy-detected speech ± {SPEECH_MARGIN_S} s; {LEAD_IN_S} s lead-in, {TRAIL_S} s tail"
+        + f"; clips trimmed to detected speech ± {SPEECH_MARGIN_S} s; utterance onset/end = the earlier of "
+        "an energy detector and offline Silero VAD on the clean clip; "
+        f"{LEAD_IN_S} s lead-in, {TRAIL_S} s tail"
     )
     results: dict[str, Any] = {
         "schema": 1,

@@ -300,7 +300,10 @@ def _join(committed: str, interim: str) -> str:
 
 
 def first_interim_hits(
-    events: Sequence[TimedEvent], attribution: Attribution, utterances: Sequence[Utterance]
+    events: Sequence[TimedEvent],
+    attribution: Attribution,
+    utterances: Sequence[Utterance],
+    speed: float = 1.0,
 ) -> dict[int, float]:
     """Earliest interim arrival showing a correct word of each utterance.
 
@@ -308,6 +311,8 @@ def first_interim_hits(
     words are aligned with the reference words of the utterances X's final words were
     attributed to; an *exactly matching* word of utterance u counts as u's first text. Requiring
     an exact match keeps early garbage (which would align as a substitution) from counting.
+    Text shown before the utterance's onset was spoken cannot be its text (it is an alignment
+    artifact, e.g. a repeated word of the previous utterance) and is ignored.
     """
     item_utts: dict[str, list[int]] = defaultdict(list)
     for tok_i, u in enumerate(attribution.token_utt):
@@ -343,7 +348,8 @@ def first_interim_hits(
             if kind_ != "equal":
                 continue
             for k in range(r0, r1):
-                hits.setdefault(owner[k], t)
+                if t >= utterances[owner[k]].speech_start_s / speed:
+                    hits.setdefault(owner[k], t)
     return hits
 
 
@@ -359,7 +365,7 @@ def utterance_results(
     """
     words = final_words(events)
     attribution = attribute(words, utterances)
-    interim_hits = first_interim_hits(events, attribution, utterances)
+    interim_hits = first_interim_hits(events, attribution, utterances, speed)
     results = []
     for i, utt in enumerate(utterances):
         idx = attribution.words_of(i)
@@ -367,7 +373,10 @@ def utterance_results(
         start_wall = utt.speech_start_s / speed
         end_wall = utt.speech_end_s / speed
         final_t = max((words[w].t_final for w in idx), default=None)
-        first_delta = min((words[w].t_first for w in idx), default=None)
+        # A delta that arrived before the onset was spoken is misattributed (see above).
+        first_delta = min(
+            (words[w].t_first for w in idx if words[w].t_first >= start_wall), default=None
+        )
         candidates = [x for x in (first_delta, interim_hits.get(i)) if x is not None]
         first_t = min(candidates) if candidates else None
         results.append(

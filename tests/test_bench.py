@@ -1,0 +1,305 @@
+"""Benchmark suite: pure metric functions on hand-made event sequences, plus one end-to-end run.
+
+The metric tests pin the definitions (what counts as final, lost, flicker, first text) with
+sequences small enough to check by hand; the end-to-end test only checks that a real run against
+a real server produces complete, numeric output (no timing thresholds: CI machines vary).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stream_server.bench import metrics as m
+from stream_server.bench.corpus import Utterance, build_streams, speech_bounds
+from stream_server.bench.sweep import parse_levels, rss_slope
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "speech"
+
+
+def utt(clip: str, text: str, start: float, end: float) -> Utterance:
+    return Utterance(clip, text, start, end, start - 0.1, end + 0.1)
+
+
+def delta(item: str, text: str) -> dict:
+    return {"type": "transcript.text.delta", "item_id": item, "delta": text, "logprobs": None}
+
+
+def interim(item: str, text: str) -> dict:
+    return {"type": "transcript.text.interim", "item_id": item, "text": text}
+
+
+def segment(item: str, text: str) -> dict:
+    return {"type": "transcript.segment", "item_id": item, "text": text}
+
+
+def done(text: str) -> dict:
+    return {"type": "transcript.text.done", "text": text, "logprobs": None, "usage": {}}
+
+
+UTTS = [utt("a", "Hello there world.", 1.0, 2.0), utt("b", "Good morning", 3.0, 4.0)]
+
+
+def two_utterance_events() -> list[tuple[float, dict]]:
+    return [
+        (1.30, interim("i1", "hello")),
+        (1.60, interim("i1", "hello the")),  # "the" later becomes "there": 1 changed word
+        (1.90, delta("i1", "Hello")),
+        (1.95, interim("i1", "there word")),
+        (2.40, delta("i1", " there world.")),
+        (2.41, segment("i1", "Hello there world.")),
+        (3.50, interim("i2", "good")),
+        (4.30, delta("i2", " Good morning")),
+        (4.31, segment("i2", "Good morning")),
+        (4.50, done("Hello there world. Good morning")),
+    ]
+
+
+def test_final_words_join_split_deltas_and_keep_completion_time() -> None:
+    events = [(1.0, delta("x", "Hel")), (1.5, delta("x", "lo")), (2.0, delta("x", " big world"))]
+    words = m.final_words(events)
+    assert [w.raw for w in words] == ["Hello", "big", "world"]
+    assert (words[0].t_first, words[0].t_final) == (1.0, 1.5)
+    assert words[2].t_final == 2.0
+
+
+def test_final_words_trailing_space_starts_new_word() -> None:
+    events = [(1.0, delta("x", "one ")), (2.0, delta("x", "two"))]
+    assert [w.raw for w in m.final_words(events)] == ["one", "two"]
+
+
+def test_latencies_from_hand_made_events() -> None:
+    results, attribution = m.utterance_results(two_utterance_events(), UTTS)
+    a, b = results
+    assert a.finalization_latency_s == pytest.approx(0.40)  # 2.40 - 2.0
+    assert a.first_text_latency_s == pytest.approx(0.30)  # interim "hello" at 1.30 - 1.0
+    assert b.finalization_latency_s == pytest.approx(0.30)
+    assert b.first_text_latency_s == pytest.approx(0.50)
+    assert not a.lost and not b.lost
+    assert attribution.inserted_tokens == 0
+
+
+def test_speed_converts_audio_time_to_wall_time() -> None:
+    events = [(1.2, delta("i", "Good morning"))]
+    (r,), _ = m.utterance_results(events, [utt("b", "good morning", 1.0, 2.0)], speed=2.0)
+    assert r.finalization_latency_s == pytest.approx(0.2)  # end of speech at wall 1.0 s
+
+
+def test_wrong_interim_word_does_not_count_as_first_text() -> None:
+    events = [
+        (1.1, interim("i", "yellow")),  # wrong word: not text of the utterance
+        (1.4, interim("i", "hello")),
+        (2.2, delta("i", "Hello world")),
+    ]
+    (r,), _ = m.utterance_results(events, [utt("a", "hello world", 1.0, 2.0)])
+    assert r.first_text_latency_s == pytest.approx(0.4)
+
+
+def test_text_before_onset_is_not_first_text() -> None:
+    # "good" repeated at 2.5 s (before utterance b's onset at 3.0 s) aligns to b but cannot be it.
+    events = [
+        (2.3, delta("i1", "Hello there world")),
+        (2.5, interim("i1", "good")),
+        (2.6, delta("i1", " good")),
+        (3.4, interim("i2", "morning")),
+        (4.3, delta("i2", " morning")),
+    ]
+    results, _ = m.utterance_results(events, UTTS)
+    assert results[1].first_text_latency_s == pytest.approx(0.4)
+
+
+def test_lost_utterance_and_insertions() -> None:
+    events = [
+        (2.3, delta("i1", "Hello there world")),
+        (3.0, delta("i2", " thank you")),  # hallucination in the pause, nothing of "good morning"
+    ]
+    results, attribution = m.utterance_results(events, UTTS)
+    assert not results[0].lost
+    # "thank you" aligns as substitutions of "good morning" (same length) - that is attribution
+    # by alignment, the honest outcome when text appears where the utterance should be.
+    assert results[1].matched_tokens == 2
+
+
+def test_utterance_lost_when_nothing_aligns() -> None:
+    events = [(2.3, delta("i1", "Hello there world"))]
+    results, _ = m.utterance_results(events, UTTS)
+    assert results[1].lost
+    assert results[1].finalization_latency_s is None
+    figures = m.run_figures([m.evaluate_stream(0, events, UTTS)])
+    assert figures["utterances_lost"] == 1
+
+
+def test_substitution_still_attributes_the_word() -> None:
+    events = [(2.5, delta("i", "Hello there word"))]
+    (r,), _ = m.utterance_results(events, [UTTS[0]])
+    assert r.finalization_latency_s == pytest.approx(0.5)
+    assert r.matched_tokens == 3
+
+
+def test_missing_last_word_is_flagged() -> None:
+    events = [(1.8, delta("i", "Hello there"))]
+    (r,), _ = m.utterance_results(events, [UTTS[0]])
+    assert not r.last_word_transcribed and not r.lost
+    assert m.run_figures([m.evaluate_stream(0, events, [UTTS[0]])])["utterances_last_word_missing"] == 1
+
+
+def test_flicker_counts_erased_and_changed_words() -> None:
+    f = m.flicker(two_utterance_events())
+    # "hello the" -> "Hello there word": "the" changed (1);
+    # "Hello there word" -> final "Hello there world.": "word" changed (1); "good" kept.
+    assert f.changed_words == 2
+    assert f.final_words == 5
+    assert f.per_final_word == pytest.approx(0.4)
+    assert f.interim_events == 4
+
+
+def test_flicker_ignores_case_and_punctuation() -> None:
+    events = [
+        (1.0, interim("i", "hello")),
+        (1.5, delta("i", "Hello,")),
+        (1.6, segment("i", "Hello,")),
+    ]
+    assert m.flicker(events).changed_words == 0
+
+
+def test_wer_uses_whisper_normaliser() -> None:
+    counts = m.wer_counts("Mr. Quilter is here, in fourteen sixty-five.", "mister quilter is here in 1465")
+    assert counts.errors == 0
+    assert m.wer_counts("a b c d", "a x c").wer == pytest.approx(0.5)
+    assert m.wer_counts("a b", "").deletions == 2
+
+
+def test_protocol_violations_detected() -> None:
+    events = two_utterance_events()
+    assert m.protocol_violations(events) == []
+    bad = events[:-1] + [(5.0, done("something else"))]
+    assert any("differ" in p for p in m.protocol_violations(bad))
+    assert any("no transcript.text.done" in p for p in m.protocol_violations(events[:-1]))
+
+
+def test_percentiles_and_summary() -> None:
+    assert m.percentile([1, 2, 3, 4], 50) == pytest.approx(2.5)
+    assert m.percentile([], 50) is None
+    s = m.summarize([0.1, 0.2, 0.3], "x")
+    assert s["x_p50"] == pytest.approx(0.2) and s["x_max"] == pytest.approx(0.3)
+    assert m.summarize([], "x") == {}
+
+
+def test_capacity_rule() -> None:
+    levels = [
+        {"n_streams": 1, "wer": 0.10, "finalization_latency_s_p95": 0.8, "utterances_lost": 0},
+        {"n_streams": 4, "wer": 0.105, "finalization_latency_s_p95": 1.2, "utterances_lost": 0},
+        {"n_streams": 8, "wer": 0.13, "finalization_latency_s_p95": 1.4, "utterances_lost": 0},
+        {"n_streams": 12, "wer": 0.10, "finalization_latency_s_p95": 2.0, "utterances_lost": 1},
+    ]
+    cap, reasons = m.capacity(levels)
+    assert cap == 4
+    assert "WER" in reasons[2] and "lost" in reasons[3] and "p95" in reasons[3]
+
+
+def test_histogram_quantile() -> None:
+    buckets = [(0.1, 0.0), (0.5, 5.0), (1.0, 10.0), (float("inf"), 10.0)]
+    assert m.histogram_quantile(buckets, 0.5) == pytest.approx(0.5)
+    assert m.histogram_quantile(buckets, 0.75) == pytest.approx(1.0)
+    assert m.histogram_quantile([(1.0, 3.0), (2.0, 3.0), (float("inf"), 3.0)], 0.5) == 1.0
+    assert m.histogram_quantile([], 0.5) is None
+
+
+def test_prometheus_diff() -> None:
+    from stream_server.bench import server_metrics as sm
+
+    def text(count: int, total: float) -> str:
+        return (
+            "# TYPE stream_decode_queue_wait_seconds histogram\n"
+            f'stream_decode_queue_wait_seconds_bucket{{le="0.1"}} {count}\n'
+            f'stream_decode_queue_wait_seconds_bucket{{le="+Inf"}} {count}\n'
+            f"stream_decode_queue_wait_seconds_sum {total}\n"
+            f"stream_decode_queue_wait_seconds_count {count}\n"
+        )
+
+    figs = sm.diff(sm.parse(text(2, 0.1)), sm.parse(text(6, 0.3)))
+    assert figs["stream_decode_queue_wait_seconds_count"] == 4
+    assert figs["stream_decode_queue_wait_seconds_mean"] == pytest.approx(0.05)
+    assert sm.headline(figs)["decode_queue_wait_s_mean"] == pytest.approx(0.05)
+
+
+def test_sweep_helpers() -> None:
+    assert parse_levels("4,2,8") == [1, 2, 4, 8]
+    from stream_server.bench.runner import LevelResult
+
+    lvs = [LevelResult("a", n, {"server_rss_peak_mb": 100.0 + 3 * n}) for n in (1, 2, 4)]
+    assert rss_slope(lvs) == pytest.approx(3.0)
+
+
+def test_speech_bounds_finds_tone_in_noise() -> None:
+    sr = 16000
+    rng = np.random.default_rng(0)
+    audio = (rng.standard_normal(sr) * 1e-3).astype(np.float32)
+    audio[4000:12000] += 0.3 * np.sin(np.arange(8000) * 0.2).astype(np.float32)
+    lo, hi = speech_bounds(audio, sr)
+    assert abs(lo - 4000) <= 160 and abs(hi - 12000) <= 160
+
+
+needs_corpus = pytest.mark.skipif(
+    not (CORPUS / "manifest.jsonl").exists(),
+    reason=f"real-speech corpus not found at {CORPUS} (shared test data, not in the repo)",
+)
+
+
+@needs_corpus
+def test_streams_have_known_pauses_and_shared_clips() -> None:
+    streams, pool = build_streams(CORPUS, 2, seed=3, duration_s=40)
+    assert {u.clip_id for u in streams[0].utterances} == {u.clip_id for u in streams[1].utterances}
+    for s in streams:
+        gaps = [b.speech_start_s - a.speech_end_s for a, b in zip(s.utterances, s.utterances[1:])]
+        assert all(0.6 - 0.01 <= g <= 1.5 + 0.01 for g in gaps)
+        assert s.duration_s <= 40 + 1e-6
+    again, _ = build_streams(CORPUS, 1, seed=3, duration_s=40)
+    assert np.array_equal(again[0].samples, streams[0].samples)
+
+
+def _all_numbers(obj: object, path: str = "") -> list[str]:
+    """Paths of leaves that are not finite numbers."""
+    bad: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            bad += _all_numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            bad += _all_numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, bool) or not isinstance(obj, (int, float)) or not math.isfinite(obj):
+        bad.append(f"{path}={obj!r}")
+    return bad
+
+
+@needs_corpus
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    cmd = [
+        sys.executable, "-m", "stream_server.bench",
+        "--streams", "2", "--duration-s", "20", "--speed", "2", "--stagger-s", "1",
+        "--idle-s", "0.5", "--out", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("results.json", "summary.md", "latency_cdf.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    assert run["n_streams"] == 2
+    for key in ("wer", "utterances", "finalization_latency_s_p50", "finalization_latency_s_p95",
+                "first_text_latency_s_p50", "flicker_per_final_word", "server_cpu_s_per_audio_s",
+                "server_rss_peak_mb", "offline_wer_beam1", "offline_wer_beam5"):
+        assert key in run["metrics"], key
+    assert _all_numbers(run["metrics"]) == []
+    assert _all_numbers(results["offline"]["metrics"]) == []
+    assert _all_numbers(run["finalization_latencies"]) == []
