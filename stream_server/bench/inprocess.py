@@ -566,6 +566,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--interim-max-wait-s", type=float, default=1.0)
     ap.add_argument("--fixed-decode-tokens", type=int, default=None,
                     help="synthetic models only: every decode generates exactly N text tokens")
+    ap.add_argument("--timestamp-tokens", choices=("on", "off"), default="on",
+                    help="decode with Whisper timestamp tokens (see the server's --timestamp-tokens)")
     ap.add_argument("--profile", action="store_true", help="time the decoder's stages (features, encode, generate, align)")
     ap.add_argument("--json-out")
     return ap.parse_args(argv)
@@ -588,7 +590,7 @@ async def main_async(args) -> dict:
     settings = Settings(
         model=args.model, device=args.device, compute_type=args.compute_type, cpu_threads=args.cpu_threads,
         decode_workers=args.decode_workers, max_batch_size=args.max_batch_size,
-        interim_max_wait_s=args.interim_max_wait_s,
+        interim_max_wait_s=args.interim_max_wait_s, timestamp_tokens=args.timestamp_tokens,
     )
     recorders: list[RecordingDecoder] = []
 
@@ -596,7 +598,7 @@ async def main_async(args) -> dict:
         inner = WhisperDecoder(
             path, device=settings.resolved_device(), compute_type=settings.resolved_compute_type(),
             cpu_threads=settings.cpu_threads, num_workers=settings.decode_workers,
-            fixed_decode_tokens=args.fixed_decode_tokens,
+            fixed_decode_tokens=args.fixed_decode_tokens, timestamp_tokens=settings.resolved_timestamp_tokens(),
         )
         timer = None
         if args.profile:
