@@ -38,7 +38,19 @@ MAX_PROMPT_TOKENS = 223
 # share a batch; 48 tokens (~35 words) carry the topic and spelling the decoder benefits from.
 CONTEXT_TOKENS = 48
 MIN_WINDOW_S = 5
-PAD_S = 3.0  # Whisper's n_text_ctx // 2 - 1
+PAD_S = 3.0
+# Encoder input lengths. Each request is padded to the first of these that holds its audio plus
+# PAD_S, whatever else is in its batch: the result of a request must not depend on which other
+# requests it happened to be batched with (it did, by a WER point on a loaded machine).
+WINDOW_BUCKETS_S = (5, 8, 10, 15, 20, 25, 30)
+
+
+def window_seconds(n_samples: int) -> int:
+    """Whisper ends its text reliably only when it hears the audio stop: measured on partial
+    windows of real speech, 0.3 s of padding left 6 of 24 hypotheses looping, 3 s (at least 5 s
+    in all) none, for ~7% more decode time."""
+    need = max(MIN_WINDOW_S, math.ceil(n_samples / MODEL_RATE + PAD_S))
+    return next((b for b in WINDOW_BUCKETS_S if b >= need), MAX_WINDOW_S)  # Whisper's n_text_ctx // 2 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,11 +172,7 @@ class WhisperDecoder:
     # -- decoding -------------------------------------------------------------------------
 
     def _features(self, requests: Sequence[DecodeRequest]) -> tuple[np.ndarray, int]:
-        longest = max(len(r.audio) for r in requests) / MODEL_RATE
-        # Whisper ends its text reliably only when it hears the audio stop: measured on partial
-        # windows of real speech, 0.3 s of padding left 6 of 24 hypotheses looping, 3 s (at least
-        # 5 s in all) none, for ~7% more decode time.
-        seconds = min(MAX_WINDOW_S, max(MIN_WINDOW_S, math.ceil(longest + PAD_S)))
+        seconds = max(window_seconds(len(r.audio)) for r in requests)
         n = seconds * MODEL_RATE
         extractor = self._model.feature_extractor
         feats = np.zeros((len(requests), self._num_mels, seconds * FRAMES_PER_SECOND), np.float32)
@@ -201,11 +209,11 @@ class WhisperDecoder:
 
     def decode_batch(self, requests: Sequence[DecodeRequest]) -> list[DecodeResult]:
         """Decode any batch: requests are grouped by context length (one group once histories
-        reach CONTEXT_TOKENS), each group is one encode/generate/align pass."""
+        reach CONTEXT_TOKENS) and window bucket, each group is one encode/generate/align pass."""
         contexts = [self._context(r) for r in requests]
-        groups: dict[int, list[int]] = {}
-        for i, context in enumerate(contexts):
-            groups.setdefault(len(context), []).append(i)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, (context, request) in enumerate(zip(contexts, requests)):
+            groups.setdefault((len(context), window_seconds(len(request.audio))), []).append(i)
         results: list[DecodeResult | None] = [None] * len(requests)
         for idx in groups.values():
             for i, result in zip(idx, self._decode_group([requests[i] for i in idx], [contexts[i] for i in idx])):

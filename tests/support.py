@@ -42,11 +42,15 @@ def english_references() -> list[dict]:
 
 
 def load_clip(clip_id: str, *, rate: int = 16000) -> np.ndarray:
+    row = manifest()[clip_id]
+    return read_wav(SPEECH_DIR / (row["path"] if rate == 16000 else row["orig8k_path"]), rate=rate)
+
+
+def read_wav(path: Path, *, dtype: str = "float32", rate: int = 16000) -> np.ndarray:
+    """The samples of a mono WAV file (``dtype`` float32 in [-1, 1) or int16); asserts its rate."""
     import soundfile
 
-    row = manifest()[clip_id]
-    path = SPEECH_DIR / (row["path"] if rate == 16000 else row["orig8k_path"])
-    audio, sr = soundfile.read(path, dtype="float32", always_2d=False)
+    audio, sr = soundfile.read(path, dtype=dtype, always_2d=False)
     assert sr == rate, (path, sr)
     return audio
 

@@ -33,8 +33,8 @@ def test_a_batch_equals_its_items_alone(decoder: WhisperDecoder) -> None:
     clips = ["ljspeech_LJ001-0002", "leopard_en_test"]
     together = decoder.decode_batch([DecodeRequest(load_clip(c)) for c in clips])
     alone = [decoder.decode_batch([DecodeRequest(load_clip(c))])[0] for c in clips]
-    for a, b in zip(together, alone):
-        assert wer([b.text], [a.text]) <= 0.1
+    # Each request is padded to its own window bucket, so a batch changes nothing it hears.
+    assert [a.text for a in together] == [b.text for b in alone]
 
 
 def test_forced_prefix_is_continued_not_repeated(decoder: WhisperDecoder) -> None:

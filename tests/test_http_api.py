@@ -22,17 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.http_api_support import (
-    JFK_TEXT,
-    REPO,
-    encode,
-    jfk_path,
-    normalize,
-    read_wav,
-    running_server,
-    wer,
-    write_wav,
-)
+from tests.http_api_support import JFK_TEXT, encode, jfk_path, running_server, write_wav
+from tests.support import REPO, normalize, read_wav, wer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,7 +47,7 @@ def jfk() -> Path:
 
 
 def close_to_jfk(text: str) -> bool:
-    return wer(JFK_TEXT, text) <= 0.15
+    return wer([JFK_TEXT], [text]) <= 0.15
 
 
 # --------------------------------------------------------------------------------- OpenAI SDK

@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from tests.http_api_support import manifest, normalize, running_server, speech_or_skip, write_wav
+from tests.http_api_support import running_server, write_wav
+from tests.support import english_references, normalize, require_speech
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -25,15 +26,7 @@ def base_url():
 
 
 def reference_clips(min_seconds: float = 1.5) -> list[dict]:
-    return [
-        row
-        for row in manifest()
-        if row["language"] == "en"
-        and row["text"]
-        and not row["text_source"].startswith("model_output")
-        and row["duration_s"] >= min_seconds
-        and not row["id"].endswith("_8k")
-    ]
+    return [row for row in english_references() if row["duration_s"] >= min_seconds and not row["id"].endswith("_8k")]
 
 
 def offline_text(path) -> str:
@@ -55,7 +48,7 @@ def test_long_file_wer_matches_offline(base_url, tmp_path):
     import openai
     import soundfile
 
-    speech = speech_or_skip()
+    speech = require_speech()
     clips = reference_clips()
     rng = np.random.default_rng(0)
     parts = []
@@ -93,7 +86,7 @@ def test_short_clips_wer(base_url):
     """
     import openai
 
-    speech = speech_or_skip()
+    speech = require_speech()
     clips = [row for row in reference_clips(min_seconds=2.5)][::6][:12]
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
     hypotheses = []

@@ -19,70 +19,31 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
-import wave
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.support import REPO, SPEECH_DIR, ServerProcess, manifest, read_wav, require_speech, start_server, wer
+
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-# ../shared/speech beside the repository; STREAM_SERVER_SPEECH_DIR overrides (as in tests/support.py).
-SPEECH = Path(
-    os.environ.get("STREAM_SERVER_SPEECH_DIR", Path(__file__).resolve().parents[2] / "shared" / "speech")
-)
 SERVER_START_TIMEOUT_S = 180
 MAX_WER = 0.3
 
 
-# ------------------------------------------------------------------------------------------------
-# Corpus helpers
-# ------------------------------------------------------------------------------------------------
-
-
-def _manifest() -> dict[str, dict]:
-    path = SPEECH / "manifest.jsonl"
-    if not path.is_file():
-        pytest.skip(f"real speech corpus not found at {SPEECH} (see its README.md)")
-    with path.open(encoding="utf-8") as fh:
-        return {rec["id"]: rec for rec in map(json.loads, fh)}
-
-
 def clip(clip_id: str) -> tuple[Path, str]:
     """The WAV path and reference text of a corpus clip."""
-    record = _manifest().get(clip_id)
-    path = SPEECH / "audio" / f"{clip_id}.wav"
-    if record is None or not path.is_file():
-        pytest.skip(f"clip {clip_id} not in the speech corpus at {SPEECH}")
-    return path, record["text"]
-
-
-def normalize(text: str) -> str:
-    """Lower-case, punctuation to spaces (apostrophes kept), single spaces -- the README's rule."""
-    return " ".join(re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split())
-
-
-def wer(reference: str, hypothesis: str) -> float:
-    import jiwer
-
-    return jiwer.wer(normalize(reference), normalize(hypothesis) or "<empty>")
-
-
-def read_wav(path: Path) -> np.ndarray:
-    with wave.open(str(path), "rb") as wav:
-        assert wav.getframerate() == 16000 and wav.getnchannels() == 1
-        return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2")
+    record = manifest().get(clip_id)
+    if record is None or not (SPEECH_DIR / record["path"]).is_file():
+        pytest.skip(f"clip {clip_id} not in the speech corpus at {SPEECH_DIR}")
+    return SPEECH_DIR / record["path"], record["text"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -90,75 +51,12 @@ def read_wav(path: Path) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-
-
-def start_server(log_dir: Path, *extra: str) -> Server:
-    """Start ``python -m stream_server`` on a free port and wait until it accepts connections."""
-    port = _free_port()
-    log = log_dir / f"stream-server-{port}.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "stream_server", "--host", "127.0.0.1", "--port", str(port), *extra],
-            cwd=REPO,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(f"ws://127.0.0.1:{port}/v1/stream", proc, log)
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"stream-server exited with {proc.returncode} at startup:\n{server.log_tail()}")
-        if _ready(port):
-            return server
-        if time.monotonic() > deadline:
-            stop_server(server)
-            pytest.fail(
-                f"stream-server was not ready within {SERVER_START_TIMEOUT_S} s:\n{server.log_tail()}"
-            )
-        time.sleep(0.2)
-
-
-def _ready(port: int) -> bool:
-    """``GET /readyz`` is 200 once the model is loaded (a listening socket alone may be earlier)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-            return response.status == 200
-    except urllib.error.HTTPError as exc:
-        return exc.code == 404  # a server without /readyz: listening is all we can know
-    except OSError:
-        return False
-
-
-def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGINT)
-        try:
-            server.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    _manifest()  # skip before paying for a server start when there is no speech to send
-    srv = start_server(tmp_path_factory.mktemp("server"))
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    require_speech()  # skip before paying for a server start when there is no speech to send
+    srv = start_server(tmp_path_factory.mktemp("server"), timeout=SERVER_START_TIMEOUT_S)
     yield srv
-    stop_server(srv)
+    srv.stop()
 
 
 def mic_client_cmd() -> list[str]:
@@ -226,13 +124,13 @@ def check_session_events(events: list[dict], *, update_accepted: bool = True) ->
 
 
 def test_file_at_real_time_gives_live_events_and_an_accurate_transcript(
-    server: Server, tmp_path: Path
+    server: ServerProcess, tmp_path: Path
 ) -> None:
     path, reference = clip("ljspeech_LJ001-0001")  # 9.7 s, one long sentence
     duration = len(read_wav(path)) / 16000
     out = tmp_path / "session.jsonl"
     started = time.monotonic()
-    proc = run_client("--file", str(path), "--url", server.url, "--output", str(out))
+    proc = run_client("--file", str(path), "--url", server.ws_url, "--output", str(out))
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, f"stderr:\n{proc.stderr}\nserver log:\n{server.log_tail()}"
     assert elapsed >= duration - 0.5, "the file was not streamed at real-time pace"
@@ -247,7 +145,7 @@ def test_file_at_real_time_gives_live_events_and_an_accurate_transcript(
     # stdout is a pipe here: exactly the final lines, no control characters.
     assert proc.stdout.splitlines() == [s["text"] for s in segments if s["text"].strip()]
     assert "\x1b" not in proc.stdout and "\r" not in proc.stdout
-    error = wer(reference, done["text"])
+    error = wer([reference], [done["text"]])
     print(f"WER {error:.3f} on {path.name}: {done['text']!r}")
     assert error < MAX_WER, f"WER {error:.2f}: {done['text']!r} vs {reference!r}"
 
@@ -259,7 +157,7 @@ def _concatenate(clip_ids: list[str], gap_s: float, out: Path) -> tuple[np.ndarr
     gap = np.zeros(int(gap_s * 16000), dtype="<i2")
     for clip_id in clip_ids:
         path, text = clip(clip_id)
-        parts += [read_wav(path), gap]
+        parts += [read_wav(path, dtype="int16"), gap]
         refs.append(text)
     samples = np.concatenate(parts)
     _encode_44k_stereo(samples, out)
@@ -283,7 +181,7 @@ def _encode_44k_stereo(samples: np.ndarray, path: Path) -> None:
             container.mux(packet)
 
 
-def test_multi_utterance_mp3_to_srt(server: Server, tmp_path: Path) -> None:
+def test_multi_utterance_mp3_to_srt(server: ServerProcess, tmp_path: Path) -> None:
     mp3 = tmp_path / "three_sentences.mp3"
     samples, reference = _concatenate(
         [
@@ -296,7 +194,7 @@ def test_multi_utterance_mp3_to_srt(server: Server, tmp_path: Path) -> None:
     )
     duration = len(samples) / 16000
     srt = tmp_path / "captions.srt"
-    proc = run_client("--file", str(mp3), "--speed", "2", "--url", server.url, "--output", str(srt))
+    proc = run_client("--file", str(mp3), "--speed", "2", "--url", server.ws_url, "--output", str(srt))
     assert proc.returncode == 0, f"stderr:\n{proc.stderr}\nserver log:\n{server.log_tail()}"
     cues = parse_srt(srt.read_text(encoding="utf-8"))
     assert [c[0] for c in cues] == list(range(1, len(cues) + 1))
@@ -307,7 +205,7 @@ def test_multi_utterance_mp3_to_srt(server: Server, tmp_path: Path) -> None:
             assert end <= nxt[1] + 0.05, "cues overlap"
     hypothesis = " ".join(c[3] for c in cues)
     assert proc.stdout.split() == hypothesis.split()
-    error = wer(reference, hypothesis)
+    error = wer([reference], [hypothesis])
     print(f"WER {error:.3f} on 3 utterances (mp3, 44.1 kHz stereo, speed 2): {hypothesis!r}")
     assert error < MAX_WER, f"WER {error:.2f}: {hypothesis!r} vs {reference!r}"
 
@@ -330,7 +228,7 @@ def _emulate_terminal(output: str) -> list[str]:
     return rows
 
 
-def test_tty_shows_interim_text_in_place_and_finals_as_lines(server: Server, tmp_path: Path) -> None:
+def test_tty_shows_interim_text_in_place_and_finals_as_lines(server: ServerProcess, tmp_path: Path) -> None:
     """stdout is a pseudo-terminal here, as when a person runs mic-client in a shell."""
     import fcntl
     import pty
@@ -345,7 +243,7 @@ def test_tty_shows_interim_text_in_place_and_finals_as_lines(server: Server, tmp
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")}
     env["TERM"] = "xterm-256color"
     proc = subprocess.Popen(
-        [*mic_client_cmd(), "--file", str(path), "--speed", "1.5", "--url", server.url, "--output", str(out)],
+        [*mic_client_cmd(), "--file", str(path), "--speed", "1.5", "--url", server.ws_url, "--output", str(out)],
         cwd=REPO,
         env=env,
         stdout=slave,
@@ -380,11 +278,11 @@ def test_tty_shows_interim_text_in_place_and_finals_as_lines(server: Server, tmp
     assert live and max(len(part) for part in live) <= columns - 1
 
 
-def test_ctrl_c_mid_file_finalizes_what_was_sent_and_exits_0(server: Server, tmp_path: Path) -> None:
+def test_ctrl_c_mid_file_finalizes_what_was_sent_and_exits_0(server: ServerProcess, tmp_path: Path) -> None:
     path, _ = clip("ljspeech_LJ001-0003")  # 9.7 s
     out = tmp_path / "interrupted.jsonl"
     proc = subprocess.Popen(
-        [*mic_client_cmd(), "--file", str(path), "--url", server.url, "--output", str(out)],
+        [*mic_client_cmd(), "--file", str(path), "--url", server.ws_url, "--output", str(out)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -402,11 +300,11 @@ def test_ctrl_c_mid_file_finalizes_what_was_sent_and_exits_0(server: Server, tmp
     assert stdout.strip(), "the final text was not printed"
 
 
-def test_second_ctrl_c_quits_at_once_with_130(server: Server, tmp_path: Path) -> None:
+def test_second_ctrl_c_quits_at_once_with_130(server: ServerProcess, tmp_path: Path) -> None:
     path, _ = clip("ljspeech_LJ001-0003")
     out = tmp_path / "aborted.jsonl"
     proc = subprocess.Popen(
-        [*mic_client_cmd(), "--file", str(path), "--url", server.url, "--output", str(out)],
+        [*mic_client_cmd(), "--file", str(path), "--url", server.ws_url, "--output", str(out)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -422,11 +320,11 @@ def test_second_ctrl_c_quits_at_once_with_130(server: Server, tmp_path: Path) ->
     assert "Traceback" not in stderr
 
 
-def test_server_error_goes_to_stderr_and_the_session_continues(server: Server, tmp_path: Path) -> None:
+def test_server_error_goes_to_stderr_and_the_session_continues(server: ServerProcess, tmp_path: Path) -> None:
     path, reference = clip("arctic_slt_arctic_a0004")
     out = tmp_path / "bad-language.jsonl"
     proc = run_client(
-        "--file", str(path), "--speed", "0", "--language", "1x", "--url", server.url, "--output", str(out)
+        "--file", str(path), "--speed", "0", "--language", "1x", "--url", server.ws_url, "--output", str(out)
     )
     assert proc.returncode == 0, proc.stderr
     assert "invalid_value" in proc.stderr and "session.language" in proc.stderr
@@ -436,40 +334,40 @@ def test_server_error_goes_to_stderr_and_the_session_continues(server: Server, t
     assert [e["type"] for e in events][:2] == ["session.created", "error"]
     assert events[1]["error"]["param"] == "session.language"
     done = check_session_events(events, update_accepted=False)
-    assert wer(reference, done["text"]) < MAX_WER  # defaults were kept, transcription went on
+    assert wer([reference], [done["text"]]) < MAX_WER  # defaults were kept, transcription went on
 
 
 def test_busy_server_exits_2(tmp_path: Path) -> None:
     path, _ = clip("arctic_slt_arctic_a0004")
     from websockets.sync.client import connect
 
-    srv = start_server(tmp_path, "--max-sessions", "1")
+    srv = start_server(tmp_path, "--max-sessions", "1", timeout=SERVER_START_TIMEOUT_S)
     try:
-        with connect(srv.url) as holder:
+        with connect(srv.ws_url) as holder:
             first = json.loads(holder.recv(timeout=30))
             assert first["type"] == "session.created"
-            proc = run_client("--file", str(path), "--url", srv.url, timeout=60)
+            proc = run_client("--file", str(path), "--url", srv.ws_url, timeout=60)
         assert proc.returncode == 2, proc.stderr
         assert "busy" in proc.stderr
         assert "Traceback" not in proc.stderr
     finally:
-        stop_server(srv)
+        srv.stop()
 
 
 def test_server_dying_mid_session_exits_1_promptly(tmp_path: Path) -> None:
     path, _ = clip("ljspeech_LJ001-0001")
-    srv = start_server(tmp_path)
+    srv = start_server(tmp_path, timeout=SERVER_START_TIMEOUT_S)
     try:
         out = tmp_path / "lost.jsonl"
         proc = subprocess.Popen(
-            [*mic_client_cmd(), "--file", str(path), "--url", srv.url, "--output", str(out)],
+            [*mic_client_cmd(), "--file", str(path), "--url", srv.ws_url, "--output", str(out)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         _wait_for_event(out, "input_audio_buffer.speech_started", proc, timeout=30)
-        srv.proc.kill()
+        srv.process.kill()
         killed_at = time.monotonic()
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 1, stderr
@@ -477,7 +375,7 @@ def test_server_dying_mid_session_exits_1_promptly(tmp_path: Path) -> None:
         assert "connection to the server was lost" in stderr
         assert "Traceback" not in stderr
     finally:
-        stop_server(srv)
+        srv.stop()
 
 
 def _wait_for_event(path: Path, event_type: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -653,17 +551,17 @@ def virtual_mic() -> Iterator[VirtualMic]:
     ids=["default-input", "device-by-name"],
 )
 def test_virtual_microphone_is_captured_and_transcribed(
-    server: Server, virtual_mic: VirtualMic, tmp_path: Path, device: str | None, clip_id: str
+    server: ServerProcess, virtual_mic: VirtualMic, tmp_path: Path, device: str | None, clip_id: str
 ) -> None:
     path, reference = clip(clip_id)  # ~5 s of read speech
-    speech = read_wav(path)
+    speech = read_wav(path, dtype="int16")
     listed = run_client("--list-devices", env=virtual_mic.env, timeout=30)
     assert listed.returncode == 0 and "pulse" in listed.stdout, listed.stdout + listed.stderr
     out = tmp_path / "mic.jsonl"
     # No --file: the microphone -- the system default input, or the ALSA "pulse" device by name.
     device_args = [] if device is None else ["--device", device]
     proc = subprocess.Popen(
-        [*mic_client_cmd(), "--url", server.url, "--output", str(out), *device_args],
+        [*mic_client_cmd(), "--url", server.ws_url, "--output", str(out), *device_args],
         cwd=REPO,
         env=virtual_mic.env,
         stdout=subprocess.PIPE,
@@ -690,7 +588,7 @@ def test_virtual_microphone_is_captured_and_transcribed(
     assert done["usage"]["seconds"] > 0.5 + len(speech) / 16000 + 1.0
     started = [e for e in events if e["type"] == "input_audio_buffer.speech_started"]
     assert started and started[0]["audio_start_ms"] >= 100, "the silence before the speech was not captured"
-    error = wer(reference, done["text"])
+    error = wer([reference], [done["text"]])
     print(f"WER {error:.3f} through the virtual microphone: {done['text']!r}")
     assert error < MAX_WER, f"WER {error:.2f}: {done['text']!r} vs {reference!r}"
     assert stdout.strip()
