@@ -53,6 +53,10 @@ class SessionLimits:
     # the window and become context. CTranslate2 feeds forced tokens one step at a time, so an
     # unbounded prefix made every decode of a long turn as slow as decoding the whole turn.
     prefix_words: int = 8
+    # Windows shorter than this get no earlier text as context: on a 0.4 s "four" the decoder
+    # copied a whole earlier sentence out of the context (the largest single WER item on the
+    # benchmark corpus). The client's own prompt is always given.
+    min_context_window_ms: int = 1500
     # Agreement commits a word only once the decoder has heard this much audio after it: short
     # right context is where tiny models guess ("how do you marry" for "had he married").
     right_context_ms: int = 300
@@ -511,10 +515,14 @@ class Session:
         if k and start == utt.start:
             start = max(utt.start, int((kept[0].start - 0.05) * MODEL_RATE))
         prefix_text = "".join(w.text for w in kept)
+        if end - start >= self.limits.min_context_window_ms * MS:
+            prompt = self._prompt(without=prefix_text)
+        else:
+            prompt = self.config.prompt.strip()
         request = DecodeRequest(
             audio=ch.buffer.slice(start, end),
             prefix=tuple(t.id for w in kept for t in w.tokens),
-            prompt=self._prompt(without=prefix_text),
+            prompt=prompt,
             language=self.config.language or utt.language,
             model=self.config.model,
             final=final,

@@ -420,3 +420,16 @@ def test_results_of_a_cleared_utterance_are_ignored() -> None:
     d.feed(silence(1.0))
     d.close()
     assert d.of(p.TranscriptDone)[0].text == "".join(e.delta for e in d.of(p.TranscriptDelta))
+
+
+def test_short_windows_get_only_the_clients_prompt_as_context() -> None:
+    d = Driver(prompt="Acme Corp")
+    d.feed(np.concatenate([speech(list(range(1, 12))), silence(1.0)]))
+    calls_before = len(d.decoder.calls)
+    d.feed(np.concatenate([speech([5]), silence(1.0)]))  # a 0.25 s word: a short window
+    first = [r for call in d.decoder.calls[:calls_before] for r in call]
+    second = [r for call in d.decoder.calls[calls_before:] for r in call]
+    # Long windows carry earlier text (older than the forced prefix) after the client's prompt.
+    assert any(r.prompt.startswith("Acme Corp w1") for r in first if len(r.audio) >= 1.5 * 16000)
+    assert second and all(len(r.audio) < 1.5 * 16000 for r in second)
+    assert all(r.prompt == "Acme Corp" for r in second)
