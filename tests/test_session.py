@@ -92,7 +92,7 @@ def test_one_utterance_events_in_order_and_deltas_spell_done() -> None:
     assert d.closed == CloseConnection(1000, "session closed")
     kinds = [t for t in d.types() if t != "transcript.text.interim"]
     assert kinds[:3] == ["session.created", "input_audio_buffer.speech_started", "transcript.text.delta"]
-    assert kinds[-3:] == ["input_audio_buffer.speech_stopped", "transcript.segment", "transcript.text.done"][-3:] or kinds[-2:] == ["transcript.segment", "transcript.text.done"]
+    assert kinds[-2:] == ["transcript.segment", "transcript.text.done"]
     assert kinds.index("input_audio_buffer.speech_stopped") < kinds.index("transcript.segment")
     done = d.of(p.TranscriptDone)[0]
     assert done.text == spoken(1, 2, 3, 4, 5)
@@ -122,7 +122,8 @@ def test_partial_words_are_never_committed() -> None:
     d.feed(silence(1.0))
     d.close()
     assert all("~" not in e.delta for e in d.of(p.TranscriptDelta))
-    assert any("~" in e.text for e in d.of(p.TranscriptInterim)) or True
+    # ...though captions did show them while they were being spoken.
+    assert any("~" in e.text for e in d.of(p.TranscriptInterim))
 
 
 def test_prefix_padding_is_included_in_the_utterance() -> None:
