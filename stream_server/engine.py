@@ -21,7 +21,7 @@ from stream_server.decoding import Decoder, WhisperDecoder
 from stream_server.metrics import ServerMetrics
 from stream_server.models import ModelRegistry
 from stream_server.scheduler import DecodeDropped, DecodeScheduler, ModelUnavailable
-from stream_server.session import CloseConnection, DecodeTicket, Output, Session, SessionLimits
+from stream_server.session import DecodeTicket, Output, Session, SessionLimits
 from stream_server.settings import Settings
 from stream_server.vad import SileroVad, VadModel
 
@@ -185,4 +185,4 @@ class FileTranscript:
         return self.done.text
 
 
-__all__ = ["Engine", "FileTranscript", "CloseConnection"]
+__all__ = ["Engine", "FileTranscript"]
