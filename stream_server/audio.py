@@ -3,18 +3,34 @@
 Clients send frames of arbitrary length, so a sample may straddle two frames; the remainder is kept
 rather than dropped or rejected, because WebSocket clients (browsers' MediaRecorder, telephony taps)
 do not promise sample-aligned frames. Everything leaves this module as float32 mono at 16 kHz.
+
+G.711 (``g711_ulaw`` / ``g711_alaw``, one byte per sample) is what telephone networks and SIP/RTP
+media streams carry. Its decoding is a fixed byte -> sample mapping, so PyAV's reference decoder is
+run once per law over all 256 byte values and frames are then decoded by table lookup: no codec
+state between frames, and a frame boundary can never split a sample.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Literal
 
+import av
 import numpy as np
 import soxr
 
 MODEL_RATE = 16000
 
-SAMPLE_WIDTH = {"pcm16": 2, "float32": 4}
+SAMPLE_WIDTH = {"pcm16": 2, "float32": 4, "g711_ulaw": 1, "g711_alaw": 1}
+
+G711Law = Literal["ulaw", "alaw"]
+
+# Wire format name -> law, and law -> FFmpeg codec name.
+G711_FORMATS: dict[str, G711Law] = {"g711_ulaw": "ulaw", "g711_alaw": "alaw"}
+_G711_CODECS: dict[str, str] = {"ulaw": "pcm_mulaw", "alaw": "pcm_alaw"}
+# G.711 bytes carry no rate; the codec contexts need one, and any value gives the same samples.
+_G711_CODEC_RATE = 8000
 
 
 @dataclasses.dataclass
@@ -83,6 +99,8 @@ def decode_samples(data: bytes, audio_format: str) -> tuple[np.ndarray, int]:
             samples = samples.copy()
             samples[bad] = 0.0
         return np.clip(samples, -1.0, 1.0), invalid
+    if audio_format in G711_FORMATS:
+        return g711_table(G711_FORMATS[audio_format])[np.frombuffer(data, dtype=np.uint8)], 0
     raise ValueError(f"unsupported audio format {audio_format!r}")
 
 
@@ -91,3 +109,49 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     if rate == MODEL_RATE:
         return samples.astype(np.float32, copy=False)
     return soxr.resample(samples.astype(np.float32), rate, MODEL_RATE, quality="HQ").astype(np.float32)
+
+
+def _g711_codec(law: G711Law, mode: Literal["r", "w"]) -> av.CodecContext:
+    """A mono PyAV codec context for ``law``; one place so decoder and encoder cannot disagree."""
+    if law not in _G711_CODECS:
+        raise ValueError(f"unknown G.711 law {law!r}; expected 'ulaw' or 'alaw'")
+    ctx = av.CodecContext.create(_G711_CODECS[law], mode)
+    ctx.sample_rate = _G711_CODEC_RATE
+    ctx.layout = "mono"
+    return ctx
+
+
+@functools.cache
+def g711_table(law: G711Law) -> np.ndarray:
+    """The 256 float32 samples that the G.711 byte values decode to, from PyAV's decoder.
+
+    Built lazily and cached so the codec is opened once per law per process, not per frame; the
+    table is read-only because every session shares it.
+    """
+    frames = _g711_codec(law, "r").decode(av.Packet(bytes(range(256))))
+    pcm = np.concatenate([frame.to_ndarray().reshape(-1) for frame in frames])
+    if pcm.dtype != np.int16 or len(pcm) != 256:
+        raise RuntimeError(f"unexpected G.711 {law} decoder output: {pcm.dtype} x {len(pcm)}")
+    table = pcm.astype(np.float32) / 32768.0
+    table.flags.writeable = False
+    return table
+
+
+def encode_g711(samples: np.ndarray, law: G711Law) -> bytes:
+    """Encode float32 mono samples in [-1, 1] as G.711 bytes (one per sample) with PyAV's encoder.
+
+    For clients, tests and benchmarks that need telephone audio; the server itself only decodes.
+    Values outside [-1, 1] are clipped, as a telephone line would; NaN becomes silence.
+    """
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"expected mono (1-D) samples, got shape {samples.shape}")
+    if not len(samples):
+        return b""
+    pcm = np.round(np.clip(np.nan_to_num(samples, nan=0.0), -1.0, 1.0) * 32767.0).astype(np.int16)
+    frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+    frame.sample_rate = _G711_CODEC_RATE
+    encoder = _g711_codec(law, "w")
+    encoder.format = "s16"
+    packets = [*encoder.encode(frame), *encoder.encode(None)]
+    return b"".join(bytes(packet) for packet in packets)

@@ -17,6 +17,7 @@ Design notes (measured on tiny.en int8, 2 CPU cores):
 from __future__ import annotations
 
 import dataclasses
+import enum
 import logging
 import math
 import time
@@ -101,6 +102,22 @@ class DecodeResult:
     @property
     def text(self) -> str:
         return "".join(w.text for w in self.words)
+
+
+class FailureKind(enum.Enum):
+    """Why a decode produced no result; the value is the error code clients see."""
+
+    DROPPED = "dropped"  # interim work shed under load; the session simply asks again later
+    MODEL_UNAVAILABLE = "model_unavailable"  # the request's model could not be loaded
+    DECODER_ERROR = "decode_failed"  # the decoder raised on this request
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeFailure:
+    """A typed decode outcome without a result (instead of a code string and a message)."""
+
+    kind: FailureKind
+    message: str
 
 
 class Decoder(Protocol):

@@ -20,8 +20,9 @@ from stream_server.audio import MODEL_RATE
 from stream_server.decoding import Decoder, WhisperDecoder
 from stream_server.metrics import ServerMetrics
 from stream_server.models import ModelRegistry
-from stream_server.scheduler import DecodeDropped, DecodeScheduler, ModelUnavailable
-from stream_server.session import DecodeTicket, Output, Session, SessionLimits
+from stream_server.runner import SessionRunner
+from stream_server.scheduler import DecodeScheduler
+from stream_server.session import Session, SessionLimits
 from stream_server.settings import Settings
 from stream_server.vad import SileroVad, VadModel
 
@@ -85,21 +86,6 @@ class Engine:
             model_exists=self.registry.exists,
         )
 
-    async def decode(self, session: Session, ticket: DecodeTicket) -> list[Output]:
-        """Run one ticket through the scheduler and feed the outcome back to its session."""
-        try:
-            result = await self.scheduler.submit(ticket)
-        except DecodeDropped:
-            return session.receive_decode_failure(ticket, "dropped", "interim decode shed under load")
-        except ModelUnavailable as exc:
-            return session.receive_decode_failure(ticket, "model_unavailable", str(exc))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported to the client as decode_failed
-            self.metrics.decode_errors.inc()
-            return session.receive_decode_failure(ticket, "decode_failed", f"decoder failed: {exc}")
-        return session.receive_decode_result(ticket, result)
-
     async def transcribe_events(self, audio: np.ndarray, config: p.SessionConfig) -> AsyncIterator[p.ServerEvent]:
         """Transcribe a whole 16 kHz signal; yields the session's events in order, ending with done.
 
@@ -110,52 +96,23 @@ class Engine:
         session = self.new_session(config, limits=SessionLimits(
             interim_decoding=False, max_utterance_s=self.limits.max_utterance_s
         ))
-        pending: set[asyncio.Task] = set()
-        # Decode tasks are read back in the order they *finished* (a done-callback queue): the
-        # session computes its outputs when a task runs, so this is the order it produced them in.
-        # (Iterating the set that ``asyncio.wait`` returns emitted utterances out of audio order
-        # whenever several decodes of one batch completed in the same loop iteration.)
-        finished: asyncio.Queue[asyncio.Task] = asyncio.Queue()
+        events: asyncio.Queue[p.ServerEvent | None] = asyncio.Queue()  # None: the session closed
+        runner = SessionRunner(session, self.scheduler, emit=events.put_nowait, on_close=lambda close: events.put_nowait(None))
         chunk = MODEL_RATE * 10
-
-        def route(outputs: list[Output]) -> list[p.ServerEvent]:
-            events = []
-            for out in outputs:
-                if isinstance(out, DecodeTicket):
-                    task = asyncio.ensure_future(self.decode(session, out))
-                    pending.add(task)
-                    task.add_done_callback(finished.put_nowait)
-                elif isinstance(out, p.ServerEvent):
-                    events.append(out)
-            return events
-
-        def drain() -> list[p.ServerEvent]:
-            events = []
-            while not finished.empty():
-                task = finished.get_nowait()
-                pending.discard(task)
-                events += route(task.result())
-            return events
-
         try:
-            route(session.start())
+            runner.start()
             for i in range(0, len(audio), chunk):
-                for event in route(session.receive_bytes(np.ascontiguousarray(audio[i : i + chunk], "<f4").tobytes())):
-                    yield event
+                runner.feed_audio(np.ascontiguousarray(audio[i : i + chunk], "<f4").tobytes())
                 await asyncio.sleep(0)  # let decode results flow while a long file is segmented
-                for event in drain():  # and pass on what is already final (streamed responses)
-                    yield event
-            for event in route(session.close()):
+                while not events.empty():  # and pass on what is already final (streamed responses)
+                    event = events.get_nowait()
+                    if event is not None:
+                        yield event
+            runner.close()
+            while (event := await events.get()) is not None:
                 yield event
-            while pending:
-                task = await finished.get()
-                pending.discard(task)
-                for event in route(task.result()):
-                    yield event
         finally:
-            for task in pending:
-                task.cancel()
-            self.scheduler.cancel(session.pending_tickets())
+            runner.cancel()
 
     async def transcribe(self, audio: np.ndarray, config: p.SessionConfig) -> FileTranscript:
         segments: list[p.TranscriptSegment] = []

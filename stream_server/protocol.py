@@ -45,7 +45,10 @@ class SessionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    input_audio_format: Literal["pcm16", "float32"] = "pcm16"
+    G711_AUDIO_FORMATS: ClassVar[tuple[str, ...]] = ("g711_ulaw", "g711_alaw")
+    G711_SAMPLE_RATE: ClassVar[int] = 8000  # implied by a G.711 format unless sample_rate says otherwise
+
+    input_audio_format: Literal["pcm16", "float32", "g711_ulaw", "g711_alaw"] = "pcm16"
     sample_rate: int = Field(16000, ge=8000, le=48000)
     language: str | None = None
     prompt: str = Field("", max_length=1000)
@@ -69,11 +72,15 @@ class SessionConfig(BaseModel):
         """Return a new config with ``changes`` merged in; raises ProtocolError naming the field.
 
         ``turn_detection`` objects merge field by field, so a client can change only the
-        threshold without restating the padding; ``null`` switches VAD off.
+        threshold without restating the padding; ``null`` switches VAD off. Choosing a G.711
+        format without stating ``sample_rate`` means 8000 Hz, because telephone audio is 8 kHz and
+        keeping the previous (default 16 kHz) rate would silently play it at double speed.
         """
         if not isinstance(changes, dict):
             raise ProtocolError("invalid_value", "session must be an object", param="session")
         merged = self.model_dump()
+        if changes.get("input_audio_format") in self.G711_AUDIO_FORMATS and "sample_rate" not in changes:
+            merged["sample_rate"] = self.G711_SAMPLE_RATE
         for key, value in changes.items():
             if key == "turn_detection" and isinstance(value, dict) and merged.get(key):
                 merged[key] = {**merged[key], **value}
@@ -273,6 +280,7 @@ class TranscriptDelta(ServerEvent):
     item_id: str
     delta: str
     logprobs: list[TokenLogprob] | None
+    words: list[WordTiming] | None = None  # when ``words`` is in ``include``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +288,7 @@ class TranscriptInterim(ServerEvent):
     type: ClassVar[str] = "transcript.text.interim"
     item_id: str
     text: str
+    words: list[WordTiming] | None = None  # when ``words`` is in ``include``
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,15 +23,24 @@ from collections.abc import Callable
 from typing import Protocol
 
 from stream_server.audio import MODEL_RATE
-from stream_server.decoding import DecodeRequest, DecodeResult, Decoder
+from stream_server.decoding import (
+    DecodeFailure,
+    Decoder,
+    DecodeRequest,
+    DecodeResult,
+    FailureKind,
+)
 from stream_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
 
 class Job(Protocol):
-    request: DecodeRequest
-    final: bool  # read at scheduling time: a session may promote an interim job to final
+    """What the scheduler needs of a submission: its request (``request.final`` gives its
+    priority at submission; :meth:`DecodeScheduler.promote` raises it later)."""
+
+    @property
+    def request(self) -> DecodeRequest: ...
 
 
 class DecodeDropped(Exception):
@@ -45,9 +54,19 @@ class ModelUnavailable(Exception):
 @dataclasses.dataclass(eq=False)
 class _Entry:
     job: Job
-    future: asyncio.Future
+    future: asyncio.Future[DecodeResult]
     loop: asyncio.AbstractEventLoop
     enqueued: float
+    final: bool  # owned by the scheduler, under its lock; changed only by ``promote``
+
+
+def failure_of(exc: BaseException) -> DecodeFailure:
+    """The typed outcome of a decode that raised: what sessions and HTTP front ends act on."""
+    if isinstance(exc, DecodeDropped):
+        return DecodeFailure(FailureKind.DROPPED, str(exc))
+    if isinstance(exc, ModelUnavailable):
+        return DecodeFailure(FailureKind.MODEL_UNAVAILABLE, str(exc))
+    return DecodeFailure(FailureKind.DECODER_ERROR, f"decoder failed: {exc}")
 
 
 class DecodeScheduler:
@@ -75,14 +94,14 @@ class DecodeScheduler:
 
     # ---------------------------------------------------------------- asyncio side
 
-    def submit(self, job: Job) -> asyncio.Future:
+    def submit(self, job: Job) -> asyncio.Future[DecodeResult]:
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[DecodeResult] = loop.create_future()
         with self._cond:
             if self._stopping:
                 future.set_exception(RuntimeError("scheduler is stopped"))
                 return future
-            self._pending.append(_Entry(job, future, loop, time.monotonic()))
+            self._pending.append(_Entry(job, future, loop, time.monotonic(), job.request.final))
             self._metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
         return future
@@ -97,6 +116,15 @@ class DecodeScheduler:
                     entry.loop.call_soon_threadsafe(_cancel, entry.future)
             self._pending = kept
             self._metrics.queue_depth.set(len(self._pending))
+
+    def promote(self, jobs: list[Job]) -> None:
+        """Treat queued interim jobs as finals from now on (their utterance ended while they
+        waited): never shed, served before interim work. Jobs already running are unaffected."""
+        ids = {id(j) for j in jobs}
+        with self._cond:
+            for entry in self._pending:
+                if id(entry.job) in ids:
+                    entry.final = True
 
     def queue_depth(self) -> int:
         with self._cond:
@@ -120,7 +148,7 @@ class DecodeScheduler:
             now = time.monotonic()
             fresh = []
             for entry in self._pending:
-                if not entry.job.final and now - entry.enqueued > self._interim_max_wait:
+                if not entry.final and now - entry.enqueued > self._interim_max_wait:
                     self._metrics.dropped_interim.inc()
                     entry.loop.call_soon_threadsafe(_fail, entry.future, DecodeDropped("interim decode shed under load"))
                 else:
@@ -130,7 +158,7 @@ class DecodeScheduler:
                 self._metrics.queue_depth.set(0)
                 return []
             # Finals first (stable sort keeps arrival order), then fill with the same model.
-            ordered = sorted(fresh, key=lambda e: not e.job.final)
+            ordered = sorted(fresh, key=lambda e: not e.final)
             model = ordered[0].job.request.model
             batch = [e for e in ordered if e.job.request.model == model][: self._max_batch]
             taken = {id(e) for e in batch}
@@ -160,7 +188,7 @@ class DecodeScheduler:
             return
         try:
             results = decoder.decode_batch([e.job.request for e in batch])
-        except Exception as exc:  # noqa: BLE001 - a decoder failure must not kill the worker
+        except Exception as exc:
             log.exception("decode failed for a batch of %d", len(batch))
             for entry in batch:
                 entry.loop.call_soon_threadsafe(_fail, entry.future, exc)

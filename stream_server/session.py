@@ -33,8 +33,21 @@ from stream_server import protocol as p
 from stream_server.audio import MODEL_RATE, AudioInput
 from stream_server.buffer import SampleBuffer
 from stream_server.commit import agreed_prefix_length, words_before
-from stream_server.decoding import DecodeRequest, DecodeResult, Word
-from stream_server.vad import FRAME, SpeechEnd, SpeechStart, TurnSegmenter, VadModel, VadParams
+from stream_server.decoding import (
+    DecodeFailure,
+    DecodeRequest,
+    DecodeResult,
+    FailureKind,
+    Word,
+)
+from stream_server.vad import (
+    FRAME,
+    SpeechEnd,
+    SpeechStart,
+    TurnSegmenter,
+    VadModel,
+    VadParams,
+)
 
 MS = MODEL_RATE // 1000
 
@@ -165,13 +178,78 @@ class Session:
         self.closing = False
         self.closed = False
         self._previous_model = config.model
+        # Outputs, each on its own queue (as ``websockets``' protocol does): the runner drains
+        # them after every input, so no caller routes a mixed list by type.
+        self._events_out: list[p.ServerEvent] = []
+        self._decodes_out: list[DecodeTicket] = []
+        self._promotions_out: list[DecodeTicket] = []
+        self._close_out: CloseConnection | None = None
+        self._close_taken = False
+
+    # ---------------------------------------------------------------- outputs
+
+    def events_to_send(self) -> list[p.ServerEvent]:
+        """Events produced since the last call, in the order the client must see them."""
+        events, self._events_out = self._events_out, []
+        return events
+
+    def decodes_to_submit(self) -> list[DecodeTicket]:
+        """New decode requests for the scheduler, oldest first."""
+        decodes, self._decodes_out = self._decodes_out, []
+        return decodes
+
+    def decodes_to_promote(self) -> list[DecodeTicket]:
+        """Interim decodes already submitted whose result became an utterance's final one: the
+        scheduler should now treat them as finals (never shed, served first)."""
+        promoted, self._promotions_out = self._promotions_out, []
+        return promoted
+
+    def close_expected(self) -> CloseConnection | None:
+        """The close the session asks for (once, after its last event), or None."""
+        if self._close_out is None or self._close_taken:
+            return None
+        self._close_taken = True
+        return self._close_out
+
+    def _emit(self, outputs: list[Output]) -> None:
+        """The one place that sorts the core's outputs onto their queues."""
+        for out in outputs:
+            if isinstance(out, DecodeTicket):
+                self._decodes_out.append(out)
+            elif isinstance(out, CloseConnection):
+                self._close_out = out
+            else:
+                self._events_out.append(out)
 
     # ---------------------------------------------------------------- inputs
 
-    def start(self) -> list[Output]:
-        return [p.SessionCreated(self._session_view())]
+    def start(self) -> None:
+        """Announce the session (``session.created``)."""
+        self._emit([p.SessionCreated(self._session_view())])
 
-    def receive_bytes(self, data: bytes) -> list[Output]:
+    def receive_bytes(self, data: bytes) -> None:
+        """Audio in the session's input format (any length; partial samples are kept)."""
+        self._emit(self._receive_bytes(data))
+
+    def receive_text(self, text: str) -> None:
+        """A native JSON client message (tests and the native dialect's fallback)."""
+        self._emit(self._receive_text(text))
+
+    def receive_message(self, message: p.ClientMessage) -> None:
+        """One typed client command: what every dialect hands the core."""
+        self._emit(self._receive_message(message))
+
+    def close(self) -> None:
+        """Flush: finalize every open utterance, then done + close once all finals are back."""
+        self._emit(self._close())
+
+    def receive_decode_result(self, ticket: DecodeTicket, result: DecodeResult) -> None:
+        self._emit(self._receive_decode_result(ticket, result))
+
+    def receive_decode_failure(self, ticket: DecodeTicket, failure: DecodeFailure) -> None:
+        self._emit(self._receive_decode_failure(ticket, failure))
+
+    def _receive_bytes(self, data: bytes) -> list[Output]:
         if self.closing:
             return []
         decoded = self._audio_in.feed(data)
@@ -185,30 +263,29 @@ class Session:
             )
         return out + self._push_audio(decoded.samples)
 
-    def receive_text(self, text: str) -> list[Output]:
+    def _receive_text(self, text: str) -> list[Output]:
         if self.closing:
             return []
         try:
             message = p.parse_client_message(text)
         except p.ProtocolError as exc:
             return [p.Error.invalid(exc.code, exc.message, exc.param)]
-        return self.receive_message(message)
+        return self._receive_message(message)
 
-    def receive_message(self, message: p.ClientMessage) -> list[Output]:
+    def _receive_message(self, message: p.ClientMessage) -> list[Output]:
         if self.closing:
             return []
         if isinstance(message, p.AudioAppend):
-            return self.receive_bytes(message.audio)
+            return self._receive_bytes(message.audio)
         if isinstance(message, p.SessionUpdate):
             return self._update(message.session)
         if isinstance(message, p.BufferCommit):
             return self._commit()
         if isinstance(message, p.BufferClear):
             return self._clear()
-        return self.close()
+        return self._close()
 
-    def close(self) -> list[Output]:
-        """Flush: finalize every open utterance, then done + close once all finals are back."""
+    def _close(self) -> list[Output]:
         if self.closing:
             return []
         out = self._push_audio(self._audio_in.flush())
@@ -218,7 +295,7 @@ class Session:
                 out += self._end_utterance(ch, self._channel_end(ch), pause_end=None)
         return out + self._maybe_finish()
 
-    def receive_decode_result(self, ticket: DecodeTicket, result: DecodeResult) -> list[Output]:
+    def _receive_decode_result(self, ticket: DecodeTicket, result: DecodeResult) -> list[Output]:
         ch = self._channels[ticket.channel]
         if ticket.final:
             return self._final_result(ch, ticket, result)
@@ -231,22 +308,23 @@ class Session:
             out += self._interim_result(ch, ticket, result)
         return out + self._schedule(ch)
 
-    def receive_decode_failure(self, ticket: DecodeTicket, code: str, message: str) -> list[Output]:
-        """A decode that raised (``decode_failed``), could not load its model, or was dropped."""
+    def _receive_decode_failure(self, ticket: DecodeTicket, failure: DecodeFailure) -> list[Output]:
+        """A decode that was shed under load, could not load its model, or raised."""
         ch = self._channels[ticket.channel]
         out: list[Output] = []
-        if code == "model_unavailable":
+        if failure.kind is FailureKind.MODEL_UNAVAILABLE:
             if self.config.model == ticket.request.model:
                 self.config = self.config.model_copy(update={"model": self._previous_model})
-            out.append(p.Error.server(code, message, "session.model"))
-        elif code != "dropped":
-            out.append(p.Error.server(code, message))
-        if ticket.final and (code == "dropped" or code == "decode_failed" and ticket.attempt < 2):
+            out.append(p.Error.server(failure.kind.value, failure.message, "session.model"))
+        elif failure.kind is FailureKind.DECODER_ERROR:
+            out.append(p.Error.server(failure.kind.value, failure.message))
+        dropped = failure.kind is FailureKind.DROPPED
+        if ticket.final and (dropped or failure.kind is FailureKind.DECODER_ERROR and ticket.attempt < 2):
             # A promoted interim shed under load, or a first failure (often transient: memory):
             # decode the utterance once more before settling for its committed text.
             # Same audio and prefix as the failed request: the buffer may have been trimmed since.
             retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, final=True))
-            retry.attempt = ticket.attempt + (code == "decode_failed")
+            retry.attempt = ticket.attempt + (not dropped)
             ch.finals[ch.finals.index(ticket)] = retry
             return [retry]
         if ticket.final:
@@ -254,7 +332,7 @@ class Session:
             return out + self._final_result(ch, ticket, None)
         if ch.inflight is ticket:
             ch.inflight = None
-        if code == "dropped":
+        if dropped:
             return out + self._schedule(ch)
         return out
 
@@ -381,6 +459,7 @@ class Session:
             inflight.final = True
             ch.inflight = None
             ch.finals.append(inflight)
+            self._promotions_out.append(inflight)
             return out
         if pause_end is not None and utt.tail_window_end >= heard:
             return out + self._resolve_without_decode(ch, utt, self._within_turn(utt, utt.tail))
@@ -432,7 +511,7 @@ class Session:
         if utt.interim_sent:
             utt.interim_sent = ""
             if self.config.interim_results:
-                out.append(p.TranscriptInterim(utt.item_id, ""))
+                out.append(p.TranscriptInterim(utt.item_id, "", [] if self.config.wants("words") else None))
         tokens = [t for w in utt.committed for t in w.tokens]
         logprobs = [t.logprob for t in tokens]
         wants_lp = self.config.wants("logprobs")
@@ -580,7 +659,8 @@ class Session:
             interim = "".join(w.text for w in utt.tail)
             if interim != utt.interim_sent:
                 utt.interim_sent = interim
-                out.append(p.TranscriptInterim(utt.item_id, interim))
+                words = _word_timings(utt.tail) if self.config.wants("words") else None
+                out.append(p.TranscriptInterim(utt.item_id, interim, words))
         return out
 
     def _final_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult | None) -> list[Output]:
@@ -610,7 +690,8 @@ class Session:
         if tokens and not "".join(self._text_parts[:-1]):
             tokens[0] = p.TokenLogprob.of(tokens[0].token.lstrip(), tokens[0].logprob)
         self._logprobs.extend(tokens)
-        return [p.TranscriptDelta(utt.item_id, text, tokens if self.config.wants("logprobs") else None)]
+        timings = _word_timings(words) if self.config.wants("words") else None
+        return [p.TranscriptDelta(utt.item_id, text, tokens if self.config.wants("logprobs") else None, timings)]
 
     # ---------------------------------------------------------------- long speech
 

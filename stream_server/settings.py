@@ -70,6 +70,13 @@ class Settings:
     )
     cache_dir: str = dataclasses.field(default_factory=_default_cache, metadata={"help": "where assembled models are kept"})
     log_level: str = dataclasses.field(default="info", metadata={"help": "debug, info, warning or error"})
+    api_keys: str = dataclasses.field(
+        default="",
+        metadata={"help": "comma-separated API keys clients must present (empty: no authentication; keys clients send are ignored)"},
+    )
+
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -87,7 +87,7 @@ async def test_a_promoted_job_is_not_shed() -> None:
         await asyncio.sleep(0.02)
         promoted = job("promoted")
         future = scheduler.submit(promoted)
-        promoted.final = True  # the session promoted it while it waited
+        scheduler.promote([promoted])  # the session promoted it while it waited
         await asyncio.sleep(0.15)
         decoder.gate.set()
         await asyncio.gather(blocker, future)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from stream_server import protocol as p
+from stream_server.decoding import DecodeFailure, FailureKind
+from stream_server.scheduler import failure_of
 from stream_server.session import CloseConnection, DecodeTicket, Session, SessionLimits
 from tests.fakes import BurstDecoder, EnergyVad, silence, speech, to_pcm16
 
@@ -32,16 +34,16 @@ class Driver:
         self.clock = 0
         self.events: list[p.ServerEvent] = []
         self.closed: CloseConnection | None = None
-        self.handle(self.session.start())
+        self.session.start()
+        self.drain()
 
-    def handle(self, outputs) -> None:
-        for out in outputs:
-            if isinstance(out, DecodeTicket):
-                self.inflight.append((self.clock + self.latency, out))
-            elif isinstance(out, CloseConnection):
-                self.closed = out
-            else:
-                self.events.append(out)
+    def drain(self) -> None:
+        """Take the session's outputs off their queues (what the runner does after each input)."""
+        for ticket in self.session.decodes_to_submit():
+            self.inflight.append((self.clock + self.latency, ticket))
+        self.promoted = getattr(self, "promoted", []) + self.session.decodes_to_promote()
+        self.events += self.session.events_to_send()
+        self.closed = self.session.close_expected() or self.closed
 
     def tick(self) -> None:
         self.clock += 1
@@ -54,21 +56,25 @@ class Driver:
         try:
             [result] = self.decoder.decode_batch([ticket.request])
         except RuntimeError as exc:
-            self.handle(self.session.receive_decode_failure(ticket, "decode_failed", str(exc)))
-            return
-        self.handle(self.session.receive_decode_result(ticket, result))
+            self.session.receive_decode_failure(ticket, failure_of(exc))
+        else:
+            self.session.receive_decode_result(ticket, result)
+        self.drain()
 
     def feed(self, samples: np.ndarray) -> None:
         data = to_pcm16(samples)
         for i in range(0, len(data), CHUNK * 2):
-            self.handle(self.session.receive_bytes(data[i : i + CHUNK * 2]))
+            self.session.receive_bytes(data[i : i + CHUNK * 2])
+            self.drain()
             self.tick()
 
     def send(self, message: dict) -> None:
-        self.handle(self.session.receive_text(json.dumps(message)))
+        self.session.receive_text(json.dumps(message))
+        self.drain()
 
     def close(self) -> None:
-        self.handle(self.session.close())
+        self.session.close()
+        self.drain()
         while self.inflight:
             self.tick()
 
@@ -286,7 +292,8 @@ def test_dropped_interim_is_retried_and_a_dropped_promoted_final_is_redecoded() 
         d.feed(silence(0.02))
     ticket = d.inflight[0][1]
     d.inflight.clear()
-    d.handle(d.session.receive_decode_failure(ticket, "dropped", "shed"))
+    d.session.receive_decode_failure(ticket, DecodeFailure(FailureKind.DROPPED, "shed"))
+    d.drain()
     calls = len(d.decoder.calls)
     d.feed(speech([3, 4]))
     assert len(d.decoder.calls) > calls, "a new interim decode is scheduled once more audio arrived"
@@ -303,7 +310,8 @@ def test_resampled_input_gives_the_same_words() -> None:
     audio = soxr.resample(np.concatenate([speech([1, 2, 3]), silence(1.0)]), 16000, 8000)
     data = to_pcm16(audio)
     for i in range(0, len(data), 320):
-        d.handle(d.session.receive_bytes(data[i : i + 320]))
+        d.session.receive_bytes(data[i : i + 320])
+        d.drain()
         d.tick()
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3)
@@ -313,7 +321,8 @@ def test_odd_byte_counts_are_kept_for_the_next_frame() -> None:
     d = Driver()
     data = to_pcm16(np.concatenate([speech([1, 2]), silence(1.0)]))
     for i in range(0, len(data), 333):  # odd-sized frames split samples
-        d.handle(d.session.receive_bytes(data[i : i + 333]))
+        d.session.receive_bytes(data[i : i + 333])
+        d.drain()
         d.tick()
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2)
@@ -335,12 +344,14 @@ def test_float32_nan_and_inf_are_silenced_and_reported() -> None:
     samples = np.concatenate([speech([1, 2]), silence(1.0)]).astype("<f4")
     samples[100] = np.nan
     samples[200] = np.inf
-    d.handle(d.session.receive_bytes(samples[:1000].tobytes()))
+    d.session.receive_bytes(samples[:1000].tobytes())
+    d.drain()
     [error] = d.of(p.Error)
     assert error.error.code == "invalid_audio"
     raw = samples[1000:].tobytes()
     for i in range(0, len(raw), 1280):
-        d.handle(d.session.receive_bytes(raw[i : i + 1280]))
+        d.session.receive_bytes(raw[i : i + 1280])
+        d.drain()
         d.tick()
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2)
@@ -369,7 +380,8 @@ def test_float32_nan_and_inf_are_silenced_and_reported() -> None:
 def test_bad_messages_get_a_named_error_and_keep_the_config(message: str, code: str, param: str | None) -> None:
     d = Driver()
     before = d.session.config
-    d.handle(d.session.receive_text(message))
+    d.session.receive_text(message)
+    d.drain()
     [error] = d.of(p.Error)
     assert error.error.code == code
     assert error.error.type == "invalid_request_error"
@@ -405,9 +417,10 @@ def test_messages_after_close_are_ignored() -> None:
     d.feed(silence(0.2))
     d.close()
     n = len(d.events)
-    assert d.session.receive_bytes(b"\x00\x00" * 100) == []
-    assert d.session.receive_text('{"type": "session.close"}') == []
-    assert len(d.events) == n
+    d.session.receive_bytes(b"\x00\x00" * 100)
+    d.session.receive_text('{"type": "session.close"}')
+    d.drain()
+    assert len(d.events) == n and not d.inflight
 
 
 def test_results_of_a_cleared_utterance_are_ignored() -> None:
@@ -434,3 +447,18 @@ def test_short_windows_get_only_the_clients_prompt_as_context() -> None:
     assert any(r.prompt.startswith("Acme Corp w1") for r in first if len(r.audio) >= 1.5 * 16000)
     assert second and all(len(r.audio) < 1.5 * 16000 for r in second)
     assert all(r.prompt == "Acme Corp" for r in second)
+
+
+def test_a_decode_in_flight_when_the_turn_ends_is_promoted_not_resubmitted() -> None:
+    """The pause decode already heard the turn's end: it becomes the final (the scheduler is told
+    to serve it as one) instead of a second final decode being queued."""
+    d = Driver(latency_chunks=20)
+    d.feed(speech([1, 2, 3]))
+    d.feed(silence(0.7))  # the pause decode starts, then the turn ends (silence_duration_ms) while it runs
+    assert d.of(p.SpeechStopped)
+    [promoted] = d.promoted
+    assert promoted.final and not promoted.request.final  # submitted as interim work, now a final
+    assert promoted in [t for _, t in d.inflight]
+    assert not [t for _, t in d.inflight if t.request.final], "no second final decode was queued"
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3)

@@ -1,0 +1,50 @@
+"""HTTP transcription APIs: OpenAI-compatible, AI-Refinery-compatible and Hugging-Face-style.
+
+All of them run through the same :class:`~stream_server.engine.Engine` as the WebSocket endpoint
+(same VAD, commit policy, decoder and shared scheduler): a file is one session fed as fast as the
+VAD runs, with every utterance's final decode batched.
+
+Routes
+    POST /v1/audio/transcriptions   OpenAI ``audio.transcriptions.create`` (multipart), also the
+                                    form encoding of AI Refinery's ``audio.transcriptions.create``
+    POST /models/{model_id}         Hugging Face Inference ``automatic-speech-recognition``
+    GET  /v1/models[/{id}]          the models this server can serve
+    POST /authentication/validate   AI Refinery's client calls it when it is constructed; this server
+                                    has no accounts, so any key is accepted
+
+Every error is ``{"error": {"message", "type", "param", "code"}}`` with the status listed in
+``docs/http-api.md``. Uploads are streamed to a spooled temporary file through a byte counter, so a
+body over the limit is refused (413) without being held in memory; ``Content-Length`` is checked
+before a byte is read.
+
+Modules
+    common            the error contract, limits, body reading, field values, model resolution,
+                      decoding and transcribing an upload
+    openai_form       the transcription form's fields and their validation
+    openai_api        the OpenAI routes: transcription (json, text, srt, vtt, SSE) and models
+    airefinery_api    AI Refinery's encoding of the OpenAI form, and its key check
+    huggingface_api   the Hugging Face Inference route
+"""
+
+from __future__ import annotations
+
+from starlette.routing import Route
+
+from stream_server.http.airefinery_api import validate_key
+from stream_server.http.huggingface_api import hf_transcribe
+from stream_server.http.openai_api import get_model, list_models, transcriptions
+
+
+def routes() -> list[Route]:
+    """The HTTP API's routes, for the server to mount beside its WebSocket and health routes."""
+    return [
+        Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
+        Route("/audio/transcriptions", transcriptions, methods=["POST"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/models/{model_id:path}", hf_transcribe, methods=["POST"]),
+        Route("/authentication/validate", validate_key, methods=["POST"]),
+    ]
+
+
+__all__ = ["routes"]

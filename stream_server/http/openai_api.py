@@ -1,0 +1,240 @@
+"""OpenAI's transcription API: ``POST /v1/audio/transcriptions`` and ``GET /v1/models``.
+
+A file runs as one engine session; the answer is rendered in the requested ``response_format``
+or, with ``stream=true``, sent as OpenAI's Server-Sent Events as the text becomes final. The form
+itself (including AI Refinery's encoding of it) is parsed in :mod:`stream_server.http.openai_form`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
+
+from stream_server import formats
+from stream_server import protocol as p
+from stream_server.engine import Engine, FileTranscript
+from stream_server.http.common import (
+    OPENAI_MODEL_ALIASES,
+    ApiError,
+    FileJobs,
+    api_endpoint,
+    decode_upload,
+    ensure_loaded,
+    file_jobs,
+    read_multipart,
+    resolve_model,
+    session_config,
+    too_large,
+    transcribe_upload,
+)
+from stream_server.http.openai_form import (
+    RESPONSE_FORMATS,
+    FileOptions,
+    FormFields,
+    collect_fields,
+)
+from stream_server.models import ModelInfo
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of events
+
+
+# ----------------------------------------------------------------------------------- models
+
+
+def _whisper_languages() -> list[str]:
+    """Whisper's language codes; faster-whisper is imported late, as everywhere in the server."""
+    from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+    return sorted(_LANGUAGE_CODES)
+
+
+def _model_card(engine: Engine, info: ModelInfo) -> dict[str, Any]:
+    """OpenAI's model object, plus what a client needs to choose a model (languages, features)."""
+    multilingual = info.multilingual if info.multilingual is not None else not info.id.endswith(".en")
+    return {
+        "id": info.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "stream-server",
+        "source": info.source,
+        "default": info.id == engine.settings.model,
+        "languages": _whisper_languages() if multilingual else ["en"],
+        "timestamps": ["segment", "word"],
+        "logprobs": True,
+        "response_formats": list(RESPONSE_FORMATS),
+        "streaming": True,
+    }
+
+
+def model_list(engine: Engine) -> list[dict[str, Any]]:
+    """The registry's models, the configured default first if unlisted, then OpenAI's aliases of it."""
+    cards = [_model_card(engine, info) for info in engine.registry.listing()]
+    default = next((c for c in cards if c["id"] == engine.settings.model), None)
+    if default is None:
+        default = _model_card(engine, ModelInfo(engine.settings.model, "configured", None))
+        cards.insert(0, default)
+    for alias in OPENAI_MODEL_ALIASES:
+        cards.append({**default, "id": alias, "source": "alias", "alias_of": engine.settings.model, "default": False})
+    return cards
+
+
+async def list_models(request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": model_list(request.app.state.engine)})
+
+
+async def get_model(request: Request) -> Response:
+    model_id = request.path_params["model_id"]
+    for card in model_list(request.app.state.engine):
+        if card["id"] == model_id:
+            return JSONResponse(card)
+    return ApiError(404, "model_not_found", f"model {model_id!r} is not known to this server", param="model").response()
+
+
+# -------------------------------------------------------------------------------- rendering
+
+
+def _logprobs(logprobs: list[p.TokenLogprob] | None, opts: FileOptions) -> list[dict[str, Any]] | None:
+    """Token logprobs only when ``include[]=logprobs`` asked for them (they are large)."""
+    return formats.logprobs_json(logprobs) if opts.wants_logprobs else None
+
+
+def _json_body(result: FileTranscript, opts: FileOptions, verbose: bool) -> dict[str, Any]:
+    """``json`` / ``verbose_json``: OpenAI's object plus AI Refinery's success/error/confidence."""
+    done = result.done
+    body: dict[str, Any] = {}
+    if verbose:
+        body.update(
+            task="transcribe",
+            language=opts.reported_language,
+            duration=done.usage.seconds,
+            text=done.text,
+            segments=formats.segments_json(result.segments),
+        )
+        if opts.wants_words:
+            body["words"] = formats.words_json(result.segments)
+    else:
+        body["text"] = done.text
+    if opts.wants_logprobs:
+        body["logprobs"] = formats.logprobs_json(done.logprobs)
+    body["usage"] = formats.usage_json(done)
+    body.update(success=True, error=None, confidence=formats.confidence(done.logprobs))
+    return body
+
+
+def _render(result: FileTranscript, opts: FileOptions) -> Response:
+    fmt = opts.response_format
+    if fmt == "text":
+        return PlainTextResponse(formats.to_text(result.text))
+    if fmt == "srt":
+        return PlainTextResponse(formats.to_srt(result.segments), media_type="application/x-subrip")
+    if fmt == "vtt":
+        return PlainTextResponse(formats.to_vtt(result.segments), media_type="text/vtt")
+    return JSONResponse(_json_body(result, opts, verbose=fmt == "verbose_json"))
+
+
+# -------------------------------------------------------------------------------- streaming
+
+
+def _sse(data: dict[str, Any] | str) -> bytes:
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def _stream_event(event: p.ServerEvent, opts: FileOptions) -> dict[str, Any] | None:
+    """The stream event for one engine event, or None for events the stream does not carry."""
+    if isinstance(event, p.TranscriptDelta):
+        return {
+            "type": "transcript.text.delta",
+            "delta": event.delta,
+            "text": event.delta,  # AI Refinery's delta event names the field ``text``
+            "logprobs": _logprobs(event.logprobs, opts),
+        }
+    if isinstance(event, p.TranscriptDone):
+        return {
+            "type": "transcript.text.done",
+            "text": event.text,
+            "logprobs": _logprobs(event.logprobs, opts),
+            "usage": formats.usage_json(event),
+            "confidence": formats.confidence(event.logprobs),
+        }
+    if isinstance(event, p.Error) and event.error.code in ("model_unavailable", "decode_failed"):
+        error = {"message": event.error.message, "type": "server_error", "param": event.error.param, "code": event.error.code}
+        return {"type": "error", "error": error}
+    return None
+
+
+async def _event_stream(engine: Engine, audio: np.ndarray, config: p.SessionConfig, opts: FileOptions, jobs: FileJobs) -> AsyncIterator[bytes]:
+    """OpenAI's transcription stream: deltas as text becomes final, then done, then [DONE].
+
+    The slot is taken inside the generator, so a response abandoned before it starts holds none.
+    """
+    async with jobs.semaphore:
+        async for event in engine.transcribe_events(audio, config):
+            payload = _stream_event(event, opts)
+            if payload is not None:
+                yield _sse(payload)
+            if isinstance(event, p.TranscriptDone):
+                engine.metrics.audio_seconds.inc(event.usage.seconds)
+        yield _sse("[DONE]")
+
+
+async def _stream_response(request: Request, upload: UploadFile, config: p.SessionConfig, opts: FileOptions) -> Response:
+    """Decode now (so decoding errors still get a status), then stream the transcription."""
+    jobs = file_jobs(request)
+    async with jobs.semaphore:
+        audio = await decode_upload(upload.file)
+    engine: Engine = request.app.state.engine
+    return StreamingResponse(_event_stream(engine, audio, config, opts, jobs), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+# ---------------------------------------------------------------------------- transcription
+
+
+def _checked_upload(form: FormFields, limit: int) -> UploadFile:
+    """The ``file`` part, refused when missing, over the limit or empty."""
+    upload = form.upload
+    if upload is None:
+        hint = " (it was sent as a text field, not a file)" if form.file_as_text else ""
+        raise ApiError(400, "missing_file", f"the request has no 'file' part{hint}", param="file")
+    if upload.size is not None and upload.size > limit:
+        raise too_large(limit)
+    if not upload.size:
+        raise ApiError(400, "empty_file", "the uploaded file is empty (0 bytes)", param="file")
+    return upload
+
+
+async def _transcribe(request: Request, upload: UploadFile, opts: FileOptions) -> Response:
+    engine: Engine = request.app.state.engine
+    model = resolve_model(engine, opts.model_name)
+    await ensure_loaded(engine, model)
+    config = session_config(model, **opts.session_options())
+    if opts.stream:
+        return await _stream_response(request, upload, config, opts)
+    result = await transcribe_upload(request, upload.file, config)
+    return _render(result, opts)
+
+
+@api_endpoint
+async def transcriptions(request: Request) -> Response:
+    """``POST /v1/audio/transcriptions``: validate everything before decoding any audio."""
+    limit = request.app.state.engine.settings.max_file_bytes
+    form = collect_fields(await read_multipart(request, limit))
+    try:
+        upload = _checked_upload(form, limit)
+        return await _transcribe(request, upload, FileOptions.from_fields(form.fields))
+    finally:
+        if form.upload is not None:
+            with contextlib.suppress(Exception):
+                await form.upload.close()

@@ -1,0 +1,127 @@
+"""The one runner: pumps a Sans-I/O :class:`Session` through the shared decode scheduler.
+
+Every front end drives sessions through this class: the WebSocket endpoints of every dialect
+(``ws.py``), the HTTP file path (``engine.transcribe_events``), the in-process benchmark and the
+tests. It owns no transport: core events go to an ``emit`` callback, and the session's request to
+close goes to ``on_close``, both called synchronously in the order the session produced them.
+
+After each input the runner drains the session's output queues (``decodes_to_submit``,
+``decodes_to_promote``, ``events_to_send``, ``close_expected``); each decode runs as a task that
+awaits the scheduler (worker threads; the event loop never runs model code) and feeds the result
+or a typed :class:`~stream_server.decoding.DecodeFailure` back, then drains again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from stream_server import protocol as p
+from stream_server.decoding import FailureKind
+from stream_server.metrics import ServerMetrics
+from stream_server.scheduler import DecodeScheduler, failure_of
+from stream_server.session import CloseConnection, DecodeTicket, Session
+
+
+class SessionRunner:
+    """Moves one session's decodes to the scheduler and its events to ``emit``."""
+
+    def __init__(
+        self,
+        session: Session,
+        scheduler: DecodeScheduler,
+        *,
+        emit: Callable[[p.ServerEvent], None],
+        on_close: Callable[[CloseConnection], None] = lambda close: None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.session = session
+        self._scheduler = scheduler
+        self._emit = emit
+        self._on_close = on_close
+        self._metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped_at: dict[str, float] = {}
+        self.closed = asyncio.Event()  # set once the session asked to close (after its last event)
+
+    # ---------------------------------------------------------------- inputs
+
+    def start(self) -> None:
+        self.session.start()
+        self.pump()
+
+    def apply(self, command: p.ClientMessage) -> None:
+        """One typed client command (from any dialect), then whatever it produced goes out."""
+        self.session.receive_message(command)
+        self.pump()
+
+    def feed_audio(self, data: bytes) -> None:
+        self.session.receive_bytes(data)
+        self.pump()
+
+    def close(self) -> None:
+        """Flush the session (finalize open utterances); ``closed`` is set when it is done."""
+        self.session.close()
+        self.pump()
+
+    async def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait for the session's close after a flush; False on timeout."""
+        try:
+            await asyncio.wait_for(self.closed.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def cancel(self) -> None:
+        """The client is gone: forget queued decodes and stop waiting for running ones."""
+        self._scheduler.cancel(list(self.session.pending_tickets()))
+        for task in list(self._tasks):
+            task.cancel()
+        if self._metrics is not None:
+            self._metrics.audio_seconds.inc(self.session.audio_seconds)
+            self._metrics = None  # count a session's audio once
+
+    # ---------------------------------------------------------------- pump
+
+    def pump(self) -> None:
+        session = self.session
+        for ticket in session.decodes_to_submit():
+            task = asyncio.ensure_future(self._decode(ticket))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        promoted = session.decodes_to_promote()
+        if promoted:
+            self._scheduler.promote(list(promoted))
+        for event in session.events_to_send():
+            self._observe(event)
+            self._emit(event)
+        close = session.close_expected()
+        if close is not None:
+            self._on_close(close)
+            self.closed.set()
+
+    async def _decode(self, ticket: DecodeTicket) -> None:
+        try:
+            result = await self._scheduler.submit(ticket)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is typed and goes to the session
+            failure = failure_of(exc)
+            if self._metrics is not None and failure.kind is FailureKind.DECODER_ERROR:
+                self._metrics.decode_errors.inc()
+            self.session.receive_decode_failure(ticket, failure)
+        else:
+            self.session.receive_decode_result(ticket, result)
+        self.pump()
+
+    def _observe(self, event: p.ServerEvent) -> None:
+        """Finalization latency as the server sees it: speech stopped → segment out."""
+        if self._metrics is None:
+            return
+        if isinstance(event, p.SpeechStopped):
+            self._stopped_at[event.item_id] = time.monotonic()
+        elif isinstance(event, p.TranscriptSegment):
+            stopped = self._stopped_at.pop(event.item_id, None)
+            if stopped is not None:
+                self._metrics.finalization_latency.observe(time.monotonic() - stopped)

@@ -1,0 +1,222 @@
+"""The WebSocket shell: one endpoint function for every dialect.
+
+A connection is a dialect (wire protocol ↔ core commands and events), a :class:`SessionRunner`
+(session ↔ scheduler) and two loops: the reader feeds client frames through the dialect into the
+runner; one sender task writes the dialect's messages in the order they were produced. Limits that
+belong to the transport (message size, idle time, session count, API keys) live here, and their
+errors are rendered by the dialect in the shape its clients expect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import logging
+from collections.abc import Callable
+
+from starlette.responses import JSONResponse
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+
+from stream_server import protocol as p
+from stream_server.dialects.base import (
+    Action,
+    Close,
+    Dialect,
+    Handshake,
+    HandshakeRejected,
+    Send,
+)
+from stream_server.engine import Engine
+from stream_server.runner import SessionRunner
+from stream_server.session import CloseConnection
+
+log = logging.getLogger(__name__)
+
+#: WebSocket path → dialect module in ``stream_server.dialects`` (each exposes ``create``).
+DIALECTS: dict[str, str] = {
+    "/v1/stream": "native",
+    "/v1/realtime": "openai_realtime",
+    "/v1/listen": "deepgram",
+}
+
+# How long a flushed session may take to send its last finals before the socket is closed anyway.
+FLUSH_TIMEOUT_S = 120.0
+
+DialectFactory = Callable[[Handshake], Dialect]
+
+
+def websocket_routes() -> list[WebSocketRoute]:
+    routes = []
+    for path, module_name in DIALECTS.items():
+        try:
+            module = importlib.import_module(f"stream_server.dialects.{module_name}")
+        except ModuleNotFoundError as exc:  # TEMP while dialects land
+            if exc.name != f"stream_server.dialects.{module_name}":
+                raise
+            continue
+        routes.append(WebSocketRoute(path, functools.partial(dialect_endpoint, module.create)))
+    return routes
+
+
+def handshake_of(ws: WebSocket, engine: Engine) -> Handshake:
+    return Handshake(
+        path=ws.url.path,
+        query=dict(ws.query_params),
+        headers={k.lower(): v for k, v in ws.headers.items()},
+        subprotocols=tuple(ws.scope.get("subprotocols") or ()),
+        default_model=engine.settings.model,
+        model_exists=engine.registry.exists,
+    )
+
+
+async def dialect_endpoint(create: DialectFactory, ws: WebSocket) -> None:
+    engine: Engine = ws.app.state.engine
+    try:
+        dialect = create(handshake_of(ws, engine))
+    except HandshakeRejected as exc:
+        await _deny(ws, exc.status, dict(exc.body))
+        return
+    keys = engine.settings.api_key_set()
+    if keys and dialect.api_key not in keys:
+        error = p.Error.invalid("invalid_api_key", "missing or unknown API key")
+        await _deny(ws, 401, {"error": {"type": error.error.type, "code": error.error.code, "message": error.error.message}})
+        return
+    await ws.accept(subprotocol=dialect.subprotocol)
+    if engine.active_sessions >= engine.settings.max_sessions:
+        engine.metrics.sessions_rejected.inc()
+        limit = engine.settings.max_sessions
+        busy = p.Error.server("server_busy", f"the server is at its limit of {limit} sessions; try again later")
+        connection = Connection(ws, engine, dialect)
+        await connection.send_now([*dialect.error(busy), Close(1013, "server busy")])
+        return
+    engine.active_sessions += 1
+    engine.metrics.sessions_total.inc()
+    engine.metrics.active_sessions.set(engine.active_sessions)
+    try:
+        await Connection(ws, engine, dialect).run()
+    finally:
+        engine.active_sessions -= 1
+        engine.metrics.active_sessions.set(engine.active_sessions)
+        if ws.application_state != WebSocketState.DISCONNECTED:
+            with contextlib.suppress(Exception):
+                await ws.close(1000)
+
+
+async def _deny(ws: WebSocket, status: int, body: dict[str, object]) -> None:
+    """Refuse the upgrade with an HTTP response (clients show its status and body), or, where
+    the ASGI server cannot send one, accept and close with a policy-violation code."""
+    try:
+        await ws.send_denial_response(JSONResponse(body, status_code=status))
+    except RuntimeError:
+        await ws.accept()
+        await ws.close(1008, str(body)[:120])
+
+
+class Connection:
+    """One WebSocket session in one dialect."""
+
+    def __init__(self, ws: WebSocket, engine: Engine, dialect: Dialect) -> None:
+        self.ws = ws
+        self.engine = engine
+        self.dialect = dialect
+        self.settings = engine.settings
+        self._outbox: asyncio.Queue[Send | Close] = asyncio.Queue()
+        self._closed = asyncio.Event()
+        self.runner: SessionRunner | None = None
+
+    # ---------------------------------------------------------------- outputs
+
+    def _queue(self, actions: list[Action]) -> None:
+        """Apply a dialect's actions in order: commands to the core, messages to the client."""
+        for action in actions:
+            if isinstance(action, (Send, Close)):
+                self._outbox.put_nowait(action)
+            elif self.runner is not None and not self._closed.is_set():
+                self.runner.apply(action)
+
+    def _emit(self, event: p.ServerEvent) -> None:
+        self._queue(self.dialect.render(event))
+
+    def _on_close(self, close: CloseConnection) -> None:
+        self._outbox.put_nowait(Close(close.code, close.reason))
+
+    async def send_now(self, actions: list[Action]) -> None:
+        """Send a few messages without a session (refusals)."""
+        self._queue(actions)
+        self._outbox.put_nowait(Close(1000))
+        await self._sender()
+
+    async def _sender(self) -> None:
+        while True:
+            item = await self._outbox.get()
+            if isinstance(item, Close):
+                with contextlib.suppress(Exception):
+                    await self.ws.close(item.code, item.reason)
+                self._closed.set()
+                return
+            try:
+                if isinstance(item.message, bytes):
+                    await self.ws.send_bytes(item.message)
+                else:
+                    await self.ws.send_text(item.message)
+            except Exception:  # noqa: BLE001 - the peer is gone; the reader notices too
+                self._closed.set()
+                return
+
+    # ---------------------------------------------------------------- reader
+
+    async def run(self) -> None:
+        config = p.SessionConfig(model=self.settings.model).updated(self.dialect.initial_config())
+        session = self.engine.new_session(config)
+        runner = SessionRunner(
+            session, self.engine.scheduler, emit=self._emit, on_close=self._on_close, metrics=self.engine.metrics
+        )
+        self.runner = runner
+        sender = asyncio.create_task(self._sender())
+        runner.start()
+        try:
+            await self._read_loop(runner)
+            # A flush (close message, idle timeout): wait for its last finals to go out.
+            await asyncio.wait_for(self._closed.wait(), timeout=FLUSH_TIMEOUT_S)
+        except (WebSocketDisconnect, asyncio.TimeoutError, RuntimeError):
+            pass
+        finally:
+            runner.cancel()
+            if not self._closed.is_set():
+                # Give already-queued messages (a refusal, the last segment) a moment to leave.
+                with contextlib.suppress(asyncio.TimeoutError, Exception):
+                    await asyncio.wait_for(asyncio.shield(sender), timeout=0.5)
+            sender.cancel()
+
+    def _idle_timeout(self) -> float | None:
+        configured = self.dialect.idle_timeout_s
+        if configured is not None:
+            return configured or None
+        return self.settings.idle_timeout_s or None
+
+    async def _read_loop(self, runner: SessionRunner) -> None:
+        idle = self._idle_timeout()
+        limit = self.settings.max_message_bytes
+        while not runner.session.closing and not self._closed.is_set():
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), timeout=idle)
+            except asyncio.TimeoutError:
+                self._queue(self.dialect.error(p.Error.invalid("idle_timeout", f"no message for {idle:g} s; closing")))
+                runner.close()
+                return
+            if message["type"] == "websocket.disconnect":
+                raise WebSocketDisconnect(message.get("code", 1000))
+            data = message.get("bytes")
+            text = message.get("text")
+            size = len(data) if data is not None else len((text or "").encode())
+            if size > limit:
+                error = p.Error.invalid("message_too_large", f"message of {size} bytes exceeds the limit of {limit} bytes")
+                self._queue([*self.dialect.error(error), Close(1009, "message too large")])
+                return
+            if data is not None:
+                self._queue(self.dialect.receive_bytes(data))
+            elif text is not None:
+                self._queue(self.dialect.receive_text(text))

@@ -1,0 +1,85 @@
+"""The one runner: a real scheduler and worker thread, the deterministic fake decoder and VAD."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from stream_server import protocol as p
+from stream_server.runner import SessionRunner
+from stream_server.scheduler import DecodeScheduler
+from stream_server.session import CloseConnection, Session, SessionLimits
+from tests.fakes import BurstDecoder, EnergyVad, silence, speech, to_pcm16
+
+
+def make_session() -> Session:
+    return Session("sess_runner", config=p.SessionConfig(interim_results=True), vad=EnergyVad(), limits=SessionLimits())
+
+
+def spoken(*words: int) -> str:
+    return " ".join(f"w{k}" for k in words)
+
+
+async def run_stream(decoder: BurstDecoder, audio: bytes) -> tuple[list[p.ServerEvent], list[CloseConnection]]:
+    scheduler = DecodeScheduler(lambda name: decoder)
+    events: list[p.ServerEvent] = []
+    closes: list[CloseConnection] = []
+    runner = SessionRunner(make_session(), scheduler, emit=events.append, on_close=closes.append)
+    try:
+        runner.start()
+        for i in range(0, len(audio), 640):
+            runner.feed_audio(audio[i : i + 640])
+            await asyncio.sleep(0.001)  # decode results come back while audio flows
+        runner.close()
+        assert await runner.wait_closed(timeout=10)
+    finally:
+        runner.cancel()
+        scheduler.stop()
+    return events, closes
+
+
+async def test_events_flow_in_order_and_the_session_closes_once() -> None:
+    audio = to_pcm16(np.concatenate([speech([1, 2, 3]), silence(1.0), speech([4, 5]), silence(0.8)]))
+    events, closes = await run_stream(BurstDecoder(), audio)
+    assert closes == [CloseConnection(1000, "session closed")]
+    types = [e.type for e in events]
+    assert types[0] == "session.created" and types[-1] == "transcript.text.done"
+    assert types.count("transcript.segment") == 2
+    done = events[-1]
+    assert isinstance(done, p.TranscriptDone) and done.text == spoken(1, 2, 3, 4, 5)
+    assert "".join(e.delta for e in events if isinstance(e, p.TranscriptDelta)) == done.text
+    # Utterances never interleave: each segment precedes the next speech_started.
+    starts = [i for i, t in enumerate(types) if t == "input_audio_buffer.speech_started"]
+    segments = [i for i, t in enumerate(types) if t == "transcript.segment"]
+    assert segments[0] < starts[1]
+
+
+async def test_a_failing_final_is_retried_by_the_runner_and_nothing_is_lost() -> None:
+    decoder = BurstDecoder()
+    decoder.fail_next_final = 1
+    # The stream ends mid-turn, so the close needs a final decode of the open utterance.
+    events, closes = await run_stream(decoder, to_pcm16(speech([1, 2])))
+    done = [e for e in events if isinstance(e, p.TranscriptDone)]
+    assert done and done[0].text == spoken(1, 2)
+    assert not [e for e in events if isinstance(e, p.Error)], "a failure retried successfully is not reported"
+    assert sum(1 for call in decoder.calls for r in call if r.final) >= 2, "the failed final was decoded again"
+    assert closes
+
+
+async def test_cancel_forgets_queued_decodes() -> None:
+    decoder = BurstDecoder()
+    scheduler = DecodeScheduler(lambda name: decoder)
+    events: list[p.ServerEvent] = []
+    runner = SessionRunner(make_session(), scheduler, emit=events.append)
+    try:
+        runner.start()
+        runner.feed_audio(to_pcm16(np.concatenate([speech([1, 2, 3, 4]), silence(1.0)])))
+        runner.close()
+        runner.cancel()  # the client went away at once
+        await asyncio.sleep(0.2)
+        assert scheduler.queue_depth() == 0
+        assert not runner.closed.is_set()
+        assert [e.type for e in events][0] == "session.created"
+    finally:
+        scheduler.stop()
