@@ -84,7 +84,8 @@ class AudioInput:
         """Drain the resampler's delay line (at session end) so the last milliseconds count."""
         if self._resampler is None:
             return np.zeros(0, np.float32)
-        return self._resampler.resample_chunk(np.zeros(0, np.float32), last=True).astype(np.float32)
+        tail: np.ndarray = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        return tail.astype(np.float32)
 
 
 def decode_samples(data: bytes, audio_format: str) -> tuple[np.ndarray, int]:
@@ -108,14 +109,16 @@ def resample(samples: np.ndarray, rate: int) -> np.ndarray:
     """One-shot resampling of a whole signal to the model rate (files, tests)."""
     if rate == MODEL_RATE:
         return samples.astype(np.float32, copy=False)
-    return soxr.resample(samples.astype(np.float32), rate, MODEL_RATE, quality="HQ").astype(np.float32)
+    resampled: np.ndarray = soxr.resample(samples.astype(np.float32), rate, MODEL_RATE, quality="HQ")
+    return resampled.astype(np.float32)
 
 
-def _g711_codec(law: G711Law, mode: Literal["r", "w"]) -> av.CodecContext:
+def _g711_codec(law: G711Law, mode: Literal["r", "w"]) -> av.AudioCodecContext:
     """A mono PyAV codec context for ``law``; one place so decoder and encoder cannot disagree."""
     if law not in _G711_CODECS:
         raise ValueError(f"unknown G.711 law {law!r}; expected 'ulaw' or 'alaw'")
     ctx = av.CodecContext.create(_G711_CODECS[law], mode)
+    assert isinstance(ctx, av.AudioCodecContext)
     ctx.sample_rate = _G711_CODEC_RATE
     ctx.layout = "mono"
     return ctx

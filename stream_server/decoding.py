@@ -141,14 +141,8 @@ class WhisperDecoder:
         compute_type: str = "default",
         cpu_threads: int = 0,
         num_workers: int = 1,
-        fixed_decode_tokens: int | None = None,
         timestamp_tokens: bool = True,
     ) -> None:
-        """``fixed_decode_tokens`` is for benchmarks with random-weight (synthetic) models only:
-        every request then runs N + 4 generation steps (end-of-text suppressed; timestamp tokens
-        still allowed, as in real decoding) and keeps its first N text tokens, skipping the
-        inside-the-audio filter, so decode work is a realistic constant although the text is
-        noise. ``None`` (the default) is normal decoding."""
         from faster_whisper import WhisperModel
 
         self._model = WhisperModel(
@@ -161,7 +155,6 @@ class WhisperDecoder:
         self.multilingual: bool = self._model.model.is_multilingual
         self._tokenizers: dict[str, object] = {}
         self._num_mels = self._model.feature_extractor.mel_filters.shape[0]
-        self._fixed_tokens = fixed_decode_tokens
         # Timestamp tokens let us drop text stamped past the audio (see the module notes). On
         # CUDA, CTranslate2's timestamp rules cost ~20x per decoding step (38 ms vs 1.8 ms at
         # batch 32 on an H100). Without them only the align-based guards and the token budget
@@ -248,18 +241,7 @@ class WhisperDecoder:
         languages = self._languages(requests, encoded)
         tokenizers = [self._tokenizer(lang) for lang in languages]
         prompts = [self._prompt_tokens(r, tok, c) for r, tok, c in zip(requests, tokenizers, contexts)]
-        # Speech runs at ~3-4 tokens/s; the budget leaves room for fast talkers and timestamp
-        # tokens while capping what a repetition loop can cost.
-        budgets = [12 + int(len(r.audio) / MODEL_RATE * 8) for r in requests]
-        max_length = min(448, max(len(p) + b for p, b in zip(prompts, budgets)))
-        suppress_tokens = [-1]
-        if self._fixed_tokens:
-            # Synthetic benchmark mode: end-of-text suppressed, N text tokens plus 4 steps for the
-            # timestamp tokens a real decode also emits. CTranslate2 generates at most
-            # min(max_length // 2, max_length - start_step) steps, the forced prefix included.
-            n = self._fixed_tokens + 4
-            max_length = min(448, max(max(len(p) + n, 2 * (len(r.prefix) + n + 1)) for p, r in zip(prompts, requests)))
-            suppress_tokens = [-1, tokenizers[0].eot]
+        max_length, suppress_tokens = self._generation_limits(requests, prompts, tokenizers)
         generated = self._model.model.generate(
             encoded,
             prompts,
@@ -271,26 +253,38 @@ class WhisperDecoder:
             suppress_tokens=suppress_tokens,
             max_initial_timestamp_index=50,
         )
-        if self._fixed_tokens:
-            kept = [
-                [t for t in _without_prompt_tail(g.sequences_ids[0], [self._mode_token(tok), *r.prefix]) if t < tok.eot][
-                    : self._fixed_tokens
-                ]
-                for g, tok, r in zip(generated, tokenizers, requests)
-            ]
-        else:
-            kept = [
-                _tokens_inside_audio(
-                    _without_prompt_tail(g.sequences_ids[0], [self._mode_token(tok), *r.prefix]),
-                    tok,
-                    len(r.audio) / MODEL_RATE,
-                    budget,
-                )
-                for g, tok, r, budget in zip(generated, tokenizers, requests, budgets)
-            ]
+        new_tokens = [
+            _without_prompt_tail(g.sequences_ids[0], [self._mode_token(tok), *r.prefix])
+            for g, tok, r in zip(generated, tokenizers, requests)
+        ]
+        kept = self._kept_tokens(requests, tokenizers, new_tokens)
         results = self._align_and_build(requests, encoded, tokenizers, kept, generated, languages)
         log.debug("decoded batch of %d in %.3fs", len(requests), time.perf_counter() - started)
         return results
+
+    @staticmethod
+    def _token_budgets(requests: Sequence[DecodeRequest]) -> list[int]:
+        """New tokens each request may keep. Speech runs at ~3-4 tokens/s; the budget leaves room
+        for fast talkers and timestamp tokens while capping what a repetition loop can cost."""
+        return [12 + int(len(r.audio) / MODEL_RATE * 8) for r in requests]
+
+    def _generation_limits(
+        self, requests: Sequence[DecodeRequest], prompts: list[list[int]], tokenizers: list
+    ) -> tuple[int, list[int]]:
+        """``max_length`` and ``suppress_tokens`` of the group's one ``generate`` call: long
+        enough for the largest budget, model-default suppression."""
+        budgets = self._token_budgets(requests)
+        return min(448, max(len(p) + b for p, b in zip(prompts, budgets))), [-1]
+
+    def _kept_tokens(
+        self, requests: Sequence[DecodeRequest], tokenizers: list, new_tokens: list[list[int]]
+    ) -> list[list[int]]:
+        """The generated tokens (after the forced prefix) that become text: those of timestamp
+        segments starting inside the audio, within the budget (see the module notes)."""
+        return [
+            _tokens_inside_audio(tokens, tok, len(r.audio) / MODEL_RATE, budget)
+            for tokens, tok, r, budget in zip(new_tokens, tokenizers, requests, self._token_budgets(requests))
+        ]
 
     def _align_and_build(self, requests, encoded, tokenizers, kept, generated, languages):
         num_frames = [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, settings: Settings, *, vad: VadModel | None = None, decoder_factory=None) -> None:
+    def __init__(
+        self, settings: Settings, *, vad: VadModel | None = None, decoder_factory: Callable[[str], Decoder] | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
         self.vad = vad or SileroVad()

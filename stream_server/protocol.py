@@ -54,7 +54,7 @@ class SessionConfig(BaseModel):
     prompt: str = Field("", max_length=1000)
     model: str = "tiny.en"
     turn_detection: TurnDetection | None = Field(default_factory=TurnDetection)
-    include: list[Literal["logprobs", "words"]] = Field(default_factory=lambda: ["logprobs"])
+    include: list[Literal["logprobs", "words"]] = Field(default_factory=lambda: ["logprobs"])  # type: ignore[arg-type]
     interim_results: bool = False
 
     @field_validator("language")
@@ -167,8 +167,10 @@ def parse_client_message(text: str) -> ClientMessage:
     """Turn one JSON text frame into a typed message, or raise ProtocolError."""
     try:
         data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except json.JSONDecodeError as exc:
         raise ProtocolError("invalid_json", f"message is not valid JSON: {exc.msg}") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError("invalid_json", f"message is not valid JSON: {type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_json", "message must be a JSON object")
     kind = data.get("type")

@@ -203,16 +203,16 @@ class DecodeScheduler:
             entry.loop.call_soon_threadsafe(_succeed, entry.future, result)
 
 
-def _succeed(future: asyncio.Future, result: DecodeResult) -> None:
+def _succeed(future: asyncio.Future[DecodeResult], result: DecodeResult) -> None:
     if not future.done():
         future.set_result(result)
 
 
-def _fail(future: asyncio.Future, exc: BaseException) -> None:
+def _fail(future: asyncio.Future[DecodeResult], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
 
 
-def _cancel(future: asyncio.Future) -> None:
+def _cancel(future: asyncio.Future[DecodeResult]) -> None:
     if not future.done():
         future.cancel()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -15,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from stream_server.engine import Engine
+from stream_server.http import routes as http_routes
 from stream_server.settings import Settings
 from stream_server.ws import websocket_routes
 
@@ -41,7 +43,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     engine = engine or Engine(settings)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if not engine.ready:
             await asyncio.to_thread(engine.load_default_model)
         log.info("ready: model %s on %s (%s)", settings.model, settings.resolved_device(), settings.resolved_compute_type())
@@ -50,16 +52,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
 
     routes = [
         *websocket_routes(),
+        *http_routes(),
         Route("/metrics", metrics_endpoint),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
     ]
-    try:
-        from stream_server.http import routes as http_routes
-    except ImportError:
-        http_routes = None
-    if http_routes is not None:
-        routes += http_routes()
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings

@@ -659,8 +659,8 @@ class Session:
             interim = "".join(w.text for w in utt.tail)
             if interim != utt.interim_sent:
                 utt.interim_sent = interim
-                words = _word_timings(utt.tail) if self.config.wants("words") else None
-                out.append(p.TranscriptInterim(utt.item_id, interim, words))
+                timings = _word_timings(utt.tail) if self.config.wants("words") else None
+                out.append(p.TranscriptInterim(utt.item_id, interim, timings))
         return out
 
     def _final_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult | None) -> list[Output]:

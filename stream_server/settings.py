@@ -97,7 +97,7 @@ class Settings:
         return "float16" if self.resolved_device() == "cuda" else "int8"
 
 
-def _convert(field: dataclasses.Field, raw: str) -> Any:
+def _convert(field: dataclasses.Field[Any], raw: str) -> Any:
     kind = field.type if isinstance(field.type, type) else {"int": int, "float": float, "str": str}[field.type]
     return kind(raw)
 

@@ -1,20 +1,36 @@
-"""Shared test helpers: the real speech corpus, WER, and a real server in a subprocess."""
+"""Shared test helpers: the real speech corpus, WER, and a real server in a subprocess.
+
+The WAV reader and the server launcher are the package's own (``audio_files.read_wav``, the
+bench's ``ServerProcess``), so tests and benchmarks read audio and start servers the same way.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from stream_server import audio_files
+from stream_server.bench.server_proc import ServerProcess, free_port
+
+__all__ = [
+    "REPO",
+    "SPEECH_DIR",
+    "ServerProcess",
+    "english_references",
+    "free_port",
+    "load_clip",
+    "manifest",
+    "normalize",
+    "read_wav",
+    "require_speech",
+    "start_server",
+    "wer",
+]
 
 REPO = Path(__file__).resolve().parents[1]
 SPEECH_DIR = Path(os.environ.get("STREAM_SERVER_SPEECH_DIR", REPO.parent / "shared" / "speech"))
@@ -48,9 +64,7 @@ def load_clip(clip_id: str, *, rate: int = 16000) -> np.ndarray:
 
 def read_wav(path: Path, *, dtype: str = "float32", rate: int = 16000) -> np.ndarray:
     """The samples of a mono WAV file (``dtype`` float32 in [-1, 1) or int16); asserts its rate."""
-    import soundfile
-
-    audio, sr = soundfile.read(path, dtype=dtype, always_2d=False)
+    audio, sr = audio_files.read_wav(path, dtype=dtype)
     assert sr == rate, (path, sr)
     return audio
 
@@ -69,67 +83,9 @@ def wer(references: list[str], hypotheses: list[str]) -> float:
     return jiwer.wer(" ".join(refs), " ".join(hyps))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclasses.dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/v1/stream"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log_tail(self, lines: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def metric(self, name: str) -> float:
-        body = urllib.request.urlopen(self.http_url + "/metrics", timeout=10).read().decode()
-        for line in body.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        raise KeyError(name)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
 def start_server(log_dir: Path, *args: str, timeout: float = 120) -> ServerProcess:
     """Start ``python -m stream_server`` on a free port and wait until /readyz says ready."""
     port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    log = open(log_path, "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "stream_server", "--port", str(port), *args],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )
-    server = ServerProcess(process, port, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            with urllib.request.urlopen(server.http_url + "/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.3)
-    server.stop()
-    raise RuntimeError(f"server not ready after {timeout} s:\n{server.log_tail()}")
+    server = ServerProcess(args, log_dir / f"server-{port}.log", port=port, cwd=REPO, startup_timeout_s=timeout, stop_timeout_s=20)
+    server.start()
+    return server

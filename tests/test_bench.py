@@ -120,7 +120,7 @@ def test_lost_utterance_and_insertions() -> None:
         (2.3, delta("i1", "Hello there world")),
         (3.0, delta("i2", " thank you")),  # hallucination in the pause, nothing of "good morning"
     ]
-    results, attribution = m.utterance_results(events, UTTS)
+    results, _attribution = m.utterance_results(events, UTTS)
     assert not results[0].lost
     # "thank you" aligns as substitutions of "good morning" (same length) - that is attribution
     # by alignment, the honest outcome when text appears where the utterance should be.
@@ -255,7 +255,7 @@ needs_corpus = pytest.mark.skipif(
 
 @needs_corpus
 def test_streams_have_known_pauses_and_shared_clips() -> None:
-    streams, pool = build_streams(CORPUS, 2, seed=3, duration_s=40)
+    streams, _pool = build_streams(CORPUS, 2, seed=3, duration_s=40)
     assert {u.clip_id for u in streams[0].utterances} == {u.clip_id for u in streams[1].utterances}
     for s in streams:
         gaps = [b.speech_start_s - a.speech_end_s for a, b in zip(s.utterances, s.utterances[1:])]

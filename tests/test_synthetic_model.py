@@ -9,11 +9,13 @@ ctranslate2 = pytest.importorskip("ctranslate2")
 
 from stream_server.bench.synthetic_model import (  # noqa: E402
     SHAPES,
+    FixedLengthDecoder,
     build_synthetic_whisper,
     fixed_decode_kwargs,
     main,
     special_token_ids,
     whisper_vocabulary,
+    write_loader_files,
 )
 
 
@@ -72,3 +74,32 @@ def test_same_seed_same_weights_and_cli(tmp_path):
     assert a == (tmp_path / "b" / "model.bin").read_bytes()
     with pytest.raises(FileExistsError):
         build_synthetic_whisper(tmp_path / "a", shape="test-tiny", seed=3)
+
+
+def test_fixed_length_decoder_keeps_exactly_n_tokens(tmp_path):
+    """The bench's decoder loads a synthetic model offline (loader files) and, without timestamp
+    tokens, keeps exactly N text tokens of every request, whatever its audio, prompt or prefix."""
+    from stream_server.decoding import DecodeRequest
+
+    kept: list[list[int]] = []
+
+    class Spy(FixedLengthDecoder):
+        def _kept_tokens(self, requests, tokenizers, new_tokens):
+            kept.extend(super()._kept_tokens(requests, tokenizers, new_tokens))
+            return kept[-len(requests) :]
+
+    out = build_synthetic_whisper(tmp_path / "m", shape="test-tiny", seed=1, quantization="float32")
+    write_loader_files(out, "test-tiny")
+    decoder = Spy(out, new_tokens=7, compute_type="float32", timestamp_tokens=False)
+    rng = np.random.default_rng(0)
+    requests = [
+        DecodeRequest(rng.normal(0, 0.1, 16000).astype(np.float32)),
+        DecodeRequest(rng.normal(0, 0.1, 48000).astype(np.float32)),
+        DecodeRequest(rng.normal(0, 0.1, 32000).astype(np.float32), prefix=tuple(range(300, 310)), prompt="earlier text"),
+    ]
+    assert len(decoder.decode_batch(requests)) == 3
+    assert [len(k) for k in kept] == [7, 7, 7]
+    eot = special_token_ids("test-tiny")["eot"]
+    assert all(t < eot for k in kept for t in k)
+    with pytest.raises(ValueError):
+        FixedLengthDecoder(out, new_tokens=0)

@@ -26,10 +26,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import wave
-
 import numpy as np
 import soxr
+
+from stream_server.audio_files import read_wav
 
 SAMPLE_RATE = 16000
 TELEPHONE_RATE = 8000
@@ -123,24 +123,17 @@ def eligible_clips(corpus_dir: Path, telephone: bool = False) -> list[Clip]:
 
 
 def load_clip(clip: Clip, sample_rate: int) -> np.ndarray:
-    """Read a clip as mono float32 in [-1, 1] at ``sample_rate`` (soxr, like the server)."""
-    mono, sr = read_wav(clip.path)
+    """Read a clip as mono float32 in [-1, 1] at ``sample_rate``."""
+    return load_wav(clip.path, sample_rate)
+
+
+def load_wav(path: Path | str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A 16-bit PCM WAV as mono float32 in [-1, 1] at ``sample_rate`` (resampled with soxr, as
+    the server resamples)."""
+    mono, sr = read_wav(path)
     if sr != sample_rate:
         mono = soxr.resample(mono, sr, sample_rate).astype(np.float32)
     return np.ascontiguousarray(mono, dtype=np.float32)
-
-
-def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """Read a 16-bit PCM WAV as mono float32 (stdlib ``wave``: no extra dependency)."""
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2:
-            raise ValueError(f"{path}: only 16-bit PCM WAV is supported")
-        channels = w.getnchannels()
-        sr = w.getframerate()
-        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2").astype(np.float32)
-    if channels > 1:
-        data = data.reshape(-1, channels).mean(axis=1)
-    return data / 32768.0, sr
 
 
 def speech_bounds(audio: np.ndarray, sample_rate: int) -> tuple[int, int]:

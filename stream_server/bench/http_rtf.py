@@ -14,21 +14,23 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from stream_server.audio import MODEL_RATE
+from stream_server.audio_files import decode_file, read_wav
+from stream_server.bench.server_proc import ServerProcess
 
 SPEECH = Path(__file__).resolve().parents[3] / "shared" / "speech"
 
 
 def build_long_file(path: Path, min_seconds: float = 1.5) -> float:
+    """Write the English clips of the corpus (human references, 16 kHz originals) to one WAV
+    with 0.7-1.5 s pauses between them; returns its duration in seconds."""
     import soundfile
 
     rows = [json.loads(line) for line in (SPEECH / "manifest.jsonl").read_text().splitlines() if line.strip()]
@@ -36,7 +38,7 @@ def build_long_file(path: Path, min_seconds: float = 1.5) -> float:
     parts = []
     for row in rows:
         if row["language"] == "en" and row["text"] and row["duration_s"] >= min_seconds and not row["id"].endswith("_8k"):
-            audio, _ = soundfile.read(SPEECH / row["path"], dtype="float32")
+            audio, _ = read_wav(SPEECH / row["path"])
             parts += [audio, np.zeros(int(16000 * rng.uniform(0.7, 1.5)), np.float32)]
     audio = np.concatenate(parts)
     soundfile.write(path, audio, 16000, subtype="PCM_16")
@@ -44,27 +46,13 @@ def build_long_file(path: Path, min_seconds: float = 1.5) -> float:
 
 
 @contextlib.contextmanager
-def server(url: str | None):
+def server(url: str | None, log_dir: Path) -> Iterator[str]:
+    """``url`` itself, or the base URL of a server started for the run (stopped afterwards)."""
     if url:
         yield url
         return
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "STREAM_SERVER_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "stream_server", "--port", str(port)], env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(base + "/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(15)
+    with ServerProcess([], log_dir / "server.log", env={"STREAM_SERVER_LOG_LEVEL": "warning"}) as proc:
+        yield proc.http_url
 
 
 async def post_file(base: str, path: Path) -> tuple[float, dict]:
@@ -124,16 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args(argv)
-    import soundfile
-
     with tempfile.TemporaryDirectory() as tmp:
         path = args.file or Path(tmp) / "long.wav"
         if args.file is None:
             build_long_file(path)
-        audio, rate = soundfile.read(path, dtype="float32")
-        duration = len(audio) / rate
-        stream_audio = audio[: 60 * rate] if rate == 16000 else np.zeros(16000, np.float32)
-        with server(args.url) as base:
+        with path.open("rb") as f:
+            audio = decode_file(f)  # as the server will: any accepted format, 16 kHz mono
+        duration = len(audio) / MODEL_RATE
+        stream_audio = audio[: 60 * MODEL_RATE]
+        with server(args.url, Path(tmp)) as base:
             asyncio.run(post_file(base, path))  # warm-up: first request pays one-time costs
             for _ in range(args.repeat):
                 for streams in (0, args.streams):

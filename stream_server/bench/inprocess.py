@@ -2,10 +2,12 @@
 
 Each stream is a real :class:`~stream_server.session.Session` made by ``Engine.new_session`` (real
 Silero VAD, real commit policy), fed real speech at real-time pace in 40 ms frames from its own
-asyncio task (starts staggered over ``--ramp-s``). Outputs are routed the way
-``server.Connection`` routes them: decode tickets become ``engine.decode`` tasks on the shared
-:class:`~stream_server.scheduler.DecodeScheduler`, events are stamped with ``time.monotonic()``
-when the session produces them.
+asyncio task (starts staggered over ``--ramp-s``). It is pumped by the server's own
+:class:`~stream_server.runner.SessionRunner` on the shared
+:class:`~stream_server.scheduler.DecodeScheduler`, exactly as a WebSocket connection is; the bench
+only observes: events through the runner's ``emit`` callback (stamped with ``time.monotonic()``
+when the session produces them), decode round trips through :class:`TimedScheduler`, the
+scheduler as that stream's runner sees it.
 
 Finalization latency of an utterance = arrival of its ``transcript.segment`` (or its last delta
 if it has no segment) minus the wall time at which the audio of its speech end was due from a
@@ -16,8 +18,10 @@ minus ``speech_stopped`` arrival.
 
 Synthetic (random-weight) models produce noise, and WhisperDecoder's guards (timestamps past the
 audio, squeezed tails, echo and loop filters) cut noise to arbitrary lengths. With
-``--fixed-decode-tokens N`` every decode generates exactly N text tokens (+4 steps for timestamps;
-end-of-text suppressed), so the decode work is a realistic constant; the result JSON says so.
+``--fixed-decode-tokens N`` the models are loaded as
+:class:`~stream_server.bench.synthetic_model.FixedLengthDecoder`: every decode generates exactly
+N text tokens (+4 steps for timestamps; end-of-text suppressed), so the decode work is a realistic
+constant; the result JSON says so.
 
 Usage::
 
@@ -36,10 +40,21 @@ import os
 import sys
 import threading
 import time
-import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from stream_server import protocol as p
+from stream_server.bench.corpus import load_wav
+from stream_server.bench.synthetic_model import FixedLengthDecoder
+from stream_server.decoding import DecodeResult, WhisperDecoder
+from stream_server.engine import Engine
+from stream_server.runner import SessionRunner
+from stream_server.scheduler import DecodeScheduler, Job
+from stream_server.session import Session
+from stream_server.settings import Settings
+from stream_server.vad import SileroVad
 
 FRAME_S = 0.04
 RATE = 16000
@@ -47,22 +62,6 @@ FRAME_SAMPLES = int(RATE * FRAME_S)
 
 
 # ------------------------------------------------------------------------------------ audio
-
-
-def read_wav(path: str | os.PathLike) -> np.ndarray:
-    """Mono float32 at 16 kHz from a PCM16 wav (stdlib ``wave``; resampled with soxr if needed)."""
-    with wave.open(str(path), "rb") as w:
-        if w.getsampwidth() != 2:
-            raise ValueError(f"{path}: only 16-bit PCM wav is supported")
-        rate, channels = w.getframerate(), w.getnchannels()
-        data = np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768.0
-    if channels > 1:
-        data = data.reshape(-1, channels).mean(axis=1)
-    if rate != RATE:
-        import soxr
-
-        data = soxr.resample(data, rate, RATE).astype(np.float32)
-    return data
 
 
 def default_audio_files() -> list[Path]:
@@ -91,38 +90,13 @@ def stream_audio(clips: list[np.ndarray], index: int, duration_s: float, gap_s: 
 
 
 def build_synthetic(out_dir: str, shape: str, tokenizer_from: str | None = None) -> str:
-    """A random-weight model of ``shape`` plus what faster-whisper needs to load it offline: a
-    tokenizer.json (tiny.en's byte-level BPE for the text ids, Whisper's special tokens at the ids
-    of ``shape``'s vocabulary) and a preprocessor_config.json with the shape's mel count."""
-    from stream_server.bench.synthetic_model import SHAPES, build_synthetic_whisper, whisper_vocabulary
+    """A random-weight model of ``shape`` in ``out_dir`` (kept if already built), loadable by
+    faster-whisper offline."""
+    from stream_server.bench.synthetic_model import build_synthetic_whisper, write_loader_files
 
-    dims = SHAPES[shape]
     if not (Path(out_dir) / "model.bin").exists():
         build_synthetic_whisper(out_dir, shape)
-    if tokenizer_from is None:
-        from stream_server.models import tiny_en_path
-
-        tokenizer_from = str(Path(tiny_en_path()) / "tokenizer.json")
-    tok = json.loads(Path(tokenizer_from).read_text(encoding="utf-8"))
-    vocab = whisper_vocabulary(dims.vocab_size)
-    eot = vocab.index("<|endoftext|>")
-    bpe = {t: i for t, i in tok["model"]["vocab"].items() if i < eot and not t.startswith("<|")}
-    used = set(bpe.values())
-    for i in range(eot):  # multilingual vocabularies have one more text id than GPT-2's
-        if i not in used:
-            bpe[f"<|pad{i}|>"] = i
-    tok["model"]["vocab"] = bpe
-    tok["added_tokens"] = [
-        {"id": i, "content": vocab[i], "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": True}
-        for i in range(eot, dims.vocab_size)
-    ]
-    tok["post_processor"] = None
-    Path(out_dir, "tokenizer.json").write_text(json.dumps(tok), encoding="utf-8")
-    Path(out_dir, "preprocessor_config.json").write_text(
-        json.dumps({"feature_size": dims.n_mels, "sampling_rate": RATE, "hop_length": 160, "chunk_length": 30, "n_fft": 400}),
-        encoding="utf-8",
-    )
+    write_loader_files(out_dir, shape, tokenizer_from)
     return out_dir
 
 
@@ -134,7 +108,7 @@ def _stats(values, scale: float = 1.0) -> dict:
     if not len(v):
         return {"n": 0}
     return {
-        "n": int(len(v)),
+        "n": len(v),
         "mean": round(float(v.mean()), 4),
         "p50": round(float(np.percentile(v, 50)), 4),
         "p95": round(float(np.percentile(v, 95)), 4),
@@ -251,7 +225,7 @@ class GpuSampler:
             self.name = pynvml.nvmlDeviceGetName(self._handle)
             if isinstance(self.name, bytes):
                 self.name = self.name.decode()
-        except Exception:  # noqa: BLE001 - no NVML (CPU machine)
+        except Exception:
             self._nvml = None
             self.name = None
 
@@ -269,7 +243,7 @@ class GpuSampler:
                 util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
                 mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
                 self.samples.append((time.monotonic(), float(util.gpu), mem.used / 2**20))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 return
 
     def stop(self) -> dict | None:
@@ -311,61 +285,93 @@ def _hist_delta(before: dict, after: dict) -> dict:
 # ------------------------------------------------------------------------------------ streams
 
 
-class StreamRun:
-    """One stream: feeds audio at real-time pace, routes outputs like ``server.Connection``."""
+class TimedScheduler:
+    """The shared scheduler as one stream's runner sees it, timing each decode's round trip.
 
-    def __init__(self, engine, session, pcm: np.ndarray, start_at: float, abort_lag_s: float) -> None:
-        self.engine = engine
-        self.session = session
+    Same ``submit``/``promote``/``cancel`` as :class:`~stream_server.scheduler.DecodeScheduler`;
+    a round trip is submission to outcome (queueing included; a shed interim counts, a cancelled
+    decode does not), classed final if it was submitted as one or promoted while it waited, as the
+    scheduler itself treats it.
+    """
+
+    def __init__(self, inner: DecodeScheduler) -> None:
+        self._inner = inner
+        self._promoted: set[int] = set()
+        self.roundtrips: list[tuple[bool, float]] = []  # (final, seconds)
+
+    def submit(self, job: Job) -> asyncio.Future[DecodeResult]:
+        started = time.monotonic()
+        future = self._inner.submit(job)
+        future.add_done_callback(lambda done: self._record(job, started, done))
+        return future
+
+    def promote(self, jobs: list[Job]) -> None:
+        self._promoted.update(id(job) for job in jobs)
+        self._inner.promote(jobs)
+
+    def cancel(self, jobs: list[Job]) -> None:
+        self._inner.cancel(jobs)
+
+    def _record(self, job: Job, started: float, future: asyncio.Future[DecodeResult]) -> None:
+        if not future.cancelled():
+            final = job.request.final or id(job) in self._promoted
+            self.roundtrips.append((final, time.monotonic() - started))
+        self._promoted.discard(id(job))
+
+
+class StreamRun:
+    """One stream: feeds audio at real-time pace into a :class:`SessionRunner` and records when
+    each event came out."""
+
+    def __init__(self, engine: Engine, session: Session, pcm: np.ndarray, start_at: float, abort_lag_s: float) -> None:
+        self.scheduler = TimedScheduler(engine.scheduler)
+        self.runner = SessionRunner(session, self.scheduler, emit=self._observe, metrics=engine.metrics)  # type: ignore[arg-type]
         self.pcm = pcm
         self.start_at = start_at
         self.n_frames = len(pcm) // FRAME_SAMPLES
         self.fed_at = np.zeros(self.n_frames)  # actual wall time each frame went in
-        self.tasks: set[asyncio.Task] = set()
         self.stopped: dict[str, tuple[int, float]] = {}  # item -> (audio_end_ms, arrival)
         self.segment_at: dict[str, float] = {}
         self.last_delta_at: dict[str, float] = {}
-        self.done = asyncio.Event()
         self.closed_at: float | None = None
         self.errors: list[str] = []
         self.receive_s = 0.0
-        self.decode_rtt: list[tuple[bool, float]] = []
         self.abort_lag_s = abort_lag_s
         self.aborted = False
+
+    @property
+    def decode_rtt(self) -> list[tuple[bool, float]]:
+        return self.scheduler.roundtrips
 
     def due(self, k: int) -> float:
         """Wall time at which frame ``k`` (audio [k*40, (k+1)*40) ms) exists at a real-time client."""
         return self.start_at + (k + 1) * FRAME_S
 
-    def route(self, outputs) -> None:
-        from stream_server import protocol as p
-        from stream_server.session import DecodeTicket
-
+    def _observe(self, event: p.ServerEvent) -> None:
         now = time.monotonic()
-        for out in outputs:
-            if isinstance(out, DecodeTicket):
-                task = asyncio.create_task(self._decode(out))
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
-            elif isinstance(out, p.SpeechStopped):
-                self.stopped[out.item_id] = (out.audio_end_ms, now)
-            elif isinstance(out, p.TranscriptSegment):
-                self.segment_at[out.item_id] = now
-            elif isinstance(out, p.TranscriptDelta):
-                self.last_delta_at[out.item_id] = now
-            elif isinstance(out, p.TranscriptDone):
-                self.done.set()
-            elif isinstance(out, p.Error):
-                self.errors.append(out.error.code)
-
-    async def _decode(self, ticket) -> None:
-        t = time.monotonic()
-        outputs = await self.engine.decode(self.session, ticket)
-        self.decode_rtt.append((ticket.final, time.monotonic() - t))
-        self.route(outputs)
+        if isinstance(event, p.SpeechStopped):
+            self.stopped[event.item_id] = (event.audio_end_ms, now)
+        elif isinstance(event, p.TranscriptSegment):
+            self.segment_at[event.item_id] = now
+        elif isinstance(event, p.TranscriptDelta):
+            self.last_delta_at[event.item_id] = now
+        elif isinstance(event, p.Error):
+            self.errors.append(event.error.code)
 
     async def run(self, drain_s: float) -> None:
-        self.route(self.session.start())
+        """Feed every frame when it is due, then flush and wait at most ``drain_s`` for the
+        session's close."""
+        self.runner.start()
+        try:
+            await self._feed()
+            self.closed_at = time.monotonic()
+            self.runner.close()
+            if not await self.runner.wait_closed(drain_s):
+                self.errors.append("drain_timeout")
+        finally:
+            self.runner.cancel()
+
+    async def _feed(self) -> None:
         step = FRAME_SAMPLES
         for k in range(self.n_frames):
             delay = self.due(k) - time.monotonic()
@@ -376,21 +382,11 @@ class StreamRun:
                 self.aborted = True
                 self.n_frames = k
                 self.fed_at = self.fed_at[:k]
-                break
+                return
             t = time.perf_counter()
-            self.route(self.session.receive_bytes(self.pcm[k * step : (k + 1) * step].tobytes()))
+            self.runner.feed_audio(self.pcm[k * step : (k + 1) * step].tobytes())
             self.receive_s += time.perf_counter() - t
             self.fed_at[k] = time.monotonic()
-        self.closed_at = time.monotonic()
-        self.route(self.session.close())
-        try:
-            await asyncio.wait_for(self.done.wait(), timeout=drain_s)
-        except asyncio.TimeoutError:
-            self.errors.append("drain_timeout")
-        finally:
-            self.engine.scheduler.cancel(self.session.pending_tickets())
-            for task in list(self.tasks):
-                task.cancel()
 
     def latencies(self) -> tuple[list[float], list[float], list[float], int]:
         """(from speech end due, from speech end actually fed, from speech_stopped arrival,
@@ -417,9 +413,7 @@ async def _loop_lag(stop: asyncio.Event, out: list[float], period: float = 0.01)
         out.append(time.monotonic() - t - period)
 
 
-async def run_level(engine, recorder: RecordingDecoder, vad: TimingVad, gpu: GpuSampler, n: int, args, clips) -> dict:
-    from stream_server import protocol as p
-
+async def run_level(engine: Engine, recorder: RecordingDecoder, vad: TimingVad, gpu: GpuSampler, n: int, args, clips) -> dict:
     import psutil
 
     proc = psutil.Process()
@@ -431,7 +425,7 @@ async def run_level(engine, recorder: RecordingDecoder, vad: TimingVad, gpu: Gpu
         start = t0 + (args.ramp_s * i / n if n > 1 else 0.0)
         runs.append(StreamRun(engine, engine.new_session(config), pcm, start, args.abort_lag_s))
     metrics = engine.metrics
-    qw0, bs0 = _hist(metrics.queue_wait), _hist(metrics.batch_size)
+    qw0 = _hist(metrics.queue_wait)
     dropped0, errors0 = metrics.dropped_interim._value.get(), metrics.decode_errors._value.get()
     n_batches0 = len(recorder.batches)
     vad_s0, vad_frames0 = vad.seconds, vad.frames
@@ -573,12 +567,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-async def main_async(args) -> dict:
-    from stream_server.decoding import WhisperDecoder
-    from stream_server.engine import Engine
-    from stream_server.settings import Settings
-    from stream_server.vad import SileroVad
+def decoder_options(settings: Settings) -> dict[str, Any]:
+    """The production decoder's keyword arguments for ``settings`` (as the server loads it)."""
+    return {
+        "device": settings.resolved_device(),
+        "compute_type": settings.resolved_compute_type(),
+        "cpu_threads": settings.cpu_threads,
+        "num_workers": settings.decode_workers,
+        "timestamp_tokens": settings.resolved_timestamp_tokens(),
+    }
 
+
+def load_decoder(path: str, settings: Settings, fixed_decode_tokens: int | None) -> WhisperDecoder:
+    """The server's decoder, or the bench's fixed-length one for synthetic models."""
+    if fixed_decode_tokens:
+        return FixedLengthDecoder(path, new_tokens=fixed_decode_tokens, **decoder_options(settings))
+    return WhisperDecoder(path, **decoder_options(settings))
+
+
+async def main_async(args) -> dict:
     if args.build_synthetic:
         t = time.monotonic()
         args.model = build_synthetic(args.build_synthetic, args.shape, args.tokenizer_from)
@@ -586,7 +593,7 @@ async def main_async(args) -> dict:
     files = args.audio or default_audio_files()
     if not files:
         raise SystemExit("no audio: pass --audio FILE... or set STREAM_SERVER_SPEECH_DIR")
-    clips = [read_wav(f) for f in files]
+    clips = [load_wav(f) for f in files]
     settings = Settings(
         model=args.model, device=args.device, compute_type=args.compute_type, cpu_threads=args.cpu_threads,
         decode_workers=args.decode_workers, max_batch_size=args.max_batch_size,
@@ -594,12 +601,8 @@ async def main_async(args) -> dict:
     )
     recorders: list[RecordingDecoder] = []
 
-    def factory(path: str):
-        inner = WhisperDecoder(
-            path, device=settings.resolved_device(), compute_type=settings.resolved_compute_type(),
-            cpu_threads=settings.cpu_threads, num_workers=settings.decode_workers,
-            fixed_decode_tokens=args.fixed_decode_tokens, timestamp_tokens=settings.resolved_timestamp_tokens(),
-        )
+    def factory(path: str) -> RecordingDecoder:
+        inner = load_decoder(path, settings, args.fixed_decode_tokens)
         timer = None
         if args.profile:
             timer = StageTimer()

@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 import string
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import jiwer
 
@@ -240,7 +241,7 @@ def attribute(words: list[FinalWord], utterances: Sequence[Utterance]) -> Attrib
     token_equal = [False] * len(hyp)
     ref_aligned = [False] * len(ref)
     inserted = 0
-    for kind, r0, r1, h0, h1 in align_tokens(ref, hyp):
+    for kind, r0, _r1, h0, h1 in align_tokens(ref, hyp):
         if kind in ("equal", "substitute"):
             for k in range(h1 - h0):
                 token_utt[h0 + k] = owner[r0 + k]
@@ -446,9 +447,8 @@ def flicker(events: Sequence[TimedEvent]) -> Flicker:
             if item in shown:
                 changed += _erased(shown[item], caption)
             shown[item] = caption
-        elif kind == "transcript.segment" and item is not None:
-            if item in shown:
-                changed += _erased(shown.pop(item), _display_words(committed[item]))
+        elif kind == "transcript.segment" and item in shown:
+            changed += _erased(shown.pop(item), _display_words(committed[item]))
     for item, caption in shown.items():  # items never closed by a segment
         changed += _erased(caption, _display_words(committed[item]))
     n_final = len(_display_words(delta_text(events)))

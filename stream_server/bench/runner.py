@@ -211,12 +211,12 @@ def run_with_server(
 ) -> tuple[LevelResult, dict[str, float]]:
     """Start a fresh server, run one level against it, stop it; returns the result and
     server lifecycle figures (startup time, exit code)."""
-    server = ServerProcess(options, out_dir / f"server-{label}.log")
+    server = ServerProcess(options.args(), out_dir / f"server-{label}.log", startup_timeout_s=options.startup_timeout_s)
     server.start()
     try:
-        client_cfg.url = server.url
-        pid = server.proc.pid if server.proc else None
-        target = Target(url=server.url, http_base=server.http_base, pid=pid)
+        client_cfg.url = server.ws_url
+        pid = server.process.pid if server.process else None
+        target = Target(url=server.ws_url, http_base=server.http_url, pid=pid)
         result = run_level(streams, client_cfg, target, out_dir, label, stagger_s, idle_s)
     finally:
         code = server.stop()

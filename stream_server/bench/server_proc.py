@@ -2,7 +2,8 @@
 
 The bench starts its own server (rather than importing it) so that what is measured is exactly
 what a user runs — the same command line, a separate process, a real socket — and so that CPU
-and RSS can be read from the operating system for that process and its children alone.
+and RSS can be read from the operating system for that process and its children alone. The tests
+start their servers with the same :class:`ServerProcess` (through ``tests/support.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -40,81 +42,100 @@ class ServerOptions:
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 300.0
 
-    def command(self, port: int) -> list[str]:
-        cmd = [sys.executable, "-m", "stream_server", "--port", str(port)]
-        if self.model:
-            cmd += ["--model", self.model]
-        if self.device:
-            cmd += ["--device", self.device]
-        if self.compute_type:
-            cmd += ["--compute-type", self.compute_type]
-        return cmd + list(self.extra_args)
+    def args(self) -> list[str]:
+        """The server's command-line flags (everything after ``python -m stream_server``)."""
+        flags = [("--model", self.model), ("--device", self.device), ("--compute-type", self.compute_type)]
+        return [arg for flag, value in flags if value for arg in (flag, value)] + list(self.extra_args)
 
 
 class ServerProcess:
-    """A running ``stream_server`` subprocess with its log written to a file."""
+    """``python -m stream_server`` on a port of its own, its output in a log file.
 
-    def __init__(self, options: ServerOptions, log_path: Path) -> None:
-        self.options = options
-        self.port = free_port()
+    The one launcher of the bench and the tests: both need the command a user runs, in a separate
+    process, and the same notion of "up" — ``/readyz`` answers 200 once the default model is
+    loaded and warmed, so nothing measured or tested pays the model load.
+    """
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_path: Path,
+        *,
+        port: int | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        startup_timeout_s: float = 300.0,
+        stop_timeout_s: float = 15.0,
+    ) -> None:
+        self.port = port if port is not None else free_port()
+        self.command = [sys.executable, "-m", "stream_server", "--port", str(self.port), *args]
         self.log_path = log_path
-        self._log: IO[bytes] | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.cwd = cwd
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.process: subprocess.Popen[bytes] | None = None
         self.startup_s = 0.0
+        self._log: IO[bytes] | None = None
 
     @property
-    def url(self) -> str:
+    def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/v1/stream"
 
     @property
-    def http_base(self) -> str:
+    def http_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        """Launch and wait until the HTTP side answers (any status: the socket is serving)."""
+        """Launch and wait until ``/readyz`` says ready; stops the process and raises if it
+        exits or is not ready within ``startup_timeout_s``."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("wb")
-        cmd = self.options.command(self.port)
-        self._log.write(("$ " + shlex.join(cmd) + "\n").encode())
+        self._log.write(("$ " + shlex.join(self.command) + "\n").encode())
         self._log.flush()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        t = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = t + self.options.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with code {self.proc.returncode} during startup; "
-                    f"see {self.log_path}:\n{self.log_tail()}"
-                )
-            if http_alive(self.http_base):
-                self.startup_s = time.monotonic() - t
+        started = time.monotonic()
+        self.process = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
+        while time.monotonic() - started < self.startup_timeout_s:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode} during startup; see {self.log_path}:\n{self.log_tail()}")
+            if http_ready(self.http_url):
+                self.startup_s = time.monotonic() - started
                 return
             time.sleep(0.2)
+        tail = self.log_tail()
         self.stop()
-        raise RuntimeError(f"server did not answer within {self.options.startup_timeout_s} s")
+        raise RuntimeError(f"server not ready after {self.startup_timeout_s} s; see {self.log_path}:\n{tail}")
 
-    def log_tail(self, n: int = 30) -> str:
+    def log_tail(self, lines: int = 40) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
 
+    def metric(self, name: str) -> float:
+        """The value of one unlabelled (or first labelled) sample of ``/metrics`` now."""
+        with urllib.request.urlopen(self.http_url + "/metrics", timeout=10) as response:
+            body = response.read().decode()
+        for line in body.splitlines():
+            if line.startswith((name + " ", name + "{")):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
     def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after 15 s; returns the exit code."""
-        if self.proc is None:
+        """SIGTERM, then SIGKILL after ``stop_timeout_s``; returns the exit code."""
+        if self.process is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
+        if self.process.poll() is None:
+            self.process.terminate()
             try:
-                self.proc.wait(timeout=15)
+                self.process.wait(timeout=self.stop_timeout_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
+                self.process.kill()
+                self.process.wait(timeout=self.stop_timeout_s)
         if self._log is not None:
             self._log.close()
             self._log = None
-        return self.proc.returncode
+        return self.process.returncode
 
     def __enter__(self) -> ServerProcess:
         self.start()
@@ -124,17 +145,14 @@ class ServerProcess:
         self.stop()
 
 
-def http_alive(base: str) -> bool:
-    """True when something answers HTTP on ``base`` (a 404 counts: the server is up)."""
-    for path in ("/health", "/metrics", "/"):
-        try:
-            with urllib.request.urlopen(base + path, timeout=1.0):
-                return True
-        except urllib.error.HTTPError:
-            return True
-        except (urllib.error.URLError, OSError):
-            continue
-    return False
+def http_ready(base: str) -> bool:
+    """True once ``GET {base}/readyz`` answers 200 (503 while the model loads; nothing before
+    the socket is bound)."""
+    try:
+        with urllib.request.urlopen(base + "/readyz", timeout=2.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 @dataclass

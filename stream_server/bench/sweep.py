@@ -7,8 +7,8 @@ server process, so peak RSS at level N is that level's own high-water mark.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .metrics import capacity
 from .runner import LevelResult

@@ -4,7 +4,8 @@ Used to measure GPU/CPU throughput (encoder time, decode time, memory) of a give
 on machines where the real weights cannot be fetched. The outputs are meaningless text, so the
 model is only valid for timing, and only when decode lengths are fixed by the caller: use
 :func:`fixed_decode_kwargs` (suppresses the end token and picks ``max_length`` so that exactly N
-new tokens are generated, previous-text prompts included).
+new tokens are generated, previous-text prompts included) with CTranslate2 directly, or
+:class:`FixedLengthDecoder` in place of the server's decoder.
 
 The builder fills a :class:`ctranslate2.specs.WhisperSpec` the same way CTranslate2's
 Transformers converter lays out a converted Whisper checkpoint (fused QKV for self-attention,
@@ -26,17 +27,22 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
+from stream_server.decoding import DecodeRequest, WhisperDecoder
+
 __all__ = [
-    "WhisperShape",
     "SHAPES",
+    "FixedLengthDecoder",
+    "WhisperShape",
     "build_synthetic_whisper",
     "fixed_decode_kwargs",
     "special_token_ids",
     "whisper_vocabulary",
+    "write_loader_files",
 ]
 
 # Whisper's language codes, in token order (the 100th, "yue", exists in v3 vocabularies only).
@@ -74,7 +80,7 @@ class WhisperShape:
         return _num_languages(self.vocab_size)
 
 
-SHAPES: Dict[str, WhisperShape] = {
+SHAPES: dict[str, WhisperShape] = {
     "tiny.en": WhisperShape(80, 384, 4, 6, 4, 6, 51864),
     "tiny": WhisperShape(80, 384, 4, 6, 4, 6, 51865),
     "base.en": WhisperShape(80, 512, 6, 8, 6, 8, 51864),
@@ -100,7 +106,7 @@ def _num_languages(vocab_size: int) -> int:
     return vocab_size - _num_text_tokens(vocab_size) - 2 - 6 - _NUM_TIMESTAMPS
 
 
-def whisper_vocabulary(vocab_size: int) -> List[str]:
+def whisper_vocabulary(vocab_size: int) -> list[str]:
     """Token strings with Whisper's special tokens at their real ids.
 
     Text tokens get placeholder names (CTranslate2 only looks special tokens up by name;
@@ -126,7 +132,7 @@ def whisper_vocabulary(vocab_size: int) -> List[str]:
     return tokens
 
 
-def special_token_ids(shape: Union[str, WhisperShape]) -> Dict[str, int]:
+def special_token_ids(shape: str | WhisperShape) -> dict[str, int]:
     """Ids of the special tokens a caller needs to build prompts for this shape."""
     shape = _resolve_shape(shape)
     vocab = whisper_vocabulary(shape.vocab_size)
@@ -147,7 +153,7 @@ def special_token_ids(shape: Union[str, WhisperShape]) -> Dict[str, int]:
     return ids
 
 
-def fixed_decode_kwargs(new_tokens: int, prompt: List[int], ids: Dict[str, int]) -> Dict[str, object]:
+def fixed_decode_kwargs(new_tokens: int, prompt: list[int], ids: dict[str, int]) -> dict[str, object]:
     """``Whisper.generate`` keyword arguments that make every sequence exactly ``new_tokens`` long.
 
     ``ids`` is :func:`special_token_ids` of the model's shape. The end-of-text token is suppressed
@@ -172,7 +178,41 @@ def fixed_decode_kwargs(new_tokens: int, prompt: List[int], ids: Dict[str, int])
     }
 
 
-def _resolve_shape(shape: Union[str, WhisperShape]) -> WhisperShape:
+class FixedLengthDecoder(WhisperDecoder):
+    """The server's decoder with every decode's length fixed, for random-weight models.
+
+    A synthetic model's text is noise, and the production decoder's guards (timestamps past the
+    audio, squeezed tails, echo and loop filters) cut noise to arbitrary lengths, so decode work
+    would be anything. Here each request runs ``new_tokens`` + 4 generation steps (end-of-text
+    suppressed; the 4 stand for the timestamp tokens a real decode also emits) and keeps its first
+    ``new_tokens`` text tokens, skipping the inside-the-audio filter: decode work is a realistic
+    constant. Everything else (features, encode, batching, align) is the production path.
+    """
+
+    TIMESTAMP_STEPS = 4
+
+    def __init__(self, model_path: str, *, new_tokens: int, **options: Any) -> None:
+        if new_tokens < 1:
+            raise ValueError("new_tokens must be >= 1")
+        super().__init__(model_path, **options)
+        self.new_tokens = new_tokens
+
+    def _generation_limits(
+        self, requests: Sequence[DecodeRequest], prompts: list[list[int]], tokenizers: list
+    ) -> tuple[int, list[int]]:
+        # CTranslate2 generates at most min(max_length // 2, max_length - start_step) steps, the
+        # forced prefix included.
+        steps = self.new_tokens + self.TIMESTAMP_STEPS
+        max_length = max(max(len(p) + steps, 2 * (len(r.prefix) + steps + 1)) for p, r in zip(prompts, requests))
+        return min(448, max_length), [-1, tokenizers[0].eot]
+
+    def _kept_tokens(
+        self, requests: Sequence[DecodeRequest], tokenizers: list, new_tokens: list[list[int]]
+    ) -> list[list[int]]:
+        return [[t for t in tokens if t < tok.eot][: self.new_tokens] for tokens, tok in zip(new_tokens, tokenizers)]
+
+
+def _resolve_shape(shape: str | WhisperShape) -> WhisperShape:
     if isinstance(shape, WhisperShape):
         return shape
     try:
@@ -231,7 +271,7 @@ class _Filler:
         self.layer_norm(spec.layer_norm, d)
 
 
-def _suppress_ids(vocab_size: int) -> List[int]:
+def _suppress_ids(vocab_size: int) -> list[int]:
     # Stand-in for Whisper's ~90 suppressed punctuation/symbol token ids: same count and range,
     # so the logits masking costs the same. Fixed list, independent of the seed.
     num_text = _num_text_tokens(vocab_size)
@@ -239,10 +279,10 @@ def _suppress_ids(vocab_size: int) -> List[int]:
 
 
 def build_synthetic_whisper(
-    out_dir: Union[str, os.PathLike],
-    shape: Union[str, WhisperShape] = "large-v3-turbo",
+    out_dir: str | os.PathLike,
+    shape: str | WhisperShape = "large-v3-turbo",
     seed: int = 0,
-    quantization: Optional[str] = "float16",
+    quantization: str | None = "float16",
 ) -> str:
     """Write a CTranslate2 Whisper model of the given shape with random weights to ``out_dir``.
 
@@ -332,7 +372,42 @@ def build_synthetic_whisper(
     return out_dir
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def write_loader_files(out_dir: str | os.PathLike, shape: str | WhisperShape, tokenizer_from: str | None = None) -> None:
+    """What faster-whisper needs besides ``model.bin`` to load a synthetic model offline.
+
+    Without a ``tokenizer.json`` it would fetch one from the Hugging Face hub. Written: a
+    tokenizer.json (``tokenizer_from``'s byte-level BPE, tiny.en's by default, for the text ids;
+    Whisper's special tokens at the ids of ``shape``'s vocabulary) and a preprocessor_config.json
+    with the shape's mel count.
+    """
+    dims = _resolve_shape(shape)
+    if tokenizer_from is None:
+        from stream_server.models import tiny_en_path
+
+        tokenizer_from = os.path.join(tiny_en_path(), "tokenizer.json")
+    with open(tokenizer_from, encoding="utf-8") as f:
+        tok = json.load(f)
+    vocab = whisper_vocabulary(dims.vocab_size)
+    eot = vocab.index("<|endoftext|>")
+    bpe = {t: i for t, i in tok["model"]["vocab"].items() if i < eot and not t.startswith("<|")}
+    used = set(bpe.values())
+    for i in range(eot):  # multilingual vocabularies have one more text id than GPT-2's
+        if i not in used:
+            bpe[f"<|pad{i}|>"] = i
+    tok["model"]["vocab"] = bpe
+    tok["added_tokens"] = [
+        {"id": i, "content": vocab[i], "single_word": False, "lstrip": False, "rstrip": False,
+         "normalized": False, "special": True}
+        for i in range(eot, dims.vocab_size)
+    ]
+    tok["post_processor"] = None
+    preprocessor = {"feature_size": dims.n_mels, "sampling_rate": 16000, "hop_length": 160, "chunk_length": 30, "n_fft": 400}
+    for name, content in (("tokenizer.json", tok), ("preprocessor_config.json", preprocessor)):
+        with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+            json.dump(content, f)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m stream_server.bench.synthetic_model",
         description="Write a random-weight CTranslate2 Whisper model of a real model's shape "
