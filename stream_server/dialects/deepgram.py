@@ -1,0 +1,733 @@
+"""Deepgram's live transcription protocol (``/v1/listen``, "Nova" v1) as a dialect.
+
+A Deepgram client configures everything in the query string, streams binary audio, and sends a
+few JSON control messages (``KeepAlive``, ``Finalize``, ``CloseStream``, ``Configure``). The server
+answers with ``Results`` (interim and final transcripts), ``SpeechStarted``, ``UtteranceEnd``,
+``Metadata`` and ``Error`` messages. ``docs/deepgram.md`` is the user-facing description; every
+message shape here validates against the models of the official ``deepgram-sdk``.
+
+How the core's events become ``Results`` (the one real design decision, see the doc for why):
+
+* A final (``is_final: true``) carries exactly the core's committed text since the previous final,
+  so concatenating final transcripts gives the session's text exactly once. Finals go out when
+  every word heard so far is settled mid-turn (the speaker paused: the interim tail is empty),
+  which is when the native deltas become final too, and when the core's turn ends (its
+  ``transcript.segment``), then with ``speech_final`` (unless a ``Finalize`` forced it: then
+  ``from_finalize``; or endpointing is off).
+* Interim results (``is_final: false``) show the turn since its last final: committed words plus
+  the current tail.
+* Results tile the stream like Deepgram's: each result starts where the previous final ended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import math
+import struct
+import unicodedata
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from stream_server import protocol as p
+from stream_server.dialects.base import (
+    Action,
+    Close,
+    Handshake,
+    HandshakeRejected,
+    Send,
+)
+
+#: Deepgram closes a stream that receives neither audio nor a text message for 10 seconds.
+IDLE_TIMEOUT_S = 10.0
+#: Close frame of that idle close: Deepgram uses 1011 with a NET-0001 reason.
+IDLE_CLOSE = Close(
+    1011,
+    "NET-0001: no audio data or text message arrived within the 10 s timeout window "
+    "(see https://dpgr.am/net0001)",
+)
+#: Close frame for audio that cannot be decoded (Deepgram's DATA-0000, code 1008).
+DATA_CLOSE_CODE = 1008
+
+RAW_ENCODINGS = {"linear16": "pcm16", "mulaw": "g711_ulaw", "alaw": "g711_alaw"}
+#: Encodings Deepgram accepts that this server cannot decode (refused with a clear 400).
+UNSUPPORTED_ENCODINGS = {"linear32", "flac", "amr-nb", "amr-wb", "opus", "ogg-opus", "speex", "g729"}
+#: Deepgram model families; a name from them means "the server's model" unless the server knows it.
+DEEPGRAM_MODEL_FAMILIES = (
+    "nova-3", "nova-2", "nova", "enhanced", "base", "whisper",
+    "general", "meeting", "phonecall", "finance", "conversationalai", "voicemail", "video",
+)
+MAX_ENDPOINTING_MS = 5000  # the core's silence_duration_ms bound
+MAX_UTTERANCE_END_MS = 60_000
+SAMPLE_WIDTH = {"pcm16": 2, "float32": 4, "g711_ulaw": 1, "g711_alaw": 1}
+MAX_HEADER_BYTES = 64 * 1024  # a WAV header larger than this is not a header
+
+
+# --------------------------------------------------------------------------------------------
+# Query parameters
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenOptions:
+    """The query parameters this server honours, parsed and validated."""
+
+    encoding: str | None = None  # None: containerized audio (a WAV header is read)
+    sample_rate: int | None = None
+    channels: int = 1
+    multichannel: bool = False
+    interim_results: bool = False
+    endpointing: int | None = None  # ms; None: the server's default silence duration
+    endpointing_enabled: bool = True  # endpointing=false: speech_final is never true
+    utterance_end_ms: int | None = None
+    vad_events: bool = False
+    punctuate: bool = False
+    smart_format: bool = False
+    language: str | None = "en"  # Deepgram's default; None ("multi"): detect per utterance
+    model: str | None = None  # a model this server knows; None: the server default
+    keyterm: str | None = None
+
+
+def reject(message: str, request_id: str) -> HandshakeRejected:
+    """HTTP 400 in the shape Deepgram's API answers a bad request with."""
+    return HandshakeRejected(400, {"err_code": "Bad Request", "err_msg": message, "request_id": request_id})
+
+
+def _bool(query: Mapping[str, str], name: str, default: bool, request_id: str) -> bool:
+    # The SDK sends "true"/"false"; Python callers passing True end up sending "True".
+    raw = query.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in ("true", "false"):
+        raise reject(f"Invalid value for query parameter `{name}`: expected true or false, got {raw!r}", request_id)
+    return value == "true"
+
+
+def _int(query: Mapping[str, str], name: str, request_id: str, *, low: int, high: int) -> int | None:
+    raw = query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise reject(f"Invalid value for query parameter `{name}`: expected an integer, got {raw!r}", request_id) from None
+    if not low <= value <= high:
+        raise reject(f"Invalid value for query parameter `{name}`: {value} is outside {low}..{high}", request_id)
+    return value
+
+
+def _endpointing(query: Mapping[str, str], request_id: str) -> tuple[int | None, bool]:
+    raw = query.get("endpointing")
+    if raw is None or raw.strip().lower() == "true":
+        return None, True
+    if raw.strip().lower() == "false":
+        return None, False
+    return _int(query, "endpointing", request_id, low=0, high=MAX_ENDPOINTING_MS), True
+
+
+def _model(name: str | None, model_exists: Callable[[str], bool], request_id: str) -> str | None:
+    """A Deepgram model name maps to the server default unless the server has that model."""
+    if name is None or not name.strip():
+        return None
+    name = name.strip()
+    if model_exists(name):
+        return name
+    if any(name == family or name.startswith(family + "-") for family in DEEPGRAM_MODEL_FAMILIES):
+        return None
+    raise reject(f"No such model: {name!r} is neither a Deepgram model name nor a model this server has", request_id)
+
+
+def _encoding(query: Mapping[str, str], request_id: str) -> tuple[str | None, int | None]:
+    raw = query.get("encoding")
+    rate = _int(query, "sample_rate", request_id, low=8000, high=48000)
+    if raw is None:
+        return None, None  # containerized audio: the WAV header decides, sample_rate is not read
+    encoding = raw.strip().lower()
+    if encoding in UNSUPPORTED_ENCODINGS:
+        raise reject(
+            f"encoding={encoding} is not supported by this server; use linear16, mulaw or alaw "
+            "(or send WAV audio without an encoding parameter)",
+            request_id,
+        )
+    if encoding not in RAW_ENCODINGS:
+        raise reject(f"Invalid value for query parameter `encoding`: {raw!r}", request_id)
+    if rate is None:
+        raise reject(f"sample_rate is required when encoding={encoding} (raw audio has no header)", request_id)
+    return encoding, rate
+
+
+def parse_options(query: Mapping[str, str], model_exists: Callable[[str], bool], request_id: str) -> ListenOptions:
+    """Validate the query parameters as Deepgram does; unknown parameters are ignored."""
+    encoding, rate = _encoding(query, request_id)
+    channels = _int(query, "channels", request_id, low=1, high=64) or 1
+    if channels > 1:
+        raise reject(
+            f"channels={channels}: this server transcribes one channel per stream for now; "
+            "open one stream per channel",
+            request_id,
+        )
+    endpointing, endpointing_enabled = _endpointing(query, request_id)
+    language = (query.get("language") or "en").strip()
+    keyterm = (query.get("keyterm") or "").strip() or None
+    return ListenOptions(
+        encoding=encoding,
+        sample_rate=rate,
+        channels=channels,
+        multichannel=_bool(query, "multichannel", False, request_id),
+        interim_results=_bool(query, "interim_results", False, request_id),
+        endpointing=endpointing,
+        endpointing_enabled=endpointing_enabled,
+        utterance_end_ms=_int(query, "utterance_end_ms", request_id, low=1, high=MAX_UTTERANCE_END_MS),
+        vad_events=_bool(query, "vad_events", False, request_id),
+        punctuate=_bool(query, "punctuate", False, request_id),
+        smart_format=_bool(query, "smart_format", False, request_id),
+        language=None if language.lower() == "multi" else language,
+        model=_model(query.get("model"), model_exists, request_id),
+        keyterm=keyterm,
+    )
+
+
+def native_config(options: ListenOptions) -> dict[str, object]:
+    """The core ``session`` fields for these options (words and logprobs are always included:
+    Deepgram results carry word timings and confidences)."""
+    config: dict[str, object] = {
+        "language": options.language,
+        "include": ["logprobs", "words"],
+        # Always on in the core: an empty interim tail is how the dialect sees that every word
+        # heard so far is final (see DeepgramDialect._interim); forwarded only when asked for.
+        "interim_results": True,
+    }
+    if options.encoding is not None:
+        config["input_audio_format"] = RAW_ENCODINGS[options.encoding]
+        config["sample_rate"] = options.sample_rate
+    if options.model is not None:
+        config["model"] = options.model
+    if options.endpointing is not None:
+        config["turn_detection"] = {"type": "server_vad", "silence_duration_ms": options.endpointing}
+    if options.keyterm:
+        config["prompt"] = options.keyterm
+    return config
+
+
+def api_key(handshake: Handshake) -> tuple[str | None, str | None]:
+    """(key, subprotocol to accept): ``Authorization: Token|Bearer <key>`` or the browser form
+    ``Sec-WebSocket-Protocol: token, <key>`` (``bearer, <jwt>`` for temporary tokens)."""
+    offered = handshake.subprotocols
+    if len(offered) >= 2 and offered[0].lower() in ("token", "bearer"):
+        return offered[1], offered[0]
+    scheme, _, key = handshake.headers.get("authorization", "").partition(" ")
+    if scheme.lower() in ("token", "bearer") and key.strip():
+        return key.strip(), None
+    return None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Text: Deepgram's plain vs punctuated forms
+# --------------------------------------------------------------------------------------------
+
+
+#: Punctuation that carries meaning a reader would say aloud ("5%", "AT&T", "#1"): kept.
+SPOKEN_MARKS = frozenset("%&#@")
+
+
+def _is_edge_mark(char: str) -> bool:
+    return unicodedata.category(char).startswith("P") and char not in SPOKEN_MARKS
+
+
+def plain_word(word: str) -> str:
+    """Deepgram's ``word``: lower-case, without leading/trailing punctuation ("Hello," → "hello";
+    "don't" and "3.5" keep their inner marks)."""
+    start, end = 0, len(word)
+    while start < end and _is_edge_mark(word[start]):
+        start += 1
+    while end > start and _is_edge_mark(word[end - 1]):
+        end -= 1
+    return word[start:end].lower()
+
+
+def plain_text(text: str) -> str:
+    """A transcript as Deepgram writes it without punctuate/smart_format."""
+    return " ".join(w for w in (plain_word(t) for t in text.split()) if w)
+
+
+def join_text(committed: str, tail: str) -> str:
+    if committed and tail and not committed[-1].isspace() and not tail[0].isspace():
+        return f"{committed} {tail}".strip()
+    return (committed + tail).strip()
+
+
+# --------------------------------------------------------------------------------------------
+# Containerized audio: a WAV header says what follows
+# --------------------------------------------------------------------------------------------
+
+WAV_FORMAT_TAGS = {1: "pcm16", 3: "float32", 6: "g711_alaw", 7: "g711_ulaw"}
+WAV_BITS = {"pcm16": 16, "float32": 32, "g711_alaw": 8, "g711_ulaw": 8}
+
+
+class NotWav(Exception):
+    """The stream does not start with a WAV header this server can read."""
+
+
+def parse_wav_header(data: bytes) -> tuple[str, int, int] | None:
+    """(native format, sample rate, header length) of a WAV stream's start, None when more bytes
+    are needed; raises :class:`NotWav`. The data chunk's size is ignored: streamed WAVs often
+    carry 0 or 0xFFFFFFFF there, and everything after the header is audio."""
+    if len(data) < 12:
+        if not b"RIFF".startswith(data[:4]):
+            raise NotWav("the audio has no encoding parameter and is not a WAV stream")
+        return None
+    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise NotWav("the audio has no encoding parameter and is not a WAV stream")
+    fmt: tuple[str, int] | None = None
+    pos = 12
+    while pos + 8 <= len(data):
+        chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
+        body = pos + 8
+        if chunk == b"data":
+            if fmt is None:
+                raise NotWav("WAV data chunk before its fmt chunk")
+            return fmt[0], fmt[1], body
+        if body + size > len(data):
+            return None
+        if chunk == b"fmt ":
+            fmt = _wav_format(data[body : body + size])
+        pos = body + size + (size & 1)
+    return None
+
+
+def _wav_format(fmt: bytes) -> tuple[str, int]:
+    if len(fmt) < 16:
+        raise NotWav("WAV fmt chunk too short")
+    tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", fmt)
+    if tag == 0xFFFE and len(fmt) >= 26:
+        tag = struct.unpack_from("<H", fmt, 24)[0]  # WAVE_FORMAT_EXTENSIBLE: the sub-format GUID
+    native = WAV_FORMAT_TAGS.get(tag)
+    if native is None or WAV_BITS[native] != bits:
+        raise NotWav(f"WAV format tag {tag} with {bits}-bit samples is not supported (linear16, float32, mulaw, alaw)")
+    if channels != 1:
+        raise NotWav(f"WAV audio has {channels} channels; this server transcribes mono streams")
+    if not 8000 <= rate <= 48000:
+        raise NotWav(f"WAV sample rate {rate} Hz is outside 8000..48000")
+    return native, rate
+
+
+# --------------------------------------------------------------------------------------------
+# The dialect
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class OpenUtterance:
+    """The utterance in progress: its text not yet sent as a final, and the interim tail."""
+
+    item_id: str
+    pending: str = ""  # deltas since the last final of this utterance
+    pending_words: list[p.WordTiming] = dataclasses.field(default_factory=list)
+    pending_logprobs: list[float] = dataclasses.field(default_factory=list)
+    tail: str = ""
+    tail_words: list[p.WordTiming] = dataclasses.field(default_factory=list)
+    shown: str = ""  # the last interim transcript sent
+
+    def take_pending(self) -> tuple[str, list[p.WordTiming], list[float]]:
+        taken = (self.pending, self.pending_words, self.pending_logprobs)
+        self.pending, self.pending_words, self.pending_logprobs, self.shown = "", [], [], ""
+        return taken
+
+
+NATIVE_ERROR_VARIANTS = {
+    "invalid_json": "SchemaError",
+    "unknown_message_type": "SchemaError",
+    "invalid_value": "InvalidValue",
+    "invalid_audio": "DataError",
+    "model_not_found": "ModelError",
+    "model_unavailable": "ModelError",
+    "decode_failed": "InternalServerError",
+    "message_too_large": "MessageTooLarge",
+    "server_busy": "ServerBusy",
+}
+
+
+class DeepgramDialect:
+    """One Deepgram live connection. Pure state machine: the clock-derived ``created`` and the
+    ``request_id`` come in from :func:`create` so tests can fix them."""
+
+    name = "deepgram"
+    idle_timeout_s: float | None = IDLE_TIMEOUT_S
+
+    def __init__(
+        self,
+        options: ListenOptions,
+        *,
+        request_id: str,
+        created: datetime.datetime,
+        api_key: str | None = None,
+        subprotocol: str | None = None,
+        default_model: str = "",
+    ) -> None:
+        self.options = options
+        self.api_key = api_key
+        self.subprotocol = subprotocol
+        self.request_id = request_id
+        self.created = created
+        self.model = options.model or default_model
+        self.punctuated = options.punctuate or options.smart_format
+        self._format = RAW_ENCODINGS[options.encoding] if options.encoding else "pcm16"
+        self._rate = options.sample_rate or 16000
+        self._header: bytearray | None = None if options.encoding else bytearray()
+        self._samples = 0.0  # audio received, in samples of the stream's format
+        self._sha256 = hashlib.sha256()  # of the audio received: Deepgram's Metadata reports it
+        self._chunk_start = 0.0  # where the next result starts (end of the previous final)
+        self._utterance: OpenUtterance | None = None
+        self._finalized: set[str] = set()  # items whose final comes from a Finalize
+        self._stopped: str | None = None  # an item past speech_stopped, final not yet sent
+        self._last_word_end: float | None = None  # pending UtteranceEnd, None when sent
+        self._closing = False
+
+    # ---------------------------------------------------------------- client → server
+
+    def initial_config(self) -> dict[str, object]:
+        return native_config(self.options)
+
+    def receive_bytes(self, data: bytes) -> list[Action]:
+        if self._closing:
+            return []
+        if not data:
+            # Deepgram's original way of ending a stream, still honoured: an empty binary frame.
+            return self._close_stream()
+        if self._header is not None:
+            return self._sniff(data)
+        return self._append(data)
+
+    def receive_text(self, text: str) -> list[Action]:
+        try:
+            message = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return [self._error("SchemaError", "The message could not be parsed as JSON.", message=text)]
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "KeepAlive":
+            return []
+        if kind == "Finalize":
+            return [] if self._closing else [p.BufferCommit()]
+        if kind == "CloseStream":
+            return self._close_stream()
+        if kind == "Configure" and isinstance(message, dict):
+            return self._configure(message)
+        return [
+            self._error(
+                "SchemaError",
+                f"Unknown message type {kind!r}; expected KeepAlive, Finalize, CloseStream or Configure.",
+                message=text,
+            )
+        ]
+
+    def _close_stream(self) -> list[Action]:
+        if self._closing:
+            return []
+        self._closing = True
+        if self._header:  # a WAV header that never completed is not audio
+            self._header = None
+        return [p.SessionClose()]
+
+    def _configure(self, message: dict[str, Any]) -> list[Action]:
+        """Mid-stream reconfiguration: keyterms become the decoder's vocabulary prompt, the
+        ``punctuate``/``smart_format`` features switch the transcript form."""
+        features = message.get("features")
+        keyterms = message.get("keyterms")
+        if features is not None and not (
+            isinstance(features, dict) and all(isinstance(v, bool) for v in features.values())
+        ):
+            return [self._configure_failure("CONFIGURE_INTERNAL_ERROR", "features must map feature names to booleans")]
+        if keyterms is not None and not (isinstance(keyterms, list) and all(isinstance(k, str) for k in keyterms)):
+            return [self._configure_failure("CONFIGURE_INTERNAL_ERROR", "keyterms must be a list of strings")]
+        actions: list[Action] = []
+        if keyterms is not None:
+            prompt = ", ".join(k.strip() for k in keyterms if k.strip())
+            if len(prompt) > 1000:
+                return [self._configure_failure("CONFIGURE_KEYTERM_LIMIT_EXCEEDED", "keyterms exceed 1000 characters")]
+            actions.append(p.SessionUpdate({"prompt": prompt}))
+        if features:
+            punctuate = features.get("punctuate", self.options.punctuate)
+            smart = features.get("smart_format", self.options.smart_format)
+            self.options = dataclasses.replace(self.options, punctuate=punctuate, smart_format=smart)
+            self.punctuated = punctuate or smart
+        success: dict[str, Any] = {"type": "ConfigureSuccess", "request_id": self.request_id}
+        if keyterms is not None:
+            success["keyterms"] = keyterms
+        return [*actions, Send(_dumps(success))]
+
+    def _configure_failure(self, code: str, description: str) -> Send:
+        return Send(_dumps({"type": "ConfigureFailure", "request_id": self.request_id, "code": code, "description": description}))
+
+    def _sniff(self, data: bytes) -> list[Action]:
+        assert self._header is not None
+        self._header += data
+        try:
+            parsed = parse_wav_header(bytes(self._header))
+            if parsed is None and len(self._header) > MAX_HEADER_BYTES:
+                raise NotWav("no WAV data chunk in the first 64 KiB")
+        except NotWav as exc:
+            self._header = None
+            self._closing = True
+            return [
+                self._error("DataError", f"DATA-0000: {exc}."),
+                Close(DATA_CLOSE_CODE, f"DATA-0000: the payload cannot be decoded as audio ({exc})"[:120]),
+            ]
+        if parsed is None:
+            return []
+        audio_format, rate, header_length = parsed
+        rest = bytes(self._header[header_length:])
+        self._header = None
+        self._format, self._rate = audio_format, rate
+        update = p.SessionUpdate({"input_audio_format": audio_format, "sample_rate": rate})
+        return [update, *self._append(rest)] if rest else [update]
+
+    def _append(self, data: bytes) -> list[Action]:
+        self._samples += len(data) / SAMPLE_WIDTH[self._format]
+        self._sha256.update(data)
+        return [p.AudioAppend(data), *self._utterance_end_due()]
+
+    @property
+    def audio_seconds(self) -> float:
+        """Seconds of audio received so far (the clock Deepgram's times are in)."""
+        return self._samples / self._rate
+
+    # ---------------------------------------------------------------- server → client
+
+    def render(self, event: p.ServerEvent) -> list[Action]:
+        if isinstance(event, (p.SessionCreated, p.SessionUpdated)):
+            self.model = str(event.session.get("model") or self.model)
+            return []
+        if isinstance(event, p.SpeechStarted):
+            return self._speech_started(event)
+        if isinstance(event, p.SpeechStopped):
+            self._stopped = event.item_id
+            return []
+        if isinstance(event, p.TranscriptDelta):
+            return self._delta(event)
+        if isinstance(event, p.TranscriptInterim):
+            return self._interim(event)
+        if isinstance(event, p.TranscriptSegment):
+            return self._final(event)
+        if isinstance(event, p.BufferCommitted):
+            return self._committed(event)
+        if isinstance(event, p.TranscriptDone):
+            return [Send(_dumps(self.metadata(event.usage.seconds)))]
+        if isinstance(event, p.Error):
+            return self.error(event)
+        return []  # BufferCleared: never asked for
+
+    def error(self, event: p.Error) -> list[Action]:
+        code = event.error.code
+        if code == "idle_timeout":
+            return [IDLE_CLOSE]
+        variant = NATIVE_ERROR_VARIANTS.get(code, "InternalServerError")
+        return [self._error(variant, event.error.message)]
+
+    def _speech_started(self, event: p.SpeechStarted) -> list[Action]:
+        self._utterance = OpenUtterance(event.item_id)
+        if not self.options.vad_events:
+            return []
+        return [Send(_dumps({"type": "SpeechStarted", "channel": [0, 1], "timestamp": round(event.audio_start_ms / 1000, 3)}))]
+
+    def _open(self, item_id: str) -> OpenUtterance:
+        if self._utterance is None or self._utterance.item_id != item_id:
+            self._utterance = OpenUtterance(item_id)
+        return self._utterance
+
+    def _delta(self, event: p.TranscriptDelta) -> list[Action]:
+        utt = self._open(event.item_id)
+        utt.pending += event.delta
+        utt.pending_words.extend(event.words or [])
+        utt.pending_logprobs.extend(t.logprob for t in event.logprobs or [])
+        if not utt.tail and self._stopped != event.item_id:
+            # Nothing was left unsettled before this delta: the core only sends a new interim
+            # when the tail changes, so none may follow. Final now, as the native delta is.
+            return self._send_final(utt, end=None, speech_final=False)
+        return []  # shown by the interim that follows in the same core step, or by a final
+
+    def _interim(self, event: p.TranscriptInterim) -> list[Action]:
+        """An empty tail while the speaker pauses (the VAD has not ended the turn) means every
+        word heard so far is final: that is the moment Deepgram finalizes a segment too, so the
+        committed text goes out as ``is_final`` now instead of waiting for the end of the turn."""
+        utt = self._open(event.item_id)
+        utt.tail, utt.tail_words = event.text, list(event.words or [])
+        if not event.text and utt.pending.strip() and self._stopped != event.item_id:
+            return self._send_final(utt, end=None, speech_final=False)
+        if not self.options.interim_results:
+            return []
+        shown = join_text(utt.pending, utt.tail)
+        if not shown or shown == utt.shown:
+            return []
+        utt.shown = shown
+        words = [*utt.pending_words, *utt.tail_words]
+        end = max([self.audio_seconds, *(w.end for w in words)])
+        confidence = sum(w.probability for w in words) / len(words) if words else 0.0
+        return [Send(_dumps(self.results(shown, words, end=end, confidence=confidence, is_final=False)))]
+
+    def _final(self, event: p.TranscriptSegment) -> list[Action]:
+        """The end of a core utterance: what was not finalized yet goes out as the final that
+        ends the turn (``speech_final`` unless a Finalize forced it or endpointing is off)."""
+        utt = self._open(event.item_id)
+        self._utterance = None
+        if self._stopped == event.item_id:
+            self._stopped = None
+        from_finalize = event.item_id in self._finalized
+        self._finalized.discard(event.item_id)
+        return self._send_final(
+            utt,
+            end=event.end,
+            speech_final=self.options.endpointing_enabled and not from_finalize,
+            from_finalize=from_finalize,
+        )
+
+    def _send_final(
+        self, utt: OpenUtterance, *, end: float | None, speech_final: bool, from_finalize: bool = False
+    ) -> list[Action]:
+        text, words, logprobs = utt.take_pending()
+        # A final ends at its last word mid-turn (the next result starts there), at the turn's end
+        # when the turn is over.
+        end = max([self._chunk_start if end is None else end, *(w.end for w in words)])
+        confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs and text.strip() else 0.0
+        results = self.results(
+            text,
+            words,
+            end=end,
+            confidence=confidence,
+            is_final=True,
+            speech_final=speech_final,
+            from_finalize=from_finalize,
+        )
+        if words:
+            self._last_word_end = words[-1].end
+        return [Send(_dumps(results)), *self._utterance_end_due()]
+
+    def _committed(self, event: p.BufferCommitted) -> list[Action]:
+        """A Finalize was applied: the utterance it closed (or the one already stopped and
+        waiting for its final) gets ``from_finalize``; with nothing pending, an empty
+        ``from_finalize`` result answers at once so a client waiting for it is not left hanging."""
+        item = event.item_id or self._stopped
+        if item is not None:
+            self._finalized.add(item)
+            return []
+        results = self.results("", [], end=self.audio_seconds, confidence=0.0, is_final=True, from_finalize=True)
+        return [Send(_dumps(results))]
+
+    def _utterance_end_due(self) -> list[Action]:
+        """Deepgram's UtteranceEnd: a gap of ``utterance_end_ms`` of audio after the last
+        finalized word, with no utterance in progress (new speech cancels the wait)."""
+        gap_ms = self.options.utterance_end_ms
+        last = self._last_word_end
+        if gap_ms is None or last is None or self._utterance is not None:
+            return []
+        if self.audio_seconds < last + gap_ms / 1000:
+            return []
+        self._last_word_end = None
+        return [Send(_dumps({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round(last, 3)}))]
+
+    # ---------------------------------------------------------------- message bodies
+
+    def results(
+        self,
+        text: str,
+        words: Sequence[p.WordTiming],
+        *,
+        end: float,
+        confidence: float,
+        is_final: bool,
+        speech_final: bool = False,
+        from_finalize: bool = False,
+    ) -> dict[str, Any]:
+        """A ``Results`` message covering ``[chunk start, end)``; a final moves the chunk start."""
+        start = self._chunk_start
+        end = max(end, start)
+        if is_final:
+            self._chunk_start = end
+        return {
+            "type": "Results",
+            "channel_index": [0, 1],
+            "duration": round(end - start, 3),
+            "start": round(start, 3),
+            "is_final": is_final,
+            "speech_final": speech_final,
+            "from_finalize": from_finalize,
+            "channel": {
+                "alternatives": [
+                    {
+                        "transcript": text.strip() if self.punctuated else plain_text(text),
+                        "confidence": round(confidence, 4),
+                        "words": self._words(words),
+                    }
+                ]
+            },
+            "metadata": {
+                "request_id": self.request_id,
+                "model_info": {"name": self.model, "version": "latest", "arch": "whisper"},
+                "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"stream-server:model:{self.model}")),
+            },
+        }
+
+    def _words(self, words: Sequence[p.WordTiming]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for w in words:
+            plain = plain_word(w.word.strip())
+            if not plain:
+                continue  # a lone punctuation mark is not a word
+            item: dict[str, Any] = {
+                "word": plain,
+                "start": round(w.start, 3),
+                "end": round(w.end, 3),
+                "confidence": round(w.probability, 4),
+            }
+            if self.punctuated:
+                item["punctuated_word"] = w.word.strip()
+            out.append(item)
+        return out
+
+    def metadata(self, duration: float) -> dict[str, Any]:
+        """The summary Deepgram sends after CloseStream, before closing."""
+        return {
+            "type": "Metadata",
+            "transaction_key": "deprecated",
+            "request_id": self.request_id,
+            "sha256": self._sha256.hexdigest(),
+            "created": self.created.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "duration": round(duration, 3),
+            "channels": 1,
+        }
+
+    def _error(self, variant: str, description: str, *, message: str | None = None) -> Send:
+        body: dict[str, Any] = {"type": "Error", "variant": variant, "description": description}
+        if message is not None:
+            body["message"] = message
+        return Send(_dumps(body))
+
+
+def _dumps(body: dict[str, Any]) -> str:
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+
+
+def create(handshake: Handshake, *, now: datetime.datetime | None = None) -> DeepgramDialect:
+    """Build the dialect for one ``/v1/listen`` upgrade, or refuse it with Deepgram's HTTP 400."""
+    request_id = str(uuid.uuid4())
+    options = parse_options(handshake.query, handshake.model_exists, request_id)
+    config = native_config(options)
+    try:
+        p.SessionConfig.model_validate({"model": handshake.default_model}).updated(config)
+    except p.ProtocolError as exc:
+        raise reject(f"Invalid query parameters: {exc.message}", request_id) from None
+    key, subprotocol = api_key(handshake)
+    return DeepgramDialect(
+        options,
+        request_id=request_id,
+        created=now or datetime.datetime.now(datetime.timezone.utc),
+        api_key=key,
+        subprotocol=subprotocol,
+        default_model=handshake.default_model,
+    )
+
+
+__all__ = ["DeepgramDialect", "ListenOptions", "create", "native_config", "parse_options", "plain_text", "plain_word"]

@@ -1,0 +1,650 @@
+"""The Deepgram dialect, Sans-I/O: query parsing, the wire mapping, and the real core driven through it.
+
+``DeepgramHarness`` wires the dialect to a real :class:`Session` (with the deterministic fakes)
+the way the WebSocket shell does: actions are applied in order and the events a command
+produced are rendered right after it. Every message the dialect sends is validated strictly
+against the installed ``deepgram-sdk``'s own models (``sdk_validate``), and ``docs/deepgram.md``'s
+field tables are checked against what is sent.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import re
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydantic
+import pytest
+from deepgram.core.unchecked_base_model import construct_type
+from deepgram.listen.v1.socket_client import V1SocketClientResponse
+from deepgram.listen.v1.types import (
+    ListenV1ConfigureFailure,
+    ListenV1ConfigureSuccess,
+    ListenV1Error,
+    ListenV1Metadata,
+    ListenV1Results,
+    ListenV1SpeechStarted,
+    ListenV1UtteranceEnd,
+)
+
+from stream_server import protocol as p
+from stream_server.dialects import deepgram as dg
+from stream_server.dialects.base import Action, Close, Handshake, HandshakeRejected, Send
+from stream_server.session import DecodeTicket, Session, SessionLimits
+from tests.fakes import BurstDecoder, EnergyVad, silence, speech, to_pcm16
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "deepgram.md"
+NOW = datetime.datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=datetime.timezone.utc)
+SDK_QUERY = {"model": "nova-3", "encoding": "linear16", "sample_rate": "16000"}
+
+SDK_MODELS: dict[str, type[pydantic.BaseModel]] = {
+    "Results": ListenV1Results,
+    "Metadata": ListenV1Metadata,
+    "SpeechStarted": ListenV1SpeechStarted,
+    "UtteranceEnd": ListenV1UtteranceEnd,
+    "Error": ListenV1Error,
+    "ConfigureSuccess": ListenV1ConfigureSuccess,
+    "ConfigureFailure": ListenV1ConfigureFailure,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers shared with the end-to-end test
+# --------------------------------------------------------------------------------------------
+
+
+def _no_extra(model: Any, where: str) -> None:
+    """The SDK's models accept unknown keys silently; a field it does not know is a bug here."""
+    if isinstance(model, pydantic.BaseModel):
+        assert not model.model_extra, f"{where}: fields the SDK does not define: {sorted(model.model_extra)}"
+        for name in type(model).model_fields:
+            _no_extra(getattr(model, name), f"{where}.{name}")
+    elif isinstance(model, list):
+        for item in model:
+            _no_extra(item, f"{where}[]")
+
+
+def sdk_validate(text: str) -> dict[str, Any]:
+    """Validate one server message strictly against its SDK model, and check that the SDK's own
+    socket parser (``construct_type`` over its response union) picks that same model."""
+    data = json.loads(text)
+    model = SDK_MODELS[data["type"]]
+    parsed = model.model_validate_json(text, strict=True)
+    _no_extra(parsed, data["type"])
+    as_sdk_reads_it = construct_type(type_=V1SocketClientResponse, object_=data)  # type: ignore[arg-type]
+    assert type(as_sdk_reads_it) is model, (data["type"], type(as_sdk_reads_it))
+    return data
+
+
+def field_paths(value: Any, prefix: str = "") -> set[str]:
+    """Every key of a JSON message as a dotted path, list items as ``[]``."""
+    out: set[str] = set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{prefix}.{key}" if prefix else key
+            out.add(path)
+            out |= field_paths(item, path)
+    elif isinstance(value, list):
+        for item in value:
+            out |= field_paths(item, prefix + "[]")
+    return out
+
+
+def documented_fields() -> dict[str, tuple[set[str], set[str]]]:
+    """``docs/deepgram.md``'s server-message table: type → (required paths, optional paths)."""
+    section = DOC.read_text().split("## Server messages", 1)[1].split("\n## ", 1)[0]
+    table: dict[str, tuple[set[str], set[str]]] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) < 2 or not cells[0].startswith("`"):
+            continue
+        names = re.findall(r"`([^`]+)`", cells[1])
+        required = {n for n in names if not n.endswith("?")}
+        optional = {n[:-1] for n in names if n.endswith("?")}
+        table[cells[0].strip("`")] = (required, optional)
+    return table
+
+
+def _ancestors(path: str) -> set[str]:
+    parts = re.split(r"(?=\.)|(?=\[\])", path)
+    return {"".join(parts[:i]).lstrip(".") for i in range(1, len(parts) + 1)} - {""}
+
+
+def check_documented(messages: Iterable[dict[str, Any]]) -> set[str]:
+    """Every field sent is documented and every documented required field is sent; returns the
+    message types seen."""
+    table = documented_fields()
+    seen: dict[str, set[str]] = {}
+    for message in messages:
+        seen.setdefault(message["type"], set()).update(field_paths(message))
+    for kind, observed in seen.items():
+        assert kind in table, f"{kind} is sent but not documented"
+        required, optional = table[kind]
+        allowed = set().union(*(_ancestors(x) for x in required | optional))
+        assert observed <= allowed, f"{kind}: undocumented fields {sorted(observed - allowed)}"
+        missing = required - observed
+        assert not missing, f"{kind}: documented fields never sent {sorted(missing)}"
+    return set(seen)
+
+
+# --------------------------------------------------------------------------------------------
+# A real core session behind the dialect, wired as the shell wires it
+# --------------------------------------------------------------------------------------------
+
+
+def handshake(query: dict[str, str] | None = None, **kwargs: Any) -> Handshake:
+    return Handshake(
+        path="/v1/listen",
+        query=SDK_QUERY if query is None else query,
+        headers=kwargs.get("headers", {"authorization": "Token secret"}),
+        subprotocols=kwargs.get("subprotocols", ()),
+        default_model="tiny.en",
+        model_exists=lambda name: name in ("tiny.en", "base"),
+    )
+
+
+class DeepgramHarness:
+    """The dialect in front of a real session with the fake VAD and decoder."""
+
+    def __init__(self, query: dict[str, str] | None = None, latency_chunks: int = 5) -> None:
+        self.dialect = dg.create(handshake(query), now=NOW)
+        config = p.SessionConfig.model_validate({"model": "tiny.en"}).updated(self.dialect.initial_config())
+        self.session = Session(
+            "sess_deepgram01",
+            config=config,
+            vad=EnergyVad(),
+            limits=SessionLimits(max_utterance_s=6.0),
+            model_exists=lambda name: name in ("tiny.en", "base"),
+        )
+        self.decoder = BurstDecoder()
+        self.latency = latency_chunks
+        self.clock = 0
+        self.inflight: list[tuple[int, DecodeTicket]] = []
+        self.sent: list[str | bytes] = []
+        self.closes: list[Close] = []
+        self.commands: list[p.ClientMessage] = []
+        self.audio = bytearray()
+        self.session.start()
+        self.pump()
+
+    def apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.sent.append(action.message)
+            elif isinstance(action, Close):
+                self.closes.append(action)
+            else:
+                self.commands.append(action)
+                self.session.receive_message(action)
+                self.pump()
+
+    def pump(self) -> None:
+        for ticket in self.session.decodes_to_submit():
+            self.inflight.append((self.clock + self.latency, ticket))
+        self.session.decodes_to_promote()
+        for event in self.session.events_to_send():
+            self.apply(self.dialect.render(event))
+        close = self.session.close_expected()
+        if close is not None and not self.closes:
+            self.closes.append(Close(close.code, close.reason))
+
+    def tick(self) -> None:
+        self.clock += 1
+        due = [item for item in self.inflight if item[0] <= self.clock]
+        self.inflight = [item for item in self.inflight if item[0] > self.clock]
+        for _, ticket in due:
+            [result] = self.decoder.decode_batch([ticket.request])
+            self.session.receive_decode_result(ticket, result)
+            self.pump()
+
+    def feed(self, samples: np.ndarray, frame: int = 320) -> None:
+        data = to_pcm16(samples)
+        for i in range(0, len(data), frame * 2):
+            self.send_bytes(data[i : i + frame * 2])
+            self.tick()
+
+    def send_bytes(self, data: bytes) -> None:
+        self.audio += data
+        self.apply(self.dialect.receive_bytes(data))
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.apply(self.dialect.receive_text(json.dumps(message)))
+
+    def settle(self) -> None:
+        while self.inflight:
+            self.tick()
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [sdk_validate(m) for m in self.sent if isinstance(m, str)]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [m for m in self.messages() if m["type"] == kind]
+
+
+def transcript(result: dict[str, Any]) -> str:
+    return str(result["channel"]["alternatives"][0]["transcript"])
+
+
+def finals(h: DeepgramHarness) -> list[dict[str, Any]]:
+    return [r for r in h.of("Results") if r["is_final"]]
+
+
+def spoken(*words: int) -> str:
+    return " ".join(f"w{k}" for k in words)
+
+
+def turns(h: DeepgramHarness) -> list[str]:
+    """What a Deepgram client assembles: is_final transcripts joined until a speech_final."""
+    out: list[str] = []
+    parts: list[str] = []
+    for result in finals(h):
+        if transcript(result):
+            parts.append(transcript(result))
+        if result["speech_final"]:
+            out.append(" ".join(parts))
+            parts = []
+    return out + ([" ".join(parts)] if parts else [])
+
+
+# --------------------------------------------------------------------------------------------
+# Query parameters and handshake
+# --------------------------------------------------------------------------------------------
+
+
+def rejected(query: dict[str, str]) -> HandshakeRejected:
+    with pytest.raises(HandshakeRejected) as info:
+        dg.create(handshake(query))
+    assert info.value.status == 400
+    assert set(info.value.body) == {"err_code", "err_msg", "request_id"}
+    return info.value
+
+
+def test_what_the_sdk_sends_maps_onto_the_native_config() -> None:
+    query = {
+        **SDK_QUERY,
+        "interim_results": "true",
+        "endpointing": "300",
+        "utterance_end_ms": "1000",
+        "vad_events": "true",
+        "punctuate": "true",
+        "language": "en-US",
+        "smart_format": "false",
+        "channels": "1",
+        "multichannel": "false",
+        "diarize": "true",  # unknown to this server: ignored, as Deepgram ignores what it does not use
+    }
+    config = dg.create(handshake(query)).initial_config()
+    effective = p.SessionConfig.model_validate({"model": "tiny.en"}).updated(config)
+    assert effective.input_audio_format == "pcm16" and effective.sample_rate == 16000
+    assert effective.model == "tiny.en", "nova-3 means the server's default model"
+    assert effective.interim_results is True
+    assert effective.turn_detection is not None and effective.turn_detection.silence_duration_ms == 300
+    assert effective.language == "en"
+    assert set(effective.include) == {"words", "logprobs"}
+
+
+@pytest.mark.parametrize(
+    ("encoding", "rate", "native"),
+    [("linear16", "16000", "pcm16"), ("mulaw", "8000", "g711_ulaw"), ("alaw", "8000", "g711_alaw"), ("linear16", "44100", "pcm16")],
+)
+def test_raw_encodings(encoding: str, rate: str, native: str) -> None:
+    config = dg.create(handshake({"model": "nova-2", "encoding": encoding, "sample_rate": rate})).initial_config()
+    assert config["input_audio_format"] == native and config["sample_rate"] == int(rate)
+
+
+def test_a_model_the_server_has_is_used_and_booleans_are_case_insensitive() -> None:
+    config = dg.create(handshake({**SDK_QUERY, "model": "base", "interim_results": "True"})).initial_config()
+    assert config["model"] == "base" and config["interim_results"] is True
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ({"model": "nova-3", "encoding": "linear16"}, "sample_rate is required"),
+        ({**SDK_QUERY, "encoding": "opus"}, "not supported"),
+        ({**SDK_QUERY, "encoding": "wav9"}, "encoding"),
+        ({**SDK_QUERY, "sample_rate": "96000"}, "sample_rate"),
+        ({**SDK_QUERY, "sample_rate": "fast"}, "sample_rate"),
+        ({**SDK_QUERY, "interim_results": "yes"}, "interim_results"),
+        ({**SDK_QUERY, "channels": "2"}, "channels=2"),
+        ({**SDK_QUERY, "endpointing": "-5"}, "endpointing"),
+        ({**SDK_QUERY, "endpointing": "20000"}, "endpointing"),
+        ({**SDK_QUERY, "utterance_end_ms": "soon"}, "utterance_end_ms"),
+        ({**SDK_QUERY, "model": "my-custom-model"}, "model"),
+        ({**SDK_QUERY, "language": "123"}, "language"),
+    ],
+)
+def test_invalid_values_are_refused_before_the_upgrade(query: dict[str, str], says: str) -> None:
+    assert says in str(rejected(query).body["err_msg"])
+
+
+def test_endpointing_false_keeps_vad_segmentation_but_never_says_speech_final() -> None:
+    h = DeepgramHarness({**SDK_QUERY, "endpointing": "false"})
+    assert "turn_detection" not in h.dialect.initial_config()
+    h.feed(np.concatenate([silence(0.3), speech([1, 2]), silence(1.0), speech([3]), silence(1.0)]))
+    h.settle()
+    results = finals(h)
+    assert [transcript(r) for r in results if transcript(r)] == [spoken(1, 2), spoken(3)]
+    assert not any(r["speech_final"] for r in results)
+
+
+def test_language_multi_means_detect() -> None:
+    assert dg.create(handshake({**SDK_QUERY, "language": "multi"})).initial_config()["language"] is None
+    assert dg.create(handshake(SDK_QUERY)).initial_config()["language"] == "en", "Deepgram's default"
+
+
+def test_api_key_from_header_or_subprotocol() -> None:
+    assert dg.create(handshake(headers={"authorization": "Token abc"})).api_key == "abc"
+    assert dg.create(handshake(headers={"authorization": "Bearer jwt1"})).api_key == "jwt1"
+    via_protocol = dg.create(handshake(headers={}, subprotocols=("token", "k3y")))
+    assert (via_protocol.api_key, via_protocol.subprotocol) == ("k3y", "token")
+    nothing = dg.create(handshake(headers={}))
+    assert (nothing.api_key, nothing.subprotocol) == (None, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Results: the core's utterances as Deepgram interim/final results
+# --------------------------------------------------------------------------------------------
+
+
+def test_finals_spell_the_session_text_once_and_interims_show_the_utterance_so_far() -> None:
+    h = DeepgramHarness({**SDK_QUERY, "interim_results": "true", "vad_events": "true"})
+    h.feed(np.concatenate([silence(0.3), speech([1, 2, 3, 4, 5, 6]), silence(1.0), speech([7, 8]), silence(1.0)]))
+    h.send({"type": "CloseStream"})
+    h.settle()
+    session_text = " ".join(transcript(r) for r in finals(h) if transcript(r))
+    assert session_text == spoken(1, 2, 3, 4, 5, 6, 7, 8)
+    interims = [r for r in h.of("Results") if not r["is_final"]]
+    assert interims, "interim_results=true shows text while the speaker talks"
+    first_utterance = [transcript(r) for r in interims if r["start"] == 0.0]
+    assert any(len(t.split()) >= 3 for t in first_utterance), "an interim holds committed words plus the tail"
+    for text in first_utterance:
+        assert spoken(1, 2, 3, 4, 5, 6).startswith(text.rstrip("~").rsplit(" ", 1)[0]), text
+    assert turns(h) == [spoken(1, 2, 3, 4, 5, 6), spoken(7, 8)], "the VAD ended each turn with speech_final"
+    assert [m["type"] for m in h.messages()].count("SpeechStarted") == 2
+    assert h.messages()[-1]["type"] == "Metadata"
+    assert h.closes == [Close(1000, "session closed")]
+
+
+def test_results_tile_the_stream_and_words_lie_inside_their_result() -> None:
+    h = DeepgramHarness({**SDK_QUERY, "interim_results": "true"})
+    h.feed(np.concatenate([silence(0.5), speech([1, 2]), silence(1.2), speech([3, 4]), silence(1.0)]))
+    h.settle()
+    position = 0.0
+    for result in h.of("Results"):
+        assert result["start"] == pytest.approx(position, abs=1e-6)
+        end = result["start"] + result["duration"]
+        for word in result["channel"]["alternatives"][0]["words"]:
+            assert result["start"] - 1e-6 <= word["start"] <= word["end"] <= end + 1e-6
+        if result["is_final"]:
+            position = end
+    assert position <= len(h.audio) / 2 / 16000 + 1e-6
+
+
+def test_finalize_gives_a_from_finalize_final_and_speech_continues() -> None:
+    h = DeepgramHarness(SDK_QUERY)
+    h.feed(np.concatenate([silence(0.3), speech([1, 2, 3])]))
+    h.send({"type": "Finalize"})
+    assert isinstance(h.commands[-1], p.BufferCommit)
+    h.settle()
+    [final] = finals(h)
+    assert final["from_finalize"] is True and final["speech_final"] is False
+    assert transcript(final) == spoken(1, 2, 3)
+    h.feed(np.concatenate([speech([4]), silence(1.0)]))
+    h.settle()
+    later = finals(h)[1:]
+    assert [transcript(r) for r in later if transcript(r)] == [spoken(4)]
+    assert not any(r["from_finalize"] for r in later) and later[-1]["speech_final"] is True
+
+
+def test_finalize_with_nothing_pending_answers_with_an_empty_from_finalize_result() -> None:
+    h = DeepgramHarness(SDK_QUERY)
+    h.feed(silence(0.5))
+    h.send({"type": "Finalize"})
+    [final] = finals(h)
+    assert final["from_finalize"] is True and transcript(final) == ""
+    assert final["duration"] == pytest.approx(0.5)
+
+
+def test_finalize_after_the_vad_already_stopped_marks_that_utterances_final() -> None:
+    h = DeepgramHarness(SDK_QUERY, latency_chunks=40)  # a slow final decode
+    h.feed(np.concatenate([silence(0.3), speech([1, 2]), silence(0.7)]))
+    assert not finals(h) and h.dialect._stopped is not None
+    h.send({"type": "Finalize"})
+    h.settle()
+    [final] = finals(h)
+    assert final["from_finalize"] is True and transcript(final) == spoken(1, 2)
+
+
+def test_close_stream_flushes_then_metadata_then_close() -> None:
+    h = DeepgramHarness(SDK_QUERY)
+    h.feed(np.concatenate([silence(0.2), speech([1, 2])]))
+    h.send({"type": "CloseStream"})
+    h.settle()
+    kinds = [m["type"] for m in h.messages()]
+    assert kinds[-2:] == ["Results", "Metadata"]
+    metadata = h.messages()[-1]
+    assert metadata["sha256"] == hashlib.sha256(bytes(h.audio)).hexdigest()
+    assert metadata["duration"] == pytest.approx(len(h.audio) / 2 / 16000, abs=1e-3)
+    assert metadata["created"] == "2025-01-02T03:04:05.678Z" and metadata["channels"] == 1
+    assert metadata["request_id"] == h.dialect.request_id == finals(h)[-1]["metadata"]["request_id"]
+    assert h.closes == [Close(1000, "session closed")]
+    assert h.dialect.receive_text(json.dumps({"type": "Finalize"})) == [], "nothing after CloseStream"
+
+
+def test_an_empty_binary_frame_closes_the_stream_as_deepgram_once_did() -> None:
+    h = DeepgramHarness(SDK_QUERY)
+    h.feed(np.concatenate([silence(0.2), speech([5])]))
+    h.send_bytes(b"")
+    h.settle()
+    assert isinstance(h.commands[-1], p.SessionClose)
+    assert [transcript(r) for r in finals(h)] == [spoken(5)]
+
+
+def test_utterance_end_after_a_gap_in_words_but_not_while_speech_goes_on() -> None:
+    h = DeepgramHarness({**SDK_QUERY, "interim_results": "true", "utterance_end_ms": "1000"})
+    h.feed(np.concatenate([silence(0.3), speech([1, 2]), silence(0.8), speech([3]), silence(0.5)]))
+    h.settle()
+    assert not h.of("UtteranceEnd"), "0.8 s pauses are shorter than utterance_end_ms"
+    h.feed(silence(1.0))
+    h.settle()
+    [end] = h.of("UtteranceEnd")
+    last_final = [r for r in finals(h) if transcript(r)][-1]
+    assert end["last_word_end"] == last_final["channel"]["alternatives"][0]["words"][-1]["end"]
+    kinds = [m["type"] for m in h.messages()]
+    assert kinds.index("UtteranceEnd") > kinds.index("Results"), "after the final it follows"
+    h.feed(silence(2.0))
+    assert len(h.of("UtteranceEnd")) == 1, "once per gap"
+
+
+def test_keepalive_is_silent_and_bad_text_gets_a_schema_error() -> None:
+    h = DeepgramHarness(SDK_QUERY)
+    h.send({"type": "KeepAlive"})
+    assert h.sent == [] and h.commands == []
+    h.apply(h.dialect.receive_text("{nope"))
+    h.send({"type": "Transcribe"})
+    errors = h.of("Error")
+    assert [e["variant"] for e in errors] == ["SchemaError", "SchemaError"]
+    assert errors[0]["message"] == "{nope"
+
+
+def test_configure_keyterms_become_the_prompt_and_features_switch_punctuation() -> None:
+    h = DeepgramHarness(SDK_QUERY)
+    h.send({"type": "Configure", "keyterms": ["Kubernetes", "gRPC"], "features": {"punctuate": True}})
+    assert h.session.config.prompt == "Kubernetes, gRPC"
+    [success] = h.of("ConfigureSuccess")
+    assert success["keyterms"] == ["Kubernetes", "gRPC"] and h.dialect.punctuated
+    h.send({"type": "Configure", "keyterms": ["x" * 1200]})
+    [failure] = h.of("ConfigureFailure")
+    assert failure["code"] == "CONFIGURE_KEYTERM_LIMIT_EXCEEDED"
+
+
+def test_idle_close_is_deepgrams_net0001() -> None:
+    dialect = dg.create(handshake())
+    assert dialect.idle_timeout_s == 10.0
+    [close] = dialect.error(p.Error.invalid("idle_timeout", "no message for 10 s; closing"))
+    assert isinstance(close, Close) and close.code == 1011 and "NET-0001" in close.reason
+    assert len(close.reason.encode()) <= 123, "a close reason must fit a control frame"
+
+
+def test_core_errors_become_deepgram_error_messages() -> None:
+    dialect = dg.create(handshake())
+    [send] = dialect.render(p.Error.server("decode_failed", "the decoder failed"))
+    assert isinstance(send, Send) and isinstance(send.message, str)
+    error = sdk_validate(send.message)
+    assert error == {"type": "Error", "variant": "InternalServerError", "description": "the decoder failed"}
+
+
+def test_a_delta_with_nothing_unsettled_before_it_is_final_at_once() -> None:
+    """The core sends no interim when the tail stays empty, so the delta itself must finalize."""
+    dialect = dg.create(handshake(SDK_QUERY))
+    word = p.WordTiming(" Yes.", 0.4, 0.7, 0.95)
+    sent = [
+        a
+        for e in (
+            p.SpeechStarted("item_1", 100),
+            p.TranscriptDelta("item_1", "Yes.", tokens("Yes", "."), [word]),
+            p.SpeechStopped("item_1", 800),
+            p.TranscriptSegment("item_1", 0.4, 0.8, "Yes.", None, [word], -0.25, 0.01),
+        )
+        for a in dialect.render(e)
+    ]
+    early, end = (sdk_validate(str(a.message)) for a in sent if isinstance(a, Send))
+    assert (transcript(early), early["is_final"], early["speech_final"]) == ("yes", True, False)
+    assert (transcript(end), end["is_final"], end["speech_final"]) == ("", True, True)
+    assert end["start"] == pytest.approx(0.7) and end["duration"] == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# Transcript forms
+# --------------------------------------------------------------------------------------------
+
+
+def tokens(*texts: str) -> list[p.TokenLogprob]:
+    return [p.TokenLogprob.of(t, -0.25) for t in texts]
+
+
+def hand_made_utterance(dialect: dg.DeepgramDialect) -> list[dict[str, Any]]:
+    words = [
+        p.WordTiming(" Hello,", 0.5, 0.9, 0.9),
+        p.WordTiming(" don't", 1.0, 1.2, 0.8),
+        p.WordTiming(" stop", 1.2, 1.5, 0.7),
+        p.WordTiming(" -", 1.5, 1.5, 0.5),
+        p.WordTiming(" 3.5!", 1.6, 2.0, 0.6),
+    ]
+    text = "Hello, don't stop - 3.5!"
+    events: list[p.ServerEvent] = [
+        p.SessionCreated({"model": "tiny.en"}),
+        p.SpeechStarted("item_1", 200),
+        p.TranscriptInterim("item_1", "Hello, don't", words[:2]),
+        p.TranscriptDelta("item_1", "Hello,", tokens("Hello", ","), words[:1]),
+        p.TranscriptInterim("item_1", " don't stop", words[1:3]),
+        p.SpeechStopped("item_1", 2100),
+        p.TranscriptDelta("item_1", " don't stop - 3.5!", tokens(" don't", " stop", " -", " 3.5", "!"), words[1:]),
+        p.TranscriptSegment("item_1", 0.5, 2.1, text, None, words, -0.25, 0.01),
+    ]
+    sent = [a for e in events for a in dialect.render(e)]
+    return [sdk_validate(str(a.message)) for a in sent if isinstance(a, Send)]
+
+
+def test_without_punctuate_transcripts_and_words_are_plain_lower_case() -> None:
+    dialect = dg.create(handshake({**SDK_QUERY, "interim_results": "true"}))
+    first, interim, final = hand_made_utterance(dialect)
+    assert transcript(first) == "hello don't"
+    assert transcript(interim) == "hello don't stop"
+    assert transcript(final) == "hello don't stop 3.5"
+    words = final["channel"]["alternatives"][0]["words"]
+    assert [w["word"] for w in words] == ["hello", "don't", "stop", "3.5"]
+    assert all("punctuated_word" not in w for w in words)
+    assert final["channel"]["alternatives"][0]["confidence"] == pytest.approx(math.exp(-0.25), abs=1e-4)
+    assert final["start"] == 0.0 and final["duration"] == pytest.approx(2.1)
+    assert final["metadata"]["model_info"]["name"] == "tiny.en"
+
+
+@pytest.mark.parametrize("flag", ["punctuate", "smart_format"])
+def test_punctuate_or_smart_format_keep_the_decoders_text(flag: str) -> None:
+    dialect = dg.create(handshake({**SDK_QUERY, "interim_results": "true", flag: "true"}))
+    _, interim, final = hand_made_utterance(dialect)
+    assert transcript(interim) == "Hello, don't stop"
+    assert transcript(final) == "Hello, don't stop - 3.5!"
+    words = final["channel"]["alternatives"][0]["words"]
+    assert [(w["word"], w["punctuated_word"]) for w in words] == [
+        ("hello", "Hello,"), ("don't", "don't"), ("stop", "stop"), ("3.5", "3.5!"),
+    ]
+
+
+def test_plain_word_strips_only_edge_punctuation() -> None:
+    assert [dg.plain_word(w) for w in ["Hello,", "\"Quoted.\"", "U.S.", "it's", "—", "1,000", "5%.", "&"]] == [
+        "hello", "quoted", "u.s", "it's", "", "1,000", "5%", "&",
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Containerized (WAV) audio without an encoding parameter
+# --------------------------------------------------------------------------------------------
+
+
+def wav_header(rate: int, tag: int = 1, bits: int = 16, channels: int = 1) -> bytes:
+    fmt = struct.pack("<HHIIHH", tag, channels, rate, rate * channels * bits // 8, channels * bits // 8, bits)
+    return b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + b"LIST" + struct.pack("<I", 4) + b"INFO" + b"data" + struct.pack("<I", 0xFFFFFFFF)
+
+
+def test_a_wav_stream_announces_its_own_format_even_split_across_frames() -> None:
+    h = DeepgramHarness({"model": "nova-3", "interim_results": "false"})
+    audio = to_pcm16(np.concatenate([silence(0.2), speech([1, 2]), silence(1.0)]))
+    stream = wav_header(16000) + audio
+    h.send_bytes(stream[:7])
+    h.send_bytes(stream[7:30])
+    assert h.commands == []
+    h.apply(h.dialect.receive_bytes(stream[30:]))
+    assert h.commands[0] == p.SessionUpdate({"input_audio_format": "pcm16", "sample_rate": 16000})
+    appended = b"".join(c.audio for c in h.commands if isinstance(c, p.AudioAppend))
+    assert appended == audio
+    h.send({"type": "CloseStream"})
+    h.settle()
+    assert [transcript(r) for r in finals(h) if transcript(r)] == [spoken(1, 2)]
+
+
+def test_a_mulaw_wav_header_selects_g711() -> None:
+    dialect = dg.create(handshake({"model": "nova-3"}))
+    [update, _] = dialect.receive_bytes(wav_header(8000, tag=7, bits=8) + b"\xff" * 80)
+    assert update == p.SessionUpdate({"input_audio_format": "g711_ulaw", "sample_rate": 8000})
+    assert dialect.audio_seconds == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("data", [b"ID3\x03\x00 an mp3", wav_header(16000, channels=2), wav_header(16000, tag=85)])
+def test_audio_that_is_neither_raw_nor_readable_wav_is_refused_with_data_0000(data: bytes) -> None:
+    dialect = dg.create(handshake({"model": "nova-3"}))
+    error, close = dialect.receive_bytes(data)
+    assert isinstance(error, Send) and sdk_validate(str(error.message))["variant"] == "DataError"
+    assert isinstance(close, Close) and close.code == 1008 and close.reason.startswith("DATA-0000")
+
+
+# --------------------------------------------------------------------------------------------
+# Every message type against the SDK and the doc
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_message_type_validates_against_the_sdk_and_matches_the_doc() -> None:
+    h = DeepgramHarness(
+        {**SDK_QUERY, "interim_results": "true", "vad_events": "true", "utterance_end_ms": "1000", "punctuate": "true"}
+    )
+    h.feed(np.concatenate([silence(0.3), speech([1, 2, 3]), silence(1.5)]))
+    h.send({"type": "Finalize"})
+    h.send({"type": "Configure", "keyterms": ["alpha"]})
+    h.send({"type": "Configure", "keyterms": ["x" * 1200]})
+    h.send({"type": "Nope"})
+    h.feed(speech([4]))
+    h.send({"type": "CloseStream"})
+    h.settle()
+    seen = check_documented(h.messages())
+    assert seen == {"Results", "SpeechStarted", "UtteranceEnd", "Metadata", "Error", "ConfigureSuccess", "ConfigureFailure"}
+    assert set(documented_fields()) == seen, "the doc lists exactly the messages sent"
