@@ -1,0 +1,52 @@
+"""API keys on the WebSocket endpoints, as each dialect's clients present them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import websockets
+from websockets.exceptions import InvalidStatus
+
+from tests.support import start_server
+
+
+def test_keys_are_required_when_configured_and_each_dialect_reads_its_own_scheme(tmp_path: Path) -> None:
+    srv = start_server(tmp_path, "--api-keys", "key-one, key-two")
+    base = f"ws://127.0.0.1:{srv.port}"
+
+    async def first_message(url: str, **kwargs: object) -> dict:
+        async with websockets.connect(url, **kwargs) as ws:  # type: ignore[arg-type]
+            return json.loads(await ws.recv())
+
+    async def refused_status(url: str, **kwargs: object) -> int:
+        with pytest.raises(InvalidStatus) as info:
+            async with websockets.connect(url, **kwargs):  # type: ignore[arg-type]
+                pass
+        return info.value.response.status_code
+
+    async def go() -> None:
+        stream = base + "/v1/stream"
+        assert await refused_status(stream) == 401
+        assert await refused_status(stream, additional_headers={"Authorization": "Bearer wrong"}) == 401
+        created = await first_message(stream, additional_headers={"Authorization": "Bearer key-two"})
+        assert created["type"] == "session.created"
+        realtime = base + "/v1/realtime?intent=transcription"
+        assert await refused_status(realtime) == 401
+        created = await first_message(realtime, subprotocols=["realtime", "openai-insecure-api-key.key-one"])
+        assert created["type"] == "session.created"
+        listen = base + "/v1/listen?encoding=linear16&sample_rate=16000"
+        assert await refused_status(listen, additional_headers={"Authorization": "Token nope"}) == 401
+        async with websockets.connect(listen, additional_headers={"Authorization": "Token key-one"}) as ws:
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            messages = [json.loads(m) async for m in ws]
+        assert messages[-1]["type"] == "Metadata"
+
+    try:
+        asyncio.run(go())
+        server_output = srv.log_path.read_text().split("\n", 1)[1]  # after the launcher's "$ command" line
+        assert "key-one" not in server_output and "key-two" not in server_output
+    finally:
+        srv.stop()
