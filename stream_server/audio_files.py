@@ -18,11 +18,14 @@ from __future__ import annotations
 import logging
 import os
 import wave
-from typing import BinaryIO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
 from stream_server.audio import MODEL_RATE
+
+if TYPE_CHECKING:
+    from av.audio.frame import AudioFrame
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ class AudioTooLong(Exception):
     """The decoded audio exceeds the duration limit."""
 
 
-def decode_file(fileobj: BinaryIO, *, max_seconds: float | None = None) -> np.ndarray:
+def decode_file(fileobj: IO[bytes], *, max_seconds: float | None = None) -> np.ndarray:
     """Decode the first audio stream of ``fileobj`` to mono float32 at 16 kHz.
 
     Blocking (FFmpeg and resampling): call it from a worker thread.
@@ -86,7 +89,7 @@ def decode_file(fileobj: BinaryIO, *, max_seconds: float | None = None) -> np.nd
         packets = good = 0
         first_error: Exception | None = None
 
-        def take(frames) -> None:
+        def take(frames: list[AudioFrame]) -> None:
             nonlocal total
             for out in frames:
                 samples = out.to_ndarray().reshape(-1).astype(np.float32, copy=False)

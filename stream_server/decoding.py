@@ -23,13 +23,18 @@ import math
 import time
 import zlib
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
 from stream_server.audio import MODEL_RATE
 
 log = logging.getLogger(__name__)
+
+# faster-whisper and CTranslate2 ship no type information: their objects are ``Any``, named here
+# for what they are.
+Tokenizer: TypeAlias = Any  # faster_whisper.tokenizer.Tokenizer
+StorageView: TypeAlias = Any  # ctranslate2.StorageView (encoder output)
 
 FRAMES_PER_SECOND = 100  # mel frames
 MAX_WINDOW_S = 30
@@ -153,7 +158,7 @@ class WhisperDecoder:
             num_workers=num_workers,
         )
         self.multilingual: bool = self._model.model.is_multilingual
-        self._tokenizers: dict[str, object] = {}
+        self._tokenizers: dict[str, Tokenizer] = {}
         self._num_mels = self._model.feature_extractor.mel_filters.shape[0]
         # Timestamp tokens let us drop text stamped past the audio (see the module notes). On
         # CUDA, CTranslate2's timestamp rules cost ~20x per decoding step (38 ms vs 1.8 ms at
@@ -164,11 +169,11 @@ class WhisperDecoder:
 
     # -- tokens ---------------------------------------------------------------------------
 
-    def _tokenizer(self, language: str):
-        from faster_whisper.tokenizer import Tokenizer
+    def _tokenizer(self, language: str) -> Tokenizer:
+        from faster_whisper.tokenizer import Tokenizer as WhisperTokenizer
 
         if language not in self._tokenizers:
-            self._tokenizers[language] = Tokenizer(
+            self._tokenizers[language] = WhisperTokenizer(
                 self._model.hf_tokenizer,
                 self.multilingual,
                 task="transcribe",
@@ -177,7 +182,8 @@ class WhisperDecoder:
         return self._tokenizers[language]
 
     def encode_text(self, text: str) -> list[int]:
-        return self._tokenizer("en").encode(text)
+        ids: list[int] = self._tokenizer("en").encode(text)
+        return ids
 
     # -- decoding -------------------------------------------------------------------------
 
@@ -194,7 +200,7 @@ class WhisperDecoder:
             feats[i, :, : mel.shape[1]] = mel[:, : seconds * FRAMES_PER_SECOND]
         return feats, seconds
 
-    def _languages(self, requests: Sequence[DecodeRequest], encoded) -> list[str]:
+    def _languages(self, requests: Sequence[DecodeRequest], encoded: StorageView) -> list[str]:
         if not self.multilingual:
             return ["en"] * len(requests)
         missing = [i for i, r in enumerate(requests) if not r.language]
@@ -208,12 +214,14 @@ class WhisperDecoder:
     def _context(self, request: DecodeRequest) -> list[int]:
         if not request.prompt.strip():
             return []
-        return self._tokenizer("en").encode(" " + request.prompt.strip())[-CONTEXT_TOKENS:]
+        ids: list[int] = self._tokenizer("en").encode(" " + request.prompt.strip())
+        return ids[-CONTEXT_TOKENS:]
 
-    def _mode_token(self, tokenizer) -> int:
-        return tokenizer.timestamp_begin if self._timestamps else tokenizer.no_timestamps
+    def _mode_token(self, tokenizer: Tokenizer) -> int:
+        token: int = tokenizer.timestamp_begin if self._timestamps else tokenizer.no_timestamps
+        return token
 
-    def _prompt_tokens(self, request: DecodeRequest, tokenizer, context: list[int]) -> list[int]:
+    def _prompt_tokens(self, request: DecodeRequest, tokenizer: Tokenizer, context: list[int]) -> list[int]:
         tokens = [tokenizer.sot_prev, *context] if context else []
         return [*tokens, *tokenizer.sot_sequence, self._mode_token(tokenizer), *request.prefix]
 
@@ -269,7 +277,7 @@ class WhisperDecoder:
         return [12 + int(len(r.audio) / MODEL_RATE * 8) for r in requests]
 
     def _generation_limits(
-        self, requests: Sequence[DecodeRequest], prompts: list[list[int]], tokenizers: list
+        self, requests: Sequence[DecodeRequest], prompts: list[list[int]], tokenizers: list[Tokenizer]
     ) -> tuple[int, list[int]]:
         """``max_length`` and ``suppress_tokens`` of the group's one ``generate`` call: long
         enough for the largest budget, model-default suppression."""
@@ -277,7 +285,7 @@ class WhisperDecoder:
         return min(448, max(len(p) + b for p, b in zip(prompts, budgets))), [-1]
 
     def _kept_tokens(
-        self, requests: Sequence[DecodeRequest], tokenizers: list, new_tokens: list[list[int]]
+        self, requests: Sequence[DecodeRequest], tokenizers: list[Tokenizer], new_tokens: list[list[int]]
     ) -> list[list[int]]:
         """The generated tokens (after the forced prefix) that become text: those of timestamp
         segments starting inside the audio, within the budget (see the module notes)."""
@@ -286,7 +294,15 @@ class WhisperDecoder:
             for tokens, tok, r, budget in zip(new_tokens, tokenizers, requests, self._token_budgets(requests))
         ]
 
-    def _align_and_build(self, requests, encoded, tokenizers, kept, generated, languages):
+    def _align_and_build(
+        self,
+        requests: Sequence[DecodeRequest],
+        encoded: StorageView,
+        tokenizers: list[Tokenizer],
+        kept: list[list[int]],
+        generated: Sequence[Any],  # ctranslate2.models.WhisperGenerationResult
+        languages: list[str],
+    ) -> list[DecodeResult]:
         num_frames = [
             max(1, min(int(len(r.audio) / MODEL_RATE * FRAMES_PER_SECOND), MAX_WINDOW_S * 100)) // 2 * 2
             for r in requests
@@ -294,7 +310,7 @@ class WhisperDecoder:
         text_tokens = [list(r.prefix) + k for r, k in zip(requests, kept)]
         # align takes one start sequence per call: group the batch by it (one group unless
         # languages differ).
-        alignments: list[object] = [None] * len(requests)
+        alignments: list[Any] = [None] * len(requests)  # ctranslate2 alignment results
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, tok in enumerate(tokenizers):
             if text_tokens[i]:
@@ -310,7 +326,7 @@ class WhisperDecoder:
             )
             for i, res in zip(idx, out):
                 alignments[i] = res
-        results = []
+        results: list[DecodeResult] = []
         for i, request in enumerate(requests):
             words, prefix_end = _words_from_alignment(
                 tokenizers[i], text_tokens[i], len(request.prefix), alignments[i]
@@ -330,7 +346,7 @@ class WhisperDecoder:
         return results
 
 
-def _select(encoded, idx: list[int]):
+def _select(encoded: StorageView, idx: list[int]) -> StorageView:
     import ctranslate2
 
     arr = np.asarray(encoded.to_device(ctranslate2.Device.cpu) if hasattr(encoded, "to_device") else encoded)
@@ -346,7 +362,7 @@ def _without_prompt_tail(sequence: Sequence[int], tail: Sequence[int]) -> list[i
     return list(sequence)
 
 
-def _tokens_inside_audio(sequence: Sequence[int], tokenizer, duration: float, budget: int) -> list[int]:
+def _tokens_inside_audio(sequence: Sequence[int], tokenizer: Tokenizer, duration: float, budget: int) -> list[int]:
     """Text tokens of the timestamp segments that start inside the audio.
 
     On a short window Whisper repeats itself in new segments stamped at or after the audio's end;
@@ -378,7 +394,9 @@ def _tokens_inside_audio(sequence: Sequence[int], tokenizer, duration: float, bu
     return kept
 
 
-def _words_from_alignment(tokenizer, tokens: list[int], n_prefix: int, alignment) -> tuple[list[Word], float]:
+def _words_from_alignment(
+    tokenizer: Tokenizer, tokens: list[int], n_prefix: int, alignment: Any
+) -> tuple[list[Word], float]:
     if not tokens or alignment is None:
         return [], 0.0
     words_text, word_tokens = tokenizer.split_to_word_tokens(tokens + [tokenizer.eot])
@@ -433,7 +451,10 @@ def _drop_echo(prefix_words: list[str], words: list[Word], min_tail: int = 2, mi
     it inner text). Speakers do repeat themselves, but rarely four words
     verbatim within one utterance window; decoders do it often.
     """
-    norm = lambda t: t.strip().lower().strip(".,!?;:")  # noqa: E731
+
+    def norm(t: str) -> str:
+        return t.strip().lower().strip(".,!?;:")
+
     earlier = [norm(w) for w in prefix_words]
     current = [norm(w.text) for w in words]
     # At the seam: the continuation starting with the prefix's last words ("Printing." →

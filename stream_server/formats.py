@@ -52,7 +52,7 @@ def compression_ratio(text: str) -> float:
 
 
 def _timestamp(seconds: float, separator: str) -> str:
-    millis = max(0, int(round(seconds * 1000)))
+    millis = max(0, round(seconds * 1000))
     hours, millis = divmod(millis, 3_600_000)
     minutes, millis = divmod(millis, 60_000)
     secs, millis = divmod(millis, 1000)

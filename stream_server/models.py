@@ -98,7 +98,7 @@ class ModelRegistry:
             return os.path.isfile(os.path.join(name, "model.bin"))
         from faster_whisper.utils import available_models
 
-        return name in available_models() or name.count("/") == 1 and not name.startswith("/")
+        return name in available_models() or (name.count("/") == 1 and not name.startswith("/"))
 
     def resolve(self, name: str) -> str:
         """The path or hub name faster-whisper should load for ``name``."""

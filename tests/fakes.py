@@ -82,7 +82,7 @@ class BurstDecoder:
         words: list[Word] = []
         for lo, hi in _bursts(audio):
             rms = float(np.sqrt(np.mean(audio[lo:hi].astype(np.float64) ** 2)))
-            k = int(round((rms - 0.1) / 0.02))
+            k = round((rms - 0.1) / 0.02)
             # A final request holds all the audio there will be, so nothing in it is cut off.
             complete = request.final or len(audio) - hi >= int(0.05 * RATE)
             text = f" w{k}" if complete else f" w{k}~"

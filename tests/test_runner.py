@@ -80,6 +80,6 @@ async def test_cancel_forgets_queued_decodes() -> None:
         await asyncio.sleep(0.2)
         assert scheduler.queue_depth() == 0
         assert not runner.closed.is_set()
-        assert [e.type for e in events][0] == "session.created"
+        assert events[0].type == "session.created"
     finally:
         scheduler.stop()

@@ -183,7 +183,7 @@ def test_long_stream_of_many_utterances_matches_offline_accuracy(server: ServerP
     require_speech()
     rows = [r for r in english_references() if r["kind"] == "read" and 2.0 < r["duration_s"] < 12.0]
     clips = random.Random(3).sample(rows, 12)
-    audio, spans = build_long_stream(clips)
+    audio, _spans = build_long_stream(clips)
     run = asyncio.run(stream(server.ws_url, audio, session={"interim_results": True}))
     check_grammar(run)
     check_fields(run)

@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -55,7 +56,7 @@ def server(url: str | None, log_dir: Path) -> Iterator[str]:
         yield proc.http_url
 
 
-async def post_file(base: str, path: Path) -> tuple[float, dict]:
+async def post_file(base: str, path: Path) -> tuple[float, dict[str, Any]]:
     import httpx
 
     async with httpx.AsyncClient(timeout=1800) as client:
@@ -66,7 +67,7 @@ async def post_file(base: str, path: Path) -> tuple[float, dict]:
         return time.monotonic() - started, resp.json()
 
 
-async def stream_session(base: str, audio: np.ndarray, stop: asyncio.Event) -> dict:
+async def stream_session(base: str, audio: np.ndarray, stop: asyncio.Event) -> dict[str, float]:
     import websockets
 
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
@@ -74,7 +75,7 @@ async def stream_session(base: str, audio: np.ndarray, stop: asyncio.Event) -> d
     sent = deltas = 0
     async with websockets.connect(base.replace("http", "ws", 1) + "/v1/stream", max_size=None) as ws:
 
-        async def reader():
+        async def reader() -> None:
             nonlocal deltas
             async for message in ws:
                 if json.loads(message).get("type") == "transcript.text.delta":
@@ -94,7 +95,7 @@ async def stream_session(base: str, audio: np.ndarray, stop: asyncio.Event) -> d
     return {"audio_s": sent / 32000, "deltas": deltas}
 
 
-async def measure(base: str, path: Path, duration: float, streams: int, stream_audio: np.ndarray) -> dict:
+async def measure(base: str, path: Path, duration: float, streams: int, stream_audio: np.ndarray) -> dict[str, Any]:
     stop = asyncio.Event()
     sessions = [asyncio.create_task(stream_session(base, stream_audio, stop)) for _ in range(streams)]
     if streams:

@@ -40,25 +40,31 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
+import numpy.typing as npt
+from prometheus_client import Histogram
 
 from stream_server import protocol as p
 from stream_server.bench.corpus import load_wav
 from stream_server.bench.synthetic_model import FixedLengthDecoder
-from stream_server.decoding import DecodeResult, WhisperDecoder
+from stream_server.decoding import Decoder, DecodeRequest, DecodeResult, WhisperDecoder
 from stream_server.engine import Engine
 from stream_server.runner import SessionRunner
 from stream_server.scheduler import DecodeScheduler, Job
 from stream_server.session import Session
 from stream_server.settings import Settings
-from stream_server.vad import SileroVad
+from stream_server.vad import SileroVad, VadModel
 
 FRAME_S = 0.04
 RATE = 16000
 FRAME_SAMPLES = int(RATE * FRAME_S)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # ------------------------------------------------------------------------------------ audio
@@ -83,7 +89,8 @@ def stream_audio(clips: list[np.ndarray], index: int, duration_s: float, gap_s: 
         total += len(clip) + int(RATE * gap_s)
         k += 1
     audio = np.concatenate(parts)[: int(duration_s * RATE)]
-    return np.clip(audio * 32768.0, -32768, 32767).astype("<i2")
+    pcm: np.ndarray = np.clip(audio * 32768.0, -32768, 32767).astype("<i2")
+    return pcm
 
 
 # ------------------------------------------------------------------------------------ synthetic model
@@ -103,7 +110,7 @@ def build_synthetic(out_dir: str, shape: str, tokenizer_from: str | None = None)
 # ------------------------------------------------------------------------------------ instrumentation
 
 
-def _stats(values, scale: float = 1.0) -> dict:
+def _stats(values: npt.ArrayLike, scale: float = 1.0) -> dict[str, float]:
     v = np.asarray(values, dtype=np.float64) * scale
     if not len(v):
         return {"n": 0}
@@ -120,7 +127,7 @@ def _stats(values, scale: float = 1.0) -> dict:
 class RecordingDecoder:
     """Wraps a decoder: per batch its size, model seconds, audio seconds, finals, words returned."""
 
-    def __init__(self, inner, timer: StageTimer | None = None) -> None:
+    def __init__(self, inner: Decoder, timer: StageTimer | None = None) -> None:
         self.inner = inner
         self.timer = timer
         self.multilingual = inner.multilingual
@@ -131,7 +138,7 @@ class RecordingDecoder:
     def encode_text(self, text: str) -> list[int]:
         return self.inner.encode_text(text)
 
-    def decode_batch(self, requests):
+    def decode_batch(self, requests: Sequence[DecodeRequest]) -> list[DecodeResult]:
         started = time.monotonic()
         results = self.inner.decode_batch(requests)
         elapsed = time.monotonic() - started
@@ -157,8 +164,8 @@ class StageTimer:
         self.seconds = dict.fromkeys(self.STAGES, 0.0)
         self._lock = threading.Lock()
 
-    def wrap(self, stage: str, fn):
-        def timed(*a, **kw):
+    def wrap(self, stage: str, fn: Callable[P, R]) -> Callable[P, R]:
+        def timed(*a: P.args, **kw: P.kwargs) -> R:
             t = time.perf_counter()
             try:
                 return fn(*a, **kw)
@@ -168,22 +175,25 @@ class StageTimer:
 
         return timed
 
-    def instrument(self, decoder) -> None:
+    def instrument(self, decoder: WhisperDecoder) -> None:
         timer = self
 
         class ModelProxy:
-            def __init__(self, inner) -> None:
+            """The CTranslate2 model (untyped), its stage methods timed."""
+
+            def __init__(self, inner: Any) -> None:
                 self._inner = inner
 
-            def __getattr__(self, name):
+            def __getattr__(self, name: str) -> Any:
                 attr = getattr(self._inner, name)
                 return timer.wrap(name, attr) if name in timer.STAGES else attr
 
         decoder._model.model = ModelProxy(decoder._model.model)
-        decoder._features = self.wrap("features", decoder._features)
-        decoder._align_and_build = self.wrap("align_and_build", decoder._align_and_build)
+        # The decoder's own stages are replaced on this instance only (the class is untouched).
+        for method, stage in (("_features", "features"), ("_align_and_build", "align_and_build")):
+            setattr(decoder, method, self.wrap(stage, getattr(decoder, method)))
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, float]:
         with self._lock:
             return dict(self.seconds)
 
@@ -191,16 +201,16 @@ class StageTimer:
 class TimingVad:
     """Wraps the shared VAD to time its inference (it runs inline on the event loop)."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner: VadModel) -> None:
         self.inner = inner
         self.seconds = 0.0
         self.calls = 0
         self.frames = 0
 
-    def new_state(self):
+    def new_state(self) -> object:
         return self.inner.new_state()
 
-    def probabilities(self, frames, state):
+    def probabilities(self, frames: np.ndarray, state: object) -> tuple[np.ndarray, object]:
         t = time.perf_counter()
         out = self.inner.probabilities(frames, state)
         self.seconds += time.perf_counter() - t
@@ -215,7 +225,10 @@ class GpuSampler:
     def __init__(self) -> None:
         self.samples: list[tuple[float, float, float]] = []
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
+        self._nvml: Any  # the pynvml module, or None without NVML
+        self._handle: Any
+        self.name: str | None
         try:
             import pynvml
 
@@ -225,7 +238,7 @@ class GpuSampler:
             self.name = pynvml.nvmlDeviceGetName(self._handle)
             if isinstance(self.name, bytes):
                 self.name = self.name.decode()
-        except Exception:
+        except Exception:  # noqa: BLE001 - no NVML: GPU figures are left out
             self._nvml = None
             self.name = None
 
@@ -243,10 +256,10 @@ class GpuSampler:
                 util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
                 mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
                 self.samples.append((time.monotonic(), float(util.gpu), mem.used / 2**20))
-            except Exception:
+            except Exception:  # noqa: BLE001 - sampling stops; the run goes on
                 return
 
-    def stop(self) -> dict | None:
+    def stop(self) -> dict[str, Any] | None:
         if self._thread is None:
             return None
         self._stop.set()
@@ -258,20 +271,21 @@ class GpuSampler:
         return {"util_pct": _stats(util), "mem_used_mib_max": round(max(s[2] for s in self.samples), 1)}
 
 
-def _hist(metric) -> dict:
+def _hist(metric: Histogram) -> dict[str, Any]:
     """Sum, count and cumulative bucket counts of a prometheus Histogram."""
-    out = {"sum": 0.0, "count": 0.0, "buckets": {}}
-    for sample in metric.collect()[0].samples:
+    buckets: dict[str, float] = {}
+    out: dict[str, Any] = {"sum": 0.0, "count": 0.0, "buckets": buckets}
+    for sample in next(iter(metric.collect())).samples:  # a Histogram collects one metric family
         if sample.name.endswith("_sum"):
             out["sum"] = sample.value
         elif sample.name.endswith("_count"):
             out["count"] = sample.value
         elif sample.name.endswith("_bucket"):
-            out["buckets"][sample.labels["le"]] = sample.value
+            buckets[sample.labels["le"]] = sample.value
     return out
 
 
-def _hist_delta(before: dict, after: dict) -> dict:
+def _hist_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     count = after["count"] - before["count"]
     buckets = {k: after["buckets"][k] - before["buckets"].get(k, 0.0) for k in after["buckets"]}
     p95 = None
@@ -413,7 +427,9 @@ async def _loop_lag(stop: asyncio.Event, out: list[float], period: float = 0.01)
         out.append(time.monotonic() - t - period)
 
 
-async def run_level(engine: Engine, recorder: RecordingDecoder, vad: TimingVad, gpu: GpuSampler, n: int, args, clips) -> dict:
+async def run_level(
+    engine: Engine, recorder: RecordingDecoder, vad: TimingVad, gpu: GpuSampler, n: int, args: argparse.Namespace, clips: list[np.ndarray]
+) -> dict[str, Any]:
     import psutil
 
     proc = psutil.Process()
@@ -429,7 +445,8 @@ async def run_level(engine: Engine, recorder: RecordingDecoder, vad: TimingVad, 
     dropped0, errors0 = metrics.dropped_interim._value.get(), metrics.decode_errors._value.get()
     n_batches0 = len(recorder.batches)
     vad_s0, vad_frames0 = vad.seconds, vad.frames
-    stages0 = recorder.timer.snapshot() if recorder.timer else None
+    timer = recorder.timer
+    stages0 = timer.snapshot() if timer is not None else None
     cpu0 = proc.cpu_times()
     thread_cpu0 = time.thread_time()
     lag: list[float] = []
@@ -445,9 +462,14 @@ async def run_level(engine: Engine, recorder: RecordingDecoder, vad: TimingVad, 
     cpu1 = proc.cpu_times()
     thread_cpu = time.thread_time() - thread_cpu0
 
-    due, fed, stopped, missing = [], [], [], 0
-    rtt_final, rtt_interim, errors = [], [], {}
-    feed_lag = []
+    due: list[float] = []
+    fed: list[float] = []
+    stopped: list[float] = []
+    missing = 0
+    rtt_final: list[float] = []
+    rtt_interim: list[float] = []
+    errors: dict[str, int] = {}
+    feed_lag: list[float] = []
     for r in runs:
         a, b, c, m = r.latencies()
         due += a
@@ -463,7 +485,7 @@ async def run_level(engine: Engine, recorder: RecordingDecoder, vad: TimingVad, 
     sizes = [b[1] for b in batches]
     busy = sum(b[2] for b in batches)
     audio_fed_s = sum(r.n_frames for r in runs) * FRAME_S
-    level = {
+    level: dict[str, Any] = {
         "streams": n,
         "wall_s": round(wall, 2),
         "aborted_streams": sum(r.aborted for r in runs),
@@ -503,8 +525,8 @@ async def run_level(engine: Engine, recorder: RecordingDecoder, vad: TimingVad, 
         "process_cpu_cores": round(((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall, 2),
         "gpu": gpu_stats,
     }
-    if stages0 is not None:
-        stages1 = recorder.timer.snapshot()
+    if timer is not None and stages0 is not None:
+        stages1 = timer.snapshot()
         stage_s = {k: stages1[k] - stages0[k] for k in stages1}
         stage_s["post_align"] = stage_s["align_and_build"] - stage_s["align"]
         level["decode_stage_s"] = {k: round(v, 3) for k, v in stage_s.items()}
@@ -516,7 +538,7 @@ async def run_level(engine: Engine, recorder: RecordingDecoder, vad: TimingVad, 
     return level
 
 
-def _format_row(level: dict) -> str:
+def _format_row(level: dict[str, Any]) -> str:
     lat = level["latency_s"]
     bs = level["batch_size"]
     gpu = (level.get("gpu") or {}).get("util_pct", {}).get("mean")
@@ -536,7 +558,7 @@ HEADER = (
 )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m stream_server.bench.inprocess", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny.en", help="tiny.en, base or a CTranslate2 model directory")
     ap.add_argument("--build-synthetic", metavar="DIR", help="build a random-weight model of --shape in DIR and use it")
@@ -585,7 +607,7 @@ def load_decoder(path: str, settings: Settings, fixed_decode_tokens: int | None)
     return WhisperDecoder(path, **decoder_options(settings))
 
 
-async def main_async(args) -> dict:
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     if args.build_synthetic:
         t = time.monotonic()
         args.model = build_synthetic(args.build_synthetic, args.shape, args.tokenizer_from)
@@ -603,7 +625,7 @@ async def main_async(args) -> dict:
 
     def factory(path: str) -> RecordingDecoder:
         inner = load_decoder(path, settings, args.fixed_decode_tokens)
-        timer = None
+        timer: StageTimer | None = None
         if args.profile:
             timer = StageTimer()
             timer.instrument(inner)
@@ -619,7 +641,7 @@ async def main_async(args) -> dict:
     recorder = recorders[0]
     gpu = GpuSampler()
     synthetic = Path(args.model, "synthetic.json")
-    result = {
+    result: dict[str, Any] = {
         "tool": "stream_server.bench.inprocess",
         "model": args.model,
         "synthetic": json.loads(synthetic.read_text()) if synthetic.is_file() else None,
@@ -658,7 +680,7 @@ async def main_async(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     result = asyncio.run(main_async(args))
     if args.json_out:

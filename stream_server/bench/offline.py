@@ -79,7 +79,8 @@ def _clip_key(pc: PreparedClip) -> str:
 def _to_16k(pc: PreparedClip) -> np.ndarray:
     if pc.sample_rate == SAMPLE_RATE:
         return pc.audio
-    return soxr.resample(pc.audio, pc.sample_rate, SAMPLE_RATE).astype(np.float32)
+    resampled: np.ndarray = soxr.resample(pc.audio, pc.sample_rate, SAMPLE_RATE)
+    return resampled.astype(np.float32)
 
 
 def transcribe_pool(
@@ -128,7 +129,7 @@ def transcribe_pool(
     if model is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         cache_path.write_text(json.dumps(cache, indent=0, sort_keys=True))
-    info = {"model_path": model_path, "cache": str(cache_path)}
+    info: dict[str, Any] = {"model_path": model_path, "cache": str(cache_path)}
     if audio_s > 0:
         info["offline_rtf"] = decode_s / audio_s
     return out, info

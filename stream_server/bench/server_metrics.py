@@ -57,7 +57,8 @@ def fetch(base_url: str, timeout_s: float = 5.0) -> str | None:
     """GET ``{base_url}/metrics``; None when the server has no such endpoint."""
     try:
         with urllib.request.urlopen(base_url.rstrip("/") + "/metrics", timeout=timeout_s) as r:
-            return r.read().decode("utf-8", errors="replace")
+            body: bytes = r.read()
+            return body.decode("utf-8", errors="replace")
     except (urllib.error.URLError, OSError, ValueError):
         return None
 

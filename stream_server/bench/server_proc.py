@@ -150,7 +150,8 @@ def http_ready(base: str) -> bool:
     the socket is bound)."""
     try:
         with urllib.request.urlopen(base + "/readyz", timeout=2.0) as response:
-            return response.status == 200
+            status: int = response.status
+            return status == 200
     except (urllib.error.URLError, OSError):
         return False
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_server.decoding import DecodeRequest, WhisperDecoder
+from stream_server.decoding import DecodeRequest, Tokenizer, WhisperDecoder
 
 __all__ = [
     "SHAPES",
@@ -198,7 +198,7 @@ class FixedLengthDecoder(WhisperDecoder):
         self.new_tokens = new_tokens
 
     def _generation_limits(
-        self, requests: Sequence[DecodeRequest], prompts: list[list[int]], tokenizers: list
+        self, requests: Sequence[DecodeRequest], prompts: list[list[int]], tokenizers: list[Tokenizer]
     ) -> tuple[int, list[int]]:
         # CTranslate2 generates at most min(max_length // 2, max_length - start_step) steps, the
         # forced prefix included.
@@ -207,7 +207,7 @@ class FixedLengthDecoder(WhisperDecoder):
         return min(448, max_length), [-1, tokenizers[0].eot]
 
     def _kept_tokens(
-        self, requests: Sequence[DecodeRequest], tokenizers: list, new_tokens: list[list[int]]
+        self, requests: Sequence[DecodeRequest], tokenizers: list[Tokenizer], new_tokens: list[list[int]]
     ) -> list[list[int]]:
         return [[t for t in tokens if t < tok.eot][: self.new_tokens] for tokens, tok in zip(new_tokens, tokenizers)]
 
@@ -231,7 +231,10 @@ def _sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np
 
 
 class _Filler:
-    """Deterministic random weights, scaled so fp16 activations stay finite."""
+    """Deterministic random weights, scaled so fp16 activations stay finite.
+
+    The ``spec`` arguments are CTranslate2 layer specs (``ctranslate2.specs``, untyped: ``Any``).
+    """
 
     def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
@@ -241,7 +244,9 @@ class _Filler:
         out *= np.float32(std)
         return out
 
-    def linear(self, spec, out_features: int, in_features: int, bias: bool = True, zero_bias_rows=None):
+    def linear(
+        self, spec: Any, out_features: int, in_features: int, bias: bool = True, zero_bias_rows: slice | None = None
+    ) -> None:
         spec.weight = self.normal(out_features, in_features)
         if bias:
             b = self.normal(out_features, std=0.01)
@@ -250,22 +255,22 @@ class _Filler:
             spec.bias = b
 
     @staticmethod
-    def layer_norm(spec, dim: int):
+    def layer_norm(spec: Any, dim: int) -> None:
         spec.gamma = np.ones(dim, dtype=np.float32)
         spec.beta = np.zeros(dim, dtype=np.float32)
 
-    def self_attention(self, spec, d: int):
+    def self_attention(self, spec: Any, d: int) -> None:
         self.linear(spec.linear[0], 3 * d, d, zero_bias_rows=slice(d, 2 * d))  # fused q, k, v
         self.linear(spec.linear[1], d, d)
         self.layer_norm(spec.layer_norm, d)
 
-    def cross_attention(self, spec, d: int):
+    def cross_attention(self, spec: Any, d: int) -> None:
         self.linear(spec.linear[0], d, d)  # q
         self.linear(spec.linear[1], 2 * d, d, zero_bias_rows=slice(0, d))  # fused k, v
         self.linear(spec.linear[2], d, d)
         self.layer_norm(spec.layer_norm, d)
 
-    def ffn(self, spec, d: int):
+    def ffn(self, spec: Any, d: int) -> None:
         self.linear(spec.linear_0, 4 * d, d)
         self.linear(spec.linear_1, d, 4 * d)
         self.layer_norm(spec.layer_norm, d)
@@ -279,7 +284,7 @@ def _suppress_ids(vocab_size: int) -> list[int]:
 
 
 def build_synthetic_whisper(
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike[str],
     shape: str | WhisperShape = "large-v3-turbo",
     seed: int = 0,
     quantization: str | None = "float16",
@@ -372,7 +377,7 @@ def build_synthetic_whisper(
     return out_dir
 
 
-def write_loader_files(out_dir: str | os.PathLike, shape: str | WhisperShape, tokenizer_from: str | None = None) -> None:
+def write_loader_files(out_dir: str | os.PathLike[str], shape: str | WhisperShape, tokenizer_from: str | None = None) -> None:
     """What faster-whisper needs besides ``model.bin`` to load a synthetic model offline.
 
     Without a ``tokenizer.json`` it would fetch one from the Hugging Face hub. Written: a

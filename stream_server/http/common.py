@@ -14,8 +14,8 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import IO, Any
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import IO, Any, Literal
 
 import numpy as np
 from starlette.datastructures import UploadFile
@@ -49,7 +49,7 @@ MAX_AUDIO_SECONDS = 4 * 3600  # decoded length bound (a 25 MB low-bitrate file c
 CONCURRENT_FILES = 4  # files decoded/transcribed at once; more requests wait their turn
 SPOOL_MEMORY_BYTES = 1 << 20  # uploads larger than this spill from memory to a temporary file
 # Always asked of the engine: confidence and word timings are derived from them.
-ENGINE_INCLUDES = ("logprobs", "words")
+ENGINE_INCLUDES: tuple[Literal["logprobs", "words"], ...] = ("logprobs", "words")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -128,7 +128,7 @@ def _check_length(request: Request, limit: int) -> None:
         )
 
 
-async def _counted(request: Request, limit: int) -> AsyncIterator[bytes]:
+async def _counted(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
     """The request body, failing as soon as more than ``limit`` bytes have arrived.
 
     A missing or lying ``Content-Length`` (chunked uploads) must not let a body grow unbounded.
@@ -299,7 +299,8 @@ def file_jobs(request: Request) -> FileJobs:
     state = request.app.state
     if getattr(state, "file_jobs", None) is None:
         state.file_jobs = FileJobs(CONCURRENT_FILES)
-    return state.file_jobs
+    jobs: FileJobs = state.file_jobs
+    return jobs
 
 
 def _decode_and_close(fileobj: IO[bytes]) -> np.ndarray:
