@@ -1,10 +1,18 @@
 """The Sans-I/O session core: audio and client messages in, events and decode requests out.
 
 Nothing here touches a socket, a thread or a clock. Time is audio time (samples at 16 kHz since the
-session began). The shell (``server.py``) moves bytes in, submits the :class:`DecodeTicket` outputs
-to the scheduler and feeds results back with :meth:`Session.receive_decode_result`.
+session began). The runner (``runner.py``) moves bytes in, submits the :class:`DecodeTicket`
+outputs to the scheduler and feeds results back with :meth:`Session.receive_decode_result`.
 
-Commit policy, per utterance (see ``commit.py`` for the word-level rules):
+This module orchestrates: audio intake, VAD framing, channels, the utterance lifecycle, final
+ordering and retries. The parts it orchestrates each live in their own module:
+
+* ``state.py`` — session / utterance / ticket states and the one table of their transitions;
+* ``policy.py`` — the commit decisions (which words become final), as pure functions;
+* ``planner.py`` — when to decode and what (window, forced prefix, prompt), and :class:`SessionLimits`;
+* ``transcript.py`` — how committed words read on the wire (deltas, segments, done).
+
+Commit policy, per utterance:
 
 * While speech goes on, the open utterance is re-decoded each time ``interim_step`` of new audio
   has arrived and the previous decode came back (one decode in flight per channel, so a loaded
@@ -30,56 +38,17 @@ from typing import Any
 import numpy as np
 
 from stream_server import protocol as p
+from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput
 from stream_server.buffer import SampleBuffer
-from stream_server.commit import agreed_prefix_length, words_before
-from stream_server.decoding import (
-    DecodeFailure,
-    DecodeRequest,
-    DecodeResult,
-    FailureKind,
-    Word,
-)
-from stream_server.vad import (
-    FRAME,
-    SpeechEnd,
-    SpeechStart,
-    TurnSegmenter,
-    VadModel,
-    VadParams,
-)
+from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word
+from stream_server.planner import SessionLimits, interim_due, plan_decode
+from stream_server.policy import MS, absolute, heard_the_pause, interim_commit_count, within_turn
+from stream_server.state import SessionState, TicketState, UtteranceState, transition
+from stream_server.transcript import Transcript
+from stream_server.vad import FRAME, SpeechEnd, SpeechStart, TurnSegmenter, VadModel, VadParams
 
-MS = MODEL_RATE // 1000
-
-
-@dataclasses.dataclass(frozen=True)
-class SessionLimits:
-    """Knobs of the commit policy and memory bounds; defaults measured with the benchmark."""
-
-    interim_step_ms: int = 300
-    stable_silence_ms: int = 200
-    min_decode_ms: int = 300
-    max_utterance_s: float = 15.0
-    trailing_audio_ms: int = 300  # silence kept after the speech end for the final decode
-    context_chars: int = 200  # earlier text given to the decoder as its prompt
-    # The decoder is forced to continue from at most this many committed words; older ones leave
-    # the window and become context. CTranslate2 feeds forced tokens one step at a time, so an
-    # unbounded prefix made every decode of a long turn as slow as decoding the whole turn.
-    prefix_words: int = 8
-    # Windows shorter than this get no earlier text as context: on a 0.4 s "four" the decoder
-    # copied a whole earlier sentence out of the context (the largest single WER item on the
-    # benchmark corpus). The client's own prompt is always given.
-    min_context_window_ms: int = 1500
-    # Agreement commits a word only once the decoder has heard this much audio after it: short
-    # right context is where tiny models guess ("how do you marry" for "had he married").
-    right_context_ms: int = 300
-    # ... and only once the utterance is this long: the first words of a turn, decoded from a
-    # second of audio, are the least reliable ones.
-    min_commit_window_ms: int = 2000
-    # A final decode's words that start this long after the VAD's speech end belong to the next
-    # turn (its first syllable often sits in the trailing audio), not to this one.
-    end_tolerance_ms: int = 250
-    interim_decoding: bool = True  # False for whole files: one final decode per utterance
+__all__ = ["MS", "CloseConnection", "DecodeTicket", "Output", "Session", "SessionLimits", "Utterance"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +64,31 @@ class DecodeTicket:
     request: DecodeRequest
     channel: int
     utterance: Utterance
-    final: bool
+    state: TicketState
     window_start: int  # absolute sample of request.audio[0]
     window_end: int
     pause_start: int | None  # start of a pause that the window ends in, if any
-    # Finals are applied strictly in audio order; an early result waits here for its turn.
-    resolved: bool = False
+    # Finals are applied strictly in audio order; an early result waits (RESOLVED) for its turn.
     words: list[Word] = dataclasses.field(default_factory=list)
     attempt: int = 1
     committed: int = 0  # words the utterance had committed when this was submitted
+
+    @property
+    def final(self) -> bool:
+        """Whether this decode gives its utterance's last words (submitted so, or promoted)."""
+        return self.state is not TicketState.INTERIM
+
+    @property
+    def resolved(self) -> bool:
+        return self.state is TicketState.RESOLVED
+
+    def promote(self) -> None:
+        self.state = transition(self.state, TicketState.FINAL)
+
+    def resolve(self, words: list[Word] | None = None) -> None:
+        self.state = transition(self.state, TicketState.RESOLVED)
+        if words is not None:
+            self.words = words
 
 
 Output = p.ServerEvent | DecodeTicket | CloseConnection
@@ -115,7 +100,8 @@ class Utterance:
     serial: int
     start: int  # first sample of the utterance's audio (with prefix padding)
     onset: int  # first speech sample
-    end: int | None = None
+    end: int | None = None  # set when it ends
+    state: UtteranceState = UtteranceState.OPEN
     committed: list[Word] = dataclasses.field(default_factory=list)  # absolute times
     tail: list[Word] = dataclasses.field(default_factory=list)  # last uncommitted hypothesis
     last_window_end: int = 0  # end of the last interim window submitted
@@ -123,11 +109,14 @@ class Utterance:
     no_speech_prob: float = 0.0
     language: str | None = None
     interim_sent: str = ""
-    finished: bool = False
 
-    def prefix_from(self, keep: int) -> int:
-        """Index of the first committed word that stays in the decode window (the last ``keep``)."""
-        return max(0, len(self.committed) - keep)
+    def end_at(self, sample: int) -> None:
+        """The turn ended at ``sample``: the audio is fixed, the last words are on their way."""
+        self.state = transition(self.state, UtteranceState.ENDED)
+        self.end = sample
+
+    def finish(self) -> None:
+        self.state = transition(self.state, UtteranceState.FINAL)
 
     def text(self) -> str:
         return "".join(w.text for w in self.committed)
@@ -172,11 +161,9 @@ class Session:
         self._channels = [Channel(0, vad, self._vad_params())]
         self._items = itertools.count(1)
         self._events = itertools.count(1)
-        self._text_parts: list[str] = []
-        self._logprobs: list[p.TokenLogprob] = []
+        self._transcript = Transcript()
         self._received = 0
-        self.closing = False
-        self.closed = False
+        self._state = SessionState.OPEN
         self._previous_model = config.model
         # Outputs, each on its own queue (as ``websockets``' protocol does): the runner drains
         # them after every input, so no caller routes a mixed list by type.
@@ -185,6 +172,20 @@ class Session:
         self._promotions_out: list[DecodeTicket] = []
         self._close_out: CloseConnection | None = None
         self._close_taken = False
+
+    @property
+    def state(self) -> SessionState:
+        return self._state
+
+    @property
+    def closing(self) -> bool:
+        """No more input is accepted (closing or closed)."""
+        return self._state is not SessionState.OPEN
+
+    @property
+    def closed(self) -> bool:
+        """``transcript.text.done`` and the close request have been produced."""
+        return self._state is SessionState.CLOSED
 
     # ---------------------------------------------------------------- outputs
 
@@ -255,12 +256,8 @@ class Session:
         decoded = self._audio_in.feed(data)
         out: list[Output] = []
         if decoded.invalid_samples:
-            out.append(
-                p.Error.invalid(
-                    "invalid_audio",
-                    f"{decoded.invalid_samples} float32 samples were NaN or infinite; replaced by silence",
-                )
-            )
+            message = f"{decoded.invalid_samples} float32 samples were NaN or infinite; replaced by silence"
+            out.append(p.Error.invalid("invalid_audio", message))
         return out + self._push_audio(decoded.samples)
 
     def _receive_text(self, text: str) -> list[Output]:
@@ -289,7 +286,7 @@ class Session:
         if self.closing:
             return []
         out = self._push_audio(self._audio_in.flush())
-        self.closing = True
+        self._state = transition(self._state, SessionState.CLOSING)
         for ch in self._channels:
             if ch.utterance is not None:
                 out += self._end_utterance(ch, self._channel_end(ch), pause_end=None)
@@ -303,9 +300,9 @@ class Session:
             ch.inflight = None
         out: list[Output] = []
         utt = ticket.utterance
-        if utt is ch.utterance and not utt.finished:
+        if utt is ch.utterance and utt.state is UtteranceState.OPEN:
             self._previous_model = self.config.model
-            out += self._interim_result(ch, ticket, result)
+            out += self._interim_result(ticket, result)
         return out + self._schedule(ch)
 
     def _receive_decode_failure(self, ticket: DecodeTicket, failure: DecodeFailure) -> list[Output]:
@@ -319,7 +316,7 @@ class Session:
         elif failure.kind is FailureKind.DECODER_ERROR:
             out.append(p.Error.server(failure.kind.value, failure.message))
         dropped = failure.kind is FailureKind.DROPPED
-        if ticket.final and (dropped or failure.kind is FailureKind.DECODER_ERROR and ticket.attempt < 2):
+        if ticket.final and (dropped or (failure.kind is FailureKind.DECODER_ERROR and ticket.attempt < 2)):
             # A promoted interim shed under load, or a first failure (often transient: memory):
             # decode the utterance once more before settling for its committed text.
             # Same audio and prefix as the failed request: the buffer may have been trimmed since.
@@ -443,37 +440,46 @@ class Session:
         ch.pause_decoded = None
         return self._in_order(ch, utt, p.SpeechStarted(utt.item_id, start // MS))
 
-    def _end_utterance(self, ch: Channel, end: int, *, pause_end: int | None) -> list[Output]:
-        """Close the open utterance at ``end``; its last words come from a final decode or the
-        last interim hypothesis when that one already heard the pause."""
+    def _close_utterance(self, ch: Channel, end: int) -> tuple[Utterance, list[Output]]:
+        """End the open utterance at ``end``: it leaves the channel and ``speech_stopped`` is due."""
         utt = ch.utterance
         assert utt is not None
         ch.utterance = None
-        utt.end = max(end, utt.start)
-        ch.consumed = max(ch.consumed, utt.end)
-        out: list[Output] = self._in_order(ch, utt, p.SpeechStopped(utt.item_id, utt.end // MS))
-        heard = utt.end + self.limits.stable_silence_ms * MS
+        utt.end_at(end)
+        ch.consumed = max(ch.consumed, end)
+        return utt, self._in_order(ch, utt, p.SpeechStopped(utt.item_id, end // MS))
+
+    def _end_utterance(self, ch: Channel, end: int, *, pause_end: int | None) -> list[Output]:
+        """Close the open utterance at ``end``; its last words come from a final decode or the
+        last interim hypothesis when that one already heard the pause."""
+        assert ch.utterance is not None
+        utt, out = self._close_utterance(ch, max(end, ch.utterance.start))
+        turn_end = utt.end
+        assert turn_end is not None
+        stable = self.limits.stable_silence_ms
         inflight = ch.inflight
-        if pause_end is not None and inflight is not None and inflight.utterance is utt and inflight.window_end >= heard:
+        if pause_end is not None and inflight is not None and inflight.utterance is utt and heard_the_pause(inflight.window_end, turn_end, stable):
             # The decode already running heard the pause: its hypothesis becomes the final one.
-            inflight.final = True
+            inflight.promote()
             ch.inflight = None
             ch.finals.append(inflight)
             self._promotions_out.append(inflight)
             return out
-        if pause_end is not None and utt.tail_window_end >= heard:
+        if pause_end is not None and heard_the_pause(utt.tail_window_end, turn_end, stable):
             return out + self._resolve_without_decode(ch, utt, self._within_turn(utt, utt.tail))
-        window_end = min(self._channel_end(ch), utt.end + self.limits.trailing_audio_ms * MS)
-        ticket = self._ticket(ch, utt, utt.start, window_end, final=True, pause_start=None)
+        window_end = min(self._channel_end(ch), turn_end + self.limits.trailing_audio_ms * MS)
+        return out + self._submit_final(ch, utt, window_end)
+
+    def _submit_final(self, ch: Channel, utt: Utterance, window_end: int) -> list[Output]:
+        """A final decode of the whole utterance, queued behind the finals ahead of it."""
+        ticket = self._ticket(ch, utt, utt.start, window_end, state=TicketState.FINAL, pause_start=None)
         ch.finals.append(ticket)
-        out.append(ticket)
-        return out
+        return [ticket]
 
     def _resolve_without_decode(self, ch: Channel, utt: Utterance, words: list[Word]) -> list[Output]:
         """Close ``utt`` with ``words`` as its last text, after any finals still ahead of it."""
-        ticket = self._ticket(ch, utt, utt.start, utt.start, final=True, pause_start=None)
-        ticket.resolved = True
-        ticket.words = list(words)
+        ticket = self._ticket(ch, utt, utt.start, utt.start, state=TicketState.FINAL, pause_start=None)
+        ticket.resolve(list(words))
         ch.finals.append(ticket)
         return self._apply_resolved_finals(ch)
 
@@ -484,7 +490,7 @@ class Session:
             utt = ticket.utterance
             utt.tail = []
             out += self._commit_words(utt, ticket.words)
-            out += self._finish_utterance(ch, utt)
+            out += self._finish_utterance(utt)
             out += self._release_held(ch)
         return out
 
@@ -505,42 +511,26 @@ class Session:
             out.append(ch.held.pop(0)[1])
         return out
 
-    def _finish_utterance(self, ch: Channel, utt: Utterance) -> list[Output]:
-        utt.finished = True
+    def _finish_utterance(self, utt: Utterance) -> list[Output]:
+        utt.finish()
         out: list[Output] = []
         if utt.interim_sent:
             utt.interim_sent = ""
             if self.config.interim_results:
-                out.append(p.TranscriptInterim(utt.item_id, "", [] if self.config.wants("words") else None))
-        tokens = [t for w in utt.committed for t in w.tokens]
-        logprobs = [t.logprob for t in tokens]
-        wants_lp = self.config.wants("logprobs")
-        start = utt.committed[0].start if utt.committed else utt.onset / MODEL_RATE
-        end = (utt.end or utt.onset) / MODEL_RATE
-        out.append(
-            p.TranscriptSegment(
-                item_id=utt.item_id,
-                start=round(min(start, end), 3),
-                end=round(end, 3),
-                text=utt.text().strip(),
-                logprobs=[p.TokenLogprob.of(t.text, t.logprob) for t in tokens] if wants_lp else None,
-                words=_word_timings(utt.committed) if self.config.wants("words") else None,
-                avg_logprob=round(float(np.mean(logprobs)), 4) if logprobs else 0.0,
-                no_speech_prob=round(utt.no_speech_prob, 4),
-            )
-        )
+                out.append(render.interim(utt.item_id, [], timings=self.config.wants("words")))
+        wants = self.config.wants
+        out.append(render.segment(utt.item_id, utt.committed, onset=utt.onset, end=utt.end, no_speech_prob=utt.no_speech_prob,
+                                  logprobs=wants("logprobs"), timings=wants("words")))
         return out + self._maybe_finish()
 
     def _maybe_finish(self) -> list[Output]:
-        if not self.closing or self.closed:
+        if self._state is not SessionState.CLOSING:
             return []
         if any(ch.finals or ch.utterance for ch in self._channels):
             return []
-        self.closed = True
-        text = "".join(self._text_parts)
-        logprobs = self._logprobs if self.config.wants("logprobs") else None
+        self._state = transition(self._state, SessionState.CLOSED)
         return [
-            p.TranscriptDone(text, logprobs, p.Usage(round(self.audio_seconds, 3))),
+            self._transcript.done(self.audio_seconds, logprobs=self.config.wants("logprobs")),
             CloseConnection(1000, "session closed"),
         ]
 
@@ -561,12 +551,9 @@ class Session:
     def _clear(self) -> list[Output]:
         out: list[Output] = []
         for ch in self._channels:
-            utt = ch.utterance
-            if utt is not None:
-                ch.utterance = None
-                utt.end = self._channel_end(ch)
-                ch.consumed = max(ch.consumed, utt.end)
-                out += self._in_order(ch, utt, p.SpeechStopped(utt.item_id, utt.end // MS))
+            if ch.utterance is not None:
+                utt, stopped = self._close_utterance(ch, self._channel_end(ch))
+                out += stopped
                 out += self._resolve_without_decode(ch, utt, [])
             if ch.segmenter is not None:
                 ch.segmenter.reset(floor=ch.vad_pos)
@@ -577,121 +564,77 @@ class Session:
 
     # ---------------------------------------------------------------- decoding
 
-    def _prompt(self, without: str = "") -> str:
-        text = "".join(self._text_parts)
-        if without and text.endswith(without):
-            text = text[: len(text) - len(without)]  # the forced prefix is not context too
-        history = text[-self.limits.context_chars :]
-        if history and not history[0].isspace() and len(text) > self.limits.context_chars:
-            history = history.split(" ", 1)[-1]  # do not start the context mid-word
-        return " ".join(part for part in (self.config.prompt.strip(), history.strip()) if part)
-
-    def _ticket(self, ch: Channel, utt: Utterance, start: int, end: int, *, final: bool, pause_start: int | None) -> DecodeTicket:
-        """A request for ``[start, end)``; with committed words, the window starts at the first
-        of the last ``prefix_words`` of them (those are forced as the prefix)."""
-        k = utt.prefix_from(self.limits.prefix_words)
-        kept = utt.committed[k:]
-        if k and start == utt.start:
-            start = max(utt.start, int((kept[0].start - 0.05) * MODEL_RATE))
-        prefix_text = "".join(w.text for w in kept)
-        if end - start >= self.limits.min_context_window_ms * MS:
-            prompt = self._prompt(without=prefix_text)
-        else:
-            prompt = self.config.prompt.strip()
+    def _ticket(self, ch: Channel, utt: Utterance, start: int, end: int, *, state: TicketState, pause_start: int | None) -> DecodeTicket:
+        """A request for ``[start, end)`` as the planner shapes it (window, prefix, prompt)."""
+        plan = plan_decode(self.limits, committed=utt.committed, utterance_start=utt.start, start=start, end=end,
+                           client_prompt=self.config.prompt, transcript=self._transcript.text)
         request = DecodeRequest(
-            audio=ch.buffer.slice(start, end),
-            prefix=tuple(t.id for w in kept for t in w.tokens),
-            prompt=prompt,
+            audio=ch.buffer.slice(plan.start, plan.end),
+            prefix=plan.prefix,
+            prompt=plan.prompt,
             language=self.config.language or utt.language,
             model=self.config.model,
-            final=final,
+            final=state is TicketState.FINAL,
             key=(self.id, ch.index),
         )
-        return DecodeTicket(request, ch.index, utt, final, start, end, pause_start, committed=len(utt.committed))
+        return DecodeTicket(request, ch.index, utt, state, plan.start, plan.end, pause_start, committed=len(utt.committed))
 
     def _schedule(self, ch: Channel) -> list[Output]:
         """Start an interim decode of the open utterance when one is due and none is in flight."""
         utt = ch.utterance
-        if not self.limits.interim_decoding or utt is None or ch.inflight is not None or ch.finals:
+        if utt is None or ch.inflight is not None or ch.finals:
             return []
-        now = ch.vad_pos  # decode only audio the VAD has already judged
-        if now - utt.start < self.limits.min_decode_ms * MS:
-            return []
-        pause_start = None
         seg = ch.segmenter
-        if seg is not None and seg.silence_samples >= self.limits.stable_silence_ms * MS:
-            pause_start = now - seg.silence_samples
-        early = pause_start is not None and ch.pause_decoded != pause_start
-        if not early and now - utt.last_window_end < self.limits.interim_step_ms * MS:
+        # ``now`` is ch.vad_pos: decode only audio the VAD has already judged.
+        due = interim_due(self.limits, now=ch.vad_pos, utterance_start=utt.start, last_window_end=utt.last_window_end,
+                          silence_samples=seg.silence_samples if seg is not None else None, pause_decoded=ch.pause_decoded)
+        if due is None:
             return []
-        if early:
-            ch.pause_decoded = pause_start
-        utt.last_window_end = now
-        ticket = self._ticket(ch, utt, utt.start, now, final=False, pause_start=pause_start)
+        if due.early:
+            ch.pause_decoded = due.pause_start
+        utt.last_window_end = due.end
+        ticket = self._ticket(ch, utt, utt.start, due.end, state=TicketState.INTERIM, pause_start=due.pause_start)
         ch.inflight = ticket
         return [ticket]
 
-    def _absolute(self, result: DecodeResult, window_start: int) -> list[Word]:
-        offset = window_start / MODEL_RATE
-        return [dataclasses.replace(w, start=w.start + offset, end=w.end + offset) for w in result.words]
-
-    def _interim_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult) -> list[Output]:
+    def _interim_result(self, ticket: DecodeTicket, result: DecodeResult) -> list[Output]:
         utt = ticket.utterance
         utt.no_speech_prob = result.no_speech_prob
         if utt.language is None and self.config.language is None:
             utt.language = result.language
-        words = self._absolute(result, ticket.window_start)
+        words = absolute(result.words, ticket.window_start)
         if ticket.committed != len(utt.committed):
             return []  # decoded against an older prefix; its words no longer line up
-        # The newest word waits for the word after it: until then its punctuation ("printed."
-        # vs "printed in") is a guess. A pause settles it instead (below).
-        n = min(agreed_prefix_length(utt.tail, words), max(0, len(words) - 1))
-        horizon = (ticket.window_end - self.limits.right_context_ms * MS) / MODEL_RATE
-        n = min(n, words_before(words, horizon, tolerance=0.0))
-        if ticket.window_end - utt.start < self.limits.min_commit_window_ms * MS:
-            n = 0
-        if ticket.pause_start is not None:
-            n = max(n, words_before(words, ticket.pause_start / MODEL_RATE))
+        limits = self.limits
+        n = interim_commit_count(utt.tail, words, utterance_start=utt.start, window_end=ticket.window_end, pause_start=ticket.pause_start,
+                                 right_context_ms=limits.right_context_ms, min_commit_window_ms=limits.min_commit_window_ms)
         out = self._commit_words(utt, words[:n])
         utt.tail = words[n:]
         utt.tail_window_end = ticket.window_end
         if self.config.interim_results:
-            interim = "".join(w.text for w in utt.tail)
-            if interim != utt.interim_sent:
-                utt.interim_sent = interim
-                timings = _word_timings(utt.tail) if self.config.wants("words") else None
-                out.append(p.TranscriptInterim(utt.item_id, interim, timings))
+            caption = render.interim(utt.item_id, utt.tail, timings=self.config.wants("words"))
+            if caption.text != utt.interim_sent:
+                utt.interim_sent = caption.text
+                out.append(caption)
         return out
 
     def _final_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult | None) -> list[Output]:
-        ticket.resolved = True
         if result is not None and len(ticket.request.audio):
             ticket.utterance.no_speech_prob = result.no_speech_prob
-            ticket.words = self._within_turn(ticket.utterance, self._absolute(result, ticket.window_start))
+            ticket.resolve(self._within_turn(ticket.utterance, absolute(result.words, ticket.window_start)))
+        else:
+            ticket.resolve()
         return self._apply_resolved_finals(ch) + self._schedule(ch)
 
     def _within_turn(self, utt: Utterance, words: list[Word]) -> list[Word]:
-        if utt.end is None:
-            return words
-        limit = (utt.end + self.limits.end_tolerance_ms * MS) / MODEL_RATE
-        return [w for w in words if w.start <= limit]
+        return within_turn(words, utt.end, self.limits.end_tolerance_ms)
 
     def _commit_words(self, utt: Utterance, words: list[Word]) -> list[Output]:
         if not words:
             return []
         utt.committed.extend(words)
-        text = "".join(w.text for w in words)
-        if not self._text_parts:
-            text = text.lstrip()
-        if not text:
-            return []
-        self._text_parts.append(text)
-        tokens = [p.TokenLogprob.of(t.text, t.logprob) for w in words for t in w.tokens]
-        if tokens and not "".join(self._text_parts[:-1]):
-            tokens[0] = p.TokenLogprob.of(tokens[0].token.lstrip(), tokens[0].logprob)
-        self._logprobs.extend(tokens)
-        timings = _word_timings(words) if self.config.wants("words") else None
-        return [p.TranscriptDelta(utt.item_id, text, tokens if self.config.wants("logprobs") else None, timings)]
+        delta = self._transcript.delta(utt.item_id, words, logprobs=self.config.wants("logprobs"), timings=self.config.wants("words"))
+        return [delta] if delta is not None else []
 
     # ---------------------------------------------------------------- long speech
 
@@ -717,17 +660,12 @@ class Session:
         else:
             cut = self._quietest_point(ch, utt.start + limit // 2, ch.vad_pos)
         cut = max(utt.start + FRAME, min(cut, ch.vad_pos))
-        ch.utterance = None
         ch.inflight = None  # its result belongs to the old utterance and will be ignored
-        utt.end = cut
-        ch.consumed = max(ch.consumed, cut)
-        out: list[Output] = self._in_order(ch, utt, p.SpeechStopped(utt.item_id, cut // MS))
+        _, out = self._close_utterance(ch, cut)
         if utt.committed:
             out += self._resolve_without_decode(ch, utt, [])
         else:
-            ticket = self._ticket(ch, utt, utt.start, cut, final=True, pause_start=None)
-            ch.finals.append(ticket)
-            out.append(ticket)
+            out += self._submit_final(ch, utt, cut)
         return out + self._open_utterance(ch, cut, cut)
 
     def _quietest_point(self, ch: Channel, lo: int, hi: int) -> int:
@@ -737,16 +675,3 @@ class Session:
         if not window:
             return hi
         return ch.probs_start + (first + int(np.argmin(window))) * FRAME
-
-
-def _word_timings(words: list[Word]) -> list[p.WordTiming]:
-    """Words for the client; punctuation committed on its own joins the word before it."""
-    merged: list[Word] = []
-    for word in words:
-        text = word.text
-        if merged and not text.startswith(" ") and text.strip() and not any(c.isalnum() for c in text):
-            last = merged[-1]
-            merged[-1] = Word(last.text + text, last.start, max(last.end, word.end), last.tokens + word.tokens)
-        else:
-            merged.append(word)
-    return [p.WordTiming(w.text.strip(), round(w.start, 3), round(w.end, 3), round(w.probability, 4)) for w in merged]

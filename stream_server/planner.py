@@ -1,0 +1,137 @@
+"""Decode planning: when an utterance is due for a decode, and what to ask the decoder for.
+
+Pure functions over :class:`SessionLimits` and audio times (samples at 16 kHz since the session
+began); the session turns a :class:`DecodePlan` into a request by slicing its audio buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from stream_server.audio import MODEL_RATE
+from stream_server.decoding import Word
+from stream_server.policy import MS
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionLimits:
+    """Knobs of the commit policy and memory bounds; defaults measured with the benchmark."""
+
+    interim_step_ms: int = 300
+    stable_silence_ms: int = 200
+    min_decode_ms: int = 300
+    max_utterance_s: float = 15.0
+    trailing_audio_ms: int = 300  # silence kept after the speech end for the final decode
+    context_chars: int = 200  # earlier text given to the decoder as its prompt
+    # The decoder is forced to continue from at most this many committed words; older ones leave
+    # the window and become context. CTranslate2 feeds forced tokens one step at a time, so an
+    # unbounded prefix made every decode of a long turn as slow as decoding the whole turn.
+    prefix_words: int = 8
+    # Windows shorter than this get no earlier text as context: on a 0.4 s "four" the decoder
+    # copied a whole earlier sentence out of the context (the largest single WER item on the
+    # benchmark corpus). The client's own prompt is always given.
+    min_context_window_ms: int = 1500
+    # Agreement commits a word only once the decoder has heard this much audio after it: short
+    # right context is where tiny models guess ("how do you marry" for "had he married").
+    right_context_ms: int = 300
+    # ... and only once the utterance is this long: the first words of a turn, decoded from a
+    # second of audio, are the least reliable ones.
+    min_commit_window_ms: int = 2000
+    # A final decode's words that start this long after the VAD's speech end belong to the next
+    # turn (its first syllable often sits in the trailing audio), not to this one.
+    end_tolerance_ms: int = 250
+    interim_decoding: bool = True  # False for whole files: one final decode per utterance
+
+
+@dataclasses.dataclass(frozen=True)
+class InterimDue:
+    """An interim decode of ``[utterance start, end)`` is due now."""
+
+    end: int
+    pause_start: int | None  # start of a pause that the window ends in, if any
+    early: bool  # started by that pause rather than by ``interim_step_ms`` of new audio
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """What to decode: the audio ``[start, end)``, the forced prefix and the prompt."""
+
+    start: int
+    end: int
+    prefix: tuple[int, ...]  # token ids of the committed words kept in the window
+    prompt: str
+
+
+def interim_due(
+    limits: SessionLimits,
+    *,
+    now: int,
+    utterance_start: int,
+    last_window_end: int,
+    silence_samples: int | None,
+    pause_decoded: int | None,
+) -> InterimDue | None:
+    """Whether the open utterance gets an interim decode now (the caller checks that none is in
+    flight: one per channel, so a loaded server degrades to longer steps instead of a growing
+    queue).
+
+    ``now`` is the end of the audio the VAD has already judged; ``silence_samples`` the silence
+    the turn segmenter has seen since the last speech (None without turn detection);
+    ``pause_decoded`` the pause start that already got its early decode.
+    """
+    if not limits.interim_decoding:
+        return None
+    if now - utterance_start < limits.min_decode_ms * MS:
+        return None
+    pause_start = None
+    if silence_samples is not None and silence_samples >= limits.stable_silence_ms * MS:
+        pause_start = now - silence_samples
+    # A pause is decoded at once, and once: its words can be committed without waiting for a
+    # second agreeing hypothesis.
+    early = pause_start is not None and pause_decoded != pause_start
+    if not early and now - last_window_end < limits.interim_step_ms * MS:
+        return None
+    return InterimDue(now, pause_start, early)
+
+
+def prefix_from(committed: int, keep: int) -> int:
+    """Index of the first committed word that stays in the decode window (the last ``keep``)."""
+    return max(0, committed - keep)
+
+
+def plan_decode(
+    limits: SessionLimits,
+    *,
+    committed: Sequence[Word],
+    utterance_start: int,
+    start: int,
+    end: int,
+    client_prompt: str,
+    transcript: str,
+) -> DecodePlan:
+    """A request for ``[start, end)``; with committed words, a window from the utterance's start
+    starts at the first of the last ``prefix_words`` of them (those are forced as the prefix), so
+    older words leave the audio and become context."""
+    k = prefix_from(len(committed), limits.prefix_words)
+    kept = committed[k:]
+    if k and start == utterance_start:
+        start = max(utterance_start, int((kept[0].start - 0.05) * MODEL_RATE))
+    prefix_text = "".join(w.text for w in kept)
+    if end - start >= limits.min_context_window_ms * MS:
+        prompt = context_prompt(client_prompt, transcript, without=prefix_text, context_chars=limits.context_chars)
+    else:
+        prompt = client_prompt.strip()
+    return DecodePlan(start, end, tuple(t.id for w in kept for t in w.tokens), prompt)
+
+
+def context_prompt(client_prompt: str, transcript: str, *, without: str = "", context_chars: int) -> str:
+    """The client's prompt, then the last ``context_chars`` of the session's committed text
+    (less the forced prefix ``without``, which is not context too), starting at a word."""
+    text = transcript
+    if without and text.endswith(without):
+        text = text[: len(text) - len(without)]  # the forced prefix is not context too
+    history = text[-context_chars:]
+    if history and not history[0].isspace() and len(text) > context_chars:
+        history = history.split(" ", 1)[-1]  # do not start the context mid-word
+    return " ".join(part for part in (client_prompt.strip(), history.strip()) if part)

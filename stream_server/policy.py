@@ -1,0 +1,100 @@
+"""The commit policy: which words of a hypothesis become final, as pure functions.
+
+Nothing here holds state; the session passes in the words and the audio times (samples at
+16 kHz since the session began) and applies the answer.
+
+Words are compared after light normalisation (case and edge punctuation), because Whisper often
+flips "modern." to "modern," when more audio arrives while the word itself is settled; comparing
+raw strings would hold back correct words for another decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from stream_server.audio import MODEL_RATE
+from stream_server.decoding import Word
+
+MS = MODEL_RATE // 1000  # samples per millisecond
+
+_EDGE = ".,!?;:\"'()[]-…。、，！？"
+
+
+def comparable(word: Word) -> str:
+    return word.text.strip().strip(_EDGE).lower()
+
+
+def agreed_prefix_length(previous: Sequence[Word], current: Sequence[Word]) -> int:
+    """How many leading words of ``current`` the previous hypothesis also had (LocalAgreement-2)."""
+    n = 0
+    for old, new in zip(previous, current):
+        if comparable(old) != comparable(new):
+            break
+        n += 1
+    return n
+
+
+def words_before(words: Sequence[Word], pause_start: float, tolerance: float = 0.12) -> int:
+    """How many leading words end before a pause that began at ``pause_start`` (seconds).
+
+    Alignment times are ±1-2 encoder frames (20-40 ms); the tolerance absorbs that plus the
+    VAD's frame granularity.
+    """
+    n = 0
+    for word in words:
+        if word.end > pause_start + tolerance:
+            break
+        n += 1
+    return n
+
+
+def absolute(words: Sequence[Word], window_start: int) -> list[Word]:
+    """A decode's words (times relative to its window) on the session's audio clock."""
+    offset = window_start / MODEL_RATE
+    return [dataclasses.replace(w, start=w.start + offset, end=w.end + offset) for w in words]
+
+
+def interim_commit_count(
+    previous: Sequence[Word],
+    words: Sequence[Word],
+    *,
+    utterance_start: int,
+    window_end: int,
+    pause_start: int | None,
+    right_context_ms: int,
+    min_commit_window_ms: int,
+) -> int:
+    """How many leading ``words`` of an interim hypothesis to commit.
+
+    ``previous`` is the utterance's last uncommitted hypothesis and ``words`` the new one, both
+    after the committed prefix; ``pause_start`` is the start of the pause the window ends in.
+    """
+    # The newest word waits for the word after it: until then its punctuation ("printed."
+    # vs "printed in") is a guess. A pause settles it instead (below).
+    n = min(agreed_prefix_length(previous, words), max(0, len(words) - 1))
+    horizon = (window_end - right_context_ms * MS) / MODEL_RATE
+    n = min(n, words_before(words, horizon, tolerance=0.0))
+    if window_end - utterance_start < min_commit_window_ms * MS:
+        n = 0
+    if pause_start is not None:
+        n = max(n, words_before(words, pause_start / MODEL_RATE))
+    return n
+
+
+def heard_the_pause(window_end: int, turn_end: int, stable_silence_ms: int) -> bool:
+    """Whether a window reaches ``stable_silence_ms`` past the turn's end: its hypothesis then
+    already knew the speaker paused, and can be the utterance's final text without a new decode."""
+    return window_end >= turn_end + stable_silence_ms * MS
+
+
+def within_turn(words: Sequence[Word], turn_end: int | None, end_tolerance_ms: int) -> list[Word]:
+    """The words of a final hypothesis that belong to the turn ending at ``turn_end``.
+
+    A final decode's words that start more than ``end_tolerance_ms`` after the VAD's speech end
+    belong to the next turn (its first syllable often sits in the trailing audio).
+    """
+    if turn_end is None:
+        return list(words)
+    limit = (turn_end + end_tolerance_ms * MS) / MODEL_RATE
+    return [w for w in words if w.start <= limit]

@@ -1,0 +1,69 @@
+"""Decode planning: when an interim decode is due, its window, forced prefix and prompt."""
+
+from __future__ import annotations
+
+from stream_server.decoding import Token, Word
+from stream_server.planner import InterimDue, SessionLimits, context_prompt, interim_due, plan_decode, prefix_from
+from stream_server.policy import MS
+
+RATE = 16000
+LIMITS = SessionLimits()
+
+
+def words(n: int, *, start: float = 0.5, step: float = 0.4) -> list[Word]:
+    return [Word(f" w{k}", start + k * step, start + k * step + 0.3, (Token(k, f" w{k}", -0.1),)) for k in range(n)]
+
+
+def due(now_ms: int, *, last_ms: int = 0, silence_ms: int | None = None, pause_decoded: int | None = None, limits: SessionLimits = LIMITS) -> InterimDue | None:
+    return interim_due(
+        limits,
+        now=now_ms * MS,
+        utterance_start=0,
+        last_window_end=last_ms * MS,
+        silence_samples=None if silence_ms is None else silence_ms * MS,
+        pause_decoded=pause_decoded,
+    )
+
+
+def test_interim_decodes_wait_for_min_decode_and_each_step() -> None:
+    assert due(299) is None  # under min_decode_ms
+    plan = due(300)
+    assert plan is not None and (plan.end, plan.pause_start, plan.early) == (300 * MS, None, False)
+    assert due(1000, last_ms=800) is None  # only 200 ms of new audio
+    assert due(1100, last_ms=800) is not None
+    assert due(5000, limits=SessionLimits(interim_decoding=False)) is None
+
+
+def test_a_pause_gets_one_early_decode() -> None:
+    plan = due(1000, last_ms=900, silence_ms=200)
+    assert plan is not None and plan.early and plan.pause_start == 800 * MS
+    # The same pause, already decoded, waits for the normal step again.
+    assert due(1020, last_ms=1000, silence_ms=220, pause_decoded=800 * MS) is None
+    assert due(1000, last_ms=900, silence_ms=199) is None  # shorter than stable_silence_ms
+
+
+def test_the_window_starts_at_the_first_kept_prefix_word() -> None:
+    committed = words(10)  # w0 starts 0.5 s, w2 (first of the last 8) at 1.3 s
+    plan = plan_decode(LIMITS, committed=committed, utterance_start=0, start=0, end=8 * RATE, client_prompt="", transcript="")
+    assert plan.start == int((1.3 - 0.05) * RATE)
+    assert plan.prefix == tuple(range(2, 10))
+    # A window that does not start at the utterance start keeps its start.
+    plan = plan_decode(LIMITS, committed=committed, utterance_start=0, start=100, end=8 * RATE, client_prompt="", transcript="")
+    assert plan.start == 100
+    assert prefix_from(3, 8) == 0 and prefix_from(10, 8) == 2
+
+
+def test_only_long_windows_get_earlier_text_as_context() -> None:
+    committed = words(10)
+    history = "Earlier text." + "".join(w.text for w in committed)
+    long = plan_decode(LIMITS, committed=committed, utterance_start=0, start=0, end=8 * RATE, client_prompt=" Acme ", transcript=history)
+    assert long.prompt == "Acme Earlier text. w0 w1"  # the forced prefix (w2..w9) is not context too
+    short = plan_decode(LIMITS, committed=[], utterance_start=0, start=0, end=RATE, client_prompt=" Acme ", transcript=history)
+    assert short.prompt == "Acme" and short.prefix == ()
+
+
+def test_context_is_cut_at_a_word_boundary() -> None:
+    assert context_prompt("", "one two three", context_chars=8) == "three"  # "wo three" starts mid-word
+    assert context_prompt("", "one two three", context_chars=6) == "three"  # " three" starts at a word
+    assert context_prompt("P", "one two", without=" two", context_chars=200) == "P one"
+    assert context_prompt("", "", context_chars=200) == ""

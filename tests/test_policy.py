@@ -1,0 +1,87 @@
+"""The commit decisions as pure functions: agreement, right context, minimum window, pauses, turn end."""
+
+from __future__ import annotations
+
+from stream_server.decoding import Token, Word
+from stream_server.policy import (
+    MS,
+    absolute,
+    agreed_prefix_length,
+    heard_the_pause,
+    interim_commit_count,
+    within_turn,
+    words_before,
+)
+
+RATE = 16000
+
+
+def w(text: str, start: float, end: float) -> Word:
+    return Word(text, start, end, (Token(1, text, -0.1),))
+
+
+def hypothesis(*texts: str, start: float = 0.0, step: float = 0.4) -> list[Word]:
+    return [w(t, start + i * step, start + i * step + 0.3) for i, t in enumerate(texts)]
+
+
+def count(previous: list[Word], words: list[Word], *, window_end_s: float, pause_start_s: float | None = None, utterance_start: int = 0) -> int:
+    return interim_commit_count(
+        previous,
+        words,
+        utterance_start=utterance_start,
+        window_end=int(window_end_s * RATE),
+        pause_start=None if pause_start_s is None else int(pause_start_s * RATE),
+        right_context_ms=300,
+        min_commit_window_ms=2000,
+    )
+
+
+def test_agreement_ignores_case_and_edge_punctuation() -> None:
+    assert agreed_prefix_length(hypothesis(" Modern.", " times"), hypothesis(" modern,", " times", " now")) == 2
+    assert agreed_prefix_length(hypothesis(" how", " do"), hypothesis(" had", " he")) == 0
+    assert agreed_prefix_length([], hypothesis(" a")) == 0
+
+
+def test_words_before_a_pause_allow_alignment_slack() -> None:
+    words = [w(" a", 0.0, 0.5), w(" b", 0.6, 1.1), w(" c", 1.2, 1.5)]
+    assert words_before(words, 1.0) == 2  # " b" ends 0.1 s after: within the 0.12 s tolerance
+    assert words_before(words, 1.0, tolerance=0.0) == 1
+    assert words_before(words, 0.2) == 0
+
+
+def test_agreed_words_commit_but_the_newest_word_waits() -> None:
+    old = hypothesis(" a", " b", " c")
+    assert count(old, hypothesis(" a", " b", " c"), window_end_s=3.0) == 2
+
+
+def test_words_without_right_context_wait() -> None:
+    old = hypothesis(" a", " b", " c", " d", start=2.0)
+    new = hypothesis(" a", " b", " c", " d", " e", start=2.0)  # ends 2.3, 2.7, 3.1, 3.5, 3.9 s
+    assert count(old, new, window_end_s=4.5) == 4  # horizon 4.2 s: all four agreed words are heard past
+    assert count(old, new, window_end_s=3.35) == 2  # horizon 3.05 s: " c" (ends 3.1 s) waits
+
+
+def test_nothing_commits_in_a_short_utterance_unless_it_paused() -> None:
+    old = hypothesis(" a", " b", " c")
+    assert count(old, hypothesis(" a", " b", " c"), window_end_s=1.9) == 0
+    assert count(old, hypothesis(" a", " b", " c"), window_end_s=2.9, utterance_start=RATE) == 0  # 1.9 s window
+    # A pause commits every word that ends before it, even without agreement.
+    assert count([], hypothesis(" a", " b", " c"), window_end_s=1.9, pause_start_s=1.5) == 3
+    assert count([], hypothesis(" a", " b", " c"), window_end_s=1.9, pause_start_s=0.8) == 2
+
+
+def test_a_window_heard_the_pause_once_it_reaches_past_the_stable_silence() -> None:
+    end = 2 * RATE
+    assert heard_the_pause(end + 200 * MS, end, 200)
+    assert not heard_the_pause(end + 199 * MS, end, 200)
+
+
+def test_words_of_the_next_turn_are_dropped_from_a_final() -> None:
+    words = [w(" a", 0.0, 0.4), w(" b", 1.2, 1.5), w(" c", 1.3, 1.6)]
+    assert [x.text for x in within_turn(words, RATE, 250)] == [" a", " b"]  # " c" starts 0.3 s after
+    assert within_turn(words, None, 250) == words
+
+
+def test_absolute_shifts_word_times_by_the_window_start() -> None:
+    [moved] = absolute([w(" a", 0.1, 0.3)], RATE // 2)
+    assert (moved.start, moved.end, moved.text) == (0.6, 0.8, " a")
