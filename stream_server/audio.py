@@ -2,7 +2,8 @@
 
 Clients send frames of arbitrary length, so a sample may straddle two frames; the remainder is kept
 rather than dropped or rejected, because WebSocket clients (browsers' MediaRecorder, telephony taps)
-do not promise sample-aligned frames. Everything leaves this module as float32 mono at 16 kHz.
+do not promise sample-aligned frames. Everything leaves this module as float32 at 16 kHz: mono
+samples, or one column per channel for interleaved multi-channel input (a call's two legs).
 
 G.711 (``g711_ulaw`` / ``g711_alaw``, one byte per sample) is what telephone networks and SIP/RTP
 media streams carry. Its decoding is a fixed byte -> sample mapping, so PyAV's reference decoder is
@@ -35,25 +36,43 @@ _G711_CODEC_RATE = 8000
 
 @dataclasses.dataclass
 class DecodedAudio:
-    samples: np.ndarray  # float32, mono, MODEL_RATE
+    samples: np.ndarray  # float32 at MODEL_RATE: shape (n,) for mono, (n, channels) otherwise
     invalid_samples: int  # NaN/inf samples that were replaced by silence
+
+    def per_channel(self) -> list[np.ndarray]:
+        return split_channels(self.samples)
+
+
+def split_channels(samples: np.ndarray) -> list[np.ndarray]:
+    """Mono ``(n,)`` or interleaved ``(n, channels)`` samples as one contiguous array per channel."""
+    if samples.ndim == 1:
+        return [samples]
+    return [np.ascontiguousarray(samples[:, c]) for c in range(samples.shape[1])]
 
 
 class AudioInput:
-    """Turns client bytes in one format and rate into 16 kHz float32 samples, statefully."""
+    """Turns client bytes in one format and rate into 16 kHz float32 samples, statefully.
 
-    def __init__(self, audio_format: str = "pcm16", sample_rate: int = MODEL_RATE) -> None:
+    With ``channels`` > 1 the bytes are interleaved frames (one sample per channel each, as in a
+    stereo WAV); a frame split across two messages is kept whole, like a split sample.
+    """
+
+    def __init__(self, audio_format: str = "pcm16", sample_rate: int = MODEL_RATE, channels: int = 1) -> None:
         self.audio_format = audio_format
         self.sample_rate = sample_rate
+        self.channels = channels
         self._remainder = b""
-        self._resampler = self._make_resampler(sample_rate)
+        self._resampler = self._make_resampler(sample_rate, channels)
 
     @staticmethod
-    def _make_resampler(rate: int) -> soxr.ResampleStream | None:
+    def _make_resampler(rate: int, channels: int) -> soxr.ResampleStream | None:
         # soxr's streaming resampler keeps filter state across frames, so frame edges are seamless.
         if rate == MODEL_RATE:
             return None
-        return soxr.ResampleStream(rate, MODEL_RATE, 1, dtype="float32", quality="HQ")
+        return soxr.ResampleStream(rate, MODEL_RATE, channels, dtype="float32", quality="HQ")
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros(0 if self.channels == 1 else (0, self.channels), np.float32)
 
     def reconfigure(self, audio_format: str, sample_rate: int) -> np.ndarray:
         """Switch format/rate; returns the resampler's tail for the old rate so nothing is lost.
@@ -62,20 +81,33 @@ class AudioInput:
         (at most 3 bytes).
         """
         if audio_format == self.audio_format and sample_rate == self.sample_rate:
-            return np.zeros(0, np.float32)
+            return self._empty()
         tail = self.flush()
         self.audio_format = audio_format
         self.sample_rate = sample_rate
         self._remainder = b""
-        self._resampler = self._make_resampler(sample_rate)
+        self._resampler = self._make_resampler(sample_rate, self.channels)
+        return tail
+
+    def has_pending(self) -> bool:
+        """Whether part of a sample or frame is waiting for the rest of its bytes."""
+        return bool(self._remainder)
+
+    def drain(self) -> np.ndarray:
+        """The resampler's delay line, now (at a commit), then a fresh stream: the audio a client
+        sent before committing belongs to the committed utterance, not the next one."""
+        tail = self.flush()
+        self._resampler = self._make_resampler(self.sample_rate, self.channels)
         return tail
 
     def feed(self, data: bytes) -> DecodedAudio:
-        width = SAMPLE_WIDTH[self.audio_format]
+        width = SAMPLE_WIDTH[self.audio_format] * self.channels
         data = self._remainder + data
         usable = len(data) - len(data) % width
         self._remainder = data[usable:]
         samples, invalid = decode_samples(data[:usable], self.audio_format)
+        if self.channels > 1:
+            samples = samples.reshape(-1, self.channels)
         if self._resampler is not None and len(samples):
             samples = self._resampler.resample_chunk(samples)
         return DecodedAudio(samples.astype(np.float32, copy=False), invalid)
@@ -83,8 +115,8 @@ class AudioInput:
     def flush(self) -> np.ndarray:
         """Drain the resampler's delay line (at session end) so the last milliseconds count."""
         if self._resampler is None:
-            return np.zeros(0, np.float32)
-        tail: np.ndarray = self._resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+            return self._empty()
+        tail: np.ndarray = self._resampler.resample_chunk(self._empty(), last=True)
         return tail.astype(np.float32)
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 # --------------------------------------------------------------------------------------------
 # Session configuration
@@ -56,6 +56,24 @@ class SessionConfig(BaseModel):
     turn_detection: TurnDetection | None = Field(default_factory=TurnDetection)
     include: list[Literal["logprobs", "words"]] = Field(default_factory=lambda: ["logprobs"])  # type: ignore[arg-type]
     interim_results: bool = False
+    # Interleaved input channels (a call's legs, a stereo recording): each has its own VAD and
+    # utterances; events say which channel they belong to. At most 8 bounds per-session VAD work.
+    channels: int = Field(1, ge=1, le=8)
+    channel_labels: list[str] | None = None  # names echoed as ``speaker`` ("agent", "customer")
+
+    @field_validator("channel_labels")
+    @classmethod
+    def _labels_match_channels(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        channels = info.data.get("channels", 1)
+        if value is not None:
+            if len(value) != channels:
+                raise ValueError(f"must name each of the {channels} channels")
+            if any(not label or len(label) > 64 for label in value):
+                raise ValueError("labels must be 1-64 characters")
+        return value
+
+    def speaker(self, channel: int) -> str | None:
+        return self.channel_labels[channel] if self.channel_labels else None
 
     @field_validator("language")
     @classmethod
@@ -134,7 +152,11 @@ class SessionUpdate:
 
 @dataclasses.dataclass(frozen=True)
 class AudioAppend:
+    """Audio in the session's format: interleaved frames of every channel (``channel`` None), or
+    mono samples of one channel, for transports that carry a call's legs separately (Twilio)."""
+
     audio: bytes
+    channel: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,6 +278,8 @@ class SpeechStarted(ServerEvent):
     type: ClassVar[str] = "input_audio_buffer.speech_started"
     item_id: str
     audio_start_ms: int
+    channel: int = 0
+    speaker: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +287,8 @@ class SpeechStopped(ServerEvent):
     type: ClassVar[str] = "input_audio_buffer.speech_stopped"
     item_id: str
     audio_end_ms: int
+    channel: int = 0
+    speaker: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +309,8 @@ class TranscriptDelta(ServerEvent):
     delta: str
     logprobs: list[TokenLogprob] | None
     words: list[WordTiming] | None = None  # when ``words`` is in ``include``
+    channel: int = 0
+    speaker: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +319,8 @@ class TranscriptInterim(ServerEvent):
     item_id: str
     text: str
     words: list[WordTiming] | None = None  # when ``words`` is in ``include``
+    channel: int = 0
+    speaker: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +334,8 @@ class TranscriptSegment(ServerEvent):
     words: list[WordTiming] | None
     avg_logprob: float
     no_speech_prob: float
+    channel: int = 0
+    speaker: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,11 +345,31 @@ class Usage:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChannelText:
+    channel: int
+    speaker: str | None
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    """One utterance of the merged conversation."""
+
+    channel: int
+    speaker: str | None
+    start: float
+    end: float
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
 class TranscriptDone(ServerEvent):
     type: ClassVar[str] = "transcript.text.done"
     text: str
     logprobs: list[TokenLogprob] | None
     usage: Usage
+    channels: list[ChannelText] = dataclasses.field(default_factory=list)  # text per channel
+    turns: list[Turn] = dataclasses.field(default_factory=list)  # every segment, in time order
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +385,9 @@ class Error(ServerEvent):
     def server(cls, code: str, message: str, param: str | None = None) -> Error:
         return cls(ErrorInfo("server_error", code, message, param))
 
+
+# Events that belong to one utterance of one channel (they carry ``channel`` and ``speaker``).
+CHANNEL_EVENTS = (SpeechStarted, SpeechStopped, TranscriptDelta, TranscriptInterim, TranscriptSegment)
 
 SERVER_EVENT_TYPES: tuple[type[ServerEvent], ...] = (
     SessionCreated,

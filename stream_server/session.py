@@ -39,7 +39,7 @@ import numpy as np
 
 from stream_server import protocol as p
 from stream_server import transcript as render
-from stream_server.audio import MODEL_RATE, AudioInput
+from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word
 from stream_server.planner import SessionLimits, interim_due, plan_decode
@@ -140,6 +140,7 @@ class Channel:
         self.pause_decoded: int | None = None  # pause start that already got its early decode
         self.held: list[tuple[Utterance, p.ServerEvent]] = []  # see Session._in_order
         self.consumed = 0  # audio before this belongs to utterances already closed
+        self.transcript = Transcript()  # this channel's committed text (its deltas spell it)
 
 
 class Session:
@@ -157,11 +158,14 @@ class Session:
         self.limits = limits
         self._model_exists = model_exists
         self._vad = vad
-        self._audio_in = AudioInput(config.input_audio_format, config.sample_rate)
-        self._channels = [Channel(0, vad, self._vad_params())]
+        self._audio_in = AudioInput(config.input_audio_format, config.sample_rate, config.channels)
+        # Mono inputs for transports that send each channel separately (Twilio's two tracks).
+        self._channel_in: dict[int, AudioInput] = {}
+        self._channels = [Channel(c, vad, self._vad_params()) for c in range(config.channels)]
+        self._item_channel: dict[str, int] = {}  # open items -> channel, to stamp their events
+        self._segments: list[p.TranscriptSegment] = []  # the conversation so far, for ``done``
         self._items = itertools.count(1)
         self._events = itertools.count(1)
-        self._transcript = Transcript()
         self._received = 0
         self._state = SessionState.OPEN
         self._previous_model = config.model
@@ -220,7 +224,20 @@ class Session:
             elif isinstance(out, CloseConnection):
                 self._close_out = out
             else:
-                self._events_out.append(out)
+                self._events_out.append(self._stamp(out))
+
+    def _stamp(self, event: p.ServerEvent) -> p.ServerEvent:
+        """Utterance events carry their channel and its speaker label: stamped here, once,
+        rather than at each of the places that create them."""
+        if not isinstance(event, p.CHANNEL_EVENTS):
+            return event
+        channel = self._item_channel.get(event.item_id, 0)
+        if isinstance(event, p.TranscriptSegment):
+            self._item_channel.pop(event.item_id, None)  # an utterance's last event
+            event = dataclasses.replace(event, channel=channel, speaker=self.config.speaker(channel))
+            self._segments.append(event)
+            return event
+        return dataclasses.replace(event, channel=channel, speaker=self.config.speaker(channel))
 
     # ---------------------------------------------------------------- inputs
 
@@ -250,15 +267,41 @@ class Session:
     def receive_decode_failure(self, ticket: DecodeTicket, failure: DecodeFailure) -> None:
         self._emit(self._receive_decode_failure(ticket, failure))
 
-    def _receive_bytes(self, data: bytes) -> list[Output]:
+    def _receive_bytes(self, data: bytes, channel: int | None = None) -> list[Output]:
+        """Interleaved frames of every channel, or (``channel``) mono samples of one channel."""
         if self.closing:
             return []
-        decoded = self._audio_in.feed(data)
+        if channel is not None and not 0 <= channel < len(self._channels):
+            message = f"channel {channel} does not exist; the session has {len(self._channels)} channel(s)"
+            return [p.Error.invalid("invalid_value", message, "channel")]
+        source = self._audio_in if channel is None else self._mono_input(channel)
+        decoded = source.feed(data)
         out: list[Output] = []
         if decoded.invalid_samples:
             message = f"{decoded.invalid_samples} float32 samples were NaN or infinite; replaced by silence"
             out.append(p.Error.invalid("invalid_audio", message))
-        return out + self._push_audio(decoded.samples)
+        return out + self._push_channels(decoded.samples, channel)
+
+    def _mono_input(self, channel: int) -> AudioInput:
+        if channel not in self._channel_in:
+            self._channel_in[channel] = AudioInput(self.config.input_audio_format, self.config.sample_rate)
+        return self._channel_in[channel]
+
+    def _push_channels(self, samples: np.ndarray, channel: int | None = None) -> list[Output]:
+        """Samples of one channel, or interleaved ``(n, channels)`` / mono samples of all."""
+        if channel is not None:
+            return self._push_audio(samples, channel)
+        out: list[Output] = []
+        for index, column in enumerate(split_channels(samples)):
+            out += self._push_audio(column, index)
+        return out
+
+    def _drain_inputs(self, *, reset: bool) -> list[Output]:
+        """What the resamplers still hold, pushed to the channels (close, commit)."""
+        out = self._push_channels(self._audio_in.drain() if reset else self._audio_in.flush())
+        for channel, source in self._channel_in.items():
+            out += self._push_audio(source.drain() if reset else source.flush(), channel)
+        return out
 
     def _receive_text(self, text: str) -> list[Output]:
         if self.closing:
@@ -273,7 +316,7 @@ class Session:
         if self.closing:
             return []
         if isinstance(message, p.AudioAppend):
-            return self._receive_bytes(message.audio)
+            return self._receive_bytes(message.audio, message.channel)
         if isinstance(message, p.SessionUpdate):
             return self._update(message.session)
         if isinstance(message, p.BufferCommit):
@@ -285,7 +328,7 @@ class Session:
     def _close(self) -> list[Output]:
         if self.closing:
             return []
-        out = self._push_audio(self._audio_in.flush())
+        out = self._drain_inputs(reset=False)
         self._state = transition(self._state, SessionState.CLOSING)
         for ch in self._channels:
             if ch.utterance is not None:
@@ -358,12 +401,19 @@ class Session:
             return [p.Error.invalid(exc.code, exc.message, exc.param)]
         if "model" in changes and not self._model_exists(new.model):
             return [p.Error.invalid("model_not_found", f"model {new.model!r} is not known to this server", "session.model")]
+        if new.channels != self.config.channels:
+            if self._received or self._audio_in.has_pending() or self._channel_in:
+                message = "channels cannot change once audio has arrived"
+                return [p.Error.invalid("invalid_value", message, "session.channels")]
+            self._audio_in = AudioInput(new.input_audio_format, new.sample_rate, new.channels)
+            self._channels = [Channel(c, self._vad, self._vad_params()) for c in range(new.channels)]
         out: list[Output] = []
         old = self.config
         self._previous_model = old.model
         self.config = new
-        tail = self._audio_in.reconfigure(new.input_audio_format, new.sample_rate)
-        out += self._push_audio(tail)
+        out += self._push_channels(self._audio_in.reconfigure(new.input_audio_format, new.sample_rate))
+        for channel, source in self._channel_in.items():
+            out += self._push_audio(source.reconfigure(new.input_audio_format, new.sample_rate), channel)
         if new.turn_detection != old.turn_detection:
             params = self._vad_params()
             for ch in self._channels:
@@ -435,6 +485,7 @@ class Session:
         start = max(start, ch.buffer.start)
         serial = next(self._items)
         utt = Utterance(item_id=f"item_{self.id[-8:]}_{serial}", serial=serial, start=start, onset=onset)
+        self._item_channel[utt.item_id] = ch.index
         utt.last_window_end = start
         ch.utterance = utt
         ch.pause_decoded = None
@@ -489,7 +540,7 @@ class Session:
             ticket = ch.finals.pop(0)
             utt = ticket.utterance
             utt.tail = []
-            out += self._commit_words(utt, ticket.words)
+            out += self._commit_words(ch, utt, ticket.words)
             out += self._finish_utterance(utt)
             out += self._release_held(ch)
         return out
@@ -529,23 +580,29 @@ class Session:
         if any(ch.finals or ch.utterance for ch in self._channels):
             return []
         self._state = transition(self._state, SessionState.CLOSED)
-        return [
-            self._transcript.done(self.audio_seconds, logprobs=self.config.wants("logprobs")),
-            CloseConnection(1000, "session closed"),
-        ]
+        speakers = [self.config.speaker(ch.index) for ch in self._channels]
+        transcripts = [ch.transcript for ch in self._channels]
+        done = render.done(transcripts, self._segments, speakers, self.audio_seconds, logprobs=self.config.wants("logprobs"))
+        return [done, CloseConnection(1000, "session closed")]
 
     def _commit(self) -> list[Output]:
-        ch = self._channels[0]
-        utt = ch.utterance
-        if utt is None:
-            return [p.BufferCommitted(None)]
-        now = self._channel_end(ch)
-        out = self._end_utterance(ch, now, pause_end=None)
-        out.append(p.BufferCommitted(utt.item_id))
-        if ch.segmenter is not None and ch.segmenter.in_speech:
-            # The speaker is still talking: what follows the commit is a new utterance.
-            out += self._open_utterance(ch, now, now)
-            ch.segmenter.force_start(now)
+        """End every channel's open utterance now (as if its speaker paused)."""
+        out = self._drain_inputs(reset=True)
+        committed = 0
+        for ch in self._channels:
+            utt = ch.utterance
+            if utt is None:
+                continue
+            committed += 1
+            now = self._channel_end(ch)
+            out += self._end_utterance(ch, now, pause_end=None)
+            out.append(p.BufferCommitted(utt.item_id))
+            if ch.segmenter is not None and ch.segmenter.in_speech:
+                # The speaker is still talking: what follows the commit is a new utterance.
+                out += self._open_utterance(ch, now, now)
+                ch.segmenter.force_start(now)
+        if not committed:
+            out.append(p.BufferCommitted(None))
         return out
 
     def _clear(self) -> list[Output]:
@@ -567,7 +624,7 @@ class Session:
     def _ticket(self, ch: Channel, utt: Utterance, start: int, end: int, *, state: TicketState, pause_start: int | None) -> DecodeTicket:
         """A request for ``[start, end)`` as the planner shapes it (window, prefix, prompt)."""
         plan = plan_decode(self.limits, committed=utt.committed, utterance_start=utt.start, start=start, end=end,
-                           client_prompt=self.config.prompt, transcript=self._transcript.text)
+                           client_prompt=self.config.prompt, transcript=ch.transcript.text)
         request = DecodeRequest(
             audio=ch.buffer.slice(plan.start, plan.end),
             prefix=plan.prefix,
@@ -608,7 +665,7 @@ class Session:
         limits = self.limits
         n = interim_commit_count(utt.tail, words, utterance_start=utt.start, window_end=ticket.window_end, pause_start=ticket.pause_start,
                                  right_context_ms=limits.right_context_ms, min_commit_window_ms=limits.min_commit_window_ms)
-        out = self._commit_words(utt, words[:n])
+        out = self._commit_words(self._channels[ticket.channel], utt, words[:n])
         utt.tail = words[n:]
         utt.tail_window_end = ticket.window_end
         if self.config.interim_results:
@@ -629,11 +686,11 @@ class Session:
     def _within_turn(self, utt: Utterance, words: list[Word]) -> list[Word]:
         return within_turn(words, utt.end, self.limits.end_tolerance_ms)
 
-    def _commit_words(self, utt: Utterance, words: list[Word]) -> list[Output]:
+    def _commit_words(self, ch: Channel, utt: Utterance, words: list[Word]) -> list[Output]:
         if not words:
             return []
         utt.committed.extend(words)
-        delta = self._transcript.delta(utt.item_id, words, logprobs=self.config.wants("logprobs"), timings=self.config.wants("words"))
+        delta = ch.transcript.delta(utt.item_id, words, logprobs=self.config.wants("logprobs"), timings=self.config.wants("words"))
         return [delta] if delta is not None else []
 
     # ---------------------------------------------------------------- long speech

@@ -46,9 +46,40 @@ class Transcript:
         self._logprobs.extend(tokens)
         return p.TranscriptDelta(item_id, text, tokens if logprobs else None, word_timings(words) if timings else None)
 
-    def done(self, audio_seconds: float, *, logprobs: bool) -> p.TranscriptDone:
-        """The session's last event: the whole text, every token's logprob and the audio heard."""
-        return p.TranscriptDone(self.text, self._logprobs if logprobs else None, p.Usage(round(audio_seconds, 3)))
+    @property
+    def logprobs(self) -> list[p.TokenLogprob]:
+        return self._logprobs
+
+
+def done(
+    transcripts: Sequence[Transcript],
+    segments: Sequence[p.TranscriptSegment],
+    speakers: Sequence[str | None],
+    audio_seconds: float,
+    *,
+    logprobs: bool,
+) -> p.TranscriptDone:
+    """The session's last event: the text (per channel and as one conversation), every token's
+    logprob and the audio heard.
+
+    With one channel, ``text`` is that channel's text (the concatenation of its deltas). With
+    several, it is the conversation: each turn on its own line as ``speaker: text``, in time
+    order, and ``logprobs`` follow the turns.
+    """
+    turns = [
+        p.Turn(s.channel, s.speaker, s.start, s.end, s.text)
+        for s in sorted(segments, key=lambda s: (s.start, s.channel))
+        if s.text
+    ]
+    channels = [p.ChannelText(c, speakers[c], t.text) for c, t in enumerate(transcripts)]
+    if len(transcripts) == 1:
+        text, tokens = transcripts[0].text, transcripts[0].logprobs
+    else:
+        text = "\n".join(f"{t.speaker or f'channel {t.channel}'}: {t.text}" for t in turns)
+        ordered = sorted(segments, key=lambda s: (s.start, s.channel))
+        tokens = [lp for s in ordered if s.text for lp in (s.logprobs or [])]
+    usage = p.Usage(round(audio_seconds, 3))
+    return p.TranscriptDone(text, tokens if logprobs else None, usage, channels=channels, turns=turns)
 
 
 def interim(item_id: str, words: Sequence[Word], *, timings: bool) -> p.TranscriptInterim:

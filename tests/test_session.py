@@ -462,3 +462,94 @@ def test_a_decode_in_flight_when_the_turn_ends_is_promoted_not_resubmitted() -> 
     assert not [t for _, t in d.inflight if t.request.final], "no second final decode was queued"
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3)
+
+
+# ------------------------------------------------------------------------------ channels
+
+
+def two_legs() -> tuple[np.ndarray, np.ndarray]:
+    """A call: the caller speaks first, the callee answers while the caller's turn is ending."""
+    caller = np.concatenate([silence(0.3), speech([1, 2, 3]), silence(2.5)])
+    callee = np.concatenate([silence(1.8), speech([4, 5]), silence(1.3)])
+    n = max(len(caller), len(callee))
+    return np.pad(caller, (0, n - len(caller))), np.pad(callee, (0, n - len(callee)))
+
+
+def stereo_pcm16(left: np.ndarray, right: np.ndarray) -> bytes:
+    return np.stack([to_pcm16_array(left), to_pcm16_array(right)], axis=1).tobytes()
+
+
+def to_pcm16_array(samples: np.ndarray) -> np.ndarray:
+    return np.frombuffer(to_pcm16(samples), "<i2")
+
+
+def test_two_channels_are_segmented_and_labelled_separately() -> None:
+    d = Driver(channels=2, channel_labels=["caller", "callee"])
+    data = stereo_pcm16(*two_legs())
+    for i in range(0, len(data), CHUNK * 4):  # 20 ms stereo frames
+        d.session.receive_bytes(data[i : i + CHUNK * 4])
+        d.drain()
+        d.tick()
+    d.close()
+    segments = d.of(p.TranscriptSegment)
+    assert {(s.channel, s.speaker, s.text) for s in segments} == {(0, "caller", spoken(1, 2, 3)), (1, "callee", spoken(4, 5))}
+    for event in d.events:
+        if isinstance(event, p.CHANNEL_EVENTS):
+            assert event.speaker == ["caller", "callee"][event.channel]
+    by_channel = {c: "".join(e.delta for e in d.of(p.TranscriptDelta) if e.channel == c) for c in (0, 1)}
+    done = d.of(p.TranscriptDone)[0]
+    assert [(c.channel, c.speaker, c.text) for c in done.channels] == [(0, "caller", by_channel[0]), (1, "callee", by_channel[1])]
+    assert [(t.speaker, t.text) for t in done.turns] == [("caller", spoken(1, 2, 3)), ("callee", spoken(4, 5))]
+    assert done.text == f"caller: {spoken(1, 2, 3)}\ncallee: {spoken(4, 5)}"
+    assert len({e.item_id for e in d.of(p.SpeechStarted)}) == 2  # item ids are unique across channels
+
+
+def test_channel_addressed_audio_equals_interleaved_frames() -> None:
+    left, right = two_legs()
+    interleaved = Driver(channels=2)
+    data = stereo_pcm16(left, right)
+    for i in range(0, len(data), CHUNK * 4):
+        interleaved.session.receive_bytes(data[i : i + CHUNK * 4])
+        interleaved.drain()
+        interleaved.tick()
+    interleaved.close()
+    separate = Driver(channels=2)
+    a, b = to_pcm16(left), to_pcm16(right)
+    for i in range(0, len(a), CHUNK * 2):
+        separate.session.receive_message(p.AudioAppend(a[i : i + CHUNK * 2], channel=0))
+        separate.session.receive_message(p.AudioAppend(b[i : i + CHUNK * 2], channel=1))
+        separate.drain()
+        separate.tick()
+    separate.close()
+    assert separate.of(p.TranscriptDone)[0].turns == interleaved.of(p.TranscriptDone)[0].turns
+
+
+def test_bad_channel_and_late_channel_changes_are_refused() -> None:
+    d = Driver(channels=2)
+    d.session.receive_message(p.AudioAppend(b"\x00\x00" * 10, channel=2))
+    d.drain()
+    assert d.of(p.Error)[-1].error.param == "channel"
+    d.feed(silence(0.1))
+    d.send({"type": "session.update", "session": {"channels": 1}})
+    assert d.of(p.Error)[-1].error.param == "session.channels"
+    d.send({"type": "session.update", "session": {"channel_labels": ["agent", "customer"]}})
+    assert d.of(p.SessionUpdated)[-1].session["channel_labels"] == ["agent", "customer"]
+    fresh = Driver()
+    fresh.send({"type": "session.update", "session": {"channels": 2}})  # before any audio: fine
+    assert fresh.of(p.SessionUpdated)[-1].session["channels"] == 2
+
+
+def test_commit_keeps_the_audio_still_inside_the_resampler() -> None:
+    """At 24 kHz the resampler holds ~20 ms; a commit must not hand it to the next utterance."""
+    import soxr
+
+    d = Driver(sample_rate=24000, turn_detection=None)
+    audio = soxr.resample(np.concatenate([speech([1, 2]), silence(0.1)]), 16000, 24000).astype(np.float32)
+    d.session.receive_bytes(to_pcm16(audio))
+    d.drain()
+    before = d.session.audio_seconds
+    d.send({"type": "input_audio_buffer.commit"})
+    assert d.session.audio_seconds > before  # the delay line was flushed into this utterance
+    assert d.session.audio_seconds == pytest.approx(len(audio) / 24000, abs=0.002)
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from stream_server import protocol as p
 from stream_server.decoding import Token, Word
-from stream_server.transcript import Transcript, interim, segment, word_timings
+from stream_server.transcript import Transcript, done, interim, segment, word_timings
 
 RATE = 16000
 
@@ -21,11 +21,28 @@ def test_the_first_delta_and_its_first_token_lose_the_leading_space() -> None:
     second = t.delta("item_2", [w(" again", 1.0, 1.3)], logprobs=False, timings=True)
     assert second is not None and second.delta == " again" and second.logprobs is None
     assert second.words == [p.WordTiming("again", 1.0, 1.3, 0.9048)]
-    done = t.done(2.34567, logprobs=True)
-    assert done.text == "Hello there again" == first.delta + second.delta
-    assert done.logprobs is not None and [lp.token for lp in done.logprobs] == ["Hello", " there", " again"]
-    assert done.usage == p.Usage(2.346)
-    assert t.done(1.0, logprobs=False).logprobs is None
+    finished = done([t], [], [None], 2.34567, logprobs=True)
+    assert finished.text == "Hello there again" == first.delta + second.delta
+    assert finished.logprobs is not None and [lp.token for lp in finished.logprobs] == ["Hello", " there", " again"]
+    assert finished.usage == p.Usage(2.346)
+    assert finished.channels == [p.ChannelText(0, None, "Hello there again")]
+    assert done([t], [], [None], 1.0, logprobs=False).logprobs is None
+
+
+def test_done_of_two_channels_is_a_time_ordered_conversation() -> None:
+    def seg(channel: int, speaker: str, start: float, text: str) -> p.TranscriptSegment:
+        logprobs = [p.TokenLogprob.of(" " + text, -0.1)]
+        return p.TranscriptSegment(f"item_{channel}_{start}", start, start + 1, text, logprobs, None, -0.1, 0.0, channel, speaker)
+
+    agent, customer = Transcript(), Transcript()
+    agent.delta("a1", [w(" Hello, how can I help?", 0.2, 1.5)], logprobs=True, timings=False)
+    customer.delta("c1", [w(" My card is blocked.", 1.4, 2.8)], logprobs=True, timings=False)
+    segments = [seg(1, "customer", 1.4, "My card is blocked."), seg(0, "agent", 0.2, "Hello, how can I help?"), seg(1, "customer", 5.0, "")]
+    finished = done([agent, customer], segments, ["agent", "customer"], 6.0, logprobs=True)
+    assert finished.text == "agent: Hello, how can I help?\ncustomer: My card is blocked."
+    assert [(t.speaker, t.start) for t in finished.turns] == [("agent", 0.2), ("customer", 1.4)]  # empty turns left out
+    assert [c.text for c in finished.channels] == ["Hello, how can I help?", "My card is blocked."]
+    assert finished.logprobs is not None and [lp.token for lp in finished.logprobs] == [" Hello, how can I help?", " My card is blocked."]
 
 
 def test_words_that_add_no_text_send_no_delta() -> None:
