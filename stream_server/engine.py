@@ -18,13 +18,16 @@ import numpy as np
 from stream_server import protocol as p
 from stream_server.audio import MODEL_RATE
 from stream_server.decoding import Decoder, WhisperDecoder
+from stream_server.hub import SessionHub
 from stream_server.metrics import ServerMetrics
 from stream_server.models import ModelRegistry
 from stream_server.runner import SessionRunner
 from stream_server.scheduler import DecodeScheduler
 from stream_server.session import Session, SessionLimits
 from stream_server.settings import Settings
+from stream_server.store import TranscriptStore
 from stream_server.vad import SileroVad, VadModel
+from stream_server.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,20 @@ class Engine:
         )
         self.ready = False
         self.active_sessions = 0
+        # Live fan-out of every WebSocket session's events, the durable transcript store and webhooks.
+        db_path = settings.transcript_db_path()
+        self.store = TranscriptStore(db_path, retention_days=settings.transcript_retention_days) if db_path else None
+        self.webhooks = (
+            WebhookSender(
+                settings.webhook_url,
+                secret=settings.webhook_secret,
+                timeout_s=settings.webhook_timeout_s,
+                max_attempts=settings.webhook_max_attempts,
+            )
+            if settings.webhook_url
+            else None
+        )
+        self.hub = SessionHub([observer for observer in (self.store, self.webhooks) if observer is not None])
 
     def load_default_model(self) -> None:
         """Load and warm the default model (blocking: call from a thread at start-up)."""
@@ -78,6 +95,10 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.stop()
+        if self.webhooks is not None:
+            self.webhooks.close()
+        if self.store is not None:
+            self.store.close()
 
     def new_session(self, config: p.SessionConfig | None = None, *, limits: SessionLimits | None = None) -> Session:
         return Session(

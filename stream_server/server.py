@@ -67,6 +67,8 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.ssl_keyfile and not settings.ssl_certfile:
+        raise SystemExit("--ssl-keyfile needs --ssl-certfile (the certificate that key belongs to)")
     app = create_app(settings)
     uvicorn.run(
         app,
@@ -78,4 +80,8 @@ def serve(settings: Settings) -> None:
         ws_max_size=2 * settings.max_message_bytes,
         ws_ping_interval=20,
         ws_ping_timeout=20,
+        # Twilio (and browsers on https pages) only connect to wss://: with a certificate the
+        # server speaks TLS itself; without one, a reverse proxy terminates TLS (docs/twilio.md).
+        ssl_certfile=settings.ssl_certfile or None,
+        ssl_keyfile=settings.ssl_keyfile or None,
     )

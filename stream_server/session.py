@@ -234,9 +234,6 @@ class Session:
         channel = self._item_channel.get(event.item_id, 0)
         if isinstance(event, p.TranscriptSegment):
             self._item_channel.pop(event.item_id, None)  # an utterance's last event
-            event = dataclasses.replace(event, channel=channel, speaker=self.config.speaker(channel))
-            self._segments.append(event)
-            return event
         return dataclasses.replace(event, channel=channel, speaker=self.config.speaker(channel))
 
     # ---------------------------------------------------------------- inputs
@@ -570,8 +567,11 @@ class Session:
             if self.config.interim_results:
                 out.append(render.interim(utt.item_id, [], timings=self.config.wants("words")))
         wants = self.config.wants
-        out.append(render.segment(utt.item_id, utt.committed, onset=utt.onset, end=utt.end, no_speech_prob=utt.no_speech_prob,
-                                  logprobs=wants("logprobs"), timings=wants("words")))
+        segment = render.segment(utt.item_id, utt.committed, onset=utt.onset, end=utt.end, no_speech_prob=utt.no_speech_prob,
+                                 logprobs=wants("logprobs"), timings=wants("words"))
+        channel = self._item_channel.get(utt.item_id, 0)
+        self._segments.append(dataclasses.replace(segment, channel=channel, speaker=self.config.speaker(channel)))
+        out.append(segment)
         return out + self._maybe_finish()
 
     def _maybe_finish(self) -> list[Output]:

@@ -74,9 +74,51 @@ class Settings:
         default="",
         metadata={"help": "comma-separated API keys clients must present (empty: no authentication; keys clients send are ignored)"},
     )
+    # Live and stored session transcripts (GET /v1/sessions/{id}/...) and webhooks.
+    transcript_db: str = dataclasses.field(
+        default="auto",
+        metadata={"help": "SQLite file where finished call transcripts are kept (auto: transcripts.sqlite3 in --cache-dir; empty: not stored)"},
+    )
+    transcript_retention_days: float = dataclasses.field(
+        default=30.0, metadata={"help": "delete stored transcripts this many days after their session ended (0 = keep forever)"}
+    )
+    webhook_url: str = dataclasses.field(
+        default="", metadata={"help": "POST each final segment and each session end as JSON to this URL (empty: no webhooks)"}
+    )
+    webhook_secret: str = dataclasses.field(
+        default="", metadata={"help": "sign webhook bodies with HMAC-SHA256 of this secret (X-Stream-Server-Signature)"}
+    )
+    webhook_timeout_s: float = dataclasses.field(default=5.0, metadata={"help": "timeout of one webhook attempt"})
+    webhook_max_attempts: int = dataclasses.field(
+        default=5, metadata={"help": "attempts per webhook payload (exponential backoff between them) before it is dropped"}
+    )
+    # Twilio Media Streams and TLS (Twilio only connects to wss:// URLs).
+    twilio_auth_token: str = dataclasses.field(
+        default="",
+        metadata={"help": "Twilio auth token: /v1/twilio upgrades must carry a valid X-Twilio-Signature (empty: not checked; prefer the environment variable to a flag)"},
+    )
+    ssl_certfile: str = dataclasses.field(
+        default="", metadata={"help": "TLS certificate chain (PEM): serve https:// and wss:// directly (empty: plain HTTP, e.g. behind a TLS proxy)"}
+    )
+    ssl_keyfile: str = dataclasses.field(
+        default="", metadata={"help": "private key (PEM) of --ssl-certfile, unless that file holds the key too"}
+    )
+    # Genesys Cloud AudioHook Monitor (/v1/audiohook).
+    audiohook_client_secret: str = dataclasses.field(
+        default="",
+        metadata={"help": "AudioHook client secret (base64, as Genesys shows it): /v1/audiohook upgrades must carry a valid HMAC-SHA256 signature made with it (empty: not checked; prefer the environment variable to a flag)"},
+    )
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    def transcript_db_path(self) -> Path | None:
+        """Where transcripts are stored, or None when storing is switched off."""
+        if not self.transcript_db.strip():
+            return None
+        if self.transcript_db == "auto":
+            return Path(self.cache_dir).expanduser() / "transcripts.sqlite3"
+        return Path(self.transcript_db).expanduser()
 
     def resolved_device(self) -> str:
         if self.device != "auto":

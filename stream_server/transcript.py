@@ -108,8 +108,8 @@ def segment(
     end_s = (end or onset) / MODEL_RATE
     return p.TranscriptSegment(
         item_id=item_id,
-        start=round(min(start_s, end_s), 3),
-        end=round(end_s, 3),
+        start=round(float(min(start_s, end_s)), 3),
+        end=round(float(end_s), 3),
         text="".join(w.text for w in words).strip(),
         logprobs=[p.TokenLogprob.of(t.text, t.logprob) for t in tokens] if logprobs else None,
         words=word_timings(words) if timings else None,

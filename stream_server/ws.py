@@ -40,6 +40,8 @@ DIALECTS: dict[str, str] = {
     "/v1/stream": "native",
     "/v1/realtime": "openai_realtime",
     "/v1/listen": "deepgram",
+    "/v1/twilio": "twilio",
+    "/v1/audiohook": "audiohook",
 }
 
 # How long a flushed session may take to send its last finals before the socket is closed anyway.
@@ -69,6 +71,7 @@ def handshake_of(ws: WebSocket, engine: Engine) -> Handshake:
         subprotocols=tuple(ws.scope.get("subprotocols") or ()),
         default_model=engine.settings.model,
         model_exists=engine.registry.exists,
+        settings=engine.settings,
     )
 
 
@@ -80,7 +83,9 @@ async def dialect_endpoint(create: DialectFactory, ws: WebSocket) -> None:
         await _deny(ws, exc.status, dict(exc.body))
         return
     keys = engine.settings.api_key_set()
-    if keys and dialect.api_key not in keys:
+    # Twilio cannot send headers: its key arrives in the first message, and that dialect checks
+    # it there (``api_key_after_upgrade``).
+    if keys and not getattr(dialect, "api_key_after_upgrade", False) and dialect.api_key not in keys:
         error = p.Error.invalid("invalid_api_key", "missing or unknown API key")
         await _deny(ws, 401, {"error": {"type": error.error.type, "code": error.error.code, "message": error.error.message}})
         return
@@ -126,6 +131,7 @@ class Connection:
         self._outbox: asyncio.Queue[Send | Close] = asyncio.Queue()
         self._closed = asyncio.Event()
         self.runner: SessionRunner | None = None
+        self._alias: str | None = None  # the dialect's session_alias, once registered with the hub
 
     # ---------------------------------------------------------------- outputs
 
@@ -136,8 +142,19 @@ class Connection:
                 self._outbox.put_nowait(action)
             elif self.runner is not None and not self._closed.is_set():
                 self.runner.apply(action)
+        self._register_alias()
+
+    def _register_alias(self) -> None:
+        """Publish the session under the call's own id once the dialect has learned it (Twilio's
+        ``callSid`` arrives in ``start``, AudioHook's ``conversationId`` in ``open``)."""
+        alias = getattr(self.dialect, "session_alias", None)
+        if alias and self.runner is not None and alias != self._alias:
+            self._alias = alias
+            self.engine.hub.alias(self.runner.session.id, str(alias))
 
     def _emit(self, event: p.ServerEvent) -> None:
+        if self.runner is not None:
+            self.engine.hub.publish(self.runner.session.id, event)
         self._queue(self.dialect.render(event))
 
     def _on_close(self, close: CloseConnection) -> None:
@@ -175,6 +192,7 @@ class Connection:
             session, self.engine.scheduler, emit=self._emit, on_close=self._on_close, metrics=self.engine.metrics
         )
         self.runner = runner
+        self.engine.hub.open(session.id, duration=lambda: session.audio_seconds)
         sender = asyncio.create_task(self._sender())
         runner.start()
         try:
@@ -185,6 +203,7 @@ class Connection:
             pass
         finally:
             runner.cancel()
+            self.engine.hub.close(session.id)
             if not self._closed.is_set():
                 # Give already-queued messages (a refusal, the last segment) a moment to leave.
                 with contextlib.suppress(asyncio.TimeoutError, Exception):

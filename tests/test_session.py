@@ -553,3 +553,15 @@ def test_commit_keeps_the_audio_still_inside_the_resampler() -> None:
     assert d.session.audio_seconds == pytest.approx(len(audio) / 24000, abs=0.002)
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2)
+
+
+def test_the_utterance_that_close_finalizes_is_in_the_conversation() -> None:
+    d = Driver(channels=2, channel_labels=["agent", "customer"])
+    left, right = two_legs()
+    data = stereo_pcm16(left[: 16000], right[: 16000])  # the caller is mid-turn when the stream ends
+    d.session.receive_bytes(data)
+    d.drain()
+    d.close()
+    done = d.of(p.TranscriptDone)[0]
+    assert [(t.speaker, t.text) for t in done.turns] == [("agent", d.of(p.TranscriptSegment)[-1].text)]
+    assert done.turns[0].text and type(done.turns[0].start) is float

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from stream_server import protocol as p
+from stream_server.settings import Settings
 
 Command = p.ClientMessage
 
@@ -54,6 +55,9 @@ class Handshake:
     subprotocols: tuple[str, ...]  # as offered by the client, in order
     default_model: str  # the server's default model (a registry name)
     model_exists: Callable[[str], bool] = lambda name: True  # whether the server knows a model
+    #: The server's settings (secrets a dialect checks at the upgrade: Twilio's auth token, the
+    #: AudioHook client secret); None where a caller builds a handshake without a server.
+    settings: Settings | None = None
 
 
 class HandshakeRejected(Exception):

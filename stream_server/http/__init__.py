@@ -11,6 +11,8 @@ Routes
     GET  /v1/models[/{id}]          the models this server can serve
     POST /authentication/validate   AI Refinery's client calls it when it is constructed; this server
                                     has no accounts, so any key is accepted
+    GET  /v1/sessions/{id}/events   a WebSocket session's events as Server-Sent Events (live, or replayed)
+    GET  /v1/sessions/{id}/transcript  a session's conversation, live or stored (json, txt, srt, vtt)
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with the status listed in
 ``docs/http-api.md``. Uploads are streamed to a spooled temporary file through a byte counter, so a
@@ -24,6 +26,7 @@ Modules
     openai_api        the OpenAI routes: transcription (json, text, srt, vtt, SSE) and models
     airefinery_api    AI Refinery's encoding of the OpenAI form, and its key check
     huggingface_api   the Hugging Face Inference route
+    sessions_api      live and stored session transcripts (the hub and the SQLite store)
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from starlette.routing import Route
 from stream_server.http.airefinery_api import validate_key
 from stream_server.http.huggingface_api import hf_transcribe
 from stream_server.http.openai_api import get_model, list_models, transcriptions
+from stream_server.http.sessions_api import routes as session_routes
 
 
 def routes() -> list[Route]:
@@ -44,6 +48,7 @@ def routes() -> list[Route]:
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/models/{model_id:path}", hf_transcribe, methods=["POST"]),
         Route("/authentication/validate", validate_key, methods=["POST"]),
+        *session_routes(),
     ]
 
 
