@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeAlias
 import numpy as np
 
 from stream_server.audio import MODEL_RATE
+from stream_server.words import bare_word
 
 log = logging.getLogger(__name__)
 
@@ -452,11 +453,8 @@ def _drop_echo(prefix_words: list[str], words: list[Word], min_tail: int = 2, mi
     verbatim within one utterance window; decoders do it often.
     """
 
-    def norm(t: str) -> str:
-        return t.strip().lower().strip(".,!?;:")
-
-    earlier = [norm(w) for w in prefix_words]
-    current = [norm(w.text) for w in words]
+    earlier = [bare_word(w) for w in prefix_words]
+    current = [bare_word(w.text) for w in words]
     # At the seam: the continuation starting with the prefix's last words ("Printing." →
     # "Printing. In the ...") is the decoder re-reading them, for runs of any length.
     for n in range(min(5, len(earlier), len(current)), 0, -1):
@@ -466,7 +464,7 @@ def _drop_echo(prefix_words: list[str], words: list[Word], min_tail: int = 2, mi
     kept: list[Word] = []
     i = 0
     while i < len(current):
-        history = earlier + [norm(w.text) for w in kept]
+        history = earlier + [bare_word(w.text) for w in kept]
         run = _longest_repeat(history, current, i)
         at_end = i + run == len(current)
         if run >= min_inner or (at_end and run >= min_tail):
@@ -498,7 +496,7 @@ def _drop_repetition_loop(words: list[Word]) -> list[Word]:
     text = "".join(w.text for w in words).encode()
     if len(text) < 40 or len(text) / max(1, len(zlib.compress(text))) < 2.0:
         return words
-    norm = [w.text.strip().lower().strip(".,!?") for w in words]
+    norm = [bare_word(w.text) for w in words]
     for size in range(1, 9):
         for start in range(0, len(norm) - 3 * size + 1):
             phrase = norm[start : start + size]

@@ -15,14 +15,12 @@ from collections.abc import Sequence
 
 from stream_server.audio import MODEL_RATE
 from stream_server.decoding import Word
+from stream_server.words import bare_word
 
 MS = MODEL_RATE // 1000  # samples per millisecond
 
-_EDGE = ".,!?;:\"'()[]-…。、，！？"
-
-
 def comparable(word: Word) -> str:
-    return word.text.strip().strip(_EDGE).lower()
+    return bare_word(word.text)
 
 
 def agreed_prefix_length(previous: Sequence[Word], current: Sequence[Word]) -> int:

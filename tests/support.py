@@ -70,9 +70,10 @@ def read_wav(path: Path, *, dtype: str = "float32", rate: int = 16000) -> np.nda
 
 
 def normalize(text: str) -> str:
-    from whisper_normalizer.english import EnglishTextNormalizer
+    """Whisper English normalisation, the benchmark's (one normaliser for every WER figure)."""
+    from stream_server.bench.metrics import normalize_text
 
-    return " ".join(EnglishTextNormalizer()(text).split())
+    return normalize_text(text)
 
 
 def wer(references: list[str], hypotheses: list[str]) -> float:
