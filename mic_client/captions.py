@@ -15,12 +15,19 @@ Two modes:
 
 The live line is cut to the terminal width (keeping the newest words): "erase line" only clears
 one physical row, so a line that wrapped would leave stale rows behind on every redraw.
+
+Several channels (a call recording: agent and customer) are two speakers talking at once, so
+each channel keeps its own open utterance, and the one live line shows every channel that has
+unfinished text side by side (``agent: ... | customer: ...``, each part cut to its share of the
+width) instead of one leg's words overwriting the other's. Final lines then say who spoke and
+when: ``[00:03.2] agent: text``. With one channel the output is exactly the single-speaker form.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 CLEAR_LINE = "\r\x1b[K"
@@ -29,6 +36,8 @@ CLEAR_LINE = "\r\x1b[K"
 DIM = "\x1b[2m"
 RESET = "\x1b[0m"
 ELLIPSIS = "\u2026"
+PART_SEPARATOR = " | "
+"""Between two channels' parts of the live line."""
 
 
 def char_width(ch: str) -> int:
@@ -65,12 +74,48 @@ def join_words(left: str, right: str) -> str:
     return left or right
 
 
+def speaker_name(channel: int, speaker: Any = None, labels: Sequence[str] | None = None) -> str:
+    """Who is talking on ``channel``: the server's ``speaker``, else our label, else ``ch<N>``."""
+    if isinstance(speaker, str) and speaker:
+        return speaker
+    if labels and 0 <= channel < len(labels):
+        return labels[channel]
+    return f"ch{channel}"
+
+
+def format_clock(seconds: float) -> str:
+    """Audio time for a caption prefix: ``MM:SS.s`` (``H:MM:SS.s`` past an hour)."""
+    tenths = max(round(seconds * 10), 0) if seconds == seconds else 0  # NaN: 0
+    hours, rest = divmod(tenths, 36000)
+    minutes, rest = divmod(rest, 600)
+    secs, tenth = divmod(rest, 10)
+    clock = f"{minutes:02d}:{secs:02d}.{tenth}"
+    return f"{hours}:{clock}" if hours else clock
+
+
+def _channel_of(event: Mapping[str, Any]) -> int:
+    channel = event.get("channel")
+    return channel if isinstance(channel, int) and not isinstance(channel, bool) and channel >= 0 else 0
+
+
+@dataclasses.dataclass
+class OpenText:
+    """One channel's unfinished utterance on screen."""
+
+    item_id: str | None = None
+    stable: str = ""  # deltas of the open utterance: never revised
+    interim: str = ""  # the tail after the last delta: replaced by each interim event
+    speaker: str | None = None  # as the server named the channel
+
+
 class CaptionRenderer:
     """Feeds on server events (parsed JSON dicts) and returns the terminal output for each.
 
     ``columns`` returns the terminal width at the moment of drawing (a callable, so window resizes
     are picked up); ``None`` means "do not cut the line". ``color`` adds the dim style to interim
-    text in live mode.
+    text in live mode. ``channels`` above 1 switches to the several-speakers form (see the module
+    docstring); ``labels`` names the channels when the server does not (it echoes them as
+    ``speaker``).
     """
 
     def __init__(
@@ -79,16 +124,22 @@ class CaptionRenderer:
         live: bool,
         columns: Callable[[], int] | None = None,
         color: bool = True,
+        channels: int = 1,
+        labels: Sequence[str] | None = None,
     ) -> None:
         self.live = live
         self.columns = columns
         self.color = color
-        self._item_id: str | None = None
-        self._stable = ""  # deltas of the open utterance: never revised
-        self._interim = ""  # the tail after the last delta: replaced by each interim event
+        self.channels = channels
+        self.labels = list(labels) if labels else None
+        self._open: dict[int, OpenText] = {}
         self._drawn: str | None = None  # what the live line currently shows (None: no live line)
 
     # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def multichannel(self) -> bool:
+        return self.channels > 1
 
     @property
     def line_visible(self) -> bool:
@@ -99,22 +150,22 @@ class CaptionRenderer:
         """The text to write for one event ("" when the screen does not change)."""
         kind = event.get("type")
         if kind == "transcript.text.delta":
-            self._enter(event.get("item_id"))
+            state = self._enter(event)
             delta = str(event.get("delta") or "")
-            self._stable += delta
-            self._interim = _drop_prefix_words(self._interim, delta)
+            state.stable += delta
+            state.interim = _drop_prefix_words(state.interim, delta)
             return self._redraw()
         if kind == "transcript.text.interim":
-            self._enter(event.get("item_id"))
-            self._interim = str(event.get("text") or "")
+            state = self._enter(event)
+            state.interim = str(event.get("text") or "")
             return self._redraw()
         if kind == "transcript.segment":
-            text = str(event.get("text") or "").strip()
-            self._reset()
-            return self._final_line(text)
+            self._open.pop(_channel_of(event), None)
+            return self._final_line(event)
         if kind == "input_audio_buffer.cleared":
             # The server closes the kept text with a segment; the interim tail is gone for good.
-            self._interim = ""
+            for state in self._open.values():
+                state.interim = ""
             return self._redraw()
         if kind == "transcript.text.done":
             return self.finish()
@@ -141,59 +192,87 @@ class CaptionRenderer:
         erased -- it is all the user got -- and ended with a newline so the shell prompt starts
         on a fresh row.
         """
+        self._open.clear()
         if not self.live or self._drawn is None:
-            self._reset()
             return ""
-        self._reset()
         self._drawn = None
         return (RESET if self.color else "") + "\n"
 
     # -- internals -------------------------------------------------------------------------------
 
-    def _enter(self, item_id: Any) -> None:
+    def _enter(self, event: Mapping[str, Any]) -> OpenText:
         # Each utterance has its own item id; text of a new one must not be glued to the last.
+        item_id = event.get("item_id")
         item = None if item_id is None else str(item_id)
-        if item != self._item_id:
-            self._item_id = item
-            self._stable = ""
-            self._interim = ""
+        channel = _channel_of(event)
+        state = self._open.get(channel)
+        if state is None or state.item_id != item:
+            state = self._open[channel] = OpenText(item_id=item)
+        speaker = event.get("speaker")
+        if isinstance(speaker, str) and speaker:
+            state.speaker = speaker
+        return state
 
-    def _reset(self) -> None:
-        self._item_id = None
-        self._stable = ""
-        self._interim = ""
-
-    def _final_line(self, text: str) -> str:
+    def _final_line(self, event: Mapping[str, Any]) -> str:
+        text = str(event.get("text") or "").strip()
+        if text and self.multichannel:
+            channel = _channel_of(event)
+            who = speaker_name(channel, event.get("speaker"), self.labels)
+            start = event.get("start")
+            when = format_clock(float(start)) if isinstance(start, (int, float)) else "--:--.-"
+            text = f"[{when}] {who}: {text}"
         if not self.live:
             return f"{text}\n" if text else ""
         prefix = CLEAR_LINE if self._drawn is not None else ""
         self._drawn = None
-        if not text:
-            return prefix
-        return f"{prefix}{text}\n"
+        # Another channel may still be talking: its live text comes back below the final line.
+        return prefix + (f"{text}\n" if text else "") + self._redraw()
 
     def _redraw(self) -> str:
         if not self.live:
             return ""
-        stable = self._stable.strip()
-        interim = self._interim.strip()
-        plain = join_words(stable, interim)
-        if not plain and self._drawn is None:
+        screen = self._screen()
+        if not screen and self._drawn is None:
             return ""
-        screen = self._styled(stable, interim, plain)
         if screen == self._drawn:
             return ""
         self._drawn = screen
         return CLEAR_LINE + screen
 
-    def _styled(self, stable: str, interim: str, plain: str) -> str:
-        """The live line: cut to the terminal width (newest words kept), interim part dimmed."""
+    def _room(self) -> int | None:
+        # One column stays free: writing into the last column makes some terminals wrap.
+        return None if self.columns is None else max(self.columns() - 1, 2)
+
+    def _screen(self) -> str:
+        """The live line for every channel with unfinished text."""
+        if not self.multichannel:
+            state = self._open.get(0) or next(iter(self._open.values()), OpenText())
+            return self._styled(state.stable.strip(), state.interim.strip(), self._room())
+        parts = [
+            (channel, state)
+            for channel, state in sorted(self._open.items())
+            if join_words(state.stable, state.interim)
+        ]
+        if not parts:
+            return ""
+        room = self._room()
+        share = None
+        if room is not None:
+            share = max((room - text_width(PART_SEPARATOR) * (len(parts) - 1)) // len(parts), 4)
+        drawn = []
+        for channel, state in parts:
+            label = speaker_name(channel, state.speaker, self.labels) + ": "
+            text_room = None if share is None else max(share - text_width(label), 2)
+            drawn.append(label + self._styled(state.stable.strip(), state.interim.strip(), text_room))
+        return PART_SEPARATOR.join(drawn)
+
+    def _styled(self, stable: str, interim: str, room: int | None) -> str:
+        """Caption text in ``room`` columns (newest words kept), the interim part dimmed."""
+        plain = join_words(stable, interim)
         shown = plain
         cut = False
-        if self.columns is not None:
-            # One column stays free: writing into the last column makes some terminals wrap.
-            room = max(self.columns() - 1, 2)
-            shown, cut = tail_to_width(plain, room - 1) if text_width(plain) > room else (plain, False)
+        if room is not None and text_width(plain) > room:
+            shown, cut = tail_to_width(plain, room - 1)
         # Where the interim part starts inside ``shown`` (it is always the end of ``plain``); the
         # separating space stays with the stable part.
         split = max(len(shown) - len(interim), 0)

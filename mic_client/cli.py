@@ -24,8 +24,11 @@ from typing import Any, TextIO
 
 from mic_client import __version__
 from mic_client.audio_source import (
+    CHANNEL_MODES,
+    MAX_CHANNELS,
     AudioSource,
     AudioSourceError,
+    ChannelMode,
     FileSource,
     MicSource,
     list_devices,
@@ -71,7 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--file",
         metavar="PATH",
         help="stream this audio file (wav, flac, mp3, anything FFmpeg decodes) instead of the "
-        "microphone; it is resampled to 16 kHz mono and sent at real-time pace",
+        "microphone; it is resampled to 16 kHz and sent at real-time pace. A file with several "
+        "channels (a call recording with one leg per channel, up to 8) is streamed as that many "
+        "channels and the captions say who spoke; see --multichannel",
+    )
+    parser.add_argument(
+        "--multichannel",
+        choices=CHANNEL_MODES,
+        default=None,
+        help="with --file, for a file with several channels: split = one speaker per channel, "
+        "mix = mix down to mono, auto (default) = split unless the channels carry the same audio "
+        "(a mono voice saved as stereo), which is streamed as mono",
+    )
+    parser.add_argument(
+        "--channel-labels",
+        type=_labels,
+        metavar="A,B,...",
+        help="with --file: names of the file's channels, in order (e.g. agent,customer); the server "
+        "echoes them as 'speaker' and captions show them (default: ch0, ch1, ...). Implies "
+        "--multichannel split",
     )
     parser.add_argument(
         "--speed",
@@ -134,9 +155,23 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _labels(text: str) -> list[str]:
+    labels = [label.strip() for label in text.split(",")]
+    if len(labels) > MAX_CHANNELS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_CHANNELS} labels (one per channel)")
+    if any(not 1 <= len(label) <= 64 for label in labels):
+        raise argparse.ArgumentTypeError("each label must be 1-64 characters, separated by commas")
+    return labels
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.speed is not None and not args.file:
         parser.error("--speed only applies to --file")
+    for flag, value in (("--multichannel", args.multichannel), ("--channel-labels", args.channel_labels)):
+        if value is not None and not args.file:
+            parser.error(f"{flag} only applies to --file (the microphone is one channel)")
+    if args.channel_labels is not None and args.multichannel == "mix":
+        parser.error("--channel-labels names channels, but --multichannel mix mixes them into one")
     if args.device is not None and args.file:
         parser.error("--device only applies to the microphone, not to --file")
     if args.format is not None and not args.output:
@@ -207,7 +242,8 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     source: AudioSource
     if args.file:
         speed = 1.0 if args.speed is None else args.speed
-        source = FileSource(args.file, speed=speed, frame_ms=args.frame_ms)
+        mode: ChannelMode = args.multichannel or ("split" if args.channel_labels else "auto")
+        source = FileSource(args.file, speed=speed, frame_ms=args.frame_ms, channel_mode=mode)
     else:
         source = MicSource(parse_device(args.device), frame_ms=args.frame_ms)
 
@@ -230,9 +266,16 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         except AudioSourceError as exc:
             display.message(str(exc))
             return EXIT_FAILED
+        labels: list[str] | None = args.channel_labels
+        if labels is not None and len(labels) != source.channels:
+            display.message(
+                f"--channel-labels names {len(labels)} channel(s) but {args.file} has {source.channels}"
+            )
+            return EXIT_CONNECT  # a wrong command line (exit code 2), found once the file is open
+        renderer.channels, renderer.labels = source.channels, labels
         if args.output:
             try:
-                writer = open_writer(args.output, args.format)
+                writer = open_writer(args.output, args.format, channels=source.channels, labels=labels)
             except OSError as exc:
                 display.message(f"cannot write --output {args.output!r}: {exc.strerror or exc}")
                 return EXIT_FAILED
@@ -242,13 +285,14 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             what = f"microphone {source.device_name!r} ({source.sample_rate} Hz)"
             announce = f"streaming {what} to {args.url}; Ctrl-C to finish"
         else:
-            announce = f"streaming {args.file} to {args.url}"
+            announce = f"streaming {args.file}{_describe_channels(source, labels)} to {args.url}"
 
         client = StreamClient(
             args.url,
             source,
             language=args.language,
             model=args.model,
+            channel_labels=labels,
             on_event=display.on_event,
             on_error=display.on_error,
             on_open=lambda: status(announce),
@@ -277,6 +321,18 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         await source.aclose()
         if writer is not None:
             writer.close()
+
+
+def _describe_channels(source: AudioSource, labels: list[str] | None) -> str:
+    """What the status line says about a file's channels ("" for a plain mono file)."""
+    if isinstance(source, FileSource) and source.mixed_same_signal:
+        return f" ({source.file_channels} channels carrying the same audio, streamed as mono)"
+    if isinstance(source, FileSource) and source.file_channels > 1 and source.channels == 1:
+        return f" ({source.file_channels} channels mixed down to mono)"
+    if source.channels > 1:
+        names = ", ".join(labels or [f"ch{c}" for c in range(source.channels)])
+        return f" ({source.channels} channels: {names})"
+    return ""
 
 
 def _install_signal_handlers(client: StreamClient, display: Display) -> None:

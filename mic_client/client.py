@@ -4,7 +4,8 @@ Sequence (protocol.md):
 
 1. connect to ``ws://HOST:PORT/v1/stream``;
 2. send ``session.update`` (interim results on, the language if given, the source's sample rate
-   when it is not 16 kHz) before any audio, so that every frame is read with the right settings;
+   when it is not 16 kHz, its channel count and labels when it has several channels) before any
+   audio, so that every frame is read with the right settings;
 3. send the source's frames as binary WebSocket frames while a receiver task hands every event to
    ``on_event``;
 4. when the source ends (end of file, or :meth:`StreamClient.request_stop` after Ctrl-C) send
@@ -75,6 +76,8 @@ def session_config(
     language: str | None = None,
     model: str | None = None,
     interim_results: bool = True,
+    channels: int = 1,
+    channel_labels: list[str] | None = None,
 ) -> dict[str, Any]:
     """The ``session`` object of the first ``session.update``.
 
@@ -89,6 +92,10 @@ def session_config(
         config["model"] = model
     if sample_rate != SAMPLE_RATE:
         config["sample_rate"] = sample_rate
+    if channels != 1:
+        config["channels"] = channels  # frames are interleaved: each channel is its own speaker
+    if channel_labels:
+        config["channel_labels"] = list(channel_labels)
     return config
 
 
@@ -114,6 +121,7 @@ class StreamClient:
     before any connection is made). ``on_event`` is called for every event, in order, with the
     wall-clock time it was received; ``on_error`` additionally for ``error`` events; ``on_open``
     once the connection is up (so "streaming..." is only announced when it is true).
+    ``channel_labels`` names the source's channels (echoed by the server as ``speaker``).
     """
 
     def __init__(
@@ -123,6 +131,7 @@ class StreamClient:
         *,
         language: str | None = None,
         model: str | None = None,
+        channel_labels: list[str] | None = None,
         on_event: EventCallback | None = None,
         on_error: Callable[[dict[str, Any]], None] | None = None,
         on_open: Callable[[], None] | None = None,
@@ -133,6 +142,7 @@ class StreamClient:
         self.source = source
         self.language = language
         self.model = model
+        self.channel_labels = channel_labels
         self.on_event = on_event
         self.on_error = on_error
         self.on_open = on_open
@@ -239,8 +249,10 @@ class StreamClient:
             sample_rate=self.source.sample_rate,
             language=self.language,
             model=self.model,
+            channels=self.source.channels,
+            channel_labels=self.channel_labels,
         )
-        bytes_per_second = self.source.sample_rate * 2
+        bytes_per_second = self.source.sample_rate * 2 * self.source.channels
         try:
             await ws.send(json.dumps({"type": "session.update", "session": config}))
             async for frame in self.source:

@@ -2,15 +2,23 @@
 
 Both write and flush as events arrive rather than at the end, so a session that is killed or loses
 its connection still leaves everything received so far on disk.
+
+With several channels the JSON Lines keep each event's ``channel`` and ``speaker`` as the server
+sent them, and every SRT cue starts with its speaker (``agent: text``). The channels' segments
+arrive in the order their decodes finish, which is not always the order they were spoken in, so
+the SRT file is rewritten in start-time order when it is closed (players expect cues in order).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, TextIO
+
+from mic_client.captions import speaker_name
 
 FORMATS = ("jsonl", "srt")
 
@@ -85,20 +93,32 @@ def srt_cue(index: int, start: float, end: float, text: str) -> str:
     return f"{index}\n{format_srt_time(start)} --> {format_srt_time(end)}\n{text.strip()}\n\n"
 
 
+@dataclasses.dataclass(frozen=True)
+class Cue:
+    start: float
+    end: float
+    text: str
+
+
 class SrtWriter:
     """One cue per ``transcript.segment``, timed in audio time; other events are ignored.
 
     Segments with empty text (the server finalized an utterance that held no words) get no cue:
-    an empty cue is invalid in many players. Cue numbers stay consecutive.
+    an empty cue is invalid in many players. Cue numbers stay consecutive. With ``channels`` > 1
+    each cue names its speaker, and :meth:`close` puts cues that arrived out of time order back in
+    order (see the module docstring).
     """
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, *, channels: int = 1, labels: list[str] | None = None) -> None:
         self._stream = stream
+        self.channels = channels
+        self.labels = labels
         self.cues = 0
+        self._written: list[Cue] = []
 
     @classmethod
-    def open(cls, path: str | Path) -> SrtWriter:
-        return cls(open(path, "w", encoding="utf-8"))
+    def open(cls, path: str | Path, *, channels: int = 1, labels: list[str] | None = None) -> SrtWriter:
+        return cls(open(path, "w", encoding="utf-8"), channels=channels, labels=labels)
 
     def write(self, event: Mapping[str, Any], received_at: float) -> None:
         if event.get("type") != "transcript.segment":
@@ -106,19 +126,34 @@ class SrtWriter:
         text = str(event.get("text") or "").strip()
         if not text:
             return
-        self.cues += 1
+        if self.channels > 1:
+            channel = event.get("channel")
+            index = channel if isinstance(channel, int) and not isinstance(channel, bool) else 0
+            text = f"{speaker_name(index, event.get('speaker'), self.labels)}: {text}"
         start = float(event.get("start") or 0.0)
         end = float(event.get("end") or start)
-        self._stream.write(srt_cue(self.cues, start, end, text))
+        cue = Cue(start, max(end, start), text)
+        self._written.append(cue)
+        self.cues += 1
+        self._stream.write(srt_cue(self.cues, cue.start, cue.end, cue.text))
         self._stream.flush()
 
     def close(self) -> None:
+        ordered = sorted(self._written, key=lambda c: (c.start, c.end))
+        if ordered != self._written and self._stream.seekable():
+            self._stream.seek(0)
+            self._stream.truncate()
+            for index, cue in enumerate(ordered, start=1):
+                self._stream.write(srt_cue(index, cue.start, cue.end, cue.text))
         self._stream.close()
 
 
-def open_writer(path: str | Path, fmt: str | None = None) -> EventWriter:
-    """Open ``path`` for writing in ``fmt`` (or the format its extension implies)."""
+def open_writer(
+    path: str | Path, fmt: str | None = None, *, channels: int = 1, labels: list[str] | None = None
+) -> EventWriter:
+    """Open ``path`` for writing in ``fmt`` (or the format its extension implies); ``channels``
+    and ``labels`` describe the stream (SRT cues then name their speakers)."""
     kind = infer_format(path, fmt)
     if kind == "srt":
-        return SrtWriter.open(path)
+        return SrtWriter.open(path, channels=channels, labels=labels)
     return JsonlWriter.open(path)

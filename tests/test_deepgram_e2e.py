@@ -394,3 +394,37 @@ def test_bad_query_is_refused_before_the_upgrade(runs: Runs) -> None:
     if status is None:  # the SDK's legacy client raises the websockets exception itself
         status = getattr(error, "status_code", None) or getattr(getattr(error, "response", None), "status_code", None)
     assert status == 400, repr(error)
+
+
+def test_multichannel_linear16_transcribes_each_leg(server: ServerProcess) -> None:
+    """The SDK streams a two-channel call (a different voice per channel, turns overlapping) with
+    ``multichannel=true&channels=2``: each channel's finals spell that leg's words."""
+    legs = {0: [("arctic_slt_arctic_a0003", 0.3), ("arctic_slt_arctic_a0007", 6.2)], 1: [("arctic_aew_arctic_a0002", 2.9)]}
+    rows = {r["id"]: r for r in english_references()}
+    length = int(10.5 * 16000)
+    frames = np.zeros((length, 2), np.float32)
+    references: dict[int, str] = {}
+    for channel, parts in legs.items():
+        for clip_id, at in parts:
+            audio = load_clip(clip_id)
+            start = int(at * 16000)
+            frames[start : start + len(audio), channel] = audio
+            references[channel] = f"{references.get(channel, '')} {rows[clip_id]['text']}".strip()
+    pcm = (np.clip(frames, -1, 1) * 32767).astype("<i2").tobytes()
+    options = {"encoding": "linear16", "channels": "2", "multichannel": "true", "interim_results": "true", "vad_events": "true"}
+    run = asyncio.run(sdk_stream(server, pcm, 16000, 4, **options))  # 4 bytes: one stereo frame
+    assert run.error is None, run.error
+    results = run.of("Results")
+    assert {tuple(g.message["channel_index"]) for g in results} == {(0, 2), (1, 2)}
+    for channel, reference in references.items():
+        mine = [g for g in finals(run) if g.message["channel_index"][0] == channel]
+        text = " ".join(t for t in (final_transcript(g) for g in mine) if t)
+        error = wer([reference], [text])
+        print(f"channel {channel}: WER {error:.3f}: {text!r}")
+        assert error <= 0.2, (channel, text, reference)  # tiny.en misses "Whittemore" on this leg alone too
+        started = [g for g in run.of("SpeechStarted") if g.message["channel"] == [channel, 2]]
+        assert len(started) >= len(legs[channel]), "vad_events per channel"
+    [metadata] = run.of("Metadata")
+    assert metadata.message["channels"] == 2
+    assert metadata.message["duration"] == pytest.approx(length / 16000, abs=0.05)
+    check_documented(g.message for g in run.messages)

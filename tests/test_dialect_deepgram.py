@@ -314,7 +314,7 @@ def test_a_model_the_server_has_is_used_and_booleans_are_case_insensitive() -> N
         ({**SDK_QUERY, "sample_rate": "96000"}, "sample_rate"),
         ({**SDK_QUERY, "sample_rate": "fast"}, "sample_rate"),
         ({**SDK_QUERY, "interim_results": "yes"}, "interim_results"),
-        ({**SDK_QUERY, "channels": "2"}, "channels=2"),
+        ({**SDK_QUERY, "channels": "9"}, "channels"),
         ({**SDK_QUERY, "endpointing": "-5"}, "endpointing"),
         ({**SDK_QUERY, "endpointing": "20000"}, "endpointing"),
         ({**SDK_QUERY, "utterance_end_ms": "soon"}, "utterance_end_ms"),
@@ -417,7 +417,7 @@ def test_finalize_with_nothing_pending_answers_with_an_empty_from_finalize_resul
 def test_finalize_after_the_vad_already_stopped_marks_that_utterances_final() -> None:
     h = DeepgramHarness(SDK_QUERY, latency_chunks=40)  # a slow final decode
     h.feed(np.concatenate([silence(0.3), speech([1, 2]), silence(0.7)]))
-    assert not finals(h) and h.dialect._stopped is not None
+    assert not finals(h) and h.dialect._channels[0].stopped is not None
     h.send({"type": "Finalize"})
     h.settle()
     [final] = finals(h)
@@ -620,7 +620,7 @@ def test_a_mulaw_wav_header_selects_g711() -> None:
     assert dialect.audio_seconds == pytest.approx(0.01)
 
 
-@pytest.mark.parametrize("data", [b"ID3\x03\x00 an mp3", wav_header(16000, channels=2), wav_header(16000, tag=85)])
+@pytest.mark.parametrize("data", [b"ID3\x03\x00 an mp3", wav_header(16000, channels=9), wav_header(16000, tag=85)])
 def test_audio_that_is_neither_raw_nor_readable_wav_is_refused_with_data_0000(data: bytes) -> None:
     dialect = dg.create(handshake({"model": "nova-3"}))
     error, close = dialect.receive_bytes(data)
@@ -648,3 +648,128 @@ def test_every_message_type_validates_against_the_sdk_and_matches_the_doc() -> N
     seen = check_documented(h.messages())
     assert seen == {"Results", "SpeechStarted", "UtteranceEnd", "Metadata", "Error", "ConfigureSuccess", "ConfigureFailure"}
     assert set(documented_fields()) == seen, "the doc lists exactly the messages sent"
+
+
+# --------------------------------------------------------------------------------------------
+# Several channels: multichannel=true transcribes each, otherwise they are mixed into one
+# --------------------------------------------------------------------------------------------
+
+STEREO_QUERY = {**SDK_QUERY, "channels": "2"}
+
+
+def feed_stereo(h: DeepgramHarness, left: np.ndarray, right: np.ndarray, chunk: int = 1280) -> None:
+    """Interleaved pcm16 in ``chunk``-byte messages (a size that may split a frame)."""
+    n = max(len(left), len(right))
+    frames = np.zeros((n, 2), np.float32)
+    frames[: len(left), 0], frames[: len(right), 1] = left, right
+    data = to_pcm16(frames.reshape(-1))
+    for i in range(0, len(data), chunk):
+        h.send_bytes(data[i : i + chunk])
+        h.tick()
+
+
+def of_channel(h: DeepgramHarness, kind: str, channel: int) -> list[dict[str, Any]]:
+    key = "channel_index" if kind == "Results" else "channel"
+    return [m for m in h.of(kind) if m[key][0] == channel]
+
+
+def two_legs() -> tuple[np.ndarray, np.ndarray]:
+    """The right leg starts while the left still talks, and keeps talking after it stops."""
+    left = np.concatenate([silence(0.3), speech([1, 2, 3]), silence(2.0)])
+    right = np.concatenate([silence(0.8), speech([4, 5, 6, 7]), silence(0.9), speech([8]), silence(1.5)])
+    return left, right
+
+
+def test_multichannel_gives_each_channel_its_own_results() -> None:
+    query = {**STEREO_QUERY, "multichannel": "true", "interim_results": "true", "vad_events": "true", "utterance_end_ms": "1000"}
+    h = DeepgramHarness(query)
+    assert h.session.config.channels == 2 and h.session.config.input_audio_format == "pcm16"
+    left, right = two_legs()
+    feed_stereo(h, left, right, chunk=1002)  # 1002 bytes: frames split across messages
+    h.send({"type": "CloseStream"})
+    h.settle()
+    messages = h.messages()
+    assert {tuple(m["channel_index"]) for m in messages if m["type"] == "Results"} == {(0, 2), (1, 2)}
+    for channel, words in ((0, [1, 2, 3]), (1, [4, 5, 6, 7, 8])):
+        results = of_channel(h, "Results", channel)
+        finals_here = [r for r in results if r["is_final"]]
+        assert " ".join(transcript(r) for r in finals_here if transcript(r)) == spoken(*words)
+        assert any(not r["is_final"] for r in results), "interims per channel"
+        position = 0.0  # each channel tiles its own timeline
+        for result in results:
+            assert result["start"] == pytest.approx(position, abs=1e-6)
+            if result["is_final"]:
+                position = result["start"] + result["duration"]
+        assert of_channel(h, "SpeechStarted", channel), "vad_events per channel"
+    left_words = [w for r in of_channel(h, "Results", 0) if r["is_final"] for w in r["channel"]["alternatives"][0]["words"]]
+    right_start = of_channel(h, "SpeechStarted", 1)[0]
+    assert right_start["timestamp"] < left_words[-1]["end"], "the right leg starts while the left still talks"
+    assert [m["channel"] for m in h.of("UtteranceEnd")] == [[0, 2], [1, 2]], "the left leg went quiet first"
+    metadata = messages[-1]
+    assert metadata["type"] == "Metadata" and metadata["channels"] == 2
+    assert metadata["duration"] == pytest.approx(len(h.audio) / 4 / 16000, abs=1e-3), "seconds, not samples"
+    assert metadata["sha256"] == hashlib.sha256(bytes(h.audio)).hexdigest()
+    check_documented(messages)
+
+
+def test_finalize_answers_every_channel() -> None:
+    h = DeepgramHarness({**STEREO_QUERY, "multichannel": "true"})
+    feed_stereo(h, np.concatenate([silence(0.3), speech([1, 2])]), silence(0.9))
+    h.send({"type": "Finalize"})
+    h.settle()
+    [left] = [r for r in of_channel(h, "Results", 0) if r["is_final"]]
+    [right] = [r for r in of_channel(h, "Results", 1) if r["is_final"]]
+    assert (transcript(left), left["from_finalize"], left["speech_final"]) == (spoken(1, 2), True, False)
+    assert (transcript(right), right["from_finalize"]) == ("", True), "nothing pending there: answered at once"
+
+
+def test_channels_without_multichannel_are_mixed_into_one_transcript() -> None:
+    h = DeepgramHarness({**STEREO_QUERY, "interim_results": "true"})
+    assert h.session.config.channels == 1 and h.session.config.input_audio_format == "float32"
+    # Each leg at twice a word's level: only the mean of the two channels spells w1 w2 ... w4.
+    left = 2 * np.concatenate([silence(0.3), speech([1, 2]), silence(3.0)])
+    right = 2 * np.concatenate([silence(2.0), speech([3, 4]), silence(1.0)])
+    feed_stereo(h, left, right, chunk=998)
+    h.send({"type": "CloseStream"})
+    h.settle()
+    appended = b"".join(c.audio for c in h.commands if isinstance(c, p.AudioAppend))
+    assert len(appended) == len(h.audio) // 4 * 4, "every whole stereo frame became one float32 sample"
+    assert {tuple(m["channel_index"]) for m in h.of("Results")} == {(0, 1)}
+    assert turns(h) == [spoken(1, 2), spoken(3, 4)]
+    assert h.messages()[-1]["channels"] == 1
+
+
+def test_mulaw_channels_are_mixed_too() -> None:
+    from stream_server.audio import encode_g711
+
+    dialect = dg.create(handshake({"model": "nova-3", "encoding": "mulaw", "sample_rate": "8000", "channels": "2"}))
+    assert dialect.initial_config()["input_audio_format"] == "float32"
+    a, b = np.full(80, 0.25, np.float32), np.full(80, -0.05, np.float32)
+    left, right = encode_g711(a, "ulaw"), encode_g711(b, "ulaw")
+    interleaved = bytes(x for pair in zip(left, right, strict=True) for x in pair)
+    [first] = dialect.receive_bytes(interleaved[:81])
+    assert isinstance(first, p.AudioAppend) and len(first.audio) == 40 * 4, "40 whole frames, one byte kept"
+    [rest] = dialect.receive_bytes(interleaved[81:])
+    assert isinstance(rest, p.AudioAppend) and len(rest.audio) == 40 * 4, "the split frame joined the rest"
+    mixed = np.frombuffer(first.audio + rest.audio, "<f4")
+    assert mixed == pytest.approx(np.full(80, 0.1), abs=0.01), "the mean of the two legs"
+    assert dialect.audio_seconds == pytest.approx(80 / 8000)
+
+
+def test_a_stereo_wav_stream_follows_multichannel() -> None:
+    header = wav_header(8000, tag=7, bits=8, channels=2)
+    split = dg.create(handshake({"model": "nova-3", "multichannel": "true"}))
+    [update, append] = split.receive_bytes(header + b"\xff" * 160)
+    assert update == p.SessionUpdate({"input_audio_format": "g711_ulaw", "sample_rate": 8000, "channels": 2})
+    assert isinstance(append, p.AudioAppend) and append.audio == b"\xff" * 160
+    assert split.audio_seconds == pytest.approx(0.01)
+    mixed = dg.create(handshake({"model": "nova-3"}))
+    [update, append] = mixed.receive_bytes(header + b"\xff" * 160)
+    assert update == p.SessionUpdate({"input_audio_format": "float32", "sample_rate": 8000})
+    assert isinstance(append, p.AudioAppend) and len(append.audio) == 80 * 4
+
+
+def test_channels_query_is_read_only_with_an_encoding_and_at_most_8() -> None:
+    assert "channels" not in dg.create(handshake({"model": "nova-3", "channels": "2", "multichannel": "true"})).initial_config()
+    assert dg.create(handshake({**STEREO_QUERY, "channels": "8", "multichannel": "true"})).initial_config()["channels"] == 8
+    assert "9 is outside 1..8" in str(rejected({**SDK_QUERY, "channels": "9"}).body["err_msg"])

@@ -14,6 +14,7 @@ started once per module as a subprocess on a free port.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mic_client.captions import format_clock
 from tests.support import REPO, SPEECH_DIR, ServerProcess, manifest, read_wav, require_speech, start_server, wer
 
 pytestmark = pytest.mark.slow
@@ -196,6 +198,8 @@ def test_multi_utterance_mp3_to_srt(server: ServerProcess, tmp_path: Path) -> No
     srt = tmp_path / "captions.srt"
     proc = run_client("--file", str(mp3), "--speed", "2", "--url", server.ws_url, "--output", str(srt))
     assert proc.returncode == 0, f"stderr:\n{proc.stderr}\nserver log:\n{server.log_tail()}"
+    # One voice copied to both sides of a stereo mp3 is one speaker, not two legs.
+    assert "2 channels carrying the same audio, streamed as mono" in proc.stderr, proc.stderr
     cues = parse_srt(srt.read_text(encoding="utf-8"))
     assert [c[0] for c in cues] == list(range(1, len(cues) + 1))
     assert len(cues) >= 3, f"expected one cue per sentence (pauses of 1.2 s), got {cues}"
@@ -208,6 +212,115 @@ def test_multi_utterance_mp3_to_srt(server: ServerProcess, tmp_path: Path) -> No
     error = wer([reference], [hypothesis])
     print(f"WER {error:.3f} on 3 utterances (mp3, 44.1 kHz stereo, speed 2): {hypothesis!r}")
     assert error < MAX_WER, f"WER {error:.2f}: {hypothesis!r} vs {reference!r}"
+
+
+# ------------------------------------------------------------------------------------------------
+# A two-leg call as a stereo WAV
+# ------------------------------------------------------------------------------------------------
+
+#: (clip, start second) per leg: two different voices whose turns overlap and abut, as in a call.
+CALL_LEGS = {
+    "agent": [("arctic_slt_arctic_a0003", 0.5), ("arctic_slt_arctic_a0007", 7.6), ("ljspeech_LJ001-0002", 14.6)],
+    "customer": [("arctic_aew_arctic_a0002", 3.2), ("arctic_aew_arctic_a0001", 10.4)],
+}
+LEG_WER_MARGIN = 0.05  # a word or two per leg: the mono and stereo runs decode different windows
+SEGMENT_LINE = re.compile(r"^\[(\d\d):(\d\d\.\d)\] (agent|customer): (.+)$")
+
+
+def _call_wav(tmp_path: Path) -> tuple[Path, dict[str, Path], dict[str, str]]:
+    """The stereo call (agent left, customer right), each leg alone as a mono WAV, and each leg's
+    reference text."""
+    legs: dict[str, np.ndarray] = {}
+    references: dict[str, str] = {}
+    length = 0
+    for speaker, parts in CALL_LEGS.items():
+        placed = []
+        for clip_id, at in parts:
+            path, text = clip(clip_id)
+            placed.append((int(at * 16000), read_wav(path, dtype="int16")))
+            references[speaker] = f"{references.get(speaker, '')} {text}".strip()
+        leg = np.zeros(max(i + len(a) for i, a in placed) + 16000, "<i2")
+        for i, audio in placed:
+            leg[i : i + len(audio)] = audio
+        legs[speaker] = leg
+        length = max(length, len(leg))
+    for speaker, leg in legs.items():
+        legs[speaker] = np.pad(leg, (0, length - len(leg)))
+    stereo = tmp_path / "call.wav"
+    _write_wav(stereo, np.stack([legs["agent"], legs["customer"]], axis=1))
+    mono = {}
+    for speaker, leg in legs.items():
+        mono[speaker] = tmp_path / f"{speaker}.wav"
+        _write_wav(mono[speaker], leg)
+    return stereo, mono, references
+
+
+def _write_wav(path: Path, frames: np.ndarray) -> None:
+    import wave
+
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1 if frames.ndim == 1 else frames.shape[1])
+        wav.setsampwidth(2)
+        wav.setframerate(16000)
+        wav.writeframes(frames.astype("<i2").tobytes())
+
+
+def test_stereo_call_shows_both_legs_with_speakers(server: ServerProcess, tmp_path: Path) -> None:
+    stereo, mono, references = _call_wav(tmp_path)
+    url = ("--url", server.ws_url)
+    jsonl, srt = tmp_path / "call.jsonl", tmp_path / "call.srt"
+    labels = ("--channel-labels", "agent,customer")
+    proc = run_client("--file", str(stereo), "--speed", "0", *labels, *url, "--output", str(jsonl))
+    assert proc.returncode == 0, f"stderr:\n{proc.stderr}\nserver log:\n{server.log_tail()}"
+    assert "2 channels: agent, customer" in proc.stderr
+
+    # The session: two channels, each with its own utterances and text.
+    events = read_events(jsonl)
+    updated = next(e for e in events if e["type"] == "session.updated")
+    assert updated["session"]["channels"] == 2 and updated["session"]["channel_labels"] == ["agent", "customer"]
+    done = events[-1]
+    assert done["type"] == "transcript.text.done"
+    segments = [e for e in events if e["type"] == "transcript.segment"]
+    for channel, speaker in enumerate(("agent", "customer")):
+        mine = [e for e in events if e.get("channel") == channel and "item_id" in e]
+        assert mine and all(e["speaker"] == speaker for e in mine), speaker
+        deltas = "".join(e["delta"] for e in mine if e["type"] == "transcript.text.delta")
+        assert done["channels"][channel] == {"channel": channel, "speaker": speaker, "text": deltas}
+    assert [t["start"] for t in done["turns"]] == sorted(t["start"] for t in done["turns"])
+
+    # stdout (a pipe): one line per segment, "[mm:ss.s] speaker: text", as the segments came.
+    lines = proc.stdout.splitlines()
+    assert lines == [
+        f"[{format_clock(s['start'])}] {s['speaker']}: {s['text'].strip()}"
+        for s in segments
+        if s["text"].strip()
+    ]
+    said: dict[str, list[str]] = {"agent": [], "customer": []}
+    for line in lines:
+        match = SEGMENT_LINE.match(line)
+        assert match, line
+        said[match[3]].append(match[4])
+
+    # Accuracy per leg: as good as streaming that leg alone (a mono file, the same way).
+    for speaker, path in mono.items():
+        alone = run_client("--file", str(path), "--speed", "0", *url)
+        assert alone.returncode == 0, alone.stderr
+        assert not SEGMENT_LINE.match(alone.stdout.splitlines()[0]), "a mono file keeps the plain form"
+        mono_wer = wer([references[speaker]], [alone.stdout])
+        leg_wer = wer([references[speaker]], [" ".join(said[speaker])])
+        print(f"{speaker}: WER {leg_wer:.3f} in the stereo call, {mono_wer:.3f} alone; {said[speaker]}")
+        assert leg_wer <= mono_wer + LEG_WER_MARGIN, (speaker, said[speaker], references[speaker])
+        assert leg_wer < MAX_WER
+
+    # SRT: cues name their speaker and are in time order.
+    proc = run_client("--file", str(stereo), "--speed", "0", *labels, *url, "--output", str(srt))
+    assert proc.returncode == 0, proc.stderr
+    cues = parse_srt(srt.read_text(encoding="utf-8"))
+    assert [c[0] for c in cues] == list(range(1, len(cues) + 1))
+    assert [c[1] for c in cues] == sorted(c[1] for c in cues)
+    assert {c[3].split(": ", 1)[0] for c in cues} == {"agent", "customer"}
+    overlaps = [(a, b) for a, b in itertools.pairwise(cues) if b[1] < a[2]]
+    assert overlaps, "the legs talk over each other: some cues overlap"
 
 
 def _emulate_terminal(output: str) -> list[str]:

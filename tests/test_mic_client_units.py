@@ -21,8 +21,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mic_client.audio_source import FileSource, iter_file_pcm16, parse_device
-from mic_client.captions import CLEAR_LINE, DIM, ELLIPSIS, RESET, CaptionRenderer, text_width
+from mic_client.audio_source import AudioSourceError, FileSource, iter_file_pcm16, parse_device, same_signal
+from mic_client.captions import (
+    CLEAR_LINE,
+    DIM,
+    ELLIPSIS,
+    PART_SEPARATOR,
+    RESET,
+    CaptionRenderer,
+    format_clock,
+    text_width,
+)
 from mic_client.client import describe_error, session_config
 from mic_client.writers import (
     JsonlWriter,
@@ -602,5 +611,250 @@ def test_cli_help_lists_every_flag() -> None:
         "--output",
         "--format",
         "--list-devices",
+        "--channel-labels",
+        "--multichannel",
     ):
         assert flag in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Several channels: a call recording with one leg per channel
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_wav(path: Path, frames: np.ndarray, rate: int = 16000) -> None:
+    """``frames``: int16, shape (n,) or (n, channels)."""
+    channels = 1 if frames.ndim == 1 else frames.shape[1]
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(channels)
+        wav.setsampwidth(2)
+        wav.setframerate(rate)
+        wav.writeframes(frames.astype("<i2").tobytes())
+
+
+def _two_legs() -> tuple[np.ndarray, np.ndarray]:
+    """Two different real voices, the second starting while the first still speaks."""
+    agent = _wav_samples(speech_clip("arctic_slt_arctic_a0003"))
+    customer = _wav_samples(speech_clip("arctic_aew_arctic_a0002"))
+    n = max(len(agent), 16000 + len(customer))
+    left, right = np.zeros(n, "<i2"), np.zeros(n, "<i2")
+    left[: len(agent)] = agent
+    right[16000 : 16000 + len(customer)] = customer
+    return left, right
+
+
+def test_session_config_announces_channels_and_labels() -> None:
+    assert "channels" not in session_config() and "channel_labels" not in session_config()
+    config = session_config(channels=2, channel_labels=["agent", "customer"])
+    assert config["channels"] == 2 and config["channel_labels"] == ["agent", "customer"]
+    assert session_config(channels=2)["channels"] == 2 and "channel_labels" not in session_config(channels=2)
+
+
+def test_stereo_file_is_streamed_interleaved_sample_exact(tmp_path: Path) -> None:
+    left, right = _two_legs()
+    path = tmp_path / "call.wav"
+    _write_wav(path, np.stack([left, right], axis=1))
+    source = FileSource(path, speed=0, frame_ms=40)
+    frames, _ = asyncio.run(_collect(source))
+    assert source.channels == source.file_channels == 2 and not source.mixed_same_signal
+    assert all(len(f) == 2 * 1280 for f in frames[:-1]), "40 ms of both channels per frame"
+    got = np.frombuffer(b"".join(frames), dtype="<i2").reshape(-1, 2)
+    np.testing.assert_array_equal(got[:, 0], left)
+    np.testing.assert_array_equal(got[:, 1], right)
+    assert source.sent_seconds == pytest.approx(len(left) / 16000)
+
+
+def test_stereo_file_at_44k_keeps_its_legs_apart(tmp_path: Path) -> None:
+    """Resampled by PyAV with the layout kept: each output channel is its own input channel."""
+    left, right = _two_legs()
+    path = tmp_path / "call44k.wav"
+    up = np.stack([np.interp(np.arange(0, len(x), 16000 / 44100), np.arange(len(x)), x) for x in (left, right)], axis=1)
+    _write_wav(path, up.astype("<i2"), rate=44100)
+    got = np.frombuffer(b"".join(iter_file_pcm16(path, channels=2)), dtype="<i2").reshape(-1, 2).astype(np.float64)
+    n = min(len(got), len(left)) - 200
+    assert np.corrcoef(got[:n, 0], left[:n])[0, 1] > 0.95
+    assert np.corrcoef(got[:n, 1], right[:n])[0, 1] > 0.95
+    assert abs(np.corrcoef(got[:n, 0], got[:n, 1])[0, 1]) < 0.3, "legs did not leak into each other"
+
+
+def test_same_signal_tells_dual_mono_from_two_legs() -> None:
+    left, right = _two_legs()
+    assert same_signal(np.stack([left, left], axis=1).tobytes(), 2) is True
+    noisy = np.clip(left + np.random.default_rng(1).normal(0, 30, len(left)), -32768, 32767).astype("<i2")
+    assert same_signal(np.stack([left, noisy], axis=1).tobytes(), 2) is True, "lossy coding noise is not a second voice"
+    assert same_signal(np.stack([left, right], axis=1).tobytes(), 2) is False
+    assert same_signal(np.stack([left, np.zeros_like(left)], axis=1).tobytes(), 2) is False, "one leg talking"
+    assert same_signal(np.stack([left, -left], axis=1).tobytes(), 2) is False, "opposite phase is two signals"
+    assert same_signal(bytes(4 * 16000), 2) is None, "silence says nothing"
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("auto", 1), ("split", 2), ("mix", 1)])
+def test_dual_mono_file_is_streamed_as_mono_unless_split_is_asked(tmp_path: Path, mode: str, channels: int) -> None:
+    left, _ = _two_legs()
+    path = tmp_path / "dual_mono.wav"
+    lead_in = np.zeros(3 * 16000, "<i2")  # silence first: auto must look past it
+    samples = np.concatenate([lead_in, left])
+    _write_wav(path, np.stack([samples, samples], axis=1))
+    source = FileSource(path, speed=0, channel_mode=mode)  # type: ignore[arg-type]
+    frames, _ = asyncio.run(_collect(source))
+    assert source.channels == channels and source.file_channels == 2
+    assert source.mixed_same_signal is (mode == "auto")
+    got = np.frombuffer(b"".join(frames), dtype="<i2").reshape(-1, channels)
+    assert len(got) == len(samples), "nothing lost or repeated by the look-ahead"
+    np.testing.assert_allclose(got[:, 0], samples, atol=1)
+
+
+def test_mix_mode_mixes_two_legs_into_one(tmp_path: Path) -> None:
+    left, right = _two_legs()
+    path = tmp_path / "call.wav"
+    _write_wav(path, np.stack([left, right], axis=1))
+    source = FileSource(path, speed=0, channel_mode="mix")
+    frames, _ = asyncio.run(_collect(source))
+    got = np.frombuffer(b"".join(frames), dtype="<i2").astype(np.float64)
+    assert source.channels == 1 and len(got) == len(left)
+    assert np.corrcoef(got, left.astype(np.float64) + right)[0, 1] > 0.99
+
+
+def test_more_channels_than_a_session_takes_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "nine.wav"
+    _write_wav(path, np.ones((1600, 9), "<i2"))
+    with pytest.raises(AudioSourceError, match="9 channels; a session takes at most 8"):
+        asyncio.run(FileSource(path, speed=0, channel_mode="split").start())
+    mixed = FileSource(path, speed=0, channel_mode="mix")
+    asyncio.run(mixed.start())
+    assert mixed.channels == 1
+
+
+def _utterance(channel: int, speaker: str | None, item: str, start: float, words: list[str]) -> list[dict]:
+    """One utterance's events on one channel: interims growing word by word, then its segment."""
+    tag = {"channel": channel, "speaker": speaker, "item_id": item}
+    events: list[dict] = [{"type": "input_audio_buffer.speech_started", "audio_start_ms": int(start * 1000), **tag}]
+    for k in range(1, len(words) + 1):
+        events.append({"type": "transcript.text.interim", "text": " ".join(words[:k]), "words": None, **tag})
+    events.append({"type": "transcript.text.delta", "delta": " ".join(words), "logprobs": None, "words": None, **tag})
+    events.append({"type": "transcript.text.interim", "text": "", "words": None, **tag})
+    events.append(
+        {"type": "transcript.segment", "start": start, "end": start + len(words) * 0.4, "text": " ".join(words),
+         "logprobs": None, "words": None, "avg_logprob": -0.2, "no_speech_prob": 0.01, **tag}
+    )
+    return events
+
+
+def _overlapping_call(speakers: tuple[str | None, str | None] = ("agent", "customer")) -> list[dict]:
+    """Two legs talking over each other: their events interleave one by one."""
+    agent = _utterance(0, speakers[0], "item_a", 0.5, "thank you for calling how can I help".split())
+    customer = _utterance(1, speakers[1], "item_b", 1.7, "hi my card was declined".split())
+    events = agent[:2]
+    for b, a in zip(customer, agent[2:], strict=False):
+        events += [b, a]  # the customer's shorter turn ends first, while the agent still talks
+    return events + agent[2 + len(customer) :]
+
+
+def test_multichannel_plain_lines_say_who_spoke_and_when() -> None:
+    renderer = CaptionRenderer(live=False, channels=2)
+    out = "".join(renderer.feed(e) for e in _overlapping_call()) + renderer.finish()
+    assert out.splitlines() == [
+        "[00:01.7] customer: hi my card was declined",
+        "[00:00.5] agent: thank you for calling how can I help",
+    ]
+    unnamed = CaptionRenderer(live=False, channels=2)
+    lines = "".join(unnamed.feed(e) for e in _overlapping_call((None, None))).splitlines()
+    assert [line.split("] ")[1].split(":")[0] for line in lines] == ["ch1", "ch0"]
+    labelled = CaptionRenderer(live=False, channels=2, labels=["left", "right"])
+    assert "] right: hi" in "".join(labelled.feed(e) for e in _overlapping_call((None, None)))
+
+
+def test_multichannel_live_line_keeps_each_legs_words_apart() -> None:
+    renderer = CaptionRenderer(live=True, columns=None, color=False, channels=2)
+    term = Terminal()
+    shown: list[str] = []
+    for event in _overlapping_call():
+        term.write(renderer.feed(event))
+        shown.append(term.current)
+    both = [row for row in shown if PART_SEPARATOR in row]
+    assert both, "while both talk, both are on the live line"
+    for row in both:
+        agent_part, customer_part = row.split(PART_SEPARATOR)
+        assert agent_part.startswith("agent: ") and customer_part.startswith("customer: ")
+        assert "thank you for calling how can I help".startswith(agent_part.removeprefix("agent: "))
+        assert "hi my card was declined".startswith(customer_part.removeprefix("customer: "))
+    # The customer's final line scrolls up; the agent's unfinished words come back below it.
+    final_row = term.rows.index("[00:01.7] customer: hi my card was declined")
+    assert shown[-1] == "" and term.rows[final_row + 1 :] == ["[00:00.5] agent: thank you for calling how can I help", ""]
+    events = _overlapping_call()
+    at = next(i for i, e in enumerate(events) if e["type"] == "transcript.segment" and e["channel"] == 1)
+    assert shown[at].startswith("agent: thank you") and PART_SEPARATOR not in shown[at]
+
+
+def test_multichannel_live_line_shares_the_terminal_width() -> None:
+    renderer = CaptionRenderer(live=True, columns=lambda: 41, color=True, channels=2)
+    term = Terminal()
+    for event in _overlapping_call():
+        out = renderer.feed(event)
+        term.write(out)
+        if out:
+            assert text_width(re.sub(r"\x1b\[[0-9;]*m", "", term.current)) <= 40
+    cut = renderer  # a long pair of parts: each keeps its newest words behind an ellipsis
+    for event in _utterance(0, "agent", "item_c", 9.0, ["word"] * 30)[:-3]:
+        term.write(cut.feed(event))
+    for event in _utterance(1, "customer", "item_d", 9.5, ["other"] * 30)[:-3]:
+        term.write(cut.feed(event))
+    agent_part, customer_part = term.current.split(PART_SEPARATOR)
+    assert agent_part.startswith("agent: " + ELLIPSIS) and customer_part.startswith("customer: " + ELLIPSIS)
+    assert text_width(term.current) <= 40
+
+
+def test_format_clock() -> None:
+    assert [format_clock(t) for t in (0, 3.24, 75.25, 3599.96, 3725.0)] == [
+        "00:00.0", "00:03.2", "01:15.2", "1:00:00.0", "1:02:05.0",
+    ]
+
+
+def test_multichannel_srt_cues_name_the_speaker_and_end_up_in_time_order(tmp_path: Path) -> None:
+    path = tmp_path / "call.srt"
+    writer = open_writer(path, channels=2, labels=["agent", "customer"])
+    for event in _overlapping_call():
+        writer.write(event, 0.0)
+    mid = path.read_text(encoding="utf-8")
+    assert mid.startswith("1\n00:00:01,700 --> 00:00:03,700\ncustomer: hi"), "written as they arrive"
+    writer.close()
+    cues = path.read_text(encoding="utf-8").strip().split("\n\n")
+    assert cues == [
+        "1\n00:00:00,500 --> 00:00:03,700\nagent: thank you for calling how can I help",
+        "2\n00:00:01,700 --> 00:00:03,700\ncustomer: hi my card was declined",
+    ]
+
+
+def test_multichannel_jsonl_keeps_channel_and_speaker(tmp_path: Path) -> None:
+    path = tmp_path / "call.jsonl"
+    writer = open_writer(path, channels=2)
+    for event in _overlapping_call():
+        writer.write(event, 1.5)
+    writer.close()
+    segments = [json.loads(line) for line in path.read_text().splitlines() if '"transcript.segment"' in line]
+    assert [(s["channel"], s["speaker"]) for s in segments] == [(1, "customer"), (0, "agent")]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--channel-labels", "a,b"], "--channel-labels only applies to --file"),
+        (["--multichannel", "split"], "--multichannel only applies to --file"),
+        (["--file", "x.wav", "--channel-labels", "a,,b"], "1-64 characters"),
+        (["--file", "x.wav", "--channel-labels", ",".join("abcdefghi")], "at most 8 labels"),
+        (["--file", "x.wav", "--channel-labels", "a,b", "--multichannel", "mix"], "mixes them into one"),
+    ],
+)
+def test_cli_channel_usage_errors_exit_2(args: list[str], message: str) -> None:
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_cli_labels_that_do_not_match_the_files_channels_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "call.wav"
+    _write_wav(path, np.zeros((16000, 2), "<i2"))
+    proc = run_cli("--file", str(path), "--channel-labels", "a,b,c", "--url", f"ws://127.0.0.1:{_free_port()}/v1/stream")
+    assert proc.returncode == 2
+    assert "--channel-labels names 3 channel(s) but" in proc.stderr and "has 2" in proc.stderr
+    assert "connection refused" not in proc.stderr, "checked before connecting"

@@ -17,6 +17,12 @@ How the core's events become ``Results`` (the one real design decision, see the 
 * Interim results (``is_final: false``) show the turn since its last final: committed words plus
   the current tail.
 * Results tile the stream like Deepgram's: each result starts where the previous final ended.
+
+Channels: with ``multichannel=true`` and ``channels=N`` (or an N-channel WAV) each channel is a
+core channel with its own turns, and everything above holds per channel (results carry
+``channel_index: [c, N]``, each channel tiles its own timeline). With ``multichannel`` false the
+channels are mixed into one, as Deepgram does: the interleaved samples are averaged here and the
+core gets mono float32.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from stream_server import protocol as p
+from stream_server.audio import decode_samples
 from stream_server.dialects.base import (
     Action,
     Close,
@@ -64,6 +71,7 @@ MAX_ENDPOINTING_MS = 5000  # the core's silence_duration_ms bound
 MAX_UTTERANCE_END_MS = 60_000
 SAMPLE_WIDTH = {"pcm16": 2, "float32": 4, "g711_ulaw": 1, "g711_alaw": 1}
 MAX_HEADER_BYTES = 64 * 1024  # a WAV header larger than this is not a header
+MAX_CHANNELS = 8  # the core's channel limit (Deepgram's own is 20)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,13 +171,9 @@ def _encoding(query: Mapping[str, str], request_id: str) -> tuple[str | None, in
 def parse_options(query: Mapping[str, str], model_exists: Callable[[str], bool], request_id: str) -> ListenOptions:
     """Validate the query parameters as Deepgram does; unknown parameters are ignored."""
     encoding, rate = _encoding(query, request_id)
-    channels = _int(query, "channels", request_id, low=1, high=64) or 1
-    if channels > 1:
-        raise reject(
-            f"channels={channels}: this server transcribes one channel per stream for now; "
-            "open one stream per channel",
-            request_id,
-        )
+    channels = _int(query, "channels", request_id, low=1, high=MAX_CHANNELS) or 1
+    if encoding is None:
+        channels = 1  # as with Deepgram, only raw audio reads `channels`: a WAV header says it
     endpointing, endpointing_enabled = _endpointing(query, request_id)
     language = (query.get("language") or "en").strip()
     keyterm = (query.get("keyterm") or "").strip() or None
@@ -204,6 +208,8 @@ def native_config(options: ListenOptions) -> dict[str, object]:
     if options.encoding is not None:
         config["input_audio_format"] = RAW_ENCODINGS[options.encoding]
         config["sample_rate"] = options.sample_rate
+        if options.channels > 1:
+            config.update(channel_config(options.channels, options.multichannel, RAW_ENCODINGS[options.encoding]))
     if options.model is not None:
         config["model"] = options.model
     if options.endpointing is not None:
@@ -211,6 +217,22 @@ def native_config(options: ListenOptions) -> dict[str, object]:
     if options.keyterm:
         config["prompt"] = options.keyterm
     return config
+
+
+def channel_config(channels: int, multichannel: bool, audio_format: str) -> dict[str, object]:
+    """Native fields for ``channels`` > 1 interleaved channels in ``audio_format``: one core
+    channel each with ``multichannel``, else mono float32 (the dialect mixes, see :func:`mix_down`)."""
+    if multichannel:
+        return {"channels": channels}
+    return {"input_audio_format": "float32"}
+
+
+def mix_down(data: bytes, audio_format: str, channels: int) -> bytes:
+    """Whole interleaved frames in ``audio_format`` averaged into mono float32 bytes: what Deepgram
+    does with several channels when ``multichannel`` is off (one transcript of everyone)."""
+    samples, _ = decode_samples(data, audio_format)
+    mono = samples.reshape(-1, channels).mean(axis=1, dtype="float32")
+    return bytes(mono.astype("<f4").tobytes())
 
 
 def api_key(handshake: Handshake) -> tuple[str | None, str | None]:
@@ -272,8 +294,8 @@ class NotWav(Exception):
     """The stream does not start with a WAV header this server can read."""
 
 
-def parse_wav_header(data: bytes) -> tuple[str, int, int] | None:
-    """(native format, sample rate, header length) of a WAV stream's start, None when more bytes
+def parse_wav_header(data: bytes) -> tuple[str, int, int, int] | None:
+    """(native format, sample rate, channels, header length) of a WAV stream's start, None when more bytes
     are needed; raises :class:`NotWav`. The data chunk's size is ignored: streamed WAVs often
     carry 0 or 0xFFFFFFFF there, and everything after the header is audio."""
     if len(data) < 12:
@@ -282,7 +304,7 @@ def parse_wav_header(data: bytes) -> tuple[str, int, int] | None:
         return None
     if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
         raise NotWav("the audio has no encoding parameter and is not a WAV stream")
-    fmt: tuple[str, int] | None = None
+    fmt: tuple[str, int, int] | None = None
     pos = 12
     while pos + 8 <= len(data):
         chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
@@ -290,7 +312,7 @@ def parse_wav_header(data: bytes) -> tuple[str, int, int] | None:
         if chunk == b"data":
             if fmt is None:
                 raise NotWav("WAV data chunk before its fmt chunk")
-            return fmt[0], fmt[1], body
+            return fmt[0], fmt[1], fmt[2], body
         if body + size > len(data):
             return None
         if chunk == b"fmt ":
@@ -299,7 +321,7 @@ def parse_wav_header(data: bytes) -> tuple[str, int, int] | None:
     return None
 
 
-def _wav_format(fmt: bytes) -> tuple[str, int]:
+def _wav_format(fmt: bytes) -> tuple[str, int, int]:
     if len(fmt) < 16:
         raise NotWav("WAV fmt chunk too short")
     tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", fmt)
@@ -308,11 +330,11 @@ def _wav_format(fmt: bytes) -> tuple[str, int]:
     native = WAV_FORMAT_TAGS.get(tag)
     if native is None or WAV_BITS[native] != bits:
         raise NotWav(f"WAV format tag {tag} with {bits}-bit samples is not supported (linear16, float32, mulaw, alaw)")
-    if channels != 1:
-        raise NotWav(f"WAV audio has {channels} channels; this server transcribes mono streams")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise NotWav(f"WAV audio has {channels} channels; this server transcribes 1 to {MAX_CHANNELS}")
     if not 8000 <= rate <= 48000:
         raise NotWav(f"WAV sample rate {rate} Hz is outside 8000..48000")
-    return native, rate
+    return native, rate, channels
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +358,18 @@ class OpenUtterance:
         taken = (self.pending, self.pending_words, self.pending_logprobs)
         self.pending, self.pending_words, self.pending_logprobs, self.shown = "", [], [], ""
         return taken
+
+
+@dataclasses.dataclass
+class ChannelState:
+    """One transcribed channel's place in the result stream (Deepgram tiles each channel's
+    timeline on its own, so each has its own chunk start, open turn and UtteranceEnd wait)."""
+
+    chunk_start: float = 0.0  # where the next result starts (end of the previous final)
+    utterance: OpenUtterance | None = None
+    stopped: str | None = None  # an item past speech_stopped, final not yet sent
+    last_word_end: float | None = None  # pending UtteranceEnd, None when sent
+    last_final: str | None = None  # the item whose turn-ending final went out last
 
 
 NATIVE_ERROR_VARIANTS = {
@@ -378,14 +412,21 @@ class DeepgramDialect:
         self._format = RAW_ENCODINGS[options.encoding] if options.encoding else "pcm16"
         self._rate = options.sample_rate or 16000
         self._header: bytearray | None = None if options.encoding else bytearray()
-        self._samples = 0.0  # audio received, in samples of the stream's format
+        self._samples = 0.0  # audio received, in samples of the stream's format (all channels)
         self._sha256 = hashlib.sha256()  # of the audio received: Deepgram's Metadata reports it
-        self._chunk_start = 0.0  # where the next result starts (end of the previous final)
-        self._utterance: OpenUtterance | None = None
         self._finalized: set[str] = set()  # items whose final comes from a Finalize
-        self._stopped: str | None = None  # an item past speech_stopped, final not yet sent
-        self._last_word_end: float | None = None  # pending UtteranceEnd, None when sent
+        self._finalize_pending = False  # a Finalize whose first BufferCommitted has not come back
         self._closing = False
+        self._set_channels(options.channels)
+
+    def _set_channels(self, channels: int) -> None:
+        """``channels`` interleaved in the audio; transcribed one by one with ``multichannel``,
+        else mixed into one (``_mix_frame`` bytes per frame, a split frame kept for the next)."""
+        self.audio_channels = channels
+        transcribed = channels if self.options.multichannel else 1
+        self._channels = [ChannelState() for _ in range(transcribed)]
+        self._mix_frame = 0 if transcribed == channels else channels * SAMPLE_WIDTH[self._format]
+        self._mix_rest = b""
 
     # ---------------------------------------------------------------- client → server
 
@@ -411,7 +452,10 @@ class DeepgramDialect:
         if kind == "KeepAlive":
             return []
         if kind == "Finalize":
-            return [] if self._closing else [p.BufferCommit()]
+            if self._closing:
+                return []
+            self._finalize_pending = True
+            return [p.BufferCommit()]
         if kind == "CloseStream":
             return self._close_stream()
         if kind == "Configure" and isinstance(message, dict):
@@ -478,22 +522,37 @@ class DeepgramDialect:
             ]
         if parsed is None:
             return []
-        audio_format, rate, header_length = parsed
+        audio_format, rate, channels, header_length = parsed
         rest = bytes(self._header[header_length:])
         self._header = None
         self._format, self._rate = audio_format, rate
-        update = p.SessionUpdate({"input_audio_format": audio_format, "sample_rate": rate})
+        self._set_channels(channels)
+        fields: dict[str, object] = {"input_audio_format": audio_format, "sample_rate": rate}
+        if channels > 1:
+            fields.update(channel_config(channels, self.options.multichannel, audio_format))
+        update = p.SessionUpdate(fields)
         return [update, *self._append(rest)] if rest else [update]
 
     def _append(self, data: bytes) -> list[Action]:
         self._samples += len(data) / SAMPLE_WIDTH[self._format]
         self._sha256.update(data)
+        if self._mix_frame:
+            data = self._mix(data)
+            if not data:
+                return self._utterance_end_due()
         return [p.AudioAppend(data), *self._utterance_end_due()]
+
+    def _mix(self, data: bytes) -> bytes:
+        """Mix whole interleaved frames to mono float32; a frame split across messages waits."""
+        data = self._mix_rest + data
+        whole = len(data) - len(data) % self._mix_frame
+        self._mix_rest = data[whole:]
+        return mix_down(data[:whole], self._format, self.audio_channels) if whole else b""
 
     @property
     def audio_seconds(self) -> float:
         """Seconds of audio received so far (the clock Deepgram's times are in)."""
-        return self._samples / self._rate
+        return self._samples / self.audio_channels / self._rate
 
     # ---------------------------------------------------------------- server → client
 
@@ -504,7 +563,7 @@ class DeepgramDialect:
         if isinstance(event, p.SpeechStarted):
             return self._speech_started(event)
         if isinstance(event, p.SpeechStopped):
-            self._stopped = event.item_id
+            self._channel(event.channel).stopped = event.item_id
             return []
         if isinstance(event, p.TranscriptDelta):
             return self._delta(event)
@@ -527,36 +586,46 @@ class DeepgramDialect:
         variant = NATIVE_ERROR_VARIANTS.get(code, "InternalServerError")
         return [self._error(variant, event.error.message)]
 
+    def _channel(self, index: int) -> ChannelState:
+        # The core only sends channels the session has; a stray index must not crash the stream.
+        return self._channels[index] if 0 <= index < len(self._channels) else self._channels[0]
+
+    def _channel_tag(self, index: int) -> list[int]:
+        """Deepgram's ``[channel, channel count]`` pair."""
+        return [index, len(self._channels)]
+
     def _speech_started(self, event: p.SpeechStarted) -> list[Action]:
-        self._utterance = OpenUtterance(event.item_id)
+        self._channel(event.channel).utterance = OpenUtterance(event.item_id)
         if not self.options.vad_events:
             return []
-        return [Send(_dumps({"type": "SpeechStarted", "channel": [0, 1], "timestamp": round(event.audio_start_ms / 1000, 3)}))]
+        body = {"type": "SpeechStarted", "channel": self._channel_tag(event.channel), "timestamp": round(event.audio_start_ms / 1000, 3)}
+        return [Send(_dumps(body))]
 
-    def _open(self, item_id: str) -> OpenUtterance:
-        if self._utterance is None or self._utterance.item_id != item_id:
-            self._utterance = OpenUtterance(item_id)
-        return self._utterance
+    def _open(self, item_id: str, channel: int) -> OpenUtterance:
+        state = self._channel(channel)
+        if state.utterance is None or state.utterance.item_id != item_id:
+            state.utterance = OpenUtterance(item_id)
+        return state.utterance
 
     def _delta(self, event: p.TranscriptDelta) -> list[Action]:
-        utt = self._open(event.item_id)
+        utt = self._open(event.item_id, event.channel)
         utt.pending += event.delta
         utt.pending_words.extend(event.words or [])
         utt.pending_logprobs.extend(t.logprob for t in event.logprobs or [])
-        if not utt.tail and self._stopped != event.item_id:
+        if not utt.tail and self._channel(event.channel).stopped != event.item_id:
             # Nothing was left unsettled before this delta: the core only sends a new interim
             # when the tail changes, so none may follow. Final now, as the native delta is.
-            return self._send_final(utt, end=None, speech_final=False)
+            return self._send_final(utt, event.channel, end=None, speech_final=False)
         return []  # shown by the interim that follows in the same core step, or by a final
 
     def _interim(self, event: p.TranscriptInterim) -> list[Action]:
         """An empty tail while the speaker pauses (the VAD has not ended the turn) means every
         word heard so far is final: that is the moment Deepgram finalizes a segment too, so the
         committed text goes out as ``is_final`` now instead of waiting for the end of the turn."""
-        utt = self._open(event.item_id)
+        utt = self._open(event.item_id, event.channel)
         utt.tail, utt.tail_words = event.text, list(event.words or [])
-        if not event.text and utt.pending.strip() and self._stopped != event.item_id:
-            return self._send_final(utt, end=None, speech_final=False)
+        if not event.text and utt.pending.strip() and self._channel(event.channel).stopped != event.item_id:
+            return self._send_final(utt, event.channel, end=None, speech_final=False)
         if not self.options.interim_results:
             return []
         shown = join_text(utt.pending, utt.tail)
@@ -566,31 +635,36 @@ class DeepgramDialect:
         words = [*utt.pending_words, *utt.tail_words]
         end = max([self.audio_seconds, *(w.end for w in words)])
         confidence = sum(w.probability for w in words) / len(words) if words else 0.0
-        return [Send(_dumps(self.results(shown, words, end=end, confidence=confidence, is_final=False)))]
+        results = self.results(shown, words, end=end, confidence=confidence, is_final=False, channel=event.channel)
+        return [Send(_dumps(results))]
 
     def _final(self, event: p.TranscriptSegment) -> list[Action]:
         """The end of a core utterance: what was not finalized yet goes out as the final that
         ends the turn (``speech_final`` unless a Finalize forced it or endpointing is off)."""
-        utt = self._open(event.item_id)
-        self._utterance = None
-        if self._stopped == event.item_id:
-            self._stopped = None
+        utt = self._open(event.item_id, event.channel)
+        state = self._channel(event.channel)
+        state.utterance = None
+        state.last_final = event.item_id
+        if state.stopped == event.item_id:
+            state.stopped = None
         from_finalize = event.item_id in self._finalized
         self._finalized.discard(event.item_id)
         return self._send_final(
             utt,
+            event.channel,
             end=event.end,
             speech_final=self.options.endpointing_enabled and not from_finalize,
             from_finalize=from_finalize,
         )
 
     def _send_final(
-        self, utt: OpenUtterance, *, end: float | None, speech_final: bool, from_finalize: bool = False
+        self, utt: OpenUtterance, channel: int, *, end: float | None, speech_final: bool, from_finalize: bool = False
     ) -> list[Action]:
         text, words, logprobs = utt.take_pending()
+        state = self._channel(channel)
         # A final ends at its last word mid-turn (the next result starts there), at the turn's end
         # when the turn is over.
-        end = max([self._chunk_start if end is None else end, *(w.end for w in words)])
+        end = max([state.chunk_start if end is None else end, *(w.end for w in words)])
         confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs and text.strip() else 0.0
         results = self.results(
             text,
@@ -600,33 +674,51 @@ class DeepgramDialect:
             is_final=True,
             speech_final=speech_final,
             from_finalize=from_finalize,
+            channel=channel,
         )
         if words:
-            self._last_word_end = words[-1].end
+            state.last_word_end = words[-1].end
         return [Send(_dumps(results)), *self._utterance_end_due()]
 
     def _committed(self, event: p.BufferCommitted) -> list[Action]:
-        """A Finalize was applied: the utterance it closed (or the one already stopped and
-        waiting for its final) gets ``from_finalize``; with nothing pending, an empty
-        ``from_finalize`` result answers at once so a client waiting for it is not left hanging."""
-        item = event.item_id or self._stopped
-        if item is not None:
-            self._finalized.add(item)
+        """A Finalize was applied (the core sends one ``committed`` per channel whose turn it
+        closed, or one with no item when none was open). Each closed turn's final gets
+        ``from_finalize``; so does a turn the VAD had already stopped, still waiting for its final;
+        a channel with nothing pending gets an empty ``from_finalize`` result at once, so a client
+        waiting for one per channel is not left hanging."""
+        if event.item_id is not None:
+            self._finalized.add(event.item_id)
+        if not self._finalize_pending:
             return []
-        results = self.results("", [], end=self.audio_seconds, confidence=0.0, is_final=True, from_finalize=True)
-        return [Send(_dumps(results))]
+        self._finalize_pending = False
+        out: list[Action] = []
+        for index, state in enumerate(self._channels):
+            if event.item_id is not None and event.item_id in (state.last_final, state.utterance and state.utterance.item_id):
+                continue  # the channel whose turn this Finalize closed
+            if state.stopped is not None:
+                self._finalized.add(state.stopped)
+            elif state.utterance is None:
+                results = self.results(
+                    "", [], end=self.audio_seconds, confidence=0.0, is_final=True, from_finalize=True, channel=index
+                )
+                out.append(Send(_dumps(results)))
+        return out
 
     def _utterance_end_due(self) -> list[Action]:
-        """Deepgram's UtteranceEnd: a gap of ``utterance_end_ms`` of audio after the last
-        finalized word, with no utterance in progress (new speech cancels the wait)."""
+        """Deepgram's UtteranceEnd, per channel: a gap of ``utterance_end_ms`` of audio after the
+        channel's last finalized word, with no turn in progress there (new speech cancels it)."""
         gap_ms = self.options.utterance_end_ms
-        last = self._last_word_end
-        if gap_ms is None or last is None or self._utterance is not None:
+        if gap_ms is None:
             return []
-        if self.audio_seconds < last + gap_ms / 1000:
-            return []
-        self._last_word_end = None
-        return [Send(_dumps({"type": "UtteranceEnd", "channel": [0, 1], "last_word_end": round(last, 3)}))]
+        out: list[Action] = []
+        for index, state in enumerate(self._channels):
+            last = state.last_word_end
+            if last is None or state.utterance is not None or self.audio_seconds < last + gap_ms / 1000:
+                continue
+            state.last_word_end = None
+            body = {"type": "UtteranceEnd", "channel": self._channel_tag(index), "last_word_end": round(last, 3)}
+            out.append(Send(_dumps(body)))
+        return out
 
     # ---------------------------------------------------------------- message bodies
 
@@ -640,15 +732,18 @@ class DeepgramDialect:
         is_final: bool,
         speech_final: bool = False,
         from_finalize: bool = False,
+        channel: int = 0,
     ) -> dict[str, Any]:
-        """A ``Results`` message covering ``[chunk start, end)``; a final moves the chunk start."""
-        start = self._chunk_start
+        """A ``Results`` message of one channel covering ``[chunk start, end)`` of that channel;
+        a final moves the channel's chunk start."""
+        state = self._channel(channel)
+        start = state.chunk_start
         end = max(end, start)
         if is_final:
-            self._chunk_start = end
+            state.chunk_start = end
         return {
             "type": "Results",
-            "channel_index": [0, 1],
+            "channel_index": self._channel_tag(channel),
             "duration": round(end - start, 3),
             "start": round(start, 3),
             "is_final": is_final,
@@ -696,7 +791,7 @@ class DeepgramDialect:
             "sha256": self._sha256.hexdigest(),
             "created": self.created.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "duration": round(duration, 3),
-            "channels": 1,
+            "channels": len(self._channels),
         }
 
     def _error(self, variant: str, description: str, *, message: str | None = None) -> Send:
