@@ -33,7 +33,6 @@ import hashlib
 import json
 import math
 import struct
-import unicodedata
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -47,6 +46,7 @@ from stream_server.dialects.base import (
     HandshakeRejected,
     Send,
 )
+from stream_server.words import bare_word
 
 #: Deepgram closes a stream that receives neither audio nor a text message for 10 seconds.
 IDLE_TIMEOUT_S = 10.0
@@ -252,23 +252,10 @@ def api_key(handshake: Handshake) -> tuple[str | None, str | None]:
 # --------------------------------------------------------------------------------------------
 
 
-#: Punctuation that carries meaning a reader would say aloud ("5%", "AT&T", "#1"): kept.
-SPOKEN_MARKS = frozenset("%&#@")
-
-
-def _is_edge_mark(char: str) -> bool:
-    return unicodedata.category(char).startswith("P") and char not in SPOKEN_MARKS
-
-
 def plain_word(word: str) -> str:
     """Deepgram's ``word``: lower-case, without leading/trailing punctuation ("Hello," → "hello";
-    "don't" and "3.5" keep their inner marks)."""
-    start, end = 0, len(word)
-    while start < end and _is_edge_mark(word[start]):
-        start += 1
-    while end > start and _is_edge_mark(word[end - 1]):
-        end -= 1
-    return word[start:end].lower()
+    "don't" and "3.5" keep their inner marks) — the server's one word normaliser."""
+    return bare_word(word)
 
 
 def plain_text(text: str) -> str:
