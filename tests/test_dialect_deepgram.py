@@ -36,9 +36,9 @@ from deepgram.listen.v1.types import (
 
 from stream_server import protocol as p
 from stream_server.dialects import deepgram as dg
-from stream_server.dialects.base import Action, Close, Handshake, HandshakeRejected, Send
-from stream_server.session import DecodeTicket, Session, SessionLimits
-from tests.fakes import BurstDecoder, EnergyVad, silence, speech, to_pcm16
+from stream_server.dialects.base import Close, Handshake, HandshakeRejected, Send
+from tests.dialect_harness import DialectHarness
+from tests.fakes import silence, speech, to_pcm16
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "deepgram.md"
@@ -151,59 +151,12 @@ def handshake(query: dict[str, str] | None = None, **kwargs: Any) -> Handshake:
     )
 
 
-class DeepgramHarness:
+class DeepgramHarness(DialectHarness):
     """The dialect in front of a real session with the fake VAD and decoder."""
 
     def __init__(self, query: dict[str, str] | None = None, latency_chunks: int = 5) -> None:
-        self.dialect = dg.create(handshake(query), now=NOW)
-        config = p.SessionConfig.model_validate({"model": "tiny.en"}).updated(self.dialect.initial_config())
-        self.session = Session(
-            "sess_deepgram01",
-            config=config,
-            vad=EnergyVad(),
-            limits=SessionLimits(max_utterance_s=6.0),
-            model_exists=lambda name: name in ("tiny.en", "base"),
-        )
-        self.decoder = BurstDecoder()
-        self.latency = latency_chunks
-        self.clock = 0
-        self.inflight: list[tuple[int, DecodeTicket]] = []
-        self.sent: list[str | bytes] = []
-        self.closes: list[Close] = []
-        self.commands: list[p.ClientMessage] = []
         self.audio = bytearray()
-        self.session.start()
-        self.pump()
-
-    def apply(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                self.sent.append(action.message)
-            elif isinstance(action, Close):
-                self.closes.append(action)
-            else:
-                self.commands.append(action)
-                self.session.receive_message(action)
-                self.pump()
-
-    def pump(self) -> None:
-        for ticket in self.session.decodes_to_submit():
-            self.inflight.append((self.clock + self.latency, ticket))
-        self.session.decodes_to_promote()
-        for event in self.session.events_to_send():
-            self.apply(self.dialect.render(event))
-        close = self.session.close_expected()
-        if close is not None and not self.closes:
-            self.closes.append(Close(close.code, close.reason))
-
-    def tick(self) -> None:
-        self.clock += 1
-        due = [item for item in self.inflight if item[0] <= self.clock]
-        self.inflight = [item for item in self.inflight if item[0] > self.clock]
-        for _, ticket in due:
-            [result] = self.decoder.decode_batch([ticket.request])
-            self.session.receive_decode_result(ticket, result)
-            self.pump()
+        super().__init__(dg.create(handshake(query), now=NOW), "sess_deepgram01", latency_chunks)
 
     def feed(self, samples: np.ndarray, frame: int = 320) -> None:
         data = to_pcm16(samples)
@@ -213,14 +166,10 @@ class DeepgramHarness:
 
     def send_bytes(self, data: bytes) -> None:
         self.audio += data
-        self.apply(self.dialect.receive_bytes(data))
+        self.receive_bytes(data)
 
     def send(self, message: dict[str, Any]) -> None:
-        self.apply(self.dialect.receive_text(json.dumps(message)))
-
-    def settle(self) -> None:
-        while self.inflight:
-            self.tick()
+        self.receive_text(json.dumps(message))
 
     def messages(self) -> list[dict[str, Any]]:
         return [sdk_validate(m) for m in self.sent if isinstance(m, str)]

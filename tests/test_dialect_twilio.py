@@ -26,10 +26,10 @@ from twilio.request_validator import RequestValidator
 from stream_server import protocol as p
 from stream_server.audio import encode_g711
 from stream_server.dialects import twilio as tw
-from stream_server.dialects.base import Action, Close, Handshake, HandshakeRejected, Send
-from stream_server.session import DecodeTicket, Session, SessionLimits
+from stream_server.dialects.base import Close, Handshake, HandshakeRejected
 from stream_server.settings import Settings
-from tests.fakes import BurstDecoder, EnergyVad, word_amplitude
+from tests.dialect_harness import DialectHarness
+from tests.fakes import word_amplitude
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "twilio.md"
@@ -152,70 +152,19 @@ def handshake(headers: dict[str, str] | None = None, path: str = "/v1/twilio") -
     )
 
 
-class TwilioHarness:
+class TwilioHarness(DialectHarness):
     def __init__(self, options: tw.TwilioOptions | None = None, latency_chunks: int = 3) -> None:
-        self.dialect = tw.TwilioDialect(options or tw.TwilioOptions(model_exists=lambda name: name in ("tiny.en", "base")))
         self.twilio = TwilioStream()
-        config = p.SessionConfig.model_validate({"model": "tiny.en"}).updated(self.dialect.initial_config())
-        self.session = Session(
-            "sess_twilio01",
-            config=config,
-            vad=EnergyVad(),
-            limits=SessionLimits(max_utterance_s=6.0),
-            model_exists=lambda name: name in ("tiny.en", "base"),
-        )
-        self.decoder = BurstDecoder()
-        self.latency = latency_chunks
-        self.clock = 0
-        self.inflight: list[tuple[int, DecodeTicket]] = []
-        self.sent: list[str | bytes] = []
-        self.closes: list[Close] = []
-        self.commands: list[p.ClientMessage] = []
-        self.events: list[p.ServerEvent] = []
-        self.session.start()
-        self.pump()
-
-    def apply(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                self.sent.append(action.message)
-            elif isinstance(action, Close):
-                self.closes.append(action)
-            else:
-                self.commands.append(action)
-                self.session.receive_message(action)
-                self.pump()
-
-    def pump(self) -> None:
-        for ticket in self.session.decodes_to_submit():
-            self.inflight.append((self.clock + self.latency, ticket))
-        self.session.decodes_to_promote()
-        for event in self.session.events_to_send():
-            self.events.append(event)
-            self.apply(self.dialect.render(event))
-        close = self.session.close_expected()
-        if close is not None and not self.closes:
-            self.closes.append(Close(close.code, close.reason))
-
-    def tick(self) -> None:
-        self.clock += 1
-        due = [item for item in self.inflight if item[0] <= self.clock]
-        self.inflight = [item for item in self.inflight if item[0] > self.clock]
-        for _, ticket in due:
-            [result] = self.decoder.decode_batch([ticket.request])
-            self.session.receive_decode_result(ticket, result)
-            self.pump()
+        dialect = tw.TwilioDialect(options or tw.TwilioOptions(model_exists=lambda name: name in ("tiny.en", "base")))
+        super().__init__(dialect, "sess_twilio01", latency_chunks)
+        self.dialect: tw.TwilioDialect = dialect
 
     def send(self, message: dict[str, Any] | str) -> None:
-        self.apply(self.dialect.receive_text(message if isinstance(message, str) else json.dumps(message)))
+        self.receive_text(message if isinstance(message, str) else json.dumps(message))
 
     def play(self, legs: dict[str, bytes], start_ms: int = 0) -> None:
         for message in self.twilio.frames(legs, start_ms=start_ms):
             self.send(message)
-            self.tick()
-
-    def settle(self) -> None:
-        while self.inflight:
             self.tick()
 
     def begin(self, **kwargs: Any) -> None:
@@ -229,7 +178,7 @@ class TwilioHarness:
         return b"".join(a.audio for a in self.appends(channel))
 
     def of(self, kind: type[p.ServerEvent]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, kind)]
+        return self.core_events(kind)
 
 
 def warned(caplog: pytest.LogCaptureFixture, pattern: str) -> list[str]:
