@@ -42,6 +42,14 @@ class SessionLimits:
     # turn (its first syllable often sits in the trailing audio), not to this one.
     end_tolerance_ms: int = 250
     interim_decoding: bool = True  # False for whole files: one final decode per utterance
+    # An utterance with less audio than this is closed with the words it has, without a decode:
+    # a commit right after a few samples once sent a zero-length window that made the decoder
+    # raise and fail every other session's request in the same batch.
+    min_final_ms: int = 100
+    # Finals a channel may have waiting for the decoder; a commit beyond this is refused
+    # (``rate_limited``), so a client cannot queue unbounded work (1000 commits once queued ~1000
+    # finals: +900 MB and other sessions starved). VAD alone never gets near it.
+    max_pending_finals: int = 8
 
 
 @dataclasses.dataclass(frozen=True)

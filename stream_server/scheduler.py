@@ -188,10 +188,16 @@ class DecodeScheduler:
             return
         try:
             results = decoder.decode_batch([e.job.request for e in batch])
-        except Exception as exc:
-            log.exception("decode failed for a batch of %d", len(batch))
-            for entry in batch:
-                entry.loop.call_soon_threadsafe(_fail, entry.future, exc)
+        except Exception as exc:  # noqa: BLE001 - a decoder failure must not kill the worker
+            if len(batch) > 1:
+                # One request can fail a whole model call; decode each alone so the failure stays
+                # with the request that caused it and the other sessions get their text.
+                log.warning("a batch of %d failed (%s); decoding its requests one by one", len(batch), exc)
+                for entry in batch:
+                    self._run_alone(decoder, entry)
+                return
+            log.exception("decode failed")
+            batch[0].loop.call_soon_threadsafe(_fail, batch[0].future, exc)
             return
         elapsed = time.monotonic() - started
         audio_s = sum(len(e.job.request.audio) for e in batch) / MODEL_RATE
@@ -201,6 +207,15 @@ class DecodeScheduler:
             self._metrics.realtime_factor.observe(audio_s / elapsed)
         for entry, result in zip(batch, results):
             entry.loop.call_soon_threadsafe(_succeed, entry.future, result)
+
+    def _run_alone(self, decoder: Decoder, entry: _Entry) -> None:
+        try:
+            [result] = decoder.decode_batch([entry.job.request])
+        except Exception as exc:  # noqa: BLE001 - reported to that request's session only
+            log.exception("decode failed for one request")
+            entry.loop.call_soon_threadsafe(_fail, entry.future, exc)
+            return
+        entry.loop.call_soon_threadsafe(_succeed, entry.future, result)
 
 
 def _succeed(future: asyncio.Future[DecodeResult], result: DecodeResult) -> None:

@@ -516,6 +516,8 @@ class Session:
         if pause_end is not None and heard_the_pause(utt.tail_window_end, turn_end, stable):
             return out + self._resolve_without_decode(ch, utt, self._within_turn(utt, utt.tail))
         window_end = min(self._channel_end(ch), turn_end + self.limits.trailing_audio_ms * MS)
+        if window_end - utt.start < self.limits.min_final_ms * MS:
+            return out + self._resolve_without_decode(ch, utt, self._within_turn(utt, utt.tail))
         return out + self._submit_final(ch, utt, window_end)
 
     def _submit_final(self, ch: Channel, utt: Utterance, window_end: int) -> list[Output]:
@@ -588,11 +590,14 @@ class Session:
     def _commit(self) -> list[Output]:
         """End every channel's open utterance now (as if its speaker paused)."""
         out = self._drain_inputs(reset=True)
+        if any(len(ch.finals) >= self.limits.max_pending_finals for ch in self._channels):
+            message = f"more than {self.limits.max_pending_finals} utterances are still being finalized; commit refused, audio kept"
+            return out + [p.Error.invalid("rate_limited", message)]
         committed = 0
         for ch in self._channels:
             utt = ch.utterance
-            if utt is None:
-                continue
+            if utt is None or self._channel_end(ch) - utt.start < FRAME:
+                continue  # nothing new since the last commit: committing it would be an empty turn
             committed += 1
             now = self._channel_end(ch)
             out += self._end_utterance(ch, now, pause_end=None)

@@ -153,3 +153,31 @@ async def test_the_event_loop_keeps_running_while_a_batch_decodes() -> None:
         assert ticks > 10
     finally:
         scheduler.stop()
+
+
+async def test_one_bad_request_fails_alone_and_its_batch_mates_get_their_text() -> None:
+    """A request that makes the model call raise (an empty window once did) must not take the
+    other sessions' requests in the same batch down with it."""
+
+    class PoisonDecoder(GatedDecoder):
+        def decode_batch(self, requests):  # type: ignore[no-untyped-def]
+            self.gate.wait(10)
+            self.batches.append([r.prompt for r in requests])
+            if any(r.prompt == "poison" for r in requests):
+                raise IndexError("alignment of an empty window")
+            return [DecodeResult((), "en", 0.0, 0.0) for _ in requests]
+
+    decoder = PoisonDecoder()
+    scheduler = DecodeScheduler(lambda name: decoder, max_batch_size=4)
+    try:
+        blocker = scheduler.submit(job("warm", final=True))
+        await asyncio.sleep(0.02)
+        futures = [scheduler.submit(job(name, final=True)) for name in ("a", "poison", "b")]
+        decoder.gate.set()
+        await blocker
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert isinstance(results[0], DecodeResult) and isinstance(results[2], DecodeResult)
+        assert isinstance(results[1], IndexError)
+        assert ["a", "poison", "b"] in decoder.batches and ["poison"] in decoder.batches
+    finally:
+        scheduler.stop()

@@ -565,3 +565,41 @@ def test_the_utterance_that_close_finalizes_is_in_the_conversation() -> None:
     done = d.of(p.TranscriptDone)[0]
     assert [(t.speaker, t.text) for t in done.turns] == [("agent", d.of(p.TranscriptSegment)[-1].text)]
     assert done.turns[0].text and type(done.turns[0].start) is float
+
+
+def test_a_commit_flood_queues_no_work_and_loses_nothing() -> None:
+    d = Driver(latency_chunks=50)  # decodes come back slowly: the flood meets pending finals
+    d.feed(speech([1, 2, 3]))
+    for _ in range(1000):
+        d.session.receive_text('{"type": "input_audio_buffer.commit"}')
+        d.drain()
+    finals = [t for _, t in d.inflight if t.request.final]
+    assert len(finals) <= SessionLimits().max_pending_finals
+    assert len(d.of(p.TranscriptSegment)) <= 2
+    d.feed(speech([4, 5]))
+    d.feed(silence(1.0))
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5)
+
+
+def test_an_empty_utterance_never_reaches_the_decoder() -> None:
+    d = Driver(turn_detection=None)
+    d.session.receive_bytes(to_pcm16(speech([1]))[:200])  # 100 samples: 6 ms
+    d.send({"type": "input_audio_buffer.commit"})
+    d.close()
+    assert all(len(r.audio) >= 1600 for call in d.decoder.calls for r in call)
+    assert d.of(p.TranscriptDone) and d.closed is not None
+
+
+def test_commits_beyond_the_pending_bound_are_refused_and_the_audio_is_kept() -> None:
+    d = Driver(turn_detection=None, latency_chunks=10_000)  # finals never come back during the test
+    for k in range(1, 12):
+        d.feed(np.concatenate([speech([k]), silence(0.1)]))
+        d.send({"type": "input_audio_buffer.commit"})
+    refused = [e for e in d.of(p.Error) if e.error.code == "rate_limited"]
+    assert len(refused) == 11 - SessionLimits().max_pending_finals
+    d.latency = 1
+    for _ in range(3):
+        d.tick()
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 12))  # refused commits lost no words
