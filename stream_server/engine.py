@@ -12,6 +12,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,9 @@ class Engine:
             interim_step_ms=settings.interim_step_ms, max_utterance_s=settings.max_utterance_s
         )
         self.ready = False
+        self.draining = False  # SIGTERM: no new sessions; open ones are being finalized
         self.active_sessions = 0
+        self.connections: set[Any] = set()  # open WebSocket connections (ws.Connection), for the drain
         # Live fan-out of every WebSocket session's events, the durable transcript store and webhooks.
         db_path = settings.transcript_db_path()
         self.store = TranscriptStore(db_path, retention_days=settings.transcript_retention_days) if db_path else None

@@ -188,7 +188,7 @@ class DecodeScheduler:
             return
         try:
             results = decoder.decode_batch([e.job.request for e in batch])
-        except Exception as exc:  # noqa: BLE001 - a decoder failure must not kill the worker
+        except Exception as exc:
             if len(batch) > 1:
                 # One request can fail a whole model call; decode each alone so the failure stays
                 # with the request that caused it and the other sessions get their text.
@@ -211,7 +211,7 @@ class DecodeScheduler:
     def _run_alone(self, decoder: Decoder, entry: _Entry) -> None:
         try:
             [result] = decoder.decode_batch([entry.job.request])
-        except Exception as exc:  # noqa: BLE001 - reported to that request's session only
+        except Exception as exc:
             log.exception("decode failed for one request")
             entry.loop.call_soon_threadsafe(_fail, entry.future, exc)
             return

@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
+from types import FrameType
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -34,6 +37,8 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     engine: Engine = request.app.state.engine
+    if engine.draining:
+        return JSONResponse({"status": "draining", "model": engine.settings.model}, status_code=503)
     if engine.ready:
         return JSONResponse({"status": "ready", "model": engine.settings.model})
     return JSONResponse({"status": "loading", "model": engine.settings.model}, status_code=503)
@@ -70,7 +75,7 @@ def serve(settings: Settings) -> None:
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise SystemExit("--ssl-keyfile needs --ssl-certfile (the certificate that key belongs to)")
     app = create_app(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -85,3 +90,51 @@ def serve(settings: Settings) -> None:
         ssl_certfile=settings.ssl_certfile or None,
         ssl_keyfile=settings.ssl_keyfile or None,
     )
+    DrainingServer(config, app.state.engine).run()
+
+
+class DrainingServer:
+    """uvicorn's server with a graceful drain in front of its shutdown.
+
+    On the first SIGTERM/SIGINT the server stops taking sessions (``/readyz`` 503, new WebSockets
+    refused with ``server_busy``/1013), every open session is flushed — each open utterance
+    finalized, ``transcript.text.done`` sent — and closed with 1001; only then, or after
+    ``--drain-timeout-s``, does uvicorn shut down. A second signal skips the wait. (uvicorn alone
+    closes every WebSocket with 1012 at once, losing every open utterance.)
+    """
+
+    def __init__(self, config: Any, engine: Engine) -> None:
+        import uvicorn
+
+        self.engine = engine
+        self.server = uvicorn.Server(config)
+        self._plain_exit = self.server.handle_exit
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.server.handle_exit = self._handle_exit  # type: ignore[method-assign]
+
+    def run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.server.serve()
+
+    def _handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.engine.draining or self._loop is None:
+            self._plain_exit(sig, frame)
+            return
+        self.engine.draining = True
+        self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain(sig, frame)) if self._loop else None)
+
+    async def _drain(self, sig: int, frame: FrameType | None) -> None:
+        started = time.monotonic()
+        connections = list(self.engine.connections)
+        log.info("draining %d session(s) (timeout %g s)", len(connections), self.engine.settings.drain_timeout_s)
+        for connection in connections:
+            connection.drain()
+        deadline = started + self.engine.settings.drain_timeout_s
+        while self.engine.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        left = len(self.engine.connections)
+        log.info("drain finished in %.2f s (%d session(s) still open)", time.monotonic() - started, left)
+        self._plain_exit(sig, frame)

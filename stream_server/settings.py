@@ -70,6 +70,18 @@ class Settings:
     )
     cache_dir: str = dataclasses.field(default_factory=_default_cache, metadata={"help": "where assembled models are kept"})
     log_level: str = dataclasses.field(default="info", metadata={"help": "debug, info, warning or error"})
+    drain_timeout_s: float = dataclasses.field(
+        default=30.0,
+        metadata={"help": "on SIGTERM: how long open sessions get to finalize their utterances and receive done (close 1001) before the server exits"},
+    )
+    max_send_queue: int = dataclasses.field(
+        default=2000,
+        metadata={"help": "events queued for a client that is not reading; past this it is closed (1008) so it cannot pin memory"},
+    )
+    max_messages_per_s: float = dataclasses.field(
+        default=1000.0,
+        metadata={"help": "messages a WebSocket client may send per second (bursts of twice that); beyond it: rate_limited and close 1008"},
+    )
     api_keys: str = dataclasses.field(
         default="",
         metadata={"help": "comma-separated API keys clients must present (empty: no authentication; keys clients send are ignored)"},

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import importlib
 import logging
+import time
 from collections.abc import Callable
 
 from starlette.responses import JSONResponse
@@ -21,6 +22,7 @@ from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from stream_server import protocol as p
+from stream_server import tokens
 from stream_server.dialects.base import (
     Action,
     Close,
@@ -84,16 +86,25 @@ async def dialect_endpoint(create: DialectFactory, ws: WebSocket) -> None:
         return
     keys = engine.settings.api_key_set()
     # Twilio cannot send headers: its key arrives in the first message, and that dialect checks
-    # it there (``api_key_after_upgrade``).
-    if keys and not getattr(dialect, "api_key_after_upgrade", False) and dialect.api_key not in keys:
+    # it there (``api_key_after_upgrade``). Browsers cannot either: they offer a short-lived
+    # token as a subprotocol instead of a key (``tokens.py``).
+    offered = tuple(ws.scope.get("subprotocols") or ())
+    tokens.select_subprotocol(offered, dialect)
+    if (
+        keys
+        and not getattr(dialect, "api_key_after_upgrade", False)
+        and dialect.api_key not in keys
+        and not tokens.admit_websocket(ws.app.state, offered, dialect)
+    ):
         error = p.Error.invalid("invalid_api_key", "missing or unknown API key")
         await _deny(ws, 401, {"error": {"type": error.error.type, "code": error.error.code, "message": error.error.message}})
         return
     await ws.accept(subprotocol=dialect.subprotocol)
-    if engine.active_sessions >= engine.settings.max_sessions:
+    if engine.draining or engine.active_sessions >= engine.settings.max_sessions:
         engine.metrics.sessions_rejected.inc()
         limit = engine.settings.max_sessions
-        busy = p.Error.server("server_busy", f"the server is at its limit of {limit} sessions; try again later")
+        reason = "the server is shutting down" if engine.draining else f"the server is at its limit of {limit} sessions"
+        busy = p.Error.server("server_busy", f"{reason}; try again later")
         connection = Connection(ws, engine, dialect)
         await connection.send_now([*dialect.error(busy), Close(1013, "server busy")])
         return
@@ -130,6 +141,11 @@ class Connection:
         self.settings = engine.settings
         self._outbox: asyncio.Queue[Send | Close] = asyncio.Queue()
         self._closed = asyncio.Event()
+        self._close_code: int | None = None  # overrides the session's 1000 (drain: 1001)
+        self._overflowed = False
+        self._abort = asyncio.Event()  # set when the client must be dropped (stalled reader)
+        self._tokens = 2 * self.settings.max_messages_per_s  # message-rate bucket (bursts of 2 s)
+        self._tokens_at = time.monotonic()
         self.runner: SessionRunner | None = None
         self._alias: str | None = None  # the dialect's session_alias, once registered with the hub
 
@@ -139,10 +155,30 @@ class Connection:
         """Apply a dialect's actions in order: commands to the core, messages to the client."""
         for action in actions:
             if isinstance(action, (Send, Close)):
-                self._outbox.put_nowait(action)
+                self._put(action)
             elif self.runner is not None and not self._closed.is_set():
                 self.runner.apply(action)
         self._register_alias()
+
+    def _put(self, item: Send | Close) -> None:
+        """Queue a message for the sender; a client that stops reading must not pin memory: past
+        ``--max-send-queue`` it is dropped (1008) instead of queueing without bound."""
+        if self._overflowed:
+            return
+        if isinstance(item, Send) and self._outbox.qsize() >= self.settings.max_send_queue:
+            self._overflowed = True
+            session = self.runner.session.id if self.runner else "?"
+            log.warning("session %s: client is not reading (%d messages queued); closing 1008", session, self._outbox.qsize())
+            self.engine.metrics.sessions_rejected.inc()
+            self._abort.set()
+            return
+        self._outbox.put_nowait(item)
+
+    def drain(self) -> None:
+        """Server shutdown: finalize every open utterance, send done, close with 1001."""
+        self._close_code = 1001
+        if self.runner is not None and not self.runner.session.closing:
+            self.runner.close()
 
     def _register_alias(self) -> None:
         """Publish the session under the call's own id once the dialect has learned it (Twilio's
@@ -158,12 +194,15 @@ class Connection:
         self._queue(self.dialect.render(event))
 
     def _on_close(self, close: CloseConnection) -> None:
-        self._outbox.put_nowait(Close(close.code, close.reason))
+        if self._close_code == 1001:
+            self._put(Close(1001, "server shutting down"))
+        else:
+            self._put(Close(close.code, close.reason))
 
     async def send_now(self, actions: list[Action]) -> None:
         """Send a few messages without a session (refusals)."""
         self._queue(actions)
-        self._outbox.put_nowait(Close(1000))
+        self._put(Close(1000))
         await self._sender()
 
     async def _sender(self) -> None:
@@ -193,22 +232,41 @@ class Connection:
         )
         self.runner = runner
         self.engine.hub.open(session.id, duration=lambda: session.audio_seconds)
+        self.engine.connections.add(self)
         sender = asyncio.create_task(self._sender())
         runner.start()
+        reader = asyncio.create_task(self._read_and_flush(runner))
+        aborted = asyncio.create_task(self._abort.wait())
         try:
-            await self._read_loop(runner)
-            # A flush (close message, idle timeout): wait for its last finals to go out.
-            await asyncio.wait_for(self._closed.wait(), timeout=FLUSH_TIMEOUT_S)
-        except (WebSocketDisconnect, asyncio.TimeoutError, RuntimeError):
-            pass
+            await asyncio.wait({reader, aborted}, return_when=asyncio.FIRST_COMPLETED)
+            if self._abort.is_set():
+                await self._close_stalled(sender)
         finally:
+            for task in (reader, aborted):
+                task.cancel()
+            self.engine.connections.discard(self)
             runner.cancel()
             self.engine.hub.close(session.id)
-            if not self._closed.is_set():
+            if not self._closed.is_set() and not self._abort.is_set():
                 # Give already-queued messages (a refusal, the last segment) a moment to leave.
                 with contextlib.suppress(asyncio.TimeoutError, Exception):
                     await asyncio.wait_for(asyncio.shield(sender), timeout=0.5)
             sender.cancel()
+
+    async def _read_and_flush(self, runner: SessionRunner) -> None:
+        try:
+            await self._read_loop(runner)
+            # A flush (close message, idle timeout, drain): wait for its last finals to go out.
+            await asyncio.wait_for(self._closed.wait(), timeout=FLUSH_TIMEOUT_S)
+        except (WebSocketDisconnect, asyncio.TimeoutError, RuntimeError):
+            pass
+
+    async def _close_stalled(self, sender: asyncio.Task[None]) -> None:
+        """Close a client that stopped reading. Its close frame would wait behind everything
+        queued in the socket, so the close gets a moment and the connection is then dropped."""
+        sender.cancel()
+        with contextlib.suppress(asyncio.TimeoutError, Exception):
+            await asyncio.wait_for(self.ws.close(1008, "client is not reading; send queue full"), timeout=1.0)
 
     def _idle_timeout(self) -> float | None:
         configured = self.dialect.idle_timeout_s
@@ -231,11 +289,40 @@ class Connection:
             data = message.get("bytes")
             text = message.get("text")
             size = len(data) if data is not None else len((text or "").encode())
+            if not self._within_rate():
+                rate = self.settings.max_messages_per_s
+                error = p.Error.invalid("rate_limited", f"more than {rate:g} messages per second; closing")
+                self._queue([*self.dialect.error(error), Close(1008, "message rate limit exceeded")])
+                return
             if size > limit:
                 error = p.Error.invalid("message_too_large", f"message of {size} bytes exceeds the limit of {limit} bytes")
                 self._queue([*self.dialect.error(error), Close(1009, "message too large")])
                 return
+            self._queue(self._translate(data, text))
+
+    def _within_rate(self) -> bool:
+        """A token bucket: ``max_messages_per_s`` sustained, bursts of twice that. Real clients
+        send 10-100 audio frames a second; a flood of tiny frames costs a wake-up each."""
+        rate = self.settings.max_messages_per_s
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        self._tokens = min(2 * rate, self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _translate(self, data: bytes | None, text: str | None) -> list[Action]:
+        """The dialect's answer to one frame. Dialects answer bad input themselves; anything
+        that still escapes one is a server bug, reported in the dialect's error shape, logged,
+        and the session goes on."""
+        try:
             if data is not None:
-                self._queue(self.dialect.receive_bytes(data))
-            elif text is not None:
-                self._queue(self.dialect.receive_text(text))
+                return self.dialect.receive_bytes(data)
+            return self.dialect.receive_text(text or "")
+        except Exception:
+            session = self.runner.session.id if self.runner else "?"
+            log.exception("%s dialect failed on a client message (session %s)", self.dialect.name, session)
+            return self.dialect.error(p.Error.server("internal_error", "the server could not process this message; the session continues"))

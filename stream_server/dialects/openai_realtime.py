@@ -622,6 +622,8 @@ class OpenAIRealtimeDialect:
             message = json.loads(text)
         except json.JSONDecodeError as exc:
             return self._client_error(RequestError("invalid_json", f"The message is not valid JSON: {exc.msg}."), None)
+        except RecursionError:
+            return self._client_error(RequestError("invalid_json", "The message is nested too deeply to parse."), None)
         if not isinstance(message, dict):
             return self._client_error(RequestError("invalid_json", "The message must be a JSON object."), None)
         event_id = message.get("event_id") if isinstance(message.get("event_id"), str) else None
