@@ -125,6 +125,15 @@ def _validation_error(exc: ValidationError) -> ProtocolError:
     return ProtocolError("invalid_value", f"{param}: {message}", param=param)
 
 
+def valid_language(language: str) -> bool:
+    """Whether ``language`` is a code or locale a session accepts (for dialects' own validation)."""
+    try:
+        SessionConfig().updated({"language": language})
+    except ProtocolError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ KNOWN_MODELS = ("tiny.en", "base")
 
 
 class DialectHarness:
-    def __init__(self, dialect: Dialect, session_id: str, latency_chunks: int = 5) -> None:
+    def __init__(self, dialect: Dialect, session_id: str, latency_chunks: int = 5, known_models: tuple[str, ...] = KNOWN_MODELS) -> None:
         self.dialect = dialect
         config = p.SessionConfig.model_validate({"model": "tiny.en"}).updated(dialect.initial_config())
         self.session = Session(
@@ -25,7 +25,7 @@ class DialectHarness:
             config=config,
             vad=EnergyVad(),
             limits=SessionLimits(max_utterance_s=6.0),
-            model_exists=lambda name: name in KNOWN_MODELS,
+            model_exists=lambda name: name in known_models,
         )
         self.decoder = BurstDecoder()
         self.latency = latency_chunks
@@ -42,12 +42,16 @@ class DialectHarness:
         for action in actions:
             if isinstance(action, Send):
                 self.sent.append(action.message)
+                self.on_send(action.message)
             elif isinstance(action, Close):
                 self.closes.append(action)
             else:
                 self.commands.append(action)
                 self.session.receive_message(action)
                 self.pump()
+
+    def on_send(self, message: str | bytes) -> None:
+        """A message went to the client (subclasses track protocol state here)."""
 
     def pump(self) -> None:
         for ticket in self.session.decodes_to_submit():

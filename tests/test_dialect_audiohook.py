@@ -22,10 +22,10 @@ import pytest
 from stream_server import audio
 from stream_server import protocol as p
 from stream_server.dialects import audiohook as ah
-from stream_server.dialects.base import Action, Close, Handshake, HandshakeRejected, Send
-from stream_server.session import DecodeTicket, Session, SessionLimits
+from stream_server.dialects.base import Handshake, HandshakeRejected
 from stream_server.settings import Settings
-from tests.fakes import BurstDecoder, EnergyVad, silence, speech
+from tests.dialect_harness import DialectHarness
+from tests.fakes import silence, speech
 
 RATE = 8000
 ORG = "d7934305-0972-4844-938e-9060eef73d05"
@@ -121,78 +121,36 @@ def handshake(headers: dict[str, str] | None = None, path: str = "/v1/audiohook"
                      settings=settings or Settings())
 
 
-class AudioHookHarness:
+class AudioHookHarness(DialectHarness):
     """The dialect in front of a real session with the fake VAD and decoder."""
 
     def __init__(self, headers: dict[str, str] | None = None, latency_chunks: int = 3) -> None:
-        self.dialect = ah.create(handshake(headers))
-        config = p.SessionConfig.model_validate({"model": "tiny.en"}).updated(self.dialect.initial_config())
-        self.session = Session("sess_audiohook1", config=config, vad=EnergyVad(), limits=SessionLimits(max_utterance_s=6.0),
-                               model_exists=lambda name: name == "tiny.en")
         self.client = GenesysClient()
-        self.decoder = BurstDecoder()
-        self.latency = latency_chunks
-        self.clock = 0
-        self.inflight: list[tuple[int, DecodeTicket]] = []
-        self.sent: list[str | bytes] = []
-        self.closes: list[Close] = []
-        self.commands: list[p.ClientMessage] = []
-        self.session.start()
-        self.pump()
+        dialect = ah.create(handshake(headers))
+        super().__init__(dialect, "sess_audiohook1", latency_chunks, known_models=("tiny.en",))
+        self.dialect: ah.AudioHookDialect = dialect
 
-    def apply(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Send):
-                self.sent.append(action.message)
-                self.client.seen(json.loads(action.message))
-            elif isinstance(action, Close):
-                self.closes.append(action)
-            else:
-                self.commands.append(action)
-                self.session.receive_message(action)
-                self.pump()
-
-    def pump(self) -> None:
-        for ticket in self.session.decodes_to_submit():
-            self.inflight.append((self.clock + self.latency, ticket))
-        self.session.decodes_to_promote()
-        for event in self.session.events_to_send():
-            self.apply(self.dialect.render(event))
-        close = self.session.close_expected()
-        if close is not None and not self.closes:
-            self.closes.append(Close(close.code, close.reason))
-
-    def tick(self) -> None:
-        self.clock += 1
-        due = [item for item in self.inflight if item[0] <= self.clock]
-        self.inflight = [item for item in self.inflight if item[0] > self.clock]
-        for _, ticket in due:
-            [result] = self.decoder.decode_batch([ticket.request])
-            self.session.receive_decode_result(ticket, result)
-            self.pump()
+    def on_send(self, message: str | bytes) -> None:
+        self.client.seen(json.loads(message))
 
     def send(self, message: dict[str, Any]) -> None:
-        self.apply(self.dialect.receive_text(json.dumps(message)))
+        self.receive_text(json.dumps(message))
 
     def send_raw(self, text: str) -> None:
-        self.apply(self.dialect.receive_text(text))
+        self.receive_text(text)
 
     def send_audio(self, data: bytes, frame: int = 320) -> None:
         """Binary frames of ``frame`` bytes (20 ms of stereo PCMU), advancing the position."""
         assert self.dialect.media is not None
         for i in range(0, len(data), frame):
             chunk = data[i : i + frame]
-            self.apply(self.dialect.receive_bytes(chunk))
+            self.receive_bytes(chunk)
             self.client.position += len(chunk) / self.dialect.media.frame_bytes / RATE
             self.tick()
 
     def open(self, **extra: Any) -> dict[str, Any]:
         self.send(self.client.open(**extra))
         return self.messages()[-1]
-
-    def settle(self) -> None:
-        while self.inflight:
-            self.tick()
 
     def close(self) -> None:
         self.send(self.client.message("close", {"reason": "end"}))

@@ -21,7 +21,6 @@ import base64
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import importlib.util
 import ipaddress
 import json
@@ -116,27 +115,10 @@ def build_call() -> Call:
 def offline_texts(call: Call) -> dict[str, list[str]]:
     """faster-whisper, the server's own model, each turn decoded whole from the same μ-law
     (cached by model and audio, as the bench caches its baseline: it does not change between runs)."""
-    from stream_server.bench.offline import _cache_dir, _model_fingerprint, resolve_model_path
+    from stream_server.bench.offline import offline_mulaw_turns
 
-    model_path = resolve_model_path("tiny.en")
-    digest = hashlib.sha1(_model_fingerprint(model_path).encode())
-    for t in call.turns:
-        digest.update(t.track.encode() + t.mulaw)
-    cache = _cache_dir() / f"twilio-offline-{digest.hexdigest()[:20]}.json"
-    if cache.exists():
-        cached: dict[str, list[str]] = json.loads(cache.read_text())
-        return cached
-    from faster_whisper import WhisperModel
-
-    model = WhisperModel(model_path, device="cpu", compute_type="int8")
-    out: dict[str, list[str]] = {"inbound": [], "outbound": []}
-    for t in call.turns:
-        samples, _ = audio.decode_samples(t.mulaw, "g711_ulaw")
-        segments, _info = model.transcribe(audio.resample(samples, RATE), language="en", beam_size=5)
-        out[t.track].append(" ".join(s.text.strip() for s in segments))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(out))
-    return out
+    texts = offline_mulaw_turns([(t.track, t.mulaw) for t in call.turns], tag="twilio")
+    return {leg: texts.get(leg, []) for leg in ("inbound", "outbound")}
 
 
 # --------------------------------------------------------------------------------------------

@@ -151,3 +151,30 @@ def offline_figures(
         )
         figures[f"offline_wer_beam{beam}"] = counts.wer
     return figures
+
+
+def offline_mulaw_turns(turns: list[tuple[str, bytes]], *, model: str = "tiny.en", tag: str = "turns") -> dict[str, list[str]]:
+    """The offline baseline for telephone calls: each ``(leg, μ-law bytes)`` turn decoded whole by
+    faster-whisper (beam 5) at 8 kHz → 16 kHz, texts grouped by leg in turn order. Cached by model
+    and audio like the corpus baseline: it does not change between runs."""
+    from stream_server.audio import decode_samples, resample
+
+    model_path = resolve_model_path(model)
+    digest = hashlib.sha1(_model_fingerprint(model_path).encode())
+    for leg, mulaw in turns:
+        digest.update(leg.encode() + mulaw)
+    cache = _cache_dir() / f"{tag}-offline-{digest.hexdigest()[:20]}.json"
+    if cache.exists():
+        cached: dict[str, list[str]] = json.loads(cache.read_text())
+        return cached
+    from faster_whisper import WhisperModel
+
+    whisper = WhisperModel(model_path, device="cpu", compute_type="int8")
+    out: dict[str, list[str]] = {}
+    for leg, mulaw in turns:
+        samples, _ = decode_samples(mulaw, "g711_ulaw")
+        segments, _info = whisper.transcribe(resample(samples, 8000), language="en", beam_size=5)
+        out.setdefault(leg, []).append(" ".join(s.text.strip() for s in segments))
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out))
+    return out

@@ -384,7 +384,7 @@ class AudioHookDialect:
         """The conversation's language (``en-US``), or None for the server's default."""
         if raw is None:
             return None
-        if not isinstance(raw, str) or not _valid_language(raw):
+        if not isinstance(raw, str) or not p.valid_language(raw):
             raise BadInput(f"language {raw!r} is not a language tag such as 'en-US'")
         if not _speaks(self.options.default_model, raw):
             raise BadInput(f"language {raw!r} is not supported by model {self.options.default_model} (supported: {', '.join(supported_languages(self.options.default_model))})")
@@ -643,14 +643,6 @@ def _media(item: object) -> Media | None:
     ):
         return None
     return Media(str(item["format"]), tuple(channels), dict(item))
-
-
-def _valid_language(language: str) -> bool:
-    try:
-        p.SessionConfig().updated({"language": language})
-    except p.ProtocolError:
-        return False
-    return True
 
 
 def _english_only(model: str) -> bool:

@@ -280,7 +280,7 @@ class TwilioDialect:
         }
         language = parameters.get("language", "").strip()
         if language:
-            if _valid_language(language):
+            if p.valid_language(language):
                 changes["language"] = language
             else:
                 self._warn("language_invalid", "language %.40r is not an ISO-639-1 code or locale; the server default is used", language)
@@ -458,14 +458,6 @@ def _same(value: object, expected: object) -> bool:
     if isinstance(expected, int):
         return _integer(value) == expected
     return isinstance(value, str) and value.lower() == str(expected)
-
-
-def _valid_language(language: str) -> bool:
-    try:
-        p.SessionConfig().updated({"language": language})
-    except p.ProtocolError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------
