@@ -62,3 +62,15 @@ def test_flags_beat_environment_beat_defaults() -> None:
     s = settings_mod.from_sources(parser.parse_args(["--port", "9002"]), env)
     assert (s.port, s.model, s.idle_timeout_s, s.host) == (9002, "base", 2.5, "127.0.0.1")
     assert settings_mod.Settings().resolved_compute_type() == "int8"
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    """The README's configuration table lists every flag the server has."""
+    import dataclasses
+
+    from stream_server.settings import Settings
+    from tests.support import REPO
+
+    readme = (REPO / "README.md").read_text()
+    missing = [f.name for f in dataclasses.fields(Settings) if f"| `--{f.name.replace('_', '-')}` |" not in readme]
+    assert not missing, f"settings without a README row: {missing}"
