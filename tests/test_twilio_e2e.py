@@ -3,8 +3,9 @@
 The call is made from real speech cut to telephone band: the caller's leg is one LJ Speech voice,
 the callee's leg an ARCTIC voice, each turn resampled to 8 kHz and μ-law encoded; turns overlap
 (the callee starts before the caller finishes), abut, or leave a pause. It is replayed at real
-time as Twilio does it (``TwilioStream`` in ``test_dialect_twilio.py``): ``connected``, ``start``,
-20 ms ``media`` frames of both tracks interleaved by timestamp, a ``dtmf``, a ``mark``, ``stop``.
+time as Twilio does it (``stream_server.bench.calls``, the replay client the call-center benchmark
+uses too): ``connected``, ``start``, 20 ms ``media`` frames of both tracks interleaved by timestamp,
+a ``dtmf``, a ``mark``, ``stop``.
 Twilio gets nothing back; the transcript is read where a user reads it, under the ``callSid``:
 a subscriber joins ``/v1/sessions/{callSid}/events`` mid-call, and ``/transcript`` is fetched after.
 Per-leg WER is held to within one point of offline faster-whisper (same model, beam 5) decoding
@@ -18,34 +19,27 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import dataclasses
 import datetime
 import importlib.util
 import ipaddress
 import json
 import ssl
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-import soxr
 import websockets
 from twilio.request_validator import RequestValidator
 
-from stream_server import audio
-from tests.support import ServerProcess, free_port, load_clip, manifest, require_speech, start_server, wer
-from tests.test_dialect_twilio import FRAME, TwilioStream
+from stream_server.bench import calls
+from stream_server.bench.calls import CALL_SID, FRAME, LABELS, RATE, Call, Replay, Turn, TwilioStream, call_messages, replay
+from tests.support import ServerProcess, free_port, manifest, require_speech, start_server, wer
 
 pytestmark = pytest.mark.slow
 
-RATE = 8000
-CALL_SID = "CA" + "0123456789abcdef" * 2
-LABELS = {"inbound": "customer", "outbound": "agent"}
 #: (track, clip): the caller (one LJ Speech voice) and the callee (ARCTIC slt) take turns.
 TURNS = [
     ("inbound", "ljspeech_LJ001-0002"),
@@ -61,147 +55,23 @@ TURNS = [
     ("inbound", "ljspeech_LJ001-0020"),
     ("outbound", "arctic_slt_arctic_a0009"),
 ]
-#: Where each turn starts relative to the end of the one before: overlap, abut, pause.
-SPACING_S = (-0.5, 0.0, 0.8)
-LEAD_IN_S, TAIL_S = 0.6, 1.5
 SUBSCRIBE_AFTER_S = 8.0  # the SSE subscriber joins mid-call
 WER_MARGIN = 0.01  # "within one point of offline"
 
 
-@dataclasses.dataclass(frozen=True)
-class Turn:
-    track: str
-    clip_id: str
-    start: float
-    end: float
-    mulaw: bytes
-    reference: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Call:
-    turns: list[Turn]
-    legs: dict[str, bytes]  # μ-law per track, whole 20 ms frames, the same length
-
-    def references(self, track: str) -> list[str]:
-        return [t.reference for t in self.turns if t.track == track]
-
-
-def telephone(clip_id: str) -> bytes:
-    """A clip as a phone line carries it: 8 kHz, μ-law."""
-    samples = soxr.resample(load_clip(clip_id), 16000, RATE, quality="HQ").astype(np.float32)
-    return audio.encode_g711(samples, "ulaw")
-
-
 def build_call() -> Call:
-    require_speech()
-    rows = manifest()
-    turns: list[Turn] = []
-    at = LEAD_IN_S
-    for i, (track, clip_id) in enumerate(TURNS):
-        mulaw = telephone(clip_id)
-        if turns:
-            at = max(turns[-1].end + SPACING_S[i % len(SPACING_S)], turns[-1].start + 0.5)
-        turns.append(Turn(track, clip_id, at, at + len(mulaw) / RATE, mulaw, rows[clip_id]["text"]))
-    total = int((max(t.end for t in turns) + TAIL_S) * RATE)
-    total += -total % FRAME
-    legs = {track: bytearray(b"\xff" * total) for track in ("inbound", "outbound")}
-    for t in turns:
-        offset = int(t.start * RATE)
-        legs[t.track][offset : offset + len(t.mulaw)] = t.mulaw
-    return Call(turns, {track: bytes(leg) for track, leg in legs.items()})
+    """The call of ``TURNS`` (overlapping, abutting and paused turns: ``calls.build_call``)."""
+    return calls.build_call(TURNS, corpus=require_speech())
 
 
 def offline_texts(call: Call) -> dict[str, list[str]]:
-    """faster-whisper, the server's own model, each turn decoded whole from the same μ-law
-    (cached by model and audio, as the bench caches its baseline: it does not change between runs)."""
-    from stream_server.bench.offline import offline_mulaw_turns
-
-    texts = offline_mulaw_turns([(t.track, t.mulaw) for t in call.turns], tag="twilio")
-    return {leg: texts.get(leg, []) for leg in ("inbound", "outbound")}
-
-
-# --------------------------------------------------------------------------------------------
-# Twilio's client side: the replay
-# --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Replay:
-    received: list[str | bytes]
-    close_code: int | None
-    close_reason: str
-    flush_s: float  # stop sent → server closed the socket
-    late_frames: int  # frames the client sent more than 100 ms after they were due
-    elapsed_s: float  # first frame → stop
-
-
-def call_messages(call: Call, twilio: TwilioStream) -> Iterator[tuple[float, dict[str, Any]]]:
-    """(due second, message): the frames at their timestamps, a dtmf and a mark among them
-    (each numbered after the frame before it, as Twilio numbers everything it sends)."""
-    extras = [(10.0, "dtmf"), (20.0, "mark")]
-    for message in twilio.frames(call.legs):
-        due = int(message["media"]["timestamp"]) / 1000
-        yield due, message
-        while extras and due >= extras[0][0]:
-            _, kind = extras.pop(0)
-            yield due, twilio.dtmf("7") if kind == "dtmf" else twilio.mark("hold-music-ended")
-
-
-async def replay(
-    url: str,
-    call: Call,
-    *,
-    ssl_context: ssl.SSLContext | None = None,
-    headers: dict[str, str] | None = None,
-    parameters: dict[str, str] | None = None,
-) -> Replay:
-    twilio = TwilioStream(call_sid=CALL_SID)
-    received: list[str | bytes] = []
-    late = 0
-    async with websockets.connect(url, ssl=ssl_context, additional_headers=headers, max_size=None) as ws:
-
-        async def listen() -> None:
-            with contextlib.suppress(websockets.ConnectionClosed):  # a close code other than 1000
-                async for message in ws:
-                    received.append(message)
-
-        listener = asyncio.create_task(listen())
-        await ws.send(json.dumps(twilio.connected()))
-        labels = {"inbound_label": LABELS["inbound"], "outbound_label": LABELS["outbound"], "crm_ticket": "T-1"}
-        await ws.send(json.dumps(twilio.start(parameters={**labels, **(parameters or {})})))
-        t0 = time.monotonic()
-        try:
-            for due, message in call_messages(call, twilio):
-                delay = t0 + due - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                elif delay < -0.1:
-                    late += 1
-                await ws.send(json.dumps(message))
-            stopped = time.monotonic()
-            await ws.send(json.dumps(twilio.stop()))
-        except websockets.ConnectionClosed:  # the server ended the stream (a refused API key)
-            stopped = time.monotonic()
-        await asyncio.wait_for(listener, timeout=60)
-        flush_s = time.monotonic() - stopped
-    return Replay(received, ws.close_code, ws.close_reason or "", flush_s, late, stopped - t0)
+    """faster-whisper, the server's own model, each turn decoded whole from the same μ-law."""
+    return calls.offline_texts(call, tag="twilio")
 
 
 async def subscribe(base: str, call_id: str, *, delay: float, verify: ssl.SSLContext | bool = True) -> list[tuple[str, dict[str, Any]]]:
     """Join the call's event stream ``delay`` seconds in; read until it ends."""
-    await asyncio.sleep(delay)
-    events: list[tuple[str, dict[str, Any]]] = []
-    async with httpx.AsyncClient(base_url=base, timeout=httpx.Timeout(10, read=120), verify=verify) as client:
-        async with client.stream("GET", f"/v1/sessions/{call_id}/events") as response:
-            assert response.status_code == 200, await response.aread()
-            kind = ""
-            async for line in response.aiter_lines():
-                if line.startswith("event: "):
-                    kind = line[len("event: ") :]
-                elif line.startswith("data: "):
-                    events.append((kind, json.loads(line[len("data: ") :])))
-    return events
+    return [(e.kind, e.data) for e in await calls.subscribe(base, call_id, delay=delay, verify=verify)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,7 +251,7 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TlsSe
 
 def short_call() -> Call:
     require_speech()
-    mulaw = telephone("arctic_slt_arctic_a0005")
+    mulaw = calls.telephone(require_speech(), "arctic_slt_arctic_a0005")
     pad = b"\xff" * (-(len(mulaw) + 4000) % FRAME)
     leg = b"\xff" * 2000 + mulaw + b"\xff" * 2000 + pad
     return Call([Turn("inbound", "arctic_slt_arctic_a0005", 0.25, 0.25 + len(mulaw) / RATE, mulaw, manifest()["arctic_slt_arctic_a0005"]["text"])], {"inbound": leg, "outbound": b"\xff" * len(leg)})

@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="compute the offline WER baseline (default on, off with --synthetic)")
     run.add_argument("--idle-s", type=float, default=2.0, help="idle measurement before each run")
     run.add_argument("--out", type=Path, help="output folder (default bench-out/<UTC timestamp>)")
+    calls = p.add_argument_group("calls (call-center mode, see bench/calls.py)")
+    calls.add_argument("--calls", metavar="N[,N...]",
+                       help="replay N concurrent two-leg μ-law calls over /v1/twilio instead of --streams "
+                       "(a list sweeps, e.g. 1,2,4); reports per-leg WER vs offline and finalization latency at an SSE subscriber")
+    calls.add_argument("--call-s", type=float, default=45.0, help="length of each call in seconds (default 45)")
+    fz = p.add_argument_group("fuzzing (no server, no corpus; see bench/fuzz.py)")
+    fz.add_argument("--fuzz", type=int, metavar="N",
+                    help="instead of streaming: run N generated inputs (Hypothesis) through every dialect and the "
+                    "session core, count crashes and outcome classes (uses --seed and --out)")
+    fz.add_argument("--fuzz-max-s", type=float, metavar="S", help="with --fuzz: stop after S seconds (default: run all N)")
     return p
 
 
@@ -107,7 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = _dt.datetime.now(_dt.timezone.utc)
     out: Path = args.out or Path("bench-out") / stamp.strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
+    if args.fuzz is not None:
+        from . import fuzz
+
+        return fuzz.main(args.fuzz, out=out, seed=args.seed, max_seconds=args.fuzz_max_s)
     notes: list[str] = []
+    if args.calls:
+        from .calls import main_calls
+
+        return main_calls(args, out, stamp, list(sys.argv[1:] if argv is None else argv))
 
     if not (args.corpus / "manifest.jsonl").exists():
         _log(f"[bench] corpus not found: {args.corpus}/manifest.jsonl")
