@@ -10,12 +10,10 @@ nothing was sent back (Twilio has no error message), and that audio after it sti
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from twilio.request_validator import RequestValidator
 
 from stream_server import protocol as p
 from stream_server.audio import encode_g711
+from stream_server.bench.calls import TwilioStream
 from stream_server.dialects import twilio as tw
 from stream_server.dialects.base import Close, Handshake, HandshakeRejected
 from stream_server.settings import Settings
@@ -43,77 +42,6 @@ FRAME = 160  # bytes (= samples) of one 20 ms μ-law frame
 # --------------------------------------------------------------------------------------------
 # Twilio's side of the wire (shared with the end-to-end test)
 # --------------------------------------------------------------------------------------------
-
-
-class TwilioStream:
-    """Builds one Media Stream's messages as Twilio sends them: ``sequenceNumber`` counts every
-    message after ``connected`` from "1", ``chunk`` counts each track's frames from "1",
-    ``timestamp`` is milliseconds since the stream started; all three are strings."""
-
-    def __init__(self, call_sid: str = CALL_SID, stream_sid: str = STREAM_SID, account_sid: str = ACCOUNT_SID) -> None:
-        self.call_sid, self.stream_sid, self.account_sid = call_sid, stream_sid, account_sid
-        self.sequence = 0
-        self.chunks = {"inbound": 0, "outbound": 0}
-
-    def _next(self) -> str:
-        self.sequence += 1
-        return str(self.sequence)
-
-    def connected(self) -> dict[str, Any]:
-        return {"event": "connected", "protocol": "Call", "version": "1.0.0"}
-
-    def start(self, tracks: tuple[str, ...] = ("inbound", "outbound"), parameters: dict[str, str] | None = None) -> dict[str, Any]:
-        return {
-            "event": "start",
-            "sequenceNumber": self._next(),
-            "start": {
-                "accountSid": self.account_sid,
-                "streamSid": self.stream_sid,
-                "callSid": self.call_sid,
-                "tracks": list(tracks),
-                "customParameters": dict(parameters or {}),
-                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
-            },
-            "streamSid": self.stream_sid,
-        }
-
-    def media(self, track: str, payload: bytes, timestamp_ms: int) -> dict[str, Any]:
-        self.chunks[track] += 1
-        return {
-            "event": "media",
-            "sequenceNumber": self._next(),
-            "media": {
-                "track": track,
-                "chunk": str(self.chunks[track]),
-                "timestamp": str(timestamp_ms),
-                "payload": base64.b64encode(payload).decode(),
-            },
-            "streamSid": self.stream_sid,
-        }
-
-    def dtmf(self, digit: str) -> dict[str, Any]:
-        return {"event": "dtmf", "streamSid": self.stream_sid, "sequenceNumber": self._next(), "dtmf": {"track": "inbound_track", "digit": digit}}
-
-    def mark(self, name: str) -> dict[str, Any]:
-        return {"event": "mark", "sequenceNumber": self._next(), "streamSid": self.stream_sid, "mark": {"name": name}}
-
-    def stop(self) -> dict[str, Any]:
-        return {
-            "event": "stop",
-            "sequenceNumber": self._next(),
-            "streamSid": self.stream_sid,
-            "stop": {"accountSid": self.account_sid, "callSid": self.call_sid},
-        }
-
-    def frames(self, legs: dict[str, bytes], *, start_ms: int = 0) -> Iterator[dict[str, Any]]:
-        """Both tracks cut into 20 ms frames and interleaved by timestamp (inbound first at each
-        instant), as Twilio forwards a call's audio."""
-        length = max(len(audio) for audio in legs.values())
-        for offset in range(0, length, FRAME):
-            for track in ("inbound", "outbound"):
-                audio = legs.get(track, b"")[offset : offset + FRAME]
-                if audio:
-                    yield self.media(track, audio, start_ms + offset // (RATE // 1000))
 
 
 def tone_words(words: list[int], *, gap_s: float = 0.12, word_s: float = 0.25) -> np.ndarray:
@@ -154,7 +82,7 @@ def handshake(headers: dict[str, str] | None = None, path: str = "/v1/twilio") -
 
 class TwilioHarness(DialectHarness):
     def __init__(self, options: tw.TwilioOptions | None = None, latency_chunks: int = 3) -> None:
-        self.twilio = TwilioStream()
+        self.twilio = TwilioStream(CALL_SID, STREAM_SID, ACCOUNT_SID)
         dialect = tw.TwilioDialect(options or tw.TwilioOptions(model_exists=lambda name: name in ("tiny.en", "base")))
         super().__init__(dialect, "sess_twilio01", latency_chunks)
         self.dialect: tw.TwilioDialect = dialect
