@@ -85,8 +85,13 @@ def wer(references: list[str], hypotheses: list[str]) -> float:
 
 
 def start_server(log_dir: Path, *args: str, timeout: float = 120) -> ServerProcess:
-    """Start ``python -m stream_server`` on a free port and wait until /readyz says ready."""
+    """Start ``python -m stream_server`` on a free port and wait until /readyz says ready.
+
+    Each server gets its own transcript database in ``log_dir`` (unless the test names one), so
+    tests never read another run's stored sessions from the user's cache."""
     port = free_port()
+    if "--transcript-db" not in args:
+        args = (*args, "--transcript-db", str(log_dir / f"transcripts-{port}.sqlite3"))
     server = ServerProcess(args, log_dir / f"server-{port}.log", port=port, cwd=REPO, startup_timeout_s=timeout, stop_timeout_s=20)
     server.start()
     return server
