@@ -50,3 +50,33 @@ def test_keys_are_required_when_configured_and_each_dialect_reads_its_own_scheme
         assert "key-one" not in server_output and "key-two" not in server_output
     finally:
         srv.stop()
+
+
+def test_the_http_api_requires_a_key_when_configured(tmp_path: Path) -> None:
+    """The real openai SDK with the server's key transcribes; without one it gets 401, with a
+    wrong one 403 (OpenAI's error shape either way)."""
+    import httpx
+    import openai
+
+    from tests.support import english_references, load_clip
+
+    row = english_references()[0]
+    wav = tmp_path / "clip.wav"
+    import soundfile
+
+    soundfile.write(wav, load_clip(row["id"]), 16000, subtype="PCM_16")
+    srv = start_server(tmp_path, "--api-keys", "key-one")
+    try:
+        good = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="key-one")
+        with wav.open("rb") as f:
+            assert good.audio.transcriptions.create(model="whisper-1", file=f).text.strip()
+        with wav.open("rb") as f:
+            with pytest.raises(openai.PermissionDeniedError) as wrong:
+                openai.OpenAI(base_url=srv.http_url + "/v1", api_key="nope").audio.transcriptions.create(model="whisper-1", file=f)
+        assert wrong.value.status_code == 403
+        missing = httpx.post(srv.http_url + "/v1/audio/transcriptions", files={"file": wav.read_bytes()}, data={"model": "whisper-1"})
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+        hf = httpx.post(srv.http_url + "/models/tiny.en", content=wav.read_bytes(), headers={"Content-Type": "audio/wav"})
+        assert hf.status_code == 401
+    finally:
+        srv.stop()

@@ -106,6 +106,21 @@ def api_endpoint(handler: Endpoint) -> Endpoint:
     return endpoint
 
 
+def require_api_key(request: Request) -> None:
+    """With ``--api-keys``, transcription requests carry ``Authorization: Bearer <key>``, as the
+    OpenAI and Hugging Face clients send it: 401 without one, 403 with one the server does not
+    know. Keys are never logged."""
+    keys = request.app.state.engine.settings.api_key_set()
+    if not keys:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    key = key.strip() if scheme.lower() == "bearer" else ""
+    if not key:
+        raise ApiError(401, "invalid_api_key", "this server requires an API key: send Authorization: Bearer <key>")
+    if key not in keys:
+        raise ApiError(403, "invalid_api_key", "the API key is not valid for this server")
+
+
 # ------------------------------------------------------------------------------ body reading
 
 

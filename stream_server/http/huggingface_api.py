@@ -28,6 +28,7 @@ from stream_server.http.common import (
     new_spool,
     parse_number,
     read_body,
+    require_api_key,
     resolve_model,
     session_config,
     too_large,
@@ -148,6 +149,7 @@ def _chunks(result: FileTranscript, return_timestamps: ReturnTimestamps) -> list
 @api_endpoint
 async def hf_transcribe(request: Request) -> Response:
     """``POST /models/{model_id}``: the model is checked before the body is read."""
+    require_api_key(request)
     engine: Engine = request.app.state.engine
     model = resolve_model(engine, request.path_params["model_id"], param="model_id")
     spool, return_timestamps = await _read_audio(request, engine.settings.max_file_bytes)

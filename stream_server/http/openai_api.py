@@ -34,6 +34,7 @@ from stream_server.http.common import (
     ensure_loaded,
     file_jobs,
     read_multipart,
+    require_api_key,
     resolve_model,
     session_config,
     too_large,
@@ -229,6 +230,7 @@ async def _transcribe(request: Request, upload: UploadFile, opts: FileOptions) -
 @api_endpoint
 async def transcriptions(request: Request) -> Response:
     """``POST /v1/audio/transcriptions``: validate everything before decoding any audio."""
+    require_api_key(request)
     limit = request.app.state.engine.settings.max_file_bytes
     form = collect_fields(await read_multipart(request, limit))
     try:
