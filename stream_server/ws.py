@@ -96,8 +96,9 @@ async def dialect_endpoint(create: DialectFactory, ws: WebSocket) -> None:
         and dialect.api_key not in keys
         and not tokens.admit_websocket(ws.app.state, offered, dialect)
     ):
-        error = p.Error.invalid("invalid_api_key", "missing or unknown API key")
-        await _deny(ws, 401, {"error": {"type": error.error.type, "code": error.error.code, "message": error.error.message}})
+        missing = dialect.api_key is None  # 401 asks for a key; 403 refuses the one given
+        error = p.Error.invalid("invalid_api_key", "an API key is required" if missing else "the API key is not valid for this server")
+        await _deny(ws, 401 if missing else 403, {"error": {"type": error.error.type, "code": error.error.code, "message": error.error.message}})
         return
     await ws.accept(subprotocol=dialect.subprotocol)
     if engine.draining or engine.active_sessions >= engine.settings.max_sessions:

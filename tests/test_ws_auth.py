@@ -30,7 +30,7 @@ def test_keys_are_required_when_configured_and_each_dialect_reads_its_own_scheme
     async def go() -> None:
         stream = base + "/v1/stream"
         assert await refused_status(stream) == 401
-        assert await refused_status(stream, additional_headers={"Authorization": "Bearer wrong"}) == 401
+        assert await refused_status(stream, additional_headers={"Authorization": "Bearer wrong"}) == 403
         created = await first_message(stream, additional_headers={"Authorization": "Bearer key-two"})
         assert created["type"] == "session.created"
         realtime = base + "/v1/realtime?intent=transcription"
@@ -38,7 +38,7 @@ def test_keys_are_required_when_configured_and_each_dialect_reads_its_own_scheme
         created = await first_message(realtime, subprotocols=["realtime", "openai-insecure-api-key.key-one"])
         assert created["type"] == "session.created"
         listen = base + "/v1/listen?encoding=linear16&sample_rate=16000"
-        assert await refused_status(listen, additional_headers={"Authorization": "Token nope"}) == 401
+        assert await refused_status(listen, additional_headers={"Authorization": "Token nope"}) == 403
         async with websockets.connect(listen, additional_headers={"Authorization": "Token key-one"}) as ws:
             await ws.send(json.dumps({"type": "CloseStream"}))
             messages = [json.loads(m) async for m in ws]
