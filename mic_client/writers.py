@@ -1,17 +1,23 @@
 """``--output`` writers: JSON Lines (every event, for analysis) and SRT (subtitles from finals).
 
+SRT cues follow subtitle norms (at most two lines of about 42 characters, about 7 s each; the
+rules are the server's, ``stream_server.formats.cue_split``): a long utterance becomes several
+cues, cut at its word timings when the events carry them, else at times spread over its words.
+
 Both write and flush as events arrive rather than at the end, so a session that is killed or loses
 its connection still leaves everything received so far on disk.
 
 With several channels the JSON Lines keep each event's ``channel`` and ``speaker`` as the server
 sent them, and every SRT cue starts with its speaker (``agent: text``). The channels' segments
 arrive in the order their decodes finish, which is not always the order they were spoken in, so
-the SRT file is rewritten in start-time order when it is closed (players expect cues in order).
+the SRT file is rewritten in start-time order when it is closed (players expect cues in order);
+with one channel it is also rewritten when a cue turned out to reach into the next one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from mic_client.captions import speaker_name
+from stream_server.formats import segment_cues
 
 FORMATS = ("jsonl", "srt")
 
@@ -101,7 +108,8 @@ class Cue:
 
 
 class SrtWriter:
-    """One cue per ``transcript.segment``, timed in audio time; other events are ignored.
+    """Cues from each ``transcript.segment`` (cut to subtitle norms), in audio time; other events
+    are ignored.
 
     Segments with empty text (the server finalized an utterance that held no words) get no cue:
     an empty cue is invalid in many players. Cue numbers stay consecutive. With ``channels`` > 1
@@ -126,20 +134,27 @@ class SrtWriter:
         text = str(event.get("text") or "").strip()
         if not text:
             return
+        prefix = ""
         if self.channels > 1:
             channel = event.get("channel")
             index = channel if isinstance(channel, int) and not isinstance(channel, bool) else 0
-            text = f"{speaker_name(index, event.get('speaker'), self.labels)}: {text}"
+            prefix = f"{speaker_name(index, event.get('speaker'), self.labels)}:"
         start = float(event.get("start") or 0.0)
-        end = float(event.get("end") or start)
-        cue = Cue(start, max(end, start), text)
-        self._written.append(cue)
-        self.cues += 1
-        self._stream.write(srt_cue(self.cues, cue.start, cue.end, cue.text))
+        end = max(float(event.get("end") or start), start)
+        words = event.get("words")
+        for piece in segment_cues(text, start, end, words if isinstance(words, list) else None, prefix=prefix):
+            cue = Cue(piece.start, piece.end, piece.text)
+            self._written.append(cue)
+            self.cues += 1
+            self._stream.write(srt_cue(self.cues, cue.start, cue.end, cue.text))
         self._stream.flush()
 
     def close(self) -> None:
         ordered = sorted(self._written, key=lambda c: (c.start, c.end))
+        if self.channels == 1:
+            # One voice: a cue ends where the next starts (an utterance's padded end can reach
+            # into the next one, which was not known when the cue was written).
+            ordered = [dataclasses.replace(c, end=max(c.start, min(c.end, n.start))) for c, n in itertools.pairwise(ordered)] + ordered[-1:]
         if ordered != self._written and self._stream.seekable():
             self._stream.seek(0)
             self._stream.truncate()

@@ -85,7 +85,9 @@ class Engine:
             if settings.webhook_url
             else None
         )
-        self.hub = SessionHub([observer for observer in (self.store, self.webhooks) if observer is not None])
+        self.hub = SessionHub(
+            [observer for observer in (self.store, self.webhooks) if observer is not None], redis_url=settings.redis_url
+        )
 
     def load_default_model(self) -> None:
         """Load and warm the default model (blocking: call from a thread at start-up)."""
@@ -98,6 +100,7 @@ class Engine:
 
     def close(self) -> None:
         self.scheduler.stop()
+        self.hub.shutdown()  # with --redis-url: the last events (a drain's finals) reach Redis first
         if self.webhooks is not None:
             self.webhooks.close()
         if self.store is not None:

@@ -2,6 +2,8 @@
 
 ``json`` / ``verbose_json`` follow OpenAI's transcription objects (plus the ``success``, ``error``
 and ``confidence`` fields AI Refinery's clients read); ``text``, ``srt`` and ``vtt`` are plain text.
+Subtitles (``srt``, ``vtt``; also the sessions API's and ``mic-client --output x.srt``) are cut into
+cues to subtitle norms from the word timings (:func:`cue_split`), not one cue per utterance.
 Segments with no text (an utterance the decoder judged to hold no words) are left out everywhere.
 """
 
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import zlib
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stream_server import protocol as p
@@ -63,18 +67,165 @@ def to_text(text: str) -> str:
     return text + "\n"
 
 
-def to_srt(segments: list[p.TranscriptSegment]) -> str:
-    blocks = []
-    for i, seg in enumerate(spoken(segments), 1):
-        blocks.append(f"{i}\n{_timestamp(seg.start, ',')} --> {_timestamp(seg.end, ',')}\n{seg.text.strip()}\n")
-    return "\n".join(blocks)
+# ------------------------------------------------------------------------------ subtitle cues
+#
+# Captions are cut to subtitle norms rather than one cue per utterance: at most ``MAX_LINES`` lines
+# of at most ``MAX_LINE_CHARS`` characters, on screen for at most ``MAX_CUE_S`` seconds. The same
+# rules are implemented once more, line for line, in the browser app (``web/static/cues.js``);
+# ``tests/test_web_app.py`` checks that both cut the same words into the same cues.
+
+MAX_LINE_CHARS = 42
+MAX_LINES = 2
+MAX_CUE_S = 7.0
+MIN_CUE_S = 1.0  # a short cue stays up this long, unless the next cue (or its utterance's end) comes first
+_BREAK_AFTER = re.compile(r"[.,!?;:\u2026\u2014][\"')\]\u201d\u2019]*$")  # punctuation that makes a good cue end
 
 
-def to_vtt(segments: list[p.TranscriptSegment]) -> str:
-    blocks = ["WEBVTT\n"]
-    for seg in spoken(segments):
-        blocks.append(f"{_timestamp(seg.start, '.')} --> {_timestamp(seg.end, '.')}\n{seg.text.strip()}\n")
-    return "\n".join(blocks)
+@dataclasses.dataclass(frozen=True)
+class TimedWord:
+    text: str
+    start: float
+    end: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Cue:
+    start: float
+    end: float
+    lines: tuple[str, ...]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+def wrap_lines(tokens: Sequence[str]) -> list[str]:
+    """The tokens as one line, or as the two lines whose longer one is shortest (ties: the shorter
+    line on top). Only word boundaries are used, so an over-long single word stays one long line."""
+    text = " ".join(tokens)
+    if len(text) <= MAX_LINE_CHARS or len(tokens) < 2:
+        return [text]
+    best: list[str] = []
+    best_key: tuple[int, int] | None = None
+    for i in range(1, len(tokens)):
+        top, bottom = " ".join(tokens[:i]), " ".join(tokens[i:])
+        key = (max(len(top), len(bottom)), len(top))
+        if best_key is None or key < best_key:
+            best, best_key = [top, bottom], key
+    return best
+
+
+def _fits(tokens: Sequence[str]) -> bool:
+    lines = wrap_lines(tokens)
+    return len(lines) <= MAX_LINES and all(len(line) <= MAX_LINE_CHARS for line in lines)
+
+
+def cue_split(words: Sequence[TimedWord], *, prefix: str = "", until: float | None = None) -> list[Cue]:
+    """Cut one utterance's timed words into cues.
+
+    Words are added to a cue while its text still wraps into ``MAX_LINES`` lines of
+    ``MAX_LINE_CHARS`` and it lasts at most ``MAX_CUE_S``. When a word no longer fits, the cue
+    ends after the last punctuation in its second half if there is one (so that cues end at
+    clause ends), else before the word. ``prefix`` (a speaker label such as ``"agent:"``) starts
+    every cue and counts towards its length. ``until`` (the utterance's end) bounds how far a
+    short last cue is stretched towards ``MIN_CUE_S``.
+    """
+    head = [prefix.strip()] if prefix.strip() else []
+    groups: list[list[TimedWord]] = []
+    current: list[TimedWord] = []
+
+    def fits(group: list[TimedWord]) -> bool:
+        if not group:
+            return True
+        return _fits(head + [w.text for w in group]) and group[-1].end - group[0].start <= MAX_CUE_S
+
+    for word in words:
+        if current and not fits([*current, word]):
+            cut = next(
+                (i + 1 for i in range(len(current) - 2, -1, -1) if 2 * (i + 1) >= len(current) and _BREAK_AFTER.search(current[i].text)),
+                len(current),
+            )
+            groups.append(current[:cut])
+            current = current[cut:]
+            if current and not fits([*current, word]):
+                groups.append(current)
+                current = []
+        current.append(word)
+    if current:
+        groups.append(current)
+
+    cues: list[Cue] = []
+    for index, group in enumerate(groups):
+        start = group[0].start
+        end = max(group[-1].end, start)
+        limit = groups[index + 1][0].start if index + 1 < len(groups) else max(until if until is not None else end, end)
+        end = max(min(max(end, start + MIN_CUE_S), limit), start)
+        cues.append(Cue(round(start, 3), round(end, 3), tuple(wrap_lines(head + [w.text for w in group]))))
+    return cues
+
+
+def _word_fields(word: Any) -> tuple[str, float, float]:
+    if isinstance(word, Mapping):
+        return str(word.get("word", "")), float(word.get("start") or 0.0), float(word.get("end") or 0.0)
+    return str(word.word), float(word.start), float(word.end)
+
+
+def timed_words(text: str, start: float, end: float, words: Sequence[Any] | None = None) -> list[TimedWord]:
+    """An utterance's words with times: the decoder's word timings (``WordTiming`` objects or
+    their wire dicts) when they spell the utterance's text, else the text's words with times
+    spread over ``[start, end]`` in proportion to their characters."""
+    tokens = text.split()
+    if words:
+        timed: list[TimedWord] = []
+        for word in words:
+            spelled, w_start, w_end = _word_fields(word)
+            timed.extend(TimedWord(part, w_start, max(w_end, w_start)) for part in spelled.split())
+        if [w.text for w in timed] == tokens:
+            return timed
+    total = len(" ".join(tokens))
+    span = max(end - start, 0.0)
+    out, offset = [], 0
+    for token in tokens:
+        out.append(TimedWord(token, start + span * offset / total, start + span * (offset + len(token)) / total))
+        offset += len(token) + 1
+    return out
+
+
+def segment_cues(text: str, start: float, end: float, words: Sequence[Any] | None = None, *, prefix: str = "") -> list[Cue]:
+    """One utterance (a final segment) as subtitle cues."""
+    return cue_split(timed_words(text.strip(), start, end, words), prefix=prefix, until=end)
+
+
+def without_overlaps(cues: Sequence[Cue]) -> list[Cue]:
+    """One voice's cues with each ending no later than the next one starts (utterances' padded
+    ends can reach into the next utterance; a player would show both cues at once)."""
+    out = list(cues)
+    for i in range(len(out) - 1):
+        if out[i + 1].start < out[i].end:
+            out[i] = dataclasses.replace(out[i], end=max(out[i].start, out[i + 1].start))
+    return out
+
+
+def cues_of(segments: Sequence[p.TranscriptSegment]) -> list[Cue]:
+    """A single voice's segments (a file, one channel) as cues in time order."""
+    ordered = sorted(spoken(list(segments)), key=lambda seg: seg.start)
+    return without_overlaps([cue for seg in ordered for cue in segment_cues(seg.text, seg.start, seg.end, seg.words)])
+
+
+def render_srt(cues: Sequence[Cue]) -> str:
+    return "\n".join(f"{i}\n{_timestamp(c.start, ',')} --> {_timestamp(c.end, ',')}\n{c.text}\n" for i, c in enumerate(cues, 1))
+
+
+def render_vtt(cues: Sequence[Cue]) -> str:
+    return "\n".join(["WEBVTT\n", *(f"{_timestamp(c.start, '.')} --> {_timestamp(c.end, '.')}\n{c.text}\n" for c in cues)])
+
+
+def to_srt(segments: Sequence[p.TranscriptSegment]) -> str:
+    return render_srt(cues_of(segments))
+
+
+def to_vtt(segments: Sequence[p.TranscriptSegment]) -> str:
+    return render_vtt(cues_of(segments))
 
 
 def words_json(segments: list[p.TranscriptSegment]) -> list[dict[str, Any]]:

@@ -10,6 +10,12 @@ Publishing never waits: each subscriber has a bounded queue, and one that falls 
 (told why) rather than slowing transcription or growing without bound. Everything here runs on
 the event loop; observers (the SQLite store, the webhook sender) are called synchronously and only
 enqueue work for their own threads.
+
+With ``--redis-url`` (several replicas behind a load balancer, ``docs/deploy.md``) the hub also
+mirrors every session to Redis (``bus.py``: a bounded buffer written by a thread of its own, so
+publishing still never waits), and readers use :meth:`SessionHub.find` and
+:meth:`SessionHub.watch`, which answer from this replica's memory first and from Redis for a
+session another replica holds. Without it nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from stream_server import protocol as p
+
+if TYPE_CHECKING:
+    from stream_server.bus import RedisBus
 
 log = logging.getLogger(__name__)
 
@@ -251,16 +260,29 @@ class _Live:
         self.duration = duration
         self.subscribers: set[Subscription] = set()
         self.announced = False  # observers were told of the start (after session.created)
+        self.sequence = 0  # events mirrored to the bus so far (its readers find gaps by it)
 
 
 class SessionHub:
     """Live sessions by id and alias; the fan-out to their subscribers and observers."""
 
-    def __init__(self, observers: Iterable[SessionObserver] = (), *, subscriber_limit: int = SUBSCRIBER_QUEUE_LIMIT) -> None:
+    def __init__(
+        self,
+        observers: Iterable[SessionObserver] = (),
+        *,
+        subscriber_limit: int = SUBSCRIBER_QUEUE_LIMIT,
+        redis_url: str = "",
+        bus: RedisBus | None = None,
+    ) -> None:
         self.observers = list(observers)
         self.subscriber_limit = subscriber_limit
         self._live: dict[str, _Live] = {}
         self._aliases: dict[str, str] = {}
+        if bus is None and redis_url:
+            from stream_server.bus import RedisBus
+
+            bus = RedisBus(redis_url)
+        self.bus = bus
 
     # ------------------------------------------------------------ the publisher's side
 
@@ -268,6 +290,8 @@ class SessionHub:
         """A session starts; ``duration`` reports the audio it has heard so far."""
         record = TranscriptRecord(session_id, None, "active", time.time(), None, 0.0, {}, [], None)
         self._live[session_id] = _Live(record, duration)
+        if self.bus is not None:
+            self._mirror("open", session_id, {"session_id": session_id, "status": "active", "created_at": repr(record.created_at)})
 
     def publish(self, session_id: str, event: p.ServerEvent) -> None:
         """One core event of a live session: kept if it is part of the transcript, sent to every
@@ -293,6 +317,8 @@ class SessionHub:
             if not subscriber.offer(item):
                 live.subscribers.discard(subscriber)
                 log.warning("session %s: dropped a subscriber that fell %d events behind", record.public_id, self.subscriber_limit)
+        if self.bus is not None:
+            self._mirror_event(live, item)
 
     def alias(self, session_id: str, alias: str) -> None:
         """The dialect learned the call's own id: the session is also found under it."""
@@ -306,6 +332,8 @@ class SessionHub:
         self._aliases[alias] = session_id
         if live.announced:
             self._notify("aliased", live.record)
+        if self.bus is not None:
+            self._mirror("alias", session_id, {"alias": alias}, alias=alias)
 
     def close(self, session_id: str) -> None:
         """The session is over (done sent, or the client vanished): tell subscribers and observers."""
@@ -324,6 +352,11 @@ class SessionHub:
         live.subscribers.clear()
         if live.announced:
             self._notify("ended", record)
+        if self.bus is not None:
+            live.sequence += 1
+            fields = {"status": record.status, "ended_at": repr(record.ended_at), "duration": repr(record.duration)}
+            ended = Published.of(record.ended_event()).json
+            self._mirror("close", session_id, fields, n=live.sequence, event=ended)
 
     # ------------------------------------------------------------ the readers' side
 
@@ -352,6 +385,27 @@ class SessionHub:
         live.subscribers.add(subscription)
         return subscription
 
+    async def find(self, session_id: str) -> TranscriptRecord | None:
+        """:meth:`record`, or with a bus, the session as Redis has it (held by another replica,
+        or finished there within the bus's retention); None when neither knows it."""
+        record = self.record(session_id)
+        if record is None and self.bus is not None:
+            record = await self.bus.record(session_id)
+        return record
+
+    async def watch(self, session_id: str) -> Subscription | None:
+        """:meth:`subscribe`, or with a bus, a subscription to a live session another replica
+        holds (backlog from Redis, then its event stream). None when no replica has it live."""
+        subscription = self.subscribe(session_id)
+        if subscription is None and self.bus is not None:
+            subscription = await self.bus.subscribe(session_id, self.subscriber_limit)
+        return subscription
+
+    def shutdown(self, timeout: float = 3.0) -> None:
+        """Server exit: write what the bus still holds (at most ``timeout``), then stop it."""
+        if self.bus is not None:
+            self.bus.close(timeout)
+
     def live_ids(self) -> list[str]:
         return list(self._live)
 
@@ -368,6 +422,28 @@ class SessionHub:
             return float(live.duration())
         except Exception:  # noqa: BLE001 - a duration is informative; never fail a reader over it
             return live.record.duration
+
+    def _mirror_event(self, live: _Live, item: Published) -> None:
+        """Hand one published event to the bus, with what it changes in the session's record."""
+        record = live.record
+        live.sequence += 1
+        fields: dict[str, str] = {}
+        segment = ""
+        if item.type in (p.SessionCreated.type, p.SessionUpdated.type):
+            fields["session"] = json.dumps(record.session, ensure_ascii=False, separators=(",", ":"))
+        elif item.type == p.TranscriptSegment.type:
+            segment = item.json
+            fields["duration"] = repr(self._duration(live))
+        elif item.type == p.TranscriptDone.type:
+            fields["done"] = item.json
+            fields["duration"] = repr(record.duration)
+        self._mirror("event", record.session_id, fields, n=live.sequence, event=item.json, segment=segment)
+
+    def _mirror(self, kind: str, session_id: str, fields: dict[str, str], **extra: Any) -> None:
+        from stream_server.bus import Change
+
+        assert self.bus is not None
+        self.bus.put(Change(kind, session_id, fields, **extra))
 
     def _notify(self, what: str, record: TranscriptRecord, *args: int) -> None:
         """Call every observer; one that fails is logged, never allowed to stop transcription."""

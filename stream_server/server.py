@@ -21,6 +21,7 @@ from starlette.routing import Route
 from stream_server.engine import Engine
 from stream_server.http import routes as http_routes
 from stream_server.settings import Settings
+from stream_server.web.routes import routes as web_routes
 from stream_server.ws import websocket_routes
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         Route("/metrics", metrics_endpoint),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        *web_routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.engine = engine
@@ -72,6 +74,8 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.api_key_set() and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without API keys: anyone who can reach this address can use the server (--api-keys)", settings.host)
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise SystemExit("--ssl-keyfile needs --ssl-certfile (the certificate that key belongs to)")
     app = create_app(settings)

@@ -121,6 +121,12 @@ class Settings:
         metadata={"help": "AudioHook client secret (base64, as Genesys shows it): /v1/audiohook upgrades must carry a valid HMAC-SHA256 signature made with it (empty: not checked; prefer the environment variable to a flag)"},
     )
 
+    # Several replicas behind a load balancer (deploy/, docs/deploy.md).
+    redis_url: str = dataclasses.field(
+        default="",
+        metadata={"help": "Redis as the shared session bus (redis://host:6379/0): every session's events and transcript are published there, so /v1/sessions/{id}/events and /transcript answer on any replica (empty: in-process only)"},
+    )
+
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
 

@@ -64,6 +64,7 @@ class TokenStore:
         self._clock = clock
         self._grants: dict[str, Grant] = {}
         self._lock = threading.Lock()
+        self._purged_at = float("-inf")
 
     def __len__(self) -> int:
         return len(self._grants)
@@ -101,7 +102,11 @@ class TokenStore:
             return grant
 
     def _purge(self) -> None:
+        """Drop expired grants (at most once a second: a scan of every grant)."""
         now = self._clock()
+        if now - self._purged_at < 1.0:
+            return
+        self._purged_at = now
         for key in [k for k, g in self._grants.items() if g.expires_at <= now]:
             del self._grants[key]
 

@@ -361,7 +361,7 @@ def test_srt_writer_one_cue_per_final_segment() -> None:
     assert writer.cues == 2
     assert buffer.getvalue() == (
         "1\n00:00:00,180 --> 00:00:03,100\n"
-        "For the twentieth time that evening the two men shook hands.\n\n"
+        "For the twentieth time that\nevening the two men shook hands.\n\n"  # subtitle lines of at most 42 characters
         "2\n00:00:04,200 --> 00:00:06,300\n"
         "Lord, but I'm glad to see you again, Phil.\n\n"
     )
@@ -820,7 +820,7 @@ def test_multichannel_srt_cues_name_the_speaker_and_end_up_in_time_order(tmp_pat
     writer.close()
     cues = path.read_text(encoding="utf-8").strip().split("\n\n")
     assert cues == [
-        "1\n00:00:00,500 --> 00:00:03,700\nagent: thank you for calling how can I help",
+        "1\n00:00:00,500 --> 00:00:03,700\nagent: thank you for\ncalling how can I help",
         "2\n00:00:01,700 --> 00:00:03,700\ncustomer: hi my card was declined",
     ]
 

@@ -245,10 +245,11 @@ def check_stored(server: ServerProcess, call: dict, headers: dict[str, str] | No
     txt = transcript(server, session_id, "txt", headers)
     assert txt.status_code == 200 and txt.text.splitlines() == [s["text"] for s in spoken]
     srt = transcript(server, session_id, "srt", headers).text
-    assert srt.startswith("1\n00:00:") and srt.count(" --> ") == len(spoken) and spoken[-1]["text"] in srt
+    # Subtitle cues follow subtitle norms (≤ 2 lines of 42 characters, ≤ 7 s): a segment may span several.
+    assert srt.startswith("1\n00:00:") and srt.count(" --> ") >= len(spoken) and spoken[-1]["text"] in srt.replace("\n", " ")
     vtt = transcript(server, session_id, "vtt", headers)
     assert vtt.headers["content-type"].startswith("text/vtt")
-    assert vtt.text.startswith("WEBVTT\n") and vtt.text.count(" --> ") == len(spoken)
+    assert vtt.text.startswith("WEBVTT\n") and vtt.text.count(" --> ") >= len(spoken)
 
 
 def test_the_stored_transcript_in_every_format(server: ServerProcess, call: dict) -> None:

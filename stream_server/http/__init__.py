@@ -13,6 +13,7 @@ Routes
                                     has no accounts, so any key is accepted
     GET  /v1/sessions/{id}/events   a WebSocket session's events as Server-Sent Events (live, or replayed)
     GET  /v1/sessions/{id}/transcript  a session's conversation, live or stored (json, txt, srt, vtt)
+    POST /v1/realtime/client_secrets   an API key exchanged for a short-lived, single-use browser token
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with the status listed in
 ``docs/http-api.md``. Uploads are streamed to a spooled temporary file through a byte counter, so a
@@ -27,6 +28,7 @@ Modules
     airefinery_api    AI Refinery's encoding of the OpenAI form, and its key check
     huggingface_api   the Hugging Face Inference route
     sessions_api      live and stored session transcripts (the hub and the SQLite store)
+    client_secrets_api  browser tokens (``stream_server/tokens.py``, ``docs/browser.md``)
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from __future__ import annotations
 from starlette.routing import Route
 
 from stream_server.http.airefinery_api import validate_key
+from stream_server.http.client_secrets_api import routes as client_secret_routes
 from stream_server.http.huggingface_api import hf_transcribe
 from stream_server.http.openai_api import get_model, list_models, transcriptions
 from stream_server.http.sessions_api import routes as session_routes
@@ -49,6 +52,7 @@ def routes() -> list[Route]:
         Route("/models/{model_id:path}", hf_transcribe, methods=["POST"]),
         Route("/authentication/validate", validate_key, methods=["POST"]),
         *session_routes(),
+        *client_secret_routes(),
     ]
 
 

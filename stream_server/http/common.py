@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from stream_server import protocol as p
+from stream_server import tokens
 from stream_server.audio_files import (
     AudioDecodeError,
     AudioTooLong,
@@ -117,7 +118,8 @@ def require_api_key(request: Request) -> None:
     key = key.strip() if scheme.lower() == "bearer" else ""
     if not key:
         raise ApiError(401, "invalid_api_key", "this server requires an API key: send Authorization: Bearer <key>")
-    if key not in keys:
+    if key not in keys and tokens.store_of(request.app.state).redeem(key, "stream") is None:
+        # A browser page has no key, only a short-lived single-use stream token (tokens.py).
         raise ApiError(403, "invalid_api_key", "the API key is not valid for this server")
 
 

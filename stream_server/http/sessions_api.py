@@ -11,7 +11,8 @@ Routes
 ``{id}`` is the core session id (``session.created``) or the call id its dialect knows it by
 (Twilio ``callSid``, AudioHook ``conversationId``). Live sessions come from the hub, finished
 ones from the SQLite store; anything else is 404. With ``--api-keys`` both need
-``Authorization: Bearer <key>``.
+``Authorization: Bearer <key>``, or a watch token from ``POST /v1/realtime/client_secrets`` as
+``?token=`` (for browsers' ``EventSource``; ``docs/browser.md``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from stream_server import formats
+from stream_server import formats, tokens
 from stream_server import protocol as p
 from stream_server.engine import Engine
 from stream_server.http.common import ApiError, api_endpoint
@@ -40,13 +41,29 @@ def _engine(request: Request) -> Engine:
 
 
 def _authorize(request: Request, engine: Engine) -> None:
-    """With ``--api-keys``, the request must carry one as ``Authorization: Bearer <key>``."""
+    """With ``--api-keys``, the request must carry one as ``Authorization: Bearer <key>``, or (a
+    browser's ``EventSource`` cannot set headers) a watch token as ``?token=`` (``tokens.py``),
+    which it uses up."""
     keys = engine.settings.api_key_set()
     if not keys:
         return
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or key.strip() not in keys:
-        raise ApiError(401, "invalid_api_key", "missing or unknown API key; send Authorization: Bearer <key>")
+    if scheme.lower() == "bearer" and key.strip() in keys:
+        return
+    token = request.query_params.get(tokens.QUERY_PARAMETER)
+    session_id = request.path_params["session_id"]
+    if token and tokens.store_of(request.app.state).redeem(token, "watch", _known_ids(engine, session_id)):
+        return
+    raise ApiError(401, "invalid_api_key", "missing or unknown API key; send Authorization: Bearer <key> (or ?token=<watch token>)")
+
+
+def _known_ids(engine: Engine, session_id: str) -> set[str]:
+    """The ids a session goes by (core id and call id), for tokens bound to either."""
+    ids = {session_id}
+    record = engine.hub.record(session_id)
+    if record is not None:
+        ids.update(i for i in (record.session_id, record.alias) if i)
+    return ids
 
 
 def _not_found(session_id: str) -> ApiError:
@@ -68,7 +85,7 @@ async def session_transcript(request: Request) -> Response:
     kind = request.query_params.get("format", "json").lower()
     if kind not in FORMATS:
         raise ApiError(400, "invalid_value", f"format: expected one of {', '.join(FORMATS)}, got {kind!r}", param="format")
-    record = engine.hub.record(session_id) or await _stored(engine, session_id)
+    record = await engine.hub.find(session_id) or await _stored(engine, session_id)
     if record is None:
         raise _not_found(session_id)
     body = transcript_json(record)
@@ -76,10 +93,10 @@ async def session_transcript(request: Request) -> Response:
         return JSONResponse(body)
     if kind == "txt":
         return PlainTextResponse(render_text(body))
-    cues = _cues(body)
+    cues = _cues(record, body)
     if kind == "srt":
-        return PlainTextResponse(formats.to_srt(cues), media_type="application/x-subrip")
-    return PlainTextResponse(formats.to_vtt(cues), media_type="text/vtt")
+        return PlainTextResponse(formats.render_srt(cues), media_type="application/x-subrip")
+    return PlainTextResponse(formats.render_vtt(cues), media_type="text/vtt")
 
 
 def _labelled(body: dict[str, Any]) -> bool:
@@ -98,15 +115,23 @@ def render_text(body: dict[str, Any]) -> str:
     return "\n".join(f"{_speaker(turn)}: {turn['text']}" for turn in body["turns"]) + "\n"
 
 
-def _cues(body: dict[str, Any]) -> list[p.TranscriptSegment]:
-    """The turns as segments for ``formats.to_srt``/``to_vtt``, text prefixed by the speaker when
-    there are several (``formats`` renders any segment list; only times and text are read)."""
+def _cues(record: TranscriptRecord, body: dict[str, Any]) -> list[formats.Cue]:
+    """The conversation as subtitle cues (``formats.cue_split``'s norms), each utterance cut from
+    its word timings when the session asked for them; every cue starts with its speaker when
+    there are several."""
     labelled = _labelled(body)
-    cues = []
-    for turn in body["turns"]:
-        text = f"{_speaker(turn)}: {turn['text']}" if labelled else turn["text"]
-        cues.append(p.TranscriptSegment("", turn["start"], turn["end"], text, None, None, 0.0, 0.0, turn["channel"], turn["speaker"]))
-    return cues
+    cues: list[formats.Cue] = []
+    for turn, seg in zip(body["turns"], _spoken_segments(record)):
+        prefix = f"{_speaker(turn)}:" if labelled else ""
+        cues.extend(formats.segment_cues(turn["text"], turn["start"], turn["end"], seg.get("words"), prefix=prefix))
+    # One voice's cues never overlap; several voices' may (people talk over each other).
+    return cues if len(body["channels"]) > 1 else formats.without_overlaps(cues)
+
+
+def _spoken_segments(record: TranscriptRecord) -> list[dict[str, Any]]:
+    """The record's spoken segments in the order of ``transcript_json``'s turns."""
+    spoken = [seg for seg in record.segments if str(seg.get("text", "")).strip()]
+    return sorted(spoken, key=lambda seg: (seg["start"], seg.get("channel", 0)))
 
 
 # ---------------------------------------------------------------------------------- events
@@ -117,11 +142,11 @@ async def session_events(request: Request) -> Response:
     engine = _engine(request)
     _authorize(request, engine)
     session_id = request.path_params["session_id"]
-    subscription = engine.hub.subscribe(session_id)
+    subscription = await engine.hub.watch(session_id)
     if subscription is not None:
         body = _live(subscription)
     else:
-        record = await _stored(engine, session_id)
+        record = await engine.hub.find(session_id) or await _stored(engine, session_id)
         if record is None:
             raise _not_found(session_id)
         body = _replay(record)
