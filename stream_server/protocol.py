@@ -200,7 +200,7 @@ def parse_client_message(text: str) -> ClientMessage:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError("invalid_json", f"message is not valid JSON: {exc.msg}") from None
-    except (UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # undecodable text, absurd nesting, 4300+ digit numbers
         raise ProtocolError("invalid_json", f"message is not valid JSON: {type(exc).__name__}") from None
     if not isinstance(data, dict):
         raise ProtocolError("invalid_json", "message must be a JSON object")

@@ -347,6 +347,8 @@ class Session:
 
     def _receive_decode_failure(self, ticket: DecodeTicket, failure: DecodeFailure) -> list[Output]:
         """A decode that was shed under load, could not load its model, or raised."""
+        if self.closed:
+            return []  # a late interim failure after done: nothing may follow done
         ch = self._channels[ticket.channel]
         out: list[Output] = []
         if failure.kind is FailureKind.MODEL_UNAVAILABLE:

@@ -192,7 +192,13 @@ class Connection:
     def _emit(self, event: p.ServerEvent) -> None:
         if self.runner is not None:
             self.engine.hub.publish(self.runner.session.id, event)
-        self._queue(self.dialect.render(event))
+        try:
+            actions = self.dialect.render(event)
+        except Exception:  # the safety net: a rendering bug costs one event, not the session
+            log.exception("%s dialect failed to render %s (session %s)", self.dialect.name, event.type,
+                          self.runner.session.id if self.runner else "?")
+            actions = self.dialect.error(p.Error.server("internal_error", f"the server could not send a {event.type} event"))
+        self._queue(actions)
 
     def _on_close(self, close: CloseConnection) -> None:
         if self._close_code == 1001:

@@ -141,6 +141,9 @@ class Utterance:
 # --------------------------------------------------------------------------------------------
 
 
+MAX_DURATION_S = 1e9
+
+
 def parse_duration(raw: object) -> float | None:
     """Seconds of an AudioHook duration (``PT1.25S``), or None if ``raw`` is not one."""
     if not isinstance(raw, str):
@@ -149,7 +152,12 @@ def parse_duration(raw: object) -> float | None:
     if match is None or raw == "PT":
         return None
     hours, minutes, seconds = match.groups()
-    return int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
+    try:
+        value = int(hours or 0) * 3600 + int(minutes or 0) * 60 + float(seconds or 0)
+    except (ValueError, OverflowError):  # 4300+ digit numbers
+        return None
+    # A position beyond ~31 years is no call's; it would also overflow the rendering of offsets.
+    return value if math.isfinite(value) and value <= MAX_DURATION_S else None
 
 
 def duration(seconds: float) -> str:
@@ -634,10 +642,12 @@ def _media(item: object) -> Media | None:
     channels = item.get("channels")
     if (
         item.get("type") != "audio"
+        or not isinstance(item.get("format"), str)
         or item.get("format") not in FORMATS
         or item.get("rate") != SAMPLE_RATE
         or not isinstance(channels, list)
         or not 1 <= len(channels) <= 2
+        or not all(isinstance(c, str) for c in channels)
         or len(set(channels)) != len(channels)
         or any(c not in CHANNEL_NAMES for c in channels)
     ):

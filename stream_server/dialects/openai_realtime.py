@@ -622,7 +622,7 @@ class OpenAIRealtimeDialect:
             message = json.loads(text)
         except json.JSONDecodeError as exc:
             return self._client_error(RequestError("invalid_json", f"The message is not valid JSON: {exc.msg}."), None)
-        except RecursionError:
+        except (ValueError, RecursionError):  # absurd nesting, 4300+ digit numbers
             return self._client_error(RequestError("invalid_json", "The message is nested too deeply to parse."), None)
         if not isinstance(message, dict):
             return self._client_error(RequestError("invalid_json", "The message must be a JSON object."), None)
