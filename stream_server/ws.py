@@ -55,12 +55,7 @@ DialectFactory = Callable[[Handshake], Dialect]
 def websocket_routes() -> list[WebSocketRoute]:
     routes = []
     for path, module_name in DIALECTS.items():
-        try:
-            module = importlib.import_module(f"stream_server.dialects.{module_name}")
-        except ModuleNotFoundError as exc:  # TEMP while dialects land
-            if exc.name != f"stream_server.dialects.{module_name}":
-                raise
-            continue
+        module = importlib.import_module(f"stream_server.dialects.{module_name}")
         routes.append(WebSocketRoute(path, functools.partial(dialect_endpoint, module.create)))
     return routes
 
