@@ -49,7 +49,7 @@ FILE_CLIPS = ["ljspeech_LJ001-0003", "ljspeech_LJ001-0015"]
 # The issue asks for 2 points; on these 75 words one word is 1.3 points, and the page and the
 # WebSocket client (twin streams on a shared CPU) differ by up to two words from decode timing
 # alone (a CI run: "Lock!" for "Ask not"), as the dialect tests measured. 3 words.
-WER_MARGIN = 0.04
+WER_MARGIN = 0.045
 MAX_WER = 0.3
 CUE_SLACK_S = 0.01
 
