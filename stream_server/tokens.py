@@ -51,6 +51,9 @@ class Grant:
     scope: Scope
     expires_at: float  # wall clock, seconds since the epoch
     session_id: str | None  # a watch token bound to one session, or None
+    #: The key that minted it (``keys.Principal.id``): the token's sessions count against that
+    #: key's limits, and removing the key ends the tokens it minted. None: minted without keys.
+    owner: str | None = None
 
 
 def _digest(token: str) -> str:
@@ -69,13 +72,15 @@ class TokenStore:
     def __len__(self) -> int:
         return len(self._grants)
 
-    def issue(self, scope: Scope, ttl_s: float = DEFAULT_TTL_S, session_id: str | None = None) -> tuple[str, Grant]:
+    def issue(
+        self, scope: Scope, ttl_s: float = DEFAULT_TTL_S, session_id: str | None = None, *, owner: str | None = None
+    ) -> tuple[str, Grant]:
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}")
         if not MIN_TTL_S <= ttl_s <= MAX_TTL_S:
             raise ValueError(f"a token lives {MIN_TTL_S}-{MAX_TTL_S} s")
         token = TOKEN_PREFIX + secrets.token_urlsafe(24)
-        grant = Grant(scope, self._clock() + ttl_s, session_id)
+        grant = Grant(scope, self._clock() + ttl_s, session_id, owner)
         with self._lock:
             self._purge()
             while len(self._grants) >= MAX_OUTSTANDING:
@@ -132,18 +137,20 @@ def offered_token(subprotocols: Iterable[str]) -> str | None:
     return None
 
 
-def admit_websocket(state: Any, subprotocols: Iterable[str], dialect: Any) -> bool:
-    """Whether a WebSocket upgrade carries a valid stream token (used up if so): offered as our
-    subprotocol, or as the key a dialect read from its own scheme (OpenAI's browser subprotocol).
-    A token offered beside ``stream-server`` gets that subprotocol selected (browsers fail a
-    connection whose offered subprotocols are all ignored)."""
+def admit_websocket(state: Any, subprotocols: Iterable[str], dialect: Any) -> Grant | None:
+    """The grant of a valid stream token the WebSocket upgrade carries (used up), or None:
+    offered as our subprotocol, or as the key a dialect read from its own scheme (OpenAI's
+    browser subprotocol). A token offered beside ``stream-server`` gets that subprotocol
+    selected (browsers fail a connection whose offered subprotocols are all ignored)."""
     offered = tuple(subprotocols)
     candidates = [offered_token(offered), getattr(dialect, "api_key", None)]
     store = store_of(state)
-    if not any(store.redeem(token, "stream") for token in candidates if token):
-        return False
-    select_subprotocol(offered, dialect)
-    return True
+    for token in candidates:
+        grant = store.redeem(token, "stream") if token else None
+        if grant is not None:
+            select_subprotocol(offered, dialect)
+            return grant
+    return None
 
 
 def select_subprotocol(subprotocols: Iterable[str], dialect: Any) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -54,7 +56,8 @@ def test_keys_are_required_when_configured_and_each_dialect_reads_its_own_scheme
 
 def test_the_http_api_requires_a_key_when_configured(tmp_path: Path) -> None:
     """The real openai SDK with the server's key transcribes; without one it gets 401, with a
-    wrong one 403 (OpenAI's error shape either way)."""
+    wrong one 403 (OpenAI's error shape either way). A key from ``--api-keys-file`` is as good
+    as one from ``--api-keys``; a browser token works once, and not after its key is removed."""
     import httpx
     import openai
 
@@ -65,11 +68,30 @@ def test_the_http_api_requires_a_key_when_configured(tmp_path: Path) -> None:
     import soundfile
 
     soundfile.write(wav, load_clip(row["id"]), 16000, subtype="PCM_16")
-    srv = start_server(tmp_path, "--api-keys", "key-one")
+    keys_file = tmp_path / "keys.txt"
+    keys_file.write_text("file-key-three name=three\n")
+    srv = start_server(tmp_path, "--api-keys", "key-one", "--api-keys-file", str(keys_file))
+    minted: list[str] = []
     try:
         good = openai.OpenAI(base_url=srv.http_url + "/v1", api_key="key-one")
         with wav.open("rb") as f:
             assert good.audio.transcriptions.create(model="whisper-1", file=f).text.strip()
+        from_file = httpx.post(srv.http_url + "/models/tiny.en", content=wav.read_bytes(),
+                               headers={"Content-Type": "audio/wav", "Authorization": "Bearer file-key-three"})
+        assert from_file.status_code == 200 and from_file.json()["text"].strip()
+        minted += [httpx.post(srv.http_url + "/v1/realtime/client_secrets", headers={"Authorization": "Bearer file-key-three"}).json()["value"] for _ in range(2)]
+        as_token = {"Content-Type": "audio/wav", "Authorization": f"Bearer {minted[0]}"}
+        assert httpx.post(srv.http_url + "/models/tiny.en", content=wav.read_bytes(), headers=as_token).status_code == 200
+        assert httpx.post(srv.http_url + "/models/tiny.en", content=wav.read_bytes(), headers=as_token).status_code == 403, "single use"
+        keys_file.write_text("# file-key-three revoked\n")
+        assert srv.process is not None
+        srv.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while "API keys reloaded" not in srv.log_path.read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        revoked = {"Content-Type": "audio/wav", "Authorization": f"Bearer {minted[1]}"}
+        assert httpx.post(srv.http_url + "/models/tiny.en", content=wav.read_bytes(), headers=revoked).status_code == 403, "its key is gone"
         with wav.open("rb") as f:
             with pytest.raises(openai.PermissionDeniedError) as wrong:
                 openai.OpenAI(base_url=srv.http_url + "/v1", api_key="nope").audio.transcriptions.create(model="whisper-1", file=f)
@@ -80,3 +102,5 @@ def test_the_http_api_requires_a_key_when_configured(tmp_path: Path) -> None:
         assert hf.status_code == 401
     finally:
         srv.stop()
+    server_output = srv.log_path.read_text().split("\n", 1)[1]
+    assert not [secret for secret in ["key-one", "file-key-three", *minted] if secret in server_output]

@@ -15,8 +15,10 @@ Response ``200``::
 
     {"value": "ek_...", "expires_at": 1767225600, "scope": "stream", "session_id": null}
 
-With ``--api-keys`` the request needs ``Authorization: Bearer <key>``; without keys tokens are
-still issued (the server ignores them), so an embedding site works the same either way.
+With API keys configured (``--api-keys``, ``--api-keys-file``) the request needs
+``Authorization: Bearer <key>``, and the token's sessions count against that key's limits;
+without keys tokens are still issued (the server ignores them), so an embedding site works the
+same either way.
 """
 
 from __future__ import annotations
@@ -29,20 +31,20 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from stream_server import tokens
-from stream_server.http.common import ApiError, api_endpoint, invalid
+from stream_server import keys, tokens
+from stream_server.http.common import ApiError, api_endpoint, bearer_principal, invalid
 
 MAX_BODY_BYTES = 16 * 1024
 _FIELDS = {"scope", "session_id", "expires_after", "session"}
 
 
-def _authorize(request: Request) -> None:
-    keys = request.app.state.engine.settings.api_key_set()
-    if not keys:
-        return
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or key.strip() not in keys:
+def _authorize(request: Request) -> keys.Principal:
+    """The key minting the token (anonymous without keys configured): the token's sessions
+    count against that key's limits, and end with it (``keys.KeyRing.principal``)."""
+    principal = bearer_principal(request)
+    if principal is None:
         raise ApiError(401, "invalid_api_key", "missing or unknown API key; send Authorization: Bearer <key>")
+    return principal
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -81,7 +83,7 @@ def _ttl(body: dict[str, Any]) -> float:
 
 @api_endpoint
 async def client_secrets(request: Request) -> Response:
-    _authorize(request)
+    owner = _authorize(request)
     body = await _body(request)
     scope = body.get("scope", "stream")
     if scope not in tokens.SCOPES:
@@ -91,7 +93,7 @@ async def client_secrets(request: Request) -> Response:
         raise invalid("session_id", "expected a session id (a non-empty string)")
     if session_id is not None and scope != "watch":
         raise invalid("session_id", "only a watch token is bound to a session")
-    token, grant = tokens.store_of(request.app.state).issue(scope, _ttl(body), session_id)
+    token, grant = tokens.store_of(request.app.state).issue(scope, _ttl(body), session_id, owner=owner.id)
     answer = {"value": token, "expires_at": math.floor(grant.expires_at), "scope": grant.scope, "session_id": grant.session_id}
     return JSONResponse(answer, headers={"Cache-Control": "no-store"})
 

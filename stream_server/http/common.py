@@ -23,8 +23,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from stream_server import keys, tokens
 from stream_server import protocol as p
-from stream_server import tokens
 from stream_server.audio_files import (
     AudioDecodeError,
     AudioTooLong,
@@ -107,19 +107,34 @@ def api_endpoint(handler: Endpoint) -> Endpoint:
     return endpoint
 
 
-def require_api_key(request: Request) -> None:
-    """With ``--api-keys``, transcription requests carry ``Authorization: Bearer <key>``, as the
-    OpenAI and Hugging Face clients send it: 401 without one, 403 with one the server does not
-    know. Keys are never logged."""
-    keys = request.app.state.engine.settings.api_key_set()
-    if not keys:
-        return
+def bearer_key(request: Request) -> str:
+    """The key of ``Authorization: Bearer <key>``, or "" without one."""
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    key = key.strip() if scheme.lower() == "bearer" else ""
+    return key.strip() if scheme.lower() == "bearer" else ""
+
+
+def bearer_principal(request: Request) -> keys.Principal | None:
+    """Who the request's bearer key is (the app's key ring, ``keys.py``): the anonymous client
+    when no keys are configured, None for a missing or unknown key."""
+    return keys.ring_of(request.app.state).identify(bearer_key(request) or None)
+
+
+def require_api_key(request: Request) -> None:
+    """With API keys configured (``--api-keys``, ``--api-keys-file``), transcription requests
+    carry ``Authorization: Bearer <key>``, as the OpenAI and Hugging Face clients send it: 401
+    without one, 403 with one the server does not know. Keys are never logged."""
+    ring = keys.ring_of(request.app.state)
+    if not ring.configured:
+        return
+    key = bearer_key(request)
     if not key:
         raise ApiError(401, "invalid_api_key", "this server requires an API key: send Authorization: Bearer <key>")
-    if key not in keys and tokens.store_of(request.app.state).redeem(key, "stream") is None:
-        # A browser page has no key, only a short-lived single-use stream token (tokens.py).
+    if ring.identify(key) is not None:
+        return
+    # A browser page has no key, only a short-lived single-use stream token (tokens.py), good
+    # while the key that minted it is.
+    grant = tokens.store_of(request.app.state).redeem(key, "stream")
+    if grant is None or ring.principal(grant.owner) is None:
         raise ApiError(403, "invalid_api_key", "the API key is not valid for this server")
 
 
