@@ -11,6 +11,15 @@ Publishing never waits: each subscriber has a bounded queue, and one that falls 
 the event loop; observers (the SQLite store, the webhook sender) are called synchronously and only
 enqueue work for their own threads.
 
+Two things travel beside the core's events:
+
+* **Call events a dialect reports** (:class:`Dtmf`: a key pressed on a Twilio call). They are not
+  audio, so the Sans-I/O core never sees them; the shell hands them to :meth:`SessionHub.dtmf`, and
+  they reach subscribers, the stored transcript and its txt/srt/vtt renderings like segments do.
+* **Operator controls** (:class:`Control`: pause, resume). The shell registers each live
+  connection as the session's :class:`Controller`; ``POST /v1/sessions/{id}/pause`` finds it here
+  by id or alias and asks it, on this same event loop, to put its protocol's message on the wire.
+
 With ``--redis-url`` (several replicas behind a load balancer, ``docs/deploy.md``) the hub also
 mirrors every session to Redis (``bus.py``: a bounded buffer written by a thread of its own, so
 publishing still never waits), and readers use :meth:`SessionHub.find` and
@@ -23,11 +32,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import enum
 import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from stream_server import protocol as p
 
@@ -44,6 +54,25 @@ SUBSCRIBER_QUEUE_LIMIT = 1000
 
 
 # ------------------------------------------------------------------------------------ records
+
+
+@dataclasses.dataclass(frozen=True)
+class Dtmf:
+    """A key pressed on a call (Twilio's ``dtmf`` message), as subscribers and the transcript see it.
+
+    ``time`` is seconds into the call on the channel's own timeline (the audio of that leg received
+    when the key was reported), so a key press sits between the words around it.
+    """
+
+    TYPE: ClassVar[str] = "call.dtmf"
+    digit: str
+    channel: int
+    speaker: str | None
+    time: float
+
+    def event(self) -> dict[str, Any]:
+        """The native event (``event: call.dtmf`` on the SSE stream; an entry of ``dtmf``)."""
+        return {"type": self.TYPE, "digit": self.digit, "channel": self.channel, "speaker": self.speaker, "time": round(self.time, 3)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +105,7 @@ class TranscriptRecord:
     session: dict[str, Any]  # the configuration view of ``session.created``
     segments: list[dict[str, Any]]
     done: dict[str, Any] | None
+    dtmf: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # ``call.dtmf`` events, in order
 
     @property
     def public_id(self) -> str:
@@ -96,13 +126,25 @@ class TranscriptRecord:
         }
 
     def replay(self) -> list[Published]:
-        """The events a subscriber to this (finished or running) session starts with."""
-        events = [self.created_event(), *self.segments]
+        """The events a subscriber to this (finished or running) session starts with: key presses
+        go among the segments where they happened (before the first segment that ended after)."""
+        events = [self.created_event(), *_with_keys(self.segments, self.dtmf)]
         if self.done is not None:
             events.append(self.done)
         elif self.status != "active":
             events.append(self.ended_event())
         return [Published.of(event) for event in events]
+
+
+def _with_keys(segments: list[dict[str, Any]], keys: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Segments in their order, each key press placed before the first segment ending after it."""
+    pending = sorted(keys, key=lambda key: float(key["time"]))
+    out: list[dict[str, Any]] = []
+    for seg in segments:
+        while pending and float(pending[0]["time"]) <= float(seg.get("end", 0.0)):
+            out.append(pending.pop(0))
+        out.append(seg)
+    return out + pending
 
 
 def transcript_json(record: TranscriptRecord) -> dict[str, Any]:
@@ -138,7 +180,18 @@ def transcript_json(record: TranscriptRecord) -> dict[str, Any]:
         "ended_at": _iso(record.ended_at) if record.ended_at is not None else None,
         "channels": channels,
         "turns": [{k: turn[k] for k in ("channel", "speaker", "start", "end", "text")} for turn in turns],
+        "dtmf": [{k: key[k] for k in ("channel", "speaker", "digit", "time")} for key in sorted(record.dtmf, key=lambda key: key["time"])],
     }
+
+
+def conversation(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """A transcript's turns and key presses in time order, each ``{channel, speaker, start, end,
+    text}`` (a key press reads ``[DTMF 5]``): what the txt, srt and vtt renderings show."""
+    keys = [
+        {"channel": key["channel"], "speaker": key["speaker"], "start": key["time"], "end": key["time"], "text": f"[DTMF {key['digit']}]"}
+        for key in body.get("dtmf") or []
+    ]
+    return sorted([*body["turns"], *keys], key=lambda entry: (entry["start"], entry["channel"]))
 
 
 def _joined(segments: list[dict[str, Any]]) -> str:
@@ -238,12 +291,42 @@ class Subscription:
         return len(self._items)
 
 
+# ---------------------------------------------------------------------------------- controls
+
+
+class Control(enum.Enum):
+    """What an operator may ask of a live call (``POST /v1/sessions/{id}/{control}``)."""
+
+    PAUSE = "pause"
+    RESUME = "resume"
+
+
+class ControlRefused(Exception):
+    """The session cannot take this control now. ``code``: ``control_unsupported`` (its protocol
+    has no such message, e.g. the native one) or ``invalid_state`` (the protocol's state forbids it:
+    not open yet, closing, already paused, not paused by the server)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Controller(Protocol):
+    """The live connection of a session, as the hub reaches it (``ws.Connection``)."""
+
+    def request(self, control: Control) -> None:
+        """Put the control's protocol message on the wire now, or raise :class:`ControlRefused`."""
+        ...
+
+
 # ------------------------------------------------------------------------------------- the hub
 
 
 class SessionObserver(Protocol):
     """Something that keeps or forwards transcripts (the store, webhooks); called on the event
-    loop, so each method must only enqueue."""
+    loop, so each method must only enqueue. An observer may also have ``dtmf(record, index)``
+    (a key press, ``record.dtmf[index]``); one without it is not told of key presses."""
 
     def started(self, record: TranscriptRecord) -> None: ...
 
@@ -255,9 +338,10 @@ class SessionObserver(Protocol):
 
 
 class _Live:
-    def __init__(self, record: TranscriptRecord, duration: Callable[[], float]) -> None:
+    def __init__(self, record: TranscriptRecord, duration: Callable[[], float], controller: Controller | None) -> None:
         self.record = record
         self.duration = duration
+        self.controller = controller
         self.subscribers: set[Subscription] = set()
         self.announced = False  # observers were told of the start (after session.created)
         self.sequence = 0  # events mirrored to the bus so far (its readers find gaps by it)
@@ -286,10 +370,11 @@ class SessionHub:
 
     # ------------------------------------------------------------ the publisher's side
 
-    def open(self, session_id: str, *, duration: Callable[[], float] = lambda: 0.0) -> None:
-        """A session starts; ``duration`` reports the audio it has heard so far."""
+    def open(self, session_id: str, *, duration: Callable[[], float] = lambda: 0.0, controller: Controller | None = None) -> None:
+        """A session starts; ``duration`` reports the audio it has heard so far; ``controller``
+        (its connection) takes operator controls while it is live."""
         record = TranscriptRecord(session_id, None, "active", time.time(), None, 0.0, {}, [], None)
-        self._live[session_id] = _Live(record, duration)
+        self._live[session_id] = _Live(record, duration, controller)
         if self.bus is not None:
             self._mirror("open", session_id, {"session_id": session_id, "status": "active", "created_at": repr(record.created_at)})
 
@@ -313,10 +398,26 @@ class SessionHub:
         elif isinstance(event, p.TranscriptDone):
             record.done = item.data
             record.duration = event.usage.seconds
+        self._fan_out(live, item)
+
+    def dtmf(self, session_id: str, key: Dtmf) -> None:
+        """A key pressed on a live call (reported by its dialect): kept in the transcript and sent
+        to every subscriber as a ``call.dtmf`` event. Unknown ids are ignored, as in :meth:`publish`."""
+        live = self._live.get(session_id)
+        if live is None:
+            return
+        item = Published.of(key.event())
+        live.record.dtmf.append(item.data)
+        if live.announced:
+            self._notify("dtmf", live.record, len(live.record.dtmf) - 1)
+        self._fan_out(live, item)
+
+    def _fan_out(self, live: _Live, item: Published) -> None:
+        """One event to every subscriber, without waiting; a full one is dropped."""
         for subscriber in list(live.subscribers):
             if not subscriber.offer(item):
                 live.subscribers.discard(subscriber)
-                log.warning("session %s: dropped a subscriber that fell %d events behind", record.public_id, self.subscriber_limit)
+                log.warning("session %s: dropped a subscriber that fell %d events behind", live.record.public_id, self.subscriber_limit)
         if self.bus is not None:
             self._mirror_event(live, item)
 
@@ -371,7 +472,19 @@ class SessionHub:
         live = self._find(session_id)
         if live is None:
             return None
-        return dataclasses.replace(live.record, duration=self._duration(live), segments=list(live.record.segments))
+        return dataclasses.replace(live.record, duration=self._duration(live), segments=list(live.record.segments), dtmf=list(live.record.dtmf))
+
+    def control(self, session_id: str, control: Control) -> TranscriptRecord | None:
+        """Ask a live session (by id or alias) to pause or resume: its connection sends the
+        protocol's message now. Returns the session's snapshot, None when it is not live here;
+        raises :class:`ControlRefused` when its protocol or state does not allow it."""
+        live = self._find(session_id)
+        if live is None:
+            return None
+        if live.controller is None:
+            raise ControlRefused("control_unsupported", f"session {live.record.public_id} takes no controls")
+        live.controller.request(control)
+        return self.record(session_id)
 
     def subscribe(self, session_id: str) -> Subscription | None:
         """Subscribe to a live session: the backlog (session.created and the segments so far, or
@@ -446,17 +559,25 @@ class SessionHub:
         self.bus.put(Change(kind, session_id, fields, **extra))
 
     def _notify(self, what: str, record: TranscriptRecord, *args: int) -> None:
-        """Call every observer; one that fails is logged, never allowed to stop transcription."""
+        """Call every observer that has ``what``; one that fails is logged, never allowed to stop
+        transcription."""
         for observer in self.observers:
+            method = getattr(observer, what, None)
+            if method is None:  # an optional call (``dtmf``) this observer does not take
+                continue
             try:
-                getattr(observer, what)(record, *args)
+                method(record, *args)
             except Exception:  # logged with its traceback: a storage or webhook bug must not end the call
                 log.exception("session %s: %s observer %s failed", record.public_id, what, type(observer).__name__)
 
 
 __all__ = [
     "SUBSCRIBER_QUEUE_LIMIT",
+    "Control",
+    "ControlRefused",
+    "Controller",
     "Dropped",
+    "Dtmf",
     "Ended",
     "Published",
     "SessionHub",
@@ -464,5 +585,6 @@ __all__ = [
     "Status",
     "Subscription",
     "TranscriptRecord",
+    "conversation",
     "transcript_json",
 ]

@@ -4,7 +4,7 @@ Each session's row is written when it starts, each final segment as it happens a
 when it ends, so a crash or restart loses at most what was still in flight, never a finished call.
 
 One connection, owned by one writer thread: the event loop only enqueues (``started``,
-``segment``, ``aliased``, ``ended`` are the hub's observer calls) and never waits on the disk.
+``segment``, ``dtmf``, ``aliased``, ``ended`` are the hub's observer calls) and never waits on the disk.
 Reads go through the same thread, behind the writes already queued, so a reader always sees every
 event published before it asked. Queued writes are committed together, so a busy server pays one
 ``fsync`` per batch rather than per segment.
@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS segments (
     segment TEXT NOT NULL,
     PRIMARY KEY (session_id, seq)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dtmf (
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+) WITHOUT ROWID;
 """
 
 
@@ -107,6 +113,11 @@ class TranscriptStore:
             db.execute("UPDATE sessions SET duration = max(duration, ?) WHERE id = ?", (end, sid))
 
         self._write(write)
+
+    def dtmf(self, record: TranscriptRecord, index: int) -> None:
+        """A key pressed on the call (``call.dtmf``), kept with its segments."""
+        row = (record.session_id, index, _dumps(record.dtmf[index]))
+        self._write(lambda db: db.execute("INSERT OR REPLACE INTO dtmf (session_id, seq, key) VALUES (?, ?, ?)", row))
 
     def ended(self, record: TranscriptRecord) -> None:
         done = _dumps(record.done) if record.done is not None else None
@@ -161,6 +172,7 @@ class TranscriptStore:
             return None
         sid, alias, status, created_at, ended_at, duration, session, done = row
         segments = [json.loads(text) for (text,) in db.execute("SELECT segment FROM segments WHERE session_id = ? ORDER BY seq", (sid,))]
+        keys = [json.loads(text) for (text,) in db.execute("SELECT key FROM dtmf WHERE session_id = ? ORDER BY seq", (sid,))]
         return TranscriptRecord(
             session_id=sid,
             alias=alias,
@@ -172,6 +184,7 @@ class TranscriptStore:
             session=json.loads(session),
             segments=segments,
             done=json.loads(done) if done is not None else None,
+            dtmf=keys,
         )
 
     # ------------------------------------------------------------ retention
@@ -187,6 +200,7 @@ class TranscriptStore:
         old = "SELECT id FROM sessions WHERE coalesce(ended_at, created_at) < ?"
         with contextlib.nullcontext() if self._db.in_transaction else _transaction(self._db):
             self._db.execute(f"DELETE FROM segments WHERE session_id IN ({old})", (cutoff,))
+            self._db.execute(f"DELETE FROM dtmf WHERE session_id IN ({old})", (cutoff,))
             count = self._db.execute("DELETE FROM sessions WHERE coalesce(ended_at, created_at) < ?", (cutoff,)).rowcount
         if count:
             log.info("transcript store: purged %d sessions older than %g days", count, self.retention_days)

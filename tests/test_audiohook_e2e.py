@@ -3,17 +3,22 @@
 The call is made from real speech cut to telephone band: the customer (``external``) is an LJ
 Speech voice, the agent (``internal``) an ARCTIC voice, each turn resampled to 8 kHz and μ-law
 encoded; turns overlap, abut or leave a pause, and the call has a hold in the middle. It is
-streamed in real time as AudioHook's client does it: a signed upgrade with Genesys' headers, the
-``open`` transaction offering stereo and mono PCMU, 20 ms stereo PCMU binary frames, a ``ping``
-every 5 s, and at the end ``close`` → ``closed``. During the hold the server pauses the stream
-(``AudioHookDialect.request_pause``/``request_resume``, the dialect's public control: the server
-runs in this process so the test can reach it) and the client answers ``paused`` and, on
-``resume``, ``resumed`` with the audio it discarded meanwhile.
+streamed in real time, to the real server in a process of its own, as AudioHook's client does it:
+a signed upgrade with Genesys' headers, the ``open`` transaction offering stereo and mono PCMU,
+20 ms stereo PCMU binary frames, a ``ping`` every 5 s, and at the end ``close`` → ``closed``. Early
+on the client drops 0.4 s of the lead-in and says so (``discarded``). During the hold an operator
+pauses the call over HTTP (``POST /v1/sessions/{conversationId}/pause``, then ``/resume``); the
+client answers ``paused`` and, on ``resume``, ``resumed`` with the audio it discarded meanwhile.
 
 Checked: the protocol (sequence numbers, ``pong`` within 5 s, ``closed`` within 10 s of ``close``
-and after every final), per-leg WER within one point of offline faster-whisper (same model, beam
-5) on the same 8 kHz turns, ``channelId`` and channel labels, and transcript offsets true to the
-call across the pause.
+and after every final), the controls' answers (202, a second pause 409, a resume after the call
+409), per-leg WER within one point of offline faster-whisper (same model, beam 5) on the same 8 kHz
+turns, ``channelId`` and channel labels, and transcript offsets and stored turn times true to the
+call across the discarded audio and the pause.
+
+A second call is cut by a SIGTERM to its server mid-turn: the client gets the finals of what was
+said, then ``reconnect``; it opens a continued session (``continuedSessions``, position going on)
+on another server, closes the first one (``closed``), and finishes the call there.
 """
 
 from __future__ import annotations
@@ -22,22 +27,22 @@ import asyncio
 import base64
 import dataclasses
 import json
-import threading
+import signal
 import time
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
 import soxr
-import uvicorn
 import websockets
 
 from stream_server import audio
 from stream_server.dialects import audiohook as ah
-from stream_server.settings import Settings
-from tests.support import free_port, load_clip, manifest, require_speech, wer
+from tests.support import ServerProcess, load_clip, manifest, require_speech, start_server, wer
 from tests.test_dialect_audiohook import DOC_HEADERS, GenesysClient, sign, stereo_frames
 
 pytestmark = pytest.mark.slow
@@ -67,6 +72,8 @@ HOLD_S = 8.0  # a pause, 1.5 s later a resume that goes out with the next ping (
 LEAD_IN_S, TAIL_S = 0.6, 1.5
 WER_MARGIN = 0.01  # "within one point of offline"
 CHANNELS = ("external", "internal")
+DISCARD_S = (0.1, 0.5)  # lead-in audio the client drops and reports with ``discarded``
+CONVERSATION = "6c1f9d3a-0c5e-4d2b-8a7f-3e9b1c2d4f60"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,17 +101,17 @@ def telephone(clip_id: str) -> bytes:
     return audio.encode_g711(samples, "ulaw")
 
 
-def build_call() -> Call:
+def build_call(spoken: list[tuple[str, str]] = TURNS, hold_after: int | None = HOLD_AFTER_TURN) -> Call:
     require_speech()
     rows = manifest()
     turns: list[Turn] = []
     at = LEAD_IN_S
     hold = (0.0, 0.0)
-    for i, (channel, clip_id) in enumerate(TURNS):
+    for i, (channel, clip_id) in enumerate(spoken):
         mulaw = telephone(clip_id)
         if turns:
             at = max(turns[-1].end + SPACING_S[i % len(SPACING_S)], turns[-1].start + 0.5)
-        if i == HOLD_AFTER_TURN + 1:
+        if hold_after is not None and i == hold_after + 1:
             quiet = max(t.end for t in turns)
             hold = (quiet, quiet + HOLD_S)
             at = hold[1]
@@ -128,58 +135,24 @@ def offline_texts(call: Call) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------------------------
-# The server, in this process (so the test can use the dialect's public pause/resume)
+# The server: the command a user runs, in a process of its own
 # --------------------------------------------------------------------------------------------
 
+SERVER_ARGS = ("--api-keys", API_KEY, "--audiohook-client-secret", SECRET, "--log-level", "info")
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
-@dataclasses.dataclass
-class Server:
-    port: int
-    dialects: list[tuple[ah.AudioHookDialect, asyncio.AbstractEventLoop]]
 
-    def control(self, method: str) -> None:
-        """Call a dialect's public control method on the server's event loop."""
-        dialect, loop = self.dialects[-1]
-        loop.call_soon_threadsafe(getattr(dialect, method))
+def launch(directory: Path) -> ServerProcess:
+    return start_server(directory, *SERVER_ARGS)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from stream_server.server import create_app
-
-    dialects: list[tuple[ah.AudioHookDialect, asyncio.AbstractEventLoop]] = []
-    create = ah.create
-
-    def recording_create(handshake: Any) -> ah.AudioHookDialect:
-        dialect = create(handshake)
-        dialects.append((dialect, asyncio.get_running_loop()))
-        return dialect
-
-    directory = tmp_path_factory.mktemp("audiohook")
-    settings = Settings(port=free_port(), api_keys=API_KEY, audiohook_client_secret=SECRET,
-                        transcript_db=str(directory / "transcripts.sqlite3"), log_level="info")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ah, "create", recording_create)
-        app = create_app(settings)
-    config = uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_level="warning", ws_max_size=2 * settings.max_message_bytes)
-    uv = uvicorn.Server(config)
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{settings.port}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
-        pytest.fail("the in-process server did not become ready")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = launch(tmp_path_factory.mktemp("audiohook"))
     try:
-        yield Server(settings.port, dialects)
+        yield srv
     finally:
-        uv.should_exit = True
-        thread.join(timeout=20)
+        srv.stop()
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +168,7 @@ class Session:
     paused_at: float  # call second the client paused
     resumed_at: float
     late_frames: int
+    controls: dict[str, int]  # what the control routes answered (HTTP status)
 
 
 def upgrade_headers(client: GenesysClient, port: int) -> dict[str, str]:
@@ -209,15 +183,28 @@ def upgrade_headers(client: GenesysClient, port: int) -> dict[str, str]:
     return {k: v for k, v in signed.items() if k != "host"}  # the client library sends Host itself
 
 
-async def stream_call(server: Server, call: Call) -> Session:
-    client = GenesysClient(session_id="8f0f2b0c-3a3e-4f61-9f32-2f0b5c1d6e01", conversation_id="6c1f9d3a-0c5e-4d2b-8a7f-3e9b1c2d4f60")
+async def stream_call(server: ServerProcess, call: Call) -> Session:
+    client = GenesysClient(session_id="8f0f2b0c-3a3e-4f61-9f32-2f0b5c1d6e01", conversation_id=CONVERSATION)
     received: list[dict[str, Any]] = []
     pings: dict[int, float] = {}
     rtts: list[float] = []
     closed = asyncio.Event()
     state = {"paused": False, "pause_seen": False, "resume_requested": False, "resume_seen": False}
+    controls: dict[str, int] = {}
+    requests: list[asyncio.Task[None]] = []
     url = f"ws://127.0.0.1:{server.port}/v1/audiohook"
-    async with websockets.connect(url, additional_headers=upgrade_headers(client, server.port), max_size=None) as ws:
+    http = httpx.AsyncClient(base_url=server.http_url, headers=AUTH, timeout=10)
+
+    def operator(control: str, label: str) -> None:
+        """An operator's click: the control route, answered while the audio keeps flowing."""
+
+        async def post() -> None:
+            controls[label] = (await http.post(f"/v1/sessions/{CONVERSATION}/{control}")).status_code
+
+        requests.append(asyncio.create_task(post()))
+
+    async with http, websockets.connect(url, additional_headers=upgrade_headers(client, server.port), max_size=None) as ws:
+        await http.get("/healthz")  # the HTTP client's first request (its lazy imports) before the audio starts
 
         async def send(kind: str, parameters: dict[str, Any] | None = None) -> dict[str, Any]:
             message = client.message(kind, parameters)
@@ -259,16 +246,25 @@ async def stream_call(server: Server, call: Call) -> Session:
                 ping = await send("ping")
                 pings[ping["seq"]] = time.monotonic()
                 next_ping += PING_EVERY_S
+            if position == int(DISCARD_S[0] / FRAME_S):
+                # The client drops part of the lead-in (a network hiccup) and says how much.
+                skip = int((DISCARD_S[1] - DISCARD_S[0]) / FRAME_S)
+                start = client.position
+                client.position += skip * FRAME_S
+                position += skip
+                await send("discarded", {"start": ah.duration(start), "discarded": ah.duration(skip * FRAME_S)})
+                continue
             if paused_at < 0 and now >= call.hold[0] + 0.3:
-                server.control("request_pause")
+                operator("pause", "pause")
                 paused_at = 0.0  # requested
             if state["pause_seen"] and not state["paused"] and resumed_at < 0:
                 state["paused"] = True
                 paused_at = position * FRAME_S
                 await send("paused")
+                operator("pause", "pause_again")
             if state["paused"] and not state["resume_requested"] and now >= paused_at + 1.5:
                 state["resume_requested"] = True
-                server.control("request_resume")
+                operator("resume", "resume")
             if state["paused"] and state["resume_seen"]:
                 # The audio of the pause was not sent: the client skips to now and says so.
                 state["paused"] = False
@@ -297,7 +293,10 @@ async def stream_call(server: Server, call: Call) -> Session:
         close_s = time.monotonic() - closing
         await ws.close()
         await asyncio.wait_for(listener, timeout=10)
-    return Session(received, rtts, close_s, paused_at, resumed_at, late)
+        await asyncio.gather(*requests)
+        await asyncio.sleep(0.5)  # the session leaves the hub as the socket closes
+        controls["resume_after_the_call"] = (await http.post(f"/v1/sessions/{CONVERSATION}/resume")).status_code
+    return Session(received, rtts, close_s, paused_at, resumed_at, late, controls)
 
 
 @dataclasses.dataclass
@@ -309,14 +308,14 @@ class Outcome:
 
 
 @pytest.fixture(scope="module")
-def outcome(server: Server) -> Outcome:
+def outcome(server: ServerProcess) -> Outcome:
     call = build_call()
     offline = offline_texts(call)
     session = asyncio.run(stream_call(server, call))
     transcript = None
-    with httpx.Client(base_url=f"http://127.0.0.1:{server.port}", timeout=10, headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+    with httpx.Client(base_url=server.http_url, timeout=10, headers=AUTH) as http:
         for _ in range(50):  # the finished session is stored as the socket closes
-            response = http.get("/v1/sessions/6c1f9d3a-0c5e-4d2b-8a7f-3e9b1c2d4f60/transcript")
+            response = http.get(f"/v1/sessions/{CONVERSATION}/transcript")
             if response.status_code != 404:
                 break
             time.sleep(0.1)
@@ -359,9 +358,10 @@ def test_the_protocol_as_genesys_checks_it(outcome: Outcome) -> None:
     assert outcome.session.late_frames < 25, "the stream kept real time"
 
 
-def test_the_server_paused_and_resumed_and_the_gap_stays_in_the_timeline(outcome: Outcome) -> None:
+def test_an_operator_paused_and_resumed_over_http_and_the_gap_stays_in_the_timeline(outcome: Outcome) -> None:
     kinds = [m["type"] for m in outcome.session.received]
     assert kinds.count("pause") == 1 and kinds.count("resume") == 1
+    assert outcome.session.controls == {"pause": 202, "pause_again": 409, "resume": 202, "resume_after_the_call": 409}, outcome.session.controls
     hold = outcome.call.hold
     session = outcome.session
     print(f"hold {hold[0]:.1f}-{hold[1]:.1f} s; paused {session.paused_at:.1f} s, resumed {session.resumed_at:.1f} s")
@@ -400,16 +400,20 @@ def test_channel_ids_and_offsets_are_true_to_the_call(outcome: Outcome) -> None:
         assert abs(min(near) - spoken.start) < 1.0, (spoken.clip_id, spoken.start, near)
 
 
-def test_the_stored_transcript_names_the_legs(outcome: Outcome) -> None:
-    if outcome.transcript is None:
-        pytest.skip("the session hub's transcript route did not answer 200")
+def test_the_stored_transcript_names_the_legs_and_keeps_the_calls_times(outcome: Outcome) -> None:
+    assert outcome.transcript is not None, "the session hub's transcript route answers 200"
     transcript = outcome.transcript
-    assert transcript["id"] == "6c1f9d3a-0c5e-4d2b-8a7f-3e9b1c2d4f60"
+    assert transcript["id"] == CONVERSATION
     assert [(c["channel"], c["speaker"]) for c in transcript["channels"]] == [(0, "external"), (1, "internal")]
     assert transcript["duration"] == pytest.approx(len(outcome.call.legs["external"]) / RATE, abs=0.5)
+    # The discarded lead-in and the pause are silence in the session: stored times are the call's.
+    for spoken in outcome.call.turns:
+        channel = CHANNELS.index(spoken.channel)
+        near = [t["start"] for t in transcript["turns"] if t["channel"] == channel and t["start"] < spoken.end and t["end"] > spoken.start - 1.0]
+        assert near and abs(min(near) - spoken.start) < 1.0, (spoken.clip_id, spoken.start, near)
 
 
-def test_an_unsigned_upgrade_is_refused(server: Server) -> None:
+def test_an_unsigned_upgrade_is_refused(server: ServerProcess) -> None:
     async def attempt() -> int:
         try:
             async with websockets.connect(f"ws://127.0.0.1:{server.port}/v1/audiohook", additional_headers={"x-api-key": API_KEY}):
@@ -419,3 +423,174 @@ def test_an_unsigned_upgrade_is_refused(server: Server) -> None:
 
     assert asyncio.run(attempt()) == 401
 
+
+
+# --------------------------------------------------------------------------------------------
+# SIGTERM mid-call: the finals, then reconnect; the call goes on in a continued session elsewhere
+# --------------------------------------------------------------------------------------------
+
+DRAIN_CONVERSATION = "2b7e0c1d-5f3a-4e8b-9c6d-1a2b3c4d5e6f"
+DRAIN_TURNS = TURNS[:5]
+SIGNAL_INTO_TURN = (2, 1.2)  # SIGTERM 1.2 s into the third turn, while the customer speaks
+
+
+@dataclasses.dataclass
+class Handover:
+    call: Call
+    signal_at: float  # call second of the SIGTERM
+    switched_at: float  # call second from which the audio went to the second server
+    first: list[tuple[float, dict[str, Any]]]  # (call second received, message) from the drained server
+    second: list[dict[str, Any]]  # what the second server sent
+    continued: dict[str, Any]  # the continued session's ``continuedSessions`` entry
+    first_exit: int | None
+    second_transcript: dict[str, Any]
+
+
+async def call_across_a_drain(first: ServerProcess, second: ServerProcess, call: Call, signal_at: float) -> Handover:
+    """Stream ``call`` to ``first``, SIGTERM it at ``signal_at``; on ``reconnect`` open a continued
+    session on ``second`` (position going on), close the first with reason ``reconnect``, and send
+    the rest of the call to the second, as Genesys' client is to do."""
+    old = GenesysClient(session_id=str(uuid.uuid4()), conversation_id=DRAIN_CONVERSATION)
+    new = GenesysClient(session_id=str(uuid.uuid4()), conversation_id=DRAIN_CONVERSATION)
+    first_rx: list[tuple[float, dict[str, Any]]] = []
+    second_rx: list[dict[str, Any]] = []
+    seen = {kind: asyncio.Event() for kind in ("opened", "reconnect", "closed", "opened2", "closed2")}
+    t0 = time.monotonic()
+
+    async def listen(ws: Any, client: GenesysClient, suffix: str) -> None:
+        async for raw in ws:
+            message = json.loads(raw)
+            client.seen(message)
+            if suffix:
+                second_rx.append(message)
+            else:
+                first_rx.append((time.monotonic() - t0, message))
+            if message["type"] + suffix in seen:
+                seen[message["type"] + suffix].set()
+
+    frames = stereo_frames(call.legs["external"], call.legs["internal"])
+    step, total = FRAME * 2, len(call.legs["external"]) // FRAME
+    url = "ws://127.0.0.1:{}/v1/audiohook"
+    ws1 = await websockets.connect(url.format(first.port), additional_headers=upgrade_headers(old, first.port), max_size=None)
+    listeners = [asyncio.create_task(listen(ws1, old, ""))]
+    await ws1.send(json.dumps(old.open()))
+    await asyncio.wait_for(seen["opened"].wait(), 5)
+    target, client = ws1, old
+    ws2: Any = None
+    continued: dict[str, Any] = {}
+    signalled, switched_at, position, next_ping = False, -1.0, 0, 1.0
+    t0 = time.monotonic()
+    while position < total:
+        if time.monotonic() - t0 >= next_ping:  # Genesys pings every 5 s, on whichever session is current
+            await target.send(json.dumps(client.message("ping")))
+            next_ping += PING_EVERY_S
+        if not signalled and time.monotonic() - t0 >= signal_at:
+            assert first.process is not None
+            first.process.send_signal(signal.SIGTERM)
+            signalled = True
+        if seen["reconnect"].is_set() and ws2 is None:
+            # A new session, the same conversation, the stream position going on; then the old one closes.
+            continued = {"id": old.session_id, "serverseq": old.serverseq, "clientseq": old.seq}
+            new.position = old.position
+            ws2 = await websockets.connect(url.format(second.port), additional_headers=upgrade_headers(new, second.port), max_size=None)
+            listeners.append(asyncio.create_task(listen(ws2, new, "2")))
+            await ws2.send(json.dumps(new.open(continuedSessions=[continued])))
+            await asyncio.wait_for(seen["opened2"].wait(), 5)
+            await ws1.send(json.dumps(old.message("close", {"reason": "reconnect"})))
+            target, client, switched_at = ws2, new, position * FRAME_S
+        delay = t0 + position * FRAME_S - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await target.send(frames[position * step : (position + 1) * step])
+        client.position += FRAME_S
+        position += 1
+    assert ws2 is not None, f"no reconnect came: {[m['type'] for _, m in first_rx]}"
+    await asyncio.wait_for(seen["closed"].wait(), 10)
+    await ws1.close()
+    await ws2.send(json.dumps(new.message("close", {"reason": "end"})))
+    await asyncio.wait_for(seen["closed2"].wait(), 30)
+    await ws2.close()
+    await asyncio.wait_for(asyncio.gather(*listeners), 10)
+    assert first.process is not None
+    first_exit = await asyncio.to_thread(first.process.wait, 60)
+    async with httpx.AsyncClient(base_url=second.http_url, headers=AUTH, timeout=10) as http:
+        for _ in range(50):
+            response = await http.get(f"/v1/sessions/{DRAIN_CONVERSATION}/transcript")
+            if response.status_code == 200 and response.json()["status"] != "active":
+                break
+            await asyncio.sleep(0.1)
+    return Handover(call, signal_at, switched_at, first_rx, second_rx, continued, first_exit, response.json())
+
+
+@pytest.fixture(scope="module")
+def handover(server: ServerProcess, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Handover]:
+    call = build_call(DRAIN_TURNS, hold_after=None)
+    turn, into = SIGNAL_INTO_TURN
+    first = launch(tmp_path_factory.mktemp("drained"))
+    try:
+        yield asyncio.run(call_across_a_drain(first, server, call, call.turns[turn].start + into))
+    finally:
+        first.stop()
+
+
+def texts_of(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e["data"] for m in messages if m["type"] == "event" for e in m["parameters"]["entities"] if e["data"]["isFinal"]]
+
+
+def test_sigterm_sends_the_finals_of_what_was_said_then_reconnect(handover: Handover) -> None:
+    kinds = [m["type"] for _, m in handover.first]
+    assert kinds[0] == "opened" and kinds.count("reconnect") == 1 and kinds[-1] == "closed", kinds
+    assert "disconnect" not in kinds and "error" not in kinds
+    reconnect_index = kinds.index("reconnect")
+    at, reconnect = handover.first[reconnect_index]
+    assert reconnect["parameters"] == {"info": ah.DRAIN_INFO}
+    print(f"SIGTERM at {handover.signal_at:.2f} s; reconnect at {at:.2f} s; switched at {handover.switched_at:.2f} s")
+    assert at - handover.signal_at < 5.0, "the finals of the open utterances come first, and quickly"
+    # The turn the customer was in the middle of: its words so far are final before reconnect.
+    speaking = handover.call.turns[SIGNAL_INTO_TURN[0]]
+    before = texts_of([m for _, m in handover.first[:reconnect_index]])
+    cut = [f for f in before if f["channelId"] == CHANNELS.index(speaking.channel) and abs((ah.parse_duration(f["offset"]) or 0.0) - speaking.start) < 1.0]
+    assert cut, f"no final of the turn in progress ({speaking.reference!r}) before reconnect: {before}"
+    assert [m["seq"] for _, m in handover.first] == list(range(1, len(kinds) + 1))
+    assert handover.first_exit in (0, -signal.SIGTERM), "the drained server exits once its client has closed"
+
+
+def test_the_continued_session_opens_on_the_other_server_with_the_calls_times(handover: Handover) -> None:
+    kinds = [m["type"] for m in handover.second]
+    assert kinds[0] == "opened" and kinds[-1] == "closed" and "disconnect" not in kinds, kinds
+    reconnect = next(m for _, m in handover.first if m["type"] == "reconnect")
+    assert handover.continued["clientseq"] >= 2 and handover.continued["serverseq"] >= reconnect["seq"], (handover.continued, reconnect)
+    finals = texts_of(handover.second)
+    assert finals, "the rest of the call is transcribed there"
+    for final in finals:
+        offset = ah.parse_duration(final["offset"]) or 0.0
+        assert offset >= handover.switched_at - 0.05, ("offsets continue the stream position", offset, handover.switched_at)
+    later = [t for t in handover.call.turns if t.start > handover.switched_at + 0.5]
+    for spoken in later:
+        channel = CHANNELS.index(spoken.channel)
+        near = [ah.parse_duration(f["offset"]) or 0.0 for f in finals if f["channelId"] == channel]
+        assert near and min(abs(o - spoken.start) for o in near) < 1.0, (spoken.clip_id, spoken.start, near)
+    # Stored on the second server under the conversation, its times counted from that session's start.
+    transcript = handover.second_transcript
+    assert transcript["id"] == DRAIN_CONVERSATION and transcript["status"] == "completed"
+    stored = [(t["channel"], t["start"] + handover.switched_at) for t in transcript["turns"]]
+    for spoken in later:
+        channel = CHANNELS.index(spoken.channel)
+        assert any(c == channel and abs(start - spoken.start) < 1.0 for c, start in stored), (spoken.clip_id, spoken.start, stored)
+
+
+def test_nothing_said_is_lost_across_the_handover(handover: Handover) -> None:
+    """Every leg's words, from both servers together, against offline faster-whisper on the same
+    turns: the two cuts (the drain's commit and the switch) may each split a word (a substitution
+    and an insertion), nothing more."""
+    offline = offline_texts(handover.call)
+    first = texts_of([m for _, m in handover.first])
+    second = texts_of(handover.second)
+    for index, channel in enumerate(CHANNELS):
+        spoken = sorted((f for f in first + second if f["channelId"] == index), key=lambda f: ah.parse_duration(f["offset"]) or 0.0)
+        text = " ".join(f["alternatives"][0]["interpretations"][0]["transcript"] for f in spoken)
+        references = handover.call.references(channel)
+        words = sum(len(r.split()) for r in references)
+        error, baseline = wer(references, [text]), wer(references, offline[channel])
+        print(f"{channel}: WER {error:.3f} across the handover (offline {baseline:.3f}, {words} words)\n  {text}")
+        assert error <= baseline + WER_MARGIN + 4 / words, (channel, error, baseline, text)

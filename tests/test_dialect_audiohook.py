@@ -23,6 +23,7 @@ from stream_server import audio
 from stream_server import protocol as p
 from stream_server.dialects import audiohook as ah
 from stream_server.dialects.base import Handshake, HandshakeRejected
+from stream_server.hub import Control, ControlRefused
 from stream_server.settings import Settings
 from tests.dialect_harness import DialectHarness
 from tests.fakes import silence, speech
@@ -450,6 +451,96 @@ def test_reconnect_and_completed_disconnect() -> None:
     assert h.messages()[-1]["type"] == "closed"
 
 
+# --------------------------------------------------------------------------------------------
+# An operator's pause/resume (POST /v1/sessions/{id}/pause), the drain's reconnect, continued sessions
+# --------------------------------------------------------------------------------------------
+
+
+def test_an_operators_pause_and_resume_go_out_at_once_when_the_state_allows_them() -> None:
+    h = AudioHookHarness()
+    with pytest.raises(ControlRefused) as before_open:
+        h.dialect.control(Control.PAUSE)
+    assert before_open.value.code == "invalid_state" and "preparing" in before_open.value.message
+    h.open()
+    with pytest.raises(ControlRefused, match="has not paused"):
+        h.dialect.control(Control.RESUME)
+    h.apply(h.dialect.control(Control.PAUSE))
+    assert [m["type"] for m in h.messages()] == ["opened", "pause"], "sent now, not with the next output"
+    assert h.of("pause")[0]["parameters"] == {} and h.of("pause")[0]["clientseq"] == 1
+    with pytest.raises(ControlRefused, match="already paused"):
+        h.dialect.control(Control.PAUSE)
+    h.send(h.client.message("paused"))
+    assert h.dialect.state is ah.State.PAUSED
+    h.apply(h.dialect.control(Control.RESUME))
+    assert h.messages()[-1]["type"] == "resume" and h.messages()[-1]["clientseq"] == 2
+    h.close()
+    with pytest.raises(ControlRefused, match="closed"):
+        h.dialect.control(Control.PAUSE)
+    assert [m["seq"] for m in h.messages()] == list(range(1, len(h.messages()) + 1))
+
+
+def _speaking_at_the_drain(h: AudioHookHarness) -> None:
+    """The customer says w1 w2 (finished) and starts w3 w4, still talking when the drain comes."""
+    h.open()
+    external = np.concatenate([silence(0.3), speech([1, 2]), silence(1.2), speech([3, 4])])
+    h.send_audio(stereo_frames(pcmu(external), pcmu(silence(len(external) / 16000))))
+
+
+def test_a_drain_sends_the_open_utterances_finals_then_reconnect_and_the_call_can_still_close() -> None:
+    h = AudioHookHarness(latency_chunks=6)
+    _speaking_at_the_drain(h)
+    before = len(h.transcripts())
+    actions = h.dialect.drain()
+    assert actions is not None and isinstance(actions[0], p.BufferCommit)
+    h.apply(actions)
+    assert not h.of("reconnect"), "not before the finals of what was said up to the drain"
+    h.settle()
+    kinds = [m["type"] for m in h.messages()]
+    assert kinds.count("reconnect") == 1 and kinds[-1] == "reconnect", kinds
+    assert h.of("reconnect")[0]["parameters"] == {"info": ah.DRAIN_INFO}
+    texts = [t["alternatives"][0]["interpretations"][0]["transcript"] for t in h.transcripts()]
+    assert len(texts) > before and " ".join(texts) == "w1 w2 w3 w4", "every word said before the drain, final before reconnect"
+    assert h.dialect.drain() == [], "a second drain changes nothing"
+    # The connection stays: Genesys opens the new session, then closes this one.
+    h.send(h.client.message("ping"))
+    assert h.messages()[-1]["type"] == "pong"
+    h.send(h.client.message("close", {"reason": "reconnect"}))
+    h.settle()
+    assert [m["type"] for m in h.messages()][-1] == "closed"
+    assert [m["seq"] for m in h.messages()] == list(range(1, len(h.messages()) + 1))
+
+
+def test_a_drain_with_nothing_open_reconnects_at_once_and_before_open_leaves_the_plain_drain() -> None:
+    fresh = AudioHookHarness()
+    assert fresh.dialect.drain() is None, "no open session: the shell flushes and closes as for any dialect"
+    h = AudioHookHarness()
+    h.open()
+    h.send_audio(stereo_frames(pcmu(silence(0.5)), pcmu(silence(0.5))))
+    h.apply(h.dialect.drain() or [])
+    assert h.messages()[-1]["type"] == "reconnect"
+    paused = AudioHookHarness()
+    paused.open()
+    paused.send(paused.client.message("paused"))
+    paused.apply(paused.dialect.drain() or [])
+    assert paused.messages()[-1]["type"] == "reconnect", "a paused stream is asked too"
+
+
+def test_a_continued_session_is_opened_and_its_offsets_continue_the_clients_position() -> None:
+    h = AudioHookHarness()
+    h.client.position = 42.5  # the reconnecting client's stream went on in the session it leaves
+    previous = {"id": "0d1e7c8a-6b0e-4c39-9c2e-7a4f1f0b2d31", "serverseq": 17, "clientseq": 63}
+    opened = h.open(continuedSessions=[previous])
+    assert opened["type"] == "opened" and opened["seq"] == 1 and opened["clientseq"] == 1
+    assert h.dialect.continued_sessions == [previous]
+    assert h.dialect.session_alias == CONVERSATION, "the same conversation: found under the same id"
+    external = np.concatenate([silence(0.4), speech([5, 6]), silence(1.5)])
+    h.send_audio(stereo_frames(pcmu(external), pcmu(silence(len(external) / 16000))))
+    h.close()
+    [final] = h.transcripts()
+    assert ah.parse_duration(final["offset"]) == pytest.approx(42.5 + 0.4, abs=0.15), "on the client's position timeline"
+    assert h.session.audio_seconds == pytest.approx(h.client.position - 42.5, abs=0.05), "the core counts this session's audio"
+
+
 def test_shell_errors_disconnect_with_reason_error() -> None:
     h = AudioHookHarness()
     h.open()
@@ -509,6 +600,8 @@ BEFORE_OPEN: dict[str, tuple[Any, str]] = {
     "discarded before open": (lambda h: h.send(h.client.message("discarded", {"start": "PT0S", "discarded": "PT1S"})), "'discarded' in state preparing"),
     "open without media": (lambda h: h.send(h.client.open(media=[])), "none of the offered media is supported"),
     "open without conversation": (lambda h: h.send(h.client.message("open", {"organizationId": ORG, "media": OFFER})), "conversationId"),
+    "continuedSessions not a list": (lambda h: h.send(h.client.open(continuedSessions={"id": SESSION})), "continuedSessions must be a list"),
+    "continuedSessions without seqs": (lambda h: h.send(h.client.open(continuedSessions=[{"id": SESSION}])), "serverseq and clientseq"),
 }
 
 

@@ -468,7 +468,43 @@ def test_dtmf_and_mark_are_noted_and_change_nothing(caplog: pytest.LogCaptureFix
     h.send(h.twilio.mark("greeting-played"))
     assert h.dialect.dtmf == ["5"]
     assert h.dialect.problems() == {}
+    assert not any(isinstance(c, p.AudioAppend) and c.audio == b"" for c in h.commands), "no command for the core"
     still_running(h)
+
+
+def test_each_key_becomes_a_call_event_at_its_time_on_its_leg() -> None:
+    """Twilio's exact ``dtmf`` JSON; the digit is placed where the caller's leg has got to."""
+    h = TwilioHarness()
+    h.begin(parameters={"inbound_label": "customer", "outbound_label": "agent"})
+    h.play({"inbound": ulaw(quiet(1.2)), "outbound": ulaw(quiet(1.2))})
+    # As Twilio writes it (its docs' example, our stream's ids): numbers as strings, the track named with _track.
+    h.send('{"event": "dtmf", "streamSid": "%s", "sequenceNumber": "%s", "dtmf": {"track": "inbound_track", "digit": "5"}}' % (STREAM_SID, h.twilio._next()))
+    h.send(h.twilio.dtmf("#"))
+    [five, hash_key] = h.dialect.call_events()
+    assert (five.digit, five.channel, five.speaker, five.time) == ("5", 0, "customer", pytest.approx(1.2, abs=0.021))
+    assert five.event() == {"type": "call.dtmf", "digit": "5", "channel": 0, "speaker": "customer", "time": pytest.approx(1.2, abs=0.021)}
+    assert hash_key.digit == "#"
+    assert h.dialect.call_events() == [], "each key is handed over once"
+    assert h.sent == [] and h.dialect.problems() == {}
+
+
+def test_keys_that_are_not_keys_or_come_before_start_are_logged_and_dropped(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=tw.__name__)
+    h = TwilioHarness()
+    h.send(h.twilio.connected())
+    early = h.twilio.dtmf("1")
+    h.send(h.twilio.start())
+    h.send(early)  # out of order as well: dropped by its sequence number, before the digit is read
+    h.send(h.twilio.dtmf("x"))
+    h.send({**h.twilio.dtmf("2"), "dtmf": {"digit": "2", "track": "sideways_track"}})
+    [key] = h.dialect.call_events()
+    assert (key.digit, key.channel) == ("2", 0), "an unknown track is taken as the caller's"
+    warned(caplog, "valid digit")
+    warned(caplog, "does not carry")
+    lone = TwilioHarness()
+    lone.send(lone.twilio.connected())
+    lone.send(lone.twilio.dtmf("3"))
+    assert lone.dialect.call_events() == [] and lone.dialect.problems().get("dtmf_before_start") == 1
 
 
 def test_nothing_is_ever_sent_back_and_core_errors_are_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -574,6 +610,21 @@ def test_a_bad_signature_is_refused_with_403(headers: dict[str, str]) -> None:
     assert isinstance(error, dict) and error["code"] == "invalid_signature"
 
 
+def test_behind_a_proxy_that_rewrites_the_path_the_public_url_is_what_twilio_signed() -> None:
+    """``--twilio-public-url``: the proxy serves wss://calls.example.com/telephony/stream and
+    forwards it to /v1/twilio on another host; the signature covers the public URL only."""
+    public = "wss://calls.example.com/telephony/stream"
+    settings = Settings(twilio_auth_token=TOKEN, twilio_public_url=public)
+    arriving = {"host": "10.0.0.7:8000", "x-twilio-signature": RequestValidator(TOKEN).compute_signature(public, {})}
+    assert isinstance(tw.create(handshake(arriving), settings=settings), tw.TwilioDialect)
+    with pytest.raises(HandshakeRejected):  # without the setting, the rebuilt URL is not what was signed
+        tw.create(handshake(arriving), settings=Settings(twilio_auth_token=TOKEN))
+    rebuilt = signed("wss://10.0.0.7:8000/v1/twilio")
+    with pytest.raises(HandshakeRejected):  # with it, only the public URL counts
+        tw.create(handshake(rebuilt), settings=settings)
+    assert tw.signed_urls(handshake(arriving), public) == [public]
+
+
 def test_without_a_token_signatures_are_not_checked() -> None:
     tw.create(handshake({"host": "calls.example.com"}), settings=Settings())
 
@@ -610,8 +661,9 @@ def test_the_doc_names_every_parameter_and_close_code() -> None:
         assert str(code) in doc
     assert 'track="both_tracks"' in doc and "<Parameter name=" in doc
     assert "--twilio-auth-token" in doc and "--ssl-certfile" in doc and "--ssl-keyfile" in doc
+    assert "--twilio-public-url" in doc and "call.dtmf" in doc and "[DTMF" in doc
 
 
 def test_settings_carry_the_twilio_and_tls_options() -> None:
     fields = {f.name for f in dataclasses.fields(Settings)}
-    assert {"twilio_auth_token", "ssl_certfile", "ssl_keyfile"} <= fields
+    assert {"twilio_auth_token", "twilio_public_url", "ssl_certfile", "ssl_keyfile"} <= fields

@@ -1,5 +1,6 @@
 """The session hub without a server: fan-out, late joiners' backlog, slow subscribers, aliases,
-the transcript view, and the WebSocket shell's wiring (in-process app with the fake models)."""
+the transcript view, key presses, and the WebSocket shell's wiring (in-process app with the fake
+models): call ids, an operator's pause/resume over HTTP, Twilio's DTMF into the transcript."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import functools
 import json
 import time
 
+import numpy as np
 import pytest
 
 from stream_server import protocol as p
-from stream_server.hub import Dropped, Ended, Published, SessionHub, TranscriptRecord, transcript_json
+from stream_server.hub import Dropped, Dtmf, Ended, Published, SessionHub, TranscriptRecord, conversation, transcript_json
 
 
 def created(channels: int = 1, labels: list[str] | None = None) -> p.SessionCreated:
@@ -19,7 +21,7 @@ def created(channels: int = 1, labels: list[str] | None = None) -> p.SessionCrea
 
 
 def segment(n: int, text: str, start: float, end: float, channel: int = 0, speaker: str | None = None) -> p.TranscriptSegment:
-    return p.TranscriptSegment(f"item_{n}", start, end, text, None, None, -0.2, 0.01, channel, speaker)
+    return p.TranscriptSegment(f"item_{n}", start, end, text, None, None, -0.2, 0.01, channel=channel, speaker=speaker)
 
 
 def delta(n: int, text: str) -> p.TranscriptDelta:
@@ -188,6 +190,40 @@ def test_unknown_ids_are_ignored_by_publishers_and_readers() -> None:
     assert hub.record("nope") is None and hub.subscribe("nope") is None and hub.live_ids() == []
 
 
+class KeyRecorder(Recorder):
+    """An observer that also keeps key presses (the store has this shape)."""
+
+    def dtmf(self, record: TranscriptRecord, index: int) -> None:
+        self.calls.append(("dtmf", record.dtmf[index]["digit"], index))
+
+
+async def test_key_presses_reach_subscribers_the_transcript_and_observers_that_keep_them(caplog: pytest.LogCaptureFixture) -> None:
+    keeper, plain = KeyRecorder(), Recorder()
+    hub = SessionHub([keeper, plain])
+    hub.open("sess_1")
+    hub.publish("sess_1", created(2, ["caller", "callee"]))
+    live = hub.subscribe("sess_1")
+    hub.publish("sess_1", segment(1, "my account number is", 0.5, 2.0, 0, "caller"))
+    hub.dtmf("sess_1", Dtmf("5", 0, "caller", 2.4))
+    hub.dtmf("sess_1", Dtmf("#", 0, "caller", 2.9))
+    hub.publish("sess_1", segment(2, "thank you", 3.1, 3.8, 1, "callee"))
+    late = hub.subscribe("sess_1")
+    hub.dtmf("unknown", Dtmf("1", 0, None, 0.0))  # ignored, like events of unknown sessions
+    record = hub.record("sess_1")
+    hub.close("sess_1")
+    received = await drain(live)
+    assert [getattr(item, "type", None) for item in received[:5]] == ["session.created", "transcript.segment", "call.dtmf", "call.dtmf", "transcript.segment"]
+    assert received[2].data == {"type": "call.dtmf", "digit": "5", "channel": 0, "speaker": "caller", "time": 2.4}
+    assert [e.type for e in late.backlog] == ["session.created", "transcript.segment", "call.dtmf", "call.dtmf", "transcript.segment"], "keys among the segments so far"
+    assert ("dtmf", "5", 0) in keeper.calls and ("dtmf", "#", 1) in keeper.calls
+    assert not [r for r in caplog.records if r.levelno >= 40], "an observer without dtmf() is simply not told"
+    assert record is not None
+    body = transcript_json(record)
+    assert body["dtmf"] == [{"channel": 0, "speaker": "caller", "digit": "5", "time": 2.4}, {"channel": 0, "speaker": "caller", "digit": "#", "time": 2.9}]
+    assert [(e["speaker"], e["text"]) for e in conversation(body)] == [
+        ("caller", "my account number is"), ("caller", "[DTMF 5]"), ("caller", "[DTMF #]"), ("callee", "thank you")]
+
+
 def test_transcript_of_a_running_two_channel_call() -> None:
     hub = SessionHub()
     hub.open("sess_1", duration=lambda: 7.5)
@@ -237,7 +273,7 @@ def test_transcript_after_done_uses_the_done_events_channel_text() -> None:
 # ------------------------------------------------------------------ the WebSocket shell's wiring
 
 
-def _app(tmp_path, dialect_factory=None):
+def _app(tmp_path, dialect_factory=None, **options):
     """The real app with the fake models, plus (optionally) a route for a test dialect."""
     from starlette.routing import WebSocketRoute
 
@@ -247,7 +283,7 @@ def _app(tmp_path, dialect_factory=None):
     from stream_server.ws import dialect_endpoint
     from tests.fakes import BurstDecoder, EnergyVad
 
-    settings = Settings(model="tiny.en", transcript_db=str(tmp_path / "t.sqlite3"))
+    settings = Settings(model="tiny.en", transcript_db=str(tmp_path / "t.sqlite3"), **options)
     engine = Engine(settings, vad=EnergyVad(), decoder_factory=lambda path: BurstDecoder())
     app = create_app(settings, engine)
     if dialect_factory is not None:
@@ -292,3 +328,116 @@ def test_websocket_sessions_are_published_under_their_id_and_the_dialects_alias(
     reopened.close()
     assert stored is not None and stored.status == "completed" and stored.session_id == session_id
     assert [s["text"] for s in stored.segments] == ["w1 w2 w3"]
+
+
+# ------------------------------------------------------------------ an operator's controls over HTTP
+
+
+def test_an_operator_pauses_and_resumes_an_audiohook_call_and_the_gap_stays_in_its_times(tmp_path) -> None:
+    """POST /v1/sessions/{conversationId}/pause → the connection sends ``pause`` at once; the
+    client's ``paused``, later ``resumed`` with what it discarded; times stay the call's."""
+    from starlette.testclient import TestClient
+
+    from stream_server.dialects import audiohook as ah
+    from tests.fakes import silence, speech
+    from tests.test_dialect_audiohook import CONVERSATION, GenesysClient, handshake, pcmu, stereo_frames
+
+    genesys = GenesysClient()
+    app, _engine = _app(tmp_path)
+    with TestClient(app) as client:
+        with client.websocket_connect("/v1/audiohook", headers=handshake().headers) as ws:
+
+            def send(kind: str, parameters: dict | None = None) -> None:
+                ws.send_text(json.dumps(genesys.message(kind, parameters)))
+
+            def receive() -> dict:
+                message = json.loads(ws.receive_text())
+                genesys.seen(message)
+                return message
+
+            def audio(samples16k) -> None:
+                frames = stereo_frames(pcmu(samples16k), pcmu(silence(len(samples16k) / 16000)))
+                for i in range(0, len(frames), 320):
+                    ws.send_bytes(frames[i : i + 320])
+                    genesys.position += 0.02
+
+            assert client.post("/v1/sessions/nobody/pause").status_code == 404
+            ws.send_text(json.dumps(genesys.open()))
+            assert receive()["type"] == "opened"
+            audio(silence(1.0))
+            response = client.post(f"/v1/sessions/{CONVERSATION}/pause")
+            assert response.status_code == 202, response.text
+            assert response.json() == {"id": CONVERSATION, "session_id": response.json()["session_id"], "control": "pause", "status": "requested"}
+            assert receive()["type"] == "pause"
+            again = client.post(f"/v1/sessions/{CONVERSATION}/pause")
+            assert again.status_code == 409 and again.json()["error"]["code"] == "invalid_state"
+            send("paused")
+            start = genesys.position
+            genesys.position += 3.0  # the client discards 3 s of the call while paused
+            assert client.post(f"/v1/sessions/{CONVERSATION}/resume").status_code == 202
+            assert receive()["type"] == "resume"
+            send("resumed", {"start": ah.duration(start), "discarded": "PT3S"})
+            audio(silence(0.2))
+            audio(speech([3, 4]))
+            audio(silence(1.5))
+            send("close", {"reason": "end"})
+            messages = []
+            while not messages or messages[-1]["type"] != "closed":
+                messages.append(receive())
+            [final] = [e["data"] for m in messages if m["type"] == "event" for e in m["parameters"]["entities"]]
+            assert final["alternatives"][0]["interpretations"][0]["transcript"] == "w3 w4"
+            assert ah.parse_duration(final["offset"]) == pytest.approx(1.0 + 3.0 + 0.2, abs=0.15), "the pause is in the call's time"
+        stored = client.get(f"/v1/sessions/{CONVERSATION}/transcript").json()
+        assert stored["turns"][0]["start"] == pytest.approx(1.0 + 3.0 + 0.2, abs=0.15), "and in the stored transcript's"
+        finished = client.post(f"/v1/sessions/{CONVERSATION}/resume")
+        assert finished.status_code == 409 and finished.json()["error"]["code"] == "invalid_state"
+
+
+def test_a_protocol_without_pause_is_refused_and_controls_need_a_key(tmp_path) -> None:
+    from starlette.testclient import TestClient
+
+    app, _engine = _app(tmp_path, api_keys="ops-key")
+    with TestClient(app) as client, client.websocket_connect("/v1/stream", headers={"Authorization": "Bearer ops-key"}) as ws:
+        session_id = json.loads(ws.receive_text())["session"]["id"]
+        assert client.post(f"/v1/sessions/{session_id}/pause").status_code == 401
+        watch = client.post(f"/v1/sessions/{session_id}/pause", params={"token": "anything"}, headers={"Authorization": "Bearer ops-key"})
+        assert watch.status_code == 401 and "watch token" in watch.json()["error"]["message"]
+        native = client.post(f"/v1/sessions/{session_id}/pause", headers={"Authorization": "Bearer ops-key"})
+        assert native.status_code == 409 and native.json()["error"]["code"] == "control_unsupported", native.json()
+        assert "native" in native.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------ Twilio's DTMF through the shell
+
+
+def test_twilio_keys_reach_the_stored_transcript_in_every_format(tmp_path) -> None:
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from stream_server.bench.calls import TwilioStream
+    from tests.test_dialect_twilio import CALL_SID, quiet, tone_words, ulaw
+
+    twilio = TwilioStream(CALL_SID)
+    inbound = ulaw(np.concatenate([quiet(0.3), tone_words([1, 2]), quiet(1.0)]))
+    app, _engine = _app(tmp_path)
+    with TestClient(app) as client:
+        with client.websocket_connect("/v1/twilio") as ws:
+            ws.send_text(json.dumps(twilio.connected()))
+            ws.send_text(json.dumps(twilio.start(tracks=("inbound",), parameters={"inbound_label": "customer"})))
+            for message in twilio.frames({"inbound": inbound}):
+                ws.send_text(json.dumps(message))
+            ws.send_text(json.dumps(twilio.dtmf("4")))
+            ws.send_text(json.dumps(twilio.dtmf("2")))
+            ws.send_text(json.dumps(twilio.stop()))
+            with pytest.raises(WebSocketDisconnect):  # the server closes (1000) once the transcript is final
+                ws.receive_text()
+        body = client.get(f"/v1/sessions/{CALL_SID}/transcript").json()
+        seconds = len(inbound) / 8000
+        assert body["dtmf"] == [{"channel": 0, "speaker": "customer", "digit": "4", "time": pytest.approx(seconds, abs=0.02)},
+                                {"channel": 0, "speaker": "customer", "digit": "2", "time": pytest.approx(seconds, abs=0.02)}]
+        text = client.get(f"/v1/sessions/{CALL_SID}/transcript", params={"format": "txt"}).text
+        assert text.splitlines() == ["customer: w1 w2", "customer: [DTMF 4]", "customer: [DTMF 2]"]
+        vtt = client.get(f"/v1/sessions/{CALL_SID}/transcript", params={"format": "vtt"}).text
+        assert "customer: [DTMF 4]" in vtt and vtt.index("w1 w2") < vtt.index("[DTMF 4]")
+        events = client.get(f"/v1/sessions/{CALL_SID}/events").text
+        assert events.count("event: call.dtmf") == 2 and events.index("transcript.segment") < events.index("call.dtmf")

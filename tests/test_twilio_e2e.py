@@ -8,6 +8,7 @@ uses too): ``connected``, ``start``, 20 ms ``media`` frames of both tracks inter
 a ``dtmf``, a ``mark``, ``stop``.
 Twilio gets nothing back; the transcript is read where a user reads it, under the ``callSid``:
 a subscriber joins ``/v1/sessions/{callSid}/events`` mid-call, and ``/transcript`` is fetched after.
+The caller's key press (Twilio's exact ``dtmf`` JSON) reaches both, at its time in the call.
 Per-leg WER is held to within one point of offline faster-whisper (same model, beam 5) decoding
 the same 8 kHz turns whole.
 
@@ -175,6 +176,19 @@ def test_a_subscriber_joining_mid_call_gets_everything(outcome: Outcome) -> None
     assert sorted(s["text"] for s in segments) == sorted(s["text"] for s in stored), "backlog + live = the whole call"
     assert {(s["channel"], s["speaker"]) for s in segments} == {(0, LABELS["inbound"]), (1, LABELS["outbound"])}
     assert any(kind == "transcript.text.interim" for kind in kinds), "interim results are on for calls"
+
+
+def test_the_callers_key_reaches_the_subscriber_and_the_transcript_at_its_time(outcome: Outcome) -> None:
+    """The replay presses 7 once 10 s of the call have been sent (``calls.call_messages``)."""
+    caller = LABELS["inbound"]
+    keys = [data for kind, data in outcome.events if kind == "call.dtmf"]
+    assert keys == [{"type": "call.dtmf", "digit": "7", "channel": 0, "speaker": caller, "time": pytest.approx(10.0, abs=0.05)}]
+    assert outcome.transcript["dtmf"] == [{"channel": 0, "speaker": caller, "digit": "7", "time": pytest.approx(10.0, abs=0.05)}]
+    lines = outcome.transcript_txt.strip().splitlines()
+    index = lines.index(f"{caller}: [DTMF 7]")
+    turns = outcome.transcript["turns"]
+    before = sum(1 for t in turns if t["start"] <= 10.0)
+    assert index == before, ("the key is in its place among the turns", lines)
 
 
 def test_the_server_log_names_the_call_and_its_dtmf(outcome: Outcome) -> None:
@@ -345,3 +359,39 @@ def test_the_api_key_travels_in_custom_parameters(keyed_server: ServerProcess) -
     assert wrong.close_code == 1008 and wrong.received == []
     right = asyncio.run(replay(plain, short_call(), headers=headers, parameters={"api_key": "key-two"}))
     assert right.close_code == 1000 and right.received == []
+
+
+# --------------------------------------------------------------------------------------------
+# --twilio-public-url: a proxy that rewrites the path; Twilio signed the public URL
+# --------------------------------------------------------------------------------------------
+
+PUBLIC_URL = "wss://stt.example.com/telephony/stream"
+
+
+@pytest.fixture(scope="module")
+def proxied_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_server(tmp_path_factory.mktemp("proxied"), "--twilio-auth-token", TOKEN, "--twilio-public-url", PUBLIC_URL)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_the_public_url_is_what_the_signature_is_checked_against(proxied_server: ServerProcess) -> None:
+    """The proxy forwards wss://stt.example.com/telephony/stream to /v1/twilio on 127.0.0.1: the
+    signature the ``twilio`` package makes over the public URL is accepted, one over the URL the
+    server sees is not."""
+    url = f"ws://127.0.0.1:{proxied_server.port}/v1/twilio"
+    result = asyncio.run(replay(url, short_call(), headers=signed_headers(PUBLIC_URL)))
+    assert result.close_code == 1000 and result.received == []
+    with httpx.Client(base_url=proxied_server.http_url, timeout=10) as client:
+        transcript = client.get(f"/v1/sessions/{CALL_SID}/transcript").json()
+    assert wer([short_call().turns[0].reference], [leg_text(transcript, 0)]) < 0.5, transcript
+
+    async def connect(headers: dict[str, str]) -> None:
+        async with websockets.connect(url, additional_headers=headers):
+            pass
+
+    with pytest.raises(websockets.InvalidStatus) as info:
+        asyncio.run(connect(signed_headers(f"wss://127.0.0.1:{proxied_server.port}/v1/twilio")))
+    assert info.value.response.status_code == 403

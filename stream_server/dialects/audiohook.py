@@ -28,10 +28,16 @@ How a stream becomes a session (the decisions, see the doc for why):
   dialect waits for the client's ``close`` and answers it with ``closed``.
 * ``close`` flushes the core session: every utterance is finalized and sent as an ``event``, then
   ``closed`` goes out (the core's ``transcript.text.done`` marks that point).
-* The server side of ``pause``/``resume``/``reconnect``/``disconnect`` is the public
-  ``request_*`` methods. A Sans-I/O dialect only speaks when spoken to, so a requested message goes
-  out ahead of the answer to the client's next message or frame (audio every few ms, a ``ping``
-  every few seconds while paused).
+* The server side of ``pause``/``resume``/``reconnect``/``disconnect``: an operator's pause or
+  resume (``POST /v1/sessions/{conversationId}/pause``) reaches :meth:`AudioHookDialect.control`
+  through the session hub and the shell, and goes out at once. The public ``request_*`` methods
+  queue a message for a deployment's own policy instead; a Sans-I/O dialect only speaks when spoken
+  to, so those go out ahead of the answer to the client's next message or frame.
+* A server that drains (SIGTERM) calls :meth:`AudioHookDialect.drain`: every utterance open at that
+  moment is finalized and sent, then ``reconnect`` asks Genesys to continue the conversation on a
+  new session (another replica) instead of ending it; the connection stays open for the client's
+  ``close``. A continued session's ``open`` (``continuedSessions``) is accepted like any other, its
+  offsets continuing the client's ``position``.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from typing import Any
 
 from stream_server import protocol as p
 from stream_server.dialects.base import Action, Handshake, HandshakeRejected, Send
+from stream_server.hub import Control, ControlRefused
 from stream_server.settings import Settings, from_sources
 
 log = logging.getLogger(__name__)
@@ -72,6 +79,11 @@ CHANNEL_NAMES = ("external", "internal")
 CLIENT_TYPES = ("open", "close", "discarded", "error", "ping", "paused", "resumed", "update")
 DISCONNECT_REASONS = ("completed", "unauthorized", "error")
 ENVELOPE_FIELDS = ("version", "id", "type", "seq", "serverseq", "position", "parameters")
+#: ``reconnect.info`` when the server drains (the protocol defines no reason field, only ``info``).
+DRAIN_INFO = "the server is shutting down; continue the conversation on a new session"
+#: A continued session lists at most this many earlier ones (a call that reconnects every minute
+#: for a day stays far below it); more is bad input, not a call.
+MAX_CONTINUED = 1000
 #: ``PT<n>S`` as Genesys writes it; hours and minutes are accepted as ISO 8601 allows them.
 DURATION = re.compile(r"^PT(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?$")
 
@@ -188,6 +200,11 @@ class AudioHookDialect:
         self.language: str | None = None
         self.interim_results = False
         self.client_errors: list[dict[str, Any]] = []  # ``error`` messages the client sent
+        self.continued_sessions: list[dict[str, Any]] = []  # ``open.continuedSessions`` (a reconnect)
+        self._server_paused = False  # the operator's ``pause`` is in force (until their ``resume``)
+        self._drained_at: float | None = None  # core seconds heard when the server began to drain
+        self._awaiting: set[str] = set()  # utterances open at the drain whose finals are not out yet
+        self._reconnect_sent = False
         self._seq = 0  # the last server seq sent
         self._clientseq = 0  # the last client seq accepted
         self._close_requested = False  # a ``close`` is waiting for its ``closed``
@@ -227,6 +244,50 @@ class AudioHookDialect:
 
     def _request(self, kind: str, parameters: dict[str, Any]) -> None:
         self._pending.append((kind, parameters))
+
+    def control(self, control: Control) -> list[Action]:
+        """An operator's pause or resume (``POST /v1/sessions/{id}/pause|resume``): the message to
+        send now, or :class:`ControlRefused` when the protocol state forbids it. Only an open
+        stream is paused, once; only the server's own pause is resumed (a pause the client began
+        is the client's to end)."""
+        if self.state not in (State.ACTIVE, State.PAUSED):
+            raise ControlRefused("invalid_state", f"the AudioHook session is {self.state.value}; only an open stream can be paused or resumed")
+        if control is Control.PAUSE:
+            if self._server_paused:
+                raise ControlRefused("invalid_state", "the server has already paused this stream")
+            self._server_paused = True
+            log.info("audiohook %s: pause requested by an operator", self.call)
+            return [self._message("pause", {})]
+        if control is Control.RESUME:
+            if not self._server_paused:
+                raise ControlRefused("invalid_state", "the server has not paused this stream")
+            self._server_paused = False
+            log.info("audiohook %s: resume requested by an operator", self.call)
+            return [self._message("resume", {})]
+        raise ControlRefused("control_unsupported", f"AudioHook has no {control.value!r} control")
+
+    def drain(self) -> list[Action] | None:
+        """The server is shutting down: finalize every utterance open now (a commit), and once
+        their finals are out ask the client to ``reconnect`` (to another replica) rather than
+        end the call. Audio that still arrives is transcribed, and the client's ``close`` is
+        answered with ``closed`` as usual. None before ``open`` or once the session is ending:
+        the protocol has no reconnect there, and the shell's plain drain applies."""
+        if self.state not in (State.ACTIVE, State.PAUSED):
+            return None
+        if self._drained_at is not None:
+            return []
+        self._drained_at = self._core_samples / SAMPLE_RATE
+        self._awaiting = set(self._utterances)
+        log.info("audiohook %s: server draining; %d utterance(s) to finalize before reconnect", self.call, len(self._awaiting))
+        return [p.BufferCommit(), *self._reconnect_when_final()]
+
+    def _reconnect_when_final(self) -> list[Action]:
+        """``reconnect`` once every utterance open at the drain has sent its final."""
+        if self._drained_at is None or self._reconnect_sent or self._awaiting or self.state not in (State.ACTIVE, State.PAUSED):
+            return []
+        self._reconnect_sent = True
+        log.info("audiohook %s: finals sent; asking the client to reconnect", self.call)
+        return [self._message("reconnect", {"info": DRAIN_INFO})]
 
     def _flush_requests(self) -> list[Action]:
         """Requested messages that the protocol state still allows, in the order requested."""
@@ -361,6 +422,7 @@ class AudioHookDialect:
         custom = parameters.get("customConfig")
         if custom is not None and not isinstance(custom, dict):
             raise BadInput("open parameter customConfig must be an object")
+        continued = _continued_sessions(parameters.get("continuedSessions"))
         self.session_alias = conversation
         header_org = self.options.organization_id
         if header_org is not None and organization.lower() != header_org.lower():
@@ -368,12 +430,24 @@ class AudioHookDialect:
             return self._disconnect("unauthorized", "organizationId does not match the Audiohook-Organization-Id header")
         self.media, self.language = media, language
         self.interim_results = bool(custom and custom.get("interimResults") is True)
+        self.continued_sessions = continued
+        self._start_timeline(_position(message))
+        if continued:
+            log.info("audiohook %s: continues session(s) %s at position %s", self.call,
+                     ", ".join(f"{c['id']} (serverseq {c['serverseq']}, clientseq {c['clientseq']})" for c in continued), message["position"])
         self.state = State.ACTIVE
         log.info("audiohook %s: opened (%s, channels %s, language %s)", self.call, media.format, ",".join(media.channels), language or "server default")
         opened: dict[str, Any] = {"media": [media.offered], "startPaused": False}
         if parameters.get("supportedLanguages") is True:
             opened["supportedLanguages"] = list(supported_languages(self.options.default_model))
         return [p.SessionUpdate(self._session_changes(media, language)), self._message("opened", opened)]
+
+    def _start_timeline(self, position: float) -> None:
+        """The stream's position at ``open``: 0 for a new session; where a continued session's
+        client says its stream is (the reconnect's position continues the conversation), so
+        transcript offsets continue with it while the core session counts from 0."""
+        self._stream_s = position
+        self._timeline = [(0.0, position)]
 
     def _choose_media(self, offered: object) -> Media:
         """PCMU before L16, stereo before mono, among the offers at 8 kHz with known channels."""
@@ -531,9 +605,13 @@ class AudioHookDialect:
             self._utterances.setdefault(event.item_id, Utterance(0.0)).committed += event.delta
         elif isinstance(event, p.TranscriptInterim):
             return self._interim(event)
+        elif isinstance(event, p.BufferCommitted):
+            if event.item_id is not None and self._drained_at is not None and not self._reconnect_sent:
+                self._awaiting.add(event.item_id)  # an utterance the drain's commit ended
         elif isinstance(event, p.TranscriptSegment):
             self._utterances.pop(event.item_id, None)
-            return self._final(event)
+            self._awaiting.discard(event.item_id)
+            return self._final(event) + self._reconnect_when_final()
         elif isinstance(event, p.TranscriptDone):
             return self._done()
         elif isinstance(event, p.Error):
@@ -561,9 +639,10 @@ class AudioHookDialect:
     def _final(self, segment: p.TranscriptSegment) -> list[Action]:
         if not segment.text or not self._events_allowed():
             return []
-        tokens = [self._token(w) for w in segment.words or [] if w.word.strip()]
+        tokens = [self._token(w, segment.language) for w in segment.words or [] if w.word.strip()]
         confidence = math.exp(min(0.0, segment.avg_logprob))
-        data = self._entity(segment.item_id, segment.channel, True, segment.start, segment.end, segment.text, confidence, tokens)
+        data = self._entity(segment.item_id, segment.channel, True, segment.start, segment.end, segment.text, confidence, tokens,
+                            segment.language)
         return [self._message("event", {"entities": [{"type": "transcript", "data": data}]})]
 
     def _interim(self, interim: p.TranscriptInterim) -> list[Action]:
@@ -580,14 +659,17 @@ class AudioHookDialect:
         return [self._message("event", {"entities": [{"type": "transcript", "data": data}]})]
 
     def _entity(self, item_id: str, channel: int, final: bool, start: float, end: float, text: str,
-                confidence: float, tokens: list[dict[str, Any]]) -> dict[str, Any]:
+                confidence: float, tokens: list[dict[str, Any]], detected: str | None = None) -> dict[str, Any]:
+        """``detected``: the utterance's language as the decoder found it (a final's), used when
+        the client set none; the client's own tag wins otherwise."""
+        language = self.language or detected
         offset = self.stream_time(start)
         alternative: dict[str, Any] = {
             "confidence": round(min(1.0, max(0.0, confidence)), 4),
             "interpretations": [{"type": "display", "transcript": text, "tokens": tokens}],
         }
-        if self.language is not None:
-            alternative["languages"] = [self.language]
+        if language is not None:
+            alternative["languages"] = [language]
         return {
             "id": self.utterance_id(item_id),
             "channelId": channel,
@@ -597,7 +679,8 @@ class AudioHookDialect:
             "alternatives": [alternative],
         }
 
-    def _token(self, word: p.WordTiming) -> dict[str, Any]:
+    def _token(self, word: p.WordTiming, detected: str | None = None) -> dict[str, Any]:
+        language = self.language or detected
         start = self.stream_time(word.start)
         token: dict[str, Any] = {
             "type": "word",
@@ -606,8 +689,8 @@ class AudioHookDialect:
             "offset": duration(start),
             "duration": duration(max(0.0, self.stream_time(word.end) - start)),
         }
-        if self.language is not None:
-            token["language"] = self.language
+        if language is not None:
+            token["language"] = language
         return token
 
     def utterance_id(self, item_id: str) -> str:
@@ -627,6 +710,27 @@ class AudioHookDialect:
 
 def _natural(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _continued_sessions(raw: object) -> list[dict[str, Any]]:
+    """``open.parameters.continuedSessions``: the sessions this one continues after a
+    ``reconnect``, each ``{id, serverseq, clientseq}`` (their last sequence numbers)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or len(raw) > MAX_CONTINUED:
+        raise BadInput(f"open parameter continuedSessions must be a list of at most {MAX_CONTINUED} sessions")
+    out: list[dict[str, Any]] = []
+    for item in raw:
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("id"), str)
+            or not item["id"]
+            or not _natural(item.get("serverseq"))
+            or not _natural(item.get("clientseq"))
+        ):
+            raise BadInput("each continuedSessions entry needs an id and non-negative integer serverseq and clientseq")
+        out.append({"id": item["id"], "serverseq": item["serverseq"], "clientseq": item["clientseq"]})
+    return out
 
 
 def _position(message: dict[str, Any]) -> float:

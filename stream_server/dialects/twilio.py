@@ -20,6 +20,10 @@ How a stream becomes a session:
   API key that fails (close 1008) or audio that is not μ-law (close 1003) ends it. Transcripts are
   read from the session hub under the ``callSid`` (``GET /v1/sessions/{callSid}/...``).
 * ``stop`` flushes the session: every utterance is finalized before the socket closes.
+* A ``dtmf`` (a key the caller pressed) is not audio, so it never reaches the core: the dialect
+  queues a :class:`~stream_server.hub.Dtmf` (digit, channel, speaker, time on that leg), and the
+  shell takes it with :meth:`TwilioDialect.call_events` after each message and hands it to the
+  session hub, which sends it to subscribers and keeps it in the stored transcript.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any
 
 from stream_server import protocol as p
 from stream_server.dialects.base import Action, Close, Handshake, HandshakeRejected
+from stream_server.hub import Dtmf
 from stream_server.settings import Settings, from_sources
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,7 @@ DEFAULT_LABELS = {"inbound": "caller", "outbound": "callee"}
 LABEL_PARAMETERS = {"inbound": "inbound_label", "outbound": "outbound_label"}
 MEDIA_FORMAT: dict[str, object] = {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1}
 MAX_LABEL = 64  # the core's bound on channel labels
+DTMF_DIGITS = frozenset("0123456789*#ABCD")  # the sixteen DTMF keys (A-D are rare but valid)
 
 POLICY_VIOLATION = 1008  # a missing or unknown API key
 UNSUPPORTED_DATA = 1003  # a media format other than 8 kHz μ-law
@@ -101,7 +107,9 @@ class TwilioDialect:
         self.call_sid: str | None = None
         self.stream_sid: str | None = None
         self.tracks: dict[str, Track] = {}
-        self.dtmf: list[str] = []  # digits pressed, in order (logged; not part of the transcript)
+        self.dtmf: list[str] = []  # digits pressed, in order
+        self._call_events: list[Dtmf] = []  # key presses the shell has not taken yet
+        self._labels: dict[str, str] = {}  # track → speaker label, once ``start`` is accepted
         self._started = False
         self._stopped = False
         self._last_sequence: int | None = None
@@ -148,13 +156,13 @@ class TwilioDialect:
             return []
         event = message.get("event")
         if self._stopped:
-            self._warn("after_stop", "%r after stop ignored", event)
+            self._warn("after_stop", "%r after stop ignored", _shown(event))
             return []
         if not self._in_sequence(message, event):
             return []
         handler = self._handlers().get(event) if isinstance(event, str) else None
         if handler is None:
-            self._warn("unknown_event", "unknown event %.40r ignored", event)
+            self._warn("unknown_event", "unknown event %r ignored", _shown(event))
             return []
         return handler(message)
 
@@ -176,7 +184,7 @@ class TwilioDialect:
         raw = message.get("sequenceNumber")
         if raw is None:
             if event != "connected":
-                self._warn("sequence_missing", "%r without sequenceNumber", event)
+                self._warn("sequence_missing", "%r without sequenceNumber", _shown(event))
             return True
         number = _integer(raw)
         if number is None:
@@ -184,7 +192,7 @@ class TwilioDialect:
             return True
         last = self._last_sequence
         if last is not None and number <= last:
-            self._warn("sequence_order", "%r with sequenceNumber %d after %d: duplicate or out of order", event, number, last)
+            self._warn("sequence_order", "%r with sequenceNumber %d after %d: duplicate or out of order", _shown(event), number, last)
             return event == "stop" or (event == "start" and not self._started)
         if last is not None and number > last + 1:
             self._warn("sequence_gap", "sequenceNumber jumped from %d to %d: %d messages lost", last, number, number - last - 1)
@@ -219,6 +227,7 @@ class TwilioDialect:
             return [refusal]
         names = self._track_names(start.get("tracks"))
         self.tracks = {name: Track(name, channel) for channel, name in enumerate(names)}
+        self._labels = {name: self._label(name, parameters) for name in names}
         self._started = True
         self.session_alias = self.call_sid
         log.info("twilio %s: stream %s started, tracks %s", self.call, self.stream_sid, ", ".join(names))
@@ -276,7 +285,7 @@ class TwilioDialect:
             "input_audio_format": "g711_ulaw",
             "sample_rate": SAMPLE_RATE,
             "channels": len(names),
-            "channel_labels": [self._label(name, parameters) for name in names],
+            "channel_labels": [self._labels[name] for name in names],
         }
         language = parameters.get("language", "").strip()
         if language:
@@ -391,14 +400,40 @@ class TwilioDialect:
     # ---------------------------------------------------------------- dtmf, mark, stop
 
     def _dtmf(self, message: dict[str, Any]) -> list[Action]:
+        """A key pressed on the call: a ``call.dtmf`` event for the session hub (see
+        :meth:`call_events`), placed at the time its track has reached."""
         dtmf = message.get("dtmf")
         digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
-        if not isinstance(digit, str):
-            self._warn("dtmf_invalid", "dtmf without a digit ignored")
+        if not isinstance(digit, str) or digit.upper() not in DTMF_DIGITS:
+            self._warn("dtmf_invalid", "dtmf without a valid digit (%.20r) ignored", digit)
             return []
+        if not self._started:
+            self._warn("dtmf_before_start", "dtmf %s before start ignored (its call is not known yet)", digit)
+            return []
+        assert isinstance(dtmf, dict)
+        track = self._dtmf_track(dtmf.get("track"))
+        digit = digit.upper()
         self.dtmf.append(digit)
-        log.info("twilio %s: DTMF %s on %s", self.call, digit, dtmf.get("track") if isinstance(dtmf, dict) else "?")
+        time_s = track.written / SAMPLE_RATE
+        log.info("twilio %s: DTMF %s on %s at %.2f s", self.call, digit, track.name, time_s)
+        self._call_events.append(Dtmf(digit, track.channel, self._labels.get(track.name), time_s))
         return []
+
+    def _dtmf_track(self, raw: object) -> Track:
+        """The leg a key was pressed on: Twilio names it ``inbound_track`` (DTMF is detected on
+        the caller's side); a missing or unknown one is taken as the first track, logged."""
+        name = raw.removesuffix("_track") if isinstance(raw, str) else None
+        track = self.tracks.get(name) if name is not None else None
+        if track is None:
+            track = next(iter(self.tracks.values()))
+            self._warn("dtmf_track", "dtmf on track %.40r, which this stream does not carry; put on %s", raw, track.name)
+        return track
+
+    def call_events(self) -> list[Dtmf]:
+        """Key presses since the last call, for the session hub (the shell takes them after every
+        client message): not audio, so the core never sees them."""
+        events, self._call_events = self._call_events, []
+        return events
 
     def _mark(self, message: dict[str, Any]) -> list[Action]:
         # Twilio sends ``mark`` back for marks the server sent on a bidirectional stream; this
@@ -450,6 +485,13 @@ def _integer(raw: object) -> int | None:
     return None
 
 
+def _shown(value: object) -> str:
+    """A client-sent value as a log line shows it: a string cut to 40 characters, anything else by
+    its type alone (its repr could be megabytes, or nested past the recursion limit, which makes
+    the logging call itself fail)."""
+    return value[:40] if isinstance(value, str) else f"<{type(value).__name__}>"
+
+
 def _text(raw: object) -> str | None:
     return raw if isinstance(raw, str) and raw else None
 
@@ -465,18 +507,23 @@ def _same(value: object, expected: object) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def signed_urls(handshake: Handshake) -> list[str]:
-    """The URLs Twilio may have signed: the ``wss://`` URL of the ``<Stream>``, with the host the
-    request arrived for, or, behind a reverse proxy that rewrites ``Host``, the one it forwarded."""
+def signed_urls(handshake: Handshake, public_url: str = "") -> list[str]:
+    """The URLs Twilio may have signed: ``public_url`` (``--twilio-public-url``, the ``<Stream>``
+    URL exactly as the TwiML has it) when one is configured, for a proxy that rewrites the path or
+    host; otherwise the ``wss://`` URL rebuilt from the host the request arrived for (or the one a
+    reverse proxy forwarded) and the path."""
+    if public_url:
+        return [public_url]
     query = urllib.parse.urlencode(dict(handshake.query))
     tail = handshake.path + (f"?{query}" if query else "")
     hosts = [handshake.headers.get("x-forwarded-host", "").split(",")[0].strip(), handshake.headers.get("host", "")]
     return [f"wss://{host}{tail}" for host in dict.fromkeys(h for h in hosts if h)]
 
 
-def verify_signature(handshake: Handshake, auth_token: str) -> None:
+def verify_signature(handshake: Handshake, auth_token: str, public_url: str = "") -> None:
     """Raise :class:`HandshakeRejected` (403) unless ``X-Twilio-Signature`` is Twilio's HMAC of
-    the stream URL under ``auth_token`` (the ``twilio`` package's own validator)."""
+    the stream URL (:func:`signed_urls`) under ``auth_token`` (the ``twilio`` package's own
+    validator)."""
     from twilio.request_validator import RequestValidator, get_signature_algorithm
 
     signature = handshake.headers.get("x-twilio-signature", "")
@@ -484,10 +531,11 @@ def verify_signature(handshake: Handshake, auth_token: str) -> None:
         raise _forbidden("missing X-Twilio-Signature header")
     validator = RequestValidator(auth_token)
     algorithm = get_signature_algorithm(handshake.headers.get("x-twilio-webhooks-signature-settings"))
-    for url in signed_urls(handshake):
+    urls = signed_urls(handshake, public_url)
+    for url in urls:
         if validator.validate(url, {}, signature, algorithm=algorithm):
             return
-    log.warning("twilio: X-Twilio-Signature does not match %s; upgrade refused", " or ".join(signed_urls(handshake)) or "(no Host)")
+    log.warning("twilio: X-Twilio-Signature does not match %s; upgrade refused", " or ".join(urls) or "(no Host)")
     raise _forbidden("X-Twilio-Signature does not match this URL and the configured auth token")
 
 
@@ -507,7 +555,7 @@ def create(handshake: Handshake, *, settings: Settings | None = None) -> TwilioD
     is configured and the request is not signed with it."""
     settings = settings or server_settings(handshake)
     if settings.twilio_auth_token:
-        verify_signature(handshake, settings.twilio_auth_token)
+        verify_signature(handshake, settings.twilio_auth_token, settings.twilio_public_url.strip())
     options = TwilioOptions(
         api_keys=settings.api_key_set(), default_model=handshake.default_model, model_exists=handshake.model_exists
     )

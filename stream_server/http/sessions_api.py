@@ -7,6 +7,8 @@ Routes
                                         ``session.ended``); a stored session is replayed
     GET /v1/sessions/{id}/transcript    the conversation so far or as stored: JSON, or
                                         ``?format=txt|srt|vtt``
+    POST /v1/sessions/{id}/pause        an operator's control of a live call: its connection sends
+    POST /v1/sessions/{id}/resume       the protocol's own message (AudioHook ``pause``/``resume``)
 
 ``{id}`` is the core session id (``session.created``) or the call id its dialect knows it by
 (Twilio ``callSid``, AudioHook ``conversationId``). Live sessions come from the hub, finished
@@ -24,15 +26,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from stream_server import formats, tokens
+from stream_server import formats, keys, tokens
 from stream_server import protocol as p
 from stream_server.engine import Engine
-from stream_server.http.common import ApiError, api_endpoint
-from stream_server.hub import Dropped, Ended, Published, Subscription, TranscriptRecord, transcript_json
+from stream_server.http.common import ApiError, api_endpoint, bearer_principal
+from stream_server.hub import (
+    Control,
+    ControlRefused,
+    Dropped,
+    Ended,
+    Published,
+    Subscription,
+    TranscriptRecord,
+    conversation,
+    transcript_json,
+)
 
 #: An SSE comment this often keeps proxies from closing a quiet stream (and finds gone readers).
 KEEPALIVE_S = 15.0
 FORMATS = ("json", "txt", "srt", "vtt")
+DTMF_CUE_S = 0.5  # how long a key press shows as a subtitle cue
 
 
 def _engine(request: Request) -> Engine:
@@ -44,15 +57,13 @@ def _authorize(request: Request, engine: Engine) -> None:
     """With ``--api-keys``, the request must carry one as ``Authorization: Bearer <key>``, or (a
     browser's ``EventSource`` cannot set headers) a watch token as ``?token=`` (``tokens.py``),
     which it uses up."""
-    keys = engine.settings.api_key_set()
-    if not keys:
-        return
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and key.strip() in keys:
+    ring = keys.ring_of(request.app.state)
+    if not ring.configured or bearer_principal(request) is not None:
         return
     token = request.query_params.get(tokens.QUERY_PARAMETER)
     session_id = request.path_params["session_id"]
-    if token and tokens.store_of(request.app.state).redeem(token, "watch", _known_ids(engine, session_id)):
+    grant = tokens.store_of(request.app.state).redeem(token, "watch", _known_ids(engine, session_id)) if token else None
+    if grant is not None and ring.principal(grant.owner) is not None:
         return
     raise ApiError(401, "invalid_api_key", "missing or unknown API key; send Authorization: Bearer <key> (or ?token=<watch token>)")
 
@@ -111,8 +122,8 @@ def _speaker(turn: dict[str, Any]) -> str:
 def render_text(body: dict[str, Any]) -> str:
     """Plain text: one line per turn, ``speaker: text`` when the call has more than one voice."""
     if not _labelled(body):
-        return "\n".join(turn["text"] for turn in body["turns"]) + "\n"
-    return "\n".join(f"{_speaker(turn)}: {turn['text']}" for turn in body["turns"]) + "\n"
+        return "\n".join(turn["text"] for turn in conversation(body)) + "\n"
+    return "\n".join(f"{_speaker(turn)}: {turn['text']}" for turn in conversation(body)) + "\n"
 
 
 def _cues(record: TranscriptRecord, body: dict[str, Any]) -> list[formats.Cue]:
@@ -124,6 +135,10 @@ def _cues(record: TranscriptRecord, body: dict[str, Any]) -> list[formats.Cue]:
     for turn, seg in zip(body["turns"], _spoken_segments(record)):
         prefix = f"{_speaker(turn)}:" if labelled else ""
         cues.extend(formats.segment_cues(turn["text"], turn["start"], turn["end"], seg.get("words"), prefix=prefix))
+    for key in body["dtmf"]:  # a key press: a short cue of its own, among the words
+        label = f"{_speaker(key)}: [DTMF {key['digit']}]" if labelled else f"[DTMF {key['digit']}]"
+        cues.append(formats.Cue(key["time"], key["time"] + DTMF_CUE_S, (label,)))
+    cues.sort(key=lambda cue: cue.start)
     # One voice's cues never overlap; several voices' may (people talk over each other).
     return cues if len(body["channels"]) > 1 else formats.without_overlaps(cues)
 
@@ -189,11 +204,36 @@ async def _replay(record: TranscriptRecord) -> AsyncIterator[bytes]:
         yield sse(event)
 
 
+# -------------------------------------------------------------------------------- controls
+
+
+@api_endpoint
+async def session_control(request: Request) -> Response:
+    """``POST /v1/sessions/{id}/pause|resume``: 202 once the protocol's message is on its way (the
+    client answers on its own connection: AudioHook's ``paused``, later ``resumed``)."""
+    engine = _engine(request)
+    if tokens.QUERY_PARAMETER in request.query_params:
+        raise ApiError(401, "invalid_api_key", "a watch token only reads a session; a control takes an API key (Authorization: Bearer <key>)")
+    _authorize(request, engine)
+    session_id = request.path_params["session_id"]
+    control = Control(request.url.path.rsplit("/", 1)[-1])  # the route's last segment names it
+    try:
+        record = engine.hub.control(session_id, control)
+    except ControlRefused as refused:
+        raise ApiError(409, refused.code, refused.message, param="id") from None
+    if record is None:
+        if await engine.hub.find(session_id) is None and await _stored(engine, session_id) is None:
+            raise _not_found(session_id)
+        raise ApiError(409, "invalid_state", f"session {session_id!r} is not live on this server (finished, or held by another replica)", param="id")
+    return JSONResponse({"id": record.public_id, "session_id": record.session_id, "control": control.value, "status": "requested"}, status_code=202)
+
+
 def routes() -> list[Route]:
     return [
         Route("/v1/sessions/{session_id:str}/events", session_events, methods=["GET"]),
         Route("/v1/sessions/{session_id:str}/transcript", session_transcript, methods=["GET"]),
+        *(Route(f"/v1/sessions/{{session_id:str}}/{c.value}", session_control, methods=["POST"]) for c in Control),
     ]
 
 
-__all__ = ["render_text", "routes", "session_events", "session_transcript", "sse"]
+__all__ = ["render_text", "routes", "session_control", "session_events", "session_transcript", "sse"]
