@@ -28,6 +28,7 @@ from typing import Any, Protocol, TypeAlias
 import numpy as np
 
 from stream_server.audio import MODEL_RATE
+from stream_server.profiling import StageProfile, timed
 from stream_server.words import bare_word
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,36 @@ MAX_PROMPT_TOKENS = 223
 # position in every prompt of a batch, so one fixed context length lets sessions with any history
 # share a batch; 48 tokens (~35 words) carry the topic and spelling the decoder benefits from.
 CONTEXT_TOKENS = 48
+# A shorter history is cut to a multiple of this, so prompts come in four shapes (0, 16, 32, 48
+# tokens before <|startoftranscript|>) and early-session requests batch too: with any length,
+# a batch of eight requests from eight sessions split into up to eight model passes.
+CONTEXT_STEP = 16
 MIN_WINDOW_S = 5
 PAD_S = 3.0
 # Encoder input lengths. Each request is padded to the first of these that holds its audio plus
 # PAD_S, whatever else is in its batch: the result of a request must not depend on which other
 # requests it happened to be batched with (it did, by a WER point on a loaded machine).
 WINDOW_BUCKETS_S = (5, 8, 10, 15, 20, 25, 30)
+# With ``language: null`` each decode of an utterance detects its language until one decode has
+# heard at least LANGUAGE_SETTLE_S of audio and the detector gives its language at least
+# LANGUAGE_SETTLE_PROBABILITY; that language is then forced on the utterance's later decodes (so
+# they cannot flip-flop, and a forced prefix and its continuation share one language) and becomes
+# the channel's ``language_hint``: the language an unsure detection falls back to (see
+# :func:`choose_language`). Measured with ``base`` on the corpus's 12 non-English and 2 English
+# clips, every interim step decoded (110.7 s of speech; error = word or, for zh/ja/ko, character
+# error against the references): the rule before (keep the first decode's language, 0.3-0.5 s of
+# audio) labelled 10.8 s of the speech correctly at 75.5% error; keeping the first decode of
+# >= 1 s, 31.9 s at 58.9%; of >= 2 s, 52.7 s at 23.2%; never keeping one, 90.6 s at 23.2%; this
+# rule 96.8 s at 19.2%: every segment of the referenced clips right (Spanish's last phrase was
+# Portuguese without the hint), what remains is Catalan conversation before anything settled.
+LANGUAGE_SETTLE_S = 2.0
+LANGUAGE_SETTLE_PROBABILITY = 0.9
+
+
+def language_settled(n_samples: int, probability: float) -> bool:
+    """Whether a decode of ``n_samples`` whose detected language had ``probability`` settles its
+    utterance's language (otherwise the next decode detects again)."""
+    return n_samples >= LANGUAGE_SETTLE_S * MODEL_RATE and probability >= LANGUAGE_SETTLE_PROBABILITY
 
 
 def window_seconds(n_samples: int) -> int:
@@ -92,9 +117,12 @@ class DecodeRequest:
     prefix: tuple[int, ...] = ()
     prompt: str = ""
     language: str | None = None
+    # Without ``language``: what to decode in when the detector is unsure of this window (below
+    # LANGUAGE_SETTLE_PROBABILITY), e.g. the language the channel's last utterance settled on.
+    language_hint: str | None = None
     model: str = ""
     final: bool = False
-    key: object = None  # identifies the channel, so the scheduler can supersede its old interim work
+    key: object = None  # names the utterance: the scheduler orders interim work by its staleness
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +132,7 @@ class DecodeResult:
     no_speech_prob: float
     avg_logprob: float
     prefix_end: float = 0.0  # where the aligned prefix ends in the audio (seconds)
+    language_probability: float = 1.0  # the detector's probability of ``language`` (1.0: not detected)
 
     @property
     def text(self) -> str:
@@ -148,6 +177,7 @@ class WhisperDecoder:
         cpu_threads: int = 0,
         num_workers: int = 1,
         timestamp_tokens: bool = True,
+        profile: StageProfile | None = None,
     ) -> None:
         from faster_whisper import WhisperModel
 
@@ -167,6 +197,7 @@ class WhisperDecoder:
         # remain, which measured ~30% WER instead of 2-10% on real speech: off is for throughput
         # experiments until a cheaper end-of-audio guard exists.
         self._timestamps = timestamp_tokens
+        self._profile = profile  # per-stage CPU and wall time (``bench --profile``), or None
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -201,22 +232,33 @@ class WhisperDecoder:
             feats[i, :, : mel.shape[1]] = mel[:, : seconds * FRAMES_PER_SECOND]
         return feats, seconds
 
-    def _languages(self, requests: Sequence[DecodeRequest], encoded: StorageView) -> list[str]:
+    def _languages(self, requests: Sequence[DecodeRequest], encoded: StorageView) -> tuple[list[str], list[float]]:
+        """Each request's language (its own, or detected on its window) and the detector's
+        probability of it (1.0 where nothing was detected)."""
+        probabilities = [1.0] * len(requests)
         if not self.multilingual:
-            return ["en"] * len(requests)
+            return ["en"] * len(requests), probabilities
         missing = [i for i, r in enumerate(requests) if not r.language]
         languages = [r.language or "" for r in requests]
         if missing:
-            detected = self._model.model.detect_language(encoded)
+            with timed(self._profile, "detect_language"):
+                detected = self._model.model.detect_language(encoded)
             for i in missing:
-                languages[i] = detected[i][0][0].strip("<|>")
-        return languages
+                languages[i], probabilities[i] = choose_language(detected[i], requests[i].language_hint)
+        return languages, probabilities
 
     def _context(self, request: DecodeRequest) -> list[int]:
         if not request.prompt.strip():
             return []
         ids: list[int] = self._tokenizer("en").encode(" " + request.prompt.strip())
-        return ids[-CONTEXT_TOKENS:]
+        keep = min(CONTEXT_TOKENS, len(ids) - len(ids) % CONTEXT_STEP)
+        return ids[len(ids) - keep :] if keep else []
+
+    def batch_key(self, request: DecodeRequest) -> tuple[int, int]:
+        """Requests with equal keys run in one encode/generate/align pass (the scheduler fills
+        batches by it): the same encoder window and the same prompt position of
+        <|startoftranscript|>, which CTranslate2 requires of a batch."""
+        return len(self._context(request)), window_seconds(len(request.audio))
 
     def _mode_token(self, tokenizer: Tokenizer) -> int:
         token: int = tokenizer.timestamp_begin if self._timestamps else tokenizer.no_timestamps
@@ -227,8 +269,8 @@ class WhisperDecoder:
         return [*tokens, *tokenizer.sot_sequence, self._mode_token(tokenizer), *request.prefix]
 
     def decode_batch(self, requests: Sequence[DecodeRequest]) -> list[DecodeResult]:
-        """Decode any batch: requests are grouped by context length (one group once histories
-        reach CONTEXT_TOKENS) and window bucket, each group is one encode/generate/align pass."""
+        """Decode any batch: requests are grouped by :meth:`batch_key`, each group is one
+        encode/generate/align pass."""
         contexts = [self._context(r) for r in requests]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (context, request) in enumerate(zip(contexts, requests)):
@@ -245,29 +287,33 @@ class WhisperDecoder:
         if not requests:
             return []
         started = time.perf_counter()
-        feats, _ = self._features(requests)
-        encoded = self._model.model.encode(ctranslate2.StorageView.from_array(feats), to_cpu=False)
-        languages = self._languages(requests, encoded)
+        with timed(self._profile, "features"):
+            feats, _ = self._features(requests)
+        with timed(self._profile, "encode"):
+            encoded = self._model.model.encode(ctranslate2.StorageView.from_array(feats), to_cpu=False)
+        languages, probabilities = self._languages(requests, encoded)
         tokenizers = [self._tokenizer(lang) for lang in languages]
         prompts = [self._prompt_tokens(r, tok, c) for r, tok, c in zip(requests, tokenizers, contexts)]
         max_length, suppress_tokens = self._generation_limits(requests, prompts, tokenizers)
-        generated = self._model.model.generate(
-            encoded,
-            prompts,
-            beam_size=1,
-            max_length=max_length,
-            return_scores=True,
-            return_no_speech_prob=True,
-            suppress_blank=True,
-            suppress_tokens=suppress_tokens,
-            max_initial_timestamp_index=50,
-        )
+        with timed(self._profile, "generate"):
+            generated = self._model.model.generate(
+                encoded,
+                prompts,
+                beam_size=1,
+                max_length=max_length,
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=suppress_tokens,
+                max_initial_timestamp_index=50,
+            )
         new_tokens = [
             _without_prompt_tail(g.sequences_ids[0], [self._mode_token(tok), *r.prefix])
             for g, tok, r in zip(generated, tokenizers, requests)
         ]
         kept = self._kept_tokens(requests, tokenizers, new_tokens)
         results = self._align_and_build(requests, encoded, tokenizers, kept, generated, languages)
+        results = [dataclasses.replace(r, language_probability=q) for r, q in zip(results, probabilities)]
         log.debug("decoded batch of %d in %.3fs", len(requests), time.perf_counter() - started)
         return results
 
@@ -304,11 +350,22 @@ class WhisperDecoder:
         generated: Sequence[Any],  # ctranslate2.models.WhisperGenerationResult
         languages: list[str],
     ) -> list[DecodeResult]:
+        """The kept tokens (after each request's forced prefix) aligned, then made words."""
+        text_tokens = [list(r.prefix) + k for r, k in zip(requests, kept)]
+        with timed(self._profile, "align"):
+            alignments = self._align(requests, encoded, tokenizers, text_tokens)
+        with timed(self._profile, "words"):
+            return self._build(requests, tokenizers, text_tokens, alignments, generated, languages)
+
+    def _align(
+        self, requests: Sequence[DecodeRequest], encoded: StorageView, tokenizers: list[Tokenizer], text_tokens: list[list[int]]
+    ) -> list[Any]:
+        """One ``align`` pass per start sequence: word timings and teacher-forced token
+        probabilities of each request's text (None where a request has no text)."""
         num_frames = [
             max(1, min(int(len(r.audio) / MODEL_RATE * FRAMES_PER_SECOND), MAX_WINDOW_S * 100)) // 2 * 2
             for r in requests
         ]
-        text_tokens = [list(r.prefix) + k for r, k in zip(requests, kept)]
         # align takes one start sequence per call: group the batch by it (one group unless
         # languages differ).
         alignments: list[Any] = [None] * len(requests)  # ctranslate2 alignment results
@@ -327,6 +384,18 @@ class WhisperDecoder:
             )
             for i, res in zip(idx, out):
                 alignments[i] = res
+        return alignments
+
+    def _build(
+        self,
+        requests: Sequence[DecodeRequest],
+        tokenizers: list[Tokenizer],
+        text_tokens: list[list[int]],
+        alignments: list[Any],  # ctranslate2 alignment results
+        generated: Sequence[Any],  # ctranslate2.models.WhisperGenerationResult
+        languages: list[str],
+    ) -> list[DecodeResult]:
+        """Words from the alignments, through the guards (squeezed tail, loops, echoes)."""
         results: list[DecodeResult] = []
         for i, request in enumerate(requests):
             words, prefix_end = _words_from_alignment(
@@ -345,6 +414,20 @@ class WhisperDecoder:
                 DecodeResult(tuple(words), languages[i], no_speech, avg, prefix_end=prefix_end)
             )
         return results
+
+
+def choose_language(ranked: Sequence[tuple[str, float]], hint: str | None) -> tuple[str, float]:
+    """The detector's language (``ranked``: ``(<|code|>, probability)``, most likely first) and
+    its probability; the hint instead when the detector is unsure and the hint is a language.
+
+    Short phrases are where detection fails: "y tiene muy poca asistencia" alone, after two
+    Spanish sentences, is Portuguese to ``base`` (0.54); the conversation's language is the
+    better guess then, and a sure detection still switches language."""
+    probabilities = {token.strip("<|>"): float(p) for token, p in ranked}
+    best = ranked[0][0].strip("<|>")
+    if hint is not None and hint != best and hint in probabilities and probabilities[best] < LANGUAGE_SETTLE_PROBABILITY:
+        return hint, probabilities[hint]
+    return best, probabilities[best]
 
 
 def _select(encoded: StorageView, idx: list[int]) -> StorageView:

@@ -2,12 +2,20 @@
 
 These are the in-server halves of the benchmark's figures, so an operator can watch the same
 quantities live: load (sessions, queue), latency (finalization, queue wait), throughput (batch
-size, decode time, real-time factor) and shedding (dropped interim decodes).
+size, decode time, real-time factor) and shedding (dropped interim decodes); and where the CPU
+goes (``stream_stage_*``: per-stage CPU and wall seconds of the VAD and the decoder, with the
+process's and the event loop's CPU to compare against; ``stream-server bench --profile`` reads them).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from stream_server.profiling import StageProfile
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 
@@ -44,6 +52,38 @@ class ServerMetrics:
         self.dropped_interim = Counter("stream_dropped_interim_decodes_total", "Interim decodes shed under load", registry=r)
         self.audio_seconds = Counter("stream_audio_seconds_total", "Audio seconds received", registry=r)
         self.decode_errors = Counter("stream_decode_errors_total", "Decodes that raised", registry=r)
+        self.stages = StageProfile()
+        r.register(_StageCollector(self.stages))
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StageCollector(Collector):
+    """Exposes a :class:`StageProfile`'s totals at scrape time (the hot paths only add floats)."""
+
+    def __init__(self, profile: StageProfile) -> None:
+        self._profile = profile
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        cpu = CounterMetricFamily(
+            "stream_stage_cpu_seconds",
+            "CPU seconds per pipeline stage (thread CPU for VAD; process minus event-loop CPU for decoder stages)",
+            labels=["stage", "thread"],
+        )
+        wall = CounterMetricFamily("stream_stage_wall_seconds", "Wall seconds per pipeline stage", labels=["stage"])
+        calls = CounterMetricFamily("stream_stage_calls", "Calls per pipeline stage", labels=["stage"])
+        for stage, (cpu_s, wall_s, n, loop_s) in self._profile.totals().items():
+            cpu.add_metric([stage, "event_loop"], loop_s)
+            cpu.add_metric([stage, "worker"], cpu_s - loop_s)
+            wall.add_metric([stage], wall_s)
+            calls.add_metric([stage], n)
+        yield cpu
+        yield wall
+        yield calls
+        yield CounterMetricFamily(
+            "stream_process_cpu_seconds", "CPU seconds of the server process, every thread", value=self._profile.process_cpu()
+        )
+        yield CounterMetricFamily(
+            "stream_event_loop_cpu_seconds", "CPU seconds of the event-loop (main) thread", value=self._profile.main_thread_cpu()
+        )

@@ -320,6 +320,7 @@ class TranscriptDelta(ServerEvent):
     words: list[WordTiming] | None = None  # when ``words`` is in ``include``
     channel: int = 0
     speaker: str | None = None
+    language: str | None = None  # the language the decode that produced this text ran in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +346,9 @@ class TranscriptSegment(ServerEvent):
     no_speech_prob: float
     channel: int = 0
     speaker: str | None = None
+    # ISO-639-1 code of the language the utterance's final text was decoded in: the session's
+    # language, or with ``language: null`` the one detected for this utterance (None: no decode).
+    language: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

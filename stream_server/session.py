@@ -41,7 +41,7 @@ from stream_server import protocol as p
 from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
-from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word
+from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
 from stream_server.planner import SessionLimits, interim_due, plan_decode
 from stream_server.policy import MS, absolute, heard_the_pause, interim_commit_count, within_turn
 from stream_server.state import SessionState, TicketState, UtteranceState, transition
@@ -107,7 +107,8 @@ class Utterance:
     last_window_end: int = 0  # end of the last interim window submitted
     tail_window_end: int = 0  # end of the window whose hypothesis ``tail`` is
     no_speech_prob: float = 0.0
-    language: str | None = None
+    language: str | None = None  # settled detected language, forced on its later decodes
+    detected: str | None = None  # the language of its latest decode: what its segment reports
     interim_sent: str = ""
 
     def end_at(self, sample: int) -> None:
@@ -141,6 +142,7 @@ class Channel:
         self.held: list[tuple[Utterance, p.ServerEvent]] = []  # see Session._in_order
         self.consumed = 0  # audio before this belongs to utterances already closed
         self.transcript = Transcript()  # this channel's committed text (its deltas spell it)
+        self.language: str | None = None  # the last language an utterance settled on: the next one's hint
 
 
 class Session:
@@ -572,7 +574,7 @@ class Session:
                 out.append(render.interim(utt.item_id, [], timings=self.config.wants("words")))
         wants = self.config.wants
         segment = render.segment(utt.item_id, utt.committed, onset=utt.onset, end=utt.end, no_speech_prob=utt.no_speech_prob,
-                                 logprobs=wants("logprobs"), timings=wants("words"))
+                                 logprobs=wants("logprobs"), timings=wants("words"), language=utt.detected or self.config.language)
         channel = self._item_channel.get(utt.item_id, 0)
         self._segments.append(dataclasses.replace(segment, channel=channel, speaker=self.config.speaker(channel)))
         out.append(segment)
@@ -637,9 +639,10 @@ class Session:
             prefix=plan.prefix,
             prompt=plan.prompt,
             language=self.config.language or utt.language,
+            language_hint=ch.language,
             model=self.config.model,
             final=state is TicketState.FINAL,
-            key=(self.id, ch.index),
+            key=(self.id, ch.index, utt.serial),
         )
         return DecodeTicket(request, ch.index, utt, state, plan.start, plan.end, pause_start, committed=len(utt.committed))
 
@@ -664,8 +667,9 @@ class Session:
     def _interim_result(self, ticket: DecodeTicket, result: DecodeResult) -> list[Output]:
         utt = ticket.utterance
         utt.no_speech_prob = result.no_speech_prob
-        if utt.language is None and self.config.language is None:
-            utt.language = result.language
+        utt.detected = result.language
+        if utt.language is None and self.config.language is None and language_settled(len(ticket.request.audio), result.language_probability):
+            utt.language = self._channels[ticket.channel].language = result.language
         words = absolute(result.words, ticket.window_start)
         if ticket.committed != len(utt.committed):
             return []  # decoded against an older prefix; its words no longer line up
@@ -685,6 +689,9 @@ class Session:
     def _final_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult | None) -> list[Output]:
         if result is not None and len(ticket.request.audio):
             ticket.utterance.no_speech_prob = result.no_speech_prob
+            ticket.utterance.detected = result.language
+            if language_settled(len(ticket.request.audio), result.language_probability):
+                ch.language = result.language
             ticket.resolve(self._within_turn(ticket.utterance, absolute(result.words, ticket.window_start)))
         else:
             ticket.resolve()
@@ -697,7 +704,8 @@ class Session:
         if not words:
             return []
         utt.committed.extend(words)
-        delta = ch.transcript.delta(utt.item_id, words, logprobs=self.config.wants("logprobs"), timings=self.config.wants("words"))
+        delta = ch.transcript.delta(utt.item_id, words, logprobs=self.config.wants("logprobs"), timings=self.config.wants("words"),
+                                    language=utt.detected)
         return [delta] if delta is not None else []
 
     # ---------------------------------------------------------------- long speech

@@ -28,8 +28,10 @@ class Transcript:
     def text(self) -> str:
         return "".join(self._parts)
 
-    def delta(self, item_id: str, words: Sequence[Word], *, logprobs: bool, timings: bool) -> p.TranscriptDelta | None:
-        """The delta that commits ``words``, or None when they add no text.
+    def delta(
+        self, item_id: str, words: Sequence[Word], *, logprobs: bool, timings: bool, language: str | None = None
+    ) -> p.TranscriptDelta | None:
+        """The delta that commits ``words`` (decoded in ``language``), or None when they add no text.
 
         The session's text never starts with a space (Whisper's words carry a leading one), so the
         first delta, and its first token, are left-stripped: the deltas concatenate to ``done``.
@@ -44,7 +46,9 @@ class Transcript:
         if tokens and not "".join(self._parts[:-1]):
             tokens[0] = p.TokenLogprob.of(tokens[0].token.lstrip(), tokens[0].logprob)
         self._logprobs.extend(tokens)
-        return p.TranscriptDelta(item_id, text, tokens if logprobs else None, word_timings(words) if timings else None)
+        return p.TranscriptDelta(
+            item_id, text, tokens if logprobs else None, word_timings(words) if timings else None, language=language
+        )
 
     @property
     def logprobs(self) -> list[p.TokenLogprob]:
@@ -96,11 +100,13 @@ def segment(
     no_speech_prob: float,
     logprobs: bool,
     timings: bool,
+    language: str | None = None,
 ) -> p.TranscriptSegment:
     """One finished utterance: its committed ``words`` (absolute times) and audio span.
 
     ``onset`` and ``end`` are the VAD's speech start and end in samples; the segment starts at its
-    first word when it has one (the utterance's audio includes prefix padding).
+    first word when it has one (the utterance's audio includes prefix padding). ``language`` is
+    the language its last decode ran in (None when it had none).
     """
     tokens = [t for w in words for t in w.tokens]
     values = [t.logprob for t in tokens]
@@ -115,6 +121,7 @@ def segment(
         words=word_timings(words) if timings else None,
         avg_logprob=round(float(np.mean(values)), 4) if values else 0.0,
         no_speech_prob=round(no_speech_prob, 4),
+        language=language,
     )
 
 

@@ -17,6 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from stream_server.profiling import StageProfile
+
 FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
 CONTEXT = 64  # samples of the previous frame that Silero v6 expects in front of each frame
 
@@ -45,7 +47,7 @@ class _SileroState:
 class SileroVad:
     """Silero v6 over onnxruntime; one InferenceSession is shared by every channel (thread-safe)."""
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, *, profile: StageProfile | None = None) -> None:
         import onnxruntime
 
         opts = onnxruntime.SessionOptions()
@@ -57,6 +59,7 @@ class SileroVad:
         self._session = onnxruntime.InferenceSession(
             path or bundled_silero_path(), providers=["CPUExecutionProvider"], sess_options=opts
         )
+        self._profile = profile  # CPU per call, measured in the calling thread (see profiling.py)
 
     def new_state(self) -> _SileroState:
         zeros = np.zeros((1, 1, 128), np.float32)
@@ -65,6 +68,7 @@ class SileroVad:
     def probabilities(self, frames: np.ndarray, state: object) -> tuple[np.ndarray, object]:
         """Speech probability of each 512-sample frame in ``frames`` (shape [n, 512])."""
         assert isinstance(state, _SileroState)
+        started = self._profile.inline_start() if self._profile is not None else None
         probs = np.empty(len(frames), np.float32)
         h, c, context = state.h, state.c, state.context
         for i, frame in enumerate(frames):
@@ -72,6 +76,8 @@ class SileroVad:
             out, h, c = self._session.run(None, {"input": x, "h": h, "c": c})
             probs[i] = float(np.asarray(out).ravel()[0])
             context = frame[-CONTEXT:]
+        if self._profile is not None and started is not None:
+            self._profile.inline_stop("vad", started)
         return probs, _SileroState(h, c, context.copy())
 
 

@@ -287,7 +287,7 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "stream_server.bench",
         "--streams", "2", "--duration-s", "20", "--speed", "2", "--stagger-s", "1",
-        "--idle-s", "0.5", "--out", str(out),
+        "--idle-s", "0.5", "--profile", "--out", str(out),
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -303,3 +303,9 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
     assert _all_numbers(run["metrics"]) == []
     assert _all_numbers(results["offline"]["metrics"]) == []
     assert _all_numbers(run["finalization_latencies"]) == []
+    # --profile: the server's stage counters as CPU per audio second, adding up to its CPU.
+    (profile,) = results["profile"]
+    assert profile["encode"]["cpu_s_per_audio_s"] > 0 and profile["generate"]["calls"] > 0 and profile["vad"]["calls"] > 0
+    parts = sum(row["cpu_s"] for stage, row in profile.items() if stage != "total")
+    assert parts == pytest.approx(profile["total"]["cpu_s"])
+    assert "Where the server's CPU went (N=2" in (out / "summary.md").read_text()

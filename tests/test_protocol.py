@@ -85,6 +85,7 @@ def test_serialisation_puts_type_first_and_nests_dataclasses() -> None:
         "words": None,
         "channel": 0,
         "speaker": None,
+        "language": None,
     }
     error = json.loads(p.event_to_json(p.Error.invalid("invalid_value", "bad", "session.x")))
     assert error["error"] == {"type": "invalid_request_error", "code": "invalid_value", "message": "bad", "param": "session.x"}

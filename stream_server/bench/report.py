@@ -78,7 +78,7 @@ def markdown(results: dict[str, Any]) -> str:
                 t50=_fmt(m.get("first_text_latency_s_p50")),
                 t95=_fmt(m.get("first_text_latency_s_p95")),
                 lost=int(m.get("utterances_lost", 0)),
-                utt=int(m.get("utterances", 0)),
+                utt=int(m.get("utterances", 0)) if not m.get("streams_refused") else f"{int(m.get('utterances', 0))} ({int(m['streams_refused'])} streams refused)",
                 fl=_fmt(m.get("flicker_per_final_word"), digits=3),
                 cpu=_fmt(m.get("server_cpu_s_per_audio_s"), digits=3),
                 rss=_fmt(m.get("server_rss_peak_mb"), digits=0),
@@ -113,6 +113,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{sweep['rss_per_extra_stream_mb']:.1f} MB"
             )
         lines.append("")
+    if cfg.get("profile"):
+        lines += profile_markdown(results["runs"])
     lines.append("Definitions")
     lines.append("- WER: Whisper EnglishTextNormalizer on both sides, jiwer, pooled over all streams (corpus WER).")
     lines.append("- Offline: faster-whisper `transcribe` of each clip alone, same model and compute type; b1 greedy, b5 default beam 5. The streaming penalty is taken against beam 5.")
@@ -133,6 +135,83 @@ def markdown(results: dict[str, Any]) -> str:
                 lines.append(f"- ... ({len(problems)} in all, see results.json)")
                 break
     return "\n".join(lines) + "\n"
+
+
+# ``bench --profile``: the server's stage counters (``stream_stage_*`` in its /metrics, see
+# stream_server/profiling.py) as CPU seconds per audio second. Stage, label, how it is measured.
+PROFILE_STAGES = (
+    ("vad", "VAD (Silero)", "thread CPU of the thread that runs it"),
+    ("features", "features (log-mel)", "process CPU − event-loop CPU"),
+    ("encode", "encoder", "process CPU − event-loop CPU"),
+    ("detect_language", "language detection", "process CPU − event-loop CPU"),
+    ("generate", "decoder steps (generate)", "process CPU − event-loop CPU"),
+    ("align", "alignment (align)", "process CPU − event-loop CPU"),
+    ("words", "words and guards (Python)", "process CPU − event-loop CPU"),
+)
+
+
+def profile_figures(run: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Where one run's server CPU went: per stage CPU and wall seconds per audio second, calls and
+    share of the server's CPU; plus the event loop's own work, the rest, and the total. Empty
+    when the server exposed no stage counters (an older server, or one without /metrics)."""
+    sm: dict[str, float] = run.get("server_metrics", {})
+    audio = run["metrics"].get("audio_s_total", 0.0)
+    total = sm.get("stream_process_cpu_seconds_increase")
+    if total is None or audio <= 0 or not any(k.startswith("stream_stage_cpu_seconds.") for k in sm):
+        return {}
+    rows: dict[str, dict[str, float]] = {}
+    staged = on_loop = 0.0
+    for stage, _, _ in PROFILE_STAGES:
+        cpu = sm.get(f"stream_stage_cpu_seconds.{stage}", 0.0)
+        staged += cpu
+        on_loop += sm.get(f"stream_stage_cpu_seconds.{stage}.event_loop", 0.0)
+        rows[stage] = {
+            "cpu_s": cpu,
+            "cpu_s_per_audio_s": cpu / audio,
+            "wall_s_per_audio_s": sm.get(f"stream_stage_wall_seconds.{stage}", 0.0) / audio,
+            "calls": sm.get(f"stream_stage_calls.{stage}", 0.0),
+        }
+    loop = max(0.0, sm.get("stream_event_loop_cpu_seconds_increase", 0.0) - on_loop)
+    rows["event_loop"] = {"cpu_s": loop, "cpu_s_per_audio_s": loop / audio}
+    other = total - staged - loop
+    rows["other"] = {"cpu_s": other, "cpu_s_per_audio_s": other / audio}
+    rows["total"] = {"cpu_s": total, "cpu_s_per_audio_s": total / audio, "audio_s": audio}
+    for row in rows.values():
+        row["share"] = row["cpu_s"] / total if total > 0 else 0.0
+    return rows
+
+
+def profile_markdown(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The ``--profile`` section: one table per run."""
+    lines: list[str] = []
+    for run in runs:
+        rows = profile_figures(run)
+        lines.append(f"Where the server's CPU went (N={int(run['metrics']['n_streams'])}, "
+                     f"{run['metrics'].get('audio_s_total', 0.0):.0f} s of audio)")
+        lines.append("")
+        if not rows:
+            lines.append("- not measured: the server exposed no `stream_stage_*` counters at /metrics")
+            lines.append("")
+            continue
+        lines.append("| stage | CPU s per audio s | share | wall s per audio s | calls | measured as |")
+        lines.append("|---|---|---|---|---|---|")
+        for stage, label, how in PROFILE_STAGES:
+            r = rows[stage]
+            lines.append(f"| {label} | {r['cpu_s_per_audio_s']:.4f} | {_fmt(r['share'], pct=True, digits=1)} | "
+                         f"{r['wall_s_per_audio_s']:.4f} | {int(r['calls'])} | {how} |")
+        for key, label, how in (
+            ("event_loop", "event loop (WebSocket, JSON, session core), less VAD", "event-loop thread CPU − its stages"),
+            ("other", "other (decode glue, scheduler, other threads)", "total − the rows above"),
+            ("total", "**server total**", "process CPU over the run (`time.process_time`)"),
+        ):
+            r = rows[key]
+            lines.append(f"| {label} | {r['cpu_s_per_audio_s']:.4f} | {_fmt(r['share'], pct=True, digits=1)} | | | {how} |")
+        lines.append("")
+    lines.append("- Profile: the server's /metrics before and after the run. Decoder stages run in a decode worker that "
+                 "waits on CTranslate2's own threads (its thread CPU stays at 0), so their CPU is the process's CPU "
+                 "during the stage minus the event loop's: exact with one decode worker, an upper bound with several.")
+    lines.append("")
+    return lines
 
 
 def plots(out_dir: Path, runs: Sequence[LevelResult], sweep: bool) -> list[str]:

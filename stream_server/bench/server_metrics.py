@@ -28,6 +28,9 @@ class Snapshot:
     counts: dict[str, float] = field(default_factory=dict)
     counters: dict[str, float] = field(default_factory=dict)
     gauges: dict[str, float] = field(default_factory=dict)
+    # Counters with a ``stage`` label (``stream_stage_*``), kept per stage and thread as well:
+    # family -> (stage, thread) -> value. They are what ``bench --profile`` reports.
+    stages: dict[str, dict[tuple[str, str], float]] = field(default_factory=lambda: defaultdict(dict))
 
 
 def parse(text: str) -> Snapshot:
@@ -47,6 +50,9 @@ def parse(text: str) -> Snapshot:
             for s in fam.samples:
                 if s.name.endswith("_total") or s.name == fam.name:
                     snap.counters[fam.name] = snap.counters.get(fam.name, 0.0) + s.value
+                    if "stage" in s.labels:
+                        key = (s.labels["stage"], s.labels.get("thread", ""))
+                        snap.stages[fam.name][key] = snap.stages[fam.name].get(key, 0.0) + s.value
         elif fam.type == "gauge":
             for s in fam.samples:
                 snap.gauges[fam.name] = snap.gauges.get(fam.name, 0.0) + s.value
@@ -88,6 +94,21 @@ def diff(before: Snapshot, after: Snapshot) -> dict[str, float]:
     for name, v in after.gauges.items():
         if math.isfinite(v):
             out[f"{name}_end"] = v
+    out.update(_stage_diff(before, after))
+    return out
+
+
+def _stage_diff(before: Snapshot, after: Snapshot) -> dict[str, float]:
+    """Per-stage increases as ``<family>.<stage>`` (summed over threads) and, for a ``thread``
+    label, ``<family>.<stage>.<thread>`` (e.g. ``stream_stage_cpu_seconds.vad.event_loop``)."""
+    out: dict[str, float] = {}
+    for name, values in after.stages.items():
+        prev = before.stages.get(name, {})
+        for (stage, thread), v in values.items():
+            delta = v - prev.get((stage, thread), 0.0)
+            out[f"{name}.{stage}"] = out.get(f"{name}.{stage}", 0.0) + delta
+            if thread:
+                out[f"{name}.{stage}.{thread}"] = delta
     return out
 
 

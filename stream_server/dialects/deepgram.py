@@ -94,7 +94,7 @@ class ListenOptions:
     vad_events: bool = False
     punctuate: bool = False
     smart_format: bool = False
-    language: str | None = "en"  # Deepgram's default; None ("multi"): detect per utterance
+    language: str | None = "en"  # Deepgram's default; None (``multi`` or ``detect_language``): detect per utterance
     model: str | None = None  # a model this server knows; None: the server default
     keyterm: str | None = None
 
@@ -176,6 +176,9 @@ def parse_options(query: Mapping[str, str], model_exists: Callable[[str], bool],
         channels = 1  # as with Deepgram, only raw audio reads `channels`: a WAV header says it
     endpointing, endpointing_enabled = _endpointing(query, request_id)
     language = (query.get("language") or "en").strip()
+    # ``language=multi`` is live Deepgram's way to ask for detection; ``detect_language=true`` is
+    # its pre-recorded one, which clients reuse: either means detect per utterance.
+    detect = language.lower() == "multi" or _bool(query, "detect_language", False, request_id)
     keyterm = (query.get("keyterm") or "").strip() or None
     return ListenOptions(
         encoding=encoding,
@@ -189,7 +192,7 @@ def parse_options(query: Mapping[str, str], model_exists: Callable[[str], bool],
         vad_events=_bool(query, "vad_events", False, request_id),
         punctuate=_bool(query, "punctuate", False, request_id),
         smart_format=_bool(query, "smart_format", False, request_id),
-        language=None if language.lower() == "multi" else language,
+        language=None if detect else language,
         model=_model(query.get("model"), model_exists, request_id),
         keyterm=keyterm,
     )
@@ -340,6 +343,7 @@ class OpenUtterance:
     tail: str = ""
     tail_words: list[p.WordTiming] = dataclasses.field(default_factory=list)
     shown: str = ""  # the last interim transcript sent
+    language: str | None = None  # the language its latest delta was decoded in
 
     def take_pending(self) -> tuple[str, list[p.WordTiming], list[float]]:
         taken = (self.pending, self.pending_words, self.pending_logprobs)
@@ -369,6 +373,7 @@ NATIVE_ERROR_VARIANTS = {
     "decode_failed": "InternalServerError",
     "message_too_large": "MessageTooLarge",
     "server_busy": "ServerBusy",
+    "rate_limited": "RateLimited",  # a key's audio-per-minute allowance ran out (keys.py)
 }
 
 
@@ -599,10 +604,11 @@ class DeepgramDialect:
         utt.pending += event.delta
         utt.pending_words.extend(event.words or [])
         utt.pending_logprobs.extend(t.logprob for t in event.logprobs or [])
+        utt.language = event.language or utt.language
         if not utt.tail and self._channel(event.channel).stopped != event.item_id:
             # Nothing was left unsettled before this delta: the core only sends a new interim
             # when the tail changes, so none may follow. Final now, as the native delta is.
-            return self._send_final(utt, event.channel, end=None, speech_final=False)
+            return self._send_final(utt, event.channel, end=None, speech_final=False, language=self._detected(utt.language))
         return []  # shown by the interim that follows in the same core step, or by a final
 
     def _interim(self, event: p.TranscriptInterim) -> list[Action]:
@@ -612,7 +618,7 @@ class DeepgramDialect:
         utt = self._open(event.item_id, event.channel)
         utt.tail, utt.tail_words = event.text, list(event.words or [])
         if not event.text and utt.pending.strip() and self._channel(event.channel).stopped != event.item_id:
-            return self._send_final(utt, event.channel, end=None, speech_final=False)
+            return self._send_final(utt, event.channel, end=None, speech_final=False, language=self._detected(utt.language))
         if not self.options.interim_results:
             return []
         shown = join_text(utt.pending, utt.tail)
@@ -622,7 +628,8 @@ class DeepgramDialect:
         words = [*utt.pending_words, *utt.tail_words]
         end = max([self.audio_seconds, *(w.end for w in words)])
         confidence = sum(w.probability for w in words) / len(words) if words else 0.0
-        results = self.results(shown, words, end=end, confidence=confidence, is_final=False, channel=event.channel)
+        results = self.results(shown, words, end=end, confidence=confidence, is_final=False, channel=event.channel,
+                               language=self._detected(utt.language))
         return [Send(_dumps(results))]
 
     def _final(self, event: p.TranscriptSegment) -> list[Action]:
@@ -642,10 +649,22 @@ class DeepgramDialect:
             end=event.end,
             speech_final=self.options.endpointing_enabled and not from_finalize,
             from_finalize=from_finalize,
+            language=self._detected(event.language),
         )
 
+    def _detected(self, language: str | None) -> str | None:
+        """A detected language as Deepgram reports it: only with ``language=multi``."""
+        return language if self.options.language is None else None
+
     def _send_final(
-        self, utt: OpenUtterance, channel: int, *, end: float | None, speech_final: bool, from_finalize: bool = False
+        self,
+        utt: OpenUtterance,
+        channel: int,
+        *,
+        end: float | None,
+        speech_final: bool,
+        from_finalize: bool = False,
+        language: str | None = None,
     ) -> list[Action]:
         text, words, logprobs = utt.take_pending()
         state = self._channel(channel)
@@ -662,6 +681,7 @@ class DeepgramDialect:
             speech_final=speech_final,
             from_finalize=from_finalize,
             channel=channel,
+            language=language,
         )
         if words:
             state.last_word_end = words[-1].end
@@ -720,14 +740,23 @@ class DeepgramDialect:
         speech_final: bool = False,
         from_finalize: bool = False,
         channel: int = 0,
+        language: str | None = None,
     ) -> dict[str, Any]:
         """A ``Results`` message of one channel covering ``[chunk start, end)`` of that channel;
-        a final moves the channel's chunk start."""
+        a final moves the channel's chunk start. ``language`` (detected; only with
+        ``language=multi``) fills Deepgram's ``languages`` and each word's ``language``."""
         state = self._channel(channel)
         start = state.chunk_start
         end = max(end, start)
         if is_final:
             state.chunk_start = end
+        alternative: dict[str, Any] = {
+            "transcript": text.strip() if self.punctuated else plain_text(text),
+            "confidence": round(confidence, 4),
+            "words": self._words(words, language),
+        }
+        if language is not None:
+            alternative["languages"] = [language]
         return {
             "type": "Results",
             "channel_index": self._channel_tag(channel),
@@ -736,15 +765,7 @@ class DeepgramDialect:
             "is_final": is_final,
             "speech_final": speech_final,
             "from_finalize": from_finalize,
-            "channel": {
-                "alternatives": [
-                    {
-                        "transcript": text.strip() if self.punctuated else plain_text(text),
-                        "confidence": round(confidence, 4),
-                        "words": self._words(words),
-                    }
-                ]
-            },
+            "channel": {"alternatives": [alternative]},
             "metadata": {
                 "request_id": self.request_id,
                 "model_info": {"name": self.model, "version": "latest", "arch": "whisper"},
@@ -752,7 +773,7 @@ class DeepgramDialect:
             },
         }
 
-    def _words(self, words: Sequence[p.WordTiming]) -> list[dict[str, Any]]:
+    def _words(self, words: Sequence[p.WordTiming], language: str | None = None) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for w in words:
             plain = plain_word(w.word.strip())
@@ -766,6 +787,8 @@ class DeepgramDialect:
             }
             if self.punctuated:
                 item["punctuated_word"] = w.word.strip()
+            if language is not None:
+                item["language"] = language
             out.append(item)
         return out
 

@@ -175,10 +175,11 @@ class FileOptions:
     def wants_logprobs(self) -> bool:
         return "logprobs" in self.include
 
-    @property
-    def reported_language(self) -> str:
-        """OpenAI writes ``english``; AI Refinery's clients send and expect locales (``en-US``)."""
-        return airefinery_api.locale(self.language_given) or formats.language_name(self.language or "en")
+    def reported_language(self, detected: str | None = None) -> str:
+        """OpenAI writes ``english``; AI Refinery's clients send and expect locales (``en-US``).
+        Without a language in the request, the one the decoder ``detected`` (else English, the
+        ``.en`` models' language)."""
+        return airefinery_api.locale(self.language_given) or formats.language_name(self.language or detected or "en")
 
     def session_options(self) -> dict[str, Any]:
         """What these options set of the session's config (the model is resolved separately)."""
