@@ -39,7 +39,7 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
-        self.vad = vad or SileroVad()
+        self.vad = vad or SileroVad(profile=self.metrics.stages)
         device = settings.resolved_device()
         compute_type = settings.resolved_compute_type()
 
@@ -51,6 +51,7 @@ class Engine:
                 cpu_threads=settings.cpu_threads,
                 num_workers=settings.decode_workers,
                 timestamp_tokens=settings.resolved_timestamp_tokens(),
+                profile=self.metrics.stages,
             )
 
         self.registry = ModelRegistry(
@@ -88,6 +89,17 @@ class Engine:
         self.hub = SessionHub(
             [observer for observer in (self.store, self.webhooks) if observer is not None], redis_url=settings.redis_url
         )
+
+    def refusal(self) -> str | None:
+        """Why a new session is refused now (``server_busy``), or None: draining, at the session
+        limit, or overloaded (finals already wait past ``admission_max_final_wait_s``)."""
+        if self.draining:
+            return "the server is shutting down"
+        if self.active_sessions >= self.settings.max_sessions:
+            return f"the server is at its limit of {self.settings.max_sessions} sessions"
+        if self.scheduler.overloaded(self.settings.admission_max_final_wait_s):
+            return "the server is at capacity (final transcripts are running late)"
+        return None
 
     def load_default_model(self) -> None:
         """Load and warm the default model (blocking: call from a thread at start-up)."""

@@ -1,15 +1,28 @@
 """The decode scheduler: one queue shared by every session, worker threads, cross-session batches.
 
 Why one queue: a GPU (and, less so, a CPU) does far more work per second on a batch of windows from
-many streams than on each alone, so streams per machine hinge on batching across sessions. Rules:
+many streams than on each alone, so streams per machine hinge on batching across sessions. On this
+2-core CPU one tiny.en ``generate`` step costs ~15 ms for one window and ~18 ms for four, so a
+batch of four interim decodes costs little more than one. Rules, in order:
 
-* Finals before interim work, oldest first: a final is what a user waits for at the end of a turn.
+* Finals first, oldest first: a final is what a user waits for at the end of a turn.
+* Then the first interim decode of an utterance that shows no text yet, oldest first: every person
+  who starts talking should see words within a second, whoever else is talking.
+* Then other interim work by staleness: the utterance that has gone longest without a result goes
+  first. (Arrival order let busy streams starve new ones: first text p50 was 5 s at 12 streams.)
+  ``DecodeRequest.key`` names the utterance; requests without one are their own utterance.
+* A batch is the first request in that order plus the queued requests the decoder can run in the
+  same model pass (``Decoder.batch_key``: same window length and prompt shape), in the same order.
+  Requests that would need a second pass wait for the next batch, so an urgent final never waits
+  behind someone else's differently shaped work.
 * Interim work is dropped, never finals, when the server is overloaded: an interim request that
   has waited longer than ``interim_max_wait_s`` is answered with :class:`DecodeDropped`, and the
-  session simply asks again with more audio later. Sessions keep at most one interim decode in
-  flight each, so the queue is bounded by the number of channels.
-* A batch holds requests for one model only (one model call).
+  session asks again with fresher audio, keeping its utterance's place in the staleness order.
+  Sessions keep at most one interim decode in flight per channel, so the queue is bounded by the
+  number of channels and load lengthens each stream's interim step instead of growing a queue.
 * The asyncio loop never runs model code: results come back with ``call_soon_threadsafe``.
+* A worker that raises outside a decode fails its batch's requests and goes on; :meth:`healthy`
+  tells ``/readyz`` whether every worker thread is alive.
 """
 
 from __future__ import annotations
@@ -19,7 +32,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from stream_server.audio import MODEL_RATE
@@ -33,6 +46,10 @@ from stream_server.decoding import (
 from stream_server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
+
+# Utterances remembered for the staleness order; an utterance that asked nothing for this long is
+# over (its final resolved, or its session gone) and is forgotten.
+_FORGET_AFTER_S = 120.0
 
 
 class Job(Protocol):
@@ -58,6 +75,45 @@ class _Entry:
     loop: asyncio.AbstractEventLoop
     enqueued: float
     final: bool  # owned by the scheduler, under its lock; changed only by ``promote``
+    utterance: Hashable
+    batch_key: Hashable = None  # set by a worker from the decoder, once
+
+    @property
+    def model(self) -> str:
+        return self.job.request.model
+
+
+@dataclasses.dataclass
+class _Utterance:
+    """When an utterance first asked for work, and when it last got a result (None: never)."""
+
+    first_asked: float
+    last_served: float | None = None
+    last_seen: float = 0.0
+
+
+@dataclasses.dataclass
+class _FinalWait:
+    """How long final decodes wait for a worker: a moving average of recent ones, forgotten
+    when no final has run for a while (an idle server is not overloaded)."""
+
+    average: float = 0.0
+    observed_at: float = float("-inf")
+    busy: bool = False
+    weight: float = 0.2
+    memory_s: float = 5.0
+
+    def observe(self, wait: float, now: float) -> None:
+        recent = now - self.observed_at < self.memory_s
+        self.average = (1 - self.weight) * self.average + self.weight * wait if recent else wait
+        self.observed_at = now
+
+    def over(self, limit_s: float, now: float, oldest_waiting: float) -> bool:
+        average = self.average if now - self.observed_at < self.memory_s else 0.0
+        level = max(average, oldest_waiting)
+        # Enter above the limit, leave below half of it: no flapping at the edge.
+        self.busy = level > (limit_s / 2 if self.busy else limit_s)
+        return self.busy
 
 
 def failure_of(exc: BaseException) -> DecodeFailure:
@@ -67,6 +123,21 @@ def failure_of(exc: BaseException) -> DecodeFailure:
     if isinstance(exc, ModelUnavailable):
         return DecodeFailure(FailureKind.MODEL_UNAVAILABLE, str(exc))
     return DecodeFailure(FailureKind.DECODER_ERROR, f"decoder failed: {exc}")
+
+
+def batch_key_of(decoder: Decoder, request: DecodeRequest) -> Hashable:
+    """Which requests one model pass can take together; decoders without a notion of it batch
+    anything (the fakes, the synthetic model's wrappers)."""
+    key = getattr(decoder, "batch_key", None)
+    return key(request) if key is not None else None
+
+
+def _batch_key(decoder: Decoder, entry: _Entry) -> Hashable:
+    try:
+        return ("key", batch_key_of(decoder, entry.job.request))
+    except Exception:
+        log.exception("batch key of a request failed")
+        return ("alone", id(entry))
 
 
 class DecodeScheduler:
@@ -84,8 +155,10 @@ class DecodeScheduler:
         self._interim_max_wait = interim_max_wait_s
         self._metrics = metrics or ServerMetrics()
         self._pending: list[_Entry] = []
+        self._utterances: dict[Hashable, _Utterance] = {}
         self._cond = threading.Condition()
         self._stopping = False
+        self._load = _FinalWait()
         self._threads = [
             threading.Thread(target=self._work, name=f"decode-{i}", daemon=True) for i in range(max(1, workers))
         ]
@@ -97,11 +170,15 @@ class DecodeScheduler:
     def submit(self, job: Job) -> asyncio.Future[DecodeResult]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[DecodeResult] = loop.create_future()
+        request = job.request
+        now = time.monotonic()
         with self._cond:
             if self._stopping:
                 future.set_exception(RuntimeError("scheduler is stopped"))
                 return future
-            self._pending.append(_Entry(job, future, loop, time.monotonic(), job.request.final))
+            utterance = request.key if request.key is not None else object()
+            self._utterances.setdefault(utterance, _Utterance(now)).last_seen = now
+            self._pending.append(_Entry(job, future, loop, now, request.final, utterance))
             self._metrics.queue_depth.set(len(self._pending))
             self._cond.notify()
         return future
@@ -130,6 +207,22 @@ class DecodeScheduler:
         with self._cond:
             return len(self._pending)
 
+    def overloaded(self, limit_s: float) -> bool:
+        """Whether final decodes wait longer than ``limit_s`` (recent average, or the oldest one
+        waiting now), with hysteresis: admission control refuses new sessions while this holds,
+        so the people already talking keep their latency. Measured, not a session count: what a
+        server holds depends on the model, the machine and how much people talk."""
+        if limit_s <= 0:
+            return False
+        now = time.monotonic()
+        with self._cond:
+            oldest = max((now - e.enqueued for e in self._pending if e.final), default=0.0)
+            return self._load.over(limit_s, now, oldest)
+
+    def healthy(self) -> bool:
+        """Every worker thread is alive (a dead one would leave requests waiting forever)."""
+        return not self._stopping and all(thread.is_alive() for thread in self._threads)
+
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
@@ -137,55 +230,113 @@ class DecodeScheduler:
         for thread in self._threads:
             thread.join(timeout=5)
 
+    # ---------------------------------------------------------------- ordering
+
+    def _priority(self, entry: _Entry) -> tuple[int, float]:
+        if entry.final:
+            return (0, entry.enqueued)
+        utterance = self._utterances.get(entry.utterance)
+        if utterance is None:
+            return (1, entry.enqueued)
+        if utterance.last_served is None:
+            return (1, utterance.first_asked)
+        return (2, utterance.last_served)
+
+    def _shed_stale(self, now: float) -> None:
+        fresh = []
+        for entry in self._pending:
+            if not entry.final and now - entry.enqueued > self._interim_max_wait:
+                self._metrics.dropped_interim.inc()
+                entry.loop.call_soon_threadsafe(_fail, entry.future, DecodeDropped("interim decode shed under load"))
+            else:
+                fresh.append(entry)
+        self._pending = fresh
+
+    def _forget_old_utterances(self, now: float) -> None:
+        if len(self._utterances) < 256:
+            return
+        waiting = {e.utterance for e in self._pending}
+        for key in [k for k, u in self._utterances.items() if now - u.last_seen > _FORGET_AFTER_S and k not in waiting]:
+            del self._utterances[key]
+
     # ---------------------------------------------------------------- worker side
 
-    def _take_batch(self) -> list[_Entry] | None:
+    def _next_model(self) -> str | None:
+        """Wait for work; the model of the most urgent request (None: stopping)."""
         with self._cond:
-            while not self._pending and not self._stopping:
-                self._cond.wait()
-            if self._stopping:
-                return None
-            now = time.monotonic()
-            fresh = []
-            for entry in self._pending:
-                if not entry.final and now - entry.enqueued > self._interim_max_wait:
-                    self._metrics.dropped_interim.inc()
-                    entry.loop.call_soon_threadsafe(_fail, entry.future, DecodeDropped("interim decode shed under load"))
-                else:
-                    fresh.append(entry)
-            self._pending = fresh
-            if not fresh:
+            while True:
+                if self._stopping:
+                    return None
+                self._shed_stale(time.monotonic())
+                if self._pending:
+                    return min(self._pending, key=self._priority).model
                 self._metrics.queue_depth.set(0)
-                return []
-            # Finals first (stable sort keeps arrival order), then fill with the same model.
-            ordered = sorted(fresh, key=lambda e: not e.final)
-            model = ordered[0].job.request.model
-            batch = [e for e in ordered if e.job.request.model == model][: self._max_batch]
+                self._cond.wait()
+
+    def _take_batch(self, model: str, decoder: Decoder) -> list[_Entry]:
+        """The most urgent request of ``model`` and the queued requests of its model pass."""
+        with self._cond:
+            candidates = sorted((e for e in self._pending if e.model == model), key=self._priority)
+            if not candidates:
+                return []  # another worker took them meanwhile
+            for entry in candidates:
+                if entry.batch_key is None:
+                    entry.batch_key = _batch_key(decoder, entry)
+            head = candidates[0]
+            batch = [e for e in candidates if e.batch_key == head.batch_key][: self._max_batch]
             taken = {id(e) for e in batch}
-            self._pending = [e for e in fresh if id(e) not in taken]
+            self._pending = [e for e in self._pending if id(e) not in taken]
             self._metrics.queue_depth.set(len(self._pending))
+            self._forget_old_utterances(time.monotonic())
             return batch
 
     def _work(self) -> None:
         while True:
-            batch = self._take_batch()
-            if batch is None:
+            model = self._next_model()
+            if model is None:
                 return
-            if batch:
-                self._run(batch)
+            batch: list[_Entry] = []
+            try:
+                decoder = self._decoder(model)
+                if decoder is None:
+                    continue
+                batch = self._take_batch(model, decoder)
+                if batch:
+                    self._run(decoder, batch)
+            except BaseException as exc:
+                log.exception("decode worker error; failing its batch and going on")
+                for entry in batch:
+                    entry.loop.call_soon_threadsafe(_fail, entry.future, RuntimeError(f"decode worker error: {exc}"))
 
-    def _run(self, batch: list[_Entry]) -> None:
+    def _decoder(self, model: str) -> Decoder | None:
+        """The model's decoder; when it cannot load, every queued request for it fails."""
+        try:
+            return self._get_decoder(model)
+        except Exception as exc:  # noqa: BLE001 - any load failure is reported to the sessions
+            log.warning("model %s unavailable: %s", model, exc)
+            with self._cond:
+                failed = [e for e in self._pending if e.model == model]
+                self._pending = [e for e in self._pending if e.model != model]
+            for entry in failed:
+                entry.loop.call_soon_threadsafe(_fail, entry.future, ModelUnavailable(f"model {model!r} could not be loaded: {exc}"))
+            return None
+
+    def _served(self, batch: list[_Entry]) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for entry in batch:
+                utterance = self._utterances.get(entry.utterance)
+                if utterance is not None:
+                    utterance.last_served = now
+
+    def _run(self, decoder: Decoder, batch: list[_Entry]) -> None:
         started = time.monotonic()
         for entry in batch:
             self._metrics.queue_wait.observe(started - entry.enqueued)
-        model = batch[0].job.request.model
-        try:
-            decoder = self._get_decoder(model)
-        except Exception as exc:  # noqa: BLE001 - any load failure is reported to the sessions
-            log.warning("model %s unavailable: %s", model, exc)
-            for entry in batch:
-                entry.loop.call_soon_threadsafe(_fail, entry.future, ModelUnavailable(f"model {model!r} could not be loaded: {exc}"))
-            return
+        finals = [started - e.enqueued for e in batch if e.final]
+        if finals:
+            with self._cond:
+                self._load.observe(max(finals), started)
         try:
             results = decoder.decode_batch([e.job.request for e in batch])
         except Exception as exc:
@@ -195,10 +346,12 @@ class DecodeScheduler:
                 log.warning("a batch of %d failed (%s); decoding its requests one by one", len(batch), exc)
                 for entry in batch:
                     self._run_alone(decoder, entry)
+                self._served(batch)
                 return
             log.exception("decode failed")
             batch[0].loop.call_soon_threadsafe(_fail, batch[0].future, exc)
             return
+        self._served(batch)
         elapsed = time.monotonic() - started
         audio_s = sum(len(e.job.request.audio) for e in batch) / MODEL_RATE
         self._metrics.batch_seconds.observe(elapsed)

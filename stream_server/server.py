@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from stream_server.engine import Engine
 from stream_server.http import routes as http_routes
+from stream_server.keys import KeyFileError, KeyRing, install_reload_on_sighup, without_plaintext
 from stream_server.settings import Settings
 from stream_server.web.routes import routes as web_routes
 from stream_server.ws import websocket_routes
@@ -40,12 +41,17 @@ async def readyz(request: Request) -> Response:
     engine: Engine = request.app.state.engine
     if engine.draining:
         return JSONResponse({"status": "draining", "model": engine.settings.model}, status_code=503)
+    if engine.ready and not engine.scheduler.healthy():
+        # Sessions would wait forever for decodes: take this replica out of rotation.
+        return JSONResponse({"status": "decoder_down", "model": engine.settings.model}, status_code=503)
     if engine.ready:
         return JSONResponse({"status": "ready", "model": engine.settings.model})
     return JSONResponse({"status": "loading", "model": engine.settings.model}, status_code=503)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
+    ring = KeyRing.from_settings(settings)  # the keys as digests; the app keeps no plaintext copy
+    settings = without_plaintext(settings)
     engine = engine or Engine(settings)
 
     @contextlib.asynccontextmanager
@@ -67,6 +73,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.engine = engine
     app.state.settings = settings
+    app.state.keys = ring
     return app
 
 
@@ -74,11 +81,14 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.api_key_set() and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s without API keys: anyone who can reach this address can use the server (--api-keys)", settings.host)
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise SystemExit("--ssl-keyfile needs --ssl-certfile (the certificate that key belongs to)")
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except KeyFileError as exc:
+        raise SystemExit(f"--api-keys-file: {exc}") from None
+    if not app.state.keys.configured and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s without API keys: anyone who can reach this address can use the server (--api-keys)", settings.host)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -94,7 +104,7 @@ def serve(settings: Settings) -> None:
         ssl_certfile=settings.ssl_certfile or None,
         ssl_keyfile=settings.ssl_keyfile or None,
     )
-    DrainingServer(config, app.state.engine).run()
+    DrainingServer(config, app.state.engine, keys=app.state.keys).run()
 
 
 class DrainingServer:
@@ -107,10 +117,11 @@ class DrainingServer:
     closes every WebSocket with 1012 at once, losing every open utterance.)
     """
 
-    def __init__(self, config: Any, engine: Engine) -> None:
+    def __init__(self, config: Any, engine: Engine, *, keys: KeyRing | None = None) -> None:
         import uvicorn
 
         self.engine = engine
+        self.keys = keys  # reloaded from --api-keys-file on SIGHUP
         self.server = uvicorn.Server(config)
         self._plain_exit = self.server.handle_exit
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -121,6 +132,8 @@ class DrainingServer:
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.keys is not None:
+            install_reload_on_sighup(self._loop, self.keys)
         await self.server.serve()
 
     def _handle_exit(self, sig: int, frame: FrameType | None) -> None:

@@ -50,6 +50,12 @@ class Settings:
     interim_max_wait_s: float = dataclasses.field(
         default=1.0, metadata={"help": "interim decodes older than this are shed under load (finals never are)"}
     )
+    admission_max_final_wait_s: float = dataclasses.field(
+        default=1.5,
+        metadata={
+            "help": "refuse new sessions (server_busy) while final decodes wait longer than this for a worker (0 = never)"
+        },
+    )
     interim_step_ms: int = dataclasses.field(
         default=300, metadata={"help": "new audio needed before an open utterance is decoded again"}
     )
@@ -84,7 +90,23 @@ class Settings:
     )
     api_keys: str = dataclasses.field(
         default="",
-        metadata={"help": "comma-separated API keys clients must present (empty: no authentication; keys clients send are ignored)"},
+        metadata={"help": "comma-separated API keys clients must present (empty, and no --api-keys-file: no authentication; keys clients send are ignored)"},
+    )
+    api_keys_file: str = dataclasses.field(
+        default="",
+        metadata={"help": "file of API keys, one a line, each optionally with name=, max_sessions= and audio_s_per_min= (docs/deploy.md); kept hashed in memory, reloaded on SIGHUP"},
+    )
+    key_max_sessions: int = dataclasses.field(
+        default=0,
+        metadata={"help": "concurrent WebSocket sessions per API key (0 = unlimited; a key's max_sessions= overrides; without keys: all clients together); more are refused with HTTP 429"},
+    )
+    key_audio_s_per_min: float = dataclasses.field(
+        default=0.0,
+        metadata={"help": "audio seconds per minute per API key over all its sessions (0 = unlimited; audio_s_per_min= overrides; without keys: all clients together); beyond it the session's audio so far is finalized, then rate_limited and close 1008"},
+    )
+    allowed_origins: str = dataclasses.field(
+        default="",
+        metadata={"help": "comma-separated origins (https://app.example.com) whose pages may open WebSockets; others get 403; requests without Origin are allowed; empty = any"},
     )
     # Live and stored session transcripts (GET /v1/sessions/{id}/...) and webhooks.
     transcript_db: str = dataclasses.field(
@@ -108,6 +130,10 @@ class Settings:
     twilio_auth_token: str = dataclasses.field(
         default="",
         metadata={"help": "Twilio auth token: /v1/twilio upgrades must carry a valid X-Twilio-Signature (empty: not checked; prefer the environment variable to a flag)"},
+    )
+    twilio_public_url: str = dataclasses.field(
+        default="",
+        metadata={"help": "the <Stream> URL exactly as the TwiML has it (wss://stt.example.com/calls/stream): what X-Twilio-Signature is checked against, for a proxy that rewrites the path or host (empty: rebuilt from Host/X-Forwarded-Host and the path)"},
     )
     ssl_certfile: str = dataclasses.field(
         default="", metadata={"help": "TLS certificate chain (PEM): serve https:// and wss:// directly (empty: plain HTTP, e.g. behind a TLS proxy)"}

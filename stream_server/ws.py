@@ -3,8 +3,9 @@
 A connection is a dialect (wire protocol ↔ core commands and events), a :class:`SessionRunner`
 (session ↔ scheduler) and two loops: the reader feeds client frames through the dialect into the
 runner; one sender task writes the dialect's messages in the order they were produced. Limits that
-belong to the transport (message size, idle time, session count, API keys) live here, and their
-errors are rendered by the dialect in the shape its clients expect.
+belong to the transport (message size, idle time, session count) live here, API keys and per-key
+limits in ``keys.py`` (asked here), and their errors are rendered by the dialect in the shape its
+clients expect.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from stream_server import keys, tokens
 from stream_server import protocol as p
-from stream_server import tokens
 from stream_server.dialects.base import (
     Action,
     Close,
@@ -32,6 +33,7 @@ from stream_server.dialects.base import (
     Send,
 )
 from stream_server.engine import Engine
+from stream_server.hub import Control, ControlRefused
 from stream_server.runner import SessionRunner
 from stream_server.session import CloseConnection
 
@@ -74,32 +76,52 @@ def handshake_of(ws: WebSocket, engine: Engine) -> Handshake:
 
 async def dialect_endpoint(create: DialectFactory, ws: WebSocket) -> None:
     engine: Engine = ws.app.state.engine
+    origin = ws.headers.get("origin")
+    if not keys.origin_allowed(engine.settings.allowed_origins, origin, ws.headers.get("host")):
+        log.info("WebSocket upgrade from origin %.100r refused (--allowed-origins)", origin)
+        refusal = keys.origin_refused()
+        await _deny(ws, refusal.status, refusal.body())
+        return
     try:
         dialect = create(handshake_of(ws, engine))
     except HandshakeRejected as exc:
         await _deny(ws, exc.status, dict(exc.body))
         return
-    keys = engine.settings.api_key_set()
-    # Twilio cannot send headers: its key arrives in the first message, and that dialect checks
-    # it there (``api_key_after_upgrade``). Browsers cannot either: they offer a short-lived
-    # token as a subprotocol instead of a key (``tokens.py``).
+    access = _admit(ws, dialect)
+    if isinstance(access, keys.Refusal):
+        await _deny(ws, access.status, access.body(), access.headers())
+        return
+    try:
+        await _session(ws, engine, dialect, access)
+    finally:
+        access.release()
+
+
+def _admit(ws: WebSocket, dialect: Dialect) -> keys.Access | keys.Refusal:
+    """The key check and the key's session limit, before the upgrade (401 missing, 403 wrong,
+    429 at the limit). Twilio cannot send headers: its key arrives in the first message
+    (``api_key_after_upgrade``) and :meth:`Connection._command` checks it there. Browsers cannot
+    either: they offer a short-lived token as a subprotocol (``tokens.py``), whose session
+    counts against the key that minted it."""
+    ring = keys.ring_of(ws.app.state)
     offered = tuple(ws.scope.get("subprotocols") or ())
     tokens.select_subprotocol(offered, dialect)
-    if (
-        keys
-        and not getattr(dialect, "api_key_after_upgrade", False)
-        and dialect.api_key not in keys
-        and not tokens.admit_websocket(ws.app.state, offered, dialect)
-    ):
-        missing = dialect.api_key is None  # 401 asks for a key; 403 refuses the one given
-        error = p.Error.invalid("invalid_api_key", "an API key is required" if missing else "the API key is not valid for this server")
-        await _deny(ws, 401 if missing else 403, {"error": {"type": error.error.type, "code": error.error.code, "message": error.error.message}})
-        return
+    if getattr(dialect, "api_key_after_upgrade", False):
+        return ring.pending_access()
+    principal = ring.identify(dialect.api_key)
+    if principal is None:
+        grant = tokens.admit_websocket(ws.app.state, offered, dialect)
+        principal = ring.principal(grant.owner) if grant is not None else None
+    if principal is None:
+        return keys.key_refused(missing=dialect.api_key is None)
+    return ring.access(principal)
+
+
+async def _session(ws: WebSocket, engine: Engine, dialect: Dialect, access: keys.Access) -> None:
     await ws.accept(subprotocol=dialect.subprotocol)
-    if engine.draining or engine.active_sessions >= engine.settings.max_sessions:
+    reason = engine.refusal()
+    if reason is not None:
         engine.metrics.sessions_rejected.inc()
-        limit = engine.settings.max_sessions
-        reason = "the server is shutting down" if engine.draining else f"the server is at its limit of {limit} sessions"
         busy = p.Error.server("server_busy", f"{reason}; try again later")
         connection = Connection(ws, engine, dialect)
         await connection.send_now([*dialect.error(busy), Close(1013, "server busy")])
@@ -108,7 +130,7 @@ async def dialect_endpoint(create: DialectFactory, ws: WebSocket) -> None:
     engine.metrics.sessions_total.inc()
     engine.metrics.active_sessions.set(engine.active_sessions)
     try:
-        await Connection(ws, engine, dialect).run()
+        await Connection(ws, engine, dialect, access).run()
     finally:
         engine.active_sessions -= 1
         engine.metrics.active_sessions.set(engine.active_sessions)
@@ -117,11 +139,11 @@ async def dialect_endpoint(create: DialectFactory, ws: WebSocket) -> None:
                 await ws.close(1000)
 
 
-async def _deny(ws: WebSocket, status: int, body: dict[str, object]) -> None:
+async def _deny(ws: WebSocket, status: int, body: dict[str, object], headers: dict[str, str] | None = None) -> None:
     """Refuse the upgrade with an HTTP response (clients show its status and body), or, where
     the ASGI server cannot send one, accept and close with a policy-violation code."""
     try:
-        await ws.send_denial_response(JSONResponse(body, status_code=status))
+        await ws.send_denial_response(JSONResponse(body, status_code=status, headers=headers))
     except RuntimeError:
         await ws.accept()
         await ws.close(1008, str(body)[:120])
@@ -130,8 +152,10 @@ async def _deny(ws: WebSocket, status: int, body: dict[str, object]) -> None:
 class Connection:
     """One WebSocket session in one dialect."""
 
-    def __init__(self, ws: WebSocket, engine: Engine, dialect: Dialect) -> None:
+    def __init__(self, ws: WebSocket, engine: Engine, dialect: Dialect, access: keys.Access | None = None) -> None:
         self.ws = ws
+        self.access = access or keys.Access.unlimited()  # the key's session slot and audio meter
+        self._quota_error: p.Error | None = None  # the key's audio allowance ran out: sent before the close
         self.engine = engine
         self.dialect = dialect
         self.settings = engine.settings
@@ -153,8 +177,34 @@ class Connection:
             if isinstance(action, (Send, Close)):
                 self._put(action)
             elif self.runner is not None and not self._closed.is_set():
-                self.runner.apply(action)
+                self._command(self.runner, action)
         self._register_alias()
+        self._publish_call_events()
+
+    def _command(self, runner: SessionRunner, command: p.ClientMessage) -> None:
+        """One command for the core, within the key's limits: a key that arrived after the upgrade
+        is checked before its dialect's first command; audio is charged to the key's meter as
+        the core takes it (the seconds the session actually received). Once the allowance is
+        spent the session is flushed, so the audio accepted so far still gets its finals, and
+        ``_on_close`` then sends ``rate_limited`` and closes with 1008."""
+        access = self.access
+        if access.refused:
+            return
+        if access.principal is None:
+            refusal = access.identify(self.dialect.api_key)
+            if refusal is not None:
+                self._queue([*self.dialect.error(refusal.error), Close(refusal.close_code, refusal.reason)])
+                return
+        if not isinstance(command, p.AudioAppend):
+            runner.apply(command)
+            return
+        if not access.audio_allowed():
+            self._quota_error = access.spend_out()
+            runner.close()
+            return
+        before = runner.session.audio_seconds
+        runner.apply(command)
+        access.charge(runner.session.audio_seconds - before)
 
     def _put(self, item: Send | Close) -> None:
         """Queue a message for the sender; a client that stops reading must not pin memory: past
@@ -171,10 +221,41 @@ class Connection:
         self._outbox.put_nowait(item)
 
     def drain(self) -> None:
-        """Server shutdown: finalize every open utterance, send done, close with 1001."""
+        """Server shutdown: finalize every open utterance, send done, close with 1001. A dialect
+        that can move its client to another replica (AudioHook's ``reconnect``: its ``drain()``
+        returns actions) does that instead, and gets the plain drain if the client has not closed
+        within half of ``--drain-timeout-s``."""
         self._close_code = 1001
-        if self.runner is not None and not self.runner.session.closing:
+        handover = getattr(self.dialect, "drain", None)
+        actions = handover() if callable(handover) else None
+        if actions is None:
+            self._flush_for_shutdown()
+            return
+        self._queue(actions)
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to fall back on later
+            asyncio.get_running_loop().call_later(self.settings.drain_timeout_s / 2, self._flush_for_shutdown)
+
+    def _flush_for_shutdown(self) -> None:
+        if self in self.engine.connections and self.runner is not None and not self.runner.session.closing:
             self.runner.close()
+
+    def request(self, control: Control) -> None:
+        """An operator's control (``POST /v1/sessions/{id}/pause``), from the hub: the dialect turns
+        it into its protocol's message, queued at once. The HTTP route and this connection share the
+        server's one event loop, so this runs between two client frames, never inside the core."""
+        handler = getattr(self.dialect, "control", None)
+        if not callable(handler):
+            raise ControlRefused("control_unsupported", f"the {self.dialect.name} protocol has no {control.value} message")
+        if self._closed.is_set() or self.runner is None or self.runner.session.closing:
+            raise ControlRefused("invalid_state", "the session is closing")
+        self._queue(handler(control))
+
+    def _publish_call_events(self) -> None:
+        """Call events a dialect reports beside the audio (Twilio's DTMF digits) go to the hub."""
+        take = getattr(self.dialect, "call_events", None)
+        if callable(take) and self.runner is not None:
+            for key in take():
+                self.engine.hub.dtmf(self.runner.session.id, key)
 
     def _register_alias(self) -> None:
         """Publish the session under the call's own id once the dialect has learned it (Twilio's
@@ -198,6 +279,8 @@ class Connection:
     def _on_close(self, close: CloseConnection) -> None:
         if self._close_code == 1001:
             self._put(Close(1001, "server shutting down"))
+        elif self._quota_error is not None:
+            self._queue([*self.dialect.error(self._quota_error), Close(keys.POLICY_VIOLATION, "audio rate limit exceeded")])
         else:
             self._put(Close(close.code, close.reason))
 
@@ -233,7 +316,7 @@ class Connection:
             session, self.engine.scheduler, emit=self._emit, on_close=self._on_close, metrics=self.engine.metrics
         )
         self.runner = runner
-        self.engine.hub.open(session.id, duration=lambda: session.audio_seconds)
+        self.engine.hub.open(session.id, duration=lambda: session.audio_seconds, controller=self)
         self.engine.connections.add(self)
         sender = asyncio.create_task(self._sender())
         runner.start()

@@ -117,3 +117,16 @@ def test_no_event_after_done_when_an_interim_decode_fails_late(outcome: str) -> 
 ])
 def test_audiohook_open_with_unhashable_media_fields_is_bad_input(media: dict[str, object]) -> None:
     check(fuzz.Case("audiohook", {}, (audiohook_message("open", {"organizationId": "o", "conversationId": "c", "media": [media]}),)))
+
+
+@pytest.mark.parametrize("sequenced", [False, True])
+def test_twilio_logs_an_absurdly_nested_event_name_without_formatting_it(sequenced: bool) -> None:
+    """Found by the 100k run: ``{"event": [[[...]]]}`` nested just shallower than ``json.loads`` refuses
+    was logged with ``%r`` ("without sequenceNumber", "unknown event"), and repr() of it hit the
+    recursion limit inside logging: the warning was lost and a traceback went to stderr. How deep
+    exactly depends on the stack the dialect runs on, so a band of depths around the limit."""
+    for depth in range(900, 1001):
+        event: dict[str, object] = {"event": [fuzz.Raw(fuzz.deep_text(depth, "["))]}
+        if sequenced:
+            event["sequenceNumber"] = "1"
+        check(fuzz.Case("twilio", {"api_keys": ()}, (fuzz.Msg(event),)))

@@ -181,3 +181,107 @@ async def test_one_bad_request_fails_alone_and_its_batch_mates_get_their_text() 
         assert ["a", "poison", "b"] in decoder.batches and ["poison"] in decoder.batches
     finally:
         scheduler.stop()
+
+
+class KeyedDecoder(GatedDecoder):
+    """Batches only requests whose prompts start with the same letter (a model pass's shape)."""
+
+    def batch_key(self, request):
+        return request.prompt[:1]
+
+
+def keyed_job(name: str, key: object, final: bool = False) -> Job:
+    return Job(DecodeRequest(np.zeros(1600, np.float32), prompt=name, model="m", final=final, key=key), final)
+
+
+async def test_interim_work_goes_to_new_utterances_first_then_by_staleness() -> None:
+    """Fair to people: an utterance with no text yet is decoded before re-decodes of utterances
+    that already show text, and among those the one that waited longest since its last result
+    goes first, whatever the order the requests arrived in."""
+    decoder = GatedDecoder()
+    decoder.gate.set()
+    scheduler = DecodeScheduler(lambda name: decoder, max_batch_size=1)
+    try:
+        await scheduler.submit(keyed_job("old-1", "old"))  # served first: the stalest now
+        await scheduler.submit(keyed_job("recent-1", "recent"))  # served later
+        decoder.gate.clear()
+        blocker = scheduler.submit(keyed_job("warm", "warm", final=True))
+        await asyncio.sleep(0.05)
+        futures = [scheduler.submit(keyed_job(name, key)) for name, key in (("recent-2", "recent"), ("old-2", "old"), ("new-1", "new"))]
+        final = scheduler.submit(keyed_job("F", "other", final=True))
+        decoder.gate.set()
+        await asyncio.gather(blocker, final, *futures)
+        assert decoder.batches[3:] == [["F"], ["new-1"], ["old-2"], ["recent-2"]]
+    finally:
+        scheduler.stop()
+
+
+async def test_a_batch_is_one_model_pass_led_by_the_most_urgent_request() -> None:
+    decoder = KeyedDecoder()
+    scheduler = DecodeScheduler(lambda name: decoder, max_batch_size=8)
+    try:
+        blocker = scheduler.submit(keyed_job("warm", "w", final=True))
+        await asyncio.sleep(0.05)
+        names = ["b1", "a1", "b2", "a2", "b3"]
+        futures = [scheduler.submit(keyed_job(n, n)) for n in names]
+        final = scheduler.submit(keyed_job("a-final", "f", final=True))
+        decoder.gate.set()
+        await asyncio.gather(blocker, final, *futures)
+        # The final leads; only same-shape work rides along; the rest forms the next pass.
+        assert decoder.batches[1:] == [["a-final", "a1", "a2"], ["b1", "b2", "b3"]]
+    finally:
+        scheduler.stop()
+
+
+async def test_a_worker_survives_a_failure_outside_the_decode_and_health_says_so() -> None:
+    class BadKeyDecoder(GatedDecoder):
+        def batch_key(self, request):
+            if request.prompt == "bad":
+                raise ValueError("cannot shape this request")
+            return None
+
+    decoder = BadKeyDecoder()
+    decoder.gate.set()
+    scheduler = DecodeScheduler(lambda name: decoder)
+    try:
+        assert scheduler.healthy()
+        results = await asyncio.gather(scheduler.submit(job("bad")), scheduler.submit(job("good")), return_exceptions=True)
+        assert all(isinstance(r, DecodeResult) for r in results)  # the bad key ran alone
+        assert scheduler.healthy()
+    finally:
+        scheduler.stop()
+    assert not scheduler.healthy()
+
+
+def test_final_wait_meter_enters_above_the_limit_leaves_below_half_and_forgets_when_idle() -> None:
+    from stream_server.scheduler import _FinalWait
+
+    meter = _FinalWait()
+    assert not meter.over(1.0, now=0.0, oldest_waiting=0.0)
+    meter.observe(1.4, now=1.0)
+    assert meter.over(1.0, now=1.0, oldest_waiting=0.0)
+    meter.observe(0.7, now=2.0)  # average 1.26: still over
+    assert meter.over(1.0, now=2.0, oldest_waiting=0.0)
+    for t in range(3, 12):
+        meter.observe(0.3, now=float(t))
+    assert not meter.over(1.0, now=11.0, oldest_waiting=0.0)  # below half: admitting again
+    assert meter.over(1.0, now=11.0, oldest_waiting=1.2)  # a final waiting now counts at once
+    meter.observe(5.0, now=20.0)
+    assert not meter.over(1.0, now=40.0, oldest_waiting=0.0)  # nothing ran for 20 s: idle, not overloaded
+
+
+async def test_overloaded_while_a_final_waits_past_the_limit() -> None:
+    decoder = GatedDecoder()
+    scheduler = DecodeScheduler(lambda name: decoder)
+    try:
+        blocker = scheduler.submit(job("warm", final=True))
+        await asyncio.sleep(0.05)
+        waiting = scheduler.submit(job("F", final=True))
+        assert not scheduler.overloaded(0.2)
+        await asyncio.sleep(0.3)
+        assert scheduler.overloaded(0.2)
+        assert not scheduler.overloaded(0)  # 0 turns admission control off
+        decoder.gate.set()
+        await asyncio.gather(blocker, waiting)
+    finally:
+        scheduler.stop()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.support import ServerProcess, english_references, load_clip, start_server
+from tests.support import ServerProcess, english_references, load_clip, normalize, start_server
 
 
 def pcm16(samples: np.ndarray) -> bytes:
@@ -35,26 +35,49 @@ def readyz(server: ServerProcess) -> int:
 
 
 def test_sigterm_drains_every_open_utterance_then_closes_1001(tmp_path: Path) -> None:
-    rows = english_references()[:3]
+    """Eight real-speech sessions streaming at real time, SIGTERM while every one is mid-sentence:
+    each still gets a segment for every utterance it started, ``transcript.text.done`` equal to its
+    deltas, and close 1001; readiness flips to 503 and new sessions are refused at once. The drain
+    time (SIGTERM → last close) is printed: it is the issue's "drain with 8 open sessions" figure."""
+    rows = [r for r in english_references() if r["duration_s"] >= 5.0][:8]
+    assert len(rows) == 8
+    cut_s = 3.0  # every clip is at least 5 s long: SIGTERM lands mid-sentence in each
     server = start_server(tmp_path, "--drain-timeout-s", "30")
 
-    async def client(clip_id: str, opened: asyncio.Event) -> tuple[list[dict], int | None]:
-        audio = load_clip(clip_id)
-        audio = audio[: int(len(audio) * 0.8)]  # stop mid-sentence: the utterance is open
-        async with websockets.connect(server.ws_url) as ws:
-            await ws.send(pcm16(audio))
-            events: list[dict] = []
-            async for message in ws:
-                events.append(json.loads(message))
-                if events[-1]["type"] == "input_audio_buffer.speech_started":
-                    opened.set()
-            return events, ws.close_code
+    sent_s: dict[str, float] = {}  # audio seconds each client has sent so far
 
-    async def go() -> tuple[list[tuple[list[dict], int | None]], int, int | None]:
+    async def client(clip_id: str, opened: asyncio.Event) -> tuple[list[tuple[float, dict]], int | None, float]:
+        audio = pcm16(load_clip(clip_id))
+        frame = 640  # 20 ms of pcm16 at 16 kHz, sent when it has been "spoken"
+        events: list[tuple[float, dict]] = []
+        async with websockets.connect(server.ws_url) as ws:
+
+            async def receive() -> None:
+                async for message in ws:
+                    events.append((time.monotonic(), json.loads(message)))
+                    if events[-1][1]["type"] == "input_audio_buffer.speech_started":
+                        opened.set()
+
+            receiver = asyncio.create_task(receive())
+            t0 = time.monotonic()
+            for k, offset in enumerate(range(0, len(audio), frame)):
+                await asyncio.sleep(max(0.0, t0 + 0.02 * (k + 1) - time.monotonic()))
+                try:
+                    await ws.send(audio[offset : offset + frame])
+                except websockets.exceptions.ConnectionClosed:
+                    break  # the drain closed the session while we were still talking
+                sent_s[clip_id] = (offset + frame) / 32000
+            await receiver
+            return events, ws.close_code, time.monotonic()
+
+    async def go() -> tuple[list[tuple[list[tuple[float, dict]], int | None, float]], float, dict[str, float], int, int | None]:
         flags = [asyncio.Event() for _ in rows]
+        started = time.monotonic()
         tasks = [asyncio.create_task(client(r["id"], f)) for r, f in zip(rows, flags)]
         await asyncio.wait_for(asyncio.gather(*(f.wait() for f in flags)), 60)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(max(0.0, started + cut_s - time.monotonic()))
+        sigterm_at = time.monotonic()
+        sent_at_sigterm = dict(sent_s)
         server.process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.1)
         status = await asyncio.to_thread(readyz, server)
@@ -67,24 +90,44 @@ def test_sigterm_drains_every_open_utterance_then_closes_1001(tmp_path: Path) ->
                 refused = late.close_code
         except (OSError, websockets.exceptions.WebSocketException):
             refused = -1  # already stopped listening: refused too
-        return await asyncio.gather(*tasks), status, refused
+        return await asyncio.wait_for(asyncio.gather(*tasks), 60), sigterm_at, sent_at_sigterm, status, refused
 
     try:
-        results, status, refused = asyncio.run(go())
+        results, sigterm_at, sent_at_sigterm, status, refused = asyncio.run(go())
         # uvicorn re-raises the signal it caught once shutdown is complete: -SIGTERM, by design.
         assert server.process.wait(timeout=40) in (0, -signal.SIGTERM)
+        exited_s = time.monotonic() - sigterm_at
     finally:
         server.stop()
     assert status == 503, "readiness says draining at once"
     assert refused in (1013, -1), refused
-    for events, code in results:
+    unread: list[float] = []  # audio sent before SIGTERM that the server had not read (see the print below)
+    for row, (timed, code, _closed) in zip(rows, results):
+        events = [e for _, e in timed]
         types = [e["type"] for e in events]
-        assert code == 1001
-        assert types[-1] == "transcript.text.done" and "transcript.segment" in types
-        done = events[-1]
-        assert done["text"] and done["text"] == "".join(e["delta"] for e in events if e["type"] == "transcript.text.delta")
+        assert code == 1001, (row["id"], code)
+        assert types[-1] == "transcript.text.done" and types.count("transcript.text.done") == 1
+        started = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.speech_started"]
+        segments = {e["item_id"]: e["text"] for e in events if e["type"] == "transcript.segment"}
+        assert started and set(started) == set(segments), (row["id"], started, segments)
+        open_at_sigterm = [i for i in started if not any(t < sigterm_at and e.get("item_id") == i and e["type"] == "transcript.segment"
+                                                         for t, e in timed)]
+        assert open_at_sigterm, f"{row['id']}: no utterance was open at SIGTERM, so the drain was not tested"
+        done = events[-1]["text"]
+        assert done == "".join(e["delta"] for e in events if e["type"] == "transcript.text.delta")
+        assert done.split() == " ".join(segments[i] for i in started).split()
+        # Real text: the words before the last (which the drain may cut mid-word) are the clip's.
+        heard, reference = normalize(done).split(), set(normalize(row["text"]).split())
+        assert heard and sum(w in reference for w in heard[:-1]) >= 0.6 * (len(heard) - 1), (row["text"], done)
+        unread.append(sent_at_sigterm[row["id"]] - events[-1]["usage"]["seconds"])
+    drain_s = max(closed for _, _, closed in results) - sigterm_at
     log = server.log_path.read_text()
-    assert "draining 3 session(s)" in log and "drain finished" in log
+    assert "draining 8 session(s)" in log and "(0 session(s) still open)" in log
+    # Audio still unread in the socket when SIGTERM lands is not transcribed: the gap between what
+    # each client had sent and the audio the server received (done's usage) is how far reading lagged.
+    print(f"\ndrain with 8 open sessions: last close {drain_s:.2f} s after SIGTERM, process exit {exited_s:.2f} s; "
+          + next(line.split(": ", 1)[1] for line in log.splitlines() if "drain finished" in line)
+          + f"; audio sent before SIGTERM but never read by the server: {min(unread):.2f}-{max(unread):.2f} s")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from typing import Any
 from . import offline as offline_mod
 from .client import ClientConfig
 from .corpus import LEAD_IN_S, NOISE_DBFS, SPEECH_MARGIN_S, TRAIL_S, build_streams
-from .report import SYNTHETIC_NOTE, markdown, plots, write_json
+from .report import SYNTHETIC_NOTE, markdown, plots, profile_figures, write_json
 from .runner import LevelResult, run_level, run_with_server, target_for_url
 from .server_proc import ServerOptions
 from .sweep import parse_levels, run_sweep
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--offline", action=argparse.BooleanOptionalAction, default=None,
                      help="compute the offline WER baseline (default on, off with --synthetic)")
     run.add_argument("--idle-s", type=float, default=2.0, help="idle measurement before each run")
+    run.add_argument("--profile", action="store_true",
+                     help="add where the server's CPU went per audio second: VAD, features, encoder, decoder steps, "
+                     "alignment, event loop (from its /metrics stage counters)")
     run.add_argument("--out", type=Path, help="output folder (default bench-out/<UTC timestamp>)")
     calls = p.add_argument_group("calls (call-center mode, see bench/calls.py)")
     calls.add_argument("--calls", metavar="N[,N...]",
@@ -85,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead of streaming: run N generated inputs (Hypothesis) through every dialect and the "
                     "session core, count crashes and outcome classes (uses --seed and --out)")
     fz.add_argument("--fuzz-max-s", type=float, metavar="S", help="with --fuzz: stop after S seconds (default: run all N)")
+    sk = p.add_argument_group("soak (sessions back to back for hours, see bench/soak.py)")
+    sk.add_argument("--soak", metavar="DURATION",
+                    help="instead of one run: --clients clients stream real speech in sessions back to back for DURATION "
+                    "(40s, 30m, 2h); reports RSS slope, open fds, threads, lost finals and WER drift")
+    sk.add_argument("--clients", type=int, default=8, help="with --soak: concurrent clients (default 8)")
+    sk.add_argument("--soak-session-s", type=float, default=20.0, help="with --soak: audio per session, a few clips (default 20)")
+    sk.add_argument("--soak-sample-s", type=float, default=10.0, help="with --soak: server sampling interval (default 10)")
+    sk.add_argument("--soak-warmup-s", type=float,
+                    help="with --soak: samples before this are left out of the RSS slope (default 20%% of the run, at most 300)")
     return p
 
 
@@ -121,6 +133,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import fuzz
 
         return fuzz.main(args.fuzz, out=out, seed=args.seed, max_seconds=args.fuzz_max_s)
+    if args.soak is not None:
+        from .soak import main_soak
+
+        return main_soak(args, out, stamp, list(sys.argv[1:] if argv is None else argv))
     notes: list[str] = []
     if args.calls:
         from .calls import main_calls
@@ -265,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "stagger_s": args.stagger_s,
             "language": language,
             "silence_ms": args.silence_ms,
+            "profile": args.profile,
             "pause_range_s": [args.pause_min_s, args.pause_max_s],
             "pause_fill": args.pause_fill,
             "argv": list(sys.argv[1:] if argv is None else argv),
@@ -288,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if sweep_block is not None:
         results["sweep"] = sweep_block
+    if args.profile:
+        results["profile"] = [profile_figures(lv) for lv in results["runs"]]
     write_json(out / "results.json", results)
     md = markdown(results)
     (out / "summary.md").write_text(md)

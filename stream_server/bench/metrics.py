@@ -632,6 +632,8 @@ def capacity(
             why.append(f"p95 finalization {p95:.2f} s > {p95_limit_s} s")
         if lv.get("utterances_lost", 0) > 0:
             why.append(f"{int(lv['utterances_lost'])} utterance(s) lost")
+        if lv.get("streams_refused", 0) > 0:
+            why.append(f"{int(lv['streams_refused'])} stream(s) refused with server_busy (admission control)")
         if base is not None and lv["wer"] > base["wer"] + wer_margin + 1e-12:
             why.append(f"WER {100 * lv['wer']:.2f}% > N=1 {100 * base['wer']:.2f}% + 1 point")
         if lv.get("client_send_lag_max_s", 0.0) > 0.5:

@@ -123,6 +123,7 @@ def run_level(
     if frames:
         figures["client_frames_late_50ms_fraction"] = sum(r.frames_late for r in records) / frames
     figures["client_errors"] = sum(1 for r in records if r.error)
+    figures["streams_refused"] = sum(1 for r in records if r.close_code == 1013 or any('"server_busy"' in raw for _, raw in r.raw_events[:3]))
     figures["bench_client_cpu_cores"] = (my_cpu1 - my_cpu0) / max(1e-9, wall1 - wall0)
     if monitor is not None:
         figures.update(_resource_figures(monitor, records, audio_s, figures.get("idle_rss_mb"), n))

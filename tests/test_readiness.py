@@ -1,0 +1,58 @@
+"""/readyz tells a load balancer the truth: ready only while sessions can get decodes."""
+
+from __future__ import annotations
+
+from starlette.testclient import TestClient
+
+from stream_server.engine import Engine
+from stream_server.server import create_app
+from stream_server.settings import Settings
+from tests.fakes import BurstDecoder, EnergyVad
+
+
+def test_readyz_is_503_when_the_decode_workers_are_gone() -> None:
+    settings = Settings(model="tiny.en")
+    engine = Engine(settings, vad=EnergyVad(), decoder_factory=lambda path: BurstDecoder())
+    with TestClient(create_app(settings, engine)) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+        engine.scheduler.stop()  # as if every worker thread had died
+        down = client.get("/readyz")
+        assert down.status_code == 503 and down.json()["status"] == "decoder_down"
+        assert client.get("/healthz").status_code == 200  # alive, only not ready
+
+
+async def test_new_sessions_are_refused_while_finals_run_late() -> None:
+    """Admission control: the refusal reason the WebSocket shell sends as ``server_busy``."""
+    import asyncio
+    import threading
+
+    import numpy as np
+
+    from stream_server.decoding import DecodeRequest, DecodeResult
+
+    gate = threading.Event()
+
+    class StalledDecoder(BurstDecoder):
+        def decode_batch(self, requests):  # type: ignore[no-untyped-def]
+            gate.wait(10)
+            return [DecodeResult((), "en", 0.0, 0.0) for _ in requests]
+
+    settings = Settings(model="tiny.en", admission_max_final_wait_s=0.2)
+    engine = Engine(settings, vad=EnergyVad(), decoder_factory=lambda path: StalledDecoder())
+
+    class Job:
+        def __init__(self) -> None:
+            self.request = DecodeRequest(np.zeros(1600, np.float32), model="tiny.en", final=True)
+
+    try:
+        assert engine.refusal() is None
+        futures = [engine.scheduler.submit(Job()) for _ in range(2)]
+        await asyncio.sleep(0.4)
+        reason = engine.refusal()
+        assert reason is not None and "capacity" in reason
+        gate.set()
+        await asyncio.gather(*futures)
+    finally:
+        gate.set()
+        engine.close()
