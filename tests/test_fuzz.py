@@ -93,11 +93,17 @@ def test_audiohook_survives_an_absurd_position(position: str) -> None:
 
 
 def test_the_rig_reaches_deep_protocol_states() -> None:
-    """Guard against a fuzzer that only ever sees garbage: real sessions with speech happen."""
-    stats = fuzz.run_chunk(seed=1, count=200)
+    """Guard against a fuzzer that only ever sees garbage: real sessions with speech happen.
+
+    Over several seeds: one chunk of 200 cases holds ~40 per dialect, and whether one of them opens
+    a dialect's session properly is luck (seed 1 once reached AudioHook audio, later not, with
+    the same strategies); 800 cases reach every one."""
+    reached: set[str] = set()
+    for seed in range(1, 5):
+        reached |= {outcome for outcome, count in fuzz.run_chunk(seed=seed, count=200).outcomes.items() if count}
     for outcome in ("native:command AudioAppend", "openai:command SessionUpdate", "twilio:command AudioAppend",
                     "audiohook:command AudioAppend", "deepgram:command AudioAppend", "session:accepted"):
-        assert stats.outcomes[outcome] > 0, outcome
+        assert outcome in reached, outcome
 
 
 @pytest.mark.parametrize("outcome", ["decode_failed", "model_unavailable"])
