@@ -460,6 +460,12 @@ class Session:
         if isinstance(decision, SpeechStart) and ch.utterance is None:
             return self._open_utterance(ch, decision.sample, decision.onset)
         if isinstance(decision, SpeechEnd) and ch.utterance is not None:
+            if len(ch.finals) >= self.limits.max_pending_finals:
+                # The decoder is that far behind this channel (audio sent faster than real time,
+                # or a VAD tuned to end a turn every few frames): the turn runs on into the next
+                # speech instead of queueing another final, so pending work and the audio it holds
+                # stay bounded; nothing is dropped, the words arrive with the next turn end.
+                return []
             return self._end_utterance(ch, decision.sample, pause_end=frame_start + FRAME)
         return []
 

@@ -603,3 +603,21 @@ def test_commits_beyond_the_pending_bound_are_refused_and_the_audio_is_kept() ->
         d.tick()
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 12))  # refused commits lost no words
+
+
+def test_turn_ends_beyond_the_pending_bound_are_deferred_and_lose_no_words() -> None:
+    """Audio sent far faster than the decoder keeps up: at max_pending_finals a turn end lets the
+    turn run on into the next speech instead of queueing another final (pending work and the
+    audio it holds stay bounded), and every word still arrives."""
+    d = Driver(latency_chunks=10_000)  # finals never come back while the audio arrives
+    most = 0
+    for k in range(1, 13):
+        d.feed(np.concatenate([speech([k]), silence(0.8)]))  # 12 turns, each ended by the VAD
+        most = max(most, len([t for _, t in d.inflight if t.request.final]))
+    assert most == SessionLimits().max_pending_finals  # reached, never passed
+    d.latency = 1
+    for _ in range(3):
+        d.tick()
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 13))
+    assert len(d.of(p.TranscriptSegment)) < 12  # the later turns ran on into one another

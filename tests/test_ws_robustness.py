@@ -101,7 +101,7 @@ def test_sigterm_drains_every_open_utterance_then_closes_1001(tmp_path: Path) ->
         server.stop()
     assert status == 503, "readiness says draining at once"
     assert refused in (1013, -1), refused
-    unread: list[float] = []  # audio sent before SIGTERM that the server had not read (see the print below)
+    unread: list[float] = []  # audio sent before SIGTERM that the server had not read
     for row, (timed, code, _closed) in zip(rows, results):
         events = [e for _, e in timed]
         types = [e["type"] for e in events]
@@ -123,8 +123,9 @@ def test_sigterm_drains_every_open_utterance_then_closes_1001(tmp_path: Path) ->
     drain_s = max(closed for _, _, closed in results) - sigterm_at
     log = server.log_path.read_text()
     assert "draining 8 session(s)" in log and "(0 session(s) still open)" in log
-    # Audio still unread in the socket when SIGTERM lands is not transcribed: the gap between what
-    # each client had sent and the audio the server received (done's usage) is how far reading lagged.
+    # Audio the client sent before SIGTERM is transcribed: the drain reads on for DRAIN_READ_S
+    # before finalizing (closing at once left 1.4-1.9 s of each session unread on a loaded machine).
+    assert max(unread) <= 0.25, f"audio sent before SIGTERM but never read: {unread}"
     print(f"\ndrain with 8 open sessions: last close {drain_s:.2f} s after SIGTERM, process exit {exited_s:.2f} s; "
           + next(line.split(": ", 1)[1] for line in log.splitlines() if "drain finished" in line)
           + f"; audio sent before SIGTERM but never read by the server: {min(unread):.2f}-{max(unread):.2f} s")
