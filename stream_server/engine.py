@@ -134,8 +134,11 @@ class Engine:
         as the VAD closes it, so long files keep the scheduler's batches full.
         """
         config = config.model_copy(update={"interim_results": False, "input_audio_format": "float32", "sample_rate": MODEL_RATE})
+        # Every turn of a file is queued at once on purpose (batches stay full); the file's size
+        # limit bounds that work, so turn ends are never deferred here as they are for a live
+        # client that outruns the decoder.
         session = self.new_session(config, limits=SessionLimits(
-            interim_decoding=False, max_utterance_s=self.limits.max_utterance_s
+            interim_decoding=False, max_utterance_s=self.limits.max_utterance_s, max_pending_finals=1_000_000
         ))
         events: asyncio.Queue[p.ServerEvent | None] = asyncio.Queue()  # None: the session closed
         runner = SessionRunner(session, self.scheduler, emit=events.put_nowait, on_close=lambda close: events.put_nowait(None))

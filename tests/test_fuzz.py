@@ -101,6 +101,13 @@ def test_the_rig_reaches_deep_protocol_states() -> None:
     reached: set[str] = set()
     for seed in range(1, 5):
         reached |= {outcome for outcome, count in fuzz.run_chunk(seed=seed, count=200).outcomes.items() if count}
+    # Hypothesis mines literal constants from every loaded module to bias its draws, so what a
+    # seed generates depends on which tests ran first: a clean CI run's seeds 1-4 drew no AudioHook
+    # open that led to audio, while the same seeds here did. The rig's AudioHook path to audio is
+    # also played from a scripted open, so this guard does not hang on that luck.
+    scripted = fuzz.run_case(fuzz.Case("audiohook", {}, (AUDIOHOOK_OPEN, fuzz.Frames(fuzz.AudioSpec(words=(1, 2), tail_ms=300)))))
+    assert scripted.crash is None and scripted.finding is None
+    reached |= {outcome for outcome, count in scripted.outcomes.items() if count}
     for outcome in ("native:command AudioAppend", "openai:command SessionUpdate", "twilio:command AudioAppend",
                     "audiohook:command AudioAppend", "deepgram:command AudioAppend", "session:accepted"):
         assert outcome in reached, outcome
