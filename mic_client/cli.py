@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import shutil
 import signal
@@ -238,7 +239,15 @@ def _is_tty(stream: TextIO) -> bool:
         return False
 
 
-async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+@dataclasses.dataclass
+class Interrupts:
+    """Ctrl-C presses (and SIGTERMs) seen so far, counted across the event loop's end: a second
+    press that lands after the graceful finish, while the loop shuts down, still means "quit"."""
+
+    presses: int = 0
+
+
+async def _run(args: argparse.Namespace, out: TextIO, err: TextIO, interrupts: Interrupts | None = None) -> int:
     source: AudioSource
     if args.file:
         speed = 1.0 if args.speed is None else args.speed
@@ -298,7 +307,7 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             on_open=lambda: status(announce),
             close_timeout=args.close_timeout,
         )
-        _install_signal_handlers(client, display)
+        _install_signal_handlers(client, display, interrupts or Interrupts())
 
         try:
             result = await client.run()
@@ -335,16 +344,14 @@ def _describe_channels(source: AudioSource, labels: list[str] | None) -> str:
     return ""
 
 
-def _install_signal_handlers(client: StreamClient, display: Display) -> None:
+def _install_signal_handlers(client: StreamClient, display: Display, interrupts: Interrupts) -> None:
     """First Ctrl-C (or SIGTERM): finish gracefully. Second: cancel everything and quit."""
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
-    presses = 0
 
     def on_signal() -> None:
-        nonlocal presses
-        presses += 1
-        if presses == 1:
+        interrupts.presses += 1
+        if interrupts.presses == 1:
             display.message("finishing the transcript... (Ctrl-C again to quit now)")
             client.request_stop()
         elif main_task is not None:
@@ -391,10 +398,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"mic-client: {exc}", file=sys.stderr)
             return EXIT_FAILED
         return EXIT_OK
+    interrupts = Interrupts()
     try:
-        return asyncio.run(_run(args, sys.stdout, sys.stderr))
-    except KeyboardInterrupt:  # a Ctrl-C before the handlers were installed
+        code = asyncio.run(_run(args, sys.stdout, sys.stderr, interrupts))
+    except KeyboardInterrupt:  # a Ctrl-C before the handlers were installed, or after they were removed
+        code, interrupts.presses = EXIT_FAILED, max(2, interrupts.presses + 1)
+    # From here on a Ctrl-C only counts: the process is about to exit anyway, and Python would
+    # otherwise end it by the signal (status -2) instead of with an exit code.
+    signal.signal(signal.SIGINT, lambda signum, frame: setattr(interrupts, "presses", interrupts.presses + 1))
+    if interrupts.presses >= 2 and code != EXIT_ABORTED:  # (when _run was cancelled it said so itself)
+        print("mic-client: interrupted; the last words may not have been transcribed", file=sys.stderr)
         return EXIT_ABORTED
+    return code
 
 
 if __name__ == "__main__":

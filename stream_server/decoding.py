@@ -312,10 +312,23 @@ class WhisperDecoder:
             for g, tok, r in zip(generated, tokenizers, requests)
         ]
         kept = self._kept_tokens(requests, tokenizers, new_tokens)
+        if self._profile is not None:
+            self._count_work(requests, feats.shape[2] / FRAMES_PER_SECOND, new_tokens, kept)
         results = self._align_and_build(requests, encoded, tokenizers, kept, generated, languages)
         results = [dataclasses.replace(r, language_probability=q) for r, q in zip(results, probabilities)]
         log.debug("decoded batch of %d in %.3fs", len(requests), time.perf_counter() - started)
         return results
+
+    def _count_work(
+        self, requests: Sequence[DecodeRequest], window_s: float, new_tokens: list[list[int]], kept: list[list[int]]
+    ) -> None:
+        """The group's work in machine-independent units (``profiling.WORK_COUNTS``)."""
+        assert self._profile is not None
+        self._profile.count("requests", len(requests))
+        self._profile.count("encoder_s", window_s * len(requests))
+        self._profile.count("forced_steps", sum(1 + len(r.prefix) for r in requests))
+        self._profile.count("generated_steps", sum(len(t) for t in new_tokens))
+        self._profile.count("aligned_tokens", sum(len(r.prefix) + len(k) for r, k in zip(requests, kept)))
 
     @staticmethod
     def _token_budgets(requests: Sequence[DecodeRequest]) -> list[int]:

@@ -48,8 +48,8 @@ class Engine:
                 path,
                 device=device,
                 compute_type=compute_type,
-                cpu_threads=settings.cpu_threads,
-                num_workers=settings.decode_workers,
+                cpu_threads=settings.resolved_cpu_threads(),
+                num_workers=settings.resolved_decode_workers(),
                 timestamp_tokens=settings.resolved_timestamp_tokens(),
                 profile=self.metrics.stages,
             )
@@ -61,13 +61,14 @@ class Engine:
         )
         self.scheduler = DecodeScheduler(
             self.registry.get,
-            workers=settings.decode_workers,
+            workers=settings.resolved_decode_workers(),
             max_batch_size=settings.max_batch_size,
             interim_max_wait_s=settings.interim_max_wait_s,
             metrics=self.metrics,
         )
         self.limits = SessionLimits(
-            interim_step_ms=settings.interim_step_ms, max_utterance_s=settings.max_utterance_s
+            interim_step_ms=settings.interim_step_ms, interim_pace=settings.interim_pace,
+            max_utterance_s=settings.max_utterance_s,
         )
         self.ready = False
         self.draining = False  # SIGTERM: no new sessions; open ones are being finalized

@@ -19,6 +19,13 @@ class SessionLimits:
     """Knobs of the commit policy and memory bounds; defaults measured with the benchmark."""
 
     interim_step_ms: int = 300
+    # Under load an interim decode waits, after its last one started, at least this many of that
+    # decode's round trips (audio the VAD judged while it was out): a stream then asks for at most
+    # 1/pace of the decoder's time, and interim demand falls as the server fills instead of every
+    # result being followed at once by the next request. One stream (round trip ~0.1 s) keeps
+    # ``interim_step_ms``. Never paced: a turn's first interim, the interims of a turn that shows
+    # no text yet (the session passes no round trip), and pause decodes.
+    interim_pace: float = 3.0
     stable_silence_ms: int = 200
     min_decode_ms: int = 300
     max_utterance_s: float = 15.0
@@ -79,6 +86,7 @@ def interim_due(
     last_window_end: int,
     silence_samples: int | None,
     pause_decoded: int | None,
+    round_trip: int = 0,
 ) -> InterimDue | None:
     """Whether the open utterance gets an interim decode now (the caller checks that none is in
     flight: one per channel, so a loaded server degrades to longer steps instead of a growing
@@ -86,7 +94,8 @@ def interim_due(
 
     ``now`` is the end of the audio the VAD has already judged; ``silence_samples`` the silence
     the turn segmenter has seen since the last speech (None without turn detection);
-    ``pause_decoded`` the pause start that already got its early decode.
+    ``pause_decoded`` the pause start that already got its early decode; ``round_trip`` the audio
+    judged while the channel's last interim decode was out (see ``SessionLimits.interim_pace``).
     """
     if not limits.interim_decoding:
         return None
@@ -98,7 +107,10 @@ def interim_due(
     # A pause is decoded at once, and once: its words can be committed without waiting for a
     # second agreeing hypothesis.
     early = pause_start is not None and pause_decoded != pause_start
-    if not early and now - last_window_end < limits.interim_step_ms * MS:
+    step = limits.interim_step_ms * MS
+    if last_window_end > utterance_start:  # not the turn's first interim: pace it to the load
+        step = max(step, int(limits.interim_pace * round_trip))
+    if not early and now - last_window_end < step:
         return None
     return InterimDue(now, pause_start, early)
 

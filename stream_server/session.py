@@ -137,6 +137,9 @@ class Channel:
         self.segmenter = TurnSegmenter(params) if params else None
         self.utterance: Utterance | None = None
         self.inflight: DecodeTicket | None = None
+        # Audio the VAD judged while the last interim decode was out: its round trip on the audio
+        # clock, the load signal that paces the next one (``SessionLimits.interim_pace``).
+        self.round_trip = 0
         self.finals: list[DecodeTicket] = []  # awaiting results, in audio order
         self.pause_decoded: int | None = None  # pause start that already got its early decode
         self.held: list[tuple[Utterance, p.ServerEvent]] = []  # see Session._in_order
@@ -340,6 +343,7 @@ class Session:
             return self._final_result(ch, ticket, result)
         if ch.inflight is ticket:
             ch.inflight = None
+            ch.round_trip = max(0, ch.vad_pos - ticket.window_end)
         out: list[Output] = []
         utt = ticket.utterance
         if utt is ch.utterance and utt.state is UtteranceState.OPEN:
@@ -373,6 +377,7 @@ class Session:
             return out + self._final_result(ch, ticket, None)
         if ch.inflight is ticket:
             ch.inflight = None
+            ch.round_trip = max(0, ch.vad_pos - ticket.window_end)
         if dropped:
             return out + self._schedule(ch)
         return out
@@ -660,7 +665,8 @@ class Session:
         seg = ch.segmenter
         # ``now`` is ch.vad_pos: decode only audio the VAD has already judged.
         due = interim_due(self.limits, now=ch.vad_pos, utterance_start=utt.start, last_window_end=utt.last_window_end,
-                          silence_samples=seg.silence_samples if seg is not None else None, pause_decoded=ch.pause_decoded)
+                          silence_samples=seg.silence_samples if seg is not None else None, pause_decoded=ch.pause_decoded,
+                          round_trip=ch.round_trip if utt.committed or utt.tail else 0)
         if due is None:
             return []
         if due.early:

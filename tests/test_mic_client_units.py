@@ -858,3 +858,37 @@ def test_cli_labels_that_do_not_match_the_files_channels_exit_2(tmp_path: Path) 
     assert proc.returncode == 2
     assert "--channel-labels names 3 channel(s) but" in proc.stderr and "has 2" in proc.stderr
     assert "connection refused" not in proc.stderr, "checked before connecting"
+
+
+def test_a_second_ctrl_c_after_the_graceful_finish_still_exits_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both presses can land while the session finishes on its own (a short utterance finalizes
+    within the 50 ms between them): the user asked to quit, so the exit code says interrupted,
+    not a death by signal (-2) or a plain success."""
+    import signal
+
+    from mic_client import cli
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        captured: list[cli.Interrupts] = []
+
+        def run(coro, *args, **kwargs):  # type: ignore[no-untyped-def]
+            interrupts = coro.cr_frame.f_locals["interrupts"]
+            coro.close()
+            interrupts.presses = 2  # the graceful press and the quit press, both handled by the loop
+            captured.append(interrupts)
+            return cli.EXIT_OK
+
+        monkeypatch.setattr(cli.asyncio, "run", run)
+        assert cli.main(["--file", __file__, "--url", "ws://127.0.0.1:9/v1/stream"]) == cli.EXIT_ABORTED
+        assert "interrupted" in capsys.readouterr().err and captured
+        # A KeyboardInterrupt that escapes the loop (its handlers already removed) is the same.
+
+        def interrupted(coro, *args, **kwargs):  # type: ignore[no-untyped-def]
+            coro.close()
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(cli.asyncio, "run", interrupted)
+        assert cli.main(["--file", __file__, "--url", "ws://127.0.0.1:9/v1/stream"]) == cli.EXIT_ABORTED
+    finally:
+        signal.signal(signal.SIGINT, previous)

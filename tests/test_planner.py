@@ -14,7 +14,15 @@ def words(n: int, *, start: float = 0.5, step: float = 0.4) -> list[Word]:
     return [Word(f" w{k}", start + k * step, start + k * step + 0.3, (Token(k, f" w{k}", -0.1),)) for k in range(n)]
 
 
-def due(now_ms: int, *, last_ms: int = 0, silence_ms: int | None = None, pause_decoded: int | None = None, limits: SessionLimits = LIMITS) -> InterimDue | None:
+def due(
+    now_ms: int,
+    *,
+    last_ms: int = 0,
+    silence_ms: int | None = None,
+    pause_decoded: int | None = None,
+    round_trip_ms: int = 0,
+    limits: SessionLimits = LIMITS,
+) -> InterimDue | None:
     return interim_due(
         limits,
         now=now_ms * MS,
@@ -22,6 +30,7 @@ def due(now_ms: int, *, last_ms: int = 0, silence_ms: int | None = None, pause_d
         last_window_end=last_ms * MS,
         silence_samples=None if silence_ms is None else silence_ms * MS,
         pause_decoded=pause_decoded,
+        round_trip=round_trip_ms * MS,
     )
 
 
@@ -32,6 +41,22 @@ def test_interim_decodes_wait_for_min_decode_and_each_step() -> None:
     assert due(1000, last_ms=800) is None  # only 200 ms of new audio
     assert due(1100, last_ms=800) is not None
     assert due(5000, limits=SessionLimits(interim_decoding=False)) is None
+
+
+def test_interims_are_paced_by_the_last_round_trip_but_not_the_first_or_a_pause() -> None:
+    # A fast decoder (round trip under interim_step_ms / pace) keeps the plain step.
+    assert due(1100, last_ms=800, round_trip_ms=90) is not None
+    # A loaded one: the next interim waits pace x round trip after the last window's end.
+    assert LIMITS.interim_pace == 3.0
+    assert due(2299, last_ms=800, round_trip_ms=500) is None
+    assert due(2300, last_ms=800, round_trip_ms=500) is not None
+    # The turn's first interim (nothing decoded since its start) is never paced: people see text soon.
+    assert due(300, round_trip_ms=900) is not None
+    # Nor is a pause's early decode: it may be the utterance's final one.
+    plan = due(1000, last_ms=900, silence_ms=200, round_trip_ms=900)
+    assert plan is not None and plan.early
+    # pace 0 turns it off.
+    assert due(1100, last_ms=800, round_trip_ms=900, limits=SessionLimits(interim_pace=0)) is not None
 
 
 def test_a_pause_gets_one_early_decode() -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import itertools
 import json
 
 import numpy as np
 import pytest
 
 from stream_server import protocol as p
-from stream_server.decoding import DecodeFailure, FailureKind
+from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind
 from stream_server.scheduler import failure_of
 from stream_server.session import CloseConnection, DecodeTicket, Session, SessionLimits
 from tests.fakes import BurstDecoder, EnergyVad, silence, speech, to_pcm16
@@ -454,7 +456,11 @@ def test_a_decode_in_flight_when_the_turn_ends_is_promoted_not_resubmitted() -> 
     to serve it as one) instead of a second final decode being queued."""
     d = Driver(latency_chunks=20)
     d.feed(speech([1, 2, 3]))
-    d.feed(silence(0.7))  # the pause decode starts, then the turn ends (silence_duration_ms) while it runs
+    # The pause decode starts, then the turn ends (silence_duration_ms) while it runs.
+    for _ in range(50):
+        d.feed(silence(0.02))
+        if d.of(p.SpeechStopped):
+            break
     assert d.of(p.SpeechStopped)
     [promoted] = d.promoted
     assert promoted.final and not promoted.request.final  # submitted as interim work, now a final
@@ -462,6 +468,42 @@ def test_a_decode_in_flight_when_the_turn_ends_is_promoted_not_resubmitted() -> 
     assert not [t for _, t in d.inflight if t.request.final], "no second final decode was queued"
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3)
+
+
+def test_a_slow_decoder_gets_fewer_interim_requests_per_utterance() -> None:
+    """Load paces interim work: with decodes taking 0.4 s of audio, an utterance asks for an
+    interim decode every 3 round trips (interim_pace) instead of every time one returns, and its
+    words still all arrive."""
+    counts = []
+    for pace in (0.0, 3.0):
+        session = Session(
+            "sess_pace", config=p.SessionConfig(interim_results=True), vad=EnergyVad(),
+            limits=SessionLimits(max_utterance_s=20.0, interim_pace=pace),
+        )
+        d = Driver(session=session, latency_chunks=20)
+        d.feed(np.concatenate([speech(list(range(1, 25))), silence(1.0)]))
+        d.close()
+        assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 25))
+        counts.append(sum(1 for call in d.decoder.calls for r in call if not r.final))
+    unpaced, paced = counts
+    assert paced <= unpaced * 0.6, counts
+
+
+def test_a_turn_without_text_yet_is_not_paced() -> None:
+    """Pacing waits for text: while an utterance's interims come back empty (too little audio to
+    say a word yet), the next one follows at the plain step, so first text is not delayed by load."""
+
+    class SilentAtFirst(BurstDecoder):
+        def decode_one(self, request: DecodeRequest) -> DecodeResult:
+            result = super().decode_one(request)
+            return result if len(self.calls) > 3 else dataclasses.replace(result, words=())
+
+    d = Driver(latency_chunks=20)  # a 0.4 s round trip: paced, the next interim would wait 1.2 s
+    d.decoder = SilentAtFirst()
+    d.feed(np.concatenate([speech(list(range(1, 12))), silence(1.0)]))
+    ends = [len(r.audio) / 16000 for call in d.decoder.calls for r in call if not r.final]
+    assert all(b - a <= 0.45 for a, b in itertools.pairwise(ends[:4])), ends  # unpaced while empty
+    assert all(b - a >= 1.0 for a, b in itertools.pairwise(ends[3:6])), ends  # paced once there is text
 
 
 # ------------------------------------------------------------------------------ channels

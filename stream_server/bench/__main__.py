@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--soak-sample-s", type=float, default=10.0, help="with --soak: server sampling interval (default 10)")
     sk.add_argument("--soak-warmup-s", type=float,
                     help="with --soak: samples before this are left out of the RSS slope (default 20%% of the run, at most 300)")
+    rp = p.add_argument_group("replay (deterministic decode work and WER, no server; see bench/replay.py)")
+    rp.add_argument("--replay", action="store_true",
+                    help="instead of streaming: run --streams streams through a real session and decoder on the audio "
+                    "clock; reports decoder work per audio second (machine-independent counts and CPU) and WER")
+    rp.add_argument("--replay-lag-ms", type=int, default=200,
+                    help="with --replay: audio time from a decode's submission to its result (default 200)")
+    rp.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                    help="with --replay: a session limit (planner.SessionLimits field), repeatable, "
+                    "e.g. --limit prefix_words=4")
     return p
 
 
@@ -137,6 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .soak import main_soak
 
         return main_soak(args, out, stamp, list(sys.argv[1:] if argv is None else argv))
+    if args.replay:
+        from .replay import main_replay
+
+        return main_replay(args, out)
     notes: list[str] = []
     if args.calls:
         from .calls import main_calls

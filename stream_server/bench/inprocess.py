@@ -511,7 +511,7 @@ async def run_level(
         "prefix_tokens_per_request": round(sum(b[7] * b[1] for b in batches) / max(1, sum(sizes)), 1),
         "batch_longest_prefix_tokens": _stats([b[6] for b in batches]),
         "batch_longest_window_s": _stats([b[8] for b in batches]),
-        "decode_busy_fraction": round(busy / wall / max(1, args.decode_workers), 3),
+        "decode_busy_fraction": round(busy / wall / max(1, engine.settings.resolved_decode_workers()), 3),
         "dropped_interim": int(metrics.dropped_interim._value.get() - dropped0),
         "decode_errors": int(metrics.decode_errors._value.get() - errors0),
         "session_errors": errors,
@@ -578,7 +578,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--language", default="en")
     ap.add_argument("--interim-results", action="store_true")
     ap.add_argument("--max-batch-size", type=int, default=8)
-    ap.add_argument("--decode-workers", type=int, default=1)
+    ap.add_argument("--decode-workers", type=int, default=0, help="0 = the server's default (see Settings.resolved_decode_workers)")
     ap.add_argument("--interim-max-wait-s", type=float, default=1.0)
     ap.add_argument("--fixed-decode-tokens", type=int, default=None,
                     help="synthetic models only: every decode generates exactly N text tokens")
@@ -594,8 +594,8 @@ def decoder_options(settings: Settings) -> dict[str, Any]:
     return {
         "device": settings.resolved_device(),
         "compute_type": settings.resolved_compute_type(),
-        "cpu_threads": settings.cpu_threads,
-        "num_workers": settings.decode_workers,
+        "cpu_threads": settings.resolved_cpu_threads(),
+        "num_workers": settings.resolved_decode_workers(),
         "timestamp_tokens": settings.resolved_timestamp_tokens(),
     }
 

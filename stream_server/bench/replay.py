@@ -1,0 +1,245 @@
+"""Deterministic replay: the decode work per audio second and the accuracy it buys, free of load.
+
+The live benchmark measures what a client sees, which on a shared machine moves with whatever
+else runs there. Choosing a policy lever (how many committed words to force, when an interim
+decode is worth running, which decodes need an alignment pass) needs a figure that does not: the
+*work* the session asks of the decoder, and the WER that work gives, for the same audio.
+
+Here a stream runs through a real :class:`~stream_server.session.Session` (real Silero VAD, the
+real commit policy) and a real :class:`~stream_server.decoding.WhisperDecoder`, but on an audio
+clock: frames go in at audio times, each decode runs at once (batch of one, synchronously), and
+its result is handed back ``lag_ms`` of audio later, as if the server had taken that long. The
+same stream, options and model give the same events on any machine, however loaded; what
+varies with the machine is only the CPU time, which is reported next to machine-independent
+counts (decodes, encoder seconds, forced and generated decoder steps, aligned tokens).
+
+Latencies here are audio time: finalization = segment time - speech end (includes ``lag_ms``
+and the VAD's end-of-speech wait), first text = first delta or interim - speech start.
+
+Usage::
+
+    stream-server bench --replay --duration-s 180 --replay-lag-ms 200
+    stream-server bench --replay --telephone --server-arg='--prefix-words 4'  # a lever, A/B
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import heapq
+import itertools
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stream_server import protocol as p
+from stream_server.decoding import WhisperDecoder
+from stream_server.planner import SessionLimits
+from stream_server.profiling import StageProfile
+from stream_server.session import DecodeTicket, Session
+from stream_server.vad import SileroVad
+
+from .corpus import Stream, build_streams
+from .metrics import TimedEvent, evaluate_stream, run_figures
+from .offline import offline_figures, resolve_model_path, transcribe_pool
+
+FRAME_MS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayOptions:
+    """What one replay run decodes and how."""
+
+    corpus: Path
+    model_path: str
+    limits: SessionLimits = dataclasses.field(default_factory=SessionLimits)
+    lag_ms: int = 200  # audio time from a decode's submission to its result
+    duration_s: float | None = 180.0
+    streams: int = 1
+    seed: int = 0
+    telephone: bool = False
+    compute_type: str = "int8"
+    cpu_threads: int = 0
+
+
+@dataclasses.dataclass
+class StreamReplay:
+    """One stream's events on the audio clock and what its decodes cost."""
+
+    events: list[TimedEvent]
+    decodes: int = 0
+    finals: int = 0
+    audio_s: float = 0.0
+
+
+def replay_stream(
+    stream: Stream,
+    session: Session,
+    decoder: WhisperDecoder,
+    lag_ms: int,
+) -> StreamReplay:
+    """Feed ``stream`` to ``session`` frame by frame on the audio clock; decode each ticket at
+    once and hand its result back ``lag_ms`` later (in submission order when times tie)."""
+    rate = stream.sample_rate
+    frame = rate * FRAME_MS // 1000
+    out = StreamReplay(events=[], audio_s=len(stream.samples) / rate)
+    due: list[tuple[float, int, DecodeTicket, Any]] = []  # (audio time, order, ticket, result)
+    order = itertools.count()
+
+    def drain(now: float) -> None:
+        for ticket in session.decodes_to_submit():
+            out.decodes += 1
+            out.finals += ticket.final
+            result = decoder.decode_batch([ticket.request])[0]
+            heapq.heappush(due, (now + lag_ms / 1000, next(order), ticket, result))
+        session.decodes_to_promote()  # nothing is queued: a promotion changes no order here
+        for event in session.events_to_send():
+            out.events.append((now, p.event_to_dict(event)))
+
+    session.start()
+    drain(0.0)
+    samples = stream.samples
+    for i in range(0, len(samples), frame):
+        now = (i + frame) / rate
+        while due and due[0][0] <= now:
+            at, _, ticket, result = heapq.heappop(due)
+            session.receive_decode_result(ticket, result)
+            drain(at)
+        session.receive_bytes(samples[i : i + frame].astype("<i2").tobytes())
+        drain(now)
+    now = len(samples) / rate
+    session.close()
+    drain(now)
+    while due:
+        at, _, ticket, result = heapq.heappop(due)
+        session.receive_decode_result(ticket, result)
+        drain(max(now, at))
+    return out
+
+
+def run_replay(options: ReplayOptions) -> dict[str, Any]:
+    """Replay ``options.streams`` corpus streams; the figures and the per-stage work."""
+    streams, _ = build_streams(
+        options.corpus, options.streams, seed=options.seed, duration_s=options.duration_s, telephone=options.telephone
+    )
+    profile = StageProfile()
+    decoder = WhisperDecoder(
+        options.model_path, compute_type=options.compute_type, cpu_threads=options.cpu_threads, profile=profile
+    )
+    vad = SileroVad(profile=profile)
+    evaluations = []
+    decodes = finals = 0
+    audio_s = 0.0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    for stream in streams:
+        config = p.SessionConfig(
+            sample_rate=stream.sample_rate, language="en", interim_results=True, include=["logprobs", "words"]
+        )
+        session = Session(f"replay_{stream.index}", config=config, vad=vad, limits=options.limits)
+        replayed = replay_stream(stream, session, decoder, options.lag_ms)
+        evaluations.append(evaluate_stream(stream.index, replayed.events, stream.utterances))
+        decodes += replayed.decodes
+        finals += replayed.finals
+        audio_s += replayed.audio_s
+    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+    figures = run_figures(evaluations)
+    counts = profile.counts()
+    work = {
+        "audio_s": audio_s,
+        "decodes": decodes,
+        "final_decodes": finals,
+        "decodes_per_audio_s": decodes / audio_s,
+        "cpu_s_per_audio_s": cpu / audio_s,
+        "wall_s": wall,
+        **{f"{name}_per_audio_s": value / audio_s for name, value in sorted(counts.items())},
+        **{f"cpu_{stage}_per_audio_s": cpu_s / audio_s for stage, (cpu_s, _, calls, _) in profile.totals().items() if calls},
+    }
+    return {
+        "options": {
+            "lag_ms": options.lag_ms,
+            "duration_s": options.duration_s,
+            "streams": options.streams,
+            "seed": options.seed,
+            "telephone": options.telephone,
+            "limits": dataclasses.asdict(options.limits),
+        },
+        "figures": figures,
+        "work": work,
+        "hypotheses": [e.hypothesis for e in evaluations],
+    }
+
+
+def markdown_summary(result: dict[str, Any]) -> str:
+    """The replay's headline figures as a short table."""
+    f, w = result["figures"], result["work"]
+    rows: Sequence[tuple[str, str]] = [
+        ("audio", f"{w['audio_s']:.1f} s, {f['utterances']:.0f} utterances"),
+        ("WER", f"{f['wer'] * 100:.2f}% ({f['wer_substitutions']:.0f} sub, {f['wer_deletions']:.0f} del, "
+                f"{f['wer_insertions']:.0f} ins of {f['reference_words']:.0f})"),
+        ("lost utterances", f"{f['utterances_lost']:.0f}"),
+        ("finalization p50 / p95 (audio s)", _pair(f, "finalization_latency_s")),
+        ("first text p50 / p95 (audio s)", _pair(f, "first_text_latency_s")),
+        ("decodes per audio s", f"{w['decodes_per_audio_s']:.2f} ({w['final_decodes']} finals of {w['decodes']})"),
+        ("CPU s per audio s", f"{w['cpu_s_per_audio_s']:.3f}"),
+    ]
+    offline = result.get("offline") or {}
+    if offline:
+        shown = " / ".join(f"{k.removeprefix('offline_wer_')} {v * 100:.2f}%" for k, v in sorted(offline.items()))
+        rows = [*rows[:2], ("offline WER", shown), *rows[2:]]
+    rows = [*rows, *((k, f"{v:.2f}") for k, v in w.items() if k.endswith("_per_audio_s") and k.startswith(("forced", "generated", "encoder", "aligned")))]
+    return "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]) + "\n"
+
+
+def _pair(figures: dict[str, float], prefix: str) -> str:
+    p50, p95 = figures.get(f"{prefix}_p50"), figures.get(f"{prefix}_p95")
+    return "-" if p50 is None or p95 is None else f"{p50:.2f} / {p95:.2f}"
+
+
+def main_replay(args: argparse.Namespace, out: Path) -> int:
+    """``stream-server bench --replay``: writes ``replay.json`` and ``replay.md`` to ``out``."""
+    if not (args.corpus / "manifest.jsonl").exists():
+        print(f"[bench] corpus not found: {args.corpus}/manifest.jsonl", file=sys.stderr)
+        return 2
+    options = ReplayOptions(
+        corpus=args.corpus,
+        model_path=resolve_model_path(args.model),
+        limits=limits_with(args.limit),
+        lag_ms=args.replay_lag_ms,
+        duration_s=args.duration_s,
+        streams=args.streams,
+        seed=args.seed,
+        telephone=args.telephone,
+        compute_type=args.compute_type or "int8",
+    )
+    result = run_replay(options)
+    if args.offline is not False:
+        streams, pool = build_streams(
+            args.corpus, args.streams, seed=args.seed, duration_s=args.duration_s, telephone=args.telephone
+        )
+        texts, _ = transcribe_pool(pool, options.model_path, device="cpu", compute_type=options.compute_type, language="en")
+        offline = offline_figures(streams, texts)
+        result["offline"] = offline
+    (out / "replay.json").write_text(json.dumps(result, indent=2))
+    md = markdown_summary(result)
+    (out / "replay.md").write_text(md)
+    print(md)
+    return 0
+
+
+def limits_with(overrides: Sequence[str]) -> SessionLimits:
+    """``SessionLimits`` with ``name=value`` overrides (ints, floats, booleans)."""
+    changes: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(SessionLimits)}
+    for item in overrides:
+        name, _, raw = item.partition("=")
+        if name not in fields:
+            raise ValueError(f"unknown limit {name!r}; one of {', '.join(fields)}")
+        current = getattr(SessionLimits(), name)
+        changes[name] = raw.lower() in ("1", "true", "yes") if isinstance(current, bool) else type(current)(raw)
+    return dataclasses.replace(SessionLimits(), **changes)
+
+
+__all__ = ["ReplayOptions", "limits_with", "markdown_summary", "replay_stream", "run_replay"]
