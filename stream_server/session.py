@@ -43,7 +43,7 @@ from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
 from stream_server.planner import SessionLimits, interim_due, plan_decode
-from stream_server.policy import MS, absolute, heard_the_pause, interim_commit_count, within_turn
+from stream_server.policy import MS, absolute, heard_the_pause, interim_commit_count, within_turn, without_trailing_punctuation
 from stream_server.state import SessionState, TicketState, UtteranceState, transition
 from stream_server.transcript import Transcript
 from stream_server.vad import FRAME, SpeechEnd, SpeechStart, TurnSegmenter, VadModel, VadParams
@@ -688,8 +688,13 @@ class Session:
         limits = self.limits
         n = interim_commit_count(utt.tail, words, utterance_start=utt.start, window_end=ticket.window_end, pause_start=ticket.pause_start,
                                  right_context_ms=limits.right_context_ms, min_commit_window_ms=limits.min_commit_window_ms)
-        out = self._commit_words(self._channels[ticket.channel], utt, words[:n])
-        utt.tail = words[n:]
+        committed, tail = words[:n], words[n:]
+        if committed and not tail and ticket.pause_start is not None:
+            # The newest word, committed at a pause: its punctuation waits for what follows.
+            spoken, marks = without_trailing_punctuation(committed[-1])
+            committed, tail = [*committed[:-1], spoken], [marks] if marks is not None else []
+        out = self._commit_words(self._channels[ticket.channel], utt, committed)
+        utt.tail = tail
         utt.tail_window_end = ticket.window_end
         if self.config.interim_results:
             caption = render.interim(utt.item_id, utt.tail, timings=self.config.wants("words"))

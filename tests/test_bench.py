@@ -70,6 +70,14 @@ def test_final_words_join_split_deltas_and_keep_completion_time() -> None:
     assert words[2].t_final == 2.0
 
 
+def test_a_mark_sent_after_a_word_does_not_make_the_word_later() -> None:
+    """A word committed at a pause goes out without its guessed punctuation; the mark follows when
+    the turn ends or the speaker goes on. The word was final when its letters were."""
+    events = [(1.0, delta("x", " Strasburg")), (1.8, delta("x", ",")), (2.0, delta("x", " Basil")), (3.0, delta("x", "."))]
+    words = m.final_words(events)
+    assert [(w.raw, w.t_final) for w in words] == [("Strasburg,", 1.0), ("Basil.", 2.0)]
+
+
 def test_final_words_trailing_space_starts_new_word() -> None:
     events = [(1.0, delta("x", "one ")), (2.0, delta("x", "two"))]
     assert [w.raw for w in m.final_words(events)] == ["one", "two"]

@@ -10,7 +10,9 @@ from stream_server.policy import (
     heard_the_pause,
     interim_commit_count,
     within_turn,
+    without_trailing_punctuation,
     words_before,
+    words_starting_before,
 )
 
 RATE = 16000
@@ -68,6 +70,23 @@ def test_nothing_commits_in_a_short_utterance_unless_it_paused() -> None:
     # A pause commits every word that ends before it, even without agreement.
     assert count([], hypothesis(" a", " b", " c"), window_end_s=1.9, pause_start_s=1.5) == 3
     assert count([], hypothesis(" a", " b", " c"), window_end_s=1.9, pause_start_s=0.8) == 2
+
+
+def test_a_pause_commits_the_words_that_started_before_it_however_dtw_stretched_them() -> None:
+    words = [w(" a", 0.0, 0.5), w(" b", 0.6, 1.6), w(" c", 1.9, 2.0)]  # " b" stretched into the silence
+    assert words_starting_before(words, 1.2) == 2
+    assert words_before(words, 1.2) == 1
+    assert count([], words, window_end_s=1.5, pause_start_s=1.2) == 2
+
+
+def test_a_words_trailing_punctuation_splits_off_as_its_own_word() -> None:
+    word = Word(" Strasburg.", 1.0, 1.6, (Token(1, " Strasb", -0.1), Token(2, "urg", -0.2), Token(13, ".", -0.3)))
+    spoken, marks = without_trailing_punctuation(word)
+    assert (spoken.text, [t.id for t in spoken.tokens], spoken.start, spoken.end) == (" Strasburg", [1, 2], 1.0, 1.6)
+    assert marks is not None and (marks.text, [t.id for t in marks.tokens], marks.start) == (".", [13], 1.6)
+    assert without_trailing_punctuation(w(" plain", 0.0, 0.3)) == (w(" plain", 0.0, 0.3), None)
+    only_marks = Word("...", 0.0, 0.1, (Token(986, "...", -0.1),))
+    assert without_trailing_punctuation(only_marks) == (only_marks, None)
 
 
 def test_a_window_heard_the_pause_once_it_reaches_past_the_stable_silence() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from stream_server import protocol as p
-from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind
+from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Token
 from stream_server.scheduler import failure_of
 from stream_server.session import CloseConnection, DecodeTicket, Session, SessionLimits
 from tests.fakes import BurstDecoder, EnergyVad, silence, speech, to_pcm16
@@ -504,6 +504,36 @@ def test_a_turn_without_text_yet_is_not_paced() -> None:
     ends = [len(r.audio) / 16000 for call in d.decoder.calls for r in call if not r.final]
     assert all(b - a <= 0.45 for a, b in itertools.pairwise(ends[:4])), ends  # unpaced while empty
     assert all(b - a >= 1.0 for a, b in itertools.pairwise(ends[3:6])), ends  # paced once there is text
+
+
+def test_a_word_committed_at_a_pause_goes_out_before_its_guessed_punctuation() -> None:
+    """Whisper ends every hypothesis with a mark ("w3."); at a pause the words go out at once and
+    the mark follows with what comes next: here the turn's end, so done reads "w1 w2 w3."."""
+
+    class Punctuating(BurstDecoder):
+        def decode_one(self, request: DecodeRequest) -> DecodeResult:
+            result = super().decode_one(request)
+            if not result.words:
+                return result
+            last = result.words[-1]
+            marked = dataclasses.replace(last, text=last.text + ".", tokens=(*last.tokens, Token(13, ".", -0.5)))
+            return dataclasses.replace(result, words=(*result.words[:-1], marked))
+
+        def encode_text(self, text: str) -> list[int]:
+            return [13 if word == "." else int(word[1:].rstrip("~.")) for word in text.replace(".", " .").split()]
+
+    d = Driver()
+    d.decoder = Punctuating()
+    d.feed(speech([1, 2, 3]))
+    for _ in range(50):  # up to the pause decode's result, before the turn ends
+        d.feed(silence(0.02))
+        if "".join(e.delta for e in d.of(p.TranscriptDelta)).strip() == spoken(1, 2, 3):
+            break
+    assert not d.of(p.SpeechStopped), "the words went out at the pause, before the turn ended"
+    d.feed(silence(1.0))
+    d.close()
+    deltas = [e.delta for e in d.of(p.TranscriptDelta)]
+    assert deltas[-1] == "." and d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3) + "."
 
 
 # ------------------------------------------------------------------------------ channels

@@ -126,7 +126,10 @@ def final_words(events: Sequence[TimedEvent]) -> list[FinalWord]:
     """Split the concatenated deltas into words, each stamped with when it became final.
 
     A delta that does not start with whitespace continues the previous word (a word may arrive
-    in pieces); the word is final when its last piece arrives.
+    in pieces); the word is final when its last piece with a letter or digit arrives. A trailing
+    mark sent later does not make it later: a word committed at a pause goes out at once while its
+    guessed punctuation waits for what follows (``policy.without_trailing_punctuation``); the
+    reader has the word, and only a "," or "." may still join it.
     """
     words: list[FinalWord] = []
     at_boundary = True
@@ -144,7 +147,8 @@ def final_words(events: Sequence[TimedEvent]) -> list[FinalWord]:
         for k, part in enumerate(parts):
             if k == 0 and continues:
                 words[-1].raw += part
-                words[-1].t_final = t
+                if any(c.isalnum() for c in part):
+                    words[-1].t_final = t
             else:
                 words.append(FinalWord(part, ev.get("item_id"), t, t))
         at_boundary = delta[-1].isspace()
