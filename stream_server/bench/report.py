@@ -118,7 +118,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("Definitions")
     lines.append("- WER: Whisper EnglishTextNormalizer on both sides, jiwer, pooled over all streams (corpus WER).")
     lines.append("- Offline: faster-whisper `transcribe` of each clip alone, same model and compute type; b1 greedy, b5 default beam 5. The streaming penalty is taken against beam 5.")
-    lines.append("- Finalization latency: arrival of the delta that made an utterance's last word final − the utterance's end of speech (earlier of energy detector and offline Silero VAD on the clean clip), wall seconds.")
+    lines.append("- Finalization latency: arrival of the delta that made an utterance's last word final (its letters: a punctuation mark sent after the word does not count) − the utterance's end of speech (earlier of energy detector and offline Silero VAD on the clean clip), wall seconds.")
     lines.append("- First text: speech onset → first delta with a word attributed to the utterance or first interim showing a correct word of it.")
     lines.append("- Flicker: displayed words (committed + interim) later erased or changed, per final word; case and punctuation ignored.")
     lines.append("- Lost: an utterance with no final word aligned to it.")
