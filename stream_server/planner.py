@@ -151,7 +151,7 @@ def context_prompt(client_prompt: str, transcript: str, *, without: str = "", co
     text = transcript
     if without and text.endswith(without):
         text = text[: len(text) - len(without)]  # the forced prefix is not context too
-    history = text[-context_chars:]
+    history = text[-context_chars:] if context_chars > 0 else ""
     if history and not history[0].isspace() and len(text) > context_chars:
         history = history.split(" ", 1)[-1]  # do not start the context mid-word
     return " ".join(part for part in (client_prompt.strip(), history.strip()) if part)

@@ -79,7 +79,9 @@ def without_trailing_punctuation(word: Word) -> tuple[Word, Word | None]:
     text = "".join(t.text for t in spoken)
     return (
         dataclasses.replace(word, text=text, tokens=tuple(spoken)),
-        Word("".join(t.text for t in marks), word.end, word.end, tuple(marks)),
+        # Timed as the word it closes: a final keeps the words that *start* in the turn, and DTW
+        # may have stretched the word's end past the turn's end.
+        Word("".join(t.text for t in marks), word.start, word.end, tuple(marks)),
     )
 
 

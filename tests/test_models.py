@@ -67,15 +67,12 @@ def test_flags_beat_environment_beat_defaults() -> None:
 def test_decode_workers_and_threads_share_out_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(settings_mod.os, "cpu_count", lambda: 8)
     auto = settings_mod.Settings()
-    assert (auto.resolved_decode_workers(), auto.resolved_cpu_threads()) == (2, 4)
+    assert (auto.resolved_decode_workers(), auto.resolved_cpu_threads()) == (1, 8)
+    assert settings_mod.Settings(decode_workers=2).resolved_cpu_threads() == 4
     assert settings_mod.Settings(decode_workers=3).resolved_cpu_threads() == 2
     assert settings_mod.Settings(decode_workers=1, cpu_threads=6).resolved_cpu_threads() == 6
     monkeypatch.setattr(settings_mod.os, "cpu_count", lambda: 1)
-    single = settings_mod.Settings()
-    assert (single.resolved_decode_workers(), single.resolved_cpu_threads()) == (1, 1)
-    monkeypatch.setattr(settings_mod.Settings, "resolved_device", lambda self: "cuda")
-    monkeypatch.setattr(settings_mod.os, "cpu_count", lambda: 8)
-    assert settings_mod.Settings().resolved_decode_workers() == 1  # one model replica per GPU
+    assert settings_mod.Settings(decode_workers=2).resolved_cpu_threads() == 1
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:

@@ -87,6 +87,10 @@ def test_only_long_windows_get_earlier_text_as_context() -> None:
     assert short.prompt == "Acme" and short.prefix == ()
 
 
+def test_no_context_chars_means_no_earlier_text() -> None:
+    assert context_prompt("Acme", "earlier words here", context_chars=0) == "Acme"
+
+
 def test_context_is_cut_at_a_word_boundary() -> None:
     assert context_prompt("", "one two three", context_chars=8) == "three"  # "wo three" starts mid-word
     assert context_prompt("", "one two three", context_chars=6) == "three"  # " three" starts at a word

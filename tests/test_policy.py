@@ -83,7 +83,7 @@ def test_a_words_trailing_punctuation_splits_off_as_its_own_word() -> None:
     word = Word(" Strasburg.", 1.0, 1.6, (Token(1, " Strasb", -0.1), Token(2, "urg", -0.2), Token(13, ".", -0.3)))
     spoken, marks = without_trailing_punctuation(word)
     assert (spoken.text, [t.id for t in spoken.tokens], spoken.start, spoken.end) == (" Strasburg", [1, 2], 1.0, 1.6)
-    assert marks is not None and (marks.text, [t.id for t in marks.tokens], marks.start) == (".", [13], 1.6)
+    assert marks is not None and (marks.text, [t.id for t in marks.tokens], marks.start, marks.end) == (".", [13], 1.0, 1.6)
     assert without_trailing_punctuation(w(" plain", 0.0, 0.3)) == (w(" plain", 0.0, 0.3), None)
     only_marks = Word("...", 0.0, 0.1, (Token(986, "...", -0.1),))
     assert without_trailing_punctuation(only_marks) == (only_marks, None)
