@@ -42,7 +42,7 @@ from stream_server.profiling import StageProfile
 from stream_server.session import DecodeTicket, Session
 from stream_server.vad import SileroVad
 
-from .corpus import Stream, build_streams
+from .corpus import PreparedClip, Stream, build_streams
 from .metrics import TimedEvent, evaluate_stream, run_figures
 from .offline import offline_figures, resolve_model_path, transcribe_pool
 
@@ -95,7 +95,8 @@ def replay_stream(
             out.finals += ticket.final
             result = decoder.decode_batch([ticket.request])[0]
             heapq.heappush(due, (now + lag_ms / 1000, next(order), ticket, result))
-        session.decodes_to_promote()  # nothing is queued: a promotion changes no order here
+        # Nothing is queued, so a promotion changes no order here; it does make the decode a final.
+        out.finals += len(session.decodes_to_promote())
         for event in session.events_to_send():
             out.events.append((now, p.event_to_dict(event)))
 
@@ -120,11 +121,18 @@ def replay_stream(
     return out
 
 
-def run_replay(options: ReplayOptions) -> dict[str, Any]:
-    """Replay ``options.streams`` corpus streams; the figures and the per-stage work."""
-    streams, _ = build_streams(
+def replay_streams(options: ReplayOptions) -> tuple[list[Stream], list[PreparedClip]]:
+    """The corpus streams ``options`` describes, and their clip pool (for the offline baseline)."""
+    return build_streams(
         options.corpus, options.streams, seed=options.seed, duration_s=options.duration_s, telephone=options.telephone
     )
+
+
+def run_replay(options: ReplayOptions, streams: list[Stream] | None = None) -> dict[str, Any]:
+    """Replay ``options.streams`` corpus streams (or ``streams``, already built from ``options``);
+    the figures and the per-stage work."""
+    if streams is None:
+        streams, _ = replay_streams(options)
     profile = StageProfile()
     decoder = WhisperDecoder(
         options.model_path, compute_type=options.compute_type, cpu_threads=options.cpu_threads, profile=profile
@@ -214,11 +222,9 @@ def main_replay(args: argparse.Namespace, out: Path) -> int:
         telephone=args.telephone,
         compute_type=args.compute_type or "int8",
     )
-    result = run_replay(options)
+    streams, pool = replay_streams(options)
+    result = run_replay(options, streams)
     if args.offline is not False:
-        streams, pool = build_streams(
-            args.corpus, args.streams, seed=args.seed, duration_s=args.duration_s, telephone=args.telephone
-        )
         texts, _ = transcribe_pool(pool, options.model_path, device="cpu", compute_type=options.compute_type, language="en")
         offline = offline_figures(streams, texts)
         result["offline"] = offline
