@@ -401,7 +401,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     interrupts = Interrupts()
     try:
         code = asyncio.run(_run(args, sys.stdout, sys.stderr, interrupts))
-    except KeyboardInterrupt:  # a Ctrl-C before the handlers were installed, or after they were removed
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # A Ctrl-C before the handlers were installed or after they were removed, or a second one
+        # that cancelled the run while it was closing its audio source (outside _run's handler).
         code, interrupts.presses = EXIT_FAILED, max(2, interrupts.presses + 1)
     # From here on a Ctrl-C only counts: the process is about to exit anyway, and Python would
     # otherwise end it by the signal (status -2) instead of with an exit code.

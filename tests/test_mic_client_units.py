@@ -890,5 +890,14 @@ def test_a_second_ctrl_c_after_the_graceful_finish_still_exits_130(monkeypatch: 
 
         monkeypatch.setattr(cli.asyncio, "run", interrupted)
         assert cli.main(["--file", __file__, "--url", "ws://127.0.0.1:9/v1/stream"]) == cli.EXIT_ABORTED
+
+        # So is a second press that cancels the run while it closes its audio source.
+        def cancelled(coro, *args, **kwargs):  # type: ignore[no-untyped-def]
+            coro.close()
+            raise asyncio.CancelledError
+
+        monkeypatch.setattr(cli.asyncio, "run", cancelled)
+        assert cli.main(["--file", __file__, "--url", "ws://127.0.0.1:9/v1/stream"]) == cli.EXIT_ABORTED
+        assert "interrupted" in capsys.readouterr().err
     finally:
         signal.signal(signal.SIGINT, previous)
