@@ -4,6 +4,6 @@ Useful when the package is importable but not installed (no console script on PA
 source checkout.
 """
 
-from mic_client.cli import main
+from mic_client.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -20,7 +20,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TextIO
 
 from mic_client import __version__
@@ -241,10 +241,53 @@ def _is_tty(stream: TextIO) -> bool:
 
 @dataclasses.dataclass
 class Interrupts:
-    """Ctrl-C presses (and SIGTERMs) seen so far, counted across the event loop's end: a second
-    press that lands after the graceful finish, while the loop shuts down, still means "quit"."""
+    """Ctrl-C presses (and SIGTERMs) seen so far, counted by one process-wide handler that stays
+    installed from before the event loop starts until the process exits.
+
+    Why not ``loop.add_signal_handler``: closing the loop puts Python's default SIGINT handler
+    back, so a second press that lands while the loop shuts down (a short utterance can finalize
+    within the 50 ms between two presses) raised ``KeyboardInterrupt`` outside every handler and
+    the process died by the signal (status -2) instead of exiting 130. With this handler a press is
+    always counted, and while a loop is attached it is also handed to that loop's callback.
+    """
 
     presses: int = 0
+    _loop: asyncio.AbstractEventLoop | None = dataclasses.field(default=None, repr=False)
+    _on_press: Callable[[int], None] | None = dataclasses.field(default=None, repr=False)
+
+    def handle(self, signum: int, frame: object) -> None:
+        """The ``signal.signal`` handler (main thread, between two bytecodes)."""
+        self.presses += 1
+        loop, on_press = self._loop, self._on_press
+        if loop is not None and on_press is not None and not loop.is_closed():
+            presses = self.presses
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                loop.call_soon_threadsafe(on_press, presses)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, on_press: Callable[[int], None]) -> None:
+        """Hand the next presses to ``on_press(presses)`` on ``loop``."""
+        self._loop, self._on_press = loop, on_press
+
+    def detach(self) -> None:
+        self._loop = self._on_press = None
+
+    @contextlib.contextmanager
+    def installed(self, *, exiting: bool = False) -> Iterator[None]:
+        """Count SIGINT and SIGTERM for the duration.
+
+        Afterwards the previous handlers come back, for in-process callers; when the process is
+        ``exiting``, the signals are ignored instead. Python's finalization puts the default
+        disposition back on any signal that has a Python handler, so a second press landing in the
+        last milliseconds (after the exit code is decided) would end the process by the signal.
+        """
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, self.handle)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_IGN if exiting else handler)
 
 
 async def _run(args: argparse.Namespace, out: TextIO, err: TextIO, interrupts: Interrupts | None = None) -> int:
@@ -349,18 +392,14 @@ def _install_signal_handlers(client: StreamClient, display: Display, interrupts:
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
 
-    def on_signal() -> None:
-        interrupts.presses += 1
-        if interrupts.presses == 1:
+    def on_press(presses: int) -> None:
+        if presses == 1:
             display.message("finishing the transcript... (Ctrl-C again to quit now)")
             client.request_stop()
         elif main_task is not None:
             main_task.cancel()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # Windows has no add_signal_handler; there, KeyboardInterrupt still ends the program.
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, on_signal)
+    interrupts.attach(loop, on_press)
 
 
 def _exit_code(result: SessionResult, display: Display, args: argparse.Namespace) -> int:
@@ -386,8 +425,13 @@ def _exit_code(result: SessionResult, display: Display, args: argparse.Namespace
     return EXIT_FAILED
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Console-script entry point; returns the exit code."""
+def entry() -> None:
+    """Console-script entry point: :func:`main`, then exit with its code."""
+    raise SystemExit(main(exiting=True))
+
+
+def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
+    """Run the command line and return its exit code (``exiting``: see :meth:`Interrupts.installed`)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
@@ -399,20 +443,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAILED
         return EXIT_OK
     interrupts = Interrupts()
-    try:
-        code = asyncio.run(_run(args, sys.stdout, sys.stderr, interrupts))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        # A Ctrl-C before the handlers were installed or after they were removed, or a second one
-        # that cancelled the run while it was closing its audio source (outside _run's handler).
-        code, interrupts.presses = EXIT_FAILED, max(2, interrupts.presses + 1)
-    # From here on a Ctrl-C only counts: the process is about to exit anyway, and Python would
-    # otherwise end it by the signal (status -2) instead of with an exit code.
-    signal.signal(signal.SIGINT, lambda signum, frame: setattr(interrupts, "presses", interrupts.presses + 1))
-    if interrupts.presses >= 2 and code != EXIT_ABORTED:  # (when _run was cancelled it said so itself)
-        print("mic-client: interrupted; the last words may not have been transcribed", file=sys.stderr)
-        return EXIT_ABORTED
-    return code
-
+    with interrupts.installed(exiting=exiting):
+        try:
+            code = asyncio.run(_run(args, sys.stdout, sys.stderr, interrupts))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            # A second press that cancelled the run while it was closing its audio source (outside
+            # _run's handler), or an interrupt raised by code that installed its own handler.
+            code, interrupts.presses = EXIT_FAILED, max(2, interrupts.presses + 1)
+        finally:
+            interrupts.detach()
+        if interrupts.presses >= 2 and code != EXIT_ABORTED:  # (when _run was cancelled it said so)
+            print("mic-client: interrupted; the last words may not have been transcribed", file=sys.stderr)
+            return EXIT_ABORTED
+        return code
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    entry()

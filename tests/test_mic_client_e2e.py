@@ -428,9 +428,14 @@ def test_second_ctrl_c_quits_at_once_with_130(server: ServerProcess, tmp_path: P
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
+    assert "Traceback" not in stderr
+    if proc.returncode == 0:
+        # The utterance was short enough to finalize within the 50 ms between the presses and the
+        # second one landed as the process exited: ignored then, never a death by the signal (-2).
+        assert read_events(out)[-1]["type"] == "transcript.text.done", stderr
+        return
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
-    assert "Traceback" not in stderr
 
 
 def test_server_error_goes_to_stderr_and_the_session_continues(server: ServerProcess, tmp_path: Path) -> None:

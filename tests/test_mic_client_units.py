@@ -899,5 +899,31 @@ def test_a_second_ctrl_c_after_the_graceful_finish_still_exits_130(monkeypatch: 
         monkeypatch.setattr(cli.asyncio, "run", cancelled)
         assert cli.main(["--file", __file__, "--url", "ws://127.0.0.1:9/v1/stream"]) == cli.EXIT_ABORTED
         assert "interrupted" in capsys.readouterr().err
+
+        # Real signals: one handled by the running loop, one after the loop has closed (where
+        # asyncio used to put the default handler back, and the process died by the signal).
+        real_run = asyncio.run
+
+        def signalled(coro, *args, **kwargs):  # type: ignore[no-untyped-def]
+            interrupts = coro.cr_frame.f_locals["interrupts"]
+            coro.close()
+            pressed: list[int] = []
+
+            async def session() -> None:
+                interrupts.attach(asyncio.get_running_loop(), pressed.append)
+                os.kill(os.getpid(), signal.SIGINT)
+                for _ in range(100):
+                    if pressed:
+                        break
+                    await asyncio.sleep(0.01)
+
+            real_run(session())
+            assert pressed == [1], "the running loop got the first press"
+            os.kill(os.getpid(), signal.SIGINT)  # after the loop closed: only counted
+            return cli.EXIT_OK
+
+        monkeypatch.setattr(cli.asyncio, "run", signalled)
+        assert cli.main(["--file", __file__, "--url", "ws://127.0.0.1:9/v1/stream"]) == cli.EXIT_ABORTED
+        assert signal.getsignal(signal.SIGINT) is previous, "main restores the handler it replaced"
     finally:
         signal.signal(signal.SIGINT, previous)
