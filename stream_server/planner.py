@@ -57,6 +57,13 @@ class SessionLimits:
     # (``rate_limited``), so a client cannot queue unbounded work (1000 commits once queued ~1000
     # finals: +900 MB and other sessions starved). VAD alone never gets near it.
     max_pending_finals: int = 8
+    # 0: a final decode's context is the channel's text committed when the final is planned (live
+    # speech: the turn before is nearly always final by then). N > 0: it is exactly the text of
+    # the turns up to the N-th before it, and the final waits until that turn is final. A file is
+    # segmented far ahead of its decodes, so "committed when planned" depends on decode timing:
+    # with two decode workers the same file read 6.9-8.3% WER over six runs. N keeps N finals of
+    # one file decoding at once (batches stay full) and makes its text independent of timing.
+    final_context_lag: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

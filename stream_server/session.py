@@ -72,6 +72,9 @@ class DecodeTicket:
     words: list[Word] = dataclasses.field(default_factory=list)
     attempt: int = 1
     committed: int = 0  # words the utterance had committed when this was submitted
+    # A final planned before the turn its context ends with is final (``final_context_lag``):
+    # queued in order, sent to the decoder once that turn is final.
+    waiting_for_context: bool = False
 
     @property
     def final(self) -> bool:
@@ -145,6 +148,7 @@ class Channel:
         self.held: list[tuple[Utterance, p.ServerEvent]] = []  # see Session._in_order
         self.consumed = 0  # audio before this belongs to utterances already closed
         self.transcript = Transcript()  # this channel's committed text (its deltas spell it)
+        self.turn_ends: list[int] = []  # len(transcript.text) after each finished turn, in order
         self.language: str | None = None  # the last language an utterance settled on: the next one's hint
 
 
@@ -536,10 +540,38 @@ class Session:
         return out + self._submit_final(ch, utt, window_end)
 
     def _submit_final(self, ch: Channel, utt: Utterance, window_end: int) -> list[Output]:
-        """A final decode of the whole utterance, queued behind the finals ahead of it."""
-        ticket = self._ticket(ch, utt, utt.start, window_end, state=TicketState.FINAL, pause_start=None)
+        """A final decode of the whole utterance, queued behind the finals ahead of it (and held
+        back until its context is final, with ``final_context_lag``)."""
+        lag = self.limits.final_context_lag
+        waits = bool(lag) and len(ch.finals) >= lag  # the turn its context ends with is not final yet
+        turn = len(ch.turn_ends) + len(ch.finals)  # this turn's index among the channel's turns
+        context = None if not lag else "" if waits else self._context_of(ch, turn)
+        ticket = self._ticket(ch, utt, utt.start, window_end, state=TicketState.FINAL, pause_start=None, context=context)
+        ticket.waiting_for_context = waits
         ch.finals.append(ticket)
-        return [ticket]
+        return [] if waits else [ticket]
+
+    def _context_of(self, ch: Channel, turn: int) -> str:
+        """The channel's text up to the end of turn ``turn - final_context_lag`` ("" before it)."""
+        last = turn - self.limits.final_context_lag
+        return ch.transcript.text[: ch.turn_ends[last]] if last >= 0 else ""
+
+    def _release_waiting_finals(self, ch: Channel) -> list[Output]:
+        """Send the finals whose context turn has just become final, planned with that text."""
+        out: list[Output] = []
+        lag = self.limits.final_context_lag
+        for position, waiting in enumerate(ch.finals[:lag]):
+            if not waiting.waiting_for_context:
+                continue
+            utt = waiting.utterance
+            # Only the prompt changes: the buffer may have been trimmed past this audio since.
+            plan = plan_decode(self.limits, committed=utt.committed, utterance_start=utt.start, start=waiting.window_start,
+                               end=waiting.window_end, client_prompt=self.config.prompt,
+                               transcript=self._context_of(ch, len(ch.turn_ends) + position))
+            waiting.request = dataclasses.replace(waiting.request, prompt=plan.prompt)
+            waiting.waiting_for_context = False
+            out.append(waiting)
+        return out
 
     def _resolve_without_decode(self, ch: Channel, utt: Utterance, words: list[Word]) -> list[Output]:
         """Close ``utt`` with ``words`` as its last text, after any finals still ahead of it."""
@@ -555,8 +587,11 @@ class Session:
             utt = ticket.utterance
             utt.tail = []
             out += self._commit_words(ch, utt, ticket.words)
+            ch.turn_ends.append(len(ch.transcript.text))
             out += self._finish_utterance(utt)
             out += self._release_held(ch)
+        if self.limits.final_context_lag:
+            out += self._release_waiting_finals(ch)
         return out
 
     def _in_order(self, ch: Channel, utt: Utterance, event: p.ServerEvent) -> list[Output]:
@@ -641,10 +676,12 @@ class Session:
 
     # ---------------------------------------------------------------- decoding
 
-    def _ticket(self, ch: Channel, utt: Utterance, start: int, end: int, *, state: TicketState, pause_start: int | None) -> DecodeTicket:
-        """A request for ``[start, end)`` as the planner shapes it (window, prefix, prompt)."""
+    def _ticket(self, ch: Channel, utt: Utterance, start: int, end: int, *, state: TicketState, pause_start: int | None,
+                context: str | None = None) -> DecodeTicket:
+        """A request for ``[start, end)`` as the planner shapes it (window, prefix, prompt);
+        ``context``: the earlier text to prompt with, when not the channel's whole transcript."""
         plan = plan_decode(self.limits, committed=utt.committed, utterance_start=utt.start, start=start, end=end,
-                           client_prompt=self.config.prompt, transcript=ch.transcript.text)
+                           client_prompt=self.config.prompt, transcript=ch.transcript.text if context is None else context)
         request = DecodeRequest(
             audio=ch.buffer.slice(plan.start, plan.end),
             prefix=plan.prefix,

@@ -45,7 +45,7 @@ class Settings:
     )
     decode_workers: int = dataclasses.field(
         default=0,
-        metadata={"help": "decode worker threads, each running one batch at a time (0 = 1; 2 serves more live streams on CPU, see the README)"},
+        metadata={"help": "decode worker threads, each running one batch at a time (0 = 2 on a CPU with 2+ cores, else 1; see the README)"},
     )
     max_batch_size: int = dataclasses.field(
         default=8, metadata={"help": "most decode requests in one model call (bounds model memory per batch)"}
@@ -185,13 +185,20 @@ class Settings:
         return self.timestamp_tokens == "on"
 
     def resolved_decode_workers(self) -> int:
-        """One worker by default. Two workers of one thread each serve more live streams on a
-        2-core CPU (24 real-time streams, quiet machine: final p50 0.98-1.06 s vs 1.46-1.48, first
-        text p50 1.06-1.19 s vs 1.84-1.86), but they decode a file's turns in an order that
-        depends on timing, and each turn's context is the text decoded before it: the HTTP file
-        test's WER then ranged 6.9-8.3% over runs where one worker gives 7.0-7.2%. Until a file's
-        context no longer depends on timing, two workers are an option (``--decode-workers 2``)."""
-        return self.decode_workers if self.decode_workers > 0 else 1
+        """Two workers of one thread each on a CPU with two or more cores, else one.
+
+        On the 2-core CPU they serve more live streams than one worker on both cores (24
+        real-time streams, quiet machine: final p50 0.98-1.06 s vs 1.46-1.48, first text p50
+        1.06-1.19 s vs 1.84-1.86; one stream unchanged): while one batch is in the model the
+        other's Python (features, word guards) runs. They used to make a file's text depend on
+        timing (its turns' context was whatever had been decoded before them); a file's context is
+        now fixed (``Engine.file_context_lag``), so the same file reads the same with one or two.
+        On a GPU one worker keeps the device's batches whole."""
+        if self.decode_workers > 0:
+            return self.decode_workers
+        if self.resolved_device() == "cuda":
+            return 1
+        return 2 if (os.cpu_count() or 1) >= 2 else 1
 
     def resolved_cpu_threads(self) -> int:
         """Each worker's share of the cores (all of them for one worker): two workers that each

@@ -122,7 +122,10 @@ def _admit(ws: WebSocket, dialect: Dialect) -> keys.Access | keys.Refusal:
 
 
 async def _session(ws: WebSocket, engine: Engine, dialect: Dialect, access: keys.Access) -> None:
-    await ws.accept(subprotocol=dialect.subprotocol)
+    # Optional per dialect, like ``session_alias``: response headers its clients read (Deepgram's
+    # ``dg-request-id``).
+    extra = getattr(dialect, "accept_headers", None) or {}
+    await ws.accept(subprotocol=dialect.subprotocol, headers=[(k.encode(), v.encode()) for k, v in extra.items()])
     reason = engine.refusal()
     if reason is not None:
         engine.metrics.sessions_rejected.inc()

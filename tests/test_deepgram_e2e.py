@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import websockets
@@ -26,7 +27,7 @@ from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results, ListenV1UtteranceEnd
 
 from stream_server.audio import encode_g711
-from tests.support import ServerProcess, english_references, load_clip, require_speech, start_server, wer
+from tests.support import ServerProcess, english_references, load_clip, normalize, require_speech, start_server, wer
 from tests.test_dialect_deepgram import SDK_MODELS, check_documented, sdk_validate
 from tests.test_server import build_long_stream
 
@@ -45,6 +46,8 @@ class Run:
     messages: list[Got]
     error: BaseException | None = None  # how the connection ended, None for a clean close
     marks: dict[str, float] = dataclasses.field(default_factory=dict)
+    request_id: str | None = None  # Deepgram: the ``dg-request-id`` upgrade header
+    core_text: str = ""  # Deepgram: the core's own transcript of the session, fetched by request_id
 
     def of(self, kind: str) -> list[Got]:
         return [g for g in self.messages if g.message.get("type") == kind]
@@ -89,6 +92,7 @@ async def sdk_stream(server: ServerProcess, data: bytes, rate: int, width: int, 
     run = Run([])
     async with client.listen.v1.connect(model="nova-3", sample_rate=rate, **options) as connection:
         start = time.monotonic()
+        run.request_id = upgrade_headers(connection._websocket).get("dg-request-id")
 
         async def reader() -> None:
             try:
@@ -103,6 +107,12 @@ async def sdk_stream(server: ServerProcess, data: bytes, rate: int, width: int, 
         await connection.send_close_stream()
         await asyncio.wait_for(task, timeout=60)
     return run
+
+
+def upgrade_headers(websocket: Any) -> Any:
+    """The upgrade response's headers (the SDK runs websockets' legacy or new client)."""
+    legacy = getattr(websocket, "response_headers", None)
+    return legacy if legacy is not None else websocket.response.headers
 
 
 def sdk_message(message: Any) -> dict[str, Any]:
@@ -220,7 +230,24 @@ def runs(server: ServerProcess) -> Runs:
         )
 
     n16, d16, (idle, idle_elapsed), refused, n8, d8, fin = asyncio.run(everything())
+    for run in (d16, d8):
+        run.core_text = core_transcript(server, run)
     return Runs([r["text"] for r in clips], spans, n16, d16, n8, d8, fin, finalize_clip["text"], idle, idle_elapsed, refused)
+
+
+def core_transcript(server: ServerProcess, run: Run) -> str:
+    """The session's transcript as the server itself keeps it, found by the request_id the
+    Deepgram client holds (upgrade header and Metadata)."""
+    [metadata] = run.of("Metadata")
+    assert run.request_id == metadata.message["request_id"], "dg-request-id names the stream"
+    with httpx.Client(base_url=server.http_url, timeout=10) as http:
+        for _ in range(50):  # the finished session is stored as the socket closes
+            response = http.get(f"/v1/sessions/{run.request_id}/transcript", params={"format": "txt"})
+            if response.status_code != 404:
+                break
+            time.sleep(0.1)
+    assert response.status_code == 200, response.text
+    return response.text
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,12 +310,17 @@ def paired_latencies(runs: Runs, native: Run, deepgram: Run) -> list[tuple[float
 
 
 def compare(runs: Runs, native: Run, deepgram: Run, label: str) -> None:
-    """Same audio, same server, same moment: WER within 1 point, and the median over utterances
-    of (Deepgram − native) finalization latency within 0.1 s. The paired median is the measure:
-    two sessions sharing a busy scheduler can finalize one utterance up to a second apart in
-    either direction (whichever decode was queued first), which moves a six-utterance median of
-    either run alone by more than the dialect could ever add."""
+    """Same audio, same server, same moment. Accuracy: the dialect relays exactly the words the
+    core committed for its own session (the server's stored transcript of it), so it adds no
+    error; its native twin's WER is only a sanity bound, because two live sessions of the same
+    audio commit differently with timing (measured in CI: up to 6 words of 100 apart, one
+    utterance split differently). Latency: the median over utterances of (Deepgram − native)
+    finalization latency within 0.1 s. The paired median is the measure: two sessions sharing a
+    busy scheduler can finalize one utterance up to a second apart in either direction
+    (whichever decode was queued first), which moves a six-utterance median of either run alone
+    by more than the dialect could ever add."""
     assert deepgram.error is None, f"{label}: the connection ended with {deepgram.error!r}"
+    assert normalize(deepgram_text(deepgram)) == normalize(deepgram.core_text), (deepgram_text(deepgram), deepgram.core_text)
     dg_wer = wer(runs.references, [deepgram_text(deepgram)])
     native_wer = wer(runs.references, [native_text(native)])
     pairs = paired_latencies(runs, native, deepgram)
@@ -299,9 +331,7 @@ def compare(runs: Runs, native: Run, deepgram: Run, label: str) -> None:
         f"deepgram {statistics.median(dg_lat):.3f} s native {statistics.median(native_lat):.3f} s; "
         f"median per-utterance difference {difference:+.3f} s over {len(pairs)} utterances"
     )
-    # One word is about a point per run, and twin streams differ by up to two words from timing
-    # alone (measured on the OpenAI twin test in CI: +1.8 and -1.7 points); pooled bound below.
-    assert dg_wer <= native_wer + 0.03, (dg_wer, native_wer, deepgram_text(deepgram), native_text(native))
+    assert dg_wer <= native_wer + 0.08, (dg_wer, native_wer, deepgram_text(deepgram), native_text(native))
     assert len(pairs) >= CLIPS - 1, pairs
     assert abs(difference) <= 0.1, pairs
 
@@ -351,11 +381,9 @@ def test_wer_within_one_point_of_native_over_both_encodings(runs: Runs) -> None:
     native = wer(references, [native_text(runs.native16), native_text(runs.native8)])
     words = sum(len(r.split()) for r in references)
     print(f"pooled WER over {words} reference words: deepgram {deepgram:.4f} native {native:.4f}")
-    # The dialect relays the core's committed text unchanged, so it cannot be more accurate than
-    # its native twin; when it scores lower, the two sessions' timing-dependent commits differed
-    # (twin sessions on a loaded machine do). The bound that matters is the one-sided one, sized
-    # to that twin variance (~2 words of ~200), as for the OpenAI dialect.
-    assert deepgram <= native + 0.02, (deepgram, native)
+    # The dialect relays the core's committed text unchanged (checked word for word in
+    # compare()), so the two differ only by the twins' timing-dependent commits: a sanity bound.
+    assert deepgram <= native + 0.05, (deepgram, native)
 
 
 def test_every_sdk_message_kind_was_seen_and_parsed_by_the_sdk(runs: Runs) -> None:

@@ -385,6 +385,8 @@ def test_close_stream_flushes_then_metadata_then_close() -> None:
     assert metadata["duration"] == pytest.approx(len(h.audio) / 2 / 16000, abs=1e-3)
     assert metadata["created"] == "2025-01-02T03:04:05.678Z" and metadata["channels"] == 1
     assert metadata["request_id"] == h.dialect.request_id == finals(h)[-1]["metadata"]["request_id"]
+    # The same id names the upgrade (dg-request-id) and the session in the hub (/v1/sessions/{id}).
+    assert h.dialect.accept_headers == {"dg-request-id": h.dialect.request_id} and h.dialect.session_alias == h.dialect.request_id
     assert h.closes == [Close(1000, "session closed")]
     assert h.dialect.receive_text(json.dumps({"type": "Finalize"})) == [], "nothing after CloseStream"
 

@@ -67,12 +67,15 @@ def test_flags_beat_environment_beat_defaults() -> None:
 def test_decode_workers_and_threads_share_out_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(settings_mod.os, "cpu_count", lambda: 8)
     auto = settings_mod.Settings()
-    assert (auto.resolved_decode_workers(), auto.resolved_cpu_threads()) == (1, 8)
+    assert (auto.resolved_decode_workers(), auto.resolved_cpu_threads()) == (2, 4)
+    assert settings_mod.Settings(device="cuda").resolved_decode_workers() == 1, "one worker keeps GPU batches whole"
+    assert settings_mod.Settings(decode_workers=1).resolved_cpu_threads() == 8
     assert settings_mod.Settings(decode_workers=2).resolved_cpu_threads() == 4
     assert settings_mod.Settings(decode_workers=3).resolved_cpu_threads() == 2
     assert settings_mod.Settings(decode_workers=1, cpu_threads=6).resolved_cpu_threads() == 6
     monkeypatch.setattr(settings_mod.os, "cpu_count", lambda: 1)
     assert settings_mod.Settings(decode_workers=2).resolved_cpu_threads() == 1
+    assert settings_mod.Settings().resolved_decode_workers() == 1, "one core: one worker"
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:

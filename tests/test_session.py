@@ -693,3 +693,41 @@ def test_turn_ends_beyond_the_pending_bound_are_deferred_and_lose_no_words() -> 
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 13))
     assert len(d.of(p.TranscriptSegment)) < 12  # the later turns ran on into one another
+
+
+def file_session_prompts(latency_chunks: int, lag: int) -> tuple[list[str], str, int]:
+    """A file's turns (no interims) decoded with ``latency_chunks`` of decoder delay: the prompt of
+    each final in turn order, the done text, and the most finals that were out at once."""
+    session = Session("sess_file0001", config=p.SessionConfig(interim_results=False), vad=EnergyVad(),
+                      limits=SessionLimits(interim_decoding=False, final_context_lag=lag, max_pending_finals=100))
+    d = Driver(session, latency_chunks=latency_chunks)
+    most = 0
+    for turn in range(FILE_TURNS):
+        audio = np.concatenate([speech(file_turn(turn)), silence(0.8)])  # 8 words, 2.8 s: long enough for context
+        for i in range(0, len(audio), CHUNK):
+            d.feed(audio[i : i + CHUNK])
+            most = max(most, len(d.inflight))
+    d.close()
+    prompts = [r.prompt for call in d.decoder.calls for r in call]
+    return prompts, d.of(p.TranscriptDone)[0].text, most
+
+
+FILE_TURNS = 6
+
+
+def file_turn(turn: int) -> list[int]:
+    return list(range(turn + 1, turn + 9))
+
+
+def test_a_files_final_context_lag_makes_its_prompts_independent_of_decode_timing() -> None:
+    fast, fast_text, fast_most = file_session_prompts(latency_chunks=3, lag=2)
+    slow, slow_text, slow_most = file_session_prompts(latency_chunks=400, lag=2)  # 8 s per decode
+    assert fast_text == " ".join(spoken(*file_turn(t)) for t in range(FILE_TURNS))
+    assert fast == slow and fast_text == slow_text, "same text and same prompts whatever the decoder's pace"
+    assert slow_most == 2 and fast_most == 1, "at most `lag` finals of a channel are out at once"
+    # Turn k's context is exactly the text of the turns up to k - 2.
+    assert fast == [" ".join(spoken(*file_turn(t)) for t in range(k - 1)) for k in range(FILE_TURNS)]
+    # Without the lag the context is whatever was final when the turn ended: timing shows.
+    unlagged_fast, _, _ = file_session_prompts(latency_chunks=3, lag=0)
+    unlagged_slow, _, _ = file_session_prompts(latency_chunks=400, lag=0)
+    assert unlagged_fast != unlagged_slow

@@ -398,6 +398,11 @@ class DeepgramDialect:
         self.api_key = api_key
         self.subprotocol = subprotocol
         self.request_id = request_id
+        # Deepgram names a stream by its request_id (the ``dg-request-id`` upgrade header and every
+        # Metadata): the hub publishes the session under it too, so ``GET /v1/sessions/{request_id}/...``
+        # finds the live or stored transcript by the id the client already holds.
+        self.session_alias: str | None = request_id
+        self.accept_headers = {"dg-request-id": request_id}
         self.created = created
         self.model = options.model or default_model
         self.punctuated = options.punctuate or options.smart_format
