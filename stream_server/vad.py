@@ -89,6 +89,10 @@ class VadParams:
     # A start needs this many consecutive speech frames (96 ms): single-frame clicks and breaths
     # otherwise open utterances that decode to nothing.
     min_speech_frames: int = 3
+    # ... or, for a quiet or short word, this many consecutive frames above the off threshold of
+    # which one is above the threshold (Silero's reference iterator starts on one frame above the
+    # threshold and keeps a segment held above the off threshold). 0 turns it off.
+    min_soft_speech_frames: int = 5
 
     @property
     def off_threshold(self) -> float:
@@ -115,13 +119,16 @@ class TurnSegmenter:
         self.params = params
         self.in_speech = False
         self._run = 0  # consecutive speech frames while not in speech
+        self._soft = 0  # consecutive frames above the off threshold while not in speech
+        self._peaked = False  # one of those was above the threshold
         self._silence = 0  # consecutive silent frames while in speech
         self._last_speech_end = 0
         self._floor = floor  # padding never reaches back before this sample (last utterance end)
 
     def reset(self, floor: int) -> None:
         self.in_speech = False
-        self._run = 0
+        self._run = self._soft = 0
+        self._peaked = False
         self._silence = 0
         self._floor = floor
 
@@ -136,11 +143,19 @@ class TurnSegmenter:
         frame_end = frame_start + FRAME
         if not self.in_speech:
             self._run = self._run + 1 if prob >= p.threshold else 0
-            if self._run < p.min_speech_frames:
+            self._soft = self._soft + 1 if prob >= p.off_threshold else 0
+            self._peaked = self._soft > 0 and (self._peaked or prob >= p.threshold)
+            if self._run >= p.min_speech_frames:
+                run = self._run
+            elif self._peaked and 0 < p.min_soft_speech_frames <= self._soft:
+                run = self._soft
+            else:
                 return None
             self.in_speech = True
             self._silence = 0
-            onset = frame_end - self._run * FRAME
+            self._soft = 0
+            self._peaked = False
+            onset = frame_end - run * FRAME
             self._last_speech_end = frame_end
             padding = p.prefix_padding_ms * 16
             return SpeechStart(sample=max(self._floor, onset - padding), onset=onset)
@@ -151,7 +166,8 @@ class TurnSegmenter:
         self._silence += 1
         if self._silence * FRAME >= p.silence_duration_ms * 16:
             self.in_speech = False
-            self._run = 0
+            self._run = self._soft = 0
+            self._peaked = False
             self._floor = self._last_speech_end
             return SpeechEnd(sample=self._last_speech_end)
         return None

@@ -27,6 +27,20 @@ def test_start_needs_consecutive_speech_frames_and_includes_padding() -> None:
     assert decisions[1] == SpeechEnd(sample=20 * FRAME)
 
 
+def test_a_quiet_short_word_starts_a_turn_held_above_the_off_threshold() -> None:
+    """Silero's probabilities on an isolated spoken "one" in the benchmark's streams (a digit the
+    three-frame rule lost): one frame reaches 0.5, the word holds above the 0.35 off threshold."""
+    word = [0.01, 0.30, 0.40, 0.33, 0.25, 0.41, 0.51, 0.49, 0.39, 0.41, 0.42, 0.37, 0.29, 0.19, 0.09]
+    quiet = [0.0] * 30
+    [start, end] = run(word + quiet, VadParams(prefix_padding_ms=0))
+    assert isinstance(start, SpeechStart) and start.onset == 5 * FRAME, "the onset is where the held run began"
+    assert isinstance(end, SpeechEnd) and end.sample == 12 * FRAME
+    assert run(word + quiet, VadParams(min_soft_speech_frames=0)) == [], "off: the three-frame rule alone"
+    # Held moderate probabilities without a frame at the threshold, and a short peak, start nothing.
+    assert run([0.45] * 20 + quiet, VadParams()) == []
+    assert run([0.2, 0.6, 0.4, 0.38, 0.1] + quiet, VadParams()) == []
+
+
 def test_hysteresis_keeps_soft_syllables_inside_the_turn() -> None:
     params = VadParams(threshold=0.5, silence_duration_ms=96)
     probs = [0.9] * 5 + [0.4] * 10 + [0.9] * 3 + [0.0] * 5
