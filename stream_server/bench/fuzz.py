@@ -220,6 +220,8 @@ class Case:
     steps: tuple[Step, ...]
     max_utterance_s: float = 6.0
     latencies: tuple[int, ...] = (3,)
+    # SessionLimits.final_context_lag: the file path's held finals (4), or live's none (0).
+    final_context_lag: int = 0
 
 
 # ============================================================================================
@@ -689,7 +691,7 @@ def session_cases(draw: st.DrawFn, max_steps: int = 30) -> Case:
     setup = {"config": draw(native_session_fields)}
     steps = draw(st.lists(SESSION_STEPS, min_size=3, max_size=max_steps))
     return Case("session", setup, tuple(steps), draw(st.sampled_from([6.0, 15.0, 2.0])),
-                tuple(draw(st.lists(st.integers(0, 10), min_size=1, max_size=4))))
+                tuple(draw(st.lists(st.integers(0, 10), min_size=1, max_size=4))), draw(st.sampled_from([0, 0, 1, 4])))
 
 
 DIALECT_STEPS = {dialect: dialect_steps(dialect) for dialect in DIALECTS}
@@ -823,7 +825,7 @@ class Rig:
         self.dialect: Dialect | None = None
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.inputs = 0
-        limits = SessionLimits(max_utterance_s=case.max_utterance_s)
+        limits = SessionLimits(max_utterance_s=case.max_utterance_s, final_context_lag=case.final_context_lag)
         base = p.SessionConfig.model_validate({"model": "tiny.en"})
         if case.target == "session":
             try:
