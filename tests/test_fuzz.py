@@ -124,6 +124,19 @@ def test_no_event_after_done_when_an_interim_decode_fails_late(outcome: str) -> 
     ), latencies=(100,)))
 
 
+@pytest.mark.parametrize("lag", [0, 1])
+def test_a_split_and_the_close_may_pass_the_pending_finals_bound_by_two(lag: int) -> None:
+    """Found by the 100k run: a VAD that ends a turn at every gap fills the bound (8 finals), the
+    turn that then runs on outgrows max_utterance_s and is split, and close finalizes the rest."""
+    everything_is_speech = {"config": {"channels": 3, "turn_detection": {"type": "server_vad", "threshold": 0.0,
+                                                                         "prefix_padding_ms": 765, "silence_duration_ms": 0}}}
+    check(fuzz.Case("session", everything_is_speech, (
+        fuzz.CoreAudio(fuzz.AudioSpec(words=(0, 6, 1, 0), gap_ms=303, tail_ms=625, cuts=(0.2,), channel_mask=2), channel=0),
+        fuzz.CoreAudio(fuzz.AudioSpec(words=(6, 12, 11, 12), gap_ms=248, tail_ms=1316, cuts=(0.0, 0.1, 0.28, 0.88)), channel=0),
+        fuzz.CoreAudio(fuzz.AudioSpec(words=(0, 6, 1, 0), gap_ms=303, tail_ms=625, cuts=(0.0, 0.0, 0.0, 0.0), channel_mask=2), channel=0),
+    ), latencies=(6, 0, 0, 0), final_context_lag=lag))
+
+
 @pytest.mark.parametrize("media", [
     {"type": "audio", "format": ["PCMU"], "channels": ["external"], "rate": 8000},
     {"type": "audio", "format": "PCMU", "channels": [["external"]], "rate": 8000},
