@@ -43,19 +43,10 @@ class Engine:
         self.settings = settings
         self.metrics = ServerMetrics()
         self.vad = vad or SileroVad(profile=self.metrics.stages)
-        device = settings.resolved_device()
-        compute_type = settings.resolved_compute_type()
+        options = settings.decoder_options()
 
         def load(path: str) -> Decoder:
-            return WhisperDecoder(
-                path,
-                device=device,
-                compute_type=compute_type,
-                cpu_threads=settings.resolved_cpu_threads(),
-                num_workers=settings.resolved_decode_workers(),
-                timestamp_tokens=settings.resolved_timestamp_tokens(),
-                profile=self.metrics.stages,
-            )
+            return WhisperDecoder(path, **options, profile=self.metrics.stages)
 
         self.registry = ModelRegistry(
             default=settings.model,

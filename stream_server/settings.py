@@ -181,6 +181,17 @@ class Settings:
         except Exception:  # noqa: BLE001 - no CUDA runtime means CPU
             return "cpu"
 
+    def decoder_options(self) -> dict[str, Any]:
+        """The production decoder's keyword arguments (``WhisperDecoder``), resolved once, so the
+        server and the in-process benchmark load the same decoder."""
+        return {
+            "device": self.resolved_device(),
+            "compute_type": self.resolved_compute_type(),
+            "cpu_threads": self.resolved_cpu_threads(),
+            "num_workers": self.resolved_decode_workers(),
+            "timestamp_tokens": self.resolved_timestamp_tokens(),
+        }
+
     def resolved_timestamp_tokens(self) -> bool:
         return self.timestamp_tokens == "on"
 

@@ -589,22 +589,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def decoder_options(settings: Settings) -> dict[str, Any]:
-    """The production decoder's keyword arguments for ``settings`` (as the server loads it)."""
-    return {
-        "device": settings.resolved_device(),
-        "compute_type": settings.resolved_compute_type(),
-        "cpu_threads": settings.resolved_cpu_threads(),
-        "num_workers": settings.resolved_decode_workers(),
-        "timestamp_tokens": settings.resolved_timestamp_tokens(),
-    }
-
-
 def load_decoder(path: str, settings: Settings, fixed_decode_tokens: int | None) -> WhisperDecoder:
     """The server's decoder, or the bench's fixed-length one for synthetic models."""
     if fixed_decode_tokens:
-        return FixedLengthDecoder(path, new_tokens=fixed_decode_tokens, **decoder_options(settings))
-    return WhisperDecoder(path, **decoder_options(settings))
+        return FixedLengthDecoder(path, new_tokens=fixed_decode_tokens, **settings.decoder_options())
+    return WhisperDecoder(path, **settings.decoder_options())
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
