@@ -23,7 +23,7 @@ from twilio.request_validator import RequestValidator
 
 from stream_server import protocol as p
 from stream_server.audio import encode_g711
-from stream_server.bench.calls import TwilioStream
+from stream_server.bench.calls import TwilioStream, call_parameters
 from stream_server.dialects import twilio as tw
 from stream_server.dialects.base import Close, Handshake, HandshakeRejected
 from stream_server.settings import Settings
@@ -171,6 +171,29 @@ def test_parameters_name_the_legs_and_choose_language_and_model(caplog: pytest.L
     assert h.session.config.channel_labels == ["customer", "agent"]
     assert h.session.config.language == "en" and h.session.config.model == "base"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "unknown parameters are ignored quietly"
+
+
+def test_silence_duration_ms_sets_the_turn_end_and_a_bad_one_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    h = TwilioHarness()
+    h.begin(parameters={"silence_duration_ms": "300"})
+    td = h.session.config.turn_detection
+    assert td is not None and td.silence_duration_ms == 300 and td.threshold == 0.5, "merged field by field"
+    for bad in ("-1", "5001", "fast", "3e2"):
+        h = TwilioHarness()
+        h.begin(parameters={"silence_duration_ms": bad})
+        td = h.session.config.turn_detection
+        assert td is not None and td.silence_duration_ms == 500 and not h.of(p.Error)
+    warned(caplog, "silence_duration_ms")
+
+
+def test_the_call_bench_passes_extra_custom_parameters() -> None:
+    assert call_parameters(["silence_duration_ms=300", "crm_id=a=b"]) == {"silence_duration_ms": "300", "crm_id": "a=b"}
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        call_parameters(["silence_duration_ms"])
+    h = TwilioHarness()
+    start = h.twilio.start(parameters=call_parameters(["silence_duration_ms=250"]))
+    h.send(start)
+    assert h.session.config.turn_detection is not None and h.session.config.turn_detection.silence_duration_ms == 250
 
 
 def test_a_model_the_server_lacks_means_the_default() -> None:

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replay N concurrent two-leg μ-law calls over /v1/twilio instead of --streams "
                        "(a list sweeps, e.g. 1,2,4); reports per-leg WER vs offline and finalization latency at an SSE subscriber")
     calls.add_argument("--call-s", type=float, default=45.0, help="length of each call in seconds (default 45)")
+    calls.add_argument("--call-param", action="append", metavar="NAME=VALUE",
+                       help="with --calls: an extra Twilio customParameter for every call, repeatable "
+                       "(e.g. silence_duration_ms=300)")
     fz = p.add_argument_group("fuzzing (no server, no corpus; see bench/fuzz.py)")
     fz.add_argument("--fuzz", type=int, metavar="N",
                     help="instead of streaming: run N generated inputs (Hypothesis) through every dialect and the "

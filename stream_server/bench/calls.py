@@ -447,25 +447,29 @@ class CallRun:
     offset_s: float  # start delay of this call in the run
 
 
-async def run_call(ws_url: str, http_base: str, call: Call, *, delay: float = 0.0) -> CallRun:
+async def run_call(ws_url: str, http_base: str, call: Call, *, delay: float = 0.0, parameters: dict[str, str] | None = None) -> CallRun:
     """Replay one call, under a fresh Call SID, with a subscriber reading its events from the
     moment the server knows the call."""
     call = dataclasses.replace(call, call_sid=fresh_sid())
     await asyncio.sleep(delay)
     subscriber = asyncio.create_task(subscribe(http_base, call.call_sid, retry_s=30))
     try:
-        result = await replay(ws_url, call)
+        result = await replay(ws_url, call, parameters=parameters)
         events = await asyncio.wait_for(subscriber, timeout=120)
     finally:
         subscriber.cancel()
     return CallRun(call, result, events, delay)
 
 
-async def run_calls(ws_url: str, http_base: str, calls: Sequence[Call], *, stagger_s: float) -> list[CallRun]:
+async def run_calls(
+    ws_url: str, http_base: str, calls: Sequence[Call], *, stagger_s: float, parameters: dict[str, str] | None = None
+) -> list[CallRun]:
     """All calls at once, call ``i`` starting ``i * stagger_s / N`` late (callers do not all dial
-    on the same frame)."""
+    on the same frame); ``parameters``: extra ``customParameters`` for every call."""
     step = stagger_s / len(calls) if calls else 0.0
-    return list(await asyncio.gather(*(run_call(ws_url, http_base, c, delay=i * step) for i, c in enumerate(calls))))
+    return list(await asyncio.gather(
+        *(run_call(ws_url, http_base, c, delay=i * step, parameters=parameters) for i, c in enumerate(calls))
+    ))
 
 
 # --------------------------------------------------------------------------------------------
@@ -657,6 +661,7 @@ class BenchConfig:
     url: str | None = None  # a running server's /v1/twilio; None: start one per level
     server_pid: int | None = None
     model: str = "tiny.en"
+    parameters: dict[str, str] | None = None  # extra customParameters (--call-param)
 
 
 def _http_base(ws_url: str) -> str:
@@ -694,7 +699,7 @@ def _measure(
     if monitor:
         monitor.start()
     start = time.monotonic()
-    runs = asyncio.run(run_calls(ws_url, http_base, calls, stagger_s=cfg.stagger_s))
+    runs = asyncio.run(run_calls(ws_url, http_base, calls, stagger_s=cfg.stagger_s, parameters=cfg.parameters))
     end = time.monotonic()
     if monitor:
         monitor.stop()
@@ -797,6 +802,17 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def call_parameters(pairs: Sequence[str]) -> dict[str, str]:
+    """``--call-param NAME=VALUE`` options as the calls' extra ``customParameters``."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--call-param expects NAME=VALUE, got {pair!r}")
+        out[name] = value
+    return out
+
+
 def main_calls(args: argparse.Namespace, out: Path, stamp: _dt.datetime, argv: Sequence[str]) -> int:
     """The ``--calls`` mode of ``stream-server bench``: build, baseline, run each level, report."""
     levels = parse_calls(args.calls)
@@ -808,7 +824,8 @@ def main_calls(args: argparse.Namespace, out: Path, stamp: _dt.datetime, argv: S
     offline = [offline_texts(call, model=model, tag="calls") for call in calls]
     options = ServerOptions(model=args.model, device=args.device, compute_type=args.compute_type,
                             extra_args=[a for chunk in args.server_arg for a in shlex.split(chunk)])
-    cfg = BenchConfig(options, out, stagger_s=args.stagger_s, idle_s=args.idle_s, url=args.url, server_pid=args.server_pid, model=model)
+    cfg = BenchConfig(options, out, stagger_s=args.stagger_s, idle_s=args.idle_s, url=args.url, server_pid=args.server_pid, model=model,
+                      parameters=call_parameters(args.call_param or []))
     results_levels = []
     for n in levels:
         _log(f"[bench] {n} concurrent call(s) ...")

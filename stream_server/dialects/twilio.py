@@ -62,6 +62,8 @@ MAX_EARLY_MEDIA = 250
 TRACK_CHANNELS = ("inbound", "outbound")
 DEFAULT_LABELS = {"inbound": "caller", "outbound": "callee"}
 LABEL_PARAMETERS = {"inbound": "inbound_label", "outbound": "outbound_label"}
+#: ``silence_duration_ms``'s range, as the native ``turn_detection`` allows it.
+MAX_SILENCE_MS = 5000
 MEDIA_FORMAT: dict[str, object] = {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1}
 MAX_LABEL = 64  # the core's bound on channel labels
 DTMF_DIGITS = frozenset("0123456789*#ABCD")  # the sixteen DTMF keys (A-D are rare but valid)
@@ -293,6 +295,14 @@ class TwilioDialect:
                 changes["language"] = language
             else:
                 self._warn("language_invalid", "language %.40r is not an ISO-639-1 code or locale; the server default is used", language)
+        silence = parameters.get("silence_duration_ms", "").strip()
+        if silence:
+            if silence.isdigit() and int(silence) <= MAX_SILENCE_MS:
+                # The turn end (segment) after this much silence; the words themselves are
+                # final at the pause (~0.2 s) whatever it is. Agent-assist screens may want less.
+                changes["turn_detection"] = {"silence_duration_ms": int(silence)}
+            else:
+                self._warn("silence_invalid", "silence_duration_ms %.40r is not 0-%d; the default is used", silence, MAX_SILENCE_MS)
         model = parameters.get("model", "").strip()
         if model:
             if self.options.model_exists(model):
