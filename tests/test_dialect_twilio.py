@@ -178,7 +178,7 @@ def test_silence_duration_ms_sets_the_turn_end_and_a_bad_one_is_logged(caplog: p
     h.begin(parameters={"silence_duration_ms": "300"})
     td = h.session.config.turn_detection
     assert td is not None and td.silence_duration_ms == 300 and td.threshold == 0.5, "merged field by field"
-    for bad in ("-1", "5001", "fast", "3e2"):
+    for bad in ("-1", "5001", "fast", "3e2", "²", "1" * 5000):
         h = TwilioHarness()
         h.begin(parameters={"silence_duration_ms": bad})
         td = h.session.config.turn_detection

@@ -62,8 +62,6 @@ MAX_EARLY_MEDIA = 250
 TRACK_CHANNELS = ("inbound", "outbound")
 DEFAULT_LABELS = {"inbound": "caller", "outbound": "callee"}
 LABEL_PARAMETERS = {"inbound": "inbound_label", "outbound": "outbound_label"}
-#: ``silence_duration_ms``'s range, as the native ``turn_detection`` allows it.
-MAX_SILENCE_MS = 5000
 MEDIA_FORMAT: dict[str, object] = {"encoding": "audio/x-mulaw", "sampleRate": SAMPLE_RATE, "channels": 1}
 MAX_LABEL = 64  # the core's bound on channel labels
 DTMF_DIGITS = frozenset("0123456789*#ABCD")  # the sixteen DTMF keys (A-D are rare but valid)
@@ -297,12 +295,15 @@ class TwilioDialect:
                 self._warn("language_invalid", "language %.40r is not an ISO-639-1 code or locale; the server default is used", language)
         silence = parameters.get("silence_duration_ms", "").strip()
         if silence:
-            if silence.isdigit() and int(silence) <= MAX_SILENCE_MS:
-                # The turn end (segment) after this much silence; the words themselves are
-                # final at the pause (~0.2 s) whatever it is. Agent-assist screens may want less.
-                changes["turn_detection"] = {"silence_duration_ms": int(silence)}
-            else:
-                self._warn("silence_invalid", "silence_duration_ms %.40r is not 0-%d; the default is used", silence, MAX_SILENCE_MS)
+            # The turn end (segment) after this much silence; the words themselves are final at
+            # the pause (~0.2 s) whatever it is. Agent-assist screens may want less.
+            try:
+                # Plain decimal digits only (no sign, "_" or "3e2"); int() refuses "²" and more than
+                # 4300 digits with ValueError. The range is the core's own.
+                ms = p.TurnDetection(silence_duration_ms=int(silence) if silence.isdecimal() else -1).silence_duration_ms
+                changes["turn_detection"] = {"silence_duration_ms": ms}
+            except ValueError:  # pydantic's ValidationError is one too
+                self._warn("silence_invalid", "silence_duration_ms %.40r is not a turn_detection silence in ms; the default is used", silence)
         model = parameters.get("model", "").strip()
         if model:
             if self.options.model_exists(model):
