@@ -457,5 +457,6 @@ def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
             return EXIT_ABORTED
         return code
 
+
 if __name__ == "__main__":
     entry()

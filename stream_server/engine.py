@@ -32,7 +32,9 @@ from stream_server.webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
-#: See ``Engine.file_context_lag`` (measured in the closing note of the stop that added it).
+#: A file's turn is prompted with the text up to this many turns before it, and waits for that
+#: turn (``SessionLimits.final_context_lag``): the file's text then does not depend on decode
+#: timing, and this many of its finals still decode at once (measurements: README, Capacity).
 FILE_CONTEXT_LAG = 4
 
 
@@ -64,10 +66,6 @@ class Engine:
             interim_step_ms=settings.interim_step_ms, interim_pace=settings.interim_pace,
             max_utterance_s=settings.max_utterance_s,
         )
-        # A file's turn is prompted with the text up to this many turns before it, and waits for
-        # that turn (``SessionLimits.final_context_lag``): the file's text then does not depend on
-        # decode timing, and this many of its finals still decode at once.
-        self.file_context_lag = FILE_CONTEXT_LAG
         self.ready = False
         self.draining = False  # SIGTERM: no new sessions; open ones are being finalized
         self.active_sessions = 0
@@ -138,7 +136,7 @@ class Engine:
         # client that outruns the decoder.
         session = self.new_session(config, limits=SessionLimits(
             interim_decoding=False, max_utterance_s=self.limits.max_utterance_s, max_pending_finals=1_000_000,
-            final_context_lag=self.file_context_lag,
+            final_context_lag=FILE_CONTEXT_LAG,
         ))
         events: asyncio.Queue[p.ServerEvent | None] = asyncio.Queue()  # None: the session closed
         runner = SessionRunner(session, self.scheduler, emit=events.put_nowait, on_close=lambda close: events.put_nowait(None))

@@ -544,8 +544,10 @@ class Session:
         back until its context is final, with ``final_context_lag``)."""
         lag = self.limits.final_context_lag
         waits = bool(lag) and len(ch.finals) >= lag  # the turn its context ends with is not final yet
-        turn = len(ch.turn_ends) + len(ch.finals)  # this turn's index among the channel's turns
-        context = None if not lag else "" if waits else self._context_of(ch, turn)
+        context = None  # without a lag: the whole transcript so far
+        if lag:
+            # The prompt of a waiting final is planned again when it is released.
+            context = "" if waits else self._context_of(ch, len(ch.turn_ends) + len(ch.finals))
         ticket = self._ticket(ch, utt, utt.start, window_end, state=TicketState.FINAL, pause_start=None, context=context)
         ticket.waiting_for_context = waits
         ch.finals.append(ticket)

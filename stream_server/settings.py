@@ -203,7 +203,7 @@ class Settings:
         1.06-1.19 s vs 1.84-1.86; one stream unchanged): while one batch is in the model the
         other's Python (features, word guards) runs. They used to make a file's text depend on
         timing (its turns' context was whatever had been decoded before them); a file's context is
-        now fixed (``Engine.file_context_lag``), so the same file reads the same with one or two.
+        now fixed (``engine.FILE_CONTEXT_LAG``), so the same file reads the same with one or two.
         On a GPU one worker keeps the device's batches whole."""
         if self.decode_workers > 0:
             return self.decode_workers
