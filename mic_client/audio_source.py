@@ -378,7 +378,8 @@ def parse_device(value: str | None) -> int | str | None:
         return None
     stripped = value.strip()
     if stripped.lstrip("-").isdigit():
-        return int(stripped)
+        with contextlib.suppress(ValueError):  # "²" or thousands of digits: a name, then
+            return int(stripped)
     return stripped
 
 

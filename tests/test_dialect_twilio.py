@@ -402,6 +402,18 @@ def test_a_track_the_stream_does_not_carry(caplog: pytest.LogCaptureFixture) -> 
     still_running(h)
 
 
+def test_numbers_too_long_for_int_are_invalid_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """Twilio's numbers are decimal strings; one of 5000 digits made int() raise out of the dialect."""
+    h = TwilioHarness()
+    h.begin()
+    media = h.twilio.media("inbound", b"\x7f" * FRAME, 0)
+    media["sequenceNumber"] = media["media"]["chunk"] = media["media"]["timestamp"] = "9" * 5000
+    h.send(media)
+    assert [(a.channel, len(a.audio)) for a in h.appends()] == [(0, FRAME)], "the frame is kept, in arrival order"
+    for name in ("sequenceNumber", "chunk", "usable timestamp"):
+        warned(caplog, name)
+
+
 def test_duplicate_sequence_number(caplog: pytest.LogCaptureFixture) -> None:
     h = started(caplog)
     message = h.twilio.media("inbound", b"\x10" * FRAME, 20)

@@ -444,6 +444,9 @@ def test_parse_device() -> None:
     assert parse_device("3") == 3
     assert parse_device(" USB Mic ") == "USB Mic"
     assert parse_device("pulse") == "pulse"
+    assert parse_device("-1") == -1
+    # What int() refuses though isdigit() accepts is a name to match, not a traceback.
+    assert parse_device("²") == "²" and parse_device("9" * 5000) == "9" * 5000
 
 
 # ------------------------------------------------------------------------------------------------

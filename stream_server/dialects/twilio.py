@@ -492,7 +492,10 @@ def _integer(raw: object) -> int | None:
     if isinstance(raw, int):
         return raw if raw >= 0 else None
     if isinstance(raw, str) and raw.isascii() and raw.isdigit():
-        return int(raw)
+        try:
+            return int(raw)
+        except ValueError:  # more digits than int() converts (4300): no number Twilio sends
+            return None
     return None
 
 
