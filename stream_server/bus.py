@@ -100,7 +100,7 @@ class Change:
     alias: str = ""
 
 
-def _require_redis() -> None:
+def require_redis() -> None:
     try:
         import redis  # noqa: F401
     except ImportError as exc:  # pragma: no cover - depends on the install
@@ -111,7 +111,7 @@ class RedisBus:
     """The writer thread and the async readers of one Redis database."""
 
     def __init__(self, url: str) -> None:
-        _require_redis()
+        require_redis()
         import redis
 
         self.url = url

@@ -24,7 +24,8 @@ gets the file's options. Errors name the line and the option, never the key.
 Limits are enforced per key (:class:`Usage`, one per ring, keyed by digest, so a reload keeps the
 counts): a WebSocket session takes a slot of its key for its lifetime, and the audio a session
 actually hands the core is charged to its key's meter, a token bucket holding at most a minute's
-allowance and refilled continuously. With no keys configured, every client is one anonymous
+allowance and refilled continuously. With ``--redis-url`` both limits hold over every replica
+together (``fleet_limits.py``). With no keys configured, every client is one anonymous
 "key" with the server-wide limits, which are off (0) unless the operator sets them.
 
 Each WebSocket connection holds an :class:`Access`: the shell (``ws.py``) asks it whether a
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from stream_server import protocol as p
+from stream_server.fleet_limits import FleetLimits
 from stream_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -172,12 +174,13 @@ class KeyRing:
         path: Path | None = None,
         defaults: KeyLimits = KeyLimits(),
         clock: Callable[[], float] = time.monotonic,
+        fleet: FleetLimits | None = None,
     ) -> None:
         self.path = path
         self.defaults = defaults
         self._fixed = {d: _Entry(d) for d in (digest(k.strip()) for k in keys if k.strip())}
         self._entries: dict[bytes, _Entry] = dict(self._fixed)
-        self.usage = Usage(clock)
+        self.usage = Usage(clock, fleet)
         self.anonymous = Principal(ANONYMOUS, ANONYMOUS, defaults)
         if path is not None:
             self._install(read_keys_file(path))
@@ -190,7 +193,8 @@ class KeyRing:
         cannot be loaded (a server must not start open because its keys file is missing)."""
         path = Path(settings.api_keys_file).expanduser() if settings.api_keys_file.strip() else None
         defaults = KeyLimits(settings.key_max_sessions, settings.key_audio_s_per_min)
-        return cls(settings.api_keys.split(","), path=path, defaults=defaults)
+        fleet = FleetLimits(settings.redis_url) if settings.redis_url.strip() else None
+        return cls(settings.api_keys.split(","), path=path, defaults=defaults, fleet=fleet)
 
     @property
     def configured(self) -> bool:
@@ -355,9 +359,10 @@ class _Account:
 class Usage:
     """What every principal is using now, by principal id; only touched from the event loop."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, fleet: FleetLimits | None = None) -> None:
         self._clock = clock
         self._accounts: dict[str, _Account] = {}
+        self.fleet = fleet  # with --redis-url: the same limits over every replica
 
     def sessions(self, principal_id: str) -> int:
         account = self._accounts.get(principal_id)
@@ -379,7 +384,13 @@ class Usage:
         self._forget_if_idle(principal, account)
 
     def audio_left(self, principal: Principal) -> float:
-        """Audio seconds the principal may still send now (infinite without a limit)."""
+        """Audio seconds the principal may still send now (infinite without a limit): this
+        replica's own meter, and with a fleet the key's use over every replica as last read."""
+        local = self._local_audio_left(principal)
+        fleet = self.fleet.audio_left(principal) if self.fleet is not None and local != math.inf else None
+        return local if fleet is None else min(local, fleet)
+
+    def _local_audio_left(self, principal: Principal) -> float:
         rate = principal.limits.audio_s_per_min
         if not rate:
             return math.inf
@@ -397,13 +408,17 @@ class Usage:
         crossed it (it was accepted whole), which the refill then pays back first."""
         if not principal.limits.audio_s_per_min or seconds <= 0:
             return
-        self.audio_left(principal)
+        self._local_audio_left(principal)
         account = self._accounts[principal.id]
         account.audio_left = (account.audio_left or 0.0) - seconds
+        if self.fleet is not None:
+            self.fleet.charge_audio(principal, seconds)
 
     def _forget_if_idle(self, principal: Principal, account: _Account) -> None:
         """Drop an account with no session and a full allowance (bounds the table by the keys in use)."""
-        if account.sessions == 0 and self.audio_left(principal) >= principal.limits.audio_s_per_min:
+        if account.sessions == 0 and self.fleet is not None:
+            self.fleet.forget(principal)
+        if account.sessions == 0 and self._local_audio_left(principal) >= principal.limits.audio_s_per_min:
             del self._accounts[principal.id]
 
 
@@ -415,6 +430,7 @@ class Access:
         self._ring = ring
         self.principal = principal
         self._holds_slot = False
+        self._lease: str | None = None  # the key's fleet-wide slot (--redis-url), while held
         self.refused = False  # set once a refusal ended the session: nothing more reaches the core
 
     @classmethod
@@ -433,7 +449,26 @@ class Access:
         self._holds_slot = True
         return None
 
-    def identify(self, key: str | None) -> Refusal | None:
+    async def hold_fleet_slot(self) -> Refusal | None:
+        """With ``--redis-url``, the key's session limit over every replica (after this
+        replica's own slot was taken): the refusal when the fleet is at the limit. A Redis that
+        does not answer leaves the decision to this replica's count (``fleet_limits.py``)."""
+        fleet = self._ring.usage.fleet
+        principal = self.principal
+        if fleet is None or principal is None or not self._holds_slot or not principal.limits.max_sessions:
+            return None
+        lease = await fleet.take_session(principal)
+        if lease is False:
+            self.release()
+            self.refused = True
+            log.info("%s: at its limit of %d concurrent session(s) over all replicas; session refused",
+                     principal.label, principal.limits.max_sessions)
+            return sessions_refused(principal)
+        if isinstance(lease, str):
+            self._lease = lease
+        return None
+
+    async def identify(self, key: str | None) -> Refusal | None:
         """A key that arrived after the upgrade (Twilio ``customParameters.api_key``): checked
         as an upgrade's would be, then the session limit."""
         principal = self._ring.identify(key)
@@ -441,7 +476,7 @@ class Access:
             self.refused = True
             log.warning("%s API key after the upgrade; closing with %d", "missing" if not key else "unknown", POLICY_VIOLATION)
             return key_refused(missing=not key)
-        return self.identify_principal(principal)
+        return self.identify_principal(principal) or await self.hold_fleet_slot()
 
     def audio_allowed(self) -> bool:
         """Whether the key's audio allowance has anything left for this session's next message."""
@@ -463,6 +498,10 @@ class Access:
         """The session ended: its slot goes back (once)."""
         if self._holds_slot and self.principal is not None:
             self._holds_slot = False
+            fleet = self._ring.usage.fleet
+            if self._lease is not None and fleet is not None:
+                fleet.give_back_session(self.principal, self._lease)
+                self._lease = None
             self._ring.usage.give_back_session(self.principal)
 
 

@@ -61,6 +61,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         log.info("ready: model %s on %s (%s)", settings.model, settings.resolved_device(), settings.resolved_compute_type())
         yield
         engine.close()
+        if ring.usage.fleet is not None:
+            await ring.usage.fleet.close()
 
     routes = [
         *websocket_routes(),

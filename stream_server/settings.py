@@ -157,7 +157,7 @@ class Settings:
     # Several replicas behind a load balancer (deploy/, docs/deploy.md).
     redis_url: str = dataclasses.field(
         default="",
-        metadata={"help": "Redis as the shared session bus (redis://host:6379/0): every session's events and transcript are published there, so /v1/sessions/{id}/events and /transcript answer on any replica (empty: in-process only)"},
+        metadata={"help": "Redis as the shared session bus (redis://host:6379/0): every session's events and transcript are published there, so /v1/sessions/{id}/events and /transcript answer on any replica, and per-key limits count every replica's sessions and audio (empty: in-process only)"},
     )
 
     def api_key_set(self) -> frozenset[str]:

@@ -91,7 +91,7 @@ async def dialect_endpoint(create: DialectFactory, ws: WebSocket) -> None:
     except HandshakeRejected as exc:
         await _deny(ws, exc.status, dict(exc.body))
         return
-    access = _admit(ws, dialect)
+    access = await _admit(ws, dialect)
     if isinstance(access, keys.Refusal):
         await _deny(ws, access.status, access.body(), access.headers())
         return
@@ -101,10 +101,11 @@ async def dialect_endpoint(create: DialectFactory, ws: WebSocket) -> None:
         access.release()
 
 
-def _admit(ws: WebSocket, dialect: Dialect) -> keys.Access | keys.Refusal:
+async def _admit(ws: WebSocket, dialect: Dialect) -> keys.Access | keys.Refusal:
     """The key check and the key's session limit, before the upgrade (401 missing, 403 wrong,
-    429 at the limit). Twilio cannot send headers: its key arrives in the first message
-    (``api_key_after_upgrade``) and :meth:`Connection._command` checks it there. Browsers cannot
+    429 at the limit; with ``--redis-url`` the limit counts the key's sessions on every replica).
+    Twilio cannot send headers: its key arrives in the first message (``api_key_after_upgrade``)
+    and :meth:`Connection._identify_late_key` checks it there. Browsers cannot
     either: they offer a short-lived token as a subprotocol (``tokens.py``), whose session
     counts against the key that minted it."""
     ring = keys.ring_of(ws.app.state)
@@ -118,7 +119,10 @@ def _admit(ws: WebSocket, dialect: Dialect) -> keys.Access | keys.Refusal:
         principal = ring.principal(grant.owner) if grant is not None else None
     if principal is None:
         return keys.key_refused(missing=dialect.api_key is None)
-    return ring.access(principal)
+    access = ring.access(principal)
+    if isinstance(access, keys.Access):
+        return await access.hold_fleet_slot() or access
+    return access
 
 
 async def _session(ws: WebSocket, engine: Engine, dialect: Dialect, access: keys.Access) -> None:
@@ -188,20 +192,27 @@ class Connection:
         self._register_alias()
         self._publish_call_events()
 
-    def _command(self, runner: SessionRunner, command: p.ClientMessage) -> None:
-        """One command for the core, within the key's limits: a key that arrived after the upgrade
-        is checked before its dialect's first command; audio is charged to the key's meter as
-        the core takes it (the seconds the session actually received). Once the allowance is
-        spent the session is flushed, so the audio accepted so far still gets its finals, and
-        ``_on_close`` then sends ``rate_limited`` and closes with 1008."""
+    async def _identify_late_key(self, actions: list[Action]) -> list[Action]:
+        """A key that arrives after the upgrade (Twilio's ``customParameters.api_key``) is checked
+        before its dialect's first command reaches the core: on a refusal that frame's commands
+        are dropped and the client gets the error and the close instead."""
         access = self.access
-        if access.refused:
+        if access.principal is not None or access.refused or all(isinstance(a, (Send, Close)) for a in actions):
+            return actions
+        refusal = await access.identify(self.dialect.api_key)
+        if refusal is None:
+            return actions
+        return [*self.dialect.error(refusal.error), Close(refusal.close_code, refusal.reason)]
+
+    def _command(self, runner: SessionRunner, command: p.ClientMessage) -> None:
+        """One command for the core, within the key's limits: audio is charged to the key's
+        meter as the core takes it (the seconds the session actually received). Once the
+        allowance is spent the session is flushed, so the audio accepted so far still gets its
+        finals, and ``_on_close`` then sends ``rate_limited`` and closes with 1008. Nothing
+        reaches the core before the key is known (``_identify_late_key``) or after a refusal."""
+        access = self.access
+        if access.refused or access.principal is None:
             return
-        if access.principal is None:
-            refusal = access.identify(self.dialect.api_key)
-            if refusal is not None:
-                self._queue([*self.dialect.error(refusal.error), Close(refusal.close_code, refusal.reason)])
-                return
         if not isinstance(command, p.AudioAppend):
             runner.apply(command)
             return
@@ -397,7 +408,7 @@ class Connection:
                 error = p.Error.invalid("message_too_large", f"message of {size} bytes exceeds the limit of {limit} bytes")
                 self._queue([*self.dialect.error(error), Close(1009, "message too large")])
                 return
-            self._queue(self._translate(data, text))
+            self._queue(await self._identify_late_key(self._translate(data, text)))
 
     def _within_rate(self) -> bool:
         """A token bucket: ``max_messages_per_s`` sustained, bursts of twice that. Real clients

@@ -214,10 +214,10 @@ def test_a_late_key_is_checked_like_an_upgrades(tmp_path: Path) -> None:
     """Twilio's key arrives in ``start``: the same checks, answered with close codes."""
     ring = KeyRing(path=write(tmp_path / "keys", "sk-a max_sessions=1\n"))
     missing, unknown, good, full = (ring.pending_access() for _ in range(4))
-    assert (r := missing.identify(None)) is not None and (r.status, r.close_code) == (401, 1008) and missing.refused
-    assert (r := unknown.identify("sk-nope")) is not None and (r.status, r.close_code) == (403, 1008)
-    assert good.identify("sk-a") is None and good.principal is not None
-    assert (r := full.identify("sk-a")) is not None and r.close_code == 1013
+    assert (r := asyncio.run(missing.identify(None))) is not None and (r.status, r.close_code) == (401, 1008) and missing.refused
+    assert (r := asyncio.run(unknown.identify("sk-nope"))) is not None and (r.status, r.close_code) == (403, 1008)
+    assert asyncio.run(good.identify("sk-a")) is None and good.principal is not None
+    assert (r := asyncio.run(full.identify("sk-a"))) is not None and r.close_code == 1013
     good.release()
     assert ring.usage.sessions(good.principal.id) == 0
 

@@ -19,9 +19,7 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -38,16 +36,13 @@ import websockets
 from stream_server import protocol as p
 from stream_server.bus import RemoteSubscription
 from stream_server.hub import Dropped, Ended, Published, SessionHub
+from tests.local_services import NGINX, needs_nginx, needs_redis, running_redis, stop, wait_for_port
 from tests.support import REPO, ServerProcess, english_references, free_port, load_clip, start_server, wer
 
-NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
-REDIS = shutil.which("redis-server") or next((p for p in ("/usr/bin/redis-server",) if os.access(p, os.X_OK)), None)
-
 pytestmark = [
-    pytest.mark.skipif(REDIS is None, reason="redis-server is not installed (apt-get install redis-server; .ci/run does)"),
+    needs_redis,
     pytest.mark.timeout(300),
 ]
-needs_nginx = pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx; .ci/run does)")
 
 redis = pytest.importorskip("redis", reason="the redis package is not installed (pip install -e '.[dev]')")
 
@@ -55,45 +50,10 @@ redis = pytest.importorskip("redis", reason="the redis package is not installed 
 # ------------------------------------------------------------------------------ processes
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} during startup")
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"{what} is not listening on {port} after {timeout} s")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[str]:
-    """A throwaway redis-server on a free loopback port, nothing persisted."""
-    port = free_port()
-    log = (tmp_path / "redis.log").open("wb")
-    proc = subprocess.Popen(
-        [str(REDIS), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--daemonize", "no", "--dir", str(tmp_path)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port(port, proc, "redis-server")
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop(proc)
-        log.close()
+    with running_redis(tmp_path) as url:
+        yield url
 
 
 def nginx_config(tmp_path: Path, listen: int, upstreams: list[int]) -> Path:
