@@ -416,6 +416,7 @@ class WhisperDecoder:
             )
             words = _drop_squeezed_tail(words, len(request.audio) / MODEL_RATE)
             words = _drop_repetition_loop(words)
+            words = _drop_hollow_repeat(words)
             words = _drop_echo(tokenizers[i].decode(list(request.prefix)).split(), words)
             logprobs = [t.logprob for w in words for t in w.tokens]
             avg = float(np.mean(logprobs)) if logprobs else 0.0
@@ -571,6 +572,25 @@ def _drop_echo(prefix_words: list[str], words: list[Word], min_tail: int = 2, mi
     return kept
 
 
+def _drop_hollow_repeat(words: list[Word], max_size: int = 8, ratio: float = 0.5) -> list[Word]:
+    """Drop a tail that repeats the words just before it but has (almost) no audio of its own.
+
+    Prompted with earlier text, the decoder sometimes says a short utterance twice ("In 1813, in
+    1813,"); the aligner then squeezes the second copy into a few frames, often zero. A tail
+    whose aligned span is under ``ratio`` of its first copy's is that invention; a speaker who
+    repeats a phrase takes about as long the second time ("no, no").
+    """
+    while True:
+        norm = [bare_word(w.text) for w in words]
+        for size in range(1, min(max_size, len(words) // 2) + 1):
+            tail, first = words[-size:], words[-2 * size : -size]
+            if norm[-size:] == norm[-2 * size : -size] and tail[-1].end - tail[0].start < ratio * (first[-1].end - first[0].start):
+                words = words[:-size]
+                break
+        else:
+            return words
+
+
 def _longest_repeat(history: list[str], current: list[str], i: int) -> int:
     """Length of the longest run current[i:i+n] that occurs contiguously in ``history``."""
     best = 0
@@ -585,15 +605,16 @@ def _longest_repeat(history: list[str], current: list[str], i: int) -> int:
 def _drop_repetition_loop(words: list[Word]) -> list[Word]:
     """Cut a tail that repeats the same 1-8 word phrase three or more times in a row.
 
-    Real speech repeats a phrase twice at most ("no, no"); decoder loops repeat until the budget.
+    Real speech repeats a phrase twice at most ("no, no"), a single word sometimes three times
+    ("no, no, no"): one-word loops are cut only in a text that compresses like a loop; a phrase
+    of two or more words said three times running ("7 of clubs. 7 of clubs. 7 of clubs.") is one.
     """
     if len(words) < 6:
         return words
     text = "".join(w.text for w in words).encode()
-    if len(text) < 40 or len(text) / max(1, len(zlib.compress(text))) < 2.0:
-        return words
+    loop_like = len(text) >= 40 and len(text) / max(1, len(zlib.compress(text))) >= 2.0
     norm = [bare_word(w.text) for w in words]
-    for size in range(1, 9):
+    for size in range(1 if loop_like else 2, 9):
         for start in range(0, len(norm) - 3 * size + 1):
             phrase = norm[start : start + size]
             if norm[start + size : start + 2 * size] == phrase and norm[start + 2 * size : start + 3 * size] == phrase:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stream_server.decoding import DecodeRequest, Token, WhisperDecoder, Word, _drop_echo, _drop_repetition_loop, _drop_squeezed_tail
+from stream_server.decoding import (
+    DecodeRequest,
+    Token,
+    WhisperDecoder,
+    Word,
+    _drop_echo,
+    _drop_hollow_repeat,
+    _drop_repetition_loop,
+    _drop_squeezed_tail,
+)
 from stream_server.models import tiny_en_path
 from tests.support import load_clip, manifest, require_speech, wer
 
@@ -82,3 +91,23 @@ def test_repetition_loops_and_squeezed_tails_are_cut() -> None:
     assert len(_drop_repetition_loop(loop)) == 2
     words = [word(" a", 0.0, 0.5), word(" b", 0.5, 0.9), word(" c", 0.97, 0.97)]
     assert [w.text for w in _drop_squeezed_tail(words, 1.0)] == [" a", " b"]
+
+
+def test_a_short_phrase_said_three_times_is_a_loop_but_a_word_said_three_times_is_speech() -> None:
+    """Seen in the corpus replay: a 1.8 s window of "seven of clubs", prompted with the previous
+    utterance, decoded as the phrase three times (too short for the compression test)."""
+    phrase = [word(" " + w) for w in ("7 of clubs. " * 3).split()]
+    assert " ".join(w.text.strip() for w in _drop_repetition_loop(phrase)) == "7 of clubs."
+    no = [word(" " + w) for w in "no no no I said".split()] + [word(" no")]
+    assert len(_drop_repetition_loop(no)) == 6
+
+
+def test_a_repeat_without_audio_of_its_own_is_dropped() -> None:
+    """Word times as the aligner gave them for "In 1813, in 1813," on 1.96 s of "In eighteen
+    thirteen": the second copy sits in zero time."""
+    invented = [word(" In", 0.0, 0.56), word(" 1813,", 0.56, 1.46), word(" in", 1.46, 1.46), word(" 1813,", 1.46, 1.46)]
+    assert [w.text for w in _drop_hollow_repeat(invented)] == [" In", " 1813,"]
+    said = [word(" no,", 0.0, 0.4), word(" no.", 0.5, 0.85)]  # a speaker's repeat takes time
+    assert len(_drop_hollow_repeat(said)) == 2
+    nested = [word(" a", 0.0, 0.5), word(" b", 0.5, 1.0), word(" a", 1.0, 1.1), word(" b", 1.1, 1.2), word(" b", 1.2, 1.2)]
+    assert [w.text for w in _drop_hollow_repeat(nested)] == [" a", " b"]
