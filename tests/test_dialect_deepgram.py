@@ -452,6 +452,8 @@ def test_core_errors_become_deepgram_error_messages() -> None:
     assert isinstance(send, Send) and isinstance(send.message, str)
     error = sdk_validate(send.message)
     assert error == {"type": "Error", "variant": "InternalServerError", "description": "the decoder failed"}
+    [send] = dialect.error(p.Error.invalid("rate_limited", "sk-a: audio limit of 6 audio seconds per minute spent"))
+    assert isinstance(send, Send) and sdk_validate(str(send.message))["variant"] == "RateLimited"
 
 
 def test_a_delta_with_nothing_unsettled_before_it_is_final_at_once() -> None:
