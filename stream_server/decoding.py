@@ -258,7 +258,7 @@ class WhisperDecoder:
         """Requests with equal keys run in one encode/generate/align pass (the scheduler fills
         batches by it): the same encoder window and the same prompt position of
         <|startoftranscript|>, which CTranslate2 requires of a batch."""
-        return len(self._context(request)), window_seconds(len(request.audio))
+        return _pass_shape(self._context(request), request)
 
     def _mode_token(self, tokenizer: Tokenizer) -> int:
         token: int = tokenizer.timestamp_begin if self._timestamps else tokenizer.no_timestamps
@@ -274,7 +274,7 @@ class WhisperDecoder:
         contexts = [self._context(r) for r in requests]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, (context, request) in enumerate(zip(contexts, requests)):
-            groups.setdefault((len(context), window_seconds(len(request.audio))), []).append(i)
+            groups.setdefault(_pass_shape(context, request), []).append(i)
         results: list[DecodeResult | None] = [None] * len(requests)
         for idx in groups.values():
             for i, result in zip(idx, self._decode_group([requests[i] for i in idx], [contexts[i] for i in idx])):
@@ -428,6 +428,11 @@ class WhisperDecoder:
                 DecodeResult(tuple(words), languages[i], no_speech, avg, prefix_end=prefix_end)
             )
         return results
+
+
+def _pass_shape(context: list[int], request: DecodeRequest) -> tuple[int, int]:
+    """What must be equal across one model pass: prompt context length and encoder window."""
+    return len(context), window_seconds(len(request.audio))
 
 
 def choose_language(ranked: Sequence[tuple[str, float]], hint: str | None) -> tuple[str, float]:

@@ -17,6 +17,7 @@ sequences. Conventions:
 from __future__ import annotations
 
 import math
+import statistics
 import string
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -666,3 +667,13 @@ def histogram_quantile(buckets: Sequence[tuple[float, float]], q: float) -> floa
         if count >= rank and count > 0:
             return bound if not math.isinf(bound) else (finite[-1] if finite else None)
     return finite[-1] if finite else None
+
+
+def least_squares_slope(points: Sequence[tuple[float, float]], min_points: int = 2) -> float | None:
+    """Slope of the least-squares line through ``(x, y)`` points (None: too few, or x constant)."""
+    if len(points) < min_points:
+        return None
+    try:
+        return statistics.linear_regression([x for x, _ in points], [y for _, y in points]).slope
+    except statistics.StatisticsError:
+        return None

@@ -56,7 +56,7 @@ import psutil
 from . import server_metrics
 from .client import ClientConfig, StreamRecord, run_client
 from .corpus import SAMPLE_RATE, Stream, _assemble, eligible_clips, prepare_clips, select_pool
-from .metrics import ZERO_COUNTS, WerCounts, evaluate_stream, percentile
+from .metrics import ZERO_COUNTS, WerCounts, evaluate_stream, least_squares_slope, percentile
 from .report import write_json
 from .server_proc import ResourceMonitor, ServerOptions, ServerProcess
 
@@ -331,14 +331,8 @@ async def sampler(pid: int, http_base: str | None, interval_s: float, state: Soa
 
 def slope_per_hour(points: Sequence[tuple[float, float]]) -> float | None:
     """Least-squares slope of ``(seconds, value)`` points, per hour; None for under 3 points."""
-    if len(points) < 3:
-        return None
-    mx = sum(t for t, _ in points) / len(points)
-    my = sum(v for _, v in points) / len(points)
-    den = sum((t - mx) ** 2 for t, _ in points)
-    if den == 0:
-        return None
-    return 3600.0 * sum((t - mx) * (v - my) for t, v in points) / den
+    slope = least_squares_slope(points, min_points=3)
+    return None if slope is None else 3600.0 * slope
 
 
 def window_figures(outcomes: Sequence[SessionOutcome]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .metrics import capacity
+from .metrics import capacity, least_squares_slope
 from .runner import LevelResult
 
 
@@ -39,14 +39,7 @@ def rss_slope(levels: list[LevelResult]) -> float | None:
         for lv in levels
         if "server_rss_peak_mb" in lv.metrics
     ]
-    if len(pts) < 2:
-        return None
-    mx = sum(n for n, _ in pts) / len(pts)
-    my = sum(r for _, r in pts) / len(pts)
-    den = sum((n - mx) ** 2 for n, _ in pts)
-    if den == 0:
-        return None
-    return sum((n - mx) * (r - my) for n, r in pts) / den
+    return least_squares_slope(pts)
 
 
 def run_sweep(
