@@ -577,19 +577,21 @@ def _drop_echo(prefix_words: list[str], words: list[Word], min_tail: int = 2, mi
     return kept
 
 
-def _drop_hollow_repeat(words: list[Word], max_size: int = 8, ratio: float = 0.5) -> list[Word]:
+def _drop_hollow_repeat(words: list[Word], max_size: int = 8, ratio: float = 0.5, per_word_s: float = 0.1) -> list[Word]:
     """Drop a tail that repeats the words just before it but has (almost) no audio of its own.
 
     Prompted with earlier text, the decoder sometimes says a short utterance twice ("In 1813, in
     1813,"); the aligner then squeezes the second copy into a few frames, often zero. A tail
-    whose aligned span is under ``ratio`` of its first copy's is that invention; a speaker who
-    repeats a phrase takes about as long the second time ("no, no").
+    whose aligned span is under ``ratio`` of its first copy's *and* under ``per_word_s`` a word
+    is that invention. A speaker's repeat has audio of its own even where the aligner gives
+    the first copy too much of it (tidigits "five five": 1.06 s and 0.46 s), so it stays.
     """
     while True:
         norm = [bare_word(w.text) for w in words]
         for size in range(1, min(max_size, len(words) // 2) + 1):
             tail, first = words[-size:], words[-2 * size : -size]
-            if norm[-size:] == norm[-2 * size : -size] and tail[-1].end - tail[0].start < ratio * (first[-1].end - first[0].start):
+            span = tail[-1].end - tail[0].start
+            if norm[-size:] == norm[-2 * size : -size] and span < ratio * (first[-1].end - first[0].start) and span <= per_word_s * size:
                 words = words[:-size]
                 break
         else:

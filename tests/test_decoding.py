@@ -109,5 +109,8 @@ def test_a_repeat_without_audio_of_its_own_is_dropped() -> None:
     assert [w.text for w in _drop_hollow_repeat(invented)] == [" In", " 1813,"]
     said = [word(" no,", 0.0, 0.4), word(" no.", 0.5, 0.85)]  # a speaker's repeat takes time
     assert len(_drop_hollow_repeat(said)) == 2
+    # tidigits "five five" as the aligner placed it: the first copy took most of the audio.
+    lumped = [word(" Five,", 0.0, 1.06), word(" five.", 1.06, 1.52)]
+    assert len(_drop_hollow_repeat(lumped)) == 2
     nested = [word(" a", 0.0, 0.5), word(" b", 0.5, 1.0), word(" a", 1.0, 1.1), word(" b", 1.1, 1.2), word(" b", 1.2, 1.2)]
     assert [w.text for w in _drop_hollow_repeat(nested)] == [" a", " b"]

@@ -486,6 +486,9 @@ wav_headers = st.builds(
 # ---- Twilio ---------------------------------------------------------------------------------
 
 TWILIO_MEDIA_FORMAT = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
+#: Strings that look like numbers to ``str.isdigit`` or a glance but not to ``int()`` (or only
+#: at great cost): Twilio sends its numbers as strings, and each once raised out of the dialect.
+ODD_NUMBERS = st.sampled_from(["9" * 5000, "²", "１２", " 7", "1e3", "-0", "0x10", "٣"])
 
 
 @st.composite
@@ -496,6 +499,7 @@ def twilio_start(draw: st.DrawFn) -> dict[str, Any]:
         "model": st.sampled_from(["tiny.en", "base", "nope"]),
         "inbound_label": st.sampled_from(["agent", "", "x" * 70]),
         "outbound_label": st.sampled_from(["customer", " "]),
+        "silence_duration_ms": st.sampled_from(["300", "800", "0", "-1", "abc", ""]) | ODD_NUMBERS,
     }))
     tracks = draw(st.sampled_from([["inbound"], ["inbound", "outbound"], ["inbound", "outbound"], ["outbound"], ["both_tracks"], []]))
     start = {"accountSid": "AC" + "3d" * 16, "streamSid": "MZ" + "2e" * 16, "callSid": "CA" + "1f" * 16,
@@ -515,6 +519,9 @@ def twilio_message(draw: st.DrawFn) -> dict[str, Any]:
         track = draw(st.sampled_from(["inbound", "inbound", "outbound", "both"]))
         message["media"] = {"track": track, "chunk": Auto("chunk", track), "timestamp": Auto("timestamp", track),
                             "payload": Auto("ulaw_b64", draw(audio_specs | small_specs))}
+        if draw(st.integers(0, 15)) == 0:  # now and then one number is odd
+            field = draw(st.sampled_from(["sequenceNumber", "chunk", "timestamp"]))
+            (message if field == "sequenceNumber" else message["media"])[field] = draw(ODD_NUMBERS)
     elif kind == "dtmf":
         message["dtmf"] = {"track": "inbound_track", "digit": draw(st.sampled_from(["1", "#", "*"]))}
     elif kind == "mark":
