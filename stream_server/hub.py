@@ -75,6 +75,10 @@ class Dtmf:
         return {"type": self.TYPE, "digit": self.digit, "channel": self.channel, "speaker": self.speaker, "time": round(self.time, 3)}
 
 
+#: Events the transcript record keeps, whether or not anyone follows the session.
+_RECORDED = (p.SessionCreated, p.SessionUpdated, p.TranscriptSegment, p.TranscriptDone)
+
+
 @dataclasses.dataclass(frozen=True)
 class Published:
     """One event as every subscriber receives it: serialised once, whatever the subscriber count."""
@@ -382,8 +386,8 @@ class SessionHub:
         """One core event of a live session: kept if it is part of the transcript, sent to every
         subscriber without waiting. Unknown ids are ignored (a session the hub was not told of)."""
         live = self._live.get(session_id)
-        if live is None:
-            return
+        if live is None or not (live.subscribers or self.bus is not None or isinstance(event, _RECORDED)):
+            return  # a delta or interim nobody follows: not even serialised (most events, most sessions)
         item = Published.of(p.event_to_dict(event))
         record = live.record
         if isinstance(event, p.SessionCreated):
