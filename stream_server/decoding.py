@@ -577,13 +577,13 @@ def _drop_echo(prefix_words: list[str], words: list[Word], min_tail: int = 2, mi
     return kept
 
 
-def _drop_hollow_repeat(words: list[Word], max_size: int = 8, ratio: float = 0.5, per_word_s: float = 0.1) -> list[Word]:
+def _drop_hollow_repeat(words: list[Word], max_size: int = 8, ratio: float = 0.5, per_word_s: float = 0.15) -> list[Word]:
     """Drop a tail that repeats the words just before it but has (almost) no audio of its own.
 
     Prompted with earlier text, the decoder sometimes says a short utterance twice ("In 1813, in
     1813,"); the aligner then squeezes the second copy into a few frames, often zero. A tail
     whose aligned span is under ``ratio`` of its first copy's *and* under ``per_word_s`` a word
-    is that invention. A speaker's repeat has audio of its own even where the aligner gives
+    is that invention (a third "5" for "five five", 0.14 s at the window's very end). A speaker's repeat has audio of its own even where the aligner gives
     the first copy too much of it (tidigits "five five": 1.06 s and 0.46 s), so it stays.
     """
     while True:

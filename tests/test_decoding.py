@@ -112,5 +112,8 @@ def test_a_repeat_without_audio_of_its_own_is_dropped() -> None:
     # tidigits "five five" as the aligner placed it: the first copy took most of the audio.
     lumped = [word(" Five,", 0.0, 1.06), word(" five.", 1.06, 1.52)]
     assert len(_drop_hollow_repeat(lumped)) == 2
+    # "five five" in a 1.48 s window: a third "5" squeezed into the window's last 0.16 s.
+    tripled = [word(" 5", 0.0, 0.9), word(" 5", 0.9, 1.32), word(" 5", 1.32, 1.46)]
+    assert len(_drop_hollow_repeat(tripled)) == 2
     nested = [word(" a", 0.0, 0.5), word(" b", 0.5, 1.0), word(" a", 1.0, 1.1), word(" b", 1.1, 1.2), word(" b", 1.2, 1.2)]
     assert [w.text for w in _drop_hollow_repeat(nested)] == [" a", " b"]
