@@ -418,6 +418,7 @@ class WhisperDecoder:
             words = _drop_repetition_loop(words)
             words = _drop_hollow_repeat(words)
             words = _drop_echo(tokenizers[i].decode(list(request.prefix)).split(), words)
+            words = _drop_unheard_sentence_start(words)  # after the echo's removal exposed it
             logprobs = [t.logprob for w in words for t in w.tokens]
             avg = float(np.mean(logprobs)) if logprobs else 0.0
             no_speech = float(generated[i].no_speech_prob)
@@ -596,6 +597,21 @@ def _drop_hollow_repeat(words: list[Word], max_size: int = 8, ratio: float = 0.5
                 break
         else:
             return words
+
+
+def _drop_unheard_sentence_start(words: list[Word], max_span_s: float = 0.02) -> list[Word]:
+    """Drop a last word that starts a new sentence but was aligned to no audio at all.
+
+    After a sentence ends, the decoder sometimes goes on with the first word of a guessed next
+    one. Seen: "... superlative degree. And you always want to see it in the superlative degree."
+    for an utterance that began "And you always want", prompted with text ending in "And": the
+    echo guard removes the restart after the forced prefix, leaving "And", which the aligner
+    (like the whole restart) gave zero length.
+    A real next sentence cut by the window's end has at least a frame or two of its first word.
+    """
+    if len(words) >= 2 and words[-1].end - words[-1].start <= max_span_s and words[-2].text.rstrip().endswith((".", "?", "!")):
+        return words[:-1]
+    return words
 
 
 def _longest_repeat(history: list[str], current: list[str], i: int) -> int:

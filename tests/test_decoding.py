@@ -14,6 +14,7 @@ from stream_server.decoding import (
     _drop_hollow_repeat,
     _drop_repetition_loop,
     _drop_squeezed_tail,
+    _drop_unheard_sentence_start,
 )
 from stream_server.models import tiny_en_path
 from tests.support import load_clip, manifest, require_speech, wer
@@ -117,3 +118,13 @@ def test_a_repeat_without_audio_of_its_own_is_dropped() -> None:
     assert len(_drop_hollow_repeat(tripled)) == 2
     nested = [word(" a", 0.0, 0.5), word(" b", 0.5, 1.0), word(" a", 1.0, 1.1), word(" b", 1.1, 1.2), word(" b", 1.2, 1.2)]
     assert [w.text for w in _drop_hollow_repeat(nested)] == [" a", " b"]
+
+
+def test_a_next_sentence_start_without_audio_is_dropped() -> None:
+    """What the echo guard leaves of a restarted utterance: "... degree. And" with "And" at 2.36-2.36 s."""
+    guessed = [word(" superlative", 1.48, 2.06), word(" degree.", 2.06, 2.36), word(" And", 2.36, 2.36)]
+    assert [w.text for w in _drop_unheard_sentence_start(guessed)] == [" superlative", " degree."]
+    heard = [word(" degree.", 2.06, 2.36), word(" And", 2.5, 2.62)]  # the next sentence, cut by the window
+    assert len(_drop_unheard_sentence_start(heard)) == 2
+    mid_sentence = [word(" in", 0.0, 0.3), word(" this.", 0.3, 0.3)]  # squeezed, but no sentence before it
+    assert len(_drop_unheard_sentence_start(mid_sentence)) == 2
