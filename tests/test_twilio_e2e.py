@@ -132,10 +132,11 @@ def test_twilio_hears_nothing_back_and_the_stream_closes_after_the_flush(outcome
     assert outcome.replay.elapsed_s < seconds * 1.25, "the replay kept (about) real time"
 
 
-# The caller leg misses the target by a core streaming error that the native protocol makes too
+# The caller leg missed the target by a core streaming error that the native protocol made too
 # on the same mono audio ("The Middle Ages brought" decoded as "The first two stages brought":
-# 9.1% streaming vs 3.6% offline here, 14.5% through /v1/stream); the streaming-accuracy issue owns
-# it. Not strict: the margin is one or two words, so load can flip it either way.
+# 9.1% streaming vs 3.6% offline, 14.5% through /v1/stream). Since 2026-12-02 it passes (3.6% vs
+# 3.6%, XPASS here and in CI), but with no margin: one word is 1.8 points on this leg, so the mark
+# stays, not strict, until it has held for a while.
 CALLER_GAP = pytest.mark.xfail(reason="core streaming accuracy on this leg (see the capacity/accuracy issue), not the dialect", strict=False)
 
 
