@@ -48,10 +48,6 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 8000
 SAMPLES_PER_MS = SAMPLE_RATE // 1000
 FRAME_BYTES = 160  # one 20 ms Twilio frame of 8 kHz μ-law (one byte per sample)
-#: A call's turn ends after this much silence (the core's default is 500 ms). Measured with
-#: ``stream-server bench --calls 8``: 500 ms gave finals p50 / p95 0.65 / 0.77 s at WER 8.7%,
-#: 400 ms 0.56 / 0.67 s at 9.0% (agent-assist wants p50 <= 0.6 s), 300 ms 0.49 / 0.66 s at 9.5%.
-CALL_SILENCE_MS = 400
 SILENCE = b"\xff"  # μ-law encoding of 0 (0x7F, its negative twin, decodes to zero as well)
 #: A frame may arrive up to this early or late against its track's clock without being moved:
 #: less than one frame is jitter; a whole frame missing is a lost packet (filled with silence),
@@ -143,8 +139,7 @@ class TwilioDialect:
     def initial_config(self) -> dict[str, object]:
         # Telephone audio from the start; the channels are known once ``start`` names the tracks.
         # Interim results feed agent-assist screens through the session hub.
-        return {"input_audio_format": "g711_ulaw", "sample_rate": SAMPLE_RATE, "interim_results": True,
-                "turn_detection": {"silence_duration_ms": CALL_SILENCE_MS}}
+        return {"input_audio_format": "g711_ulaw", "sample_rate": SAMPLE_RATE, "interim_results": True}
 
     def receive_bytes(self, data: bytes) -> list[Action]:
         self._warn("binary_frame", "binary frame of %d bytes ignored (Twilio sends JSON text frames)", len(data))
