@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from stream_server.hub import Dropped, Ended, Published, Subscription, TranscriptRecord
 
@@ -107,6 +108,37 @@ def require_redis() -> None:
         raise SystemExit("--redis-url needs the redis package: pip install 'stream-server[redis]'") from exc
 
 
+class LoopClients:
+    """One ``redis.asyncio`` client per event loop, made on first use.
+
+    An asyncio client's connections belong to the loop that opened them, and tests (and
+    ``TestClient``) run several loops over one process; a client made on another loop would
+    fail there. A new loop replaces the old client (which that loop can no longer close).
+    """
+
+    def __init__(self, url: str, **options: Any) -> None:
+        self.url = url
+        self._options = options
+        self._clients: dict[int, redis.asyncio.Redis] = {}
+
+    def get(self) -> redis.asyncio.Redis:
+        import redis.asyncio
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(id(loop))
+        if client is None:
+            client = redis.asyncio.Redis.from_url(self.url, **self._options)
+            self._clients = {id(loop): client}
+        return client
+
+    async def aclose(self) -> None:
+        """Close the running loop's client, if it has one."""
+        client = self._clients.pop(id(asyncio.get_running_loop()), None)
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+
 class RedisBus:
     """The writer thread and the async readers of one Redis database."""
 
@@ -118,7 +150,8 @@ class RedisBus:
         #: Which process holds a session (``meta``'s ``replica``): for operators and tests.
         self.replica = f"{socket.gethostname()}:{os.getpid()}"
         self._writer: redis.Redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
-        self._readers: dict[int, redis.asyncio.Redis] = {}  # one client per event loop
+        # No socket timeout: XREAD BLOCK waits up to BLOCK_S by itself.
+        self._readers = LoopClients(url, socket_connect_timeout=3, decode_responses=True)
         self._buffer: collections.deque[Change] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -237,15 +270,7 @@ class RedisBus:
     # ------------------------------------------------------------------ reading side
 
     def _reader(self) -> redis.asyncio.Redis:
-        import redis.asyncio
-
-        loop = asyncio.get_running_loop()
-        client = self._readers.get(id(loop))
-        if client is None:
-            # No socket timeout: XREAD BLOCK waits up to BLOCK_S by itself.
-            client = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=3, decode_responses=True)
-            self._readers = {id(loop): client}  # a new loop (tests) leaves the old client behind
-        return client
+        return self._readers.get()
 
     async def _snapshot(self, session_id: str) -> tuple[TranscriptRecord, str, int] | None:
         """A session's record and the id and sequence number of its stream's last entry, read

@@ -124,28 +124,21 @@ class FleetLimits:
     """The Redis side of the per-key limits (see the module docstring); called from the event loop."""
 
     def __init__(self, url: str, *, lease_s: float = LEASE_S, clock: Callable[[], float] = time.monotonic) -> None:
-        from stream_server.bus import require_redis
+        from stream_server.bus import LoopClients, require_redis
 
         require_redis()
         self.url = url
         self.lease_s = lease_s
         self._clock = clock
         self._replica = f"{socket.gethostname()}:{os.getpid()}"
-        self._clients: dict[int, redis.asyncio.Redis] = {}  # one client per event loop
+        self._clients = LoopClients(url, socket_connect_timeout=TIMEOUT_S, socket_timeout=2.0)
         self._renewals: dict[str, asyncio.Task[None]] = {}  # lease -> its renewal task
         self._audio: dict[str, _AudioView] = {}
         self._tasks: set[asyncio.Task[Any]] = set()  # flushes and releases in flight
         self._warned_at = -1e9
 
     def _client(self) -> redis.asyncio.Redis:
-        import redis.asyncio
-
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(id(loop))
-        if client is None:
-            client = redis.asyncio.Redis.from_url(self.url, socket_connect_timeout=TIMEOUT_S, socket_timeout=2.0)
-            self._clients = {id(loop): client}  # a new loop (tests) leaves the old client behind
-        return client
+        return self._clients.get()
 
     def _warn(self, what: str, exc: BaseException) -> None:
         now = self._clock()
@@ -275,7 +268,4 @@ class FleetLimits:
         self._renewals.clear()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=2.0)
-        for client in list(self._clients.values()):
-            with contextlib.suppress(Exception):
-                await client.aclose()
-        self._clients.clear()
+        await self._clients.aclose()

@@ -416,9 +416,11 @@ class Usage:
 
     def _forget_if_idle(self, principal: Principal, account: _Account) -> None:
         """Drop an account with no session and a full allowance (bounds the table by the keys in use)."""
-        if account.sessions == 0 and self.fleet is not None:
+        if account.sessions:
+            return
+        if self.fleet is not None:
             self.fleet.forget(principal)
-        if account.sessions == 0 and self._local_audio_left(principal) >= principal.limits.audio_s_per_min:
+        if self._local_audio_left(principal) >= principal.limits.audio_s_per_min:
             del self._accounts[principal.id]
 
 
