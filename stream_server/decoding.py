@@ -217,6 +217,11 @@ class WhisperDecoder:
         ids: list[int] = self._tokenizer("en").encode(text)
         return ids
 
+    def decode_tokens(self, ids: Sequence[int]) -> str:
+        """Text of token ids (a request's forced prefix, for traces)."""
+        text: str = self._tokenizer("en").decode(list(ids))
+        return text
+
     # -- decoding -------------------------------------------------------------------------
 
     def _features(self, requests: Sequence[DecodeRequest]) -> tuple[np.ndarray, int]:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stream_server.bench.replay import ReplayOptions, limits_with, run_replay
+from stream_server.bench.metrics import normalize_text
+from stream_server.bench.replay import ReplayOptions, limits_with, replay_streams, run_replay
 from stream_server.models import tiny_en_path
 from stream_server.planner import SessionLimits
 
@@ -54,10 +55,19 @@ def test_a_replay_is_repeatable_and_counts_the_decoders_work() -> None:
 @needs_corpus
 @pytest.mark.timeout(300)
 def test_bench_replay_command_writes_its_report(tmp_path: Path) -> None:
+    streams, _ = replay_streams(ReplayOptions(corpus=CORPUS, model_path="", duration_s=15.0))
+    traced = streams[0].utterances[1]
     cmd = [sys.executable, "-m", "stream_server.bench", "--replay", "--duration-s", "15", "--no-offline",
-           "--limit", "interim_step_ms=500", "--out", str(tmp_path)]
+           "--limit", "interim_step_ms=500", "--per-utterance", "--trace", traced.clip_id, "--out", str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "replay.json").read_text())
     assert result["options"]["limits"]["interim_step_ms"] == 500
     assert "| WER |" in (tmp_path / "replay.md").read_text()
+    # --per-utterance needs the offline texts even with --no-offline.
+    assert result["offline"]["offline_wer_beam1"] < 0.5
+    per_utterance = (tmp_path / "per_utterance.md").read_text()
+    assert f"over {sum(len(normalize_text(u.text).split()) for u in streams[0].utterances)} words" in per_utterance
+    trace = (tmp_path / "trace.txt").read_text()
+    assert trace.startswith(f"clip {traced.clip_id}: audio {traced.audio_start_s:.2f}")
+    assert " decode " in trace and "transcript.segment" in trace

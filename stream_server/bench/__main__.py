@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                     help="with --replay: a session limit (planner.SessionLimits field), repeatable, "
                     "e.g. --limit prefix_words=4")
+    rp.add_argument("--per-utterance", action="store_true",
+                    help="with --replay: also score every utterance alone, streaming vs offline (beam 1), and write "
+                    "per_utterance.md with the utterances where they differ, worst streaming first")
+    rp.add_argument("--trace", action="append", default=[], metavar="CLIP",
+                    help="with --replay: write trace.txt with every decode (window, prompt, forced prefix, words "
+                    "and times) and event around this clip id, repeatable")
     return p
 
 

@@ -31,7 +31,7 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from stream_server.vad import SileroVad
 from .corpus import PreparedClip, Stream, build_streams
 from .metrics import TimedEvent, evaluate_stream, run_figures
 from .offline import offline_figures, resolve_model_path, transcribe_pool
+from .replay_detail import TracingDecoder, per_utterance_markdown, trace_spans, trace_text, utterance_rows
 
 FRAME_MS = 20
 
@@ -63,6 +64,7 @@ class ReplayOptions:
     telephone: bool = False
     compute_type: str = "int8"
     cpu_threads: int = 0
+    trace_clips: tuple[str, ...] = ()  # clips whose decodes are traced (replay_detail.TracingDecoder)
 
 
 @dataclasses.dataclass
@@ -73,12 +75,13 @@ class StreamReplay:
     decodes: int = 0
     finals: int = 0
     audio_s: float = 0.0
+    trace: str = ""  # the decodes and events near ``ReplayOptions.trace_clips`` (empty: none traced)
 
 
 def replay_stream(
     stream: Stream,
     session: Session,
-    decoder: WhisperDecoder,
+    decoder: WhisperDecoder | TracingDecoder,
     lag_ms: int,
 ) -> StreamReplay:
     """Feed ``stream`` to ``session`` frame by frame on the audio clock; decode each ticket at
@@ -121,6 +124,17 @@ def replay_stream(
     return out
 
 
+def _replay_one(stream: Stream, session: Session, decoder: WhisperDecoder, options: ReplayOptions) -> StreamReplay:
+    """One stream's replay, with its trace when it holds any of ``options.trace_clips``."""
+    spans = trace_spans(stream, options.trace_clips)
+    if not spans:
+        return replay_stream(stream, session, decoder, options.lag_ms)
+    tracing = TracingDecoder(decoder, spans, now=lambda: session.audio_seconds)
+    replayed = replay_stream(stream, session, tracing, options.lag_ms)
+    replayed.trace = trace_text(stream, options.trace_clips, tracing.decodes, replayed.events)
+    return replayed
+
+
 def replay_streams(options: ReplayOptions) -> tuple[list[Stream], list[PreparedClip]]:
     """The corpus streams ``options`` describes, and their clip pool (for the offline baseline)."""
     return build_streams(
@@ -128,9 +142,13 @@ def replay_streams(options: ReplayOptions) -> tuple[list[Stream], list[PreparedC
     )
 
 
-def run_replay(options: ReplayOptions, streams: list[Stream] | None = None) -> dict[str, Any]:
+def run_replay(
+    options: ReplayOptions,
+    streams: list[Stream] | None = None,
+    on_stream: Callable[[Stream, StreamReplay], None] | None = None,
+) -> dict[str, Any]:
     """Replay ``options.streams`` corpus streams (or ``streams``, already built from ``options``);
-    the figures and the per-stage work."""
+    the figures and the per-stage work. ``on_stream`` sees each stream's replay (its events)."""
     if streams is None:
         streams, _ = replay_streams(options)
     profile = StageProfile()
@@ -147,7 +165,9 @@ def run_replay(options: ReplayOptions, streams: list[Stream] | None = None) -> d
             sample_rate=stream.sample_rate, language="en", interim_results=True, include=["logprobs", "words"]
         )
         session = Session(f"replay_{stream.index}", config=config, vad=vad, limits=options.limits)
-        replayed = replay_stream(stream, session, decoder, options.lag_ms)
+        replayed = _replay_one(stream, session, decoder, options)
+        if on_stream is not None:
+            on_stream(stream, replayed)
         evaluations.append(evaluate_stream(stream.index, replayed.events, stream.utterances))
         decodes += replayed.decodes
         finals += replayed.finals
@@ -221,17 +241,27 @@ def main_replay(args: argparse.Namespace, out: Path) -> int:
         seed=args.seed,
         telephone=args.telephone,
         compute_type=args.compute_type or "int8",
+        trace_clips=tuple(args.trace),
     )
     streams, pool = replay_streams(options)
-    result = run_replay(options, streams)
-    if args.offline is not False:
+    replays: list[tuple[Stream, StreamReplay]] = []
+    result = run_replay(options, streams, on_stream=lambda stream, replayed: replays.append((stream, replayed)))
+    texts: dict[int, dict[str, str]] = {}
+    if args.offline is not False or args.per_utterance:
         texts, _ = transcribe_pool(pool, options.model_path, device="cpu", compute_type=options.compute_type, language="en")
-        offline = offline_figures(streams, texts)
-        result["offline"] = offline
+        result["offline"] = offline_figures(streams, texts)
     (out / "replay.json").write_text(json.dumps(result, indent=2))
     md = markdown_summary(result)
     (out / "replay.md").write_text(md)
     print(md)
+    if args.per_utterance:
+        rows = [row for stream, replayed in replays for row in utterance_rows(stream, replayed.events, texts[1])]
+        (out / "per_utterance.md").write_text(per_utterance_markdown(rows))
+        print(f"[bench] per-utterance diff vs offline beam 1: {out / 'per_utterance.md'}", file=sys.stderr)
+    traces = [replayed.trace for _, replayed in replays if replayed.trace]
+    if options.trace_clips:
+        (out / "trace.txt").write_text("\n".join(traces) or "none of the traced clips is in these streams\n")
+        print(f"[bench] decode trace of {', '.join(options.trace_clips)}: {out / 'trace.txt'}", file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,103 @@
+"""Per-utterance diffs and decode traces of a replay (``--per-utterance``, ``--trace``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from stream_server.bench.corpus import Stream, Utterance
+from stream_server.bench.replay_detail import (
+    TracingDecoder,
+    final_words_by_utterance,
+    join_words,
+    owning_utterance,
+    per_utterance_markdown,
+    trace_spans,
+    trace_text,
+    utterance_rows,
+)
+from stream_server.decoding import DecodeRequest, DecodeResult, Word
+
+UTTERANCES = [
+    Utterance("clip_a", "the cat sat", 1.0, 2.0, 0.9, 2.1),
+    Utterance("clip_b", "on the mat", 3.0, 4.0, 2.9, 4.1),
+]
+STREAM = Stream(index=0, sample_rate=16000, samples=np.zeros(16000 * 5, dtype=np.int16), utterances=list(UTTERANCES))
+
+
+def segment(*words: tuple[str, float, float]) -> dict[str, object]:
+    return {"type": "transcript.segment", "words": [{"word": w, "start": a, "end": b} for w, a, b in words]}
+
+
+def test_a_word_belongs_to_the_utterance_holding_its_middle_else_the_nearest() -> None:
+    assert owning_utterance(UTTERANCES, 1.5) == 0
+    assert owning_utterance(UTTERANCES, 3.5) == 1
+    assert owning_utterance(UTTERANCES, 2.3) == 0  # in the pause, nearer the first
+    assert owning_utterance(UTTERANCES, 2.8) == 1
+    assert owning_utterance(UTTERANCES, 9.0) == 1
+
+
+def test_final_words_are_split_across_utterances_by_time_even_inside_one_segment() -> None:
+    events = [
+        (2.5, segment(("The", 1.0, 1.2), ("cat", 1.3, 1.5), ("sat.", 1.6, 1.9), ("On", 2.95, 3.1))),
+        (4.5, {"type": "transcript.text.delta", "delta": " ignored"}),
+        (4.6, segment(("the", 3.2, 3.4), ("mat.", 3.5, 3.9))),
+    ]
+    assert final_words_by_utterance(events, UTTERANCES) == [["The", "cat", "sat."], ["On", "the", "mat."]]
+
+
+def test_pieces_whisper_split_off_a_word_join_it_again() -> None:
+    assert join_words(["rather", "cold", "-hearted", "and", "don", "'t"]) == "rather cold-hearted and don't"
+    assert join_words(["-x"]) == "-x"
+    assert join_words([]) == ""
+
+
+def test_rows_score_each_utterance_alone_and_the_report_puts_the_worst_streaming_first() -> None:
+    events = [(2.5, segment(("The", 1.0, 1.2), ("cat", 1.3, 1.5), ("cat", 1.5, 1.5), ("sat.", 1.6, 1.9))),
+              (4.6, segment(("On", 3.0, 3.2), ("a", 3.2, 3.4), ("mat.", 3.5, 3.9)))]
+    offline = {"clip_a": "The cat sat.", "clip_b": "On the hat."}
+    rows = utterance_rows(STREAM, events, offline)
+    assert [(r.clip_id, r.streaming_errors, r.offline_errors, r.excess) for r in rows] == [
+        ("clip_a", 1, 0, 1),  # the inserted "cat"
+        ("clip_b", 1, 1, 0),
+    ]
+    report = per_utterance_markdown(rows)
+    assert "streaming 33.33%, offline 16.67% over 6 words, 2 utterances" in report
+    assert "| +1 | clip_a | the cat sat | The cat cat sat. | The cat sat. |" in report
+    assert "clip_b" not in report  # equal errors: not listed
+
+
+def test_an_utterance_streaming_lost_shows_as_empty() -> None:
+    rows = utterance_rows(STREAM, [(2.5, segment(("The", 1.0, 1.2), ("cat", 1.3, 1.5), ("sat.", 1.6, 1.9)))], {"clip_b": "on the mat"})
+    assert rows[1].streaming == "" and rows[1].excess == 3
+    assert "| +3 | clip_b | on the mat | ∅ | on the mat |" in per_utterance_markdown(rows)
+
+
+class Recorded:
+    """Stands in for the Whisper decoder: a trace's subject is what the session asks for."""
+
+    def decode_batch(self, requests: Sequence[DecodeRequest]) -> list[DecodeResult]:
+        return [DecodeResult(words=(Word(" mat.", 0.5, 0.9, ()),), language="en", no_speech_prob=0.0, avg_logprob=-0.1) for _ in requests]
+
+    def decode_tokens(self, ids: Sequence[int]) -> str:
+        return " ".join(f"<{i}>" for i in ids)
+
+
+def test_the_trace_keeps_decodes_and_events_near_the_chosen_clips_only() -> None:
+    spans = trace_spans(STREAM, ["clip_b"])
+    assert spans == [(2.4, 5.6)]
+    now = [1.0]
+    tracing = TracingDecoder(Recorded(), spans, now=lambda: now[0])  # type: ignore[arg-type]
+    request = DecodeRequest(audio=np.zeros(8000, dtype=np.float32), prefix=(7, 8), prompt="the cat sat.", final=True)
+    tracing.decode_batch([request])  # at 1.0 s: before the span
+    now[0] = 3.3
+    tracing.decode_batch([request])
+    assert len(tracing.decodes) == 1
+    events = [(1.2, {"type": "transcript.text.delta", "item_id": "i1", "delta": " cat"}),
+              (3.4, {"type": "transcript.segment", "item_id": "i2", "text": "on the mat."})]
+    text = trace_text(STREAM, ["clip_b"], tracing.decodes, events)
+    assert text.startswith("clip clip_b: audio 2.90-4.10 s, speech 3.00-4.00 s: on the mat\n")
+    assert "3.30 decode FINAL  window 0.50 s, prompt …'the cat sat.', prefix '<7> <8>' (ends 0.00 s) -> ' mat.' 0.50-0.90" in text
+    assert "3.40 transcript.segment {'item_id': 'i2', 'text': 'on the mat.'}" in text
+    assert "1.20" not in text and "1.00 decode" not in text  # outside the span
