@@ -295,7 +295,7 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
     cmd = [
         sys.executable, "-m", "stream_server.bench",
         "--streams", "2", "--duration-s", "20", "--speed", "2", "--stagger-s", "1",
-        "--idle-s", "0.5", "--profile", "--out", str(out),
+        "--idle-s", "0.5", "--profile", "--per-utterance", "--out", str(out),
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -317,3 +317,6 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
     parts = sum(row["cpu_s"] for stage, row in profile.items() if stage != "total")
     assert parts == pytest.approx(profile["total"]["cpu_s"])
     assert "Where the server's CPU went (N=2" in (out / "summary.md").read_text()
+    # --per-utterance: the clients asked for word timings, and every utterance of both streams was scored.
+    per_utterance = (out / "N002" / "per_utterance.md").read_text()
+    assert f"{run['metrics']['utterances']:.0f} utterances." in per_utterance

@@ -22,6 +22,7 @@ from typing import Any
 from . import offline as offline_mod
 from .client import ClientConfig
 from .corpus import LEAD_IN_S, NOISE_DBFS, SPEECH_MARGIN_S, TRAIL_S, build_streams
+from .diagnostics import write_level_per_utterance
 from .report import SYNTHETIC_NOTE, markdown, plots, profile_figures, write_json
 from .runner import LevelResult, run_level, run_with_server, target_for_url
 from .server_proc import ServerOptions
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--profile", action="store_true",
                      help="add where the server's CPU went per audio second: VAD, features, encoder, decoder steps, "
                      "alignment, event loop (from its /metrics stage counters)")
+    run.add_argument("--per-utterance", action="store_true",
+                     help="also score every utterance alone, streaming vs offline (beam 1), and write per_utterance.md "
+                     "(per level in a live run, whose clients then ask for word timings) with the utterances where "
+                     "they differ, worst streaming first")
     run.add_argument("--out", type=Path, help="output folder (default bench-out/<UTC timestamp>)")
     calls = p.add_argument_group("calls (call-center mode, see bench/calls.py)")
     calls.add_argument("--calls", metavar="N[,N...]",
@@ -109,9 +114,6 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                     help="with --replay: a session limit (planner.SessionLimits field), repeatable, "
                     "e.g. --limit prefix_words=4")
-    rp.add_argument("--per-utterance", action="store_true",
-                    help="with --replay: also score every utterance alone, streaming vs offline (beam 1), and write "
-                    "per_utterance.md with the utterances where they differ, worst streaming first")
     rp.add_argument("--trace", action="append", default=[], metavar="CLIP",
                     help="with --replay: write trace.txt with every decode (window, prompt, forced prefix, words "
                     "and times) and event around this clip id, repeatable")
@@ -194,6 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     offline_block: dict[str, Any] = {}
     do_offline = (not args.synthetic) if args.offline is None else args.offline
+    if args.per_utterance and not do_offline:
+        notes.append("--per-utterance needs the offline baseline: no per_utterance.md was written")
     if do_offline and args.url and not args.model:
         notes.append("offline baseline uses tiny.en (the server's default); pass --model if the server runs another model")
     if do_offline:
@@ -238,6 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             language=language,
             silence_duration_ms=args.silence_ms,
             close_timeout_s=max(60.0, 0.5 * s0.duration_s),
+            session_extra={"include": ["logprobs", "words"]} if args.per_utterance else {},
         )
         label = f"N{n:03d}"
         if args.url:
@@ -250,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for k, v in level_off.items():
                 lv.metrics[k] = v
                 lv.metrics["wer_minus_" + k] = lv.metrics["wer"] - v
+            if args.per_utterance:
+                _log(f"[bench] per-utterance diff vs offline beam 1: {write_level_per_utterance(out / label, streams[:n], texts[1])}")
         return lv
 
     sweep_block: dict[str, Any] | None = None

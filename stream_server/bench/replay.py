@@ -43,9 +43,9 @@ from stream_server.session import DecodeTicket, Session
 from stream_server.vad import SileroVad
 
 from .corpus import PreparedClip, Stream, build_streams
+from .diagnostics import TracingDecoder, per_utterance_markdown, trace_spans, trace_text, utterance_rows
 from .metrics import TimedEvent, evaluate_stream, run_figures
 from .offline import offline_figures, resolve_model_path, transcribe_pool
-from .replay_detail import TracingDecoder, per_utterance_markdown, trace_spans, trace_text, utterance_rows
 
 FRAME_MS = 20
 
@@ -64,7 +64,7 @@ class ReplayOptions:
     telephone: bool = False
     compute_type: str = "int8"
     cpu_threads: int = 0
-    trace_clips: tuple[str, ...] = ()  # clips whose decodes are traced (replay_detail.TracingDecoder)
+    trace_clips: tuple[str, ...] = ()  # clips whose decodes are traced (diagnostics.TracingDecoder)
 
 
 @dataclasses.dataclass

@@ -104,7 +104,7 @@ def run_level(
     events_dir.mkdir(parents=True, exist_ok=True)
     for stream, rec in zip(streams, records):
         events = rec.events()
-        _write_events(events_dir / f"stream-{stream.index:03d}.events.jsonl", events)
+        _write_events(events_path(events_dir, stream.index), events)
         ev = evaluate_stream(stream.index, events, stream.utterances, client_cfg.speed)
         evaluations.append(ev)
         if rec.error:
@@ -147,10 +147,21 @@ def run_level(
     )
 
 
+def events_path(folder: Path, stream_index: int) -> Path:
+    """Where a level's folder keeps one stream's events."""
+    return folder / f"stream-{stream_index:03d}.events.jsonl"
+
+
 def _write_events(path: Path, events: list[tuple[float, dict[str, Any]]]) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for t, ev in events:
             fh.write(json.dumps({"t": round(t, 4), "event": ev}) + "\n")
+
+
+def read_events(path: Path) -> list[tuple[float, dict[str, Any]]]:
+    """A stream's events as written by a run: (arrival time, event)."""
+    with path.open(encoding="utf-8") as fh:
+        return [(row["t"], row["event"]) for row in map(json.loads, fh)]
 
 
 def _stream_summary(stream: Stream, rec: StreamRecord, ev: StreamEvaluation) -> dict[str, Any]:

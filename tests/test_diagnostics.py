@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from stream_server.bench.corpus import Stream, Utterance
-from stream_server.bench.replay_detail import (
+from stream_server.bench.diagnostics import (
     TracingDecoder,
     final_words_by_utterance,
     join_words,
@@ -16,7 +17,9 @@ from stream_server.bench.replay_detail import (
     trace_spans,
     trace_text,
     utterance_rows,
+    write_level_per_utterance,
 )
+from stream_server.bench.runner import _write_events, events_path
 from stream_server.decoding import DecodeRequest, DecodeResult, Word
 
 UTTERANCES = [
@@ -72,6 +75,15 @@ def test_an_utterance_streaming_lost_shows_as_empty() -> None:
     rows = utterance_rows(STREAM, [(2.5, segment(("The", 1.0, 1.2), ("cat", 1.3, 1.5), ("sat.", 1.6, 1.9)))], {"clip_b": "on the mat"})
     assert rows[1].streaming == "" and rows[1].excess == 3
     assert "| +3 | clip_b | on the mat | ∅ | on the mat |" in per_utterance_markdown(rows)
+
+
+def test_a_live_levels_report_is_read_from_the_events_its_clients_wrote(tmp_path: Path) -> None:
+    events = [(2.5, segment(("The", 1.0, 1.2), ("cat", 1.3, 1.5), ("sat.", 1.6, 1.9))), (4.6, segment(("On", 3.0, 3.2), ("the", 3.2, 3.4), ("mat.", 3.5, 3.9)))]
+    _write_events(events_path(tmp_path, STREAM.index), events)
+    path = write_level_per_utterance(tmp_path, [STREAM], {"clip_a": "the cat", "clip_b": "on the mat"})
+    assert path == tmp_path / "per_utterance.md"
+    assert path.read_text().startswith("Per-utterance WER (each utterance scored alone): streaming 0.00%, offline 16.67% over 6 words")
+    assert "| -1 | clip_a |" in path.read_text()
 
 
 class Recorded:

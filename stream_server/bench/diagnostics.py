@@ -1,14 +1,15 @@
-"""Where a replay's errors come from: per-utterance diffs against offline, and decode traces.
+"""Where a run's errors come from: per-utterance diffs against offline, and decode traces.
 
-A replay's WER says *how much* streaming loses against the same model on each clip whole; these
+A run's WER says *how much* streaming loses against the same model on each clip whole; these
 two views say *where*, which is what choosing the next decoder guard or commit rule needs:
 
 - :func:`utterance_rows` maps each final word to the utterance its audio lies in and scores
   every utterance twice (streaming, offline), so the worst streaming-only losses sort to the
-  top (``stream-server bench --replay --per-utterance``);
+  top (``stream-server bench --per-utterance``, live or with ``--replay``; live clients then ask
+  for word timings);
 - :class:`TracingDecoder` wraps the real decoder and records every decode whose audio time lies
   near chosen clips: window length, prompt tail, forced prefix, and the words it returned with
-  their times (``--trace CLIP``, repeatable). With the events around those clips it shows which
+  their times (``--replay --trace CLIP``, repeatable). With the events around those clips it shows which
   decode produced a wrong word and what it was given.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from stream_server.audio import MODEL_RATE
@@ -23,6 +25,7 @@ from stream_server.decoding import DecodeRequest, DecodeResult, WhisperDecoder
 
 from .corpus import Stream, Utterance
 from .metrics import TimedEvent, wer_counts
+from .runner import events_path, read_events
 
 #: Trace decodes and events from this long before a traced clip's audio to this long after it.
 TRACE_BEFORE_S = 0.5
@@ -93,6 +96,14 @@ def utterance_rows(stream: Stream, events: Sequence[TimedEvent], offline: dict[s
         s, o = wer_counts(utterance.text, streaming), wer_counts(utterance.text, off)
         rows.append(UtteranceRow(utterance.clip_id, utterance.text, streaming, off, s.errors, o.errors, s.reference_words))
     return rows
+
+
+def write_level_per_utterance(folder: Path, streams: Sequence[Stream], offline: dict[str, str]) -> Path:
+    """``per_utterance.md`` of one live level, from the events its clients wrote to ``folder``."""
+    rows = [row for stream in streams for row in utterance_rows(stream, read_events(events_path(folder, stream.index)), offline)]
+    path = folder / "per_utterance.md"
+    path.write_text(per_utterance_markdown(rows))
+    return path
 
 
 def per_utterance_markdown(rows: Sequence[UtteranceRow]) -> str:
@@ -209,4 +220,5 @@ __all__ = [
     "trace_spans",
     "trace_text",
     "utterance_rows",
+    "write_level_per_utterance",
 ]
