@@ -423,7 +423,10 @@ class WhisperDecoder:
             words = _drop_repetition_loop(words)
             words = _drop_hollow_repeat(words)
             words = _drop_echo(tokenizers[i].decode(list(request.prefix)).split(), words)
-            words = _drop_unheard_sentence_start(words)  # after the echo's removal exposed it
+            # Both after the echo's removal, which can expose them: "simpler. Imitates a much
+            # freer hand, simpler. ..." loses its restarts and leaves "simpler. simpler. simpler.".
+            words = _drop_one_word_sentence_loop(words)
+            words = _drop_unheard_sentence_start(words)
             logprobs = [t.logprob for w in words for t in w.tokens]
             avg = float(np.mean(logprobs)) if logprobs else 0.0
             no_speech = float(generated[i].no_speech_prob)
@@ -630,15 +633,29 @@ def _longest_repeat(history: list[str], current: list[str], i: int) -> int:
     return best
 
 
+def _drop_one_word_sentence_loop(words: list[Word]) -> list[Word]:
+    """``words`` up to the first copy of a word written three times running as a sentence of
+    its own each time (same word, each ending in ". ? !"); ``words`` itself when there is none."""
+    ends = [w.text.rstrip().endswith((".", "?", "!")) for w in words]
+    norm = [bare_word(w.text) for w in words]
+    for i in range(len(words) - 2):
+        if norm[i] and ends[i] and norm[i] == norm[i + 1] == norm[i + 2] and ends[i + 1] and ends[i + 2]:
+            return words[: i + 1]
+    return words
+
+
 def _drop_repetition_loop(words: list[Word]) -> list[Word]:
     """Cut a tail that repeats the same 1-8 word phrase three or more times in a row.
 
     Real speech repeats a phrase twice at most ("no, no"), a single word sometimes three times
-    ("no, no, no"): one-word loops are cut only in a text that compresses like a loop; a phrase
-    of two or more words said three times running ("7 of clubs. 7 of clubs. 7 of clubs.") is one.
+    ("no, no, no"): one-word loops are cut only in a text that compresses like a loop, or when
+    each copy is a sentence of its own ("3. 3. 3.", "simpler. simpler. simpler."), which is how
+    the decoder writes a loop and not how it writes a word said three times; a phrase of two or
+    more words said three times running ("7 of clubs. 7 of clubs. 7 of clubs.") is one.
     """
-    if len(words) < 6:
-        return words
+    cut = _drop_one_word_sentence_loop(words)
+    if cut is not words or len(words) < 6:
+        return cut
     text = "".join(w.text for w in words).encode()
     loop_like = len(text) >= 40 and len(text) / max(1, len(zlib.compress(text))) >= 2.0
     norm = [bare_word(w.text) for w in words]

@@ -103,6 +103,20 @@ def test_a_short_phrase_said_three_times_is_a_loop_but_a_word_said_three_times_i
     assert len(_drop_repetition_loop(no)) == 6
 
 
+def test_a_word_written_three_times_as_a_sentence_each_is_a_loop() -> None:
+    """Seen in the loaded-server replay: "one two three" with pauses, the last window decoded
+    as "3. 3. 3."; "simpler," decoded as "simpler. simpler. simpler." at a comma's pause. The
+    decoder writes a loop as sentences; a word said three times it writes with commas."""
+    three = [word(" 3.", 0.0, 0.64), word(" 3.", 0.64, 0.82), word(" 3.", 0.82, 1.08)]
+    assert [w.text for w in _drop_repetition_loop(three)] == [" 3."]
+    simpler = [word(" hand,"), word(" simpler."), word(" simpler."), word(" simpler.")]
+    assert [w.text for w in _drop_repetition_loop(simpler)] == [" hand,", " simpler."]
+    said = [word(" No,"), word(" no,"), word(" no."), word(" Please.")]
+    assert _drop_repetition_loop(said) == said
+    twice = [word(" Zero."), word(" Zero.")]
+    assert _drop_repetition_loop(twice) == twice
+
+
 def test_a_repeat_without_audio_of_its_own_is_dropped() -> None:
     """Word times as the aligner gave them for "In 1813, in 1813," on 1.96 s of "In eighteen
     thirteen": the second copy sits in zero time."""
