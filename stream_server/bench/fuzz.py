@@ -55,10 +55,12 @@ from hypothesis import strategies as st
 
 from stream_server import protocol as p
 from stream_server.audio import SAMPLE_WIDTH, g711_table
-from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Token, Word
+from stream_server.decoding import DecodeFailure, DecodeResult, FailureKind
 from stream_server.dialects import audiohook, deepgram, native, openai_realtime, twilio
 from stream_server.dialects.base import Action, Close, Dialect, Handshake, HandshakeRejected, Send
 from stream_server.session import DecodeTicket, Session, SessionLimits
+
+from .tone_models import BurstDecoder, EnergyVad, word_amplitude
 
 MODEL_RATE = 16000
 KNOWN_MODELS = ("tiny.en", "base")
@@ -76,43 +78,6 @@ DOCUMENTED_CLOSE_CODES: dict[str, frozenset[int]] = {
 SETTLE_LIMIT = 2000  # decode answers after close() before "the session never closes" is reported
 SESSION_ID = "sess_fuzz00000001"
 AUDIOHOOK_ID = "3f0e6a8c-6a3b-4f55-9d6c-0c8d7f1e2a44"
-
-
-# ============================================================================================
-# Deterministic models (the same idea as tests/fakes.py: tone bursts are words)
-# ============================================================================================
-
-
-def word_amplitude(k: int) -> float:
-    return 0.1 + 0.02 * k
-
-
-class EnergyVad:
-    """A frame is speech when its RMS exceeds 0.02."""
-
-    def new_state(self) -> object:
-        return None
-
-    def probabilities(self, frames: np.ndarray, state: object) -> tuple[np.ndarray, object]:
-        rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
-        return (rms > 0.02).astype(np.float32), state
-
-
-class BurstDecoder:
-    """Hears burst ``k`` as the word `` w{k}``; a burst cut off by the window's end as `` w{k}~``."""
-
-    def decode(self, request: DecodeRequest) -> DecodeResult:
-        audio = request.audio
-        loud = np.convolve(np.abs(audio) > 0.02, np.ones(64, bool), mode="same") > 0
-        edges = np.flatnonzero(np.diff(np.concatenate([[0], loud.astype(np.int8), [0]])))
-        words: list[Word] = []
-        for lo, hi in zip(edges[::2], edges[1::2]):
-            rms = float(np.sqrt(np.mean(audio[lo:hi].astype(np.float64) ** 2)))
-            k = max(0, round((rms - 0.1) / 0.02))
-            complete = request.final or len(audio) - hi >= int(0.05 * MODEL_RATE)
-            text = f" w{k}" if complete else f" w{k}~"
-            words.append(Word(text, lo / MODEL_RATE, hi / MODEL_RATE, (Token(k, text, -0.1 if complete else -2.0),)))
-        return DecodeResult(tuple(words[len(request.prefix) :]), "en", 0.01, -0.1)
 
 
 # ============================================================================================
@@ -899,7 +864,7 @@ class Rig:
 
     def answer(self, ticket: DecodeTicket, outcome: str) -> None:
         if outcome == "result":
-            self.session.receive_decode_result(ticket, self.decoder.decode(ticket.request))
+            self.session.receive_decode_result(ticket, self.decoder.decode_one(ticket.request))
         elif outcome == "empty":
             self.session.receive_decode_result(ticket, DecodeResult((), "en", 0.9, -1.0))
         else:
