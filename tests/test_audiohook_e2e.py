@@ -35,14 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-import soxr
 import websockets
 
-from stream_server import audio
+from stream_server.bench import calls
 from stream_server.dialects import audiohook as ah
-from tests.support import ServerProcess, load_clip, manifest, require_speech, start_server, wer
+from tests.support import ServerProcess, require_speech, start_server, wer
 from tests.test_dialect_audiohook import DOC_HEADERS, GenesysClient, sign, stereo_frames
 
 pytestmark = pytest.mark.slow
@@ -69,69 +67,21 @@ TURNS = [
 SPACING_S = (-0.5, 0.0, 0.8)  # overlap, abut, pause
 HOLD_AFTER_TURN = 5  # the hold (both legs silent) follows this turn
 HOLD_S = 8.0  # a pause, 1.5 s later a resume that goes out with the next ping (≤ 5 s)
-LEAD_IN_S, TAIL_S = 0.6, 1.5
 WER_MARGIN = 0.01  # "within one point of offline"
 CHANNELS = ("external", "internal")
 DISCARD_S = (0.1, 0.5)  # lead-in audio the client drops and reports with ``discarded``
 CONVERSATION = "6c1f9d3a-0c5e-4d2b-8a7f-3e9b1c2d4f60"
 
 
-@dataclasses.dataclass(frozen=True)
-class Turn:
-    channel: str
-    clip_id: str
-    start: float
-    end: float
-    mulaw: bytes
-    reference: str
+def build_call(spoken: list[tuple[str, str]] = TURNS, hold_after: int | None = HOLD_AFTER_TURN) -> calls.Call:
+    """The call as the Twilio call bench builds its calls (``bench/calls.py``), on AudioHook's
+    channel names, with a hold in it."""
+    return calls.build_call(spoken, corpus=require_speech(), tracks=CHANNELS, hold_after=hold_after, hold_s=HOLD_S)
 
 
-@dataclasses.dataclass(frozen=True)
-class Call:
-    turns: list[Turn]
-    legs: dict[str, bytes]  # μ-law per channel, whole frames, the same length
-    hold: tuple[float, float]  # seconds: both legs silent
-
-    def references(self, channel: str) -> list[str]:
-        return [t.reference for t in self.turns if t.channel == channel]
-
-
-def telephone(clip_id: str) -> bytes:
-    samples = soxr.resample(load_clip(clip_id), 16000, RATE, quality="HQ").astype(np.float32)
-    return audio.encode_g711(samples, "ulaw")
-
-
-def build_call(spoken: list[tuple[str, str]] = TURNS, hold_after: int | None = HOLD_AFTER_TURN) -> Call:
-    require_speech()
-    rows = manifest()
-    turns: list[Turn] = []
-    at = LEAD_IN_S
-    hold = (0.0, 0.0)
-    for i, (channel, clip_id) in enumerate(spoken):
-        mulaw = telephone(clip_id)
-        if turns:
-            at = max(turns[-1].end + SPACING_S[i % len(SPACING_S)], turns[-1].start + 0.5)
-        if hold_after is not None and i == hold_after + 1:
-            quiet = max(t.end for t in turns)
-            hold = (quiet, quiet + HOLD_S)
-            at = hold[1]
-        turns.append(Turn(channel, clip_id, at, at + len(mulaw) / RATE, mulaw, rows[clip_id]["text"]))
-    total = int((max(t.end for t in turns) + TAIL_S) * RATE)
-    total += -total % FRAME
-    legs = {channel: bytearray(b"\xff" * total) for channel in CHANNELS}
-    for t in turns:
-        offset = int(t.start * RATE)
-        legs[t.channel][offset : offset + len(t.mulaw)] = t.mulaw
-    return Call(turns, {c: bytes(leg) for c, leg in legs.items()}, hold)
-
-
-def offline_texts(call: Call) -> dict[str, list[str]]:
-    """faster-whisper, the server's own model, each turn decoded whole from the same μ-law (cached
-    by model and audio: the baseline does not change between runs)."""
-    from stream_server.bench.offline import offline_mulaw_turns
-
-    texts = offline_mulaw_turns([(t.channel, t.mulaw) for t in call.turns], tag="audiohook")
-    return {leg: texts.get(leg, []) for leg in CHANNELS}
+def offline_texts(call: calls.Call) -> dict[str, list[str]]:
+    """faster-whisper, the server's own model, each turn decoded whole from the same μ-law (cached)."""
+    return calls.offline_texts(call, tag="audiohook")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +133,7 @@ def upgrade_headers(client: GenesysClient, port: int) -> dict[str, str]:
     return {k: v for k, v in signed.items() if k != "host"}  # the client library sends Host itself
 
 
-async def stream_call(server: ServerProcess, call: Call) -> Session:
+async def stream_call(server: ServerProcess, call: calls.Call) -> Session:
     client = GenesysClient(session_id="8f0f2b0c-3a3e-4f61-9f32-2f0b5c1d6e01", conversation_id=CONVERSATION)
     received: list[dict[str, Any]] = []
     pings: dict[int, float] = {}
@@ -301,7 +251,7 @@ async def stream_call(server: ServerProcess, call: Call) -> Session:
 
 @dataclasses.dataclass
 class Outcome:
-    call: Call
+    call: calls.Call
     offline: dict[str, list[str]]
     session: Session
     transcript: dict[str, Any] | None
@@ -389,14 +339,14 @@ def test_channel_ids_and_offsets_are_true_to_the_call(outcome: Outcome) -> None:
     entities = finals(outcome.session)
     assert {f["channelId"] for f in entities} == {0, 1}
     for spoken in outcome.call.turns:
-        index = CHANNELS.index(spoken.channel)
+        index = CHANNELS.index(spoken.track)
         near = []
         for f in entities:
             start = ah.parse_duration(f["offset"]) or 0.0
             end = start + (ah.parse_duration(f["duration"]) or 0.0)
             if f["channelId"] == index and start < spoken.end and end > spoken.start - 1.0:
                 near.append(start)
-        assert near, f"no {spoken.channel} final near {spoken.start:.1f}-{spoken.end:.1f} s ({spoken.reference!r})"
+        assert near, f"no {spoken.track} final near {spoken.start:.1f}-{spoken.end:.1f} s ({spoken.reference!r})"
         assert abs(min(near) - spoken.start) < 1.0, (spoken.clip_id, spoken.start, near)
 
 
@@ -408,7 +358,7 @@ def test_the_stored_transcript_names_the_legs_and_keeps_the_calls_times(outcome:
     assert transcript["duration"] == pytest.approx(len(outcome.call.legs["external"]) / RATE, abs=0.5)
     # The discarded lead-in and the pause are silence in the session: stored times are the call's.
     for spoken in outcome.call.turns:
-        channel = CHANNELS.index(spoken.channel)
+        channel = CHANNELS.index(spoken.track)
         near = [t["start"] for t in transcript["turns"] if t["channel"] == channel and t["start"] < spoken.end and t["end"] > spoken.start - 1.0]
         assert near and abs(min(near) - spoken.start) < 1.0, (spoken.clip_id, spoken.start, near)
 
@@ -436,7 +386,7 @@ SIGNAL_INTO_TURN = (2, 1.2)  # SIGTERM 1.2 s into the third turn, while the cust
 
 @dataclasses.dataclass
 class Handover:
-    call: Call
+    call: calls.Call
     signal_at: float  # call second of the SIGTERM
     switched_at: float  # call second from which the audio went to the second server
     first: list[tuple[float, dict[str, Any]]]  # (call second received, message) from the drained server
@@ -446,7 +396,7 @@ class Handover:
     second_transcript: dict[str, Any]
 
 
-async def call_across_a_drain(first: ServerProcess, second: ServerProcess, call: Call, signal_at: float) -> Handover:
+async def call_across_a_drain(first: ServerProcess, second: ServerProcess, call: calls.Call, signal_at: float) -> Handover:
     """Stream ``call`` to ``first``, SIGTERM it at ``signal_at``; on ``reconnect`` open a continued
     session on ``second`` (position going on), close the first with reason ``reconnect``, and send
     the rest of the call to the second, as Genesys' client is to do."""
@@ -549,7 +499,7 @@ def test_sigterm_sends_the_finals_of_what_was_said_then_reconnect(handover: Hand
     # The turn the customer was in the middle of: its words so far are final before reconnect.
     speaking = handover.call.turns[SIGNAL_INTO_TURN[0]]
     before = texts_of([m for _, m in handover.first[:reconnect_index]])
-    cut = [f for f in before if f["channelId"] == CHANNELS.index(speaking.channel) and abs((ah.parse_duration(f["offset"]) or 0.0) - speaking.start) < 1.0]
+    cut = [f for f in before if f["channelId"] == CHANNELS.index(speaking.track) and abs((ah.parse_duration(f["offset"]) or 0.0) - speaking.start) < 1.0]
     assert cut, f"no final of the turn in progress ({speaking.reference!r}) before reconnect: {before}"
     assert [m["seq"] for _, m in handover.first] == list(range(1, len(kinds) + 1))
     assert handover.first_exit in (0, -signal.SIGTERM), "the drained server exits once its client has closed"
@@ -567,7 +517,7 @@ def test_the_continued_session_opens_on_the_other_server_with_the_calls_times(ha
         assert offset >= handover.switched_at - 0.05, ("offsets continue the stream position", offset, handover.switched_at)
     later = [t for t in handover.call.turns if t.start > handover.switched_at + 0.5]
     for spoken in later:
-        channel = CHANNELS.index(spoken.channel)
+        channel = CHANNELS.index(spoken.track)
         near = [ah.parse_duration(f["offset"]) or 0.0 for f in finals if f["channelId"] == channel]
         assert near and min(abs(o - spoken.start) for o in near) < 1.0, (spoken.clip_id, spoken.start, near)
     # Stored on the second server under the conversation, its times counted from that session's start.
@@ -575,7 +525,7 @@ def test_the_continued_session_opens_on_the_other_server_with_the_calls_times(ha
     assert transcript["id"] == DRAIN_CONVERSATION and transcript["status"] == "completed"
     stored = [(t["channel"], t["start"] + handover.switched_at) for t in transcript["turns"]]
     for spoken in later:
-        channel = CHANNELS.index(spoken.channel)
+        channel = CHANNELS.index(spoken.track)
         assert any(c == channel and abs(start - spoken.start) < 1.0 for c, start in stored), (spoken.clip_id, spoken.start, stored)
 
 

@@ -120,6 +120,7 @@ class Call:
     turns: list[Turn]
     legs: dict[str, bytes]  # μ-law per track, whole 20 ms frames, the same length
     call_sid: str = CALL_SID
+    hold: tuple[float, float] = (0.0, 0.0)  # seconds of call audio where both legs are on hold
 
     def references(self, track: str) -> list[str]:
         return [t.reference for t in self.turns if t.track == track]
@@ -128,8 +129,12 @@ class Call:
         return [t for t in self.turns if t.track == track]
 
     @property
+    def tracks(self) -> tuple[str, ...]:
+        return tuple(self.legs)
+
+    @property
     def seconds(self) -> float:
-        return len(self.legs["inbound"]) / RATE
+        return len(next(iter(self.legs.values()))) / RATE
 
 
 @functools.cache
@@ -158,27 +163,42 @@ def speech_span(samples: np.ndarray) -> tuple[float, float]:
     return first / RATE, max(first + 1, min(e_last, s_last)) / RATE
 
 
-def build_call(spec: Sequence[tuple[str, str]], *, corpus: Path, call_sid: str = CALL_SID) -> Call:
+def build_call(
+    spec: Sequence[tuple[str, str]],
+    *,
+    corpus: Path,
+    call_sid: str = CALL_SID,
+    tracks: Sequence[str] = TRACKS,
+    hold_after: int | None = None,
+    hold_s: float = 8.0,
+) -> Call:
     """The call of ``spec`` (``(track, clip_id)`` per turn, in order): turn ``i`` starts
     ``SPACING_S[i % 3]`` after the previous turn's end (but at least 0.5 s after its start), both
-    legs padded with μ-law silence to the same whole number of frames."""
+    legs padded with μ-law silence to the same whole number of frames. With ``hold_after``, both
+    legs are silent for ``hold_s`` after that turn and everything said before it has ended (a
+    call on hold: a pause, then a resume, in the AudioHook test)."""
     rows = load_manifest(corpus)
     turns: list[Turn] = []
     at = LEAD_IN_S
+    hold = (0.0, 0.0)
     for i, (track, clip_id) in enumerate(spec):
         samples = telephone_samples(corpus, clip_id)
         mulaw = audio.encode_g711(samples, "ulaw")
         if turns:
             at = max(turns[-1].end + SPACING_S[i % len(SPACING_S)], turns[-1].start + 0.5)
+        if hold_after is not None and i == hold_after + 1:
+            quiet = max(t.end for t in turns)
+            hold = (quiet, quiet + hold_s)
+            at = hold[1]
         first, last = speech_span(samples)
         turns.append(Turn(track, clip_id, at, at + len(mulaw) / RATE, mulaw, str(rows[clip_id]["text"]), at + first, at + last))
     total = int((max(t.end for t in turns) + TAIL_S) * RATE)
     total += -total % FRAME
-    legs = {track: bytearray(b"\xff" * total) for track in TRACKS}
+    legs = {track: bytearray(b"\xff" * total) for track in tracks}
     for t in turns:
         offset = int(t.start * RATE)
         legs[t.track][offset : offset + len(t.mulaw)] = t.mulaw
-    return Call(turns, {track: bytes(leg) for track, leg in legs.items()}, call_sid)
+    return Call(turns, {track: bytes(leg) for track, leg in legs.items()}, call_sid, hold)
 
 
 def call_sid_for(index: int) -> str:
@@ -268,7 +288,7 @@ def offline_texts(call: Call, *, model: str = "tiny.en", tag: str = "twilio") ->
     from .offline import offline_mulaw_turns
 
     texts = offline_mulaw_turns([(t.track, t.mulaw) for t in call.turns], model=model, tag=tag)
-    return {leg: texts.get(leg, []) for leg in TRACKS}
+    return {leg: texts.get(leg, []) for leg in call.tracks}
 
 
 # --------------------------------------------------------------------------------------------
