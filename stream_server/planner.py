@@ -45,6 +45,11 @@ class SessionLimits:
     # ... and only once the utterance is this long: the first words of a turn, decoded from a
     # second of audio, are the least reliable ones.
     min_commit_window_ms: int = 2000
+    # A final decode runs without its forced prefix, and its words after the committed ones it
+    # repeats are kept; one that contradicts them is decoded again, forced. Forced to continue
+    # from "And so", tiny.en heard "am I fellow Americans" where the whole window says "my
+    # fellow Americans" (24 live streams: WER 9.15 -> 8.88%, JFK's excess errors 36 -> 24).
+    final_agreement: bool = True
     # A final decode's words that start this long after the VAD's speech end belong to the next
     # turn (its first syllable often sits in the trailing audio), not to this one.
     end_tolerance_ms: int = 250

@@ -118,6 +118,24 @@ def interim_commit_count(
     return n
 
 
+def after_agreeing_prefix(kept: Sequence[Word], words: Sequence[Word]) -> list[Word] | None:
+    """The words of an unforced final hypothesis after the committed words ``kept`` that it
+    repeats word for word (punctuation and case aside), or None when it says something else.
+
+    A mark the hypothesis puts after the last kept word ("so" committed, "so," decoded) comes
+    first: it was waiting, as the tail, for this.
+    """
+    n = len(kept)
+    if len(words) < n or any(comparable(a) != comparable(b) for a, b in zip(kept, words)):
+        return None
+    rest = list(words[n:])
+    if n:
+        _, marks = without_trailing_punctuation(words[n - 1])
+        if marks is not None and not kept[-1].text.rstrip().endswith(marks.text.strip()):
+            rest.insert(0, marks)
+    return rest
+
+
 def heard_the_pause(window_end: int, turn_end: int, stable_silence_ms: int) -> bool:
     """Whether a window reaches ``stable_silence_ms`` past the turn's end: its hypothesis then
     already knew the speaker paused, and can be the utterance's final text without a new decode."""

@@ -42,8 +42,16 @@ from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
-from stream_server.planner import SessionLimits, interim_due, plan_decode
-from stream_server.policy import MS, absolute, heard_the_pause, interim_commit_count, within_turn, without_trailing_punctuation
+from stream_server.planner import SessionLimits, interim_due, plan_decode, prefix_from
+from stream_server.policy import (
+    MS,
+    absolute,
+    after_agreeing_prefix,
+    heard_the_pause,
+    interim_commit_count,
+    within_turn,
+    without_trailing_punctuation,
+)
 from stream_server.state import SessionState, TicketState, UtteranceState, transition
 from stream_server.transcript import Transcript
 from stream_server.vad import FRAME, SpeechEnd, SpeechStart, TurnSegmenter, VadModel, VadParams
@@ -75,6 +83,9 @@ class DecodeTicket:
     # A final planned before the turn its context ends with is final (``final_context_lag``):
     # queued in order, sent to the decoder once that turn is final.
     waiting_for_context: bool = False
+    # A final sent without its forced prefix (``SessionLimits.final_agreement``): that prefix and
+    # the committed words it stands for; a result that does not repeat them is decoded again forced.
+    unforced: tuple[tuple[int, ...], list[Word]] | None = None
 
     @property
     def final(self) -> bool:
@@ -550,6 +561,10 @@ class Session:
             context = "" if waits else self._context_of(ch, len(ch.turn_ends) + len(ch.finals))
         ticket = self._ticket(ch, utt, utt.start, window_end, state=TicketState.FINAL, pause_start=None, context=context)
         ticket.waiting_for_context = waits
+        if self.limits.final_agreement and ticket.request.prefix:
+            kept = utt.committed[prefix_from(len(utt.committed), self.limits.prefix_words) :]
+            ticket.unforced = (ticket.request.prefix, kept)
+            ticket.request = dataclasses.replace(ticket.request, prefix=())
         ch.finals.append(ticket)
         return [] if waits else [ticket]
 
@@ -744,11 +759,20 @@ class Session:
 
     def _final_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult | None) -> list[Output]:
         if result is not None and len(ticket.request.audio):
+            words = absolute(result.words, ticket.window_start)
+            if ticket.unforced is not None:
+                forced, kept = ticket.unforced
+                rest = after_agreeing_prefix(kept, words)
+                if rest is None:  # it contradicts committed text: decode again, forced
+                    retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, prefix=forced), unforced=None)
+                    ch.finals[ch.finals.index(ticket)] = retry
+                    return [retry]
+                words = rest
             ticket.utterance.no_speech_prob = result.no_speech_prob
             ticket.utterance.detected = result.language
             if language_settled(len(ticket.request.audio), result.language_probability):
                 ch.language = result.language
-            ticket.resolve(self._within_turn(ticket.utterance, absolute(result.words, ticket.window_start)))
+            ticket.resolve(self._within_turn(ticket.utterance, words))
         else:
             ticket.resolve()
         return self._apply_resolved_finals(ch) + self._schedule(ch)

@@ -6,6 +6,7 @@ from stream_server.decoding import Token, Word
 from stream_server.policy import (
     MS,
     absolute,
+    after_agreeing_prefix,
     agreed_prefix_length,
     heard_the_pause,
     interim_commit_count,
@@ -104,3 +105,25 @@ def test_words_of_the_next_turn_are_dropped_from_a_final() -> None:
 def test_absolute_shifts_word_times_by_the_window_start() -> None:
     [moved] = absolute([w(" a", 0.1, 0.3)], RATE // 2)
     assert (moved.start, moved.end, moved.text) == (0.6, 0.8, " a")
+
+
+def tokens_word(*pieces: str, start: float = 0.0, end: float = 0.3) -> Word:
+    return Word("".join(pieces), start, end, tuple(Token(i, t, -0.1) for i, t in enumerate(pieces)))
+
+
+def test_an_unforced_final_that_repeats_the_committed_words_gives_what_follows_them() -> None:
+    """JFK under load: "And so" committed at a pause, the final forced to continue from it heard
+    "am I fellow Americans"; decoded whole, the window says "And so, my fellow Americans"."""
+    kept = [tokens_word(" And"), tokens_word(" so")]
+    words = [tokens_word(" And"), tokens_word(" so", ","), tokens_word(" my"), tokens_word(" fellow")]
+    rest = after_agreeing_prefix(kept, words)
+    assert rest is not None and [x.text for x in rest] == [",", " my", " fellow"]  # the comma the tail held
+    # Case and punctuation aside; a mark the committed word already has is not repeated.
+    assert [x.text for x in after_agreeing_prefix([tokens_word(" And"), tokens_word(" so", ",")], [tokens_word(" and"), tokens_word(" so", ","), tokens_word(" my")]) or []] == [" my"]
+    assert after_agreeing_prefix([], words) == words
+
+
+def test_an_unforced_final_that_contradicts_committed_words_is_refused() -> None:
+    kept = [tokens_word(" And"), tokens_word(" so")]
+    assert after_agreeing_prefix(kept, [tokens_word(" And"), tokens_word(" sew"), tokens_word(" my")]) is None
+    assert after_agreeing_prefix(kept, [tokens_word(" And")]) is None  # says less than was committed

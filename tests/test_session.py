@@ -731,3 +731,33 @@ def test_a_files_final_context_lag_makes_its_prompts_independent_of_decode_timin
     unlagged_fast, _, _ = file_session_prompts(latency_chunks=3, lag=0)
     unlagged_slow, _, _ = file_session_prompts(latency_chunks=400, lag=0)
     assert unlagged_fast != unlagged_slow
+
+
+class MishearsTheStart(BurstDecoder):
+    """Hears the first word wrong when it has to decode a final window from its start."""
+
+    def decode_one(self, request: DecodeRequest) -> DecodeResult:
+        result = super().decode_one(request)
+        if request.final and not request.prefix and result.words:
+            first = result.words[0]
+            wrong = dataclasses.replace(first, text=" w9", tokens=(Token(9, " w9", -0.1),))
+            result = dataclasses.replace(result, words=(wrong, *result.words[1:]))
+        return result
+
+
+@pytest.mark.parametrize("decoder", [BurstDecoder, MishearsTheStart])
+def test_with_final_agreement_a_final_runs_unforced_and_is_forced_only_when_it_contradicts(decoder: type[BurstDecoder]) -> None:
+    session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad(),
+                      limits=SessionLimits(final_agreement=True))
+    d = Driver(session)
+    d.decoder = decoder()
+    d.feed(speech([1, 2, 3, 4, 5, 6, 7, 8]))
+    committed = "".join(e.delta for e in d.of(p.TranscriptDelta)).split()
+    assert committed[:3] == ["w1", "w2", "w3"]
+    d.close()  # mid-turn: the last words need a final decode, whose window holds committed words
+    finals = [r for batch in d.decoder.calls for r in batch if r.final]
+    if decoder is BurstDecoder:
+        assert [bool(r.prefix) for r in finals] == [False]  # it agreed with the committed words
+    else:
+        assert [bool(r.prefix) for r in finals] == [False, True]  # contradicted them: forced again
+    assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 9))
