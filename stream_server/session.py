@@ -24,7 +24,10 @@ Commit policy, per utterance:
   are committed: a pause is evidence the words before it are complete, and waiting for a second
   agreeing hypothesis would add a whole decode to the latency of the last word.
 * At the end of the utterance, the rest is committed from a last decode, unless the last interim
-  decode already heard the pause, in which case its hypothesis is the final one.
+  decode already heard the pause, in which case its hypothesis is the final one. The last decode
+  runs without the forced prefix and keeps what follows the committed words it repeats; only one
+  that contradicts them is run again, forced (a forced boundary can make the decoder mishear the
+  next word: "And so | am I fellow" where the whole window says "And so, my fellow").
 * An utterance longer than ``max_utterance_s`` is split at the end of its last committed word.
 """
 
