@@ -16,7 +16,7 @@ two views say *where*, which is what choosing the next decoder guard or commit r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,12 +98,17 @@ def utterance_rows(stream: Stream, events: Sequence[TimedEvent], offline: dict[s
     return rows
 
 
-def write_level_per_utterance(folder: Path, streams: Sequence[Stream], offline: dict[str, str]) -> Path:
-    """``per_utterance.md`` of one live level, from the events its clients wrote to ``folder``."""
-    rows = [row for stream in streams for row in utterance_rows(stream, read_events(events_path(folder, stream.index)), offline)]
+def write_per_utterance(folder: Path, runs: Iterable[tuple[Stream, Sequence[TimedEvent]]], offline: dict[str, str]) -> Path:
+    """``folder/per_utterance.md`` for streams and the events each of them got."""
+    rows = [row for stream, events in runs for row in utterance_rows(stream, events, offline)]
     path = folder / "per_utterance.md"
     path.write_text(per_utterance_markdown(rows))
     return path
+
+
+def write_level_per_utterance(folder: Path, streams: Sequence[Stream], offline: dict[str, str]) -> Path:
+    """``per_utterance.md`` of one live level, from the events its clients wrote to ``folder``."""
+    return write_per_utterance(folder, ((s, read_events(events_path(folder, s.index))) for s in streams), offline)
 
 
 def per_utterance_markdown(rows: Sequence[UtteranceRow]) -> str:
@@ -221,4 +226,5 @@ __all__ = [
     "trace_text",
     "utterance_rows",
     "write_level_per_utterance",
+    "write_per_utterance",
 ]

@@ -43,7 +43,7 @@ from stream_server.session import DecodeTicket, Session
 from stream_server.vad import SileroVad
 
 from .corpus import PreparedClip, Stream, build_streams
-from .diagnostics import TracingDecoder, per_utterance_markdown, trace_spans, trace_text, utterance_rows
+from .diagnostics import TracingDecoder, trace_spans, trace_text, write_per_utterance
 from .metrics import TimedEvent, evaluate_stream, run_figures
 from .offline import offline_figures, resolve_model_path, transcribe_pool
 
@@ -255,9 +255,8 @@ def main_replay(args: argparse.Namespace, out: Path) -> int:
     (out / "replay.md").write_text(md)
     print(md)
     if args.per_utterance:
-        rows = [row for stream, replayed in replays for row in utterance_rows(stream, replayed.events, texts[1])]
-        (out / "per_utterance.md").write_text(per_utterance_markdown(rows))
-        print(f"[bench] per-utterance diff vs offline beam 1: {out / 'per_utterance.md'}", file=sys.stderr)
+        path = write_per_utterance(out, ((stream, replayed.events) for stream, replayed in replays), texts[1])
+        print(f"[bench] per-utterance diff vs offline beam 1: {path}", file=sys.stderr)
     traces = [replayed.trace for _, replayed in replays if replayed.trace]
     if options.trace_clips:
         (out / "trace.txt").write_text("\n".join(traces) or "none of the traced clips is in these streams\n")
