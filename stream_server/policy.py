@@ -126,7 +126,7 @@ def after_agreeing_prefix(kept: Sequence[Word], words: Sequence[Word]) -> list[W
     first: it was waiting, as the tail, for this.
     """
     n = len(kept)
-    if len(words) < n or any(comparable(a) != comparable(b) for a, b in zip(kept, words)):
+    if agreed_prefix_length(kept, words) < n:
         return None
     rest = list(words[n:])
     if n:
