@@ -55,6 +55,15 @@ PAD_S = 3.0
 # PAD_S, whatever else is in its batch: the result of a request must not depend on which other
 # requests it happened to be batched with (it did, by a WER point on a loaded machine).
 WINDOW_BUCKETS_S = (5, 8, 10, 15, 20, 25, 30)
+# The encoder's self-attention holds a float32 score matrix per head of (frames x frames) and its
+# softmax while a pass runs: 2 * heads * T^2 * 4 bytes per request, T = 50 encoder frames per
+# second of window. That term dominates a pass's memory: measured with tiny.en int8 on one
+# thread, eight requests of a 15 s window raised peak RSS by 222 MB, two by 16 MB, for the same
+# CPU (1.66 vs 1.68 s); eight 20 s windows by 300 MB, two by 92 MB (2.67 vs 2.65 s). Batching
+# saves CPU only on short windows (eight 5 s windows: 0.55 s vs 0.77 s in pairs), where the
+# matrices are small, so a memory bound per pass costs no throughput.
+ENCODER_FRAMES_PER_SECOND = 50
+WHISPER_HEAD_DIM = 64  # every Whisper size: heads = d_model / 64
 # With ``language: null`` each decode of an utterance detects its language until one decode has
 # heard at least LANGUAGE_SETTLE_S of audio and the detector gives its language at least
 # LANGUAGE_SETTLE_PROBABILITY; that language is then forced on the utterance's later decodes (so
@@ -177,6 +186,7 @@ class WhisperDecoder:
         cpu_threads: int = 0,
         num_workers: int = 1,
         timestamp_tokens: bool = True,
+        pass_memory_mb: float = 0.0,
         profile: StageProfile | None = None,
     ) -> None:
         from faster_whisper import WhisperModel
@@ -198,6 +208,8 @@ class WhisperDecoder:
         # experiments until a cheaper end-of-audio guard exists.
         self._timestamps = timestamp_tokens
         self._profile = profile  # per-stage CPU and wall time (``bench --profile``), or None
+        self._pass_memory = pass_memory_mb * 2**20  # bound on one pass's attention memory (0: none)
+        self._heads: int | None = None  # the encoder's attention heads, learnt from its first output
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -265,6 +277,26 @@ class WhisperDecoder:
         <|startoftranscript|>, which CTranslate2 requires of a batch."""
         return _pass_shape(self._context(request), request)
 
+    def pass_limit(self, key: tuple[int, int]) -> int | None:
+        """How many requests of pass shape ``key`` (:meth:`batch_key`) one pass may take within
+        ``pass_memory_mb`` (None: no bound). The scheduler fills batches up to it, so the rest
+        of a big batch can go to another worker instead of waiting behind it."""
+        if not self._pass_memory:
+            return None
+        heads = self._heads or self._encoder_heads()
+        frames = key[1] * ENCODER_FRAMES_PER_SECOND
+        per_request = 2 * heads * frames * frames * 4
+        return max(1, int(self._pass_memory // per_request))
+
+    def _encoder_heads(self) -> int:
+        """The encoder's attention heads, from the width of its output on one second of silence."""
+        import ctranslate2
+
+        feats = np.zeros((1, self._num_mels, FRAMES_PER_SECOND), np.float32)
+        encoded = self._model.model.encode(ctranslate2.StorageView.from_array(feats), to_cpu=True)
+        self._heads = max(1, int(encoded.shape[2]) // WHISPER_HEAD_DIM)
+        return self._heads
+
     def _mode_token(self, tokenizer: Tokenizer) -> int:
         token: int = tokenizer.timestamp_begin if self._timestamps else tokenizer.no_timestamps
         return token
@@ -281,9 +313,11 @@ class WhisperDecoder:
         for i, (context, request) in enumerate(zip(contexts, requests)):
             groups.setdefault(_pass_shape(context, request), []).append(i)
         results: list[DecodeResult | None] = [None] * len(requests)
-        for idx in groups.values():
-            for i, result in zip(idx, self._decode_group([requests[i] for i in idx], [contexts[i] for i in idx])):
-                results[i] = result
+        for key, group in groups.items():
+            size = self.pass_limit(key) or len(group)
+            for part in (group[k : k + size] for k in range(0, len(group), size)):
+                for i, result in zip(part, self._decode_group([requests[i] for i in part], [contexts[i] for i in part])):
+                    results[i] = result
         return results  # type: ignore[return-value]
 
     def _decode_group(self, requests: Sequence[DecodeRequest], contexts: list[list[int]]) -> list[DecodeResult]:

@@ -132,6 +132,20 @@ def batch_key_of(decoder: Decoder, request: DecodeRequest) -> Hashable:
     return key(request) if key is not None else None
 
 
+def pass_limit_of(decoder: Decoder, key: Hashable) -> int | None:
+    """How many requests of batch key ``key`` the decoder takes in one pass (its memory bound),
+    or None where it sets none."""
+    limit = getattr(decoder, "pass_limit", None)
+    if limit is None or not (isinstance(key, tuple) and key[:1] == ("key",)):
+        return None
+    try:
+        bound: int | None = limit(key[1])
+    except Exception:
+        log.exception("pass limit of a batch key failed")
+        return None
+    return bound
+
+
 def _batch_key(decoder: Decoder, entry: _Entry) -> Hashable:
     try:
         return ("key", batch_key_of(decoder, entry.job.request))
@@ -283,7 +297,8 @@ class DecodeScheduler:
                 if entry.batch_key is None:
                     entry.batch_key = _batch_key(decoder, entry)
             head = candidates[0]
-            batch = [e for e in candidates if e.batch_key == head.batch_key][: self._max_batch]
+            size = min(self._max_batch, pass_limit_of(decoder, head.batch_key) or self._max_batch)
+            batch = [e for e in candidates if e.batch_key == head.batch_key][:size]
             taken = {id(e) for e in batch}
             self._pending = [e for e in self._pending if id(e) not in taken]
             self._metrics.queue_depth.set(len(self._pending))

@@ -50,6 +50,13 @@ class Settings:
     max_batch_size: int = dataclasses.field(
         default=8, metadata={"help": "most decode requests in one model call (bounds model memory per batch)"}
     )
+    pass_memory_mb: float = dataclasses.field(
+        default=-1.0,
+        metadata={
+            "help": "bound on the encoder attention memory of one model pass, in MB: long windows then go in "
+            "smaller batches (-1 = 64 on CPU, none on CUDA; 0 = none)"
+        },
+    )
     interim_max_wait_s: float = dataclasses.field(
         default=1.0, metadata={"help": "interim decodes older than this are shed under load (finals never are)"}
     )
@@ -190,7 +197,16 @@ class Settings:
             "cpu_threads": self.resolved_cpu_threads(),
             "num_workers": self.resolved_decode_workers(),
             "timestamp_tokens": self.resolved_timestamp_tokens(),
+            "pass_memory_mb": self.resolved_pass_memory_mb(),
         }
+
+    def resolved_pass_memory_mb(self) -> float:
+        """64 MB per pass on CPU, where RSS per stream is the budget and batching long windows
+        saves no CPU (see ``decoding.ENCODER_FRAMES_PER_SECOND``); unbounded on CUDA, where big
+        batches are the throughput and device memory is the limit."""
+        if self.pass_memory_mb >= 0:
+            return self.pass_memory_mb
+        return 0.0 if self.resolved_device() == "cuda" else 64.0
 
     def resolved_timestamp_tokens(self) -> bool:
         return self.timestamp_tokens == "on"

@@ -47,6 +47,30 @@ def test_a_batch_equals_its_items_alone(decoder: WhisperDecoder) -> None:
     assert [a.text for a in together] == [b.text for b in alone]
 
 
+def test_a_pass_memory_bound_splits_long_windows_not_short_ones() -> None:
+    """tiny.en has 6 heads: a 5 s window's attention needs 3 MB, a 20 s one 48 MB, so 64 MB holds
+    every short request of a batch but one long request per pass; the results do not change."""
+    require_speech()
+    bounded = WhisperDecoder(str(tiny_en_path()), compute_type="int8", pass_memory_mb=64)
+    assert bounded.pass_limit((0, 5)) == 22 and bounded.pass_limit((0, 15)) == 2 and bounded.pass_limit((0, 20)) == 1
+    assert WhisperDecoder(str(tiny_en_path()), compute_type="int8").pass_limit((0, 20)) is None
+    passes: list[int] = []
+    original = bounded._decode_group
+
+    def counting(requests, contexts):  # type: ignore[no-untyped-def]
+        passes.append(len(requests))
+        return original(requests, contexts)
+
+    bounded._decode_group = counting  # type: ignore[method-assign]
+    audio = np.resize(np.concatenate([load_clip("ljspeech_LJ001-0002"), load_clip("ljspeech_LJ001-0005")]), 16000 * 16)
+    long_requests = [DecodeRequest(audio[: 16000 * 14]), DecodeRequest(audio[16000 : 16000 * 15])]
+    short_requests = [DecodeRequest(load_clip("ljspeech_LJ001-0002")[: 16000 * 2]) for _ in range(3)]
+    results = bounded.decode_batch([*long_requests, *short_requests])
+    assert sorted(passes) == [1, 1, 3]
+    alone = [bounded.decode_batch([r])[0].text for r in long_requests]
+    assert [r.text for r in results[:2]] == alone
+
+
 def test_forced_prefix_is_continued_not_repeated(decoder: WhisperDecoder) -> None:
     require_speech()
     audio = load_clip("ljspeech_LJ001-0001")

@@ -233,6 +233,27 @@ async def test_a_batch_is_one_model_pass_led_by_the_most_urgent_request() -> Non
         scheduler.stop()
 
 
+async def test_a_pass_takes_no_more_requests_than_the_decoder_allows_for_its_shape() -> None:
+    """A decoder's memory bound per pass (``pass_limit``) caps the batch below ``max_batch_size``;
+    what is left forms the next pass, which another worker could run meanwhile."""
+
+    class BoundedDecoder(KeyedDecoder):
+        def pass_limit(self, key):
+            return 2 if key == "l" else None
+
+    decoder = BoundedDecoder()
+    scheduler = DecodeScheduler(lambda name: decoder, max_batch_size=8)
+    try:
+        blocker = scheduler.submit(keyed_job("warm", "w", final=True))
+        await asyncio.sleep(0.05)
+        futures = [scheduler.submit(keyed_job(n, n)) for n in ["l1", "l2", "l3", "s1", "s2", "s3"]]
+        decoder.gate.set()
+        await asyncio.gather(blocker, *futures)
+        assert decoder.batches[1:] == [["l1", "l2"], ["l3"], ["s1", "s2", "s3"]]
+    finally:
+        scheduler.stop()
+
+
 async def test_a_worker_survives_a_failure_outside_the_decode_and_health_says_so() -> None:
     class BadKeyDecoder(GatedDecoder):
         def batch_key(self, request):
