@@ -457,6 +457,7 @@ class WhisperDecoder:
             words = _drop_repetition_loop(words)
             words = _drop_hollow_repeat(words)
             words = _drop_echo(tokenizers[i].decode(list(request.prefix)).split(), words)
+            words = _drop_resegmented_restart(words)
             # Both after the echo's removal, which can expose them: "simpler. Imitates a much
             # freer hand, simpler. ..." loses its restarts and leaves "simpler. simpler. simpler.".
             words = _drop_one_word_sentence_loop(words)
@@ -642,17 +643,40 @@ def _drop_hollow_repeat(words: list[Word], max_size: int = 8, ratio: float = 0.5
 
 
 def _drop_unheard_sentence_start(words: list[Word], max_span_s: float = 0.02) -> list[Word]:
-    """Drop a last word that starts a new sentence but was aligned to no audio at all.
+    """Drop the words after a sentence's end when the aligner gave them no audio at all.
 
-    After a sentence ends, the decoder sometimes goes on with the first word of a guessed next
-    one. Seen: "... superlative degree. And you always want to see it in the superlative degree."
-    for an utterance that began "And you always want", prompted with text ending in "And": the
-    echo guard removes the restart after the forced prefix, leaving "And", which the aligner
-    (like the whole restart) gave zero length.
+    After a sentence ends, the decoder sometimes goes on with a guessed next one. Seen: "...
+    superlative degree. And you always want to see it in the superlative degree." for an
+    utterance that began "And you always want", prompted with text ending in "And": the echo
+    guard removes the restart after the forced prefix, leaving "And", which the aligner (like the
+    whole restart) gave zero length. And "a losing game. 4. The little" on a window whose audio
+    held only "game": the three invented words all at one instant (corpus replay).
     A real next sentence cut by the window's end has at least a frame or two of its first word.
     """
-    if len(words) >= 2 and words[-1].end - words[-1].start <= max_span_s and words[-2].text.rstrip().endswith((".", "?", "!")):
-        return words[:-1]
+    for k in range(1, len(words)):
+        if words[k - 1].text.rstrip().endswith((".", "?", "!")) and words[-1].end - words[k].start <= max_span_s:
+            return words[:k]
+    return words
+
+
+def _drop_resegmented_restart(words: list[Word], min_chars: int = 3) -> list[Word]:
+    """Drop a tail that spells the words just before it again, split into other words.
+
+    Seen on "two nine three four zero" (1.84 s): "29340. 2. 9340." The echo guards compare words
+    and miss it; a speaker who repeats a number says it the same way twice, and the decoder then
+    writes it the same way ("5551234, 5551234"), so only a *different* split is taken as a restart.
+    """
+    spelled = [bare_word(w.text) for w in words]
+    for j in range(1, len(words)):
+        tail = "".join(spelled[j:])
+        if len(tail) < min_chars:
+            break
+        for m in range(1, j + 1):
+            before = "".join(spelled[j - m : j])
+            if len(before) >= len(tail):
+                if before == tail and m != len(words) - j:
+                    return words[:j]
+                break
     return words
 
 

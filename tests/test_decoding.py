@@ -13,6 +13,7 @@ from stream_server.decoding import (
     _drop_echo,
     _drop_hollow_repeat,
     _drop_repetition_loop,
+    _drop_resegmented_restart,
     _drop_squeezed_tail,
     _drop_unheard_sentence_start,
 )
@@ -166,3 +167,19 @@ def test_a_next_sentence_start_without_audio_is_dropped() -> None:
     assert len(_drop_unheard_sentence_start(heard)) == 2
     mid_sentence = [word(" in", 0.0, 0.3), word(" this.", 0.3, 0.3)]  # squeezed, but no sentence before it
     assert len(_drop_unheard_sentence_start(mid_sentence)) == 2
+    # Corpus replay, a 2.27 s window after the prefix "... looks like a losing": three invented
+    # words at the instant "game." was placed.
+    invented = [word(" game.", 0.70, 0.70), word(" 4.", 0.70, 0.70), word(" The", 0.70, 0.70), word(" little", 0.70, 0.70)]
+    assert [w.text for w in _drop_unheard_sentence_start(invented)] == [" game."]
+    spoken = [word(" game.", 0.70, 1.1), word(" Now", 1.5, 1.7), word(" then.", 1.7, 1.7)]
+    assert _drop_unheard_sentence_start(spoken) == spoken
+
+
+def test_a_restart_split_into_other_words_is_dropped_but_a_number_said_twice_stays() -> None:
+    """Corpus replay, tidigits "two nine three four zero" in a 1.84 s window: "29340. 2. 9340."."""
+    restart = [word(" 29340.", 0.0, 0.48), word(" 2.", 0.48, 0.54), word(" 9340.", 0.54, 1.80)]
+    assert [w.text for w in _drop_resegmented_restart(restart)] == [" 29340."]
+    said_twice = [word(" It's"), word(" 5551234,"), word(" 5551234.")]
+    assert _drop_resegmented_restart(said_twice) == said_twice
+    sentence = [word(" in"), word(" to"), word(" the"), word(" into")]  # "into" is not a restart of "in to"'s tail
+    assert _drop_resegmented_restart(sentence) == sentence
