@@ -86,8 +86,13 @@ class DecodePlan:
 
     start: int
     end: int
-    prefix: tuple[int, ...]  # token ids of the committed words kept in the window
+    kept: tuple[Word, ...]  # the committed words kept in the window, forced as the prefix
     prompt: str
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        """Token ids of the kept words: what the decoder is forced to continue from."""
+        return tuple(t.id for w in self.kept for t in w.tokens)
 
 
 def interim_due(
@@ -154,7 +159,7 @@ def plan_decode(
         prompt = context_prompt(client_prompt, transcript, without=prefix_text, context_chars=limits.context_chars)
     else:
         prompt = client_prompt.strip()
-    return DecodePlan(start, end, tuple(t.id for w in kept for t in w.tokens), prompt)
+    return DecodePlan(start, end, tuple(kept), prompt)
 
 
 def context_prompt(client_prompt: str, transcript: str, *, without: str = "", context_chars: int) -> str:

@@ -45,7 +45,7 @@ from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
-from stream_server.planner import SessionLimits, interim_due, plan_decode, prefix_from
+from stream_server.planner import SessionLimits, interim_due, plan_decode
 from stream_server.policy import (
     MS,
     absolute,
@@ -86,9 +86,10 @@ class DecodeTicket:
     # A final planned before the turn its context ends with is final (``final_context_lag``):
     # queued in order, sent to the decoder once that turn is final.
     waiting_for_context: bool = False
-    # A final sent without its forced prefix (``SessionLimits.final_agreement``): that prefix and
-    # the committed words it stands for; a result that does not repeat them is decoded again forced.
-    unforced: tuple[tuple[int, ...], list[Word]] | None = None
+    forced: tuple[Word, ...] = ()  # the committed words the planner forced as the prefix
+    # A final sent without its forced prefix (``SessionLimits.final_agreement``): that prefix; a
+    # result that does not repeat ``forced`` is decoded again with it.
+    unforced: tuple[int, ...] | None = None
 
     @property
     def final(self) -> bool:
@@ -565,8 +566,7 @@ class Session:
         ticket = self._ticket(ch, utt, utt.start, window_end, state=TicketState.FINAL, pause_start=None, context=context)
         ticket.waiting_for_context = waits
         if self.limits.final_agreement and ticket.request.prefix:
-            kept = utt.committed[prefix_from(len(utt.committed), self.limits.prefix_words) :]
-            ticket.unforced = (ticket.request.prefix, kept)
+            ticket.unforced = ticket.request.prefix
             ticket.request = dataclasses.replace(ticket.request, prefix=())
         ch.finals.append(ticket)
         return [] if waits else [ticket]
@@ -712,7 +712,8 @@ class Session:
             final=state is TicketState.FINAL,
             key=(self.id, ch.index, utt.serial),
         )
-        return DecodeTicket(request, ch.index, utt, state, plan.start, plan.end, pause_start, committed=len(utt.committed))
+        return DecodeTicket(request, ch.index, utt, state, plan.start, plan.end, pause_start, committed=len(utt.committed),
+                            forced=plan.kept)
 
     def _schedule(self, ch: Channel) -> list[Output]:
         """Start an interim decode of the open utterance when one is due and none is in flight."""
@@ -764,10 +765,9 @@ class Session:
         if result is not None and len(ticket.request.audio):
             words = absolute(result.words, ticket.window_start)
             if ticket.unforced is not None:
-                forced, kept = ticket.unforced
-                rest = after_agreeing_prefix(kept, words)
+                rest = after_agreeing_prefix(ticket.forced, words)
                 if rest is None:  # it contradicts committed text: decode again, forced
-                    retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, prefix=forced), unforced=None)
+                    retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, prefix=ticket.unforced), unforced=None)
                     ch.finals[ch.finals.index(ticket)] = retry
                     return [retry]
                 words = rest
