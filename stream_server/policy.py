@@ -111,18 +111,10 @@ def interim_commit_count(
     n = min(agreed_prefix_length(previous, words), max(0, len(words) - 1))
     horizon = (window_end - right_context_ms * MS) / MODEL_RATE
     n = min(n, words_before(words, horizon, tolerance=0.0))
-    short = window_end - utterance_start < min_commit_window_ms * MS
-    if short:
+    if window_end - utterance_start < min_commit_window_ms * MS:
         n = 0
     if pause_start is not None:
-        at_pause = words_starting_before(words, pause_start / MODEL_RATE)
-        if short and not agreed_prefix_length(previous, words):
-            # On a second or two of audio the first word is a guess the next decode often
-            # changes (JFK's "ask": "As?", then "S", then his pause committed "S"): a pause
-            # commits once the previous hypothesis began with the same word. The words after
-            # it the pause settles, as in a long window.
-            at_pause = 0
-        n = max(n, at_pause)
+        n = max(n, words_starting_before(words, pause_start / MODEL_RATE))
     return n
 
 
