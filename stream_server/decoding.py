@@ -209,7 +209,8 @@ class WhisperDecoder:
         self._timestamps = timestamp_tokens
         self._profile = profile  # per-stage CPU and wall time (``bench --profile``), or None
         self._pass_memory = pass_memory_mb * 2**20  # bound on one pass's attention memory (0: none)
-        self._heads: int | None = None  # the encoder's attention heads, learnt from its first output
+        # Read once at load, not under the scheduler's lock when the first batch is formed.
+        self._heads = self._encoder_heads() if self._pass_memory else 0
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -283,9 +284,8 @@ class WhisperDecoder:
         of a big batch can go to another worker instead of waiting behind it."""
         if not self._pass_memory:
             return None
-        heads = self._heads or self._encoder_heads()
         frames = key[1] * ENCODER_FRAMES_PER_SECOND
-        per_request = 2 * heads * frames * frames * 4
+        per_request = 2 * self._heads * frames * frames * 4
         return max(1, int(self._pass_memory // per_request))
 
     def _encoder_heads(self) -> int:
@@ -294,8 +294,7 @@ class WhisperDecoder:
 
         feats = np.zeros((1, self._num_mels, FRAMES_PER_SECOND), np.float32)
         encoded = self._model.model.encode(ctranslate2.StorageView.from_array(feats), to_cpu=True)
-        self._heads = max(1, int(encoded.shape[2]) // WHISPER_HEAD_DIM)
-        return self._heads
+        return max(1, int(encoded.shape[2]) // WHISPER_HEAD_DIM)
 
     def _mode_token(self, tokenizer: Tokenizer) -> int:
         token: int = tokenizer.timestamp_begin if self._timestamps else tokenizer.no_timestamps
