@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import logging
 import math
 import time
@@ -666,16 +667,16 @@ def _drop_resegmented_restart(words: list[Word], min_chars: int = 3) -> list[Wor
     writes it the same way ("5551234, 5551234"), so only a *different* split is taken as a restart.
     """
     spelled = [bare_word(w.text) for w in words]
+    text = "".join(spelled)
+    offsets = list(itertools.accumulate(map(len, spelled), initial=0))  # where each word starts in text
+    word_at = {offset: k for k, offset in enumerate(offsets)}  # the last word starting there
     for j in range(1, len(words)):
-        tail = "".join(spelled[j:])
-        if len(tail) < min_chars:
+        size = offsets[-1] - offsets[j]  # the tail words[j:], spelled
+        if size < min_chars:
             break
-        for m in range(1, j + 1):
-            before = "".join(spelled[j - m : j])
-            if len(before) >= len(tail):
-                if before == tail and m != len(words) - j:
-                    return words[:j]
-                break
+        k = word_at.get(offsets[j] - size)  # the words before j that spell as much, if a word starts there
+        if k is not None and j - k != len(words) - j and text[offsets[k] : offsets[j]] == text[offsets[j] :]:
+            return words[:j]
     return words
 
 
