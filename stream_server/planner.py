@@ -92,7 +92,12 @@ class DecodePlan:
     @property
     def prefix(self) -> tuple[int, ...]:
         """Token ids of the kept words: what the decoder is forced to continue from."""
-        return tuple(t.id for w in self.kept for t in w.tokens)
+        return token_ids(self.kept)
+
+
+def token_ids(words: Sequence[Word]) -> tuple[int, ...]:
+    """The decoder tokens of ``words``, in order (a forced prefix)."""
+    return tuple(t.id for w in words for t in w.tokens)
 
 
 def interim_due(

@@ -45,7 +45,7 @@ from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
-from stream_server.planner import SessionLimits, interim_due, plan_decode
+from stream_server.planner import SessionLimits, interim_due, plan_decode, token_ids
 from stream_server.policy import (
     MS,
     absolute,
@@ -87,9 +87,9 @@ class DecodeTicket:
     # queued in order, sent to the decoder once that turn is final.
     waiting_for_context: bool = False
     forced: tuple[Word, ...] = ()  # the committed words the planner forced as the prefix
-    # A final sent without its forced prefix (``SessionLimits.final_agreement``): that prefix; a
-    # result that does not repeat ``forced`` is decoded again with it.
-    unforced: tuple[int, ...] | None = None
+    # A final sent without that prefix (``SessionLimits.final_agreement``): a result that does not
+    # repeat ``forced`` is decoded again with it.
+    unforced: bool = False
 
     @property
     def final(self) -> bool:
@@ -566,7 +566,7 @@ class Session:
         ticket = self._ticket(ch, utt, utt.start, window_end, state=TicketState.FINAL, pause_start=None, context=context)
         ticket.waiting_for_context = waits
         if self.limits.final_agreement and ticket.request.prefix:
-            ticket.unforced = ticket.request.prefix
+            ticket.unforced = True
             ticket.request = dataclasses.replace(ticket.request, prefix=())
         ch.finals.append(ticket)
         return [] if waits else [ticket]
@@ -764,10 +764,10 @@ class Session:
     def _final_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult | None) -> list[Output]:
         if result is not None and len(ticket.request.audio):
             words = absolute(result.words, ticket.window_start)
-            if ticket.unforced is not None:
+            if ticket.unforced:
                 rest = after_agreeing_prefix(ticket.forced, words)
                 if rest is None:  # it contradicts committed text: decode again, forced
-                    retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, prefix=ticket.unforced), unforced=None)
+                    retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, prefix=token_ids(ticket.forced)), unforced=False)
                     ch.finals[ch.finals.index(ticket)] = retry
                     return [retry]
                 words = rest
