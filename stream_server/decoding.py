@@ -706,14 +706,13 @@ def _drop_repetition_loop(words: list[Word]) -> list[Word]:
     """Cut a tail that repeats the same 1-8 word phrase three or more times in a row.
 
     Real speech repeats a phrase twice at most ("no, no"), a single word sometimes three times
-    ("no, no, no"): one-word loops are cut only in a text that compresses like a loop, or when
-    each copy is a sentence of its own ("3. 3. 3.", "simpler. simpler. simpler."), which is how
-    the decoder writes a loop and not how it writes a word said three times; a phrase of two or
-    more words said three times running ("7 of clubs. 7 of clubs. 7 of clubs.") is one.
+    ("no, no, no"): one-word loops are cut here only in a text that compresses like a loop (a
+    word written three times as sentences, "3. 3. 3.", is ``_drop_one_word_sentence_loop``'s,
+    which runs once, after the echo guard); a phrase of two or more words said three times
+    running ("7 of clubs. 7 of clubs. 7 of clubs.") is one.
     """
-    cut = _drop_one_word_sentence_loop(words)
-    if cut is not words or len(words) < 6:
-        return cut
+    if len(words) < 6:
+        return words
     text = "".join(w.text for w in words).encode()
     loop_like = len(text) >= 40 and len(text) / max(1, len(zlib.compress(text))) >= 2.0
     norm = [bare_word(w.text) for w in words]

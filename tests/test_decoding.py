@@ -12,6 +12,7 @@ from stream_server.decoding import (
     Word,
     _drop_echo,
     _drop_hollow_repeat,
+    _drop_one_word_sentence_loop,
     _drop_repetition_loop,
     _drop_resegmented_restart,
     _drop_squeezed_tail,
@@ -133,13 +134,13 @@ def test_a_word_written_three_times_as_a_sentence_each_is_a_loop() -> None:
     as "3. 3. 3."; "simpler," decoded as "simpler. simpler. simpler." at a comma's pause. The
     decoder writes a loop as sentences; a word said three times it writes with commas."""
     three = [word(" 3.", 0.0, 0.64), word(" 3.", 0.64, 0.82), word(" 3.", 0.82, 1.08)]
-    assert [w.text for w in _drop_repetition_loop(three)] == [" 3."]
+    assert [w.text for w in _drop_one_word_sentence_loop(three)] == [" 3."]
     simpler = [word(" hand,"), word(" simpler."), word(" simpler."), word(" simpler.")]
-    assert [w.text for w in _drop_repetition_loop(simpler)] == [" hand,", " simpler."]
+    assert [w.text for w in _drop_one_word_sentence_loop(simpler)] == [" hand,", " simpler."]
     said = [word(" No,"), word(" no,"), word(" no."), word(" Please.")]
-    assert _drop_repetition_loop(said) == said
+    assert _drop_one_word_sentence_loop(said) == said
     twice = [word(" Zero."), word(" Zero.")]
-    assert _drop_repetition_loop(twice) == twice
+    assert _drop_one_word_sentence_loop(twice) == twice
 
 
 def test_a_repeat_without_audio_of_its_own_is_dropped() -> None:
