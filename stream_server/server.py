@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from stream_server.allocator import limit_malloc_arenas
 from stream_server.engine import Engine
 from stream_server.http import routes as http_routes
 from stream_server.keys import KeyFileError, KeyRing, install_reload_on_sighup, without_plaintext
@@ -85,6 +86,9 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise SystemExit("--ssl-keyfile needs --ssl-certfile (the certificate that key belongs to)")
+    # Before create_app: the decode workers and the VAD's threads must find the limit in place.
+    if limit_malloc_arenas(settings.malloc_arenas):
+        log.info("malloc arenas limited to %d (--malloc-arenas)", settings.malloc_arenas)
     try:
         app = create_app(settings)
     except KeyFileError as exc:

@@ -1,0 +1,41 @@
+"""The C allocator's arena limit, set once at startup before any worker thread exists.
+
+glibc gives each thread that contends for the heap an arena of its own (up to eight per core),
+and every arena keeps the freed memory of its biggest moment. The decode workers' passes
+(encoder attention, tens of MB each) land in different arenas as threads come and go, so a
+loaded server's resident memory grows by the sum of those high-water marks. One arena holds them
+all in one heap that the next pass reuses (numbers in the README, "Capacity").
+
+``MALLOC_ARENA_MAX`` in the environment is read by glibc before Python starts; ``mallopt`` does
+the same from inside the process, which is what lets a plain ``stream-server`` get it. It only
+takes effect for threads that have not yet asked for an arena, hence "before any worker thread".
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+
+log = logging.getLogger(__name__)
+
+M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Cap glibc's malloc arenas at ``arenas``; True if applied.
+
+    Not applied for 0 (glibc's own default), where the operator set ``MALLOC_ARENA_MAX`` (theirs
+    wins), or where the C library is not glibc (musl, macOS: other allocators, no arenas).
+    """
+    if arenas <= 0 or "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    applied = bool(libc.mallopt(M_ARENA_MAX, arenas))
+    if not applied:
+        log.warning("mallopt(M_ARENA_MAX, %d) was refused; the allocator keeps its default arenas", arenas)
+    return applied
