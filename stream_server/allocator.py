@@ -2,9 +2,11 @@
 
 glibc gives each thread that contends for the heap an arena of its own (up to eight per core),
 and every arena keeps the freed memory of its biggest moment. The decode workers' passes
-(encoder attention, tens of MB each) land in different arenas as threads come and go, so a
-loaded server's resident memory grows by the sum of those high-water marks. One arena holds them
-all in one heap that the next pass reuses (numbers in the README, "Capacity").
+(encoder attention, tens of MB each), their feature extraction and the event loop's buffers
+each land in an arena of their own, so a loaded server's resident memory grows by the sum of
+those high-water marks. Two arenas share them in heaps that the next pass reuses; one arena
+saves a little more memory but made the event loop and the workers wait on each other's
+allocations (numbers in the README, "Capacity").
 
 ``MALLOC_ARENA_MAX`` in the environment is read by glibc before Python starts; ``mallopt`` does
 the same from inside the process, which is what lets a plain ``stream-server`` get it. It only

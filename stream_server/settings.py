@@ -58,11 +58,11 @@ class Settings:
         },
     )
     malloc_arenas: int = dataclasses.field(
-        default=1,
+        default=2,
         metadata={
-            "help": "glibc malloc arenas for the server process (0 = glibc's default, 8 per core): one arena reuses the "
+            "help": "glibc malloc arenas for the server process (0 = glibc's default, 8 per core): few arenas reuse the "
             "decode passes' freed memory instead of keeping a high-water mark per thread (24 streams: RSS peak "
-            "-120 MB, same latency; see the README); MALLOC_ARENA_MAX, when set, wins"
+            "-140 MB, same latency; see the README); MALLOC_ARENA_MAX, when set, wins"
         },
     )
     interim_max_wait_s: float = dataclasses.field(
@@ -212,11 +212,12 @@ class Settings:
         """16 MB per pass on CPU, where RSS per stream is the budget and batching long windows
         saves no CPU (see ``decoding.ENCODER_FRAMES_PER_SECOND``). 24 live streams, one run each,
         glibc's default arenas: RSS peak 496-508 MB unbounded (8.1-8.3 MB per added stream),
-        479 MB at 64 MB (7.4), 463 MB at 32 MB (6.7). With one malloc arena
-        (``malloc_arenas``): 379-389 MB at 32 MB (5.4-5.9), 336-348 MB at 16 MB (3.8-4.5),
-        325 MB at 8 MB (3.7, but batches of 1.3 requests on average instead of 1.8). CPU
-        0.080 s per audio second and final p95 within run-to-run noise throughout. Unbounded on
-        CUDA, where big batches are the throughput."""
+        479 MB at 64 MB (7.4), 463 MB at 32 MB (6.7). With two malloc arenas (``malloc_arenas``):
+        393-432 MB at 32 MB (6.0-7.4), 362-363 MB at 16 MB (4.3-4.5); with one: 379-389 MB at
+        32 MB (5.4-5.9), 336-348 MB at 16 MB (3.8-4.5), 325 MB at 8 MB (3.7, but batches of 1.3
+        requests on average instead of 1.8). CPU 0.080-0.081 s per audio second and final p95
+        within run-to-run noise throughout. Unbounded on CUDA, where big batches are the
+        throughput."""
         if self.pass_memory_mb >= 0:
             return self.pass_memory_mb
         return 0.0 if self.resolved_device() == "cuda" else 16.0

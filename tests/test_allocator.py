@@ -54,8 +54,11 @@ def _probe(arenas: int, **env: str) -> tuple[bool, int]:
     return applied == "True", int(heaps)
 
 
-def test_one_arena_serves_every_thread() -> None:
-    assert _probe(1) == (True, 1)
+@pytest.mark.parametrize("arenas", [1, 2])
+def test_the_limit_holds_for_eight_allocating_threads(arenas: int) -> None:
+    applied, heaps = _probe(arenas)
+    assert applied
+    assert 1 <= heaps <= arenas
 
 
 def test_glibc_default_gives_threads_arenas_of_their_own() -> None:
