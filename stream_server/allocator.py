@@ -1,8 +1,8 @@
 """The C allocator's arena limit, set once at startup before any worker thread exists.
 
-glibc gives each thread that contends for the heap an arena of its own (up to eight per core),
-and every arena keeps the freed memory of its biggest moment. The decode workers' passes
-(encoder attention, tens of MB each), their feature extraction and the event loop's buffers
+glibc gives each new thread that allocates an arena of its own (up to eight per core), and
+every arena keeps the freed memory of its biggest moment. The decode workers' passes (encoder
+attention, up to ``--pass-memory-mb`` each), their feature extraction and the event loop's buffers
 each land in an arena of their own, so a loaded server's resident memory grows by the sum of
 those high-water marks. Two arenas share them in heaps that the next pass reuses; one arena
 saves a little more memory but made the event loop and the workers wait on each other's

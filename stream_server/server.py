@@ -86,7 +86,7 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise SystemExit("--ssl-keyfile needs --ssl-certfile (the certificate that key belongs to)")
-    # Before create_app: the decode workers and the VAD's threads must find the limit in place.
+    # Before create_app: the decode threads it starts must find the limit in place.
     if limit_malloc_arenas(settings.malloc_arenas):
         log.info("malloc arenas limited to %d (--malloc-arenas)", settings.malloc_arenas)
     try:
