@@ -51,6 +51,8 @@ const transcriptEl = $("transcript");
 const utterances = []; // {key, start, end, text, interim, words, speaker, el, finalEl, interimEl}
 const byItem = new Map();
 let stick = true; // auto-scroll while the reader is at the bottom
+let followedTop = 0; // scrollTop and bottom edge where auto-scroll last left the view
+let followedBottom = 0;
 
 function setState(state, text) {
   stats.state = state;
@@ -149,19 +151,38 @@ function closeOpenLines() {
   for (let i = utterances.length - 1; i >= 0; i--) if (!utterances[i].text.trim() && utterances[i].final) utterances.splice(i, 1);
 }
 
+function followToBottom() {
+  transcriptEl.scrollTop = transcriptEl.scrollHeight;
+  followedTop = transcriptEl.scrollTop;
+  followedBottom = followedTop + transcriptEl.clientHeight;
+}
+
+function setStick(value) {
+  stick = value;
+  $("jump").hidden = value;
+}
+
 function changed() {
-  if (stick) transcriptEl.scrollTop = transcriptEl.scrollHeight;
+  // A reader's scroll reaches the "scroll" listener only with the next frame. Captions that
+  // arrive in between must not pull the view back down: a view whose top and bottom edge both
+  // moved up since auto-scroll left it was scrolled by the reader. (Either edge alone moves
+  // when the viewport is resized.)
+  const top = transcriptEl.scrollTop;
+  if (stick && top < followedTop - 1 && top + transcriptEl.clientHeight < followedBottom - 1) setStick(false);
+  if (stick) followToBottom();
   renderOverlay();
 }
 
 transcriptEl.addEventListener("scroll", () => {
-  stick = transcriptEl.scrollHeight - transcriptEl.scrollTop - transcriptEl.clientHeight < 40;
-  $("jump").hidden = stick;
+  setStick(transcriptEl.scrollHeight - transcriptEl.scrollTop - transcriptEl.clientHeight < 40);
+  if (stick) {
+    followedTop = transcriptEl.scrollTop;
+    followedBottom = followedTop + transcriptEl.clientHeight;
+  }
 });
 $("jump").addEventListener("click", () => {
-  stick = true;
-  $("jump").hidden = true;
-  transcriptEl.scrollTop = transcriptEl.scrollHeight;
+  setStick(true);
+  followToBottom();
   transcriptEl.focus();
 });
 
