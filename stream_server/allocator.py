@@ -16,7 +16,6 @@ takes effect for threads that have not yet asked for an arena, hence "before any
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import platform
@@ -36,8 +35,8 @@ def limit_malloc_arenas(arenas: int) -> bool:
         return False
     if platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    applied = bool(libc.mallopt(M_ARENA_MAX, arenas))
+    # The process's own symbols include libc's: no library search (find_library runs ldconfig).
+    applied = bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas))
     if not applied:
         log.warning("mallopt(M_ARENA_MAX, %d) was refused; the allocator keeps its default arenas", arenas)
     return applied

@@ -151,10 +151,14 @@ function closeOpenLines() {
   for (let i = utterances.length - 1; i >= 0; i--) if (!utterances[i].text.trim() && utterances[i].final) utterances.splice(i, 1);
 }
 
-function followToBottom() {
-  transcriptEl.scrollTop = transcriptEl.scrollHeight;
+function noteFollowed() {
   followedTop = transcriptEl.scrollTop;
   followedBottom = followedTop + transcriptEl.clientHeight;
+}
+
+function followToBottom() {
+  transcriptEl.scrollTop = transcriptEl.scrollHeight;
+  noteFollowed();
 }
 
 function setStick(value) {
@@ -175,10 +179,7 @@ function changed() {
 
 transcriptEl.addEventListener("scroll", () => {
   setStick(transcriptEl.scrollHeight - transcriptEl.scrollTop - transcriptEl.clientHeight < 40);
-  if (stick) {
-    followedTop = transcriptEl.scrollTop;
-    followedBottom = followedTop + transcriptEl.clientHeight;
-  }
+  if (stick) noteFollowed();
 });
 $("jump").addEventListener("click", () => {
   setStick(true);
