@@ -64,7 +64,7 @@ class Engine:
         )
         self.limits = SessionLimits(
             interim_step_ms=settings.interim_step_ms, interim_pace=settings.interim_pace,
-            max_utterance_s=settings.max_utterance_s,
+            max_utterance_s=settings.max_utterance_s, carry_gap_ms=settings.carry_gap_ms,
         )
         self.ready = False
         self.draining = False  # SIGTERM: no new sessions; open ones are being finalized

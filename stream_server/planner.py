@@ -69,6 +69,18 @@ class SessionLimits:
     # with two decode workers the same file read 6.9-8.3% WER over six runs. N keeps N finals of
     # one file decoding at once (batches stay full) and makes its text independent of timing.
     final_context_lag: int = 0
+    # A short turn that starts soon after the channel's previous one is decoded as its
+    # continuation: the decodes that can commit its words (a pause's, the final) start at the
+    # previous turn's last words, forced as the prefix. Alone, JFK's "ask not" (a 1.3 s turn
+    # between pauses of ~1 s) decoded as "S not", "AS NOT", "S-0" depending on where the window
+    # ended; after "And so my fellow Americans" it decoded "ask not" at every end tried.
+    # ``carry_gap_ms``: the longest pause between the last carried word and the new turn's
+    # window (0: never carry); ``carry_window_ms``: the turn's own window must be shorter
+    # (longer turns have context of their own); ``carry_audio_ms``: how far back the carried
+    # words reach from the last one's end (at most ``prefix_words`` of them).
+    carry_gap_ms: int = 1500
+    carry_window_ms: int = 2000
+    carry_audio_ms: int = 1500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +147,44 @@ def interim_due(
     if not early and now - last_window_end < step:
         return None
     return InterimDue(now, pause_start, early)
+
+
+#: A turn's words must reach this close to its speech end to be carried: audio after them that
+#: no word covers (a failed final, words a guard dropped) would be heard again in the next turn.
+CARRY_END_SLACK_S = 0.5
+
+
+def carry_of(limits: SessionLimits, words: Sequence[Word], turn_end: int | None) -> tuple[Word, ...]:
+    """The last words of a finished turn (speech ending at ``turn_end``) that a following short
+    turn may be decoded after (see ``SessionLimits.carry_gap_ms``): those starting within
+    ``carry_audio_ms`` of the last one's end, at most ``prefix_words``."""
+    if not words or not limits.carry_gap_ms or not limits.interim_decoding or limits.final_context_lag:
+        return ()  # whole files: their text must not depend on which final came back first
+    if turn_end is None or words[-1].end < turn_end / MODEL_RATE - CARRY_END_SLACK_S:
+        return ()
+    reach = words[-1].end - limits.carry_audio_ms / 1000
+    recent = [w for w in words[-limits.prefix_words :] if w.start >= reach]
+    return tuple(recent)
+
+
+def carried(
+    limits: SessionLimits, carry: Sequence[Word], *, utterance_start: int, end: int, committing: bool, audio_from: int
+) -> tuple[Word, ...]:
+    """The carried words a decode of ``[utterance_start, end)`` continues from, or none: only a
+    decode that can commit words (a pause's or a final), only while the turn is short, only
+    after a short pause, and only while the buffer (from ``audio_from``) still holds their audio."""
+    if not carry or not committing or end - utterance_start >= limits.carry_window_ms * MS:
+        return ()
+    if utterance_start - carry[-1].end * MODEL_RATE > limits.carry_gap_ms * MS:
+        return ()
+    if carry[0].start * MODEL_RATE < audio_from:
+        return ()
+    return tuple(carry)
+
+
+def carry_start(carry: Sequence[Word]) -> int:
+    """The sample a carried decode's window starts at: just before its first word."""
+    return max(0, int((carry[0].start - 0.05) * MODEL_RATE))
 
 
 def prefix_from(committed: int, keep: int) -> int:

@@ -152,3 +152,31 @@ def within_turn(words: Sequence[Word], turn_end: int | None, end_tolerance_ms: i
         return list(words)
     limit = (turn_end + end_tolerance_ms * MS) / MODEL_RATE
     return [w for w in words if w.start <= limit]
+
+
+SENTENCE_ENDS = (".", "?", "!")
+
+
+def continued_sentence_case(carried: Sequence[Word], words: Sequence[Word]) -> list[Word]:
+    """A continuation's words (decoded after ``carried``, the previous turn's last words) with
+    the first one capitalized when the carried words end a sentence.
+
+    Forced to continue after "... go on forever." tiny.en sometimes starts the next sentence in
+    lower case ("five five."); that text then prompts the turns after it, and a replayed stream
+    went on in lower case for minutes ("now as all books ... god bless him. i hope"). The token
+    ids are left as decoded: they are what the decoder saw.
+    """
+    if not words or not carried or not carried[-1].text.rstrip().endswith(SENTENCE_ENDS):
+        return list(words)
+    first = words[0]
+    text = first.text.lstrip()
+    if not text[:1].islower():
+        return list(words)
+    lead = first.text[: len(first.text) - len(text)]
+    tokens = list(first.tokens)
+    if tokens and tokens[0].text.lstrip()[:1].islower():
+        token = tokens[0]
+        stripped = token.text.lstrip()
+        tokens[0] = dataclasses.replace(token, text=token.text[: len(token.text) - len(stripped)] + stripped[:1].upper() + stripped[1:])
+    capital = dataclasses.replace(first, text=lead + text[:1].upper() + text[1:], tokens=tuple(tokens))
+    return [capital, *words[1:]]

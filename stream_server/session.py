@@ -45,11 +45,12 @@ from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
-from stream_server.planner import SessionLimits, interim_due, plan_decode, token_ids
+from stream_server.planner import CARRY_END_SLACK_S, SessionLimits, carried, carry_of, carry_start, interim_due, plan_decode, token_ids
 from stream_server.policy import (
     MS,
     absolute,
     after_agreeing_prefix,
+    continued_sentence_case,
     heard_the_pause,
     interim_commit_count,
     within_turn,
@@ -90,6 +91,7 @@ class DecodeTicket:
     # A final sent without that prefix (``SessionLimits.final_agreement``): a result that does not
     # repeat ``forced`` is decoded again with it.
     unforced: bool = False
+    carried: int = 0  # how many of ``forced`` are the previous turn's words (a continuation)
 
     @property
     def final(self) -> bool:
@@ -165,6 +167,13 @@ class Channel:
         self.transcript = Transcript()  # this channel's committed text (its deltas spell it)
         self.turn_ends: list[int] = []  # len(transcript.text) after each finished turn, in order
         self.language: str | None = None  # the last language an utterance settled on: the next one's hint
+        # The last finished turn's last words, which a short turn after it continues from
+        # (``SessionLimits.carry_gap_ms``); their audio is kept while that can still happen.
+        self.carry: tuple[Word, ...] = ()
+        # Where the last closed turn's speech ended, and audio kept from before it until its final
+        # (which sets ``carry``) is in: the final may come back after the trim that would drop it.
+        self.carry_turn_end = 0
+        self.carry_keep = 0
 
 
 class Session:
@@ -500,6 +509,8 @@ class Session:
             td = self.config.turn_detection
             padding = (td.prefix_padding_ms if td else 0) * MS
             keep_from = ch.vad_pos - padding - FRAME * 4
+        if self.limits.carry_gap_ms and ch.carry_turn_end and keep_from - ch.carry_turn_end <= self.limits.carry_gap_ms * MS:
+            keep_from = min(keep_from, ch.carry_keep)  # a short turn may still continue from its words
         keep_from = min(keep_from, ch.vad_pos)
         ch.buffer.trim_before(keep_from)
         drop = (keep_from - ch.probs_start) // FRAME
@@ -529,6 +540,8 @@ class Session:
         ch.utterance = None
         utt.end_at(end)
         ch.consumed = max(ch.consumed, end)
+        ch.carry_turn_end = end
+        ch.carry_keep = max(utt.start, end - int((self.limits.carry_audio_ms / 1000 + CARRY_END_SLACK_S + 0.1) * MODEL_RATE))
         return utt, self._in_order(ch, utt, p.SpeechStopped(utt.item_id, end // MS))
 
     def _end_utterance(self, ch: Channel, end: int, *, pause_end: int | None) -> list[Output]:
@@ -565,7 +578,7 @@ class Session:
             context = "" if waits else self._context_of(ch, len(ch.turn_ends) + len(ch.finals))
         ticket = self._ticket(ch, utt, utt.start, window_end, state=TicketState.FINAL, pause_start=None, context=context)
         ticket.waiting_for_context = waits
-        if self.limits.final_agreement and ticket.request.prefix:
+        if self.limits.final_agreement and ticket.request.prefix and not ticket.carried:
             ticket.unforced = True
             ticket.request = dataclasses.replace(ticket.request, prefix=())
         ch.finals.append(ticket)
@@ -607,6 +620,7 @@ class Session:
             utt = ticket.utterance
             utt.tail = []
             out += self._commit_words(ch, utt, ticket.words)
+            ch.carry = carry_of(self.limits, utt.committed, utt.end)
             ch.turn_ends.append(len(ch.transcript.text))
             out += self._finish_utterance(utt)
             out += self._release_held(ch)
@@ -690,6 +704,7 @@ class Session:
             if ch.segmenter is not None:
                 ch.segmenter.reset(floor=ch.vad_pos)
             ch.inflight = None
+            ch.carry = ()
             ch.buffer.trim_before(ch.vad_pos)
         out.append(p.BufferCleared())
         return out
@@ -699,8 +714,14 @@ class Session:
     def _ticket(self, ch: Channel, utt: Utterance, start: int, end: int, *, state: TicketState, pause_start: int | None,
                 context: str | None = None) -> DecodeTicket:
         """A request for ``[start, end)`` as the planner shapes it (window, prefix, prompt);
-        ``context``: the earlier text to prompt with, when not the channel's whole transcript."""
-        plan = plan_decode(self.limits, committed=utt.committed, utterance_start=utt.start, start=start, end=end,
+        ``context``: the earlier text to prompt with, when not the channel's whole transcript.
+        A decode that can commit a short turn's words continues from the previous turn's."""
+        committing = state is TicketState.FINAL or pause_start is not None
+        carry = carried(self.limits, ch.carry, utterance_start=utt.start, end=end, committing=committing,
+                        audio_from=ch.buffer.start) if start == utt.start < end else ()
+        if carry:
+            start = max(carry_start(carry), ch.buffer.start)
+        plan = plan_decode(self.limits, committed=[*carry, *utt.committed], utterance_start=start, start=start, end=end,
                            client_prompt=self.config.prompt, transcript=ch.transcript.text if context is None else context)
         request = DecodeRequest(
             audio=ch.buffer.slice(plan.start, plan.end),
@@ -713,7 +734,7 @@ class Session:
             key=(self.id, ch.index, utt.serial),
         )
         return DecodeTicket(request, ch.index, utt, state, plan.start, plan.end, pause_start, committed=len(utt.committed),
-                            forced=plan.kept)
+                            forced=plan.kept, carried=max(0, len(plan.kept) - len(utt.committed)))
 
     def _schedule(self, ch: Channel) -> list[Output]:
         """Start an interim decode of the open utterance when one is due and none is in flight."""
@@ -740,7 +761,7 @@ class Session:
         utt.detected = result.language
         if utt.language is None and self.config.language is None and language_settled(len(ticket.request.audio), result.language_probability):
             utt.language = self._channels[ticket.channel].language = result.language
-        words = absolute(result.words, ticket.window_start)
+        words = self._words_of(ticket, result)
         if ticket.committed != len(utt.committed):
             return []  # decoded against an older prefix; its words no longer line up
         limits = self.limits
@@ -763,7 +784,7 @@ class Session:
 
     def _final_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult | None) -> list[Output]:
         if result is not None and len(ticket.request.audio):
-            words = absolute(result.words, ticket.window_start)
+            words = self._words_of(ticket, result)
             if ticket.unforced:
                 rest = after_agreeing_prefix(ticket.forced, words)
                 if rest is None:  # it contradicts committed text: decode again, forced
@@ -779,6 +800,16 @@ class Session:
         else:
             ticket.resolve()
         return self._apply_resolved_finals(ch) + self._schedule(ch)
+
+    @staticmethod
+    def _words_of(ticket: DecodeTicket, result: DecodeResult) -> list[Word]:
+        """A result's words on the session clock; a continuation's words heard before its own
+        turn began (in the pause after the carried words) are not this turn's."""
+        words = absolute(result.words, ticket.window_start)
+        if ticket.carried:
+            words = [w for w in words if w.end * MODEL_RATE > ticket.utterance.start]
+            words = continued_sentence_case(ticket.forced[: ticket.carried], words)
+        return words
 
     def _within_turn(self, utt: Utterance, words: list[Word]) -> list[Word]:
         return within_turn(words, utt.end, self.limits.end_tolerance_ms)

@@ -81,6 +81,10 @@ class Settings:
         default=3.0,
         metadata={"help": "under load, an utterance's next interim decode waits at least this many round trips of its last one (0 = no pacing)"},
     )
+    carry_gap_ms: int = dataclasses.field(
+        default=1500,
+        metadata={"help": "a short turn this soon after the last one is decoded as its continuation, after its last words (0 = never)"},
+    )
     max_utterance_s: float = dataclasses.field(
         default=15.0, metadata={"help": "split utterances longer than this (bounds decode window and buffer memory)"}
     )

@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 from stream_server.decoding import Token, Word
-from stream_server.planner import InterimDue, SessionLimits, context_prompt, interim_due, plan_decode, prefix_from
+from stream_server.planner import (
+    InterimDue,
+    SessionLimits,
+    carried,
+    carry_of,
+    carry_start,
+    context_prompt,
+    interim_due,
+    plan_decode,
+    prefix_from,
+)
 from stream_server.policy import MS
 
 RATE = 16000
@@ -96,3 +106,30 @@ def test_context_is_cut_at_a_word_boundary() -> None:
     assert context_prompt("", "one two three", context_chars=6) == "three"  # " three" starts at a word
     assert context_prompt("P", "one two", without=" two", context_chars=200) == "P one"
     assert context_prompt("", "", context_chars=200) == ""
+
+
+def test_a_turn_carries_its_last_words_within_carry_audio_ms_when_they_reach_its_end() -> None:
+    turn = words(12)  # w0 at 0.5 s ... w11 ends at 5.2 s
+    carry = carry_of(LIMITS, turn, turn_end=int(5.3 * RATE))
+    assert [x.text for x in carry] == [f" w{k}" for k in range(12) if 0.5 + k * 0.4 >= 5.2 - LIMITS.carry_audio_ms / 1000]
+    assert len(carry_of(SessionLimits(carry_audio_ms=10_000), turn, int(5.3 * RATE))) == LIMITS.prefix_words
+    assert carry_of(LIMITS, turn, turn_end=int(6.0 * RATE)) == ()  # 0.8 s of its speech has no word
+    assert carry_of(LIMITS, [], turn_end=RATE) == ()
+    for off in (SessionLimits(carry_gap_ms=0), SessionLimits(interim_decoding=False), SessionLimits(final_context_lag=4)):
+        assert carry_of(off, turn, int(5.3 * RATE)) == ()  # off, and never for whole files
+
+
+def test_only_a_short_turns_committing_decodes_after_a_short_pause_are_carried() -> None:
+    carry = carry_of(LIMITS, words(12), turn_end=int(5.3 * RATE))  # the last word ends at 5.2 s
+    start = int(6.2 * RATE)  # the next turn's window starts 1.0 s later
+
+    def decide(*, end_s: float = 7.0, committing: bool = True, turn_start: int = start, audio_from: int = 0) -> tuple[Word, ...]:
+        return carried(LIMITS, carry, utterance_start=turn_start, end=int(end_s * RATE), committing=committing, audio_from=audio_from)
+
+    assert decide() == carry
+    assert carry_start(carry) == int((carry[0].start - 0.05) * RATE)
+    assert decide(committing=False) == ()  # interims stay short
+    assert decide(end_s=6.2 + LIMITS.carry_window_ms / 1000) == ()  # the turn has context of its own
+    assert decide(turn_start=int((5.2 + LIMITS.carry_gap_ms / 1000 + 0.1) * RATE)) == ()  # a long pause
+    assert decide(audio_from=int(carry[0].start * RATE) + 1) == ()  # its audio has left the buffer
+    assert carried(LIMITS, (), utterance_start=start, end=int(7 * RATE), committing=True, audio_from=0) == ()

@@ -8,6 +8,7 @@ from stream_server.policy import (
     absolute,
     after_agreeing_prefix,
     agreed_prefix_length,
+    continued_sentence_case,
     heard_the_pause,
     interim_commit_count,
     within_turn,
@@ -127,3 +128,18 @@ def test_an_unforced_final_that_contradicts_committed_words_is_refused() -> None
     kept = [tokens_word(" And"), tokens_word(" so")]
     assert after_agreeing_prefix(kept, [tokens_word(" And"), tokens_word(" sew"), tokens_word(" my")]) is None
     assert after_agreeing_prefix(kept, [tokens_word(" And")]) is None  # says less than was committed
+
+
+def test_a_continuation_after_a_sentence_end_starts_with_a_capital() -> None:
+    """After "... go on forever." tiny.en continued "five five." in lower case, and the turns
+    prompted with it after that stayed in lower case."""
+    carried = [tokens_word(" on"), tokens_word(" forever", ".")]
+    first, second = continued_sentence_case(carried, [tokens_word(" five"), tokens_word(" five", ".")])
+    assert (first.text, [t.text for t in first.tokens], second.text) == (" Five", [" Five"], " five.")
+    assert first.tokens[0].id == 0 and (first.start, first.end) == (0.0, 0.3)  # the decoded token, timed as decoded
+    # Mid-sentence ("Americans," / no mark), already capitalized, a number, or nothing carried: as decoded.
+    for before, after in (([tokens_word(" Americans", ",")], " ask"), ([tokens_word(" Americans")], " ask"),
+                          (carried, " Ask"), (carried, " 55"), ([], " ask")):
+        assert [x.text for x in continued_sentence_case(before, [tokens_word(after)])] == [after]
+    assert continued_sentence_case(carried, []) == []
+    assert [x.text for x in continued_sentence_case([tokens_word(" really", "?")], [tokens_word(" yes")])] == [" Yes"]

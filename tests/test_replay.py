@@ -8,12 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from stream_server import protocol as p
+from stream_server.audio import resample
+from stream_server.audio_files import read_wav
+from stream_server.bench.corpus import Stream
 from stream_server.bench.metrics import normalize_text
-from stream_server.bench.replay import ReplayOptions, limits_with, replay_streams, run_replay
+from stream_server.bench.replay import ReplayOptions, limits_with, replay_stream, replay_streams, run_replay
+from stream_server.decoding import WhisperDecoder
 from stream_server.models import tiny_en_path
 from stream_server.planner import SessionLimits
+from stream_server.session import Session
+from stream_server.vad import SileroVad
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "speech"
@@ -71,3 +79,29 @@ def test_bench_replay_command_writes_its_report(tmp_path: Path) -> None:
     trace = (tmp_path / "trace.txt").read_text()
     assert trace.startswith(f"clip {traced.clip_id}: audio {traced.audio_start_s:.2f}")
     assert " decode " in trace and "transcript.segment" in trace
+
+
+@needs_corpus
+@pytest.mark.timeout(300)
+def test_a_short_turn_between_pauses_is_decoded_as_the_continuation_of_the_last() -> None:
+    """JFK pauses ~1 s around "ask not": alone, that 1.3 s turn decoded "S not", "AS NOT" or
+    "S-0" by where the window ended; decoded after "... my fellow Americans" it reads right."""
+    audio, rate = read_wav(CORPUS / "audio" / "whisper_jfk.wav")
+    rng = np.random.default_rng(0)
+    noise = (rng.uniform(-1, 1, 16000) * 0.0005).astype(np.float32)  # about -66 dBFS, as the benchmark
+    samples = np.concatenate([noise[:8000], resample(audio, rate), noise, noise])
+    stream = Stream(0, 16000, (np.clip(samples, -1, 1) * 32767).astype(np.int16))
+    decoder, vad = WhisperDecoder(str(tiny_en_path()), compute_type="int8", cpu_threads=1), SileroVad()
+
+    def segments(limits: SessionLimits) -> list[str]:
+        config = p.SessionConfig(sample_rate=16000, language="en", interim_results=True)
+        session = Session("sess_jfk", config=config, vad=vad, limits=limits)
+        events = replay_stream(stream, session, decoder, lag_ms=200).events
+        return [normalize_text(e["text"]) for _, e in events if e["type"] == "transcript.segment"]
+
+    carried, alone = segments(SessionLimits()), segments(SessionLimits(carry_gap_ms=0))
+    assert len(carried) == len(alone) >= 3, (carried, alone)  # the pauses still end turns
+    assert carried[1] == "ask not", carried
+    assert alone[1] != "ask not", alone  # what this guards against: the turn decoded on its own
+    # (The first turn's "And so my" is another matter: see SessionLimits.final_agreement.)
+    assert " ".join(carried[1:]) == "ask not what your country can do for you ask what you can do for your country"

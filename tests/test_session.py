@@ -194,7 +194,10 @@ def test_commit_finalizes_mid_speech_and_speech_continues() -> None:
     d.feed(speech([1, 2, 3]))
     d.send({"type": "input_audio_buffer.commit"})
     assert d.of(p.BufferCommitted)[0].item_id == d.of(p.SpeechStarted)[0].item_id
-    d.feed(speech([4, 5]))
+    # A breath before w4: the tone decoder would hear w3 and an abutting w4 as one burst in the
+    # continuation decode that starts back at w1 (a real decoder hears two words; see
+    # SessionLimits.carry_gap_ms).
+    d.feed(np.concatenate([silence(0.1), speech([4, 5])]))
     d.feed(silence(1.0))
     d.close()
     segments = d.of(p.TranscriptSegment)
@@ -440,7 +443,8 @@ def test_results_of_a_cleared_utterance_are_ignored() -> None:
 
 def test_short_windows_get_only_the_clients_prompt_as_context() -> None:
     d = Driver(prompt="Acme Corp")
-    d.feed(np.concatenate([speech(list(range(1, 12))), silence(1.0)]))
+    # The pause is longer than ``carry_gap_ms``: the short turn is not a continuation (below).
+    d.feed(np.concatenate([speech(list(range(1, 12))), silence(3.0)]))
     calls_before = len(d.decoder.calls)
     d.feed(np.concatenate([speech([5]), silence(1.0)]))  # a 0.25 s word: a short window
     first = [r for call in d.decoder.calls[:calls_before] for r in call]
@@ -449,6 +453,61 @@ def test_short_windows_get_only_the_clients_prompt_as_context() -> None:
     assert any(r.prompt.startswith("Acme Corp w1") for r in first if len(r.audio) >= 1.5 * 16000)
     assert second and all(len(r.audio) < 1.5 * 16000 for r in second)
     assert all(r.prompt == "Acme Corp" for r in second)
+
+
+def second_turn_requests(d: Driver, calls_before: int) -> list[DecodeRequest]:
+    return [r for call in d.decoder.calls[calls_before:] for r in call]
+
+
+def test_a_short_turn_after_a_short_pause_continues_from_the_last_turns_words() -> None:
+    """Its committing decodes (the pause's, the final) start at the previous turn's last words,
+    forced as the prefix; its interims stay short; no word is heard twice."""
+    d = Driver(prompt="Acme Corp")
+    d.feed(np.concatenate([speech(list(range(1, 9))), silence(1.0)]))
+    calls_before = len(d.decoder.calls)
+    d.feed(np.concatenate([speech([9]), silence(1.0)]))
+    d.close()
+    second = second_turn_requests(d, calls_before)
+    limits = d.session.limits
+    carried = [r for r in second if r.prefix]
+    assert carried and all(r.final or len(r.audio) > 1.5 * 16000 for r in carried)
+    # The last words of the first turn within carry_audio_ms (0.37 s per word) are the prefix.
+    reach = int(limits.carry_audio_ms / 1000 / 0.37) + 1
+    assert all(list(r.prefix) == list(range(9 - reach, 9))[-len(r.prefix) :] and len(r.prefix) >= reach - 1 for r in carried)
+    assert any(not r.prefix and len(r.audio) < 1.0 * 16000 for r in second)  # its first interim
+    assert d.of(p.TranscriptDone)[0].text.split() == spoken(*range(1, 10)).split()
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(*range(1, 9)), spoken(9)]
+
+
+def test_no_continuation_after_a_long_pause_or_for_a_long_turn() -> None:
+    d = Driver()
+    d.feed(np.concatenate([speech(list(range(1, 9))), silence(2.5)]))  # > carry_gap_ms + padding
+    calls_before = len(d.decoder.calls)
+    d.feed(np.concatenate([speech([9]), silence(1.0)]))
+    assert not any(r.prefix for r in second_turn_requests(d, calls_before))
+    calls_before = len(d.decoder.calls)
+    d.feed(np.concatenate([speech(list(range(10, 17))), silence(1.0)]))  # 2.6 s: context of its own
+    d.close()
+    assert not any(r.final and len(r.prefix) and r.prefix[0] < 10 for r in second_turn_requests(d, calls_before))
+    assert d.of(p.TranscriptDone)[0].text.split() == spoken(*range(1, 17)).split()
+
+
+def test_no_continuation_when_off_or_when_the_last_turn_lost_its_end() -> None:
+    d = Driver()
+    d.session.limits = dataclasses.replace(d.session.limits, carry_gap_ms=0)
+    d.feed(np.concatenate([speech(list(range(1, 9))), silence(1.0)]))
+    calls_before = len(d.decoder.calls)
+    d.feed(np.concatenate([speech([9]), silence(1.0)]))
+    assert not any(r.prefix for r in second_turn_requests(d, calls_before))
+    # Words after the last committed one were lost (the final failed twice): a continuation would
+    # hear them again inside the next turn.
+    d = Driver(latency_chunks=5, turn_detection=None)
+    d.feed(speech(list(range(1, 12))))
+    d.decoder.fail_next_final = 2
+    d.send({"type": "input_audio_buffer.commit"})
+    for _ in range(20):
+        d.tick()
+    assert not d.session._channels[0].carry
 
 
 def test_a_decode_in_flight_when_the_turn_ends_is_promoted_not_resubmitted() -> None:
@@ -648,7 +707,7 @@ def test_a_commit_flood_queues_no_work_and_loses_nothing() -> None:
     finals = [t for _, t in d.inflight if t.request.final]
     assert len(finals) <= SessionLimits().max_pending_finals
     assert len(d.of(p.TranscriptSegment)) <= 2
-    d.feed(speech([4, 5]))
+    d.feed(np.concatenate([silence(0.1), speech([4, 5])]))  # a breath: see test_commit_finalizes_mid_speech_and_speech_continues
     d.feed(silence(1.0))
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5)
