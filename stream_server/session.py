@@ -29,6 +29,10 @@ Commit policy, per utterance:
   that contradicts them is run again, forced (a forced boundary can make the decoder mishear the
   next word: "And so | am I fellow" where the whole window says "And so, my fellow").
 * An utterance longer than ``max_utterance_s`` is split at the end of its last committed word.
+* A short turn that starts soon after the channel's previous one is decoded, in its pause and
+  final decodes, as that turn's continuation: the window starts at its last words, forced as the
+  prefix (``SessionLimits.carry_gap_ms``); a turn of a second decoded alone is where tiny models
+  guess ("S not" for JFK's "ask not").
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ fuzzer (``bench --fuzz``, many thousands of sessions) need: the same input gives
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -64,13 +65,37 @@ class EnergyVad:
         return (rms > SPEECH_RMS).astype(np.float32), state
 
 
+#: Samples per level block: a little over one period of the 220 Hz tone, so each block holds a peak.
+LEVEL_BLOCK = 80
+
+
 def bursts(audio: np.ndarray) -> list[tuple[int, int]]:
-    """``(start, end)`` sample ranges of the loud runs in ``audio``."""
+    """``(start, end)`` sample ranges of the bursts in ``audio``: its loud runs, each split where
+    the tone's level changes (two words said without a pause are still two words)."""
     loud = np.abs(audio) > SPEECH_RMS
     # Close the gaps between zero crossings of the sine (a few samples) so a burst is one run.
     loud = np.convolve(loud, np.ones(64, bool), mode="same") > 0
     edges = np.flatnonzero(np.diff(np.concatenate([[0], loud.astype(np.int8), [0]])))
-    return list(zip(edges[::2], edges[1::2], strict=True))
+    return [part for lo, hi in zip(edges[::2], edges[1::2], strict=True) for part in _level_runs(audio, int(lo), int(hi))]
+
+
+def _level_runs(audio: np.ndarray, lo: int, hi: int, min_blocks: int = 3) -> list[tuple[int, int]]:
+    """``[lo, hi)`` split where the word its level encodes changes; a run of fewer than
+    ``min_blocks`` blocks (a run's ragged edge) joins the run before it."""
+    n = (hi - lo) // LEVEL_BLOCK
+    if n < 2 * min_blocks:
+        return [(lo, hi)]
+    peaks = np.abs(audio[lo : lo + n * LEVEL_BLOCK]).reshape(n, LEVEL_BLOCK).max(axis=1)
+    levels = np.round((peaks / np.sqrt(2) - 0.1) / 0.02).astype(int)
+    cuts = [0] + [i for i in range(1, n) if levels[i] != levels[i - 1]] + [n]
+    runs: list[list[int]] = []
+    for a, b in itertools.pairwise(cuts):
+        if runs and (b - a < min_blocks or runs[-1][1] - runs[-1][0] < min_blocks):
+            runs[-1][1] = b
+        else:
+            runs.append([a, b])
+    bounds = [lo + a * LEVEL_BLOCK for a, _ in runs] + [hi]
+    return list(itertools.pairwise(bounds))
 
 
 class BurstDecoder:
