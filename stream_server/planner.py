@@ -152,15 +152,30 @@ def interim_due(
 #: A turn's words must reach this close to its speech end to be carried: audio after them that
 #: no word covers (a failed final, words a guard dropped) would be heard again in the next turn.
 CARRY_END_SLACK_S = 0.5
+#: A carried decode's window starts this long before its first word.
+CARRY_LEAD_S = 0.05
+
+
+def carries(limits: SessionLimits) -> bool:
+    """Whether sessions with ``limits`` decode short turns as continuations: never whole files,
+    whose text must not depend on which final came back first."""
+    return bool(limits.carry_gap_ms) and limits.interim_decoding and not limits.final_context_lag
+
+
+def carry_audio_from(limits: SessionLimits, turn_start: int, turn_end: int) -> int | None:
+    """The first sample of a closed turn ``[turn_start, turn_end)`` that a continuation of it may
+    decode (its carried words and the lead before them), or None when nothing is ever carried."""
+    if not carries(limits):
+        return None
+    reach_s = limits.carry_audio_ms / 1000 + CARRY_END_SLACK_S + 2 * CARRY_LEAD_S
+    return max(turn_start, turn_end - int(reach_s * MODEL_RATE))
 
 
 def carry_of(limits: SessionLimits, words: Sequence[Word], turn_end: int | None) -> tuple[Word, ...]:
     """The last words of a finished turn (speech ending at ``turn_end``) that a following short
     turn may be decoded after (see ``SessionLimits.carry_gap_ms``): those starting within
     ``carry_audio_ms`` of the last one's end, at most ``prefix_words``."""
-    if not words or not limits.carry_gap_ms or not limits.interim_decoding or limits.final_context_lag:
-        return ()  # whole files: their text must not depend on which final came back first
-    if turn_end is None or words[-1].end < turn_end / MODEL_RATE - CARRY_END_SLACK_S:
+    if not words or not carries(limits) or turn_end is None or words[-1].end < turn_end / MODEL_RATE - CARRY_END_SLACK_S:
         return ()
     reach = words[-1].end - limits.carry_audio_ms / 1000
     recent = [w for w in words[-limits.prefix_words :] if w.start >= reach]
@@ -184,7 +199,7 @@ def carried(
 
 def carry_start(carry: Sequence[Word]) -> int:
     """The sample a carried decode's window starts at: just before its first word."""
-    return max(0, int((carry[0].start - 0.05) * MODEL_RATE))
+    return max(0, int((carry[0].start - CARRY_LEAD_S) * MODEL_RATE))
 
 
 def prefix_from(committed: int, keep: int) -> int:

@@ -49,7 +49,7 @@ from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
-from stream_server.planner import CARRY_END_SLACK_S, SessionLimits, carried, carry_of, carry_start, interim_due, plan_decode, token_ids
+from stream_server.planner import SessionLimits, carried, carry_audio_from, carry_of, carry_start, interim_due, plan_decode, token_ids
 from stream_server.policy import (
     MS,
     absolute,
@@ -174,10 +174,11 @@ class Channel:
         # The last finished turn's last words, which a short turn after it continues from
         # (``SessionLimits.carry_gap_ms``); their audio is kept while that can still happen.
         self.carry: tuple[Word, ...] = ()
-        # Where the last closed turn's speech ended, and audio kept from before it until its final
-        # (which sets ``carry``) is in: the final may come back after the trim that would drop it.
+        # Where the last closed turn's speech ended, and the audio of it kept for a continuation
+        # (None: this session never carries): its final, which sets ``carry``, may come back
+        # after the trim that would have dropped that audio.
         self.carry_turn_end = 0
-        self.carry_keep = 0
+        self.carry_keep: int | None = None
 
 
 class Session:
@@ -513,7 +514,7 @@ class Session:
             td = self.config.turn_detection
             padding = (td.prefix_padding_ms if td else 0) * MS
             keep_from = ch.vad_pos - padding - FRAME * 4
-        if self.limits.carry_gap_ms and ch.carry_turn_end and keep_from - ch.carry_turn_end <= self.limits.carry_gap_ms * MS:
+        if ch.carry_keep is not None and keep_from - ch.carry_turn_end <= self.limits.carry_gap_ms * MS:
             keep_from = min(keep_from, ch.carry_keep)  # a short turn may still continue from its words
         keep_from = min(keep_from, ch.vad_pos)
         ch.buffer.trim_before(keep_from)
@@ -545,7 +546,7 @@ class Session:
         utt.end_at(end)
         ch.consumed = max(ch.consumed, end)
         ch.carry_turn_end = end
-        ch.carry_keep = max(utt.start, end - int((self.limits.carry_audio_ms / 1000 + CARRY_END_SLACK_S + 0.1) * MODEL_RATE))
+        ch.carry_keep = carry_audio_from(self.limits, utt.start, end)
         return utt, self._in_order(ch, utt, p.SpeechStopped(utt.item_id, end // MS))
 
     def _end_utterance(self, ch: Channel, end: int, *, pause_end: int | None) -> list[Output]:

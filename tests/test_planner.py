@@ -7,6 +7,7 @@ from stream_server.planner import (
     InterimDue,
     SessionLimits,
     carried,
+    carry_audio_from,
     carry_of,
     carry_start,
     context_prompt,
@@ -133,3 +134,14 @@ def test_only_a_short_turns_committing_decodes_after_a_short_pause_are_carried()
     assert decide(turn_start=int((5.2 + LIMITS.carry_gap_ms / 1000 + 0.1) * RATE)) == ()  # a long pause
     assert decide(audio_from=int(carry[0].start * RATE) + 1) == ()  # its audio has left the buffer
     assert carried(LIMITS, (), utterance_start=start, end=int(7 * RATE), committing=True, audio_from=0) == ()
+
+
+def test_the_audio_kept_for_a_continuation_covers_every_word_it_can_carry() -> None:
+    turn = words(12)  # w0 at 0.5 s ... w11 ends at 5.2 s
+    for end_s in (5.2, 5.3, 5.2 + 0.5):  # the speech end: at the last word, up to the slack after it
+        keep = carry_audio_from(LIMITS, int(0.4 * RATE), int(end_s * RATE))
+        carry = carry_of(LIMITS, turn, int(end_s * RATE))
+        assert keep is not None and carry and keep <= carry_start(carry)
+    assert carry_audio_from(LIMITS, int(4.0 * RATE), int(5.3 * RATE)) == int(4.0 * RATE)  # never before the turn
+    for off in (SessionLimits(carry_gap_ms=0), SessionLimits(interim_decoding=False), SessionLimits(final_context_lag=4)):
+        assert carry_audio_from(off, 0, int(5.3 * RATE)) is None
