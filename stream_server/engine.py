@@ -38,6 +38,19 @@ log = logging.getLogger(__name__)
 FILE_CONTEXT_LAG = 4
 
 
+def session_limits(settings: Settings) -> SessionLimits:
+    """The commit policy every live session of this server runs with: the defaults measured with
+    the benchmark, with what the operator set (flags, environment)."""
+    return SessionLimits(
+        interim_step_ms=settings.interim_step_ms,
+        interim_pace=settings.interim_pace,
+        pause_decode_ms=settings.pause_decode_ms,
+        stable_silence_ms=settings.stable_silence_ms,
+        max_utterance_s=settings.max_utterance_s,
+        carry_gap_ms=settings.carry_gap_ms,
+    )
+
+
 class Engine:
     def __init__(
         self, settings: Settings, *, vad: VadModel | None = None, decoder_factory: Callable[[str], Decoder] | None = None
@@ -62,10 +75,7 @@ class Engine:
             interim_max_wait_s=settings.interim_max_wait_s,
             metrics=self.metrics,
         )
-        self.limits = SessionLimits(
-            interim_step_ms=settings.interim_step_ms, interim_pace=settings.interim_pace,
-            max_utterance_s=settings.max_utterance_s, carry_gap_ms=settings.carry_gap_ms,
-        )
+        self.limits = session_limits(settings)
         self.ready = False
         self.draining = False  # SIGTERM: no new sessions; open ones are being finalized
         self.active_sessions = 0

@@ -19,10 +19,12 @@ Commit policy, per utterance:
   server degrades to longer steps instead of a growing queue). Words that two successive
   hypotheses agree on are committed and sent as deltas; the committed tokens are forced as the
   decoder's prefix from then on, so committed text is never contradicted.
-* When the speaker pauses for ``stable_silence_ms`` (shorter than the turn's
-  ``silence_duration_ms``) a decode is started at once, and its words that end before the pause
-  are committed: a pause is evidence the words before it are complete, and waiting for a second
-  agreeing hypothesis would add a whole decode to the latency of the last word.
+* When the speaker pauses for ``pause_decode_ms`` a decode is started at once, and once the
+  pause has lasted ``stable_silence_ms`` (shorter than the turn's ``silence_duration_ms``) its
+  words that end before the pause are committed: a pause is evidence the words before it are
+  complete, and waiting for a second agreeing hypothesis would add a whole decode to the latency
+  of the last word. A result back sooner waits for that; if the speaker goes on first, it is an
+  ordinary interim. The rest of the pause is not decoded again.
 * At the end of the utterance, the rest is committed from a last decode, unless the last interim
   decode already heard the pause, in which case its hypothesis is the final one. The last decode
   runs without the forced prefix and keeps what follows the committed words it repeats; only one
@@ -96,6 +98,11 @@ class DecodeTicket:
     # repeat ``forced`` is decoded again with it.
     unforced: bool = False
     carried: int = 0  # how many of ``forced`` are the previous turn's words (a continuation)
+    # A pause decode: whether its pause has lasted ``stable_silence_ms`` (its words before the
+    # pause may be committed), and its result if that came back sooner (the ticket stays in
+    # flight until the pause has lasted, or the speaker went on first).
+    pause_stable: bool = False
+    early_result: DecodeResult | None = None
 
     @property
     def final(self) -> bool:
@@ -375,8 +382,14 @@ class Session:
         if ticket.final:
             return self._final_result(ch, ticket, result)
         if ch.inflight is ticket:
-            ch.inflight = None
             ch.round_trip = max(0, ch.vad_pos - ticket.window_end)
+            lasted = self._pause_outcome(ch, ticket)
+            if lasted is None:
+                ticket.early_result = result
+                return []
+            if not lasted:
+                ticket.pause_start = None  # the speaker went on first: no pause to commit at
+            ch.inflight = None
         out: list[Output] = []
         utt = ticket.utterance
         if utt is ch.utterance and utt.state is UtteranceState.OPEN:
@@ -495,16 +508,55 @@ class Session:
         if ch.segmenter is None:
             return []
         decision = ch.segmenter.push(prob, frame_start)
+        out = self._follow_pause(ch, ended_at=decision.sample if isinstance(decision, SpeechEnd) else None)
         if isinstance(decision, SpeechStart) and ch.utterance is None:
-            return self._open_utterance(ch, decision.sample, decision.onset)
+            return out + self._open_utterance(ch, decision.sample, decision.onset)
         if isinstance(decision, SpeechEnd) and ch.utterance is not None:
             if len(ch.finals) >= self.limits.max_pending_finals:
                 # The decoder is that far behind this channel (audio sent faster than real time,
                 # or a VAD tuned to end a turn every few frames): the turn runs on into the next
                 # speech instead of queueing another final, so pending work and the audio it holds
                 # stay bounded; nothing is dropped, the words arrive with the next turn end.
-                return []
-            return self._end_utterance(ch, decision.sample, pause_end=frame_start + FRAME)
+                return out
+            return out + self._end_utterance(ch, decision.sample, pause_end=frame_start + FRAME)
+        return out
+
+    def _pause_outcome(self, ch: Channel, ticket: DecodeTicket, *, ended_at: int | None = None) -> bool | None:
+        """Whether the pause ``ticket`` decoded lasted ``stable_silence_ms`` (or the turn ended
+        in it, at ``ended_at``): True, its words before the pause may be committed; False, the
+        speaker went on first; None, it goes on and has not lasted that long yet."""
+        if ticket.pause_start is None:
+            return False
+        seg = ch.segmenter
+        if not ticket.pause_stable:
+            if ended_at == ticket.pause_start:
+                ticket.pause_stable = True
+            elif seg is None or seg.pause_start != ticket.pause_start:
+                return False
+            elif seg.silence_samples >= self.limits.stable_silence_ms * MS:
+                ticket.pause_stable = True
+        return True if ticket.pause_stable else None
+
+    def _follow_pause(self, ch: Channel, *, ended_at: int | None = None, closing: bool = False) -> list[Output]:
+        """Each VAD frame, and as a turn ends (``ended_at``; ``closing``: whatever ended it):
+        follow the pause the decode in flight heard, and apply its result if that came back early
+        and the pause has now lasted, or the speaker went on first (then as an ordinary interim:
+        it heard no pause after all)."""
+        ticket = ch.inflight
+        if ticket is None or ticket.pause_start is None:
+            return []
+        lasted = self._pause_outcome(ch, ticket, ended_at=ended_at)
+        if lasted is None and closing:
+            lasted = False  # the turn ends before its pause lasted (a commit, the stream's end)
+        if ticket.early_result is None or lasted is None:
+            return []
+        result, ticket.early_result = ticket.early_result, None
+        ch.inflight = None
+        if not lasted:
+            ticket.pause_start = None
+        utt = ticket.utterance
+        if utt is ch.utterance and utt.state is UtteranceState.OPEN:
+            return self._interim_result(ticket, result)
         return []
 
     def _trim(self, ch: Channel) -> None:
@@ -553,10 +605,13 @@ class Session:
         """Close the open utterance at ``end``; its last words come from a final decode or the
         last interim hypothesis when that one already heard the pause."""
         assert ch.utterance is not None
+        held = self._follow_pause(ch, ended_at=end, closing=True)  # a pause decode waiting for its pause to last
         utt, out = self._close_utterance(ch, max(end, ch.utterance.start))
+        out = held + out
         turn_end = utt.end
         assert turn_end is not None
-        stable = self.limits.stable_silence_ms
+        # A window that reaches this far into the pause was decoded knowing the speaker paused.
+        stable = min(self.limits.pause_decode_ms, self.limits.stable_silence_ms)
         inflight = ch.inflight
         if pause_end is not None and inflight is not None and inflight.utterance is utt and heard_the_pause(inflight.window_end, turn_end, stable):
             # The decode already running heard the pause: its hypothesis becomes the final one.
@@ -757,6 +812,7 @@ class Session:
             ch.pause_decoded = due.pause_start
         utt.last_window_end = due.end
         ticket = self._ticket(ch, utt, utt.start, due.end, state=TicketState.INTERIM, pause_start=due.pause_start)
+        self._pause_outcome(ch, ticket)  # a pause that already lasted (pause_decode_ms >= stable_silence_ms)
         ch.inflight = ticket
         return [ticket]
 

@@ -81,6 +81,14 @@ class Settings:
         default=3.0,
         metadata={"help": "under load, an utterance's next interim decode waits at least this many round trips of its last one (0 = no pacing)"},
     )
+    pause_decode_ms: int = dataclasses.field(
+        default=100,
+        metadata={"help": "a pause this long in a turn is decoded at once (its words are committed once it lasts --stable-silence-ms)"},
+    )
+    stable_silence_ms: int = dataclasses.field(
+        default=200,
+        metadata={"help": "a pause this long in a turn makes the words before it final (decoded from --pause-decode-ms on)"},
+    )
     carry_gap_ms: int = dataclasses.field(
         default=1500,
         metadata={"help": "a short turn this soon after the last one is decoded as its continuation, after its last words (0 = never)"},

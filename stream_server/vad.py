@@ -173,6 +173,11 @@ class TurnSegmenter:
         return None
 
     @property
+    def pause_start(self) -> int | None:
+        """Where the current in-speech pause began (None outside speech or while speech goes on)."""
+        return self._last_speech_end if self.in_speech and self._silence else None
+
+    @property
     def silence_samples(self) -> int:
         """How long the current in-speech pause has lasted (0 outside speech)."""
         return self._silence * FRAME if self.in_speech else 0

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 
 import numpy as np
 import pytest
 
 from stream_server import protocol as p
-from stream_server.engine import Engine
-from stream_server.settings import Settings
+from stream_server.engine import Engine, session_limits
+from stream_server.planner import SessionLimits
+from stream_server.settings import Settings, add_arguments, from_sources
 from tests.support import load_clip, manifest, require_speech, wer
 
 
@@ -36,3 +38,17 @@ def test_a_file_of_several_utterances_gives_ordered_segments(engine: Engine) -> 
 def test_silence_transcribes_to_empty_text(engine: Engine) -> None:
     result = asyncio.run(engine.transcribe(np.zeros(16000 * 5, np.float32), p.SessionConfig()))
     assert result.text == "" and result.segments == []
+
+
+def test_the_commit_policy_settings_reach_every_session() -> None:
+    """Flags and environment variables set the live sessions' limits; the rest keep the defaults."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = from_sources(
+        parser.parse_args(["--stable-silence-ms", "120", "--carry-gap-ms", "0"]),
+        {"STREAM_SERVER_INTERIM_STEP_MS": "400", "STREAM_SERVER_PAUSE_DECODE_MS": "80"},
+    )
+    limits = session_limits(settings)
+    assert (limits.stable_silence_ms, limits.carry_gap_ms, limits.interim_step_ms, limits.pause_decode_ms) == (120, 0, 400, 80)
+    assert limits.trailing_audio_ms == SessionLimits().trailing_audio_ms
+    assert session_limits(Settings()) == SessionLimits()

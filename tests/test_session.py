@@ -510,7 +510,7 @@ def test_no_continuation_when_off_or_when_the_last_turn_lost_its_end() -> None:
 def test_a_decode_in_flight_when_the_turn_ends_is_promoted_not_resubmitted() -> None:
     """The pause decode already heard the turn's end: it becomes the final (the scheduler is told
     to serve it as one) instead of a second final decode being queued."""
-    d = Driver(latency_chunks=20)
+    d = Driver(latency_chunks=30)
     d.feed(speech([1, 2, 3]))
     # The pause decode starts, then the turn ends (silence_duration_ms) while it runs.
     for _ in range(50):
@@ -524,6 +524,85 @@ def test_a_decode_in_flight_when_the_turn_ends_is_promoted_not_resubmitted() -> 
     assert not [t for _, t in d.inflight if t.request.final], "no second final decode was queued"
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3)
+
+
+def committed_text(d: Driver) -> str:
+    return "".join(e.delta for e in d.of(p.TranscriptDelta))
+
+
+def feed_pause(d: Driver, seconds: float) -> list[tuple[float, str, int]]:
+    """Silence in 20 ms steps: (silence so far, committed text, decodes asked for so far) after each."""
+    seen = []
+    for step in range(1, round(seconds / 0.02) + 1):
+        d.feed(silence(0.02))
+        seen.append((step * 0.02, committed_text(d), len(d.decoder.calls)))
+    return seen
+
+
+def test_a_pause_is_decoded_early_and_its_words_committed_once_it_is_stable() -> None:
+    """The pause decode starts at ``pause_decode_ms``; back before ``stable_silence_ms`` (a fast
+    decoder), its result waits, then commits the last word without another decode; the turn's
+    end needs no final decode either (the window heard the pause)."""
+    d = Driver(latency_chunks=2)  # 40 ms decodes
+    limits = d.session.limits
+    d.feed(speech([1, 2, 3]))
+    seen = feed_pause(d, 0.45)
+    committed_at = next(t for t, text, _ in seen if "w3" in text)
+    # The VAD judges 32 ms frames, so the pause is seen up to two frames late.
+    assert limits.stable_silence_ms / 1000 <= committed_at <= limits.stable_silence_ms / 1000 + 0.08
+    decodes_at = {t: n for t, _, n in seen}
+    pause_decoded_by = min(t for t, n in decodes_at.items() if n == decodes_at[committed_at])
+    assert pause_decoded_by <= limits.pause_decode_ms / 1000 + 0.08, "the decode started before the commit was due"
+    assert decodes_at[0.44] == decodes_at[committed_at], "more of the same silence is not decoded again"
+    d.feed(silence(0.5))
+    assert d.of(p.SpeechStopped) and not any(r.final for call in d.decoder.calls for r in call)
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3)
+
+
+def test_a_held_pause_decode_commits_nothing_new_when_the_speaker_goes_on() -> None:
+    """A gap shorter than ``stable_silence_ms`` is a breath between phrases: the early decode's
+    hypothesis becomes an ordinary interim, whose newest word waits for what follows."""
+    d = Driver(latency_chunks=2)
+    d.feed(speech([1, 2, 3]))
+    seen = feed_pause(d, 0.16)  # decoded at ~0.1 s, back at ~0.14 s, held
+    assert not any("w3" in text for _, text, _ in seen)
+    d.feed(speech([4, 5]))
+    d.feed(silence(1.0))
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5)
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(1, 2, 3, 4, 5)]
+
+
+def test_a_pause_shorter_than_stable_commits_nothing_even_when_its_decode_returns_after_it() -> None:
+    """A slow decoder: the early decode of a 0.16 s gap comes back once the speaker went on, and
+    is an ordinary interim then (before ``pause_decode_ms`` existed, no decode heard such a gap)."""
+    d = Driver(latency_chunks=6)  # 120 ms decodes
+    d.feed(speech([1, 2, 3]))
+    d.feed(silence(0.16))
+    [early] = [t for _, t in d.inflight if t.pause_start is not None]  # the gap, decoded early
+    more = speech([4, 5])
+    d.feed(more[: 16000 // 4])  # 0.25 s of the next words: the early result is back by now
+    assert early not in [t for _, t in d.inflight], "its result came back"
+    assert early.pause_start is None and not early.pause_stable
+    assert "w3" not in committed_text(d)
+    d.feed(more[16000 // 4 :])
+    d.feed(silence(1.0))
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5)
+
+
+def test_a_turn_that_ends_while_a_pause_decode_is_held_keeps_its_words_and_the_channel_goes_on() -> None:
+    """A client's ``silence_duration_ms`` shorter than ``stable_silence_ms``: the turn ends in the
+    held pause, whose hypothesis is applied, and the next turn is decoded as usual."""
+    d = Driver(latency_chunks=2, turn_detection={"silence_duration_ms": 150})
+    d.feed(speech([1, 2, 3]))
+    d.feed(silence(0.6))
+    d.feed(speech([4, 5]))
+    d.feed(silence(0.6))
+    d.close()
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(1, 2, 3), spoken(4, 5)]
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5)
 
 
 def test_a_slow_decoder_gets_fewer_interim_requests_per_utterance() -> None:
