@@ -72,15 +72,19 @@ def test_interims_are_paced_by_the_last_round_trip_but_not_the_first_or_a_pause(
 
 def test_a_pause_gets_one_early_decode() -> None:
     """At ``pause_decode_ms`` of silence, before the step is due; then none while it lasts."""
-    assert LIMITS.pause_decode_ms == 100 < LIMITS.stable_silence_ms
-    plan = due(1000, last_ms=900, silence_ms=100)
+    assert LIMITS.pause_decode_ms == LIMITS.stable_silence_ms == 200  # by default, when it is final
+    assert due(1000, last_ms=900, silence_ms=199) is None
+    plan = due(1000, last_ms=900, silence_ms=200)
+    assert plan is not None and plan.early and plan.pause_start == 800 * MS
+    early = SessionLimits(pause_decode_ms=100)
+    plan = due(1000, last_ms=900, silence_ms=100, limits=early)
     assert plan is not None and plan.early and plan.pause_start == 900 * MS
-    assert due(1000, last_ms=900, silence_ms=99) is None  # shorter than pause_decode_ms
+    assert due(1000, last_ms=900, silence_ms=99, limits=early) is None  # shorter than pause_decode_ms
     # The same pause, already decoded: more of its silence is not decoded again, however long.
-    assert due(1020, last_ms=1000, silence_ms=120, pause_decoded=900 * MS) is None
-    assert due(1500, last_ms=1000, silence_ms=600, pause_decoded=900 * MS) is None
+    assert due(1020, last_ms=1000, silence_ms=120, pause_decoded=900 * MS, limits=early) is None
+    assert due(1500, last_ms=1000, silence_ms=600, pause_decoded=900 * MS, limits=early) is None
     # A new pause (the speaker went on in between) gets its own.
-    plan = due(2000, last_ms=1800, silence_ms=100, pause_decoded=900 * MS)
+    plan = due(2000, last_ms=1800, silence_ms=100, pause_decoded=900 * MS, limits=early)
     assert plan is not None and plan.early and plan.pause_start == 1900 * MS
     # 0 ms means the first silent frame, never "no silence at all".
     assert due(1000, last_ms=900, silence_ms=0, limits=SessionLimits(pause_decode_ms=0)) is None

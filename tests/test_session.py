@@ -510,7 +510,7 @@ def test_no_continuation_when_off_or_when_the_last_turn_lost_its_end() -> None:
 def test_a_decode_in_flight_when_the_turn_ends_is_promoted_not_resubmitted() -> None:
     """The pause decode already heard the turn's end: it becomes the final (the scheduler is told
     to serve it as one) instead of a second final decode being queued."""
-    d = Driver(latency_chunks=30)
+    d = Driver(latency_chunks=20)
     d.feed(speech([1, 2, 3]))
     # The pause decode starts, then the turn ends (silence_duration_ms) while it runs.
     for _ in range(50):
@@ -524,6 +524,17 @@ def test_a_decode_in_flight_when_the_turn_ends_is_promoted_not_resubmitted() -> 
     assert not [t for _, t in d.inflight if t.request.final], "no second final decode was queued"
     d.close()
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3)
+
+
+def early_pause_driver(latency_chunks: int, **config) -> Driver:
+    """A session that decodes a pause at 100 ms and commits at 200 ms (``--pause-decode-ms 100``)."""
+    session = Session(
+        "sess_early001",
+        config=p.SessionConfig(**{"interim_results": True, **config}),
+        vad=EnergyVad(),
+        limits=SessionLimits(max_utterance_s=6.0, pause_decode_ms=100),
+    )
+    return Driver(session=session, latency_chunks=latency_chunks)
 
 
 def committed_text(d: Driver) -> str:
@@ -543,7 +554,7 @@ def test_a_pause_is_decoded_early_and_its_words_committed_once_it_is_stable() ->
     """The pause decode starts at ``pause_decode_ms``; back before ``stable_silence_ms`` (a fast
     decoder), its result waits, then commits the last word without another decode; the turn's
     end needs no final decode either (the window heard the pause)."""
-    d = Driver(latency_chunks=2)  # 40 ms decodes
+    d = early_pause_driver(2)  # 40 ms decodes
     limits = d.session.limits
     d.feed(speech([1, 2, 3]))
     seen = feed_pause(d, 0.45)
@@ -563,7 +574,7 @@ def test_a_pause_is_decoded_early_and_its_words_committed_once_it_is_stable() ->
 def test_a_held_pause_decode_commits_nothing_new_when_the_speaker_goes_on() -> None:
     """A gap shorter than ``stable_silence_ms`` is a breath between phrases: the early decode's
     hypothesis becomes an ordinary interim, whose newest word waits for what follows."""
-    d = Driver(latency_chunks=2)
+    d = early_pause_driver(2)
     d.feed(speech([1, 2, 3]))
     seen = feed_pause(d, 0.16)  # decoded at ~0.1 s, back at ~0.14 s, held
     assert not any("w3" in text for _, text, _ in seen)
@@ -577,7 +588,7 @@ def test_a_held_pause_decode_commits_nothing_new_when_the_speaker_goes_on() -> N
 def test_a_pause_shorter_than_stable_commits_nothing_even_when_its_decode_returns_after_it() -> None:
     """A slow decoder: the early decode of a 0.16 s gap comes back once the speaker went on, and
     is an ordinary interim then (before ``pause_decode_ms`` existed, no decode heard such a gap)."""
-    d = Driver(latency_chunks=6)  # 120 ms decodes
+    d = early_pause_driver(6)  # 120 ms decodes
     d.feed(speech([1, 2, 3]))
     d.feed(silence(0.16))
     [early] = [t for _, t in d.inflight if t.pause_start is not None]  # the gap, decoded early
@@ -595,7 +606,7 @@ def test_a_pause_shorter_than_stable_commits_nothing_even_when_its_decode_return
 def test_a_turn_that_ends_while_a_pause_decode_is_held_keeps_its_words_and_the_channel_goes_on() -> None:
     """A client's ``silence_duration_ms`` shorter than ``stable_silence_ms``: the turn ends in the
     held pause, whose hypothesis is applied, and the next turn is decoded as usual."""
-    d = Driver(latency_chunks=2, turn_detection={"silence_duration_ms": 150})
+    d = early_pause_driver(2, turn_detection={"silence_duration_ms": 150})
     d.feed(speech([1, 2, 3]))
     d.feed(silence(0.6))
     d.feed(speech([4, 5]))
