@@ -89,6 +89,12 @@ class SessionLimits:
     carry_window_ms: int = 2000
     carry_audio_ms: int = 1500
 
+    @property
+    def pause_heard_ms(self) -> int:
+        """How far into a pause a pause decode's window reaches: it starts there (never later
+        than the commit needs), and a window that reaches it was decoded knowing the speaker paused."""
+        return min(self.pause_decode_ms, self.stable_silence_ms)
+
 
 @dataclasses.dataclass(frozen=True)
 class InterimDue:
@@ -143,7 +149,7 @@ def interim_due(
     if now - utterance_start < limits.min_decode_ms * MS:
         return None
     pause_start = None
-    if silence_samples and silence_samples >= min(limits.pause_decode_ms, limits.stable_silence_ms) * MS:
+    if silence_samples and silence_samples >= limits.pause_heard_ms * MS:
         pause_start = now - silence_samples
     # A pause is decoded at once, and once: its words can be committed without waiting for a
     # second agreeing hypothesis, and more of the same silence has nothing more to say.

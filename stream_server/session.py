@@ -99,10 +99,11 @@ class DecodeTicket:
     unforced: bool = False
     carried: int = 0  # how many of ``forced`` are the previous turn's words (a continuation)
     # A pause decode: whether its pause has lasted ``stable_silence_ms`` (its words before the
-    # pause may be committed), and its result if that came back sooner (the ticket stays in
-    # flight until the pause has lasted, or the speaker went on first).
+    # pause may be committed). An interim's result until it is applied: one that decoded a pause
+    # and came back sooner is held here, the ticket staying in flight, until the pause has
+    # lasted or the speaker went on first.
     pause_stable: bool = False
-    early_result: DecodeResult | None = None
+    pending_result: DecodeResult | None = None
 
     @property
     def final(self) -> bool:
@@ -381,21 +382,20 @@ class Session:
         ch = self._channels[ticket.channel]
         if ticket.final:
             return self._final_result(ch, ticket, result)
-        if ch.inflight is ticket:
-            ch.round_trip = max(0, ch.vad_pos - ticket.window_end)
-            lasted = self._pause_outcome(ch, ticket)
-            if lasted is None:
-                ticket.early_result = result
-                return []
-            if not lasted:
-                ticket.pause_start = None  # the speaker went on first: no pause to commit at
-            ch.inflight = None
-        out: list[Output] = []
+        if ch.inflight is not ticket:
+            return self._apply_interim(ch, ticket, result) + self._schedule(ch)
+        ch.round_trip = max(0, ch.vad_pos - ticket.window_end)
+        ticket.pending_result = result
+        # Applied now, unless it decoded a pause that goes on and has not lasted yet.
+        return self._follow_pause(ch) + self._schedule(ch)
+
+    def _apply_interim(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult) -> list[Output]:
+        """An interim result, for the utterance it decoded if that is still the open one."""
         utt = ticket.utterance
         if utt is ch.utterance and utt.state is UtteranceState.OPEN:
             self._previous_model = self.config.model
-            out += self._interim_result(ticket, result)
-        return out + self._schedule(ch)
+            return self._interim_result(ticket, result)
+        return []
 
     def _receive_decode_failure(self, ticket: DecodeTicket, failure: DecodeFailure) -> list[Output]:
         """A decode that was shed under load, could not load its model, or raised."""
@@ -524,7 +524,8 @@ class Session:
     def _pause_outcome(self, ch: Channel, ticket: DecodeTicket, *, ended_at: int | None = None) -> bool | None:
         """Whether the pause ``ticket`` decoded lasted ``stable_silence_ms`` (or the turn ended
         in it, at ``ended_at``): True, its words before the pause may be committed; False, the
-        speaker went on first; None, it goes on and has not lasted that long yet."""
+        speaker went on first; None, it goes on and has not lasted that long yet. A pause that has
+        lasted is recorded on the ticket: it may end before the result comes back."""
         if ticket.pause_start is None:
             return False
         seg = ch.segmenter
@@ -543,21 +544,18 @@ class Session:
         and the pause has now lasted, or the speaker went on first (then as an ordinary interim:
         it heard no pause after all)."""
         ticket = ch.inflight
-        if ticket is None or ticket.pause_start is None:
+        if ticket is None or (ticket.pause_start is None and ticket.pending_result is None):
             return []
         lasted = self._pause_outcome(ch, ticket, ended_at=ended_at)
         if lasted is None and closing:
             lasted = False  # the turn ends before its pause lasted (a commit, the stream's end)
-        if ticket.early_result is None or lasted is None:
+        if ticket.pending_result is None or lasted is None:
             return []
-        result, ticket.early_result = ticket.early_result, None
+        result, ticket.pending_result = ticket.pending_result, None
         ch.inflight = None
         if not lasted:
-            ticket.pause_start = None
-        utt = ticket.utterance
-        if utt is ch.utterance and utt.state is UtteranceState.OPEN:
-            return self._interim_result(ticket, result)
-        return []
+            ticket.pause_start = None  # the speaker went on first: no pause to commit at
+        return self._apply_interim(ch, ticket, result)
 
     def _trim(self, ch: Channel) -> None:
         if ch.utterance is not None:
@@ -610,8 +608,7 @@ class Session:
         out = held + out
         turn_end = utt.end
         assert turn_end is not None
-        # A window that reaches this far into the pause was decoded knowing the speaker paused.
-        stable = min(self.limits.pause_decode_ms, self.limits.stable_silence_ms)
+        stable = self.limits.pause_heard_ms
         inflight = ch.inflight
         if pause_end is not None and inflight is not None and inflight.utterance is utt and heard_the_pause(inflight.window_end, turn_end, stable):
             # The decode already running heard the pause: its hypothesis becomes the final one.
