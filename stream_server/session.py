@@ -142,6 +142,10 @@ class Utterance:
     language: str | None = None  # settled detected language, forced on its later decodes
     detected: str | None = None  # the language of its latest decode: what its segment reports
     interim_sent: str = ""
+    # A decode of it as the last turn's continuation gave it no words while its own decodes heard
+    # some (tiny.en, forced to go on from "... fell in americans", said nothing for "ask not"):
+    # its later decodes are its own.
+    carry_refused: bool = False
 
     def end_at(self, sample: int) -> None:
         """The turn ended at ``sample``: the audio is fixed, the last words are on their way."""
@@ -775,7 +779,7 @@ class Session:
         A decode that can commit a short turn's words continues from the previous turn's."""
         committing = state is TicketState.FINAL or pause_start is not None
         carry = carried(self.limits, ch.carry, utterance_start=utt.start, end=end, committing=committing,
-                        audio_from=ch.buffer.start) if start == utt.start < end else ()
+                        audio_from=ch.buffer.start) if start == utt.start < end and not utt.carry_refused else ()
         if carry:
             start = max(carry_start(carry), ch.buffer.start)
         plan = plan_decode(self.limits, committed=[*carry, *utt.committed], utterance_start=start, start=start, end=end,
@@ -822,6 +826,9 @@ class Session:
         words = self._words_of(ticket, result)
         if ticket.committed != len(utt.committed):
             return []  # decoded against an older prefix; its words no longer line up
+        if self._continuation_failed(ticket, words):
+            utt.carry_refused = True
+            return []  # the turn's end decodes it on its own
         limits = self.limits
         n = interim_commit_count(utt.tail, words, utterance_start=utt.start, window_end=ticket.window_end, pause_start=ticket.pause_start,
                                  right_context_ms=limits.right_context_ms, min_commit_window_ms=limits.min_commit_window_ms)
@@ -843,6 +850,10 @@ class Session:
     def _final_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult | None) -> list[Output]:
         if result is not None and len(ticket.request.audio):
             words = self._words_of(ticket, result)
+            if self._continuation_failed(ticket, words):
+                retry = self._without_carry(ch, ticket)
+                ch.finals[ch.finals.index(ticket)] = retry
+                return [retry]
             if ticket.unforced:
                 rest = after_agreeing_prefix(ticket.forced, words)
                 if rest is None:  # it contradicts committed text: decode again, forced
@@ -858,6 +869,23 @@ class Session:
         else:
             ticket.resolve()
         return self._apply_resolved_finals(ch) + self._schedule(ch)
+
+    @staticmethod
+    def _continuation_failed(ticket: DecodeTicket, words: list[Word]) -> bool:
+        """A continuation decode that gave its turn no words where the turn's own decodes heard some."""
+        utt = ticket.utterance
+        return bool(ticket.carried) and not words and bool(utt.tail or utt.committed)
+
+    def _without_carry(self, ch: Channel, ticket: DecodeTicket) -> DecodeTicket:
+        """``ticket``'s decode of its turn alone, from the audio it holds (the buffer may have
+        been trimmed past the turn since)."""
+        utt = ticket.utterance
+        utt.carry_refused = True
+        plan = plan_decode(self.limits, committed=utt.committed, utterance_start=utt.start, start=utt.start, end=ticket.window_end,
+                           client_prompt=self.config.prompt, transcript=ch.transcript.text)
+        audio = ticket.request.audio[plan.start - ticket.window_start :]
+        request = dataclasses.replace(ticket.request, audio=audio, prefix=plan.prefix, prompt=plan.prompt)
+        return dataclasses.replace(ticket, request=request, window_start=plan.start, forced=plan.kept, carried=0)
 
     @staticmethod
     def _words_of(ticket: DecodeTicket, result: DecodeResult) -> list[Word]:

@@ -81,23 +81,46 @@ def test_bench_replay_command_writes_its_report(tmp_path: Path) -> None:
     assert " decode " in trace and "transcript.segment" in trace
 
 
+def jfk_stream(lead: int) -> Stream:
+    """JFK's "And so my fellow Americans ..." after ``lead`` samples of benchmark-level noise."""
+    audio, rate = read_wav(CORPUS / "audio" / "whisper_jfk.wav")
+    rng = np.random.default_rng(0)
+    noise = (rng.uniform(-1, 1, 16000) * 0.0005).astype(np.float32)  # about -66 dBFS, as the benchmark
+    samples = np.concatenate([noise[:lead], resample(audio, rate), noise, noise])
+    return Stream(0, 16000, (np.clip(samples, -1, 1) * 32767).astype(np.int16))
+
+
+def jfk_segments(stream: Stream, decoder: WhisperDecoder, vad: SileroVad, limits: SessionLimits) -> list[str]:
+    config = p.SessionConfig(sample_rate=16000, language="en", interim_results=True)
+    session = Session("sess_jfk", config=config, vad=vad, limits=limits)
+    events = replay_stream(stream, session, decoder, lag_ms=200).events
+    return [normalize_text(e["text"]) for _, e in events if e["type"] == "transcript.segment"]
+
+
+@needs_corpus
+@pytest.mark.timeout(300)
+def test_a_continuation_that_says_nothing_of_its_turn_does_not_lose_it() -> None:
+    """With this lead the first turn decodes as "and so am i fell in americans" (lower case, no
+    stop); forced to go on from those words, tiny.en said nothing over "ask not" in both of the
+    turn's committing decodes, and the turn came out empty. It is then decoded alone."""
+    decoder, vad = WhisperDecoder(str(tiny_en_path()), compute_type="int8", cpu_threads=1), SileroVad()
+    segments = jfk_segments(jfk_stream(lead=2993), decoder, vad, SessionLimits())
+    # Alone it reads "s not" here ("S not", "AS NOT", "S-0" by where the window ends: above);
+    # what is checked is that the turn is not lost. (Another CPU's int8 kernels may not fall
+    # into the lower-case reading at all; then this passes without the fallback.)
+    assert len(segments) == 4 and all(segments), segments
+
+
 @needs_corpus
 @pytest.mark.timeout(300)
 def test_a_short_turn_between_pauses_is_decoded_as_the_continuation_of_the_last() -> None:
     """JFK pauses ~1 s around "ask not": alone, that 1.3 s turn decoded "S not", "AS NOT" or
     "S-0" by where the window ended; decoded after "... my fellow Americans" it reads right."""
-    audio, rate = read_wav(CORPUS / "audio" / "whisper_jfk.wav")
-    rng = np.random.default_rng(0)
-    noise = (rng.uniform(-1, 1, 16000) * 0.0005).astype(np.float32)  # about -66 dBFS, as the benchmark
-    samples = np.concatenate([noise[:8000], resample(audio, rate), noise, noise])
-    stream = Stream(0, 16000, (np.clip(samples, -1, 1) * 32767).astype(np.int16))
     decoder, vad = WhisperDecoder(str(tiny_en_path()), compute_type="int8", cpu_threads=1), SileroVad()
+    stream = jfk_stream(lead=8000)
 
     def segments(limits: SessionLimits) -> list[str]:
-        config = p.SessionConfig(sample_rate=16000, language="en", interim_results=True)
-        session = Session("sess_jfk", config=config, vad=vad, limits=limits)
-        events = replay_stream(stream, session, decoder, lag_ms=200).events
-        return [normalize_text(e["text"]) for _, e in events if e["type"] == "transcript.segment"]
+        return jfk_segments(stream, decoder, vad, limits)
 
     carried, alone = segments(SessionLimits()), segments(SessionLimits(carry_gap_ms=0))
     assert len(carried) == len(alone) >= 3, (carried, alone)  # the pauses still end turns

@@ -476,6 +476,45 @@ def test_a_short_turn_after_a_short_pause_continues_from_the_last_turns_words() 
     assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(*range(1, 9)), spoken(9)]
 
 
+class SilentAfterCarryDecoder(BurstDecoder):
+    """Says nothing for the word ``w9`` after a forced prefix of earlier words, as tiny.en did
+    forced to go on from "... fell in americans" over JFK's "ask not"."""
+
+    def decode_one(self, request: DecodeRequest) -> DecodeResult:
+        result = super().decode_one(request)
+        if request.prefix and any(w.text.startswith(" w9") for w in result.words):
+            return dataclasses.replace(result, words=())
+        return result
+
+
+def test_a_continuation_that_hears_nothing_of_the_turn_is_decoded_again_on_its_own() -> None:
+    """The turn's own interims heard a word; a continuation decode that gives it none is not its
+    last word (the turn came out empty): the turn's end is decoded without the carried words."""
+    d = Driver()
+    d.decoder = SilentAfterCarryDecoder()
+    d.feed(np.concatenate([speech(list(range(1, 9))), silence(1.0)]))
+    calls_before = len(d.decoder.calls)
+    d.feed(np.concatenate([speech([9]), silence(1.0)]))
+    d.close()
+    second = second_turn_requests(d, calls_before)
+    assert any(r.prefix for r in second), "it was tried as a continuation"
+    assert second[-1].final and not second[-1].prefix, "then decoded alone"
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(*range(1, 9)), spoken(9)]
+    assert d.of(p.TranscriptDone)[0].text.split() == spoken(*range(1, 10)).split()
+    # A commit ends the short turn before its pause is decoded: its final is the continuation,
+    # and is decoded again alone.
+    d = Driver()
+    d.decoder = SilentAfterCarryDecoder()
+    d.feed(np.concatenate([speech(list(range(1, 9))), silence(1.0)]))
+    calls_before = len(d.decoder.calls)
+    d.feed(np.concatenate([speech([9]), silence(0.1)]))
+    d.send({"type": "input_audio_buffer.commit"})
+    d.feed(silence(1.0))
+    finals = [r for r in second_turn_requests(d, calls_before) if r.final]
+    assert [bool(r.prefix) for r in finals] == [True, False]
+    assert [s.text for s in d.of(p.TranscriptSegment)][:2] == [spoken(*range(1, 9)), spoken(9)]
+
+
 def test_no_continuation_after_a_long_pause_or_for_a_long_turn() -> None:
     d = Driver()
     d.feed(np.concatenate([speech(list(range(1, 9))), silence(2.5)]))  # > carry_gap_ms + padding
