@@ -51,6 +51,11 @@ class ServerMetrics:
         )
         self.dropped_interim = Counter("stream_dropped_interim_decodes_total", "Interim decodes shed under load", registry=r)
         self.audio_seconds = Counter("stream_audio_seconds_total", "Audio seconds received", registry=r)
+        self.read_paused_seconds = Counter(
+            "stream_read_paused_seconds_total",
+            "Seconds sessions' next client message was left unread while their decoder caught up (flow control)",
+            registry=r,
+        )
         self.decode_errors = Counter("stream_decode_errors_total", "Decodes that raised", registry=r)
         self.stages = StageProfile()
         r.register(_StageCollector(self.stages))

@@ -14,6 +14,7 @@ or a typed :class:`~stream_server.decoding.DecodeFailure` back, then drains agai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -44,6 +45,8 @@ class SessionRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped_at: dict[str, float] = {}
         self.closed = asyncio.Event()  # set once the session asked to close (after its last event)
+        self._caught_up = asyncio.Event()  # set while the session is not backlogged (flow control)
+        self._caught_up.set()
 
     # ---------------------------------------------------------------- inputs
 
@@ -73,9 +76,22 @@ class SessionRunner:
             return False
         return True
 
+    async def wait_caught_up(self, timeout: float) -> float:
+        """Wait until the session is no longer backlogged (or is closing), at most ``timeout``
+        seconds; returns the seconds waited. A shell calls this before reading the client's next
+        message, so a client that sends faster than the decoder finalizes is slowed by its own
+        transport (TCP) instead of the session merging its turns."""
+        if self._caught_up.is_set():
+            return 0.0
+        started = time.monotonic()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._caught_up.wait(), timeout)
+        return time.monotonic() - started
+
     def cancel(self) -> None:
         """The client is gone: forget queued decodes and stop waiting for running ones."""
         self._scheduler.cancel(list(self.session.pending_tickets()))
+        self._caught_up.set()
         for task in list(self._tasks):
             task.cancel()
         if self._metrics is not None:
@@ -96,6 +112,10 @@ class SessionRunner:
         for event in session.events_to_send():
             self._observe(event)
             self._emit(event)
+        if session.backlogged and not session.closing:
+            self._caught_up.clear()
+        else:
+            self._caught_up.set()
         close = session.close_expected()
         if close is not None:
             self._on_close(close)

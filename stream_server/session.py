@@ -241,6 +241,14 @@ class Session:
         """``transcript.text.done`` and the close request have been produced."""
         return self._state is SessionState.CLOSED
 
+    @property
+    def backlogged(self) -> bool:
+        """Some channel has ``max_pending_finals`` turns waiting for their finals. A shell that can
+        stop reading should, until this clears: audio sent faster than real time then keeps its
+        turns as the VAD ends them, where reading on would make further turns run on into one
+        another (``_on_frame`` defers their ends so pending work stays bounded)."""
+        return any(len(ch.finals) >= self.limits.max_pending_finals for ch in self._channels)
+
     # ---------------------------------------------------------------- outputs
 
     def events_to_send(self) -> list[p.ServerEvent]:

@@ -54,6 +54,11 @@ FLUSH_TIMEOUT_S = 120.0
 # sent before SIGTERM may still sit unread in the socket (a busy server's reader runs behind), and
 # closing at once lost 1.4-1.9 s of every session's speech with 8 sessions on a loaded machine.
 DRAIN_READ_S = 2.0
+# The longest a backlogged session's next message stays unread (flow control). One final back
+# clears a backlog, so a client sending a file at full speed waits a fraction of this; the bound
+# matters on an overloaded server, where a real-time client's pings (AudioHook answers them
+# within 5 s) must still be read.
+CATCH_UP_WAIT_S = 2.0
 
 DialectFactory = Callable[[Handshake], Dialect]
 
@@ -394,6 +399,7 @@ class Connection:
         idle = self._idle_timeout()
         limit = self.settings.max_message_bytes
         while not runner.session.closing and not self._closed.is_set():
+            await self._let_the_decoder_catch_up(runner)
             try:
                 message = await asyncio.wait_for(self.ws.receive(), timeout=idle)
             except asyncio.TimeoutError:
@@ -415,6 +421,16 @@ class Connection:
                 self._queue([*self.dialect.error(error), Close(1009, "message too large")])
                 return
             self._queue(await self._identify_late_key(self._translate(data, text)))
+
+    async def _let_the_decoder_catch_up(self, runner: SessionRunner) -> None:
+        """Flow control: while the session is ``backlogged`` (a client sending audio faster than
+        the decoder finalizes it: a file at full speed), its next message is not read, so the
+        client's sends wait in the transport and its turns keep the ends the VAD gives them. The
+        wait is bounded per message (``CATCH_UP_WAIT_S``): a real-time client on an overloaded
+        server still gets its pings and controls answered, one message at a time."""
+        waited = await runner.wait_caught_up(CATCH_UP_WAIT_S)
+        if waited:
+            self.engine.metrics.read_paused_seconds.inc(waited)
 
     def _within_rate(self) -> bool:
         """A token bucket: ``max_messages_per_s`` sustained, bursts of twice that. Real clients

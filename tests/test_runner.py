@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 
 import numpy as np
 
@@ -82,4 +84,74 @@ async def test_cancel_forgets_queued_decodes() -> None:
         assert not runner.closed.is_set()
         assert events[0].type == "session.created"
     finally:
+        scheduler.stop()
+
+
+class SlowDecoder(BurstDecoder):
+    """Takes 20 ms of a worker thread per batch: a decoder the client can outrun."""
+
+    def decode_batch(self, requests):  # type: ignore[no-untyped-def]
+        time.sleep(0.02)
+        return super().decode_batch(requests)
+
+
+async def send_as_fast_as_possible(*, flow_control: bool) -> tuple[list[p.ServerEvent], float]:
+    """Twelve turns fed with no pause between chunks, as a shell reads a file sent at full speed;
+    with ``flow_control`` each chunk is read only once ``wait_caught_up`` lets it through."""
+    decoder = SlowDecoder()
+    scheduler = DecodeScheduler(lambda name: decoder)
+    events: list[p.ServerEvent] = []
+    runner = SessionRunner(make_session(), scheduler, emit=events.append)
+    audio = to_pcm16(np.concatenate([np.concatenate([speech([k]), silence(0.8)]) for k in range(1, 13)]))
+    waited = 0.0
+    try:
+        runner.start()
+        for i in range(0, len(audio), 3200):
+            if flow_control:
+                waited += await runner.wait_caught_up(2.0)
+            runner.feed_audio(audio[i : i + 3200])
+        runner.close()
+        assert await runner.wait_closed(timeout=10)
+    finally:
+        runner.cancel()
+        scheduler.stop()
+    return events, waited
+
+
+async def test_a_client_that_outruns_the_decoder_is_read_only_as_fast_as_turns_are_finalized() -> None:
+    events, waited = await send_as_fast_as_possible(flow_control=True)
+    segments = [e for e in events if isinstance(e, p.TranscriptSegment)]
+    assert [s.text for s in segments] == [spoken(k) for k in range(1, 13)]  # every turn its own
+    assert waited > 0
+    # Read on regardless, the turns past the pending bound run into one another (no words lost).
+    events, waited = await send_as_fast_as_possible(flow_control=False)
+    segments = [e for e in events if isinstance(e, p.TranscriptSegment)]
+    assert len(segments) < 12 and waited == 0
+    assert " ".join(s.text for s in segments) == spoken(*range(1, 13))
+
+
+async def test_the_wait_for_the_decoder_is_bounded() -> None:
+    """A decoder that does not answer holds a backlogged session's next message at most ``timeout``."""
+    release = threading.Event()
+
+    class StuckDecoder(BurstDecoder):
+        def decode_batch(self, requests):  # type: ignore[no-untyped-def]
+            release.wait(10)
+            return super().decode_batch(requests)
+
+    scheduler = DecodeScheduler(lambda name: StuckDecoder())
+    session = Session("sess_runner", config=p.SessionConfig(interim_results=False), vad=EnergyVad(),
+                      limits=SessionLimits(max_pending_finals=1))
+    runner = SessionRunner(session, scheduler, emit=lambda event: None)
+    try:
+        runner.start()
+        runner.feed_audio(to_pcm16(np.concatenate([speech([1]), silence(0.8)])))
+        assert session.backlogged
+        assert 0.1 <= await runner.wait_caught_up(0.1) < 1.0
+        release.set()
+        assert await runner.wait_caught_up(5.0) < 1.0  # the final came back: reading goes on
+        assert not session.backlogged
+    finally:
+        release.set()
+        runner.cancel()
         scheduler.stop()

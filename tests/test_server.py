@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,6 +186,35 @@ def test_long_stream_of_many_utterances_matches_offline_accuracy(server: ServerP
     clips = random.Random(3).sample(rows, 12)
     audio, spans = build_long_stream(clips)
     run = asyncio.run(stream(server.ws_url, audio, session={"interim_results": True}))
+    check_matches_offline(run, clips, spans)
+
+
+def test_a_long_stream_sent_at_full_speed_keeps_its_turns(server: ServerProcess) -> None:
+    """A recording sent as fast as the connection allows (``mic-client --file --speed 0``) is read
+    as its turns, not as 15 s blocks: the server stops reading while the decoder is
+    ``max_pending_finals`` turns behind. Reading on, turns 9-20 here ran into one another (a
+    240 s file read 8.0% where its turns read 4.7%)."""
+    require_speech()
+    rows = [r for r in english_references() if r["kind"] == "read" and 2.0 < r["duration_s"] < 12.0]
+    clips = random.Random(4).sample(rows, 20)
+    audio, spans = build_long_stream(clips)
+    run = asyncio.run(stream(server.ws_url, audio, speed=0))
+    check_matches_offline(run, clips, spans)
+    for segment in run.of("transcript.segment"):
+        heard = [(start, end) for start, end in spans if segment["start"] < end and segment["end"] > start]
+        assert len(heard) <= 1, f"one segment holds the turns at {heard}: {segment['text']!r}"
+    paused = re.search(r"^stream_read_paused_seconds_total (\S+)$", metrics_text(server), re.M)
+    assert paused and float(paused.group(1)) > 0, "the reader waited for the decoder"
+
+
+def metrics_text(server: ServerProcess) -> str:
+    import urllib.request
+
+    return urllib.request.urlopen(server.http_url + "/metrics", timeout=10).read().decode()
+
+
+def check_matches_offline(run: Run, clips: list[dict], spans: list[tuple[float, float]]) -> None:
+    """Every clip of a long stream got text, in a well-formed session, at offline accuracy."""
     check_grammar(run)
     check_fields(run)
     text = check_text_and_logprobs(run)
@@ -192,7 +222,7 @@ def test_long_stream_of_many_utterances_matches_offline_accuracy(server: ServerP
     streaming = wer(references, [text])
     offline = wer(references, offline_texts([r["id"] for r in clips]))
     words = len(normalize(" ".join(references)).split())
-    print(f"streaming WER {streaming:.3f} offline WER {offline:.3f} over {len(audio) / 16000:.0f} s, {words} words")
+    print(f"streaming WER {streaming:.3f} offline WER {offline:.3f} over {spans[-1][1]:.0f} s, {words} words")
     segments = run.of("transcript.segment")
     for start, end in spans:
         assert any(s["start"] < end and s["end"] > start and s["text"].strip() for s in segments), (
@@ -320,9 +350,7 @@ def test_session_limit_and_idle_timeout(tmp_path: Path) -> None:
 
 
 def test_metrics_expose_the_serving_figures(server: ServerProcess) -> None:
-    import urllib.request
-
-    body = urllib.request.urlopen(server.http_url + "/metrics", timeout=10).read().decode()
+    body = metrics_text(server)
     for name in (
         "stream_active_sessions",
         "stream_finalization_latency_seconds_bucket",
@@ -331,6 +359,7 @@ def test_metrics_expose_the_serving_figures(server: ServerProcess) -> None:
         "stream_decode_batch_size_bucket",
         "stream_decode_realtime_factor_bucket",
         "stream_dropped_interim_decodes_total",
+        "stream_read_paused_seconds_total",
     ):
         assert name in body, name
 

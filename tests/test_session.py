@@ -872,10 +872,12 @@ def test_turn_ends_beyond_the_pending_bound_are_deferred_and_lose_no_words() -> 
         d.feed(np.concatenate([speech([k]), silence(0.8)]))  # 12 turns, each ended by the VAD
         most = max(most, len([t for _, t in d.inflight if t.request.final]))
     assert most == SessionLimits().max_pending_finals  # reached, never passed
+    assert d.session.backlogged  # what a shell that can stop reading waits on (``ws.py``)
     d.latency = 1
     for _ in range(3):
         d.tick()
     d.close()
+    assert not d.session.backlogged  # every final came back
     assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 13))
     assert len(d.of(p.TranscriptSegment)) < 12  # the later turns ran on into one another
 
