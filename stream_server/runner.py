@@ -24,6 +24,10 @@ from stream_server.metrics import ServerMetrics
 from stream_server.scheduler import DecodeScheduler, failure_of
 from stream_server.session import CloseConnection, DecodeTicket, Session
 
+#: Audio this far ahead of the wall clock still counts as sent in real time (frames are sent in
+#: bursts; a client catching up after a network stall is never ahead of the clock).
+REAL_TIME_SLACK_S = 2.0
+
 
 class SessionRunner:
     """Moves one session's decodes to the scheduler and its events to ``emit``."""
@@ -76,12 +80,19 @@ class SessionRunner:
             return False
         return True
 
-    async def wait_caught_up(self, timeout: float) -> float:
+    async def wait_caught_up(self, timeout: float, *, elapsed_s: float | None = None) -> float:
         """Wait until the session is no longer backlogged (or is closing), at most ``timeout``
         seconds; returns the seconds waited. A shell calls this before reading the client's next
         message, so a client that sends faster than the decoder finalizes is slowed by its own
-        transport (TCP) instead of the session merging its turns."""
+        transport (TCP) instead of the session merging its turns.
+
+        With ``elapsed_s`` (wall seconds since the session started) only a client ahead of real
+        time waits: one that sends live audio (a microphone, a telephony platform) cannot send
+        less, and left unread on an overloaded server its pings would go unanswered (AudioHook
+        drops a call after 5 s); it keeps the deferred turn ends instead (``Session.backlogged``)."""
         if self._caught_up.is_set():
+            return 0.0
+        if elapsed_s is not None and self.session.audio_seconds <= elapsed_s + REAL_TIME_SLACK_S:
             return 0.0
         started = time.monotonic()
         with contextlib.suppress(asyncio.TimeoutError):

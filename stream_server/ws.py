@@ -54,10 +54,10 @@ FLUSH_TIMEOUT_S = 120.0
 # sent before SIGTERM may still sit unread in the socket (a busy server's reader runs behind), and
 # closing at once lost 1.4-1.9 s of every session's speech with 8 sessions on a loaded machine.
 DRAIN_READ_S = 2.0
-# The longest a backlogged session's next message stays unread (flow control). One final back
-# clears a backlog, so a client sending a file at full speed waits a fraction of this; the bound
-# matters on an overloaded server, where a real-time client's pings (AudioHook answers them
-# within 5 s) must still be read.
+# The longest a backlogged session's next message stays unread (flow control, only for a client
+# ahead of real time). One final back clears a backlog, so a client sending a file at full speed
+# waits a fraction of this; the bound keeps its controls (close, a commit) readable on an
+# overloaded server.
 CATCH_UP_WAIT_S = 2.0
 
 DialectFactory = Callable[[Handshake], Dialect]
@@ -184,6 +184,7 @@ class Connection:
         self._tokens_at = time.monotonic()
         self.runner: SessionRunner | None = None
         self._alias: str | None = None  # the dialect's session_alias, once registered with the hub
+        self._started = time.monotonic()  # the wall clock a client's audio is measured against (flow control)
 
     # ---------------------------------------------------------------- outputs
 
@@ -423,12 +424,12 @@ class Connection:
             self._queue(await self._identify_late_key(self._translate(data, text)))
 
     async def _let_the_decoder_catch_up(self, runner: SessionRunner) -> None:
-        """Flow control: while the session is ``backlogged`` (a client sending audio faster than
-        the decoder finalizes it: a file at full speed), its next message is not read, so the
-        client's sends wait in the transport and its turns keep the ends the VAD gives them. The
-        wait is bounded per message (``CATCH_UP_WAIT_S``): a real-time client on an overloaded
-        server still gets its pings and controls answered, one message at a time."""
-        waited = await runner.wait_caught_up(CATCH_UP_WAIT_S)
+        """Flow control: while the session is ``backlogged`` and its client is ahead of real time
+        (a file sent at full speed), its next message is not read, so the client's sends wait in
+        the transport and its turns keep the ends the VAD gives them. A client that sends live
+        audio is always read (``SessionRunner.wait_caught_up``), and the wait is bounded per
+        message (``CATCH_UP_WAIT_S``), so controls still get through."""
+        waited = await runner.wait_caught_up(CATCH_UP_WAIT_S, elapsed_s=time.monotonic() - self._started)
         if waited:
             self.engine.metrics.read_paused_seconds.inc(waited)
 

@@ -148,6 +148,10 @@ async def test_the_wait_for_the_decoder_is_bounded() -> None:
         runner.feed_audio(to_pcm16(np.concatenate([speech([1]), silence(0.8)])))
         assert session.backlogged
         assert 0.1 <= await runner.wait_caught_up(0.1) < 1.0
+        # A client that has sent no more audio than the time it has been connected is live: its
+        # next message is read at once, however far behind the decoder is.
+        assert await runner.wait_caught_up(5.0, elapsed_s=session.audio_seconds) == 0.0
+        assert 0.1 <= await runner.wait_caught_up(0.1, elapsed_s=session.audio_seconds - 2.5) < 1.0
         release.set()
         assert await runner.wait_caught_up(5.0) < 1.0  # the final came back: reading goes on
         assert not session.backlogged
