@@ -134,6 +134,7 @@ def interim_due(
     silence_samples: int | None,
     pause_decoded: int | None,
     round_trip: int = 0,
+    last_round_trip: int = 0,
 ) -> InterimDue | None:
     """Whether the open utterance gets an interim decode now (the caller checks that none is in
     flight: one per channel, so a loaded server degrades to longer steps instead of a growing
@@ -142,7 +143,9 @@ def interim_due(
     ``now`` is the end of the audio the VAD has already judged; ``silence_samples`` the silence
     the turn segmenter has seen since the last speech (None without turn detection);
     ``pause_decoded`` the pause start that already got its early decode; ``round_trip`` the audio
-    judged while the channel's last interim decode was out (see ``SessionLimits.interim_pace``).
+    judged while the channel's last interim decode was out (see ``SessionLimits.interim_pace``);
+    ``last_round_trip`` the same, whether or not the turn shows text yet (``round_trip`` is 0
+    then), to foresee when a decode started now comes back.
     """
     if not limits.interim_decoding:
         return None
@@ -160,6 +163,12 @@ def interim_due(
     if last_window_end > utterance_start:  # not the turn's first interim: pace it to the load
         step = max(step, int(limits.interim_pace * round_trip))
     if not early and now - last_window_end < step:
+        return None
+    if not early and silence_samples and silence_samples + last_round_trip >= limits.pause_heard_ms * MS:
+        # The speaker has paused, and a decode started now would still be out when the pause
+        # decode falls due (one decode per channel): it would hold up the turn's last words by
+        # up to a round trip, to hear the same words again. The pause decode comes instead, or
+        # the next interim once the speaker goes on.
         return None
     return InterimDue(now, pause_start, early)
 

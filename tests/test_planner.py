@@ -32,6 +32,7 @@ def due(
     silence_ms: int | None = None,
     pause_decoded: int | None = None,
     round_trip_ms: int = 0,
+    last_round_trip_ms: int = 0,
     limits: SessionLimits = LIMITS,
 ) -> InterimDue | None:
     return interim_due(
@@ -42,6 +43,7 @@ def due(
         silence_samples=None if silence_ms is None else silence_ms * MS,
         pause_decoded=pause_decoded,
         round_trip=round_trip_ms * MS,
+        last_round_trip=last_round_trip_ms * MS,
     )
 
 
@@ -90,6 +92,18 @@ def test_a_pause_gets_one_early_decode() -> None:
     assert due(1000, last_ms=900, silence_ms=0, limits=SessionLimits(pause_decode_ms=0)) is None
     # The early decode never waits longer than the pause the commit needs.
     plan = due(1000, last_ms=900, silence_ms=50, limits=SessionLimits(pause_decode_ms=300, stable_silence_ms=50))
+    assert plan is not None and plan.early
+
+
+def test_no_interim_starts_in_a_pause_that_its_decode_would_outlast() -> None:
+    """One decode per channel: an interim started 80 ms into a pause, with round trips of 150 ms,
+    would still be out when the pause decode falls due at 200 ms and hold the turn's last words
+    back by up to 30 ms, only to hear the same words again."""
+    assert due(1100, last_ms=800, silence_ms=80, last_round_trip_ms=150) is None
+    assert due(1100, last_ms=800, silence_ms=40, last_round_trip_ms=150) is not None  # back in time
+    assert due(1100, last_ms=800, silence_ms=0, last_round_trip_ms=400) is not None  # no pause: speech
+    assert due(1100, last_ms=800, silence_ms=None, last_round_trip_ms=400) is not None  # no turn detection
+    plan = due(1100, last_ms=1000, silence_ms=200, last_round_trip_ms=400)  # the pause decode itself
     assert plan is not None and plan.early
 
 
