@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import importlib
 import logging
@@ -59,6 +60,9 @@ DRAIN_READ_S = 2.0
 # waits a fraction of this; the bound keeps its controls (close, a commit) readable on an
 # overloaded server.
 CATCH_UP_WAIT_S = 2.0
+# Audio messages larger than this are fed to the core in slices of it, with the flow control
+# between them (1 s of pcm16 at 16 kHz).
+AUDIO_SLICE_BYTES = 32 * 1024
 
 DialectFactory = Callable[[Handshake], Dialect]
 
@@ -421,7 +425,22 @@ class Connection:
                 error = p.Error.invalid("message_too_large", f"message of {size} bytes exceeds the limit of {limit} bytes")
                 self._queue([*self.dialect.error(error), Close(1009, "message too large")])
                 return
-            self._queue(await self._identify_late_key(self._translate(data, text)))
+            await self._queue_paced(runner, await self._identify_late_key(self._translate(data, text)))
+
+    async def _queue_paced(self, runner: SessionRunner, actions: list[Action]) -> None:
+        """A client message's actions, as ``_queue`` applies them, except that a large audio
+        message (up to ``--max-message-bytes``: 32 s of pcm16) reaches the core in slices of
+        ``AUDIO_SLICE_BYTES`` with the flow control between them: fed at once, the turns it
+        holds beyond the pending bound ran into one another (a 480 s file sent in 1 MiB messages
+        came out as 41 segments for 82 turns). The core takes audio cut anywhere."""
+        for action in actions:
+            if not isinstance(action, p.AudioAppend) or len(action.audio) <= AUDIO_SLICE_BYTES:
+                self._queue([action])
+                continue
+            for offset in range(0, len(action.audio), AUDIO_SLICE_BYTES):
+                if offset:
+                    await self._let_the_decoder_catch_up(runner)
+                self._queue([dataclasses.replace(action, audio=action.audio[offset : offset + AUDIO_SLICE_BYTES])])
 
     async def _let_the_decoder_catch_up(self, runner: SessionRunner) -> None:
         """Flow control: while the session is ``backlogged`` and its client is ahead of real time

@@ -47,10 +47,13 @@ class Run:
         return [r.event["type"] for r in self.events]
 
 
-async def stream(url: str, audio: np.ndarray, *, session: dict | None = None, speed: float = 1.0, rate: int = 16000) -> Run:
-    """Send ``audio`` as pcm16 frames at ``speed`` × real time, then session.close; collect events."""
+async def stream(
+    url: str, audio: np.ndarray, *, session: dict | None = None, speed: float = 1.0, rate: int = 16000, frame_s: float = FRAME_S
+) -> Run:
+    """Send ``audio`` as pcm16 frames of ``frame_s`` at ``speed`` × real time, then session.close;
+    collect events."""
     pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-    frame = int(rate * FRAME_S) * 2
+    frame = int(rate * frame_s) * 2
     events: list[Received] = []
     async with websockets.connect(url, max_size=None) as ws:
         start = time.monotonic()
@@ -65,7 +68,7 @@ async def stream(url: str, audio: np.ndarray, *, session: dict | None = None, sp
         for i, offset in enumerate(range(0, len(pcm), frame)):
             await ws.send(pcm[offset : offset + frame])
             if speed:
-                await asyncio.sleep(max(0.0, start + (i + 1) * FRAME_S / speed - time.monotonic()))
+                await asyncio.sleep(max(0.0, start + (i + 1) * frame_s / speed - time.monotonic()))
         await ws.send(json.dumps({"type": "session.close"}))
         await asyncio.wait_for(task, timeout=120)
         return Run(events, ws.close_code)
@@ -189,16 +192,18 @@ def test_long_stream_of_many_utterances_matches_offline_accuracy(server: ServerP
     check_matches_offline(run, clips, spans)
 
 
-def test_a_long_stream_sent_at_full_speed_keeps_its_turns(server: ServerProcess) -> None:
+@pytest.mark.parametrize("frame_s", [FRAME_S, 32.0])
+def test_a_long_stream_sent_at_full_speed_keeps_its_turns(server: ServerProcess, frame_s: float) -> None:
     """A recording sent as fast as the connection allows (``mic-client --file --speed 0``) is read
     as its turns, not as 15 s blocks: the server stops reading while the decoder is
     ``max_pending_finals`` turns behind. Reading on, turns 9-20 here ran into one another (a
-    240 s file read 8.0% where its turns read 4.7%)."""
+    240 s file read 8.0% where its turns read 4.7%). Messages of 32 s (1 MiB, the size limit)
+    hold several turns each: they are fed to the core in slices, with the same wait between."""
     require_speech()
     rows = [r for r in english_references() if r["kind"] == "read" and 2.0 < r["duration_s"] < 12.0]
     clips = random.Random(4).sample(rows, 20)
     audio, spans = build_long_stream(clips)
-    run = asyncio.run(stream(server.ws_url, audio, speed=0))
+    run = asyncio.run(stream(server.ws_url, audio, speed=0, frame_s=frame_s))
     check_matches_offline(run, clips, spans)
     for segment in run.of("transcript.segment"):
         heard = [(start, end) for start, end in spans if segment["start"] < end and segment["end"] > start]
