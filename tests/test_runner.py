@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Literal
 
 import numpy as np
 
@@ -23,27 +24,37 @@ def spoken(*words: int) -> str:
     return " ".join(f"w{k}" for k in words)
 
 
-async def run_stream(decoder: BurstDecoder, audio: bytes) -> tuple[list[p.ServerEvent], list[CloseConnection]]:
+async def run_stream(
+    decoder: BurstDecoder, audio: bytes, *, chunk: int = 640, pace: Literal["sleep", "flow", "none"] = "sleep"
+) -> tuple[list[p.ServerEvent], list[CloseConnection], float]:
+    """Feed ``audio`` in chunks: ``sleep``, a short sleep after each (decode results come back
+    while audio flows); ``flow``, as fast as possible, as a shell reads a file sent at full speed,
+    each chunk read only once ``wait_caught_up`` lets it through; ``none``, every chunk at once.
+    Returns the events, the close requests and the seconds waited."""
     scheduler = DecodeScheduler(lambda name: decoder)
     events: list[p.ServerEvent] = []
     closes: list[CloseConnection] = []
     runner = SessionRunner(make_session(), scheduler, emit=events.append, on_close=closes.append)
+    waited = 0.0
     try:
         runner.start()
-        for i in range(0, len(audio), 640):
-            runner.feed_audio(audio[i : i + 640])
-            await asyncio.sleep(0.001)  # decode results come back while audio flows
+        for i in range(0, len(audio), chunk):
+            if pace == "flow":
+                waited += await runner.wait_caught_up(2.0)
+            runner.feed_audio(audio[i : i + chunk])
+            if pace == "sleep":
+                await asyncio.sleep(0.001)
         runner.close()
         assert await runner.wait_closed(timeout=10)
     finally:
         runner.cancel()
         scheduler.stop()
-    return events, closes
+    return events, closes, waited
 
 
 async def test_events_flow_in_order_and_the_session_closes_once() -> None:
     audio = to_pcm16(np.concatenate([speech([1, 2, 3]), silence(1.0), speech([4, 5]), silence(0.8)]))
-    events, closes = await run_stream(BurstDecoder(), audio)
+    events, closes, _ = await run_stream(BurstDecoder(), audio)
     assert closes == [CloseConnection(1000, "session closed")]
     types = [e.type for e in events]
     assert types[0] == "session.created" and types[-1] == "transcript.text.done"
@@ -61,7 +72,7 @@ async def test_a_failing_final_is_retried_by_the_runner_and_nothing_is_lost() ->
     decoder = BurstDecoder()
     decoder.fail_next_final = 1
     # The stream ends mid-turn, so the close needs a final decode of the open utterance.
-    events, closes = await run_stream(decoder, to_pcm16(speech([1, 2])))
+    events, closes, _ = await run_stream(decoder, to_pcm16(speech([1, 2])))
     done = [e for e in events if isinstance(e, p.TranscriptDone)]
     assert done and done[0].text == spoken(1, 2)
     assert not [e for e in events if isinstance(e, p.Error)], "a failure retried successfully is not reported"
@@ -96,25 +107,9 @@ class SlowDecoder(BurstDecoder):
 
 
 async def send_as_fast_as_possible(*, flow_control: bool) -> tuple[list[p.ServerEvent], float]:
-    """Twelve turns fed with no pause between chunks, as a shell reads a file sent at full speed;
-    with ``flow_control`` each chunk is read only once ``wait_caught_up`` lets it through."""
-    decoder = SlowDecoder()
-    scheduler = DecodeScheduler(lambda name: decoder)
-    events: list[p.ServerEvent] = []
-    runner = SessionRunner(make_session(), scheduler, emit=events.append)
+    """Twelve turns fed with no pause between chunks to a decoder they outrun."""
     audio = to_pcm16(np.concatenate([np.concatenate([speech([k]), silence(0.8)]) for k in range(1, 13)]))
-    waited = 0.0
-    try:
-        runner.start()
-        for i in range(0, len(audio), 3200):
-            if flow_control:
-                waited += await runner.wait_caught_up(2.0)
-            runner.feed_audio(audio[i : i + 3200])
-        runner.close()
-        assert await runner.wait_closed(timeout=10)
-    finally:
-        runner.cancel()
-        scheduler.stop()
+    events, _, waited = await run_stream(SlowDecoder(), audio, chunk=3200, pace="flow" if flow_control else "none")
     return events, waited
 
 
