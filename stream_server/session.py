@@ -247,7 +247,12 @@ class Session:
         stop reading should, until this clears: audio sent faster than real time then keeps its
         turns as the VAD ends them, where reading on would make further turns run on into one
         another (``_on_frame`` defers their ends so pending work stays bounded)."""
-        return any(len(ch.finals) >= self.limits.max_pending_finals for ch in self._channels)
+        return any(self._at_pending_bound(ch) for ch in self._channels)
+
+    def _at_pending_bound(self, ch: Channel) -> bool:
+        """``ch`` has ``max_pending_finals`` finals out: it queues no more (turn ends are deferred,
+        commits refused)."""
+        return len(ch.finals) >= self.limits.max_pending_finals
 
     # ---------------------------------------------------------------- outputs
 
@@ -524,7 +529,7 @@ class Session:
         if isinstance(decision, SpeechStart) and ch.utterance is None:
             return out + self._open_utterance(ch, decision.sample, decision.onset)
         if isinstance(decision, SpeechEnd) and ch.utterance is not None:
-            if len(ch.finals) >= self.limits.max_pending_finals:
+            if self._at_pending_bound(ch):
                 # The decoder is that far behind this channel (audio sent faster than real time,
                 # or a VAD tuned to end a turn every few frames): the turn runs on into the next
                 # speech instead of queueing another final, so pending work and the audio it holds
@@ -743,7 +748,7 @@ class Session:
     def _commit(self) -> list[Output]:
         """End every channel's open utterance now (as if its speaker paused)."""
         out = self._drain_inputs(reset=True)
-        if any(len(ch.finals) >= self.limits.max_pending_finals for ch in self._channels):
+        if self.backlogged:
             message = f"more than {self.limits.max_pending_finals} utterances are still being finalized; commit refused, audio kept"
             return out + [p.Error.invalid("rate_limited", message)]
         committed = 0

@@ -203,19 +203,25 @@ def test_a_long_stream_sent_at_full_speed_keeps_its_turns(server: ServerProcess,
     rows = [r for r in english_references() if r["kind"] == "read" and 2.0 < r["duration_s"] < 12.0]
     clips = random.Random(4).sample(rows, 20)
     audio, spans = build_long_stream(clips)
+    paused_before = read_paused_seconds(server)
     run = asyncio.run(stream(server.ws_url, audio, speed=0, frame_s=frame_s))
     check_matches_offline(run, clips, spans)
     for segment in run.of("transcript.segment"):
         heard = [(start, end) for start, end in spans if segment["start"] < end and segment["end"] > start]
         assert len(heard) <= 1, f"one segment holds the turns at {heard}: {segment['text']!r}"
-    paused = re.search(r"^stream_read_paused_seconds_total (\S+)$", metrics_text(server), re.M)
-    assert paused and float(paused.group(1)) > 0, "the reader waited for the decoder"
+    assert read_paused_seconds(server) > paused_before, "the reader waited for the decoder"
 
 
 def metrics_text(server: ServerProcess) -> str:
     import urllib.request
 
     return urllib.request.urlopen(server.http_url + "/metrics", timeout=10).read().decode()
+
+
+def read_paused_seconds(server: ServerProcess) -> float:
+    paused = re.search(r"^stream_read_paused_seconds_total (\S+)$", metrics_text(server), re.M)
+    assert paused, "the flow-control counter is exposed"
+    return float(paused.group(1))
 
 
 def check_matches_offline(run: Run, clips: list[dict], spans: list[tuple[float, float]]) -> None:
