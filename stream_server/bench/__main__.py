@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp = p.add_argument_group("replay (deterministic decode work and WER, no server; see bench/replay.py)")
     rp.add_argument("--replay", action="store_true",
                     help="instead of streaming: run --streams streams through a real session and decoder on the audio "
-                    "clock; reports decoder work per audio second (machine-independent counts and CPU) and WER")
+                    "clock; reports decoder work per audio second (machine-independent counts and CPU) and WER; with --calls N, "
+                    "N two-leg μ-law calls through one two-channel session each, every leg scored vs offline")
     rp.add_argument("--replay-lag-ms", type=int, default=200,
                     help="with --replay: audio time from a decode's submission to its result (default 200)")
     rp.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
@@ -157,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .soak import main_soak
 
         return main_soak(args, out, stamp, list(sys.argv[1:] if argv is None else argv))
+    if args.replay and args.calls:
+        from .replay_calls import main_call_replay
+
+        return main_call_replay(args, out)
     if args.replay:
         from .replay import main_replay
 

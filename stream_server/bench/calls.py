@@ -551,14 +551,14 @@ def leg_text(events: Sequence[SseEvent], channel: int) -> str:
     return " ".join(str(e.data.get("text") or "").strip() for e in leg_segments(events, channel)).strip()
 
 
-def _utterances(turns: Sequence[Turn]) -> list[Utterance]:
+def turn_utterances(turns: Sequence[Turn]) -> list[Utterance]:
     return [Utterance(t.clip_id, t.reference, t.speech_start_s, t.speech_end_s, t.start, t.end) for t in turns]
 
 
 def _turn_finals(words: list[FinalWord], turns: Sequence[Turn]) -> tuple[list[float | None], list[str | None], list[str]]:
     """Per turn: when its last attributed word became final (relative to its end of speech) and
     the utterance that word belongs to; and the turns none of whose words were transcribed."""
-    attribution = attribute(words, _utterances(turns))
+    attribution = attribute(words, turn_utterances(turns))
     latencies: list[float | None] = []
     items: list[str | None] = []
     lost: list[str] = []

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import heapq
 import itertools
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,27 @@ def replay_stream(
     once and hand its result back ``lag_ms`` later (in submission order when times tie)."""
     rate = stream.sample_rate
     frame = rate * FRAME_MS // 1000
-    out = StreamReplay(events=[], audio_s=len(stream.samples) / rate)
+    samples = stream.samples
+
+    def frames() -> Iterator[tuple[float, Callable[[], None]]]:
+        for i in range(0, len(samples), frame):
+            chunk = samples[i : i + frame].astype("<i2").tobytes()
+            yield (i + frame) / rate, functools.partial(session.receive_bytes, chunk)
+
+    return replay_feed(session, frames(), len(samples) / rate, decoder, lag_ms)
+
+
+def replay_feed(
+    session: Session,
+    frames: Iterable[tuple[float, Callable[[], None]]],
+    end_s: float,
+    decoder: WhisperDecoder | TracingDecoder,
+    lag_ms: int,
+) -> StreamReplay:
+    """The replay loop: each ``(audio time, feed)`` of ``frames`` hands the session the audio
+    that ends at that time, after the decode results due by then; the session is closed at
+    ``end_s`` and every decode still out is handed back."""
+    out = StreamReplay(events=[], audio_s=end_s)
     due: list[tuple[float, int, DecodeTicket, Any]] = []  # (audio time, order, ticket, result)
     order = itertools.count()
 
@@ -105,22 +126,19 @@ def replay_stream(
 
     session.start()
     drain(0.0)
-    samples = stream.samples
-    for i in range(0, len(samples), frame):
-        now = (i + frame) / rate
+    for now, feed in frames:
         while due and due[0][0] <= now:
             at, _, ticket, result = heapq.heappop(due)
             session.receive_decode_result(ticket, result)
             drain(at)
-        session.receive_bytes(samples[i : i + frame].astype("<i2").tobytes())
+        feed()
         drain(now)
-    now = len(samples) / rate
     session.close()
-    drain(now)
+    drain(end_s)
     while due:
         at, _, ticket, result = heapq.heappop(due)
         session.receive_decode_result(ticket, result)
-        drain(max(now, at))
+        drain(max(end_s, at))
     return out
 
 
@@ -142,38 +160,30 @@ def replay_streams(options: ReplayOptions) -> tuple[list[Stream], list[PreparedC
     )
 
 
-def run_replay(
-    options: ReplayOptions,
-    streams: list[Stream] | None = None,
-    on_stream: Callable[[Stream, StreamReplay], None] | None = None,
-) -> dict[str, Any]:
-    """Replay ``options.streams`` corpus streams (or ``streams``, already built from ``options``);
-    the figures and the per-stage work. ``on_stream`` sees each stream's replay (its events)."""
-    if streams is None:
-        streams, _ = replay_streams(options)
+@dataclasses.dataclass(frozen=True)
+class ReplayDecoders:
+    """The real models a replay runs on, shared by its streams, and the profile of their work."""
+
+    whisper: WhisperDecoder
+    vad: SileroVad
+    profile: StageProfile
+
+
+def run_decoded(options: ReplayOptions, count: int, one: Callable[[ReplayDecoders, int], StreamReplay]) -> dict[str, Any]:
+    """Run ``one`` for each of ``count`` streams (or calls) on shared models; the options and the
+    decode work per audio second (``figures`` are the caller's: it knows what a stream is)."""
     profile = StageProfile()
-    decoder = WhisperDecoder(
-        options.model_path, compute_type=options.compute_type, cpu_threads=options.cpu_threads, profile=profile
-    )
-    vad = SileroVad(profile=profile)
-    evaluations = []
+    whisper = WhisperDecoder(options.model_path, compute_type=options.compute_type, cpu_threads=options.cpu_threads, profile=profile)
+    decoders = ReplayDecoders(whisper, SileroVad(profile=profile), profile)
     decodes = finals = 0
     audio_s = 0.0
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    for stream in streams:
-        config = p.SessionConfig(
-            sample_rate=stream.sample_rate, language="en", interim_results=True, include=["logprobs", "words"]
-        )
-        session = Session(f"replay_{stream.index}", config=config, vad=vad, limits=options.limits)
-        replayed = _replay_one(stream, session, decoder, options)
-        if on_stream is not None:
-            on_stream(stream, replayed)
-        evaluations.append(evaluate_stream(stream.index, replayed.events, stream.utterances))
+    for index in range(count):
+        replayed = one(decoders, index)
         decodes += replayed.decodes
         finals += replayed.finals
         audio_s += replayed.audio_s
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    figures = run_figures(evaluations)
     counts = profile.counts()
     work = {
         "audio_s": audio_s,
@@ -194,8 +204,37 @@ def run_replay(
             "telephone": options.telephone,
             "limits": dataclasses.asdict(options.limits),
         },
-        "figures": figures,
         "work": work,
+    }
+
+
+def run_replay(
+    options: ReplayOptions,
+    streams: list[Stream] | None = None,
+    on_stream: Callable[[Stream, StreamReplay], None] | None = None,
+) -> dict[str, Any]:
+    """Replay ``options.streams`` corpus streams (or ``streams``, already built from ``options``);
+    the figures and the per-stage work. ``on_stream`` sees each stream's replay (its events)."""
+    if streams is None:
+        streams, _ = replay_streams(options)
+    chosen = streams
+    evaluations = []
+
+    def one(decoders: ReplayDecoders, index: int) -> StreamReplay:
+        stream = chosen[index]
+        config = p.SessionConfig(sample_rate=stream.sample_rate, language="en", interim_results=True, include=["logprobs", "words"])
+        session = Session(f"replay_{stream.index}", config=config, vad=decoders.vad, limits=options.limits)
+        replayed = _replay_one(stream, session, decoders.whisper, options)
+        if on_stream is not None:
+            on_stream(stream, replayed)
+        evaluations.append(evaluate_stream(stream.index, replayed.events, stream.utterances))
+        return replayed
+
+    result = run_decoded(options, len(chosen), one)
+    return {
+        "options": result["options"],
+        "figures": run_figures(evaluations),
+        "work": result["work"],
         "hypotheses": [e.hypothesis for e in evaluations],
     }
 
@@ -277,4 +316,4 @@ def limits_with(overrides: Sequence[str]) -> SessionLimits:
     return dataclasses.replace(SessionLimits(), **changes)
 
 
-__all__ = ["ReplayOptions", "limits_with", "markdown_summary", "replay_stream", "run_replay"]
+__all__ = ["ReplayDecoders", "ReplayOptions", "limits_with", "markdown_summary", "replay_feed", "replay_stream", "run_decoded", "run_replay"]

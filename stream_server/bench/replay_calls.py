@@ -1,0 +1,172 @@
+"""Deterministic replay of two-leg phone calls: conversational accuracy on the audio clock.
+
+The call benchmark (:mod:`.calls`) replays calls into a live server at real time, so its figures
+move with the machine, and a run of eight calls takes as long as the calls. Choosing a commit
+rule for turns that abut and overlap needs the figure the live run cannot give cheaply: the WER of
+each leg against offline faster-whisper on the same μ-law, identical on every machine and run.
+
+Here each call of :func:`.calls.build_calls` runs through one real two-channel
+:class:`~stream_server.session.Session` (μ-law at 8 kHz, the channels labelled as the Twilio
+dialect labels them) with the replay loop of :mod:`.replay`: both legs' 20 ms frames go in at
+their audio times, every decode runs at once and comes back ``lag_ms`` later. Each leg is scored
+as a stream of its own (its channel's events against its turns); the offline baseline decodes
+each turn whole (beam 5), as the live call benchmark does.
+
+Usage::
+
+    stream-server bench --replay --calls 8 [--call-s 45] [--per-utterance] [--limit NAME=VALUE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stream_server import protocol as p
+from stream_server.decoding import WhisperDecoder
+from stream_server.session import Session
+
+from .calls import CHANNEL, FRAME, LABELS, RATE, TRACKS, Call, build_calls, offline_texts, turn_utterances
+from .corpus import Stream
+from .diagnostics import TracingDecoder, trace_spans, trace_text, write_per_utterance
+from .metrics import TimedEvent, evaluate_stream, run_figures, wer_counts
+from .offline import resolve_model_path
+from .replay import ReplayDecoders, ReplayOptions, StreamReplay, limits_with, markdown_summary, replay_feed, run_decoded
+
+
+def call_config() -> p.SessionConfig:
+    """The session the Twilio dialect opens for a two-track stream (μ-law, 8 kHz, one channel per
+    track, labelled), with the events the scorer reads."""
+    return p.SessionConfig(
+        input_audio_format="g711_ulaw",
+        sample_rate=RATE,
+        language="en",
+        interim_results=True,
+        include=["logprobs", "words"],
+        channels=len(TRACKS),
+        channel_labels=[LABELS[track] for track in TRACKS],
+    )
+
+
+def replay_call(call: Call, session: Session, decoder: WhisperDecoder | TracingDecoder, lag_ms: int) -> StreamReplay:
+    """Both legs of ``call`` into ``session``, a 20 ms frame of each at a time, as Twilio sends them."""
+    legs = [(CHANNEL[track], call.legs[track]) for track in TRACKS]
+    length = len(legs[0][1])
+
+    def frames() -> Iterator[tuple[float, Callable[[], None]]]:
+        for start in range(0, length, FRAME):
+            yield (start + FRAME) / RATE, functools.partial(_feed_frame, session, legs, start)
+
+    return replay_feed(session, frames(), length / RATE, decoder, lag_ms)
+
+
+def _feed_frame(session: Session, legs: list[tuple[int, bytes]], start: int) -> None:
+    for channel, leg in legs:
+        session.receive_message(p.AudioAppend(leg[start : start + FRAME], channel=channel))
+
+
+def channel_events(events: list[TimedEvent], channel: int) -> list[TimedEvent]:
+    """The events of one leg (session-wide events carry no channel and are left out)."""
+    return [(t, e) for t, e in events if e.get("channel") == channel]
+
+
+def leg_stream(call: Call, index: int, track: str) -> Stream:
+    """One leg as a scoring stream: its turns are its utterances (no samples: scoring only)."""
+    return Stream(index, RATE, np.zeros(0, dtype=np.int16), turn_utterances(call.leg_turns(track)))
+
+
+def run_call_replay(options: ReplayOptions, calls: list[Call]) -> tuple[dict[str, Any], list[tuple[Stream, list[TimedEvent]]]]:
+    """Replay ``calls``; the figures (each leg pooled as a stream) and each leg's events."""
+    legs: list[tuple[Stream, list[TimedEvent]]] = []
+
+    traces: list[str] = []
+
+    def one(decoders: ReplayDecoders, index: int) -> StreamReplay:
+        call = calls[index]
+        session = Session(f"replay_call_{index}", config=call_config(), vad=decoders.vad, limits=options.limits)
+        streams = [leg_stream(call, 2 * index + CHANNEL[track], track) for track in TRACKS]
+        spans = [span for stream in streams for span in trace_spans(stream, options.trace_clips)]
+        decoder: WhisperDecoder | TracingDecoder = decoders.whisper
+        if spans:
+            decoder = TracingDecoder(decoders.whisper, spans, now=lambda: session.audio_seconds)
+        replayed = replay_call(call, session, decoder, options.lag_ms)
+        for track, stream in zip(TRACKS, streams, strict=True):
+            events = channel_events(replayed.events, CHANNEL[track])
+            legs.append((stream, events))
+            if isinstance(decoder, TracingDecoder) and trace_spans(stream, options.trace_clips):
+                # The decodes are both legs' (a decode does not say its channel); the events this leg's.
+                traces.append(f"call {index}, {track} ({LABELS[track]})\n" + trace_text(stream, options.trace_clips, decoder.decodes, events))
+        return replayed
+
+    result = run_decoded(options, len(calls), one)
+    result["figures"] = run_figures([evaluate_stream(s.index, events, s.utterances) for s, events in legs])
+    result["options"]["calls"] = len(calls)
+    result["trace"] = "\n".join(traces)
+    return result, legs
+
+
+def offline_leg_figures(calls: list[Call], texts: list[dict[str, list[str]]]) -> dict[str, float]:
+    """Offline beam 5 WER pooled over every leg (each turn decoded whole)."""
+    counts = [
+        wer_counts(" ".join(call.references(track)), " ".join(leg_texts.get(track, [])))
+        for call, leg_texts in zip(calls, texts, strict=True)
+        for track in TRACKS
+    ]
+    total = counts[0]
+    for c in counts[1:]:
+        total = total + c
+    return {"offline_wer_b5": total.wer}
+
+
+def offline_by_clip(calls: list[Call], texts: list[dict[str, list[str]]]) -> dict[str, str]:
+    """Offline text per turn clip, for the per-utterance diff."""
+    return {
+        turn.clip_id: text
+        for call, leg_texts in zip(calls, texts, strict=True)
+        for track in TRACKS
+        for turn, text in zip(call.leg_turns(track), leg_texts.get(track, []), strict=False)
+    }
+
+
+def main_call_replay(args: argparse.Namespace, out: Path) -> int:
+    """``stream-server bench --replay --calls N``: writes ``replay.json`` and ``replay.md``."""
+    if not (args.corpus / "manifest.jsonl").exists():
+        print(f"[bench] corpus not found: {args.corpus}/manifest.jsonl", file=sys.stderr)
+        return 2
+    count = max(int(n) for n in str(args.calls).split(","))
+    calls, notes = build_calls(count, args.call_s, args.corpus)
+    for note in notes:
+        print(f"[bench] {note}", file=sys.stderr)
+    options = ReplayOptions(
+        corpus=args.corpus,
+        model_path=resolve_model_path(args.model),
+        limits=limits_with(args.limit),
+        lag_ms=args.replay_lag_ms,
+        compute_type=args.compute_type or "int8",
+        trace_clips=tuple(args.trace),
+    )
+    result, legs = run_call_replay(options, calls)
+    texts = [offline_texts(call, model=args.model or "tiny.en", tag="replay-calls") for call in calls]
+    result["offline"] = offline_leg_figures(calls, texts)
+    trace = result.pop("trace")
+    (out / "replay.json").write_text(json.dumps(result, indent=2))
+    md = markdown_summary(result)
+    (out / "replay.md").write_text(md)
+    print(md)
+    if args.per_utterance:
+        path = write_per_utterance(out, legs, offline_by_clip(calls, texts))
+        print(f"[bench] per-turn diff vs offline beam 5: {path}", file=sys.stderr)
+    if options.trace_clips:
+        (out / "trace.txt").write_text(trace or "none of the traced clips is in these calls\n")
+        print(f"[bench] decode trace of {', '.join(options.trace_clips)}: {out / 'trace.txt'}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["call_config", "main_call_replay", "replay_call", "run_call_replay"]
