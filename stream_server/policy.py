@@ -100,11 +100,13 @@ def interim_commit_count(
     pause_start: int | None,
     right_context_ms: int,
     min_commit_window_ms: int,
+    previous_window_end: int = 0,
 ) -> int:
     """How many leading ``words`` of an interim hypothesis to commit.
 
     ``previous`` is the utterance's last uncommitted hypothesis and ``words`` the new one, both
-    after the committed prefix; ``pause_start`` is the start of the pause the window ends in.
+    after the committed prefix; ``pause_start`` is the start of the pause the window ends in;
+    ``previous_window_end`` the end of the window ``previous`` was decoded from.
     """
     # The newest word waits for the word after it: until then its punctuation ("printed."
     # vs "printed in") is a guess. A pause settles it instead (below).
@@ -114,8 +116,36 @@ def interim_commit_count(
     if window_end - utterance_start < min_commit_window_ms * MS:
         n = 0
     if pause_start is not None:
-        n = max(n, words_starting_before(words, pause_start / MODEL_RATE))
+        at_pause = words_starting_before(words, pause_start / MODEL_RATE)
+        if window_end - utterance_start < min_commit_window_ms * MS and previous_window_end - utterance_start >= DISSENT_WINDOW_MS * MS:
+            at_pause = min(at_pause, _settled_at_pause(previous, words, previous_window_end - right_context_ms * MS))
+        n = max(n, at_pause)
     return n
+
+
+#: A hypothesis decoded from less of its turn than this is no reading to disagree with at a pause:
+#: a turn's first interims are often noise ("Thank you." for a 0.4 s "four"), and a spoken digit
+#: whose word waited for the turn's end on such a dissent was final 0.2 s later (replay, lag 100).
+DISSENT_WINDOW_MS = 1000
+
+
+def _settled_at_pause(previous: Sequence[Word], words: Sequence[Word], previous_horizon: int) -> int:
+    """How many leading ``words`` of a short window's pause decode are settled enough to commit.
+
+    A short window's reading of a turn's first words is a guess even at a pause ("But, they'll
+    want the hole" at a comma, where the decode before heard "But, go on the whole"): a word
+    that the previous hypothesis heard with right context (it starts before ``previous_horizon``)
+    and read differently stays interim, with every word after it. Words the previous decode
+    heard too little of (the newest ones) cannot disagree. What stays interim is made final, as
+    heard, by the turn's end if the pause was it, or agreed on as the speaker goes on.
+    """
+    # Bare marks (a "." left waiting after committed words) are neither agreement nor dissent.
+    heard = [w for w in previous if comparable(w)]
+    spoken = [i for i, w in enumerate(words) if comparable(w)]
+    agreed = agreed_prefix_length(heard, [words[i] for i in spoken])
+    if agreed < len(spoken) and agreed < len(heard) and words[spoken[agreed]].start * MODEL_RATE < previous_horizon:
+        return spoken[agreed]
+    return len(words)
 
 
 def after_agreeing_prefix(kept: Sequence[Word], words: Sequence[Word]) -> list[Word] | None:

@@ -844,7 +844,8 @@ class Session:
             return []  # the turn's end decodes it on its own
         limits = self.limits
         n = interim_commit_count(utt.tail, words, utterance_start=utt.start, window_end=ticket.window_end, pause_start=ticket.pause_start,
-                                 right_context_ms=limits.right_context_ms, min_commit_window_ms=limits.min_commit_window_ms)
+                                 right_context_ms=limits.right_context_ms, min_commit_window_ms=limits.min_commit_window_ms,
+                                 previous_window_end=utt.tail_window_end)
         committed, tail = words[:n], words[n:]
         if committed and not tail and ticket.pause_start is not None:
             # The newest word, committed at a pause: its punctuation waits for what follows.

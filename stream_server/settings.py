@@ -89,6 +89,10 @@ class Settings:
         default=200,
         metadata={"help": "a pause this long in a turn makes the words before it final (decoded from --pause-decode-ms on)"},
     )
+    min_commit_window_ms: int = dataclasses.field(
+        default=3500,
+        metadata={"help": "until a turn is this long, only words two decodes agree on are committed, at pauses too (lower: short turns' words final sooner, for some accuracy; README)"},
+    )
     carry_gap_ms: int = dataclasses.field(
         default=1500,
         metadata={"help": "a short turn this soon after the last one is decoded as its continuation, after its last words (0 = never)"},

@@ -28,7 +28,10 @@ def hypothesis(*texts: str, start: float = 0.0, step: float = 0.4) -> list[Word]
     return [w(t, start + i * step, start + i * step + 0.3) for i, t in enumerate(texts)]
 
 
-def count(previous: list[Word], words: list[Word], *, window_end_s: float, pause_start_s: float | None = None, utterance_start: int = 0) -> int:
+def count(
+    previous: list[Word], words: list[Word], *, window_end_s: float, pause_start_s: float | None = None, utterance_start: int = 0,
+    previous_end_s: float = 0.0,
+) -> int:
     return interim_commit_count(
         previous,
         words,
@@ -37,6 +40,7 @@ def count(previous: list[Word], words: list[Word], *, window_end_s: float, pause
         pause_start=None if pause_start_s is None else int(pause_start_s * RATE),
         right_context_ms=300,
         min_commit_window_ms=2000,
+        previous_window_end=int(previous_end_s * RATE),
     )
 
 
@@ -65,20 +69,37 @@ def test_words_without_right_context_wait() -> None:
     assert count(old, new, window_end_s=3.35) == 2  # horizon 3.05 s: " c" (ends 3.1 s) waits
 
 
-def test_nothing_commits_in_a_short_utterance_unless_it_paused() -> None:
+def test_nothing_commits_in_a_short_utterance_but_what_a_pause_and_agreement_settle() -> None:
     old = hypothesis(" a", " b", " c")
     assert count(old, hypothesis(" a", " b", " c"), window_end_s=1.9) == 0
     assert count(old, hypothesis(" a", " b", " c"), window_end_s=2.9, utterance_start=RATE) == 0  # 1.9 s window
-    # A pause commits every word that ends before it, even without agreement.
+    # A pause in a short window commits the words before it that the previous hypothesis agrees on,
+    # the newest one included (the pause settled it)...
+    assert count(old, hypothesis(" a", " b", " c"), window_end_s=1.9, pause_start_s=1.5, previous_end_s=1.4) == 3
+    assert count(old, hypothesis(" a", " b", " c"), window_end_s=1.9, pause_start_s=0.8, previous_end_s=1.4) == 2
+    # ... but not a word the previous decode heard well (0.3 s before its window's end) and read
+    # differently, nor the words after it ("But, they'll want" where the decode before heard "But, go on").
+    before = hypothesis(" But,", " go", " on", " the")
+    now = hypothesis(" But,", " they'll", " want", " the")  # " they'll" starts at 0.4 s
+    assert count(before, now, window_end_s=1.9, pause_start_s=1.5, previous_end_s=1.4) == 1
+    # A hypothesis of under a second of the turn is no reading to dissent from (a turn's first interims).
+    assert count(before, now, window_end_s=1.9, pause_start_s=1.5, previous_end_s=0.9) == 4
+    # Words the previous decode barely heard cannot disagree: a word cut at its window's end ("w~")...
+    assert count(hypothesis(" a", " b", " c~"), hypothesis(" a", " b", " c"), window_end_s=1.9, pause_start_s=1.5, previous_end_s=1.0) == 3
+    # ... nor words past its end, nor a first hypothesis, nor a bare mark left waiting.
+    assert count(hypothesis(" a"), hypothesis(" a", " b", " c"), window_end_s=1.9, pause_start_s=1.5, previous_end_s=0.5) == 3
     assert count([], hypothesis(" a", " b", " c"), window_end_s=1.9, pause_start_s=1.5) == 3
-    assert count([], hypothesis(" a", " b", " c"), window_end_s=1.9, pause_start_s=0.8) == 2
+    assert count(hypothesis("."), hypothesis(" a", " b"), window_end_s=1.9, pause_start_s=1.5, previous_end_s=1.4) == 2
+    # Once the window is long enough, a pause commits every word that started before it, agreed or not.
+    assert count([], hypothesis(" a", " b", " c"), window_end_s=2.1, pause_start_s=1.5) == 3
+    assert count([], hypothesis(" a", " b", " c"), window_end_s=2.1, pause_start_s=0.8) == 2
 
 
 def test_a_pause_commits_the_words_that_started_before_it_however_dtw_stretched_them() -> None:
     words = [w(" a", 0.0, 0.5), w(" b", 0.6, 1.6), w(" c", 1.9, 2.0)]  # " b" stretched into the silence
     assert words_starting_before(words, 1.2) == 2
     assert words_before(words, 1.2) == 1
-    assert count([], words, window_end_s=1.5, pause_start_s=1.2) == 2
+    assert count([], words, window_end_s=2.5, pause_start_s=1.2) == 2
 
 
 def test_a_words_trailing_punctuation_splits_off_as_its_own_word() -> None:

@@ -19,6 +19,12 @@ from tests.fakes import BurstDecoder, EnergyVad, silence, speech, to_pcm16
 CHUNK = 320  # 20 ms
 
 
+#: The fake speech's turns last 1-4 s; the tests of the commit mechanics (agreement while the
+#: speaker goes on, pauses, finals) let agreement start at 1 s. The default's first 3.5 s, where
+#: only agreed words commit even at a pause, has tests of its own here and in test_policy.
+MECHANICS_COMMIT_WINDOW_MS = 1000
+
+
 class Driver:
     """Feeds audio in 20 ms frames; decodes complete ``latency_chunks`` frames after submission."""
 
@@ -28,7 +34,7 @@ class Driver:
             "sess_test0001",
             config=p.SessionConfig(**{"interim_results": True, **config}),
             vad=EnergyVad(),
-            limits=SessionLimits(max_utterance_s=6.0),
+            limits=SessionLimits(max_utterance_s=6.0, min_commit_window_ms=MECHANICS_COMMIT_WINDOW_MS),
             model_exists=lambda name: name in ("tiny.en", "base"),
         )
         self.latency = latency_chunks
@@ -571,7 +577,7 @@ def early_pause_driver(latency_chunks: int, **config) -> Driver:
         "sess_early001",
         config=p.SessionConfig(**{"interim_results": True, **config}),
         vad=EnergyVad(),
-        limits=SessionLimits(max_utterance_s=6.0, pause_decode_ms=100),
+        limits=SessionLimits(max_utterance_s=6.0, pause_decode_ms=100, min_commit_window_ms=MECHANICS_COMMIT_WINDOW_MS),
     )
     return Driver(session=session, latency_chunks=latency_chunks)
 
@@ -689,6 +695,40 @@ def test_a_turn_without_text_yet_is_not_paced() -> None:
     ends = [len(r.audio) / 16000 for call in d.decoder.calls for r in call if not r.final]
     assert all(b - a <= 0.45 for a, b in itertools.pairwise(ends[:4])), ends  # unpaced while empty
     assert all(b - a >= 1.0 for a, b in itertools.pairwise(ends[3:6])), ends  # paced once there is text
+
+
+class HearsTheSecondWordLate(BurstDecoder):
+    """Hears the second word as "w9" until a window reaches well past it (a short window's guess)."""
+
+    def decode_one(self, request: DecodeRequest) -> DecodeResult:
+        result = super().decode_one(request)
+        if len(request.audio) < 1.9 * 16000 and len(result.words) >= 2:
+            wrong = dataclasses.replace(result.words[1], text=" w9", tokens=(Token(9, " w9", -0.1),))
+            result = dataclasses.replace(result, words=(result.words[0], wrong, *result.words[2:]))
+        return result
+
+
+@pytest.mark.parametrize("decoder", [BurstDecoder, HearsTheSecondWordLate])
+def test_a_pause_early_in_a_turn_commits_only_the_words_the_last_hypothesis_agrees_on(decoder: type[BurstDecoder]) -> None:
+    """Under ``min_commit_window_ms`` (default limits) a pause commits what two decodes agree on;
+    the rest waits, and the turn's end makes the pause decode's reading final."""
+    session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad(), limits=SessionLimits())
+    d = Driver(session)
+    d.decoder = decoder()
+    d.feed(speech([1, 2, 3, 4, 5]))  # 1.7 s: under the default 3.5 s, long enough for interims to dissent
+    for _ in range(20):  # 0.4 s of pause: the pause decode is back, the turn (0.5 s) has not ended
+        d.feed(silence(0.02))
+    assert not d.of(p.SpeechStopped)
+    at_pause = "".join(e.delta for e in d.of(p.TranscriptDelta)).split()
+    if decoder is BurstDecoder:
+        assert at_pause == ["w1", "w2", "w3", "w4", "w5"], "the pause decode agreed with the last interim"
+    else:
+        assert at_pause == ["w1"], "the last interim heard w9: the words from w2 on wait"
+    d.feed(silence(0.5))
+    assert d.of(p.SpeechStopped)
+    assert not any(r.final for call in d.decoder.calls for r in call), "the pause decode heard the pause: no final decode"
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5)
 
 
 def test_a_word_committed_at_a_pause_goes_out_before_its_guessed_punctuation() -> None:
@@ -935,7 +975,7 @@ class MishearsTheStart(BurstDecoder):
 @pytest.mark.parametrize("decoder", [BurstDecoder, MishearsTheStart])
 def test_with_final_agreement_a_final_runs_unforced_and_is_forced_only_when_it_contradicts(decoder: type[BurstDecoder]) -> None:
     session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad(),
-                      limits=SessionLimits(final_agreement=True))
+                      limits=SessionLimits(final_agreement=True, min_commit_window_ms=MECHANICS_COMMIT_WINDOW_MS))
     d = Driver(session)
     d.decoder = decoder()
     d.feed(speech([1, 2, 3, 4, 5, 6, 7, 8]))
