@@ -596,7 +596,7 @@ def test_agents_sdk_ending_commit_then_clear_after_vad_committed() -> None:
 
 def test_clear_mid_speech_creates_no_item_but_closes_sent_text() -> None:
     r = Runner(latency_chunks=2)
-    r.stream(speech(list(range(1, 10))))
+    r.stream(speech(list(range(1, 14))))  # 4.7 s: past min_commit_window_ms, words are sent during speech
     sent_text = "".join(d["delta"] for d in r.of(DELTA))
     assert sent_text
     answer = r.send({"type": "input_audio_buffer.clear"})
