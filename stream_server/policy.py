@@ -113,11 +113,12 @@ def interim_commit_count(
     n = min(agreed_prefix_length(previous, words), max(0, len(words) - 1))
     horizon = (window_end - right_context_ms * MS) / MODEL_RATE
     n = min(n, words_before(words, horizon, tolerance=0.0))
-    if window_end - utterance_start < min_commit_window_ms * MS:
+    short = window_end - utterance_start < min_commit_window_ms * MS
+    if short:
         n = 0
     if pause_start is not None:
         at_pause = words_starting_before(words, pause_start / MODEL_RATE)
-        if window_end - utterance_start < min_commit_window_ms * MS and previous_window_end - utterance_start >= DISSENT_WINDOW_MS * MS:
+        if short and previous_window_end - utterance_start >= DISSENT_WINDOW_MS * MS:
             at_pause = min(at_pause, _settled_at_pause(previous, words, previous_window_end - right_context_ms * MS))
         n = max(n, at_pause)
     return n

@@ -31,7 +31,7 @@ def test_each_leg_of_a_replayed_call_is_transcribed_on_its_own_channel() -> None
     calls, _ = build_calls(1, 20.0, CORPUS)
     call = calls[0]
     options = ReplayOptions(corpus=CORPUS, model_path=str(tiny_en_path()))
-    first, legs = run_call_replay(options, calls)
+    first, legs, trace = run_call_replay(options, calls)
     assert [stream.index for stream, _ in legs] == [CHANNEL[t] for t in TRACKS]
     for track, (stream, events) in zip(TRACKS, legs, strict=True):
         assert [u.clip_id for u in stream.utterances] == [t.clip_id for t in call.leg_turns(track)]
@@ -46,7 +46,8 @@ def test_each_leg_of_a_replayed_call_is_transcribed_on_its_own_channel() -> None
     assert figures["utterances"] == len(call.turns) and figures["utterances_lost"] == 0
     assert figures["wer"] < 0.3
     assert first["work"]["audio_s"] == pytest.approx(call.seconds)
-    again, _ = run_call_replay(options, calls)
+    assert trace == "", "no clip was asked to be traced"
+    again, _, _ = run_call_replay(options, calls)
     assert again["figures"]["wer"] == figures["wer"] and again["work"]["decodes"] == first["work"]["decodes"]
 
 

@@ -36,7 +36,7 @@ from stream_server.session import Session
 from .calls import CHANNEL, FRAME, LABELS, RATE, TRACKS, Call, build_calls, offline_texts, turn_utterances
 from .corpus import Stream
 from .diagnostics import TracingDecoder, trace_spans, trace_text, write_per_utterance
-from .metrics import TimedEvent, evaluate_stream, run_figures, wer_counts
+from .metrics import TimedEvent, evaluate_stream, pooled_wer, run_figures
 from .offline import resolve_model_path
 from .replay import ReplayDecoders, ReplayOptions, StreamReplay, limits_with, markdown_summary, replay_feed, run_decoded
 
@@ -82,47 +82,42 @@ def leg_stream(call: Call, index: int, track: str) -> Stream:
     return Stream(index, RATE, np.zeros(0, dtype=np.int16), turn_utterances(call.leg_turns(track)))
 
 
-def run_call_replay(options: ReplayOptions, calls: list[Call]) -> tuple[dict[str, Any], list[tuple[Stream, list[TimedEvent]]]]:
-    """Replay ``calls``; the figures (each leg pooled as a stream) and each leg's events."""
+def run_call_replay(options: ReplayOptions, calls: list[Call]) -> tuple[dict[str, Any], list[tuple[Stream, list[TimedEvent]]], str]:
+    """Replay ``calls``; the figures (each leg pooled as a stream), each leg's events, and the
+    trace of ``options.trace_clips`` (empty when none is in these calls)."""
     legs: list[tuple[Stream, list[TimedEvent]]] = []
-
     traces: list[str] = []
 
     def one(decoders: ReplayDecoders, index: int) -> StreamReplay:
         call = calls[index]
         session = Session(f"replay_call_{index}", config=call_config(), vad=decoders.vad, limits=options.limits)
         streams = [leg_stream(call, 2 * index + CHANNEL[track], track) for track in TRACKS]
-        spans = [span for stream in streams for span in trace_spans(stream, options.trace_clips)]
-        decoder: WhisperDecoder | TracingDecoder = decoders.whisper
-        if spans:
-            decoder = TracingDecoder(decoders.whisper, spans, now=lambda: session.audio_seconds)
-        replayed = replay_call(call, session, decoder, options.lag_ms)
-        for track, stream in zip(TRACKS, streams, strict=True):
+        leg_spans = [trace_spans(stream, options.trace_clips) for stream in streams]
+        spans = [span for each in leg_spans for span in each]
+        tracing = TracingDecoder(decoders.whisper, spans, now=lambda: session.audio_seconds) if spans else None
+        replayed = replay_call(call, session, tracing or decoders.whisper, options.lag_ms)
+        for track, stream, traced in zip(TRACKS, streams, leg_spans, strict=True):
             events = channel_events(replayed.events, CHANNEL[track])
             legs.append((stream, events))
-            if isinstance(decoder, TracingDecoder) and trace_spans(stream, options.trace_clips):
+            if tracing is not None and traced:
                 # The decodes are both legs' (a decode does not say its channel); the events this leg's.
-                traces.append(f"call {index}, {track} ({LABELS[track]})\n" + trace_text(stream, options.trace_clips, decoder.decodes, events))
+                traces.append(f"call {index}, {track} ({LABELS[track]})\n" + trace_text(stream, options.trace_clips, tracing.decodes, events))
         return replayed
 
     result = run_decoded(options, len(calls), one)
     result["figures"] = run_figures([evaluate_stream(s.index, events, s.utterances) for s, events in legs])
     result["options"]["calls"] = len(calls)
-    result["trace"] = "\n".join(traces)
-    return result, legs
+    return result, legs, "\n".join(traces)
 
 
 def offline_leg_figures(calls: list[Call], texts: list[dict[str, list[str]]]) -> dict[str, float]:
     """Offline beam 5 WER pooled over every leg (each turn decoded whole)."""
-    counts = [
-        wer_counts(" ".join(call.references(track)), " ".join(leg_texts.get(track, [])))
+    pairs = (
+        (" ".join(call.references(track)), " ".join(leg_texts.get(track, [])))
         for call, leg_texts in zip(calls, texts, strict=True)
         for track in TRACKS
-    ]
-    total = counts[0]
-    for c in counts[1:]:
-        total = total + c
-    return {"offline_wer_b5": total.wer}
+    )
+    return {"offline_wer_b5": pooled_wer(pairs).wer}
 
 
 def offline_by_clip(calls: list[Call], texts: list[dict[str, list[str]]]) -> dict[str, str]:
@@ -152,10 +147,9 @@ def main_call_replay(args: argparse.Namespace, out: Path) -> int:
         compute_type=args.compute_type or "int8",
         trace_clips=tuple(args.trace),
     )
-    result, legs = run_call_replay(options, calls)
+    result, legs, trace = run_call_replay(options, calls)
     texts = [offline_texts(call, model=args.model or "tiny.en", tag="replay-calls") for call in calls]
     result["offline"] = offline_leg_figures(calls, texts)
-    trace = result.pop("trace")
     (out / "replay.json").write_text(json.dumps(result, indent=2))
     md = markdown_summary(result)
     (out / "replay.md").write_text(md)
