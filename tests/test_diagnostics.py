@@ -12,6 +12,7 @@ from stream_server.bench.diagnostics import (
     TracingDecoder,
     final_words_by_utterance,
     join_words,
+    merge_rows,
     owning_utterance,
     per_utterance_markdown,
     trace_spans,
@@ -67,14 +68,32 @@ def test_rows_score_each_utterance_alone_and_the_report_puts_the_worst_streaming
     ]
     report = per_utterance_markdown(rows)
     assert "streaming 33.33%, offline 16.67% over 6 words, 2 utterances" in report
-    assert "| +1 | clip_a | the cat sat | The cat cat sat. | The cat sat. |" in report
+    assert "| +1 | 1 | clip_a | the cat sat | The cat cat sat. | The cat sat. |" in report
     assert "clip_b" not in report  # equal errors: not listed
+
+
+def test_a_clip_heard_in_several_runs_is_one_row_with_each_reading_counted() -> None:
+    """Repeats (and streams sharing clips) hear a clip more than once: a loss every run makes
+    must stand apart from one draw's."""
+    heard = [
+        [(2.5, segment(("The", 1.0, 1.2), ("cat", 1.3, 1.5), ("cat", 1.5, 1.5), ("sat.", 1.6, 1.9)))],
+        [(2.5, segment(("The", 1.0, 1.2), ("cat", 1.3, 1.5), ("sat.", 1.6, 1.9)))],
+        [(2.5, segment(("The", 1.0, 1.2), ("cat", 1.3, 1.5), ("cat", 1.5, 1.5), ("sat.", 1.6, 1.9)))],
+    ]
+    rows = [row for events in heard for row in utterance_rows(STREAM, events, {"clip_a": "The cat sat.", "clip_b": ""})]
+    merged = merge_rows(rows)
+    assert [(r.clip_id, r.occurrences, r.streaming_errors, r.reference_words) for r in merged] == [("clip_a", 3, 2, 9), ("clip_b", 3, 9, 9)]
+    assert merged[0].streaming == "The cat cat sat. (×2) ‖ The cat sat. (×1)"
+    assert merged[1].streaming == ""  # one reading (lost every time): shown as it is
+    report = per_utterance_markdown(rows)
+    assert "over 18 words, 6 utterances" in report
+    assert "| +2 | 3 | clip_a | the cat sat | The cat cat sat. (×2) ‖ The cat sat. (×1) | The cat sat. |" in report
 
 
 def test_an_utterance_streaming_lost_shows_as_empty() -> None:
     rows = utterance_rows(STREAM, [(2.5, segment(("The", 1.0, 1.2), ("cat", 1.3, 1.5), ("sat.", 1.6, 1.9)))], {"clip_b": "on the mat"})
     assert rows[1].streaming == "" and rows[1].excess == 3
-    assert "| +3 | clip_b | on the mat | ∅ | on the mat |" in per_utterance_markdown(rows)
+    assert "| +3 | 1 | clip_b | on the mat | ∅ | on the mat |" in per_utterance_markdown(rows)
 
 
 def test_a_live_levels_report_is_read_from_the_events_its_clients_wrote(tmp_path: Path) -> None:
@@ -83,7 +102,7 @@ def test_a_live_levels_report_is_read_from_the_events_its_clients_wrote(tmp_path
     path = write_level_per_utterance(tmp_path, [STREAM], {"clip_a": "the cat", "clip_b": "on the mat"})
     assert path == tmp_path / "per_utterance.md"
     assert path.read_text().startswith("Per-utterance WER (each utterance scored alone): streaming 0.00%, offline 16.67% over 6 words")
-    assert "| -1 | clip_a |" in path.read_text()
+    assert "| -1 | 1 | clip_a |" in path.read_text()
 
 
 class Recorded:

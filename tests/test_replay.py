@@ -14,9 +14,18 @@ import pytest
 from stream_server import protocol as p
 from stream_server.audio import resample
 from stream_server.audio_files import read_wav
+from stream_server.bench.__main__ import build_parser
 from stream_server.bench.corpus import Stream
 from stream_server.bench.metrics import normalize_text
-from stream_server.bench.replay import ReplayOptions, limits_with, replay_stream, replay_streams, run_replay
+from stream_server.bench.replay import (
+    DecodeLag,
+    ReplayOptions,
+    limits_with,
+    replay_args_problem,
+    replay_stream,
+    replay_streams,
+    run_replay,
+)
 from stream_server.decoding import WhisperDecoder
 from stream_server.models import tiny_en_path
 from stream_server.planner import SessionLimits
@@ -38,6 +47,35 @@ def test_limit_overrides_are_typed_and_checked() -> None:
     assert dataclasses.replace(limits, prefix_words=8, interim_pace=3.0, interim_decoding=True) == SessionLimits()
     with pytest.raises(ValueError, match="unknown limit"):
         limits_with(["no_such_limit=1"])
+
+
+def test_a_jittered_lag_stays_in_its_bounds_keeps_submission_order_and_repeats_its_draws() -> None:
+    fixed = DecodeLag(200)
+    assert [fixed.due(t) for t in (0.0, 0.02, 0.5)] == [pytest.approx(0.2), pytest.approx(0.22), pytest.approx(0.7)]
+    submitted = [i * 0.01 for i in range(200)]
+    jittered = DecodeLag(200, jitter_ms=50, seed="0:1:2")
+    due = [jittered.due(t) for t in submitted]
+    assert all(0.15 - 1e-9 <= d - t <= 0.25 + 1e-9 for d, t in zip(due, submitted, strict=True))
+    assert due == sorted(due), "one queue: results come back in submission order"
+    assert len({round(d - t, 4) for d, t in zip(due, submitted, strict=True)}) > 50, "the lags vary"
+    again, other = DecodeLag(200, jitter_ms=50, seed="0:1:2"), DecodeLag(200, jitter_ms=50, seed="0:2:2")
+    assert due == [again.due(t) for t in submitted], "a seed repeats its draws"
+    assert due != [other.due(t) for t in submitted]
+    with pytest.raises(ValueError, match="jitter"):
+        DecodeLag(100, jitter_ms=150)
+
+
+def test_repeats_without_jitter_are_refused_before_any_model_loads() -> None:
+    def problem(*flags: str) -> str | None:
+        return replay_args_problem(build_parser().parse_args(["--replay", "--corpus", str(CORPUS), *flags]))
+
+    if not (CORPUS / "manifest.jsonl").exists():
+        assert problem() is not None and "corpus not found" in str(problem())
+        return
+    assert problem() is None and problem("--replay-jitter-ms", "40", "--replay-repeats", "3") is None
+    assert "needs --replay-jitter-ms" in str(problem("--replay-repeats", "3"))
+    assert "between 0 and --replay-lag-ms" in str(problem("--replay-jitter-ms", "300"))
+    assert "at least 1" in str(problem("--replay-repeats", "0", "--replay-jitter-ms", "10"))
 
 
 @needs_corpus
@@ -63,21 +101,32 @@ def test_a_replay_is_repeatable_and_counts_the_decoders_work() -> None:
 @needs_corpus
 @pytest.mark.timeout(300)
 def test_bench_replay_command_writes_its_report(tmp_path: Path) -> None:
+    """Two jittered runs of the same 15 s: each run's WER, the pooled figures, one per-utterance
+    row per clip over both runs, and the first run's trace."""
     streams, _ = replay_streams(ReplayOptions(corpus=CORPUS, model_path="", duration_s=15.0))
     traced = streams[0].utterances[1]
     cmd = [sys.executable, "-m", "stream_server.bench", "--replay", "--duration-s", "15", "--no-offline",
-           "--limit", "interim_step_ms=500", "--per-utterance", "--trace", traced.clip_id, "--out", str(tmp_path)]
+           "--limit", "interim_step_ms=500", "--per-utterance", "--trace", traced.clip_id, "--out", str(tmp_path),
+           "--replay-jitter-ms", "60", "--replay-repeats", "2"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "replay.json").read_text())
     assert result["options"]["limits"]["interim_step_ms"] == 500
-    assert "| WER |" in (tmp_path / "replay.md").read_text()
+    assert (result["options"]["jitter_ms"], result["options"]["repeats"]) == (60, 2)
+    assert len(result["wer_by_repeat"]) == 2 and len(result["hypotheses"]) == 2
+    assert result["figures"]["utterances"] == 2 * len(streams[0].utterances), "figures pool both runs"
+    assert min(result["wer_by_repeat"]) <= result["figures"]["wer"] <= max(result["wer_by_repeat"])
+    report = (tmp_path / "replay.md").read_text()
+    assert "| WER |" in report and "| WER by run |" in report and "lag 200 ± 60 ms" in report
     # --per-utterance needs the offline texts even with --no-offline.
     assert result["offline"]["offline_wer_beam1"] < 0.5
     per_utterance = (tmp_path / "per_utterance.md").read_text()
-    assert f"over {sum(len(normalize_text(u.text).split()) for u in streams[0].utterances)} words" in per_utterance
+    words = sum(len(normalize_text(u.text).split()) for u in streams[0].utterances)
+    assert f"over {2 * words} words, {2 * len(streams[0].utterances)} utterances" in per_utterance
+    assert all(line.split(" | ")[1] == "2" for line in per_utterance.splitlines()[4:]), "one row per clip, heard twice"
     trace = (tmp_path / "trace.txt").read_text()
     assert trace.startswith(f"clip {traced.clip_id}: audio {traced.audio_start_s:.2f}")
+    assert trace.count(f"clip {traced.clip_id}: audio") == 1, "the first run is traced"
     assert " decode " in trace and "transcript.segment" in trace
 
 
@@ -93,7 +142,7 @@ def jfk_stream(lead: int) -> Stream:
 def jfk_segments(stream: Stream, decoder: WhisperDecoder, vad: SileroVad, limits: SessionLimits) -> list[str]:
     config = p.SessionConfig(sample_rate=16000, language="en", interim_results=True)
     session = Session("sess_jfk", config=config, vad=vad, limits=limits)
-    events = replay_stream(stream, session, decoder, lag_ms=200).events
+    events = replay_stream(stream, session, decoder, DecodeLag(200)).events
     return [normalize_text(e["text"]) for _, e in events if e["type"] == "transcript.segment"]
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -49,6 +50,11 @@ def test_each_leg_of_a_replayed_call_is_transcribed_on_its_own_channel() -> None
     assert trace == "", "no clip was asked to be traced"
     again, _, _ = run_call_replay(options, calls)
     assert again["figures"]["wer"] == figures["wer"] and again["work"]["decodes"] == first["work"]["decodes"]
+    # Two runs with jittered lags: both legs in each run, figures pooled, each run's WER kept.
+    jittered, runs, _ = run_call_replay(dataclasses.replace(options, jitter_ms=80, repeats=2), calls)
+    assert [stream.index for stream, _ in runs] == [CHANNEL[t] for t in TRACKS] * 2
+    assert len(jittered["wer_by_repeat"]) == 2 and jittered["figures"]["utterances"] == 2 * len(call.turns)
+    assert jittered["work"]["audio_s"] == pytest.approx(2 * call.seconds)
 
 
 @needs_corpus

@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "N two-leg μ-law calls through one two-channel session each, every leg scored vs offline")
     rp.add_argument("--replay-lag-ms", type=int, default=200,
                     help="with --replay: audio time from a decode's submission to its result (default 200)")
+    rp.add_argument("--replay-jitter-ms", type=int, default=0,
+                    help="with --replay: draw each decode's lag from --replay-lag-ms ± this (seeded, so runs still "
+                    "repeat; default 0)")
+    rp.add_argument("--replay-repeats", type=int, default=1,
+                    help="with --replay and a jitter: run the same streams this many times, each with its own lag "
+                    "draws; WER pooled and per run (one run's WER is one draw: see bench/replay.py)")
     rp.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                     help="with --replay: a session limit (planner.SessionLimits field), repeatable, "
                     "e.g. --limit prefix_words=4")

@@ -50,11 +50,33 @@ class UtteranceRow:
     streaming_errors: int
     offline_errors: int
     reference_words: int
+    occurrences: int = 1  # times the clip was heard (streams, repeats); errors and words are summed
 
     @property
     def excess(self) -> int:
         """Errors streaming makes beyond offline (negative: streaming did better)."""
         return self.streaming_errors - self.offline_errors
+
+
+def merge_rows(rows: Sequence[UtteranceRow]) -> list[UtteranceRow]:
+    """One row per clip, in first-heard order: a clip heard in several streams or repeats sums its
+    errors, and its streaming cell lists each distinct reading with how often it came out, so a
+    loss that happens in every run stands apart from one that happens in one draw of several."""
+    by_clip: dict[str, list[UtteranceRow]] = {}
+    for row in rows:
+        by_clip.setdefault(row.clip_id, []).append(row)
+    merged = []
+    for same in by_clip.values():
+        readings: dict[str, int] = {}
+        for row in same:
+            readings[row.streaming] = readings.get(row.streaming, 0) + 1
+        streaming = same[0].streaming if len(readings) == 1 else " ‖ ".join(f"{text or '∅'} (×{n})" for text, n in readings.items())
+        merged.append(UtteranceRow(
+            same[0].clip_id, same[0].reference, streaming, same[0].offline,
+            sum(r.streaming_errors for r in same), sum(r.offline_errors for r in same),
+            sum(r.reference_words for r in same), sum(r.occurrences for r in same),
+        ))
+    return merged
 
 
 def owning_utterance(utterances: Sequence[Utterance], t: float) -> int:
@@ -112,18 +134,19 @@ def write_level_per_utterance(folder: Path, streams: Sequence[Stream], offline: 
 
 
 def per_utterance_markdown(rows: Sequence[UtteranceRow]) -> str:
-    """Totals, then every utterance where streaming and offline differ, worst streaming first."""
+    """Totals, then every clip where streaming and offline differ, worst streaming first (a clip
+    heard more than once is one row: :func:`merge_rows`)."""
     words = sum(r.reference_words for r in rows) or 1
     streaming, offline = sum(r.streaming_errors for r in rows), sum(r.offline_errors for r in rows)
     lines = [
         f"Per-utterance WER (each utterance scored alone): streaming {100 * streaming / words:.2f}%, "
         f"offline {100 * offline / words:.2f}% over {words} words, {len(rows)} utterances.",
         "",
-        "| excess | clip | reference | streaming | offline |",
-        "|---|---|---|---|---|",
+        "| excess | heard | clip | reference | streaming | offline |",
+        "|---|---|---|---|---|---|",
     ]
-    for r in sorted((r for r in rows if r.excess), key=lambda r: (-r.excess, r.clip_id)):
-        lines.append(f"| {r.excess:+d} | {r.clip_id} | {_cell(r.reference)} | {_cell(r.streaming)} | {_cell(r.offline)} |")
+    for r in sorted((r for r in merge_rows(rows) if r.excess), key=lambda r: (-r.excess, r.clip_id)):
+        lines.append(f"| {r.excess:+d} | {r.occurrences} | {r.clip_id} | {_cell(r.reference)} | {_cell(r.streaming)} | {_cell(r.offline)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -220,6 +243,7 @@ __all__ = [
     "TracingDecoder",
     "UtteranceRow",
     "final_words_by_utterance",
+    "merge_rows",
     "owning_utterance",
     "per_utterance_markdown",
     "trace_spans",

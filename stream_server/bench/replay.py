@@ -16,10 +16,17 @@ counts (decodes, encoder seconds, forced and generated decoder steps, aligned to
 Latencies here are audio time: finalization = segment time - speech end (includes ``lag_ms``
 and the VAD's end-of-speech wait), first text = first delta or interim - speech start.
 
+One replay's WER is one draw, not a property of the policy: tiny.en's reading of a window turns
+on where the window ends and on the last bits of its features (the whole corpus reads 9.28% with
+one BLAS thread and 8.39% with two, same code). ``--replay-jitter-ms`` draws each decode's lag
+from ``lag_ms`` ± the jitter (seeded: every draw repeats) and ``--replay-repeats`` pools several
+draws, reporting each run's WER: a lever has to beat that spread, not one run.
+
 Usage::
 
     stream-server bench --replay --duration-s 180 --replay-lag-ms 200
-    stream-server bench --replay --telephone --server-arg='--prefix-words 4'  # a lever, A/B
+    stream-server bench --replay --telephone --limit prefix_words=4  # a lever, A/B
+    stream-server bench --replay --replay-jitter-ms 50 --replay-repeats 3  # three draws, pooled
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import functools
 import heapq
 import itertools
 import json
+import random
+import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,7 +54,7 @@ from stream_server.vad import SileroVad
 
 from .corpus import PreparedClip, Stream, build_streams
 from .diagnostics import TracingDecoder, trace_spans, trace_text, write_per_utterance
-from .metrics import TimedEvent, evaluate_stream, run_figures
+from .metrics import StreamEvaluation, TimedEvent, evaluate_stream, run_figures
 from .offline import offline_figures, resolve_model_path, transcribe_pool
 
 FRAME_MS = 20
@@ -66,6 +75,35 @@ class ReplayOptions:
     compute_type: str = "int8"
     cpu_threads: int = 0
     trace_clips: tuple[str, ...] = ()  # clips whose decodes are traced (diagnostics.TracingDecoder)
+    jitter_ms: int = 0  # each decode's lag is drawn from lag_ms ± jitter_ms (seeded)
+    repeats: int = 1  # runs of the same streams, each with its own lag draws (needs jitter_ms)
+
+    def lag(self, repeat: int, index: int) -> DecodeLag:
+        """The lags of stream (or call) ``index`` in run ``repeat``: the same draws every time."""
+        return DecodeLag(self.lag_ms, self.jitter_ms, seed=f"{self.seed}:{repeat}:{index}")
+
+
+@dataclasses.dataclass
+class DecodeLag:
+    """When a decode's result comes back: ``lag_ms`` of audio after its submission, ± up to
+    ``jitter_ms`` drawn from ``seed``, and never before the previous result (one decode queue
+    keeps a session's results in submission order)."""
+
+    lag_ms: int
+    jitter_ms: int = 0
+    seed: str = ""
+    _last: float = dataclasses.field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.jitter_ms <= self.lag_ms:
+            raise ValueError(f"jitter {self.jitter_ms} ms must be between 0 and the lag ({self.lag_ms} ms)")
+        self._rng = random.Random(self.seed)
+
+    def due(self, now: float) -> float:
+        """The audio time the result of a decode submitted at ``now`` is handed back."""
+        lag = self.lag_ms + (self._rng.uniform(-self.jitter_ms, self.jitter_ms) if self.jitter_ms else 0.0)
+        self._last = max(self._last, now + lag / 1000)
+        return self._last
 
 
 @dataclasses.dataclass
@@ -83,10 +121,10 @@ def replay_stream(
     stream: Stream,
     session: Session,
     decoder: WhisperDecoder | TracingDecoder,
-    lag_ms: int,
+    lag: DecodeLag,
 ) -> StreamReplay:
     """Feed ``stream`` to ``session`` frame by frame on the audio clock; decode each ticket at
-    once and hand its result back ``lag_ms`` later (in submission order when times tie)."""
+    once and hand its result back when ``lag`` says (in submission order)."""
     rate = stream.sample_rate
     frame = rate * FRAME_MS // 1000
     samples = stream.samples
@@ -96,7 +134,7 @@ def replay_stream(
             chunk = samples[i : i + frame].astype("<i2").tobytes()
             yield (i + frame) / rate, functools.partial(session.receive_bytes, chunk)
 
-    return replay_feed(session, frames(), len(samples) / rate, decoder, lag_ms)
+    return replay_feed(session, frames(), len(samples) / rate, decoder, lag)
 
 
 def replay_feed(
@@ -104,7 +142,7 @@ def replay_feed(
     frames: Iterable[tuple[float, Callable[[], None]]],
     end_s: float,
     decoder: WhisperDecoder | TracingDecoder,
-    lag_ms: int,
+    lag: DecodeLag,
 ) -> StreamReplay:
     """The replay loop: each ``(audio time, feed)`` of ``frames`` hands the session the audio
     that ends at that time, after the decode results due by then; the session is closed at
@@ -118,7 +156,7 @@ def replay_feed(
             out.decodes += 1
             out.finals += ticket.final
             result = decoder.decode_batch([ticket.request])[0]
-            heapq.heappush(due, (now + lag_ms / 1000, next(order), ticket, result))
+            heapq.heappush(due, (lag.due(now), next(order), ticket, result))
         # Nothing is queued, so a promotion changes no order here; it does make the decode a final.
         out.finals += len(session.decodes_to_promote())
         for event in session.events_to_send():
@@ -142,14 +180,14 @@ def replay_feed(
     return out
 
 
-def _replay_one(stream: Stream, session: Session, decoder: WhisperDecoder, options: ReplayOptions) -> StreamReplay:
-    """One stream's replay, with its trace when it holds any of ``options.trace_clips``."""
-    spans = trace_spans(stream, options.trace_clips)
+def _replay_one(stream: Stream, session: Session, decoder: WhisperDecoder, lag: DecodeLag, trace_clips: Sequence[str]) -> StreamReplay:
+    """One stream's replay, with its trace when it holds any of ``trace_clips``."""
+    spans = trace_spans(stream, trace_clips)
     if not spans:
-        return replay_stream(stream, session, decoder, options.lag_ms)
+        return replay_stream(stream, session, decoder, lag)
     tracing = TracingDecoder(decoder, spans, now=lambda: session.audio_seconds)
-    replayed = replay_stream(stream, session, tracing, options.lag_ms)
-    replayed.trace = trace_text(stream, options.trace_clips, tracing.decodes, replayed.events)
+    replayed = replay_stream(stream, session, tracing, lag)
+    replayed.trace = trace_text(stream, trace_clips, tracing.decodes, replayed.events)
     return replayed
 
 
@@ -169,17 +207,18 @@ class ReplayDecoders:
     profile: StageProfile
 
 
-def run_decoded(options: ReplayOptions, count: int, one: Callable[[ReplayDecoders, int], StreamReplay]) -> dict[str, Any]:
-    """Run ``one`` for each of ``count`` streams (or calls) on shared models; the options and the
-    decode work per audio second (``figures`` are the caller's: it knows what a stream is)."""
+def run_decoded(options: ReplayOptions, count: int, one: Callable[[ReplayDecoders, int, int], StreamReplay]) -> dict[str, Any]:
+    """Run ``one(decoders, index, repeat)`` for each of ``count`` streams (or calls), in each of
+    ``options.repeats`` runs, on shared models; the options and the decode work per audio second
+    (``figures`` are the caller's: it knows what a stream is)."""
     profile = StageProfile()
     whisper = WhisperDecoder(options.model_path, compute_type=options.compute_type, cpu_threads=options.cpu_threads, profile=profile)
     decoders = ReplayDecoders(whisper, SileroVad(profile=profile), profile)
     decodes = finals = 0
     audio_s = 0.0
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    for index in range(count):
-        replayed = one(decoders, index)
+    for repeat, index in itertools.product(range(options.repeats), range(count)):
+        replayed = one(decoders, index, repeat)
         decodes += replayed.decodes
         finals += replayed.finals
         audio_s += replayed.audio_s
@@ -202,6 +241,8 @@ def run_decoded(options: ReplayOptions, count: int, one: Callable[[ReplayDecoder
             "streams": options.streams,
             "seed": options.seed,
             "telephone": options.telephone,
+            "jitter_ms": options.jitter_ms,
+            "repeats": options.repeats,
             "limits": dataclasses.asdict(options.limits),
         },
         "work": work,
@@ -214,28 +255,31 @@ def run_replay(
     on_stream: Callable[[Stream, StreamReplay], None] | None = None,
 ) -> dict[str, Any]:
     """Replay ``options.streams`` corpus streams (or ``streams``, already built from ``options``);
-    the figures and the per-stage work. ``on_stream`` sees each stream's replay (its events)."""
+    the figures (pooled over repeats) and the per-stage work. ``on_stream`` sees each stream's
+    replay (its events), once per repeat; only the first repeat is traced."""
     if streams is None:
         streams, _ = replay_streams(options)
     chosen = streams
-    evaluations = []
+    evaluations: list[list[StreamEvaluation]] = [[] for _ in range(options.repeats)]
 
-    def one(decoders: ReplayDecoders, index: int) -> StreamReplay:
+    def one(decoders: ReplayDecoders, index: int, repeat: int) -> StreamReplay:
         stream = chosen[index]
         config = p.SessionConfig(sample_rate=stream.sample_rate, language="en", interim_results=True, include=["logprobs", "words"])
         session = Session(f"replay_{stream.index}", config=config, vad=decoders.vad, limits=options.limits)
-        replayed = _replay_one(stream, session, decoders.whisper, options)
+        traced = options.trace_clips if repeat == 0 else ()
+        replayed = _replay_one(stream, session, decoders.whisper, options.lag(repeat, index), traced)
         if on_stream is not None:
             on_stream(stream, replayed)
-        evaluations.append(evaluate_stream(stream.index, replayed.events, stream.utterances))
+        evaluations[repeat].append(evaluate_stream(stream.index, replayed.events, stream.utterances))
         return replayed
 
     result = run_decoded(options, len(chosen), one)
     return {
         "options": result["options"],
-        "figures": run_figures(evaluations),
+        "figures": run_figures([e for run in evaluations for e in run]),
+        "wer_by_repeat": [run_figures(run)["wer"] for run in evaluations],
         "work": result["work"],
-        "hypotheses": [e.hypothesis for e in evaluations],
+        "hypotheses": [e.hypothesis for run in evaluations for e in run],
     }
 
 
@@ -256,6 +300,11 @@ def markdown_summary(result: dict[str, Any]) -> str:
     if offline:
         shown = " / ".join(f"{k.removeprefix('offline_wer_')} {v * 100:.2f}%" for k, v in sorted(offline.items()))
         rows = [*rows[:2], ("offline WER", shown), *rows[2:]]
+    runs = result.get("wer_by_repeat") or []
+    if len(runs) > 1:
+        o = result["options"]
+        spread = f"mean {statistics.mean(runs) * 100:.2f}%, sd {statistics.stdev(runs) * 100:.2f}"
+        rows = [*rows[:1], ("WER by run", " / ".join(f"{r * 100:.2f}%" for r in runs) + f" ({spread}; lag {o['lag_ms']} ± {o['jitter_ms']} ms)"), *rows[1:]]
     rows = [*rows, *((k, f"{v:.2f}") for k, v in w.items() if k.endswith("_per_audio_s") and k.startswith(("forced", "generated", "encoder", "aligned")))]
     return "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]) + "\n"
 
@@ -265,10 +314,24 @@ def _pair(figures: dict[str, float], prefix: str) -> str:
     return "-" if p50 is None or p95 is None else f"{p50:.2f} / {p95:.2f}"
 
 
+def replay_args_problem(args: argparse.Namespace) -> str | None:
+    """Why the replay flags cannot run as given (``None``: they can)."""
+    if not (args.corpus / "manifest.jsonl").exists():
+        return f"corpus not found: {args.corpus}/manifest.jsonl"
+    if not 0 <= args.replay_jitter_ms <= args.replay_lag_ms:
+        return f"--replay-jitter-ms must be between 0 and --replay-lag-ms ({args.replay_lag_ms})"
+    if args.replay_repeats < 1:
+        return "--replay-repeats must be at least 1"
+    if args.replay_repeats > 1 and not args.replay_jitter_ms:
+        return "--replay-repeats needs --replay-jitter-ms above 0: without jitter every run is the same run"
+    return None
+
+
 def main_replay(args: argparse.Namespace, out: Path) -> int:
     """``stream-server bench --replay``: writes ``replay.json`` and ``replay.md`` to ``out``."""
-    if not (args.corpus / "manifest.jsonl").exists():
-        print(f"[bench] corpus not found: {args.corpus}/manifest.jsonl", file=sys.stderr)
+    problem = replay_args_problem(args)
+    if problem:
+        print(f"[bench] {problem}", file=sys.stderr)
         return 2
     options = ReplayOptions(
         corpus=args.corpus,
@@ -281,6 +344,8 @@ def main_replay(args: argparse.Namespace, out: Path) -> int:
         telephone=args.telephone,
         compute_type=args.compute_type or "int8",
         trace_clips=tuple(args.trace),
+        jitter_ms=args.replay_jitter_ms,
+        repeats=args.replay_repeats,
     )
     streams, pool = replay_streams(options)
     replays: list[tuple[Stream, StreamReplay]] = []

@@ -8,7 +8,8 @@ each leg against offline faster-whisper on the same μ-law, identical on every m
 Here each call of :func:`.calls.build_calls` runs through one real two-channel
 :class:`~stream_server.session.Session` (μ-law at 8 kHz, the channels labelled as the Twilio
 dialect labels them) with the replay loop of :mod:`.replay`: both legs' 20 ms frames go in at
-their audio times, every decode runs at once and comes back ``lag_ms`` later. Each leg is scored
+their audio times, every decode runs at once and comes back ``lag_ms`` later (± the jitter, over
+``--replay-repeats`` runs: see :mod:`.replay` for why one run is one draw). Each leg is scored
 as a stream of its own (its channel's events against its turns); the offline baseline decodes
 each turn whole (beam 5), as the live call benchmark does.
 
@@ -38,7 +39,17 @@ from .corpus import Stream
 from .diagnostics import TracingDecoder, trace_spans, trace_text, write_per_utterance
 from .metrics import TimedEvent, evaluate_stream, pooled_wer, run_figures
 from .offline import resolve_model_path
-from .replay import ReplayDecoders, ReplayOptions, StreamReplay, limits_with, markdown_summary, replay_feed, run_decoded
+from .replay import (
+    DecodeLag,
+    ReplayDecoders,
+    ReplayOptions,
+    StreamReplay,
+    limits_with,
+    markdown_summary,
+    replay_args_problem,
+    replay_feed,
+    run_decoded,
+)
 
 
 def call_config() -> p.SessionConfig:
@@ -55,7 +66,7 @@ def call_config() -> p.SessionConfig:
     )
 
 
-def replay_call(call: Call, session: Session, decoder: WhisperDecoder | TracingDecoder, lag_ms: int) -> StreamReplay:
+def replay_call(call: Call, session: Session, decoder: WhisperDecoder | TracingDecoder, lag: DecodeLag) -> StreamReplay:
     """Both legs of ``call`` into ``session``, a 20 ms frame of each at a time, as Twilio sends them."""
     legs = [(CHANNEL[track], call.legs[track]) for track in TRACKS]
     length = len(legs[0][1])
@@ -64,7 +75,7 @@ def replay_call(call: Call, session: Session, decoder: WhisperDecoder | TracingD
         for start in range(0, length, FRAME):
             yield (start + FRAME) / RATE, functools.partial(_feed_frame, session, legs, start)
 
-    return replay_feed(session, frames(), length / RATE, decoder, lag_ms)
+    return replay_feed(session, frames(), length / RATE, decoder, lag)
 
 
 def _feed_frame(session: Session, legs: list[tuple[int, bytes]], start: int) -> None:
@@ -83,31 +94,34 @@ def leg_stream(call: Call, index: int, track: str) -> Stream:
 
 
 def run_call_replay(options: ReplayOptions, calls: list[Call]) -> tuple[dict[str, Any], list[tuple[Stream, list[TimedEvent]]], str]:
-    """Replay ``calls``; the figures (each leg pooled as a stream), each leg's events, and the
-    trace of ``options.trace_clips`` (empty when none is in these calls)."""
-    legs: list[tuple[Stream, list[TimedEvent]]] = []
+    """Replay ``calls`` (``options.repeats`` times); the figures (each leg pooled as a stream,
+    over every run), each leg's events in each run, and the first run's trace of
+    ``options.trace_clips`` (empty when none is in these calls)."""
+    legs: list[list[tuple[Stream, list[TimedEvent]]]] = [[] for _ in range(options.repeats)]
     traces: list[str] = []
 
-    def one(decoders: ReplayDecoders, index: int) -> StreamReplay:
+    def one(decoders: ReplayDecoders, index: int, repeat: int) -> StreamReplay:
         call = calls[index]
         session = Session(f"replay_call_{index}", config=call_config(), vad=decoders.vad, limits=options.limits)
         streams = [leg_stream(call, 2 * index + CHANNEL[track], track) for track in TRACKS]
-        leg_spans = [trace_spans(stream, options.trace_clips) for stream in streams]
+        leg_spans = [trace_spans(stream, options.trace_clips) if repeat == 0 else [] for stream in streams]
         spans = [span for each in leg_spans for span in each]
         tracing = TracingDecoder(decoders.whisper, spans, now=lambda: session.audio_seconds) if spans else None
-        replayed = replay_call(call, session, tracing or decoders.whisper, options.lag_ms)
+        replayed = replay_call(call, session, tracing or decoders.whisper, options.lag(repeat, index))
         for track, stream, traced in zip(TRACKS, streams, leg_spans, strict=True):
             events = channel_events(replayed.events, CHANNEL[track])
-            legs.append((stream, events))
+            legs[repeat].append((stream, events))
             if tracing is not None and traced:
                 # The decodes are both legs' (a decode does not say its channel); the events this leg's.
                 traces.append(f"call {index}, {track} ({LABELS[track]})\n" + trace_text(stream, options.trace_clips, tracing.decodes, events))
         return replayed
 
     result = run_decoded(options, len(calls), one)
-    result["figures"] = run_figures([evaluate_stream(s.index, events, s.utterances) for s, events in legs])
+    evaluations = [[evaluate_stream(s.index, events, s.utterances) for s, events in run] for run in legs]
+    result["figures"] = run_figures([e for run in evaluations for e in run])
+    result["wer_by_repeat"] = [run_figures(run)["wer"] for run in evaluations]
     result["options"]["calls"] = len(calls)
-    return result, legs, "\n".join(traces)
+    return result, [leg for run in legs for leg in run], "\n".join(traces)
 
 
 def offline_leg_figures(calls: list[Call], texts: list[dict[str, list[str]]]) -> dict[str, float]:
@@ -132,8 +146,9 @@ def offline_by_clip(calls: list[Call], texts: list[dict[str, list[str]]]) -> dic
 
 def main_call_replay(args: argparse.Namespace, out: Path) -> int:
     """``stream-server bench --replay --calls N``: writes ``replay.json`` and ``replay.md``."""
-    if not (args.corpus / "manifest.jsonl").exists():
-        print(f"[bench] corpus not found: {args.corpus}/manifest.jsonl", file=sys.stderr)
+    problem = replay_args_problem(args)
+    if problem:
+        print(f"[bench] {problem}", file=sys.stderr)
         return 2
     count = max(int(n) for n in str(args.calls).split(","))
     calls, notes = build_calls(count, args.call_s, args.corpus)
@@ -146,6 +161,8 @@ def main_call_replay(args: argparse.Namespace, out: Path) -> int:
         lag_ms=args.replay_lag_ms,
         compute_type=args.compute_type or "int8",
         trace_clips=tuple(args.trace),
+        jitter_ms=args.replay_jitter_ms,
+        repeats=args.replay_repeats,
     )
     result, legs, trace = run_call_replay(options, calls)
     texts = [offline_texts(call, model=args.model or "tiny.en", tag="replay-calls") for call in calls]
