@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from stream_server.bench.corpus import Stream, Utterance
 from stream_server.bench.diagnostics import (
@@ -15,11 +16,13 @@ from stream_server.bench.diagnostics import (
     merge_rows,
     owning_utterance,
     per_utterance_markdown,
+    per_utterance_wer,
     trace_spans,
     trace_text,
     utterance_rows,
     write_level_per_utterance,
 )
+from stream_server.bench.metrics import wer_counts
 from stream_server.bench.runner import _write_events, events_path
 from stream_server.decoding import DecodeRequest, DecodeResult, Word
 
@@ -88,6 +91,18 @@ def test_a_clip_heard_in_several_runs_is_one_row_with_each_reading_counted() -> 
     report = per_utterance_markdown(rows)
     assert "over 18 words, 6 utterances" in report
     assert "| +2 | 3 | clip_a | the cat sat | The cat cat sat. (×2) ‖ The cat sat. (×1) | The cat sat. |" in report
+
+
+def test_each_utterance_scored_alone_reads_no_number_across_a_boundary() -> None:
+    """Normalised as one text, "Four. One." is "41" and the reference "4 1" is "4 one": two
+    errors where the transcript has none. Scored alone, each utterance is right."""
+    digits = Stream(0, 16000, np.zeros(16000 * 5, dtype=np.int16), [
+        Utterance("four", "4", 1.0, 1.5, 0.9, 1.6), Utterance("one", "1", 3.0, 3.5, 2.9, 3.6)])
+    events = [(2.0, segment(("Four.", 1.1, 1.4))), (4.0, segment(("One.", 3.1, 3.4)))]
+    assert wer_counts("4 1", "Four. One.").errors == 2
+    figures = per_utterance_wer([(digits, events), (digits, events[:1])], {"beam1": {"four": "for", "one": "1"}})
+    # Two runs: the second lost "one"; offline misread "four" in both.
+    assert figures == {"wer_per_utterance": pytest.approx(1 / 4), "offline_wer_per_utterance_beam1": pytest.approx(2 / 4)}
 
 
 def test_an_utterance_streaming_lost_shows_as_empty() -> None:

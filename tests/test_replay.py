@@ -120,6 +120,9 @@ def test_bench_replay_command_writes_its_report(tmp_path: Path) -> None:
     assert "| WER |" in report and "| WER by run |" in report and "lag 200 ± 60 ms" in report
     # --per-utterance needs the offline texts even with --no-offline.
     assert result["offline"]["offline_wer_beam1"] < 0.5
+    alone = result["per_utterance"]
+    assert set(alone) == {"wer_per_utterance", "offline_wer_per_utterance_beam1", "offline_wer_per_utterance_beam5"}
+    assert "| WER, each utterance scored alone |" in report
     per_utterance = (tmp_path / "per_utterance.md").read_text()
     words = sum(len(normalize_text(u.text).split()) for u in streams[0].utterances)
     assert f"over {2 * words} words, {2 * len(streams[0].utterances)} utterances" in per_utterance

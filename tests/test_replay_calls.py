@@ -70,6 +70,9 @@ def test_bench_call_replay_command_writes_its_report(tmp_path: Path) -> None:
     assert result["options"]["calls"] == 1
     assert result["offline"]["offline_wer_b5"] < 0.3
     assert "| offline WER | b5 " in (tmp_path / "replay.md").read_text()
+    assert set(result["per_utterance"]) == {"wer_per_utterance", "offline_wer_per_utterance_b5"}
+    # A call's turns are whole sentences, scored alone or as a leg the same but for the joins.
+    assert abs(result["per_utterance"]["offline_wer_per_utterance_b5"] - result["offline"]["offline_wer_b5"]) < 0.05
     words = sum(len(normalize_text(t.reference).split()) for t in calls[0].turns)
     assert f"over {words} words, {len(calls[0].turns)} utterances" in (tmp_path / "per_utterance.md").read_text()
     trace = (tmp_path / "trace.txt").read_text()

@@ -16,7 +16,7 @@ two views say *where*, which is what choosing the next decoder guard or commit r
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from stream_server.audio import MODEL_RATE
 from stream_server.decoding import DecodeRequest, DecodeResult, WhisperDecoder
 
 from .corpus import Stream, Utterance
-from .metrics import TimedEvent, wer_counts
+from .metrics import ZERO_COUNTS, TimedEvent, wer_counts
 from .runner import events_path, read_events
 
 #: Trace decodes and events from this long before a traced clip's audio to this long after it.
@@ -77,6 +77,26 @@ def merge_rows(rows: Sequence[UtteranceRow]) -> list[UtteranceRow]:
             sum(r.reference_words for r in same), sum(r.occurrences for r in same),
         ))
     return merged
+
+
+def per_utterance_wer(runs: Iterable[tuple[Stream, Sequence[TimedEvent]]], offline: Mapping[str, Mapping[str, str]]) -> dict[str, float]:
+    """Streaming WER, and each offline baseline's (``offline``: a name, e.g. ``beam5``, to its
+    text per clip), with every utterance normalised and scored alone, then pooled.
+
+    The headline WER normalises a stream's whole text at once. Whisper's normaliser then reads
+    numbers across utterance boundaries: "Four. One." becomes "41", "Two. Zero." "20", and the
+    reference "4 1" "4 one", so a stream of short digit clips loses words no transcript got
+    wrong (and streaming, whose prompts carry the digits, more than offline). Scoring each
+    utterance alone, as a test set is scored, does not; a final word belongs to the utterance
+    its audio lies in (:func:`owning_utterance`), so words hallucinated in a pause still count."""
+    streaming = ZERO_COUNTS
+    baselines = {name: ZERO_COUNTS for name in offline}
+    for stream, events in runs:
+        for utterance, words in zip(stream.utterances, final_words_by_utterance(events, stream.utterances), strict=True):
+            streaming = streaming + wer_counts(utterance.text, join_words(words))
+            for name, texts in offline.items():
+                baselines[name] = baselines[name] + wer_counts(utterance.text, texts.get(utterance.clip_id, ""))
+    return {"wer_per_utterance": streaming.wer, **{f"offline_wer_per_utterance_{name}": c.wer for name, c in baselines.items()}}
 
 
 def owning_utterance(utterances: Sequence[Utterance], t: float) -> int:
@@ -246,6 +266,7 @@ __all__ = [
     "merge_rows",
     "owning_utterance",
     "per_utterance_markdown",
+    "per_utterance_wer",
     "trace_spans",
     "trace_text",
     "utterance_rows",

@@ -53,7 +53,7 @@ from stream_server.session import DecodeTicket, Session
 from stream_server.vad import SileroVad
 
 from .corpus import PreparedClip, Stream, build_streams
-from .diagnostics import TracingDecoder, trace_spans, trace_text, write_per_utterance
+from .diagnostics import TracingDecoder, per_utterance_wer, trace_spans, trace_text, write_per_utterance
 from .metrics import StreamEvaluation, TimedEvent, evaluate_stream, run_figures
 from .offline import offline_figures, resolve_model_path, transcribe_pool
 
@@ -300,6 +300,13 @@ def markdown_summary(result: dict[str, Any]) -> str:
     if offline:
         shown = " / ".join(f"{k.removeprefix('offline_wer_')} {v * 100:.2f}%" for k, v in sorted(offline.items()))
         rows = [*rows[:2], ("offline WER", shown), *rows[2:]]
+    alone = result.get("per_utterance") or {}
+    if alone:
+        shown = f"{alone['wer_per_utterance'] * 100:.2f}% (offline " + " / ".join(
+            f"{k.removeprefix('offline_wer_per_utterance_')} {v * 100:.2f}%" for k, v in sorted(alone.items()) if k.startswith("offline_")
+        ) + ")"
+        at = next(i for i, (name, _) in enumerate(rows) if name == "WER") + 1 + bool(offline)
+        rows = [*rows[:at], ("WER, each utterance scored alone", shown), *rows[at:]]
     runs = result.get("wer_by_repeat") or []
     if len(runs) > 1:
         o = result["options"]
@@ -354,6 +361,8 @@ def main_replay(args: argparse.Namespace, out: Path) -> int:
     if args.offline is not False or args.per_utterance:
         texts, _ = transcribe_pool(pool, options.model_path, device="cpu", compute_type=options.compute_type, language="en")
         result["offline"] = offline_figures(streams, texts)
+        result["per_utterance"] = per_utterance_wer(((stream, replayed.events) for stream, replayed in replays),
+                                                    {f"beam{beam}": by_clip for beam, by_clip in texts.items()})
     (out / "replay.json").write_text(json.dumps(result, indent=2))
     md = markdown_summary(result)
     (out / "replay.md").write_text(md)

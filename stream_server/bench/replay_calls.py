@@ -36,7 +36,7 @@ from stream_server.session import Session
 
 from .calls import CHANNEL, FRAME, LABELS, RATE, TRACKS, Call, build_calls, offline_texts, turn_utterances
 from .corpus import Stream
-from .diagnostics import TracingDecoder, trace_spans, trace_text, write_per_utterance
+from .diagnostics import TracingDecoder, per_utterance_wer, trace_spans, trace_text, write_per_utterance
 from .metrics import TimedEvent, evaluate_stream, pooled_wer, run_figures
 from .offline import resolve_model_path
 from .replay import (
@@ -167,12 +167,14 @@ def main_call_replay(args: argparse.Namespace, out: Path) -> int:
     result, legs, trace = run_call_replay(options, calls)
     texts = [offline_texts(call, model=args.model or "tiny.en", tag="replay-calls") for call in calls]
     result["offline"] = offline_leg_figures(calls, texts)
+    by_clip = offline_by_clip(calls, texts)
+    result["per_utterance"] = per_utterance_wer(legs, {"b5": by_clip})
     (out / "replay.json").write_text(json.dumps(result, indent=2))
     md = markdown_summary(result)
     (out / "replay.md").write_text(md)
     print(md)
     if args.per_utterance:
-        path = write_per_utterance(out, legs, offline_by_clip(calls, texts))
+        path = write_per_utterance(out, legs, by_clip)
         print(f"[bench] per-turn diff vs offline beam 5: {path}", file=sys.stderr)
     if options.trace_clips:
         (out / "trace.txt").write_text(trace or "none of the traced clips is in these calls\n")
