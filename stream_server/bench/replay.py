@@ -390,4 +390,4 @@ def limits_with(overrides: Sequence[str]) -> SessionLimits:
     return dataclasses.replace(SessionLimits(), **changes)
 
 
-__all__ = ["ReplayDecoders", "ReplayOptions", "limits_with", "markdown_summary", "replay_feed", "replay_stream", "run_decoded", "run_replay"]
+__all__ = ["DecodeLag", "ReplayDecoders", "ReplayOptions", "limits_with", "markdown_summary", "replay_args_problem", "replay_feed", "replay_stream", "run_decoded", "run_replay"]
