@@ -136,7 +136,9 @@ def test_twilio_hears_nothing_back_and_the_stream_closes_after_the_flush(outcome
 # on the same mono audio ("The Middle Ages brought" decoded as "The first two stages brought":
 # 9.1% streaming vs 3.6% offline, 14.5% through /v1/stream). Since 2026-12-02 it passes (3.6% vs
 # 3.6%, XPASS here and in CI), but with no margin: one word is 1.8 points on this leg, so the mark
-# stays, not strict, until it has held for a while.
+# stays, not strict. On 2026-12-04 it failed again in CI: the leg's LJ001-0016 ends "natural there
+# for" where offline says "natural, therefore" (two errors), in every draw of the call replay
+# (`bench --replay --calls 8 --replay-jitter-ms 50 --replay-repeats 3`, per_utterance.md).
 CALLER_GAP = pytest.mark.xfail(reason="core streaming accuracy on this leg (see the capacity/accuracy issue), not the dialect", strict=False)
 
 
