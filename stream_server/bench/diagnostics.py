@@ -24,7 +24,7 @@ from stream_server.audio import MODEL_RATE
 from stream_server.decoding import DecodeRequest, DecodeResult, WhisperDecoder
 
 from .corpus import Stream, Utterance
-from .metrics import ZERO_COUNTS, TimedEvent, wer_counts
+from .metrics import TimedEvent, pooled_wer, wer_counts
 from .runner import events_path, read_events
 
 #: Trace decodes and events from this long before a traced clip's audio to this long after it.
@@ -89,14 +89,14 @@ def per_utterance_wer(runs: Iterable[tuple[Stream, Sequence[TimedEvent]]], offli
     wrong (and streaming, whose prompts carry the digits, more than offline). Scoring each
     utterance alone, as a test set is scored, does not; a final word belongs to the utterance
     its audio lies in (:func:`owning_utterance`), so words hallucinated in a pause still count."""
-    streaming = ZERO_COUNTS
-    baselines = {name: ZERO_COUNTS for name in offline}
-    for stream, events in runs:
-        for utterance, words in zip(stream.utterances, final_words_by_utterance(events, stream.utterances), strict=True):
-            streaming = streaming + wer_counts(utterance.text, join_words(words))
-            for name, texts in offline.items():
-                baselines[name] = baselines[name] + wer_counts(utterance.text, texts.get(utterance.clip_id, ""))
-    return {"wer_per_utterance": streaming.wer, **{f"offline_wer_per_utterance_{name}": c.wer for name, c in baselines.items()}}
+    runs = list(runs)
+    rows = [row for stream, events in runs for row in utterance_rows(stream, events, {})]
+    words = sum(row.reference_words for row in rows)
+    figures = {"wer_per_utterance": sum(row.streaming_errors for row in rows) / words if words else 0.0}
+    for name, texts in offline.items():
+        counts = pooled_wer((u.text, texts.get(u.clip_id, "")) for stream, _ in runs for u in stream.utterances)
+        figures[f"offline_wer_per_utterance_{name}"] = counts.wer
+    return figures
 
 
 def owning_utterance(utterances: Sequence[Utterance], t: float) -> int:

@@ -82,6 +82,10 @@ class ReplayOptions:
         """The lags of stream (or call) ``index`` in run ``repeat``: the same draws every time."""
         return DecodeLag(self.lag_ms, self.jitter_ms, seed=f"{self.seed}:{repeat}:{index}")
 
+    def traced_in(self, repeat: int) -> tuple[str, ...]:
+        """The clips traced in run ``repeat``: the first run's only (the others read the same audio)."""
+        return self.trace_clips if repeat == 0 else ()
+
 
 @dataclasses.dataclass
 class DecodeLag:
@@ -266,8 +270,7 @@ def run_replay(
         stream = chosen[index]
         config = p.SessionConfig(sample_rate=stream.sample_rate, language="en", interim_results=True, include=["logprobs", "words"])
         session = Session(f"replay_{stream.index}", config=config, vad=decoders.vad, limits=options.limits)
-        traced = options.trace_clips if repeat == 0 else ()
-        replayed = _replay_one(stream, session, decoders.whisper, options.lag(repeat, index), traced)
+        replayed = _replay_one(stream, session, decoders.whisper, options.lag(repeat, index), options.traced_in(repeat))
         if on_stream is not None:
             on_stream(stream, replayed)
         evaluations[repeat].append(evaluate_stream(stream.index, replayed.events, stream.utterances))
@@ -276,10 +279,17 @@ def run_replay(
     result = run_decoded(options, len(chosen), one)
     return {
         "options": result["options"],
-        "figures": run_figures([e for run in evaluations for e in run]),
-        "wer_by_repeat": [run_figures(run)["wer"] for run in evaluations],
+        **repeat_figures(evaluations),
         "work": result["work"],
         "hypotheses": [e.hypothesis for run in evaluations for e in run],
+    }
+
+
+def repeat_figures(evaluations: Sequence[Sequence[StreamEvaluation]]) -> dict[str, Any]:
+    """``figures`` pooled over every run's streams, and ``wer_by_repeat``: each run's own WER."""
+    return {
+        "figures": run_figures([e for run in evaluations for e in run]),
+        "wer_by_repeat": [run_figures(run)["wer"] for run in evaluations],
     }
 
 
@@ -390,4 +400,4 @@ def limits_with(overrides: Sequence[str]) -> SessionLimits:
     return dataclasses.replace(SessionLimits(), **changes)
 
 
-__all__ = ["DecodeLag", "ReplayDecoders", "ReplayOptions", "limits_with", "markdown_summary", "replay_args_problem", "replay_feed", "replay_stream", "run_decoded", "run_replay"]
+__all__ = ["DecodeLag", "ReplayDecoders", "ReplayOptions", "limits_with", "markdown_summary", "repeat_figures", "replay_args_problem", "replay_feed", "replay_stream", "run_decoded", "run_replay"]

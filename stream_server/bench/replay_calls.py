@@ -37,7 +37,7 @@ from stream_server.session import Session
 from .calls import CHANNEL, FRAME, LABELS, RATE, TRACKS, Call, build_calls, offline_texts, turn_utterances
 from .corpus import Stream
 from .diagnostics import TracingDecoder, per_utterance_wer, trace_spans, trace_text, write_per_utterance
-from .metrics import TimedEvent, evaluate_stream, pooled_wer, run_figures
+from .metrics import TimedEvent, evaluate_stream, pooled_wer
 from .offline import resolve_model_path
 from .replay import (
     DecodeLag,
@@ -46,6 +46,7 @@ from .replay import (
     StreamReplay,
     limits_with,
     markdown_summary,
+    repeat_figures,
     replay_args_problem,
     replay_feed,
     run_decoded,
@@ -104,7 +105,7 @@ def run_call_replay(options: ReplayOptions, calls: list[Call]) -> tuple[dict[str
         call = calls[index]
         session = Session(f"replay_call_{index}", config=call_config(), vad=decoders.vad, limits=options.limits)
         streams = [leg_stream(call, 2 * index + CHANNEL[track], track) for track in TRACKS]
-        leg_spans = [trace_spans(stream, options.trace_clips) if repeat == 0 else [] for stream in streams]
+        leg_spans = [trace_spans(stream, options.traced_in(repeat)) for stream in streams]
         spans = [span for each in leg_spans for span in each]
         tracing = TracingDecoder(decoders.whisper, spans, now=lambda: session.audio_seconds) if spans else None
         replayed = replay_call(call, session, tracing or decoders.whisper, options.lag(repeat, index))
@@ -117,9 +118,7 @@ def run_call_replay(options: ReplayOptions, calls: list[Call]) -> tuple[dict[str
         return replayed
 
     result = run_decoded(options, len(calls), one)
-    evaluations = [[evaluate_stream(s.index, events, s.utterances) for s, events in run] for run in legs]
-    result["figures"] = run_figures([e for run in evaluations for e in run])
-    result["wer_by_repeat"] = [run_figures(run)["wer"] for run in evaluations]
+    result.update(repeat_figures([[evaluate_stream(s.index, events, s.utterances) for s, events in run] for run in legs]))
     result["options"]["calls"] = len(calls)
     return result, [leg for run in legs for leg in run], "\n".join(traces)
 
