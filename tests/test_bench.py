@@ -94,6 +94,27 @@ def test_latencies_from_hand_made_events() -> None:
     assert attribution.inserted_tokens == 0
 
 
+def test_segment_latency_is_the_segment_of_the_last_words_item() -> None:
+    """A turn's words are final at its pause; its segment only when the turn's silence has run out.
+    Screens that show only segments see the later time."""
+    events = [
+        (2.20, delta("i1", "Hello there")),
+        (2.30, delta("i1", " world.")),
+        (2.55, segment("i1", "Hello there world.")),
+        (4.30, delta("i2", " Good")),  # "morning" never came: latency of the last attributed word
+        (4.70, segment("i2", "Good")),
+        (4.70, segment("i2", "Good")),  # a repeat of the item's segment does not move it
+    ]
+    a, b = m.utterance_results(events, UTTS)[0]
+    assert (a.finalization_latency_s, a.segment_latency_s) == (pytest.approx(0.30), pytest.approx(0.55))
+    assert (b.finalization_latency_s, b.segment_latency_s) == (pytest.approx(0.30), pytest.approx(0.70))
+    figures = m.run_figures([m.evaluate_stream(0, events, UTTS)])
+    assert figures["segment_latency_s_p50"] == pytest.approx(0.625)  # interpolated between the two
+    assert figures["segment_latency_s_max"] == pytest.approx(0.70)
+    (unsegmented,), _ = m.utterance_results(events[:2], [UTTS[0]])
+    assert unsegmented.finalization_latency_s == pytest.approx(0.30) and unsegmented.segment_latency_s is None
+
+
 def test_speed_converts_audio_time_to_wall_time() -> None:
     events = [(1.2, delta("i", "Good morning"))]
     (r,), _ = m.utterance_results(events, [utt("b", "good morning", 1.0, 2.0)], speed=2.0)

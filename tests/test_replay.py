@@ -76,6 +76,8 @@ def test_repeats_without_jitter_are_refused_before_any_model_loads() -> None:
     assert "needs --replay-jitter-ms" in str(problem("--replay-repeats", "3"))
     assert "between 0 and --replay-lag-ms" in str(problem("--replay-jitter-ms", "300"))
     assert "at least 1" in str(problem("--replay-repeats", "0", "--replay-jitter-ms", "10"))
+    assert "--silence-ms must be between 0 and 5000" in str(problem("--silence-ms", "5001"))
+    assert problem("--silence-ms", "300") is None
 
 
 @needs_corpus
@@ -96,6 +98,10 @@ def test_a_replay_is_repeatable_and_counts_the_decoders_work() -> None:
     # A longer lag (a busier server) paces interim decodes: fewer of them for the same audio.
     slower = run_replay(dataclasses.replace(options, lag_ms=600))
     assert slower["work"]["decodes"] < work["decodes"]
+    # A turn's segment waits for its silence (500 ms by default); its words are final sooner.
+    assert figures["finalization_latency_s_p50"] < figures["segment_latency_s_p50"]
+    patient = run_replay(dataclasses.replace(options, silence_ms=1000))["figures"]
+    assert patient["segment_latency_s_p50"] - figures["segment_latency_s_p50"] >= 0.4
 
 
 @needs_corpus

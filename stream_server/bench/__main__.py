@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--stagger-s", type=float, default=5.0,
                     help="client start times are spread evenly over this window (default 5)")
     st.add_argument("--language", default="en", help="session language (default en; 'auto' = null)")
-    st.add_argument("--silence-ms", type=int, help="turn_detection.silence_duration_ms (default: server's)")
+    st.add_argument("--silence-ms", type=int,
+                    help="turn_detection.silence_duration_ms, 0-5000 (default: the server's; with --replay, "
+                    "also --calls, the replayed sessions')")
     run = p.add_argument_group("run")
     run.add_argument("--capacity-sweep", metavar="N,N,...",
                      help="run each N (N=1 always added) and report the largest N meeting the criteria")

@@ -283,6 +283,9 @@ class UtteranceResult:
     first_text_time: float | None
     finalization_latency_s: float | None
     first_text_latency_s: float | None
+    # Arrival of the transcript.segment closing the utterance its last word went to − its end of
+    # speech: the turn as a screen that shows only segments sees it (the words were final sooner).
+    segment_latency_s: float | None = None
 
     @property
     def lost(self) -> bool:
@@ -365,20 +368,27 @@ def utterance_results(
     """Finalization and first-text latency of every reference utterance of one stream.
 
     Finalization latency = arrival of the delta that made the utterance's last attributed word
-    final − the utterance's end of speech. First-text latency = the earliest of (first delta
+    final − the utterance's end of speech; segment latency = arrival of the ``transcript.segment``
+    of that word's item − the same end of speech. First-text latency = the earliest of (first delta
     holding a word attributed to it, first interim showing a correct word of it) − its speech
     onset. Both are wall seconds; stream times are converted with ``speed``.
     """
     words = final_words(events)
     attribution = attribute(words, utterances)
     interim_hits = first_interim_hits(events, attribution, utterances, speed)
+    segment_at: dict[str, float] = {}
+    for t, e in events:
+        if e.get("type") == "transcript.segment" and isinstance(e.get("item_id"), str):
+            segment_at.setdefault(e["item_id"], t)
     results = []
     for i, utt in enumerate(utterances):
         idx = attribution.words_of(i)
         matched = sum(1 for u in attribution.token_utt if u == i)
         start_wall = utt.speech_start_s / speed
         end_wall = utt.speech_end_s / speed
-        final_t = max((words[w].t_final for w in idx), default=None)
+        last = max(idx, key=lambda w: words[w].t_final, default=None)
+        final_t = None if last is None else words[last].t_final
+        segment_t = None if last is None else segment_at.get(words[last].item_id or "")
         # A delta that arrived before the onset was spoken is misattributed (see above).
         first_delta = min(
             (words[w].t_first for w in idx if words[w].t_first >= start_wall), default=None
@@ -397,6 +407,7 @@ def utterance_results(
                 first_text_time=first_t,
                 finalization_latency_s=None if final_t is None else final_t - end_wall,
                 first_text_latency_s=None if first_t is None else first_t - start_wall,
+                segment_latency_s=None if segment_t is None else segment_t - end_wall,
             )
         )
     return results, attribution
@@ -570,6 +581,7 @@ def run_figures(streams: Sequence[StreamEvaluation]) -> dict[str, float]:
     wer = ZERO_COUNTS
     fin: list[float] = []
     first: list[float] = []
+    segment: list[float] = []
     lost = 0
     n_utt = 0
     last_missing = 0
@@ -586,6 +598,8 @@ def run_figures(streams: Sequence[StreamEvaluation]) -> dict[str, float]:
                 fin.append(u.finalization_latency_s)
             if u.first_text_latency_s is not None:
                 first.append(u.first_text_latency_s)
+            if u.segment_latency_s is not None:
+                segment.append(u.segment_latency_s)
         changed += s.flicker.changed_words
         final += s.flicker.final_words
         interims += s.flicker.interim_events
@@ -609,6 +623,7 @@ def run_figures(streams: Sequence[StreamEvaluation]) -> dict[str, float]:
     }
     figures.update(summarize(fin, "finalization_latency_s"))
     figures.update(summarize(first, "first_text_latency_s"))
+    figures.update(summarize(segment, "segment_latency_s"))
     return figures
 
 

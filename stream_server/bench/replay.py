@@ -77,6 +77,13 @@ class ReplayOptions:
     trace_clips: tuple[str, ...] = ()  # clips whose decodes are traced (diagnostics.TracingDecoder)
     jitter_ms: int = 0  # each decode's lag is drawn from lag_ms ± jitter_ms (seeded)
     repeats: int = 1  # runs of the same streams, each with its own lag draws (needs jitter_ms)
+    silence_ms: int | None = None  # turn_detection.silence_duration_ms (None: the core's default)
+
+    def session_config(self, **fields: Any) -> p.SessionConfig:
+        """A replayed session's config: ``fields``, with the turn silence under test when one is set."""
+        if self.silence_ms is not None:
+            fields["turn_detection"] = p.TurnDetection(silence_duration_ms=self.silence_ms)
+        return p.SessionConfig(**fields)
 
     def lag(self, repeat: int, index: int) -> DecodeLag:
         """The lags of stream (or call) ``index`` in run ``repeat``: the same draws every time."""
@@ -268,7 +275,7 @@ def run_replay(
 
     def one(decoders: ReplayDecoders, index: int, repeat: int) -> StreamReplay:
         stream = chosen[index]
-        config = p.SessionConfig(sample_rate=stream.sample_rate, language="en", interim_results=True, include=["logprobs", "words"])
+        config = options.session_config(sample_rate=stream.sample_rate, language="en", interim_results=True, include=["logprobs", "words"])
         session = Session(f"replay_{stream.index}", config=config, vad=decoders.vad, limits=options.limits)
         replayed = _replay_one(stream, session, decoders.whisper, options.lag(repeat, index), options.traced_in(repeat))
         if on_stream is not None:
@@ -302,6 +309,7 @@ def markdown_summary(result: dict[str, Any]) -> str:
                 f"{f['wer_insertions']:.0f} ins of {f['reference_words']:.0f})"),
         ("lost utterances", f"{f['utterances_lost']:.0f}"),
         ("finalization p50 / p95 (audio s)", _pair(f, "finalization_latency_s")),
+        ("turn's segment p50 / p95 (audio s)", _pair(f, "segment_latency_s")),
         ("first text p50 / p95 (audio s)", _pair(f, "first_text_latency_s")),
         ("decodes per audio s", f"{w['decodes_per_audio_s']:.2f} ({w['final_decodes']} finals of {w['decodes']})"),
         ("CPU s per audio s", f"{w['cpu_s_per_audio_s']:.3f}"),
@@ -339,6 +347,8 @@ def replay_args_problem(args: argparse.Namespace) -> str | None:
         return f"--replay-jitter-ms must be between 0 and --replay-lag-ms ({args.replay_lag_ms})"
     if args.replay_repeats < 1:
         return "--replay-repeats must be at least 1"
+    if args.silence_ms is not None and not 0 <= args.silence_ms <= 5000:
+        return "--silence-ms must be between 0 and 5000 (turn_detection.silence_duration_ms)"
     if args.replay_repeats > 1 and not args.replay_jitter_ms:
         return "--replay-repeats needs --replay-jitter-ms above 0: without jitter every run is the same run"
     return None
@@ -363,6 +373,7 @@ def main_replay(args: argparse.Namespace, out: Path) -> int:
         trace_clips=tuple(args.trace),
         jitter_ms=args.replay_jitter_ms,
         repeats=args.replay_repeats,
+        silence_ms=args.silence_ms,
     )
     streams, pool = replay_streams(options)
     replays: list[tuple[Stream, StreamReplay]] = []

@@ -53,10 +53,10 @@ from .replay import (
 )
 
 
-def call_config() -> p.SessionConfig:
+def call_config(options: ReplayOptions) -> p.SessionConfig:
     """The session the Twilio dialect opens for a two-track stream (μ-law, 8 kHz, one channel per
-    track, labelled), with the events the scorer reads."""
-    return p.SessionConfig(
+    track, labelled), with the events the scorer reads (and the turn silence under test)."""
+    return options.session_config(
         input_audio_format="g711_ulaw",
         sample_rate=RATE,
         language="en",
@@ -103,7 +103,7 @@ def run_call_replay(options: ReplayOptions, calls: list[Call]) -> tuple[dict[str
 
     def one(decoders: ReplayDecoders, index: int, repeat: int) -> StreamReplay:
         call = calls[index]
-        session = Session(f"replay_call_{index}", config=call_config(), vad=decoders.vad, limits=options.limits)
+        session = Session(f"replay_call_{index}", config=call_config(options), vad=decoders.vad, limits=options.limits)
         streams = [leg_stream(call, 2 * index + CHANNEL[track], track) for track in TRACKS]
         leg_spans = [trace_spans(stream, options.traced_in(repeat)) for stream in streams]
         spans = [span for each in leg_spans for span in each]
@@ -162,6 +162,7 @@ def main_call_replay(args: argparse.Namespace, out: Path) -> int:
         trace_clips=tuple(args.trace),
         jitter_ms=args.replay_jitter_ms,
         repeats=args.replay_repeats,
+        silence_ms=args.silence_ms,
     )
     result, legs, trace = run_call_replay(options, calls)
     texts = [offline_texts(call, model=args.model or "tiny.en", tag="replay-calls") for call in calls]
