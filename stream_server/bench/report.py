@@ -57,15 +57,15 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(f"Machine: {env.get('cpu_count')} CPUs, {env.get('platform')}; started {results.get('created_utc')}.")
     lines.append("")
     off = results.get("offline", {}).get("metrics", {})
-    lines.append("| N | audio s | WER | offline WER b1 / b5 | penalty vs b5 | final p50 / p90 / p95 s | first text p50 / p95 s | lost | flicker /word | server CPU s per audio s | RSS peak MB | RSS growth MB | queue wait p95 s | batch mean |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| N | audio s | WER | offline WER b1 / b5 | penalty vs b5 | final p50 / p90 / p95 s | turn's segment p50 / p95 s | first text p50 / p95 s | lost | flicker /word | server CPU s per audio s | RSS peak MB | RSS growth MB | queue wait p95 s | batch mean |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lv in results["runs"]:
         m = lv["metrics"]
         b1 = off.get("offline_wer_beam1")
         b5 = off.get("offline_wer_beam5")
         penalty = None if b5 is None else m.get("wer", 0.0) - b5
         lines.append(
-            "| {n} | {a:.0f} | {wer} | {b1} / {b5} | {pen} | {f50} / {f90} / {f95} | {t50} / {t95} | {lost}/{utt} | {fl} | {cpu} | {rss} | {rps} | {qw} | {bs} |".format(
+            "| {n} | {a:.0f} | {wer} | {b1} / {b5} | {pen} | {f50} / {f90} / {f95} | {s50} / {s95} | {t50} / {t95} | {lost}/{utt} | {fl} | {cpu} | {rss} | {rps} | {qw} | {bs} |".format(
                 n=int(m["n_streams"]),
                 a=m.get("audio_s_total", 0.0),
                 wer=_fmt(m.get("wer"), pct=True),
@@ -75,6 +75,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f50=_fmt(m.get("finalization_latency_s_p50")),
                 f90=_fmt(m.get("finalization_latency_s_p90")),
                 f95=_fmt(m.get("finalization_latency_s_p95")),
+                s50=_fmt(m.get("segment_latency_s_p50")),
+                s95=_fmt(m.get("segment_latency_s_p95")),
                 t50=_fmt(m.get("first_text_latency_s_p50")),
                 t95=_fmt(m.get("first_text_latency_s_p95")),
                 lost=int(m.get("utterances_lost", 0)),
