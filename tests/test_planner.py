@@ -74,11 +74,13 @@ def test_interims_are_paced_by_the_last_round_trip_but_not_the_first_or_a_pause(
 
 def test_a_pause_gets_one_early_decode() -> None:
     """At ``pause_decode_ms`` of silence, before the step is due; then none while it lasts."""
-    assert LIMITS.pause_decode_ms == LIMITS.stable_silence_ms == 200  # by default, when it is final
-    assert due(1000, last_ms=900, silence_ms=199) is None
-    plan = due(1000, last_ms=900, silence_ms=200)
+    # By default the decode starts before its words may be committed (its result waits for that).
+    assert LIMITS.pause_decode_ms == 100 and LIMITS.stable_silence_ms == 200
+    together = SessionLimits(pause_decode_ms=200)  # the default until 2026-12-04: when it is final
+    assert due(1000, last_ms=900, silence_ms=199, limits=together) is None
+    plan = due(1000, last_ms=900, silence_ms=200, limits=together)
     assert plan is not None and plan.early and plan.pause_start == 800 * MS
-    early = SessionLimits(pause_decode_ms=100)
+    early = LIMITS
     plan = due(1000, last_ms=900, silence_ms=100, limits=early)
     assert plan is not None and plan.early and plan.pause_start == 900 * MS
     assert due(1000, last_ms=900, silence_ms=99, limits=early) is None  # shorter than pause_decode_ms
@@ -98,12 +100,16 @@ def test_a_pause_gets_one_early_decode() -> None:
 def test_no_interim_starts_in_a_pause_that_its_decode_would_outlast() -> None:
     """One decode per channel: an interim started 80 ms into a pause, with round trips of 150 ms,
     would still be out when the pause decode falls due at 200 ms and hold the turn's last words
-    back by up to 30 ms, only to hear the same words again."""
-    assert due(1100, last_ms=800, silence_ms=80, last_round_trip_ms=150) is None
-    assert due(1100, last_ms=800, silence_ms=40, last_round_trip_ms=150) is not None  # back in time
+    back by up to 30 ms, only to hear the same words again (at the default 100 ms, the same with
+    the times halved)."""
+    at_200 = SessionLimits(pause_decode_ms=200)
+    assert due(1100, last_ms=800, silence_ms=80, last_round_trip_ms=150, limits=at_200) is None
+    assert due(1100, last_ms=800, silence_ms=40, last_round_trip_ms=150, limits=at_200) is not None  # back in time
+    assert due(1100, last_ms=800, silence_ms=40, last_round_trip_ms=75) is None
+    assert due(1100, last_ms=800, silence_ms=20, last_round_trip_ms=75) is not None
     assert due(1100, last_ms=800, silence_ms=0, last_round_trip_ms=400) is not None  # no pause: speech
     assert due(1100, last_ms=800, silence_ms=None, last_round_trip_ms=400) is not None  # no turn detection
-    plan = due(1100, last_ms=1000, silence_ms=200, last_round_trip_ms=400)  # the pause decode itself
+    plan = due(1100, last_ms=1000, silence_ms=100, last_round_trip_ms=400)  # the pause decode itself
     assert plan is not None and plan.early
 
 

@@ -555,7 +555,7 @@ def test_no_continuation_when_off_or_when_the_last_turn_lost_its_end() -> None:
 def test_a_decode_in_flight_when_the_turn_ends_is_promoted_not_resubmitted() -> None:
     """The pause decode already heard the turn's end: it becomes the final (the scheduler is told
     to serve it as one) instead of a second final decode being queued."""
-    d = Driver(latency_chunks=20)
+    d = Driver(latency_chunks=30)
     d.feed(speech([1, 2, 3]))
     # The pause decode starts, then the turn ends (silence_duration_ms) while it runs.
     for _ in range(50):
@@ -702,7 +702,7 @@ class HearsTheSecondWordLate(BurstDecoder):
 
     def decode_one(self, request: DecodeRequest) -> DecodeResult:
         result = super().decode_one(request)
-        if len(request.audio) < 1.9 * 16000 and len(result.words) >= 2:
+        if len(request.audio) < 1.75 * 16000 and len(result.words) >= 2:
             wrong = dataclasses.replace(result.words[1], text=" w9", tokens=(Token(9, " w9", -0.1),))
             result = dataclasses.replace(result, words=(result.words[0], wrong, *result.words[2:]))
         return result
