@@ -347,8 +347,11 @@ def replay_args_problem(args: argparse.Namespace) -> str | None:
         return f"--replay-jitter-ms must be between 0 and --replay-lag-ms ({args.replay_lag_ms})"
     if args.replay_repeats < 1:
         return "--replay-repeats must be at least 1"
-    if args.silence_ms is not None and not 0 <= args.silence_ms <= 5000:
-        return "--silence-ms must be between 0 and 5000 (turn_detection.silence_duration_ms)"
+    if args.silence_ms is not None:
+        try:  # the protocol's own bound, as a client's session.update meets it
+            p.TurnDetection(silence_duration_ms=args.silence_ms)
+        except ValueError:  # pydantic's ValidationError is one
+            return "--silence-ms must be between 0 and 5000 (turn_detection.silence_duration_ms)"
     if args.replay_repeats > 1 and not args.replay_jitter_ms:
         return "--replay-repeats needs --replay-jitter-ms above 0: without jitter every run is the same run"
     return None
