@@ -110,7 +110,7 @@ def test_every_turn_arrives_on_its_call_with_its_speaker(outcome: Outcome) -> No
 
 def leg_errors(references: list[str], hypothesis: str) -> tuple[int, int]:
     """(word errors, reference words) of one leg, normalised as the benchmark scores."""
-    counts = wer_counts(references, hypothesis)
+    counts = wer_counts(" ".join(references), hypothesis)
     return counts.errors, counts.reference_words
 
 

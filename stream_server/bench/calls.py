@@ -58,7 +58,7 @@ from stream_server import audio
 
 from . import server_metrics
 from .corpus import Utterance, load_wav, silero_bounds, speech_bounds
-from .metrics import ZERO_COUNTS, FinalWord, WerCounts, attribute, final_words, percentile, wer_counts
+from .metrics import FinalWord, WerCounts, attribute, final_words, percentile, pooled_wer, wer_counts
 from .report import write_json
 from .server_proc import ResourceMonitor, ServerOptions, ServerProcess, measure_idle
 
@@ -598,8 +598,8 @@ def score_leg(run: CallRun, track: str, offline: Mapping[str, list[str]]) -> Leg
         reference=reference,
         hypothesis=hypothesis,
         offline_hypothesis=offline_hypothesis,
-        wer=wer_counts([t.reference for t in turns], hypothesis),
-        offline_wer=wer_counts([t.reference for t in turns], offline_hypothesis),
+        wer=wer_counts(reference, hypothesis),
+        offline_wer=wer_counts(reference, offline_hypothesis),
         finalization_s=finalization,
         last_word_final_s=last_word,
         endpoint_s=endpoint,
@@ -627,8 +627,8 @@ def _level_figures(legs: Sequence[LegScore], runs: Sequence[CallRun]) -> dict[st
         "calls": len(runs),
         "legs": len(legs),
         "turns": sum(len(leg.finalization_s) for leg in legs),
-        "wer": sum((leg.wer for leg in legs), ZERO_COUNTS).wer,
-        "offline_wer": sum((leg.offline_wer for leg in legs), ZERO_COUNTS).wer,
+        "wer": pooled_wer((leg.reference, leg.hypothesis) for leg in legs).wer,
+        "offline_wer": pooled_wer((leg.reference, leg.offline_hypothesis) for leg in legs).wer,
         "lost_turns": sum(len(leg.lost_turns) for leg in legs),
         "wrong_speaker": sum(leg.wrong_speaker for leg in legs),
         "client_late_frames": sum(r.replay.late_frames for r in runs),

@@ -87,16 +87,9 @@ class WerCounts:
 ZERO_COUNTS = WerCounts(0, 0, 0, 0)
 
 
-def wer_counts(reference: str | Sequence[str], hypothesis: str) -> WerCounts:
-    """Edit counts between two texts after Whisper normalisation of both.
-
-    A reference given as parts (one per utterance) is normalised part by part: normalised as
-    one text, number words of neighbouring utterances merge ("In eighteen thirteen" then the
-    digits "two nine three four zero" became the one token "181329340"), so a stream's
-    reference had other tokens than the same clips scored one by one (the offline baseline).
-    """
-    parts = [reference] if isinstance(reference, str) else reference
-    ref = " ".join(p for p in (normalize_text(part) for part in parts) if p)
+def wer_counts(reference: str, hypothesis: str) -> WerCounts:
+    """Edit counts between two texts after Whisper normalisation of both."""
+    ref = normalize_text(reference)
     hyp = normalize_text(hypothesis)
     n_ref = len(ref.split())
     if n_ref == 0:
@@ -107,7 +100,7 @@ def wer_counts(reference: str | Sequence[str], hypothesis: str) -> WerCounts:
     return WerCounts(out.substitutions, out.deletions, out.insertions, n_ref)
 
 
-def pooled_wer(pairs: Iterable[tuple[str | Sequence[str], str]]) -> WerCounts:
+def pooled_wer(pairs: Iterable[tuple[str, str]]) -> WerCounts:
     """Corpus-level edit counts over ``(reference, hypothesis)`` pairs."""
     total = ZERO_COUNTS
     for ref, hyp in pairs:
@@ -573,7 +566,7 @@ def evaluate_stream(
     results, attribution = utterance_results(events, utterances, speed)
     return StreamEvaluation(
         index=index,
-        wer=wer_counts([u.text for u in utterances], hypothesis),
+        wer=wer_counts(reference, hypothesis),
         utterances=results,
         flicker=flicker(events),
         inserted_tokens=attribution.inserted_tokens,

@@ -126,7 +126,7 @@ def run_call_replay(options: ReplayOptions, calls: list[Call]) -> tuple[dict[str
 def offline_leg_figures(calls: list[Call], texts: list[dict[str, list[str]]]) -> dict[str, float]:
     """Offline beam 5 WER pooled over every leg (each turn decoded whole)."""
     pairs = (
-        (call.references(track), " ".join(leg_texts.get(track, [])))
+        (" ".join(call.references(track)), " ".join(leg_texts.get(track, [])))
         for call, leg_texts in zip(calls, texts, strict=True)
         for track in TRACKS
     )
