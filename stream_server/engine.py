@@ -49,6 +49,7 @@ def session_limits(settings: Settings) -> SessionLimits:
         min_commit_window_ms=settings.min_commit_window_ms,
         max_utterance_s=settings.max_utterance_s,
         carry_gap_ms=settings.carry_gap_ms,
+        narrowband_padding_ms=settings.narrowband_padding_ms,
     )
 
 

@@ -51,7 +51,17 @@ from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
-from stream_server.planner import SessionLimits, carried, carry_audio_from, carry_of, carry_start, interim_due, plan_decode, token_ids
+from stream_server.planner import (
+    NARROWBAND_RATE,
+    SessionLimits,
+    carried,
+    carry_audio_from,
+    carry_of,
+    carry_start,
+    interim_due,
+    plan_decode,
+    token_ids,
+)
 from stream_server.policy import (
     MS,
     absolute,
@@ -458,7 +468,16 @@ class Session:
         td = self.config.turn_detection
         if td is None:
             return None
-        return VadParams(td.threshold, td.prefix_padding_ms, td.silence_duration_ms)
+        return VadParams(td.threshold, self._prefix_padding_ms(), td.silence_duration_ms)
+
+    def _prefix_padding_ms(self) -> int:
+        """Audio kept before the VAD's speech onset: the client's ``prefix_padding_ms``, and more
+        on a phone line, where the onset comes late (``SessionLimits.narrowband_padding_ms``)."""
+        td = self.config.turn_detection
+        if td is None:
+            return 0
+        narrowband = self.config.sample_rate <= NARROWBAND_RATE
+        return td.prefix_padding_ms + (self.limits.narrowband_padding_ms if narrowband else 0)
 
     def _session_view(self) -> dict[str, Any]:
         return {"id": self.id, **self.config.model_dump()}
@@ -483,7 +502,7 @@ class Session:
         out += self._push_channels(self._audio_in.reconfigure(new.input_audio_format, new.sample_rate))
         for channel, source in self._channel_in.items():
             out += self._push_audio(source.reconfigure(new.input_audio_format, new.sample_rate), channel)
-        if new.turn_detection != old.turn_detection:
+        if new.turn_detection != old.turn_detection or new.sample_rate != old.sample_rate:
             params = self._vad_params()
             for ch in self._channels:
                 if params is None:
@@ -578,9 +597,7 @@ class Session:
         if ch.utterance is not None:
             keep_from = ch.utterance.start
         else:
-            td = self.config.turn_detection
-            padding = (td.prefix_padding_ms if td else 0) * MS
-            keep_from = ch.vad_pos - padding - FRAME * 4
+            keep_from = ch.vad_pos - self._prefix_padding_ms() * MS - FRAME * 4
         if ch.carry_keep is not None and keep_from - ch.carry_turn_end <= self.limits.carry_gap_ms * MS:
             keep_from = min(keep_from, ch.carry_keep)  # a short turn may still continue from its words
         keep_from = min(keep_from, ch.vad_pos)

@@ -97,6 +97,10 @@ class Settings:
         default=1500,
         metadata={"help": "a short turn this soon after the last one is decoded as its continuation, after its last words (0 = never)"},
     )
+    narrowband_padding_ms: int = dataclasses.field(
+        default=200,
+        metadata={"help": "input at 8 kHz or less (phone lines) starts each utterance this much before the VAD onset, on top of turn_detection.prefix_padding_ms: the onset comes late there and cut first words (README)"},
+    )
     max_utterance_s: float = dataclasses.field(
         default=15.0, metadata={"help": "split utterances longer than this (bounds decode window and buffer memory)"}
     )

@@ -148,6 +148,31 @@ def test_prefix_padding_is_included_in_the_utterance() -> None:
     assert started.audio_start_ms == pytest.approx(800, abs=40)
 
 
+@pytest.mark.parametrize(("rate", "start_ms"), [(16000, 800), (8000, 600)])
+def test_a_phone_line_starts_its_utterances_earlier_than_the_padding(rate: int, start_ms: int) -> None:
+    """On telephone-band input the VAD's onset comes late (SessionLimits.narrowband_padding_ms):
+    an 8 kHz stream keeps 200 ms more than ``prefix_padding_ms`` before it, for the decoder."""
+    d = Driver(sample_rate=rate, turn_detection={"prefix_padding_ms": 200, "silence_duration_ms": 500})
+    step = 16000 // rate  # the 220 Hz tone survives taking every other sample
+    d.feed(silence(1.0)[::step])
+    d.feed(speech([1, 2])[::step])
+    d.feed(silence(1.0)[::step])
+    d.close()
+    [started] = d.of(p.SpeechStarted)
+    assert started.audio_start_ms == pytest.approx(start_ms, abs=40)
+    [segment] = d.of(p.TranscriptSegment)
+    assert segment.text == spoken(1, 2)
+
+
+def test_a_session_that_changes_to_a_phone_rate_pads_as_a_phone_line() -> None:
+    d = Driver(turn_detection={"prefix_padding_ms": 200, "silence_duration_ms": 500})
+    d.send({"type": "session.update", "session": {"sample_rate": 8000}})
+    d.feed(silence(1.0)[::2])
+    d.feed(speech([1, 2])[::2])
+    [started] = d.of(p.SpeechStarted)
+    assert started.audio_start_ms == pytest.approx(600, abs=40)
+
+
 def test_pause_longer_than_silence_duration_splits_turns() -> None:
     d = Driver(turn_detection={"silence_duration_ms": 500})
     d.feed(speech([1, 2]) )
