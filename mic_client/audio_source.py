@@ -102,6 +102,11 @@ class AudioSource(abc.ABC):
 
 def probe_channels(path: str | Path) -> int:
     """How many channels the file's first audio stream has (raises :class:`AudioSourceError`)."""
+    return probe_audio(path)[0]
+
+
+def probe_audio(path: str | Path) -> tuple[int, int]:
+    """``(channels, sample rate)`` of the file's first audio stream (raises :class:`AudioSourceError`)."""
     import av
 
     try:
@@ -111,7 +116,14 @@ def probe_channels(path: str | Path) -> int:
     with container:
         if not container.streams.audio:
             raise AudioSourceError(f"{str(path)!r} has no audio stream")
-        return int(container.streams.audio[0].layout.nb_channels)
+        stream = container.streams.audio[0]
+        return int(stream.layout.nb_channels), int(stream.sample_rate or SAMPLE_RATE)
+
+
+#: Files recorded at this rate or less (phone calls) are streamed at it, not upsampled to
+#: ``SAMPLE_RATE``: the server then knows the audio is telephone band (it starts utterances
+#: earlier there, see the server's ``--narrowband-padding-ms``) and nothing is sent twice over.
+TELEPHONE_RATE = 8000
 
 
 def iter_file_pcm16(path: str | Path, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> Iterator[bytes]:
@@ -246,7 +258,9 @@ class FileSource(AudioSource):
     async def start(self) -> None:
         if not self.path.is_file():
             raise AudioSourceError(f"audio file not found: {str(self.path)!r}")
-        self.file_channels = await asyncio.to_thread(probe_channels, self.path)
+        self.file_channels, rate = await asyncio.to_thread(probe_audio, self.path)
+        if rate <= TELEPHONE_RATE:
+            self.sample_rate = TELEPHONE_RATE
         self.channels = self._channels_to_stream(self.file_channels)
         # The decoder always keeps the file's channels; mixing down is ours (:func:`mix_down`),
         # since FFmpeg cannot downmix channels it has no speaker positions for (a 9-channel WAV).

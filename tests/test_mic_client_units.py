@@ -667,6 +667,25 @@ def test_stereo_file_is_streamed_interleaved_sample_exact(tmp_path: Path) -> Non
     assert source.sent_seconds == pytest.approx(len(left) / 16000)
 
 
+@pytest.mark.parametrize("rate", [8000, 6000])
+def test_a_telephone_band_file_is_streamed_at_8k_and_says_so(tmp_path: Path, rate: int) -> None:
+    """A phone recording goes out at 8 kHz (the server treats such input as a phone line), not
+    upsampled to 16 kHz; a file below 8 kHz, which the server does not take, is brought up to it."""
+    left, right = _two_legs()
+    narrow = np.stack([left[::2], right[::2]], axis=1)  # arctic at 8 kHz (its content is well below 4 kHz)
+    path = tmp_path / "call8k.wav"
+    _write_wav(path, narrow if rate == 8000 else narrow[: len(narrow) * 3 // 4], rate=rate)
+    source = FileSource(path, speed=0, frame_ms=40)
+    frames, _ = asyncio.run(_collect(source))
+    assert (source.sample_rate, source.channels) == (8000, 2)
+    assert all(len(f) == 2 * 640 for f in frames[:-1]), "40 ms of both channels at 8 kHz per frame"
+    got = np.frombuffer(b"".join(frames), dtype="<i2").reshape(-1, 2)
+    if rate == 8000:
+        np.testing.assert_array_equal(got, narrow)
+    assert source.sent_seconds == pytest.approx(len(got) / 8000)
+    assert session_config(sample_rate=source.sample_rate, channels=2)["sample_rate"] == 8000
+
+
 def test_stereo_file_at_44k_keeps_its_legs_apart(tmp_path: Path) -> None:
     """Resampled by PyAV with the layout kept: each output channel is its own input channel."""
     left, right = _two_legs()
