@@ -100,11 +100,6 @@ class AudioSource(abc.ABC):
 # ------------------------------------------------------------------------------------------------
 
 
-def probe_channels(path: str | Path) -> int:
-    """How many channels the file's first audio stream has (raises :class:`AudioSourceError`)."""
-    return probe_audio(path)[0]
-
-
 def probe_audio(path: str | Path) -> tuple[int, int]:
     """``(channels, sample rate)`` of the file's first audio stream (raises :class:`AudioSourceError`)."""
     import av
