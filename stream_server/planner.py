@@ -101,6 +101,13 @@ class SessionLimits:
     # three draws each: 8.57 -> 7.83% WER (offline beam 5: 7.38%). Wideband audio keeps the plain
     # padding: 500 ms in all there read the whole corpus 7.90 -> 8.42% (README, "Phone audio").
     narrowband_padding_ms: int = 200
+    # A turn whose last words come from a hypothesis that already heard its pause (a promoted
+    # pause decode, or the last interim) is final without a decode of its own; when the decoder's
+    # mean token log probability over those words is below this, the turn is decoded again as a
+    # final (to its end plus ``trailing_audio_ms``) and keeps the surer of the two readings.
+    # tiny.en, on some window ends, falls into a lower-case reading without punctuation ("And so
+    # am i fell in americans", -0.68 against -0.41 to -0.53 for the windows around it). -inf: never.
+    recheck_logprob: float = -0.6
 
     @property
     def pause_heard_ms(self) -> int:

@@ -211,3 +211,19 @@ def continued_sentence_case(carried: Sequence[Word], words: Sequence[Word]) -> l
         tokens[0] = dataclasses.replace(token, text=token.text[: len(token.text) - len(stripped)] + stripped[:1].upper() + stripped[1:])
     capital = dataclasses.replace(first, text=lead + text[:1].upper() + text[1:], tokens=tuple(tokens))
     return [capital, *words[1:]]
+
+
+def mean_logprob(words: Sequence[Word]) -> float:
+    """The decoder's mean log probability over the tokens of the spoken words among ``words``
+    (0.0 for none): how sure it was of that reading, comparable across windows of the same
+    audio. Bare marks do not count: a "." left waiting after committed words scored -1.2."""
+    values = [t.logprob for w in words if comparable(w) for t in w.tokens]
+    return sum(values) / len(values) if values else 0.0
+
+
+def surer_reading(rival: Sequence[Word], words: Sequence[Word]) -> list[Word]:
+    """Of two readings of a turn's last words, the one the decoder was surer of; a reading with
+    words beats one without (nothing said is lost to a decode that heard nothing)."""
+    if rival and (not words or mean_logprob(rival) > mean_logprob(words)):
+        return list(rival)
+    return list(words)

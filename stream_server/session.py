@@ -69,6 +69,8 @@ from stream_server.policy import (
     continued_sentence_case,
     heard_the_pause,
     interim_commit_count,
+    mean_logprob,
+    surer_reading,
     within_turn,
     without_trailing_punctuation,
 )
@@ -114,6 +116,11 @@ class DecodeTicket:
     # lasted or the speaker went on first.
     pause_stable: bool = False
     pending_result: DecodeResult | None = None
+    # A promoted hypothesis's own final decode, planned when it was promoted (the buffer may lose
+    # the audio before its result is back), sent if its words are not sure enough
+    # (``SessionLimits.recheck_logprob``); and on such a final, the reading it competes with.
+    recheck: DecodeTicket | None = None
+    rival: list[Word] | None = None
 
     @property
     def final(self) -> bool:
@@ -644,23 +651,41 @@ class Session:
         assert turn_end is not None
         stable = self.limits.pause_heard_ms
         inflight = ch.inflight
+        window_end = min(self._channel_end(ch), turn_end + self.limits.trailing_audio_ms * MS)
         if pause_end is not None and inflight is not None and inflight.utterance is utt and heard_the_pause(inflight.window_end, turn_end, stable):
             # The decode already running heard the pause: its hypothesis becomes the final one.
             inflight.promote()
+            if self._may_recheck(utt, window_end):
+                inflight.recheck = self._final_ticket(ch, utt, window_end)
             ch.inflight = None
             ch.finals.append(inflight)
             self._promotions_out.append(inflight)
             return out
         if pause_end is not None and heard_the_pause(utt.tail_window_end, turn_end, stable):
-            return out + self._resolve_without_decode(ch, utt, self._within_turn(utt, utt.tail))
-        window_end = min(self._channel_end(ch), turn_end + self.limits.trailing_audio_ms * MS)
+            tail = self._within_turn(utt, utt.tail)
+            if tail and mean_logprob(tail) < self.limits.recheck_logprob and self._may_recheck(utt, window_end):
+                return out + self._submit_final(ch, utt, window_end, rival=tail)
+            return out + self._resolve_without_decode(ch, utt, tail)
         if window_end - utt.start < self.limits.min_final_ms * MS:
             return out + self._resolve_without_decode(ch, utt, self._within_turn(utt, utt.tail))
         return out + self._submit_final(ch, utt, window_end)
 
-    def _submit_final(self, ch: Channel, utt: Utterance, window_end: int) -> list[Output]:
+    def _may_recheck(self, utt: Utterance, window_end: int) -> bool:
+        """Whether a turn made final by a hypothesis may be decoded again if that one is unsure:
+        not for a window too short to decode, nor where finals wait for their context (files)."""
+        return window_end - utt.start >= self.limits.min_final_ms * MS and not self.limits.final_context_lag
+
+    def _submit_final(self, ch: Channel, utt: Utterance, window_end: int, *, rival: list[Word] | None = None) -> list[Output]:
         """A final decode of the whole utterance, queued behind the finals ahead of it (and held
-        back until its context is final, with ``final_context_lag``)."""
+        back until its context is final, with ``final_context_lag``); ``rival``: an earlier
+        reading of its last words it competes with."""
+        ticket = self._final_ticket(ch, utt, window_end)
+        ticket.rival = rival
+        ch.finals.append(ticket)
+        return [] if ticket.waiting_for_context else [ticket]
+
+    def _final_ticket(self, ch: Channel, utt: Utterance, window_end: int) -> DecodeTicket:
+        """The final decode of ``utt`` up to ``window_end``, as :meth:`_submit_final` queues it."""
         lag = self.limits.final_context_lag
         waits = bool(lag) and len(ch.finals) >= lag  # the turn its context ends with is not final yet
         context = None  # without a lag: the whole transcript so far
@@ -672,8 +697,7 @@ class Session:
         if self.limits.final_agreement and ticket.request.prefix and not ticket.carried:
             ticket.unforced = True
             ticket.request = dataclasses.replace(ticket.request, prefix=())
-        ch.finals.append(ticket)
-        return [] if waits else [ticket]
+        return ticket
 
     def _context_of(self, ch: Channel, turn: int) -> str:
         """The channel's text up to the end of turn ``turn - final_context_lag`` ("" before it)."""
@@ -892,13 +916,22 @@ class Session:
                     ch.finals[ch.finals.index(ticket)] = retry
                     return [retry]
                 words = rest
+            words = self._within_turn(ticket.utterance, words)
+            if ticket.recheck is not None and words and mean_logprob(words) < self.limits.recheck_logprob:
+                # A promoted hypothesis the decoder was unsure of: the turn's own final decides.
+                recheck = ticket.recheck
+                recheck.rival = words
+                ch.finals[ch.finals.index(ticket)] = recheck
+                return [recheck]
+            if ticket.rival is not None:
+                words = surer_reading(ticket.rival, words)
             ticket.utterance.no_speech_prob = result.no_speech_prob
             ticket.utterance.detected = result.language
             if language_settled(len(ticket.request.audio), result.language_probability):
                 ch.language = result.language
-            ticket.resolve(self._within_turn(ticket.utterance, words))
+            ticket.resolve(words)
         else:
-            ticket.resolve()
+            ticket.resolve(ticket.rival)  # a failed recheck keeps the reading it was to check
         return self._apply_resolved_finals(ch) + self._schedule(ch)
 
     @staticmethod

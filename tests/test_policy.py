@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from stream_server.decoding import Token, Word
 from stream_server.policy import (
     MS,
@@ -11,6 +13,8 @@ from stream_server.policy import (
     continued_sentence_case,
     heard_the_pause,
     interim_commit_count,
+    mean_logprob,
+    surer_reading,
     within_turn,
     without_trailing_punctuation,
     words_before,
@@ -164,3 +168,21 @@ def test_a_continuation_after_a_sentence_end_starts_with_a_capital() -> None:
         assert [x.text for x in continued_sentence_case(before, [tokens_word(after)])] == [after]
     assert continued_sentence_case(carried, []) == []
     assert [x.text for x in continued_sentence_case([tokens_word(" really", "?")], [tokens_word(" yes")])] == [" Yes"]
+
+
+def sure(text: str, *logprobs: float) -> Word:
+    return Word(text, 0.0, 0.3, tuple(Token(i, text, lp) for i, lp in enumerate(logprobs)))
+
+
+def test_mean_logprob_is_over_the_spoken_words_tokens_only() -> None:
+    assert mean_logprob([sure(" And", -0.2), sure(" so", -0.4, -0.6)]) == pytest.approx(-0.4)
+    assert mean_logprob([sure(" so", -0.3), sure(".", -1.2)]) == pytest.approx(-0.3)  # a bare mark does not count
+    assert mean_logprob([sure(".", -1.2)]) == mean_logprob([]) == 0.0
+
+
+def test_the_surer_reading_wins_and_one_with_words_beats_one_without() -> None:
+    unsure, surer = [sure(" am", -0.9), sure(" i", -0.7)], [sure(" my", -0.3)]
+    assert surer_reading(unsure, surer) == surer
+    assert surer_reading(surer, unsure) == surer
+    assert surer_reading(unsure, []) == unsure
+    assert surer_reading([], surer) == surer

@@ -148,11 +148,16 @@ def jfk_stream(lead: int) -> Stream:
     return Stream(0, 16000, (np.clip(samples, -1, 1) * 32767).astype(np.int16))
 
 
-def jfk_segments(stream: Stream, decoder: WhisperDecoder, vad: SileroVad, limits: SessionLimits) -> list[str]:
+def jfk_texts(stream: Stream, decoder: WhisperDecoder, vad: SileroVad, limits: SessionLimits) -> list[str]:
+    """The segments' texts of ``stream`` replayed at a decode lag of 200 ms."""
     config = p.SessionConfig(sample_rate=16000, language="en", interim_results=True)
     session = Session("sess_jfk", config=config, vad=vad, limits=limits)
     events = replay_stream(stream, session, decoder, DecodeLag(200)).events
-    return [normalize_text(e["text"]) for _, e in events if e["type"] == "transcript.segment"]
+    return [e["text"] for _, e in events if e["type"] == "transcript.segment"]
+
+
+def jfk_segments(stream: Stream, decoder: WhisperDecoder, vad: SileroVad, limits: SessionLimits) -> list[str]:
+    return [normalize_text(text) for text in jfk_texts(stream, decoder, vad, limits)]
 
 
 @needs_corpus
@@ -192,3 +197,18 @@ def test_a_short_turn_between_pauses_is_decoded_as_the_continuation_of_the_last(
     assert len(right) >= 3, readings
     rest = "ask not what your country can do for you ask what you can do for your country"
     assert all(" ".join(carried[1:]) == rest for carried in right), right
+
+
+@needs_corpus
+@pytest.mark.timeout(300)
+def test_an_unsure_reading_that_would_be_final_without_a_decode_is_decoded_again() -> None:
+    """On a CPU with AVX-512, after 7000 samples of lead, the pause decode that became JFK's first
+    turn's final read "And so am i fell in americans" (mean token logprob -0.70, where the windows
+    around it read -0.39 to -0.53), and "ask not", forced after it, read "ass not". Below
+    ``recheck_logprob`` the turn is decoded again to its end, and the surer reading kept: "And so
+    my fellow Americans." (2993 read the lower-case way on a CPU without AVX-512.)"""
+    decoder, vad = WhisperDecoder(str(tiny_en_path()), compute_type="int8", cpu_threads=1), SileroVad()
+    for lead in (2993, 7000):
+        texts = jfk_texts(jfk_stream(lead), decoder, vad, SessionLimits())
+        assert texts[0].startswith("And so") and texts[0].endswith(" fellow Americans."), (lead, texts)
+        assert normalize_text(texts[1]) == "ask not", (lead, texts)

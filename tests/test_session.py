@@ -1013,3 +1013,62 @@ def test_with_final_agreement_a_final_runs_unforced_and_is_forced_only_when_it_c
     else:
         assert [bool(r.prefix) for r in finals] == [False, True]  # contradicted them: forced again
     assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 9))
+
+
+class UnsureOfTheFirstWordAtAPause(BurstDecoder):
+    """An interim decode whose window ends in silence misreads the turn's first word as ``w0``,
+    unsure (as tiny.en read JFK's first turn "And so am i fell in americans" from one window end
+    and "my fellow Americans" from the turn's final window); finals hear it at ``final_logprob``."""
+
+    def __init__(self, final_logprob: float = -0.1) -> None:
+        super().__init__()
+        self.final_logprob = final_logprob
+
+    def decode_one(self, request: DecodeRequest) -> DecodeResult:
+        result = super().decode_one(request)
+        if request.prefix or not result.words or result.words[-1].text.endswith("~"):
+            return result
+        first = result.words[0]
+        if request.final:
+            heard = dataclasses.replace(first, tokens=(Token(first.tokens[0].id, first.text, self.final_logprob),))
+        else:
+            heard = dataclasses.replace(first, text=" w0", tokens=(Token(0, " w0", -3.0),))
+        return dataclasses.replace(result, words=(heard, *result.words[1:]))
+
+
+def unsure_turn(latency_chunks: int, decoder: BurstDecoder, **limits) -> Driver:
+    """One turn shorter than ``min_commit_window_ms`` (its pause commits no word the decode
+    before it read differently), decoded ``latency_chunks`` frames late, and the session closed."""
+    session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad(), limits=SessionLimits(**limits))
+    d = Driver(session, latency_chunks=latency_chunks)
+    d.decoder = decoder
+    d.feed(np.concatenate([speech([1, 2, 3, 4, 5]), silence(1.5)]))
+    d.close()
+    return d
+
+
+@pytest.mark.parametrize("latency_chunks", [3, 30])
+def test_an_unsure_hypothesis_that_heard_the_pause_is_decoded_again_before_it_is_final(latency_chunks: int) -> None:
+    """Latency 30: the pause decode is in flight at the turn's end and promoted; 3: it is back
+    before, and the turn's last hypothesis heard the pause. Either would be final as it is; it is
+    unsure (mean token logprob -0.68 < ``recheck_logprob``), so the turn's own final decodes it
+    again, and the surer reading is kept."""
+    off = unsure_turn(latency_chunks, UnsureOfTheFirstWordAtAPause(), recheck_logprob=float("-inf"))
+    assert not any(r.final for batch in off.decoder.calls for r in batch), "final without a decode of its own"
+    assert [s.text for s in off.of(p.TranscriptSegment)] == [spoken(0, 2, 3, 4, 5)]
+    assert bool(off.promoted) == (latency_chunks == 30)
+    d = unsure_turn(latency_chunks, UnsureOfTheFirstWordAtAPause())
+    assert [r.final for batch in d.decoder.calls for r in batch].count(True) == 1
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(1, 2, 3, 4, 5)]
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5)
+
+
+def test_a_recheck_keeps_the_earlier_reading_when_it_was_surer_or_the_final_fails() -> None:
+    d = unsure_turn(30, UnsureOfTheFirstWordAtAPause(final_logprob=-8.0))
+    assert [r.final for batch in d.decoder.calls for r in batch].count(True) == 1
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(0, 2, 3, 4, 5)]
+    failing = UnsureOfTheFirstWordAtAPause()
+    failing.fail_next_final = 2  # the recheck fails, and its retry too: nothing heard is lost
+    d = unsure_turn(30, failing)
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(0, 2, 3, 4, 5)]
+    assert d.of(p.TranscriptDone)[0].text == spoken(0, 2, 3, 4, 5)
