@@ -1,5 +1,4 @@
-"""Decoding uploaded audio files (wav, mp3, m4a, flac, ogg, webm, ...) to mono float32 at 16 kHz
-(or 8 kHz for phone recordings, where asked).
+"""Decoding uploaded audio files (wav, mp3, m4a, flac, ogg, webm, ...) to 16 kHz mono float32.
 
 The container is recognised by its *content* (FFmpeg's probe, through PyAV), never by the file
 name or the declared content type. Three outcomes, each with its own HTTP answer:
@@ -16,7 +15,6 @@ URLs or local files named inside an upload, and no network or file protocol is w
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import wave
@@ -57,27 +55,8 @@ class AudioTooLong(Exception):
     """The decoded audio exceeds the duration limit."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DecodedAudio:
-    """An upload's audio: mono float32 ``samples`` at ``rate``."""
-
-    samples: np.ndarray
-    rate: int
-
-
 def decode_file(fileobj: IO[bytes], *, max_seconds: float | None = None) -> np.ndarray:
     """Decode the first audio stream of ``fileobj`` to mono float32 at 16 kHz.
-
-    Blocking (FFmpeg and resampling): call it from a worker thread.
-    """
-    return decode_audio(fileobj, max_seconds=max_seconds).samples
-
-
-def decode_audio(fileobj: IO[bytes], *, max_seconds: float | None = None, narrowband_rate: int = 0) -> DecodedAudio:
-    """Decode the first audio stream of ``fileobj`` to mono float32 at 16 kHz, or at
-    ``narrowband_rate`` when the stream's own rate is no higher: a phone recording stays at the
-    phone line's rate, so the session that transcribes it treats it as one (its utterances start
-    earlier: ``SessionLimits.narrowband_padding_ms``).
 
     Blocking (FFmpeg and resampling): call it from a worker thread.
     """
@@ -103,12 +82,10 @@ def decode_audio(fileobj: IO[bytes], *, max_seconds: float | None = None, narrow
         if not container.streams.audio:
             raise UnsupportedMedia(f"the {name} file holds no audio stream")
         stream = container.streams.audio[0]
-        own_rate = stream.codec_context.sample_rate or MODEL_RATE
-        rate = narrowband_rate if 0 < own_rate <= narrowband_rate else MODEL_RATE
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=MODEL_RATE)
         pieces: list[np.ndarray] = []
         total = 0
-        limit = int(max_seconds * rate) if max_seconds else None
+        limit = int(max_seconds * MODEL_RATE) if max_seconds else None
         packets = good = 0
         first_error: Exception | None = None
 
@@ -143,11 +120,11 @@ def decode_audio(fileobj: IO[bytes], *, max_seconds: float | None = None, narrow
         if packets and not good and first_error is not None:
             raise AudioDecodeError(f"the {stream.codec_context.name} audio stream could not be decoded ({_reason(first_error)})")
     if not pieces:
-        return DecodedAudio(np.zeros(0, np.float32), rate)
+        return np.zeros(0, np.float32)
     audio = np.concatenate(pieces)
     # Some decoders overshoot [-1, 1] slightly; NaN/inf from broken streams become silence.
     np.nan_to_num(audio, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    return DecodedAudio(np.clip(audio, -1.0, 1.0, out=audio), rate)
+    return np.clip(audio, -1.0, 1.0, out=audio)
 
 
 def _reason(exc: Exception) -> str:

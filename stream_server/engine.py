@@ -136,25 +136,23 @@ class Engine:
             model_exists=self.registry.exists,
         )
 
-    async def transcribe_events(self, audio: np.ndarray, config: p.SessionConfig, *, rate: int = MODEL_RATE) -> AsyncIterator[p.ServerEvent]:
-        """Transcribe a whole signal sampled at ``rate`` (16 kHz, or a phone recording's own 8 kHz:
-        the session then treats it as the phone line it is); yields the session's events in
-        order, ending with done.
+    async def transcribe_events(self, audio: np.ndarray, config: p.SessionConfig) -> AsyncIterator[p.ServerEvent]:
+        """Transcribe a whole 16 kHz signal; yields the session's events in order, ending with done.
 
         Audio is fed as fast as the VAD runs; each utterance's final decode is submitted as soon
         as the VAD closes it, so long files keep the scheduler's batches full.
         """
-        config = config.model_copy(update={"interim_results": False, "input_audio_format": "float32", "sample_rate": rate})
+        config = config.model_copy(update={"interim_results": False, "input_audio_format": "float32", "sample_rate": MODEL_RATE})
         # Every turn of a file is queued at once on purpose (batches stay full); the file's size
         # limit bounds that work, so turn ends are never deferred here as they are for a live
         # client that outruns the decoder.
         session = self.new_session(config, limits=SessionLimits(
             interim_decoding=False, max_utterance_s=self.limits.max_utterance_s, max_pending_finals=1_000_000,
-            final_context_lag=FILE_CONTEXT_LAG, narrowband_padding_ms=self.limits.narrowband_padding_ms,
+            final_context_lag=FILE_CONTEXT_LAG,
         ))
         events: asyncio.Queue[p.ServerEvent | None] = asyncio.Queue()  # None: the session closed
         runner = SessionRunner(session, self.scheduler, emit=events.put_nowait, on_close=lambda close: events.put_nowait(None))
-        chunk = rate * 10
+        chunk = MODEL_RATE * 10
         try:
             runner.start()
             for i in range(0, len(audio), chunk):
@@ -170,11 +168,11 @@ class Engine:
         finally:
             runner.cancel()
 
-    async def transcribe(self, audio: np.ndarray, config: p.SessionConfig, *, rate: int = MODEL_RATE) -> FileTranscript:
+    async def transcribe(self, audio: np.ndarray, config: p.SessionConfig) -> FileTranscript:
         segments: list[p.TranscriptSegment] = []
         done: p.TranscriptDone | None = None
         errors: list[p.Error] = []
-        async for event in self.transcribe_events(audio, config, rate=rate):
+        async for event in self.transcribe_events(audio, config):
             if isinstance(event, p.TranscriptSegment):
                 segments.append(event)
             elif isinstance(event, p.TranscriptDone):

@@ -152,25 +152,3 @@ def test_session_update_to_g711_implies_8khz_unless_sample_rate_given(audio_form
     # A later update that leaves the format alone keeps the rate it has.
     assert SessionConfig().updated({"input_audio_format": audio_format}).updated({"prompt": "x"}).sample_rate == 8000
     assert SessionConfig().updated({"sample_rate": 22050}).sample_rate == 22050
-
-
-@pytest.mark.parametrize(("file_rate", "narrowband_rate", "decoded_rate"), [(8000, 8000, 8000), (6000, 8000, 8000), (16000, 8000, 16000), (44100, 8000, 16000), (8000, 0, 16000)])
-def test_an_upload_at_a_phone_rate_is_decoded_at_the_phone_rate_where_asked(file_rate: int, narrowband_rate: int, decoded_rate: int) -> None:
-    """``decode_audio`` keeps a phone recording at the phone line's rate (the HTTP API asks for
-    8 kHz); anything wider, or without the ask, is decoded at 16 kHz. The duration limit holds
-    at either rate."""
-    import io
-
-    import soundfile
-
-    from stream_server.audio_files import AudioTooLong, decode_audio
-
-    seconds = 2.0
-    t = np.arange(int(seconds * file_rate)) / file_rate
-    data = io.BytesIO()
-    soundfile.write(data, (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), file_rate, format="WAV", subtype="PCM_16")
-    decoded = decode_audio(data, narrowband_rate=narrowband_rate)
-    assert decoded.rate == decoded_rate
-    assert len(decoded.samples) == pytest.approx(seconds * decoded_rate, abs=decoded_rate * 0.01)
-    with pytest.raises(AudioTooLong):
-        decode_audio(data, max_seconds=1.5, narrowband_rate=narrowband_rate)

@@ -557,38 +557,3 @@ def test_decoder_failure_is_500(tmp_path):
         bad = client.post("/v1/audio/transcriptions", files={"file": path.read_bytes()})
         assert_error(bad, 500, "decode_failed", None)
         assert "injected decoder failure" in bad.json()["error"]["message"]
-
-
-def test_a_phone_recording_is_transcribed_as_the_phone_line_it_is(tmp_path):
-    """An upload at 8 kHz is decoded at its own rate, not resampled to 16 kHz first: its session
-    pads each utterance as a phone line's (``--narrowband-padding-ms``), as the same call
-    streamed over Twilio would be. In-process app, fake models: the same audio at 16 kHz and at
-    8 kHz gives the same words and duration, and the 8 kHz utterance's decode starts 200 ms
-    earlier (the segment's times are its words', the same in both)."""
-    import soxr
-    from starlette.testclient import TestClient
-
-    from stream_server.engine import Engine
-    from stream_server.server import create_app
-    from stream_server.settings import Settings
-    from tests.fakes import BurstDecoder, EnergyVad, speech
-
-    settings = Settings(model="tiny.en")
-    decoder = BurstDecoder()
-    engine = Engine(settings, vad=EnergyVad(), decoder_factory=lambda path: decoder)
-    audio = np.concatenate([np.zeros(16000, np.float32), speech([1, 2, 3]), np.zeros(16000, np.float32)])
-    wide = write_wav(audio, tmp_path / "wide.wav")
-    narrow = write_wav(soxr.resample(audio, 16000, 8000).astype(np.float32), tmp_path / "narrow.wav", rate=8000)
-    results, windows = [], []
-    with TestClient(create_app(settings, engine)) as client:
-        for path in (wide, narrow):
-            decoder.calls.clear()
-            response = client.post("/v1/audio/transcriptions", files={"file": path.read_bytes()}, data={"response_format": "verbose_json"})
-            results.append(response.json())
-            [final] = [r for batch in decoder.calls for r in batch if r.final]
-            windows.append(len(final.audio) / 16000)
-    wide_result, narrow_result = results
-    assert wide_result["text"] == narrow_result["text"] == "w1 w2 w3"
-    assert narrow_result["duration"] == pytest.approx(wide_result["duration"], abs=0.01)
-    assert windows[1] - windows[0] == pytest.approx(settings.narrowband_padding_ms / 1000, abs=0.021)
-    assert narrow_result["segments"][0]["start"] == pytest.approx(wide_result["segments"][0]["start"], abs=0.03)

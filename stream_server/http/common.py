@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import IO, Any, Literal
 
+import numpy as np
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
@@ -27,12 +28,10 @@ from stream_server import protocol as p
 from stream_server.audio_files import (
     AudioDecodeError,
     AudioTooLong,
-    DecodedAudio,
     UnsupportedMedia,
-    decode_audio,
+    decode_file,
 )
 from stream_server.engine import Engine, FileTranscript
-from stream_server.planner import NARROWBAND_RATE
 
 log = logging.getLogger(__name__)
 
@@ -336,17 +335,16 @@ def file_jobs(request: Request) -> FileJobs:
     return jobs
 
 
-def _decode_and_close(fileobj: IO[bytes]) -> DecodedAudio:
+def _decode_and_close(fileobj: IO[bytes]) -> np.ndarray:
     """Decode, then close the upload: its spool is no longer needed while the audio is transcribed."""
     try:
-        return decode_audio(fileobj, max_seconds=MAX_AUDIO_SECONDS, narrowband_rate=NARROWBAND_RATE)
+        return decode_file(fileobj, max_seconds=MAX_AUDIO_SECONDS)
     finally:
         fileobj.close()
 
 
-async def decode_upload(fileobj: IO[bytes]) -> DecodedAudio:
-    """Mono samples of an upload (off the event loop; 16 kHz, or 8 kHz for a phone recording,
-    which is then transcribed as the phone line it is), or the contract's 413/415/500."""
+async def decode_upload(fileobj: IO[bytes]) -> np.ndarray:
+    """16 kHz mono samples of an upload (off the event loop), or the contract's 413/415/500."""
     try:
         return await asyncio.to_thread(_decode_and_close, fileobj)
     except UnsupportedMedia as exc:
@@ -385,7 +383,7 @@ async def transcribe_upload(request: Request, fileobj: IO[bytes], config: p.Sess
     engine: Engine = request.app.state.engine
     async with file_jobs(request).semaphore:
         audio = await decode_upload(fileobj)
-        result = await engine.transcribe(audio.samples, config, rate=audio.rate)
+        result = await engine.transcribe(audio, config)
     engine.metrics.audio_seconds.inc(result.done.usage.seconds)
     _raise_engine_errors(result)
     return result

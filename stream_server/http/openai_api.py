@@ -12,6 +12,7 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import (
@@ -23,7 +24,6 @@ from starlette.responses import (
 
 from stream_server import formats
 from stream_server import protocol as p
-from stream_server.audio_files import DecodedAudio
 from stream_server.engine import Engine, FileTranscript
 from stream_server.http.common import (
     OPENAI_MODEL_ALIASES,
@@ -186,13 +186,13 @@ def _stream_event(event: p.ServerEvent, opts: FileOptions) -> dict[str, Any] | N
     return None
 
 
-async def _event_stream(engine: Engine, audio: DecodedAudio, config: p.SessionConfig, opts: FileOptions, jobs: FileJobs) -> AsyncIterator[bytes]:
+async def _event_stream(engine: Engine, audio: np.ndarray, config: p.SessionConfig, opts: FileOptions, jobs: FileJobs) -> AsyncIterator[bytes]:
     """OpenAI's transcription stream: deltas as text becomes final, then done, then [DONE].
 
     The slot is taken inside the generator, so a response abandoned before it starts holds none.
     """
     async with jobs.semaphore:
-        async for event in engine.transcribe_events(audio.samples, config, rate=audio.rate):
+        async for event in engine.transcribe_events(audio, config):
             payload = _stream_event(event, opts)
             if payload is not None:
                 yield _sse(payload)
