@@ -80,6 +80,11 @@ class SessionRunner:
             return False
         return True
 
+    def ahead_of_real_time(self, elapsed_s: float) -> bool:
+        """Whether the client has sent more audio than ``elapsed_s`` wall seconds hold (beyond
+        ``REAL_TIME_SLACK_S`` of network jitter): a file sent faster than real time, not a live source."""
+        return self.session.audio_seconds > elapsed_s + REAL_TIME_SLACK_S
+
     async def wait_caught_up(self, timeout: float, *, elapsed_s: float | None = None) -> float:
         """Wait until the session is no longer backlogged (or is closing), at most ``timeout``
         seconds; returns the seconds waited. A shell calls this before reading the client's next
@@ -92,7 +97,7 @@ class SessionRunner:
         drops a call after 5 s); it keeps the deferred turn ends instead (``Session.backlogged``)."""
         if self._caught_up.is_set():
             return 0.0
-        if elapsed_s is not None and self.session.audio_seconds <= elapsed_s + REAL_TIME_SLACK_S:
+        if elapsed_s is not None and not self.ahead_of_real_time(elapsed_s):
             return 0.0
         started = time.monotonic()
         with contextlib.suppress(asyncio.TimeoutError):

@@ -128,7 +128,7 @@ class Settings:
     )
     max_messages_per_s: float = dataclasses.field(
         default=1000.0,
-        metadata={"help": "messages a WebSocket client may send per second (bursts of twice that); beyond it: rate_limited and close 1008"},
+        metadata={"help": "messages a WebSocket client may send per second (bursts of twice that); beyond it: rate_limited and close 1008, unless the client is ahead of real time (a file sent fast), which is read at this rate instead"},
     )
     api_keys: str = dataclasses.field(
         default="",

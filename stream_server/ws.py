@@ -416,7 +416,7 @@ class Connection:
             data = message.get("bytes")
             text = message.get("text")
             size = len(data) if data is not None else len((text or "").encode())
-            if not self._within_rate():
+            if not self._within_rate() and not await self._slowed_to_rate(runner):
                 rate = self.settings.max_messages_per_s
                 error = p.Error.invalid("rate_limited", f"more than {rate:g} messages per second; closing")
                 self._queue([*self.dialect.error(error), Close(1008, "message rate limit exceeded")])
@@ -451,6 +451,19 @@ class Connection:
         waited = await runner.wait_caught_up(CATCH_UP_WAIT_S, elapsed_s=time.monotonic() - self._started)
         if waited:
             self.engine.metrics.read_paused_seconds.inc(waited)
+
+    async def _slowed_to_rate(self, runner: SessionRunner) -> bool:
+        """A client over the message rate that is sending audio ahead of real time (a file at
+        ``mic-client --speed 0``: 50 ms frames as fast as the connection allows are ~1000 a
+        second per 50x real time) is read more slowly instead of cut off: its next message waits
+        for the bucket, and its transport holds the rest. A flood that carries no more audio
+        than real time (tiny frames, control messages) is no such client: False, it is closed."""
+        if not runner.ahead_of_real_time(time.monotonic() - self._started):
+            return False
+        rate = self.settings.max_messages_per_s
+        while not self._within_rate():  # each call refills the bucket for the time slept
+            await asyncio.sleep(max(0.0, 1 - self._tokens) / rate)
+        return True
 
     def _within_rate(self) -> bool:
         """A token bucket: ``max_messages_per_s`` sustained, bursts of twice that. Real clients

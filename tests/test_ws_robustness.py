@@ -214,6 +214,34 @@ def test_a_flood_of_tiny_frames_is_cut_off_with_rate_limited(server: ServerProce
     assert [e["error"]["code"] for e in events if e["type"] == "error"] == ["rate_limited"]
 
 
+def test_a_file_sent_faster_than_the_message_rate_is_slowed_not_cut_off(server: ServerProcess) -> None:
+    """``mic-client --file --speed 0`` sends 50 ms frames as fast as the connection allows: past
+    ~1000 a second (50x real time) a long file used to hit the message rate before the decoder
+    backlog slowed its reading, and was closed with ``rate_limited`` after ~100 s of audio. A
+    client that is ahead of real time is read at the rate instead. Here 60 s of speech in 10 ms
+    frames (6000 messages, three times the bucket) at full speed: every message is read, the
+    session ends with its text, and it took at least the (6000 - 2000) / 1000 s the rate asks."""
+    rows = [r for r in english_references() if r["id"].startswith("ljspeech_")]
+    audio = np.concatenate([load_clip(r["id"]) for r in rows])[: 60 * 16000]
+    frame = 160 * 2  # 10 ms of pcm16
+
+    async def go() -> tuple[list[dict], int | None, float]:
+        async with websockets.connect(server.ws_url) as ws:
+            started = time.monotonic()
+            data = pcm16(audio)
+            for offset in range(0, len(data), frame):
+                await ws.send(data[offset : offset + frame])
+            await ws.send(json.dumps({"type": "session.close"}))
+            events = [json.loads(message) async for message in ws]
+            return events, ws.close_code, time.monotonic() - started
+
+    events, code, seconds = asyncio.run(go())
+    assert not [e for e in events if e["type"] == "error"], [e for e in events if e["type"] == "error"]
+    assert code == 1000 and events[-1]["type"] == "transcript.text.done"
+    assert len(normalize(events[-1]["text"]).split()) > 100
+    assert seconds >= 4.0
+
+
 @pytest.mark.parametrize(
     ("path", "valid"),
     [
