@@ -652,10 +652,14 @@ class Session:
         stable = self.limits.pause_heard_ms
         inflight = ch.inflight
         window_end = min(self._channel_end(ch), turn_end + self.limits.trailing_audio_ms * MS)
+        decodable = window_end - utt.start >= self.limits.min_final_ms * MS
+        # An unsure hypothesis may be decoded again (``recheck_logprob``), except in files, whose
+        # turns wait for their context (``final_context_lag``) and each get a final decode anyway.
+        may_recheck = decodable and not self.limits.final_context_lag
         if pause_end is not None and inflight is not None and inflight.utterance is utt and heard_the_pause(inflight.window_end, turn_end, stable):
             # The decode already running heard the pause: its hypothesis becomes the final one.
             inflight.promote()
-            if self._may_recheck(utt, window_end):
+            if may_recheck:
                 inflight.recheck = self._final_ticket(ch, utt, window_end)
             ch.inflight = None
             ch.finals.append(inflight)
@@ -663,17 +667,12 @@ class Session:
             return out
         if pause_end is not None and heard_the_pause(utt.tail_window_end, turn_end, stable):
             tail = self._within_turn(utt, utt.tail)
-            if tail and mean_logprob(tail) < self.limits.recheck_logprob and self._may_recheck(utt, window_end):
+            if tail and mean_logprob(tail) < self.limits.recheck_logprob and may_recheck:
                 return out + self._submit_final(ch, utt, window_end, rival=tail)
             return out + self._resolve_without_decode(ch, utt, tail)
-        if window_end - utt.start < self.limits.min_final_ms * MS:
+        if not decodable:
             return out + self._resolve_without_decode(ch, utt, self._within_turn(utt, utt.tail))
         return out + self._submit_final(ch, utt, window_end)
-
-    def _may_recheck(self, utt: Utterance, window_end: int) -> bool:
-        """Whether a turn made final by a hypothesis may be decoded again if that one is unsure:
-        not for a window too short to decode, nor where finals wait for their context (files)."""
-        return window_end - utt.start >= self.limits.min_final_ms * MS and not self.limits.final_context_lag
 
     def _submit_final(self, ch: Channel, utt: Utterance, window_end: int, *, rival: list[Word] | None = None) -> list[Output]:
         """A final decode of the whole utterance, queued behind the finals ahead of it (and held

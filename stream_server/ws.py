@@ -448,9 +448,13 @@ class Connection:
         the transport and its turns keep the ends the VAD gives them. A client that sends live
         audio is always read (``SessionRunner.wait_caught_up``), and the wait is bounded per
         message (``CATCH_UP_WAIT_S``), so controls still get through."""
-        waited = await runner.wait_caught_up(CATCH_UP_WAIT_S, elapsed_s=time.monotonic() - self._started)
+        waited = await runner.wait_caught_up(CATCH_UP_WAIT_S, elapsed_s=self._elapsed_s())
         if waited:
             self.engine.metrics.read_paused_seconds.inc(waited)
+
+    def _elapsed_s(self) -> float:
+        """Wall seconds since the connection opened: what a client's audio is compared with."""
+        return time.monotonic() - self._started
 
     async def _slowed_to_rate(self, runner: SessionRunner) -> bool:
         """A client over the message rate that is sending audio ahead of real time (a file at
@@ -458,7 +462,7 @@ class Connection:
         second per 50x real time) is read more slowly instead of cut off: its next message waits
         for the bucket, and its transport holds the rest. A flood that carries no more audio
         than real time (tiny frames, control messages) is no such client: False, it is closed."""
-        if not runner.ahead_of_real_time(time.monotonic() - self._started):
+        if not runner.ahead_of_real_time(self._elapsed_s()):
             return False
         rate = self.settings.max_messages_per_s
         while not self._within_rate():  # each call refills the bucket for the time slept
