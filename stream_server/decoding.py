@@ -133,6 +133,9 @@ class DecodeRequest:
     model: str = ""
     final: bool = False
     key: object = None  # names the utterance: the scheduler orders interim work by its staleness
+    # A pause decode: its words are committed when the pause lasts, and it is usually the turn's
+    # last decode, so the scheduler serves it with first interims, before re-decodes.
+    commits: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

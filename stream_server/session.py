@@ -846,6 +846,7 @@ class Session:
             model=self.config.model,
             final=state is TicketState.FINAL,
             key=(self.id, ch.index, utt.serial),
+            commits=committing,
         )
         return DecodeTicket(request, ch.index, utt, state, plan.start, plan.end, pause_start, committed=len(utt.committed),
                             forced=plan.kept, carried=max(0, len(plan.kept) - len(utt.committed)))

@@ -190,8 +190,9 @@ class KeyedDecoder(GatedDecoder):
         return request.prompt[:1]
 
 
-def keyed_job(name: str, key: object, final: bool = False) -> Job:
-    return Job(DecodeRequest(np.zeros(1600, np.float32), prompt=name, model="m", final=final, key=key), final)
+def keyed_job(name: str, key: object, final: bool = False, commits: bool = False) -> Job:
+    request = DecodeRequest(np.zeros(1600, np.float32), prompt=name, model="m", final=final, key=key, commits=commits)
+    return Job(request, final)
 
 
 async def test_interim_work_goes_to_new_utterances_first_then_by_staleness() -> None:
@@ -212,6 +213,30 @@ async def test_interim_work_goes_to_new_utterances_first_then_by_staleness() -> 
         decoder.gate.set()
         await asyncio.gather(blocker, final, *futures)
         assert decoder.batches[3:] == [["F"], ["new-1"], ["old-2"], ["recent-2"]]
+    finally:
+        scheduler.stop()
+
+
+async def test_a_pause_decode_goes_with_first_interims_before_re_decodes() -> None:
+    """A pause decode (its words are committed, and a turn usually ends on it) waits for finals
+    only: behind the re-decodes of every other stream it made a loaded server's turns final late."""
+    decoder = GatedDecoder()
+    decoder.gate.set()
+    scheduler = DecodeScheduler(lambda name: decoder, max_batch_size=1)
+    try:
+        for name in ("a", "b", "c"):  # each utterance has had a result: re-decodes from now on
+            await scheduler.submit(keyed_job(f"{name}-1", name))
+        decoder.gate.clear()
+        blocker = scheduler.submit(keyed_job("warm", "warm", final=True))
+        await asyncio.sleep(0.05)
+        futures = [scheduler.submit(keyed_job("a-2", "a")), scheduler.submit(keyed_job("b-2", "b")),
+                   scheduler.submit(keyed_job("new-1", "new")), scheduler.submit(keyed_job("c-pause", "c", commits=True)),
+                   scheduler.submit(keyed_job("F", "other", final=True))]
+        decoder.gate.set()
+        await asyncio.gather(blocker, *futures)
+        # The final; then the first interim and the pause decode in the order they asked; then
+        # the re-decodes by staleness.
+        assert decoder.batches[4:] == [["F"], ["new-1"], ["c-pause"], ["a-2"], ["b-2"]]
     finally:
         scheduler.stop()
 

@@ -635,6 +635,9 @@ def test_a_pause_is_decoded_early_and_its_words_committed_once_it_is_stable() ->
     pause_decoded_by = min(t for t, n in decodes_at.items() if n == decodes_at[committed_at])
     assert pause_decoded_by <= limits.pause_decode_ms / 1000 + 0.08, "the decode started before the commit was due"
     assert decodes_at[0.44] == decodes_at[committed_at], "more of the same silence is not decoded again"
+    requests = [r for call in d.decoder.calls for r in call]
+    # The scheduler serves it before other streams' re-decodes (it stands in for the final).
+    assert requests[-1].commits and not any(r.commits for r in requests[:-1])
     d.feed(silence(0.5))
     assert d.of(p.SpeechStopped) and not any(r.final for call in d.decoder.calls for r in call)
     d.close()
