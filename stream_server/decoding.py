@@ -208,8 +208,11 @@ class WhisperDecoder:
         # Timestamp tokens let us drop text stamped past the audio (see the module notes). On
         # CUDA, CTranslate2's timestamp rules cost ~20x per decoding step (38 ms vs 1.8 ms at
         # batch 32 on an H100). Without them only the align-based guards and the token budget
-        # remain, which measured ~30% WER instead of 2-10% on real speech: off is for throughput
-        # experiments until a cheaper end-of-audio guard exists.
+        # remain: replays (``bench --replay --replay-timestamp-tokens off``, 2026-12-04) read the
+        # whole corpus at 19.4% WER instead of 7.9% (345 insertions instead of 50, 40% more
+        # generated steps) and 8 calls at 10.9% instead of 7.8%, most of it loops in three clips
+        # (a phrase of the prompt's context repeated into the text, "i .e. i .e."): off is for
+        # throughput experiments until guards that catch those exist.
         self._timestamps = timestamp_tokens
         self._profile = profile  # per-stage CPU and wall time (``bench --profile``), or None
         self._pass_memory = pass_memory_mb * 2**20  # bound on one pass's attention memory (0: none)

@@ -21,6 +21,7 @@ from stream_server.bench.replay import (
     DecodeLag,
     ReplayOptions,
     limits_with,
+    markdown_summary,
     replay_args_problem,
     replay_stream,
     replay_streams,
@@ -102,6 +103,19 @@ def test_a_replay_is_repeatable_and_counts_the_decoders_work() -> None:
     assert figures["finalization_latency_s_p50"] < figures["segment_latency_s_p50"]
     patient = run_replay(dataclasses.replace(options, silence_ms=1000))["figures"]
     assert patient["segment_latency_s_p50"] - figures["segment_latency_s_p50"] >= 0.4
+
+
+@needs_corpus
+def test_a_replay_decodes_without_timestamp_tokens_when_asked() -> None:
+    """``--replay-timestamp-tokens off`` (the GPU lever: its guards measured on CPU): the same
+    stream decoded without timestamp tokens does different work, and the report says so."""
+    options = ReplayOptions(corpus=CORPUS, model_path=str(tiny_en_path()), duration_s=12.0)
+    on, off = run_replay(options), run_replay(dataclasses.replace(options, timestamp_tokens=False))
+    assert (on["options"]["timestamp_tokens"], off["options"]["timestamp_tokens"]) == (True, False)
+    assert on["work"]["generated_steps_per_audio_s"] != off["work"]["generated_steps_per_audio_s"]
+    assert "timestamp tokens | off" in markdown_summary(off) and "timestamp tokens" not in markdown_summary(on)
+    flags = build_parser().parse_args(["--replay", "--replay-timestamp-tokens", "off"])
+    assert flags.replay_timestamp_tokens == "off"
 
 
 @needs_corpus

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--replay-repeats", type=int, default=1,
                     help="with --replay and a jitter: run the same streams this many times, each with its own lag "
                     "draws; WER pooled and per run (one run's WER is one draw: see bench/replay.py)")
+    rp.add_argument("--replay-timestamp-tokens", choices=("on", "off"), default="on",
+                    help="with --replay: decode with Whisper timestamp tokens (the server's --timestamp-tokens; off "
+                    "measures the guards that must stand in for them on a GPU)")
     rp.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                     help="with --replay: a session limit (planner.SessionLimits field), repeatable, "
                     "e.g. --limit prefix_words=4")

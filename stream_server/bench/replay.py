@@ -78,6 +78,7 @@ class ReplayOptions:
     jitter_ms: int = 0  # each decode's lag is drawn from lag_ms ± jitter_ms (seeded)
     repeats: int = 1  # runs of the same streams, each with its own lag draws (needs jitter_ms)
     silence_ms: int | None = None  # turn_detection.silence_duration_ms (None: the core's default)
+    timestamp_tokens: bool = True  # the server's --timestamp-tokens
 
     def session_config(self, **fields: Any) -> p.SessionConfig:
         """A replayed session's config: ``fields``, with the turn silence under test when one is set."""
@@ -223,7 +224,8 @@ def run_decoded(options: ReplayOptions, count: int, one: Callable[[ReplayDecoder
     ``options.repeats`` runs, on shared models; the options and the decode work per audio second
     (``figures`` are the caller's: it knows what a stream is)."""
     profile = StageProfile()
-    whisper = WhisperDecoder(options.model_path, compute_type=options.compute_type, cpu_threads=options.cpu_threads, profile=profile)
+    whisper = WhisperDecoder(options.model_path, compute_type=options.compute_type, cpu_threads=options.cpu_threads,
+                             timestamp_tokens=options.timestamp_tokens, profile=profile)
     decoders = ReplayDecoders(whisper, SileroVad(profile=profile), profile)
     decodes = finals = 0
     audio_s = 0.0
@@ -254,6 +256,7 @@ def run_decoded(options: ReplayOptions, count: int, one: Callable[[ReplayDecoder
             "telephone": options.telephone,
             "jitter_ms": options.jitter_ms,
             "repeats": options.repeats,
+            "timestamp_tokens": options.timestamp_tokens,
             "limits": dataclasses.asdict(options.limits),
         },
         "work": work,
@@ -331,6 +334,8 @@ def markdown_summary(result: dict[str, Any]) -> str:
         spread = f"mean {statistics.mean(runs) * 100:.2f}%, sd {statistics.stdev(runs) * 100:.2f}"
         rows = [*rows[:1], ("WER by run", " / ".join(f"{r * 100:.2f}%" for r in runs) + f" ({spread}; lag {o['lag_ms']} ± {o['jitter_ms']} ms)"), *rows[1:]]
     rows = [*rows, *((k, f"{v:.2f}") for k, v in w.items() if k.endswith("_per_audio_s") and k.startswith(("forced", "generated", "encoder", "aligned")))]
+    if not result.get("options", {}).get("timestamp_tokens", True):
+        rows = [*rows, ("timestamp tokens", "off (--replay-timestamp-tokens off)")]
     return "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]) + "\n"
 
 
@@ -377,6 +382,7 @@ def main_replay(args: argparse.Namespace, out: Path) -> int:
         jitter_ms=args.replay_jitter_ms,
         repeats=args.replay_repeats,
         silence_ms=args.silence_ms,
+        timestamp_tokens=args.replay_timestamp_tokens == "on",
     )
     streams, pool = replay_streams(options)
     replays: list[tuple[Stream, StreamReplay]] = []

@@ -163,6 +163,7 @@ def main_call_replay(args: argparse.Namespace, out: Path) -> int:
         jitter_ms=args.replay_jitter_ms,
         repeats=args.replay_repeats,
         silence_ms=args.silence_ms,
+        timestamp_tokens=args.replay_timestamp_tokens == "on",
     )
     result, legs, trace = run_call_replay(options, calls)
     texts = [offline_texts(call, model=args.model or "tiny.en", tag="replay-calls") for call in calls]
