@@ -209,10 +209,11 @@ class WhisperDecoder:
         # CUDA, CTranslate2's timestamp rules cost ~20x per decoding step (38 ms vs 1.8 ms at
         # batch 32 on an H100). Without them only the align-based guards and the token budget
         # remain: replays (``bench --replay --replay-timestamp-tokens off``, 2026-12-04) read the
-        # whole corpus at 19.4% WER instead of 7.9% (345 insertions instead of 50, 40% more
-        # generated steps) and 8 calls at 10.9% instead of 7.8%, most of it loops in three clips
-        # (a phrase of the prompt's context repeated into the text, "i .e. i .e."): off is for
-        # throughput experiments until guards that catch those exist.
+        # whole corpus at 19.4% WER instead of 7.9% and 8 calls at 10.9% instead of 7.8%, most of
+        # it echoes of the forced prefix split into other words ("i .e.", "cold -hearted") that
+        # grew into loops; with words split as the prefix splits (``_words_from_alignment``),
+        # 9.8% and 8.3% (timestamp tokens on: 7.9% and 7.8%, unchanged by that). Off stays for
+        # throughput experiments until the rest of the gap is closed (README, replay).
         self._timestamps = timestamp_tokens
         self._profile = profile  # per-stage CPU and wall time (``bench --profile``), or None
         self._pass_memory = pass_memory_mb * 2**20  # bound on one pass's attention memory (0: none)
@@ -573,8 +574,12 @@ def _words_from_alignment(
             for j, t in zip(range(lo, hi), word_tokens[k])
         )
         text = words_text[k]
-        if words and not text.startswith(" ") and text.strip() and all(not c.isalnum() for c in text):
-            # Punctuation belongs to the word before it ("modern." not "modern" + ".").
+        if words and not text.startswith(" ") and text.strip():
+            # Punctuation, and any text without a space before it, belongs to the word before it
+            # ("modern." not "modern" + "."; "i.e." not "i" + ".e."; "cold-hearted"), as the words
+            # of a forced prefix split: the echo guards compare the two, and " i" ".e." after a
+            # prefix ending "i.e." went through as new words (without timestamp tokens it was
+            # committed and grew into "i.e. i.e. ... i.e." in every draw).
             last = words[-1]
             words[-1] = Word(last.text + text, last.start, max(last.end, end), last.tokens + toks)
             continue

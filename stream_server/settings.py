@@ -36,7 +36,7 @@ class Settings:
         default="on",
         metadata={
             "help": "decode with Whisper timestamp tokens (on) or without (off: ~20x cheaper decoding steps on CUDA, "
-            "but whole-corpus replay WER 7.9%% -> 19.4%%: loops and text past the audio are no longer cut; for throughput tests)",
+            "but whole-corpus replay WER 7.9%% -> 9.8%%, 8 calls 7.8%% -> 8.3%%: text past the audio is cut by alignment only; for throughput tests)",
             "choices": ("on", "off"),
         },
     )

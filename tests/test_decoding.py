@@ -17,6 +17,7 @@ from stream_server.decoding import (
     _drop_resegmented_restart,
     _drop_squeezed_tail,
     _drop_unheard_sentence_start,
+    _words_from_alignment,
 )
 from stream_server.models import tiny_en_path
 from tests.support import load_clip, manifest, require_speech, wer
@@ -106,6 +107,23 @@ def test_echo_of_the_prefix_inside_the_continuation_is_dropped() -> None:
     words = [word(" " + w) for w in "in the 15th century the invention of movable metal letters may justly be".split()]
     kept = " ".join(w.text.strip() for w in _drop_echo(prefix, words))
     assert kept == "in the 15th century may justly be"
+
+
+def test_words_split_as_the_prefix_splits_so_an_echo_of_it_is_seen(decoder: WhisperDecoder) -> None:
+    """Text without a space before it belongs to the word before it ("i.e.", "cold-hearted"),
+    as a forced prefix's words split: re-read as " i" ".e." after a prefix ending "i.e.", the echo
+    went through as new words (without timestamp tokens it grew into "i.e. i.e. ... i.e.")."""
+    from types import SimpleNamespace
+
+    tokenizer = decoder._tokenizer("en")
+    tokens = tokenizer.encode(" black letter, i.e. the cold-hearted letter")
+    alignment = SimpleNamespace(text_token_probs=[0.9] * (len(tokens) + 1),
+                                alignments=[(i, 5 * i) for i in range(len(tokens) + 1)])
+    words, _ = _words_from_alignment(tokenizer, tokens, 0, alignment)
+    assert [w.text for w in words] == [" black", " letter,", " i.e.", " the", " cold-hearted", " letter"]
+    assert sum(len(w.tokens) for w in words) == len(tokens)
+    echo = [w for w in words if w.text.strip() in ("i.e.", "the")]
+    assert [w.text for w in _drop_echo("printed in black letter, i.e.".split(), echo)] == [" the"]
 
 
 def test_short_genuine_repeats_survive() -> None:
