@@ -253,10 +253,8 @@ class DecodeScheduler:
     def _priority(self, entry: _Entry) -> tuple[int, float]:
         if entry.final:
             return (0, entry.enqueued)
-        if entry.job.request.commits:
-            return (1, entry.enqueued)
         utterance = self._utterances.get(entry.utterance)
-        if utterance is None:
+        if entry.job.request.commits or utterance is None:
             return (1, entry.enqueued)
         if utterance.last_served is None:
             return (1, utterance.first_asked)

@@ -362,27 +362,31 @@ def replay_args_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def main_replay(args: argparse.Namespace, out: Path) -> int:
-    """``stream-server bench --replay``: writes ``replay.json`` and ``replay.md`` to ``out``."""
-    problem = replay_args_problem(args)
-    if problem:
-        print(f"[bench] {problem}", file=sys.stderr)
-        return 2
-    options = ReplayOptions(
+def replay_options(args: argparse.Namespace, **fields: Any) -> ReplayOptions:
+    """The replay flags every replay takes (streams and calls alike), with ``fields`` of its own."""
+    return ReplayOptions(
         corpus=args.corpus,
         model_path=resolve_model_path(args.model),
         limits=limits_with(args.limit),
         lag_ms=args.replay_lag_ms,
-        duration_s=args.duration_s,
-        streams=args.streams,
-        seed=args.seed,
-        telephone=args.telephone,
         compute_type=args.compute_type or "int8",
         trace_clips=tuple(args.trace),
         jitter_ms=args.replay_jitter_ms,
         repeats=args.replay_repeats,
         silence_ms=args.silence_ms,
         timestamp_tokens=args.replay_timestamp_tokens == "on",
+        **fields,
+    )
+
+
+def main_replay(args: argparse.Namespace, out: Path) -> int:
+    """``stream-server bench --replay``: writes ``replay.json`` and ``replay.md`` to ``out``."""
+    problem = replay_args_problem(args)
+    if problem:
+        print(f"[bench] {problem}", file=sys.stderr)
+        return 2
+    options = replay_options(
+        args, duration_s=args.duration_s, streams=args.streams, seed=args.seed, telephone=args.telephone
     )
     streams, pool = replay_streams(options)
     replays: list[tuple[Stream, StreamReplay]] = []

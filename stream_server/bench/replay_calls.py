@@ -38,17 +38,16 @@ from .calls import CHANNEL, FRAME, LABELS, RATE, TRACKS, Call, build_calls, offl
 from .corpus import Stream
 from .diagnostics import TracingDecoder, per_utterance_wer, trace_spans, trace_text, write_per_utterance
 from .metrics import TimedEvent, evaluate_stream, pooled_wer
-from .offline import resolve_model_path
 from .replay import (
     DecodeLag,
     ReplayDecoders,
     ReplayOptions,
     StreamReplay,
-    limits_with,
     markdown_summary,
     repeat_figures,
     replay_args_problem,
     replay_feed,
+    replay_options,
     run_decoded,
 )
 
@@ -153,18 +152,7 @@ def main_call_replay(args: argparse.Namespace, out: Path) -> int:
     calls, notes = build_calls(count, args.call_s, args.corpus)
     for note in notes:
         print(f"[bench] {note}", file=sys.stderr)
-    options = ReplayOptions(
-        corpus=args.corpus,
-        model_path=resolve_model_path(args.model),
-        limits=limits_with(args.limit),
-        lag_ms=args.replay_lag_ms,
-        compute_type=args.compute_type or "int8",
-        trace_clips=tuple(args.trace),
-        jitter_ms=args.replay_jitter_ms,
-        repeats=args.replay_repeats,
-        silence_ms=args.silence_ms,
-        timestamp_tokens=args.replay_timestamp_tokens == "on",
-    )
+    options = replay_options(args)
     result, legs, trace = run_call_replay(options, calls)
     texts = [offline_texts(call, model=args.model or "tiny.en", tag="replay-calls") for call in calls]
     result["offline"] = offline_leg_figures(calls, texts)
