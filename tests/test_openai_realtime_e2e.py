@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import difflib
 import json
 import random
 import statistics
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -254,6 +256,17 @@ def native_text(run: Result) -> str:
     return " ".join(s["text"] for s in run.of("transcript.segment"))
 
 
+def word_differences(a: str, b: str) -> list[str]:
+    """The spans where two transcripts of the same audio differ, so a failure says which words."""
+    words_a, words_b = a.split(), b.split()
+    matcher = difflib.SequenceMatcher(a=words_a, b=words_b, autojunk=False)
+    return [
+        f"{' '.join(words_a[i1:i2])!r} -> {' '.join(words_b[j1:j2])!r}"
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes()
+        if tag != "equal"
+    ]
+
+
 def compare(openai_run: Result, native: Result, references: list[str], label: str) -> list[str]:
     """WER within one point and finalization latency within 0.1 s of native.
 
@@ -261,8 +274,8 @@ def compare(openai_run: Result, native: Result, references: list[str], label: st
     moment, so the paired difference cancels the load they share (on a busy CPU the latencies
     themselves swing by seconds with it), and its median over utterances must be within 0.1 s.
     """
-    openai_wer = wer(references, [check_openai_run(openai_run, logprobs=True)])
-    native_wer = wer(references, [native_text(native)])
+    openai_text, native_text_ = check_openai_run(openai_run, logprobs=True), native_text(native)
+    openai_wer, native_wer = wer(references, [openai_text]), wer(references, [native_text_])
     openai_latency = statistics.median(openai_run.latencies(COMPLETED))
     native_latency = statistics.median(native.latencies("transcript.segment"))
     differences = paired_differences(
@@ -273,17 +286,19 @@ def compare(openai_run: Result, native: Result, references: list[str], label: st
         f"finalization median openai {openai_latency:.3f} s native {native_latency:.3f} s, "
         f"median paired difference {statistics.median(differences):+.3f} s over {len(differences)} utterances "
         f"({len(' '.join(references).split())} reference words)"
+        f"; words that differ (openai -> native): {word_differences(openai_text, native_text_)}"
     )
     print(report)
     failures = []
-    # One-sided: the dialect passes the core's text through, so it can only lose accuracy by a
-    # bug. Twin streams still differ by up to two words (of ~110) in either direction, because
-    # interim decode timing, and so what agreement commits, depends on load: measured in CI
-    # +1.8 and -1.7 points on the same audio. One point is one word here, so the issue's 1-point
-    # target cannot be told from that noise per encoding: each alone gets 3 points, and the pool
-    # of both encodings (~220 words) 2 points (test below).
-    if openai_wer - native_wer > 0.03:
-        failures.append(f"WER more than three points worse than native: {report}")
+    # One-sided: the dialect passes the core's text through (``check_passes_core_text`` proves that
+    # word for word), so what is left to compare is its configuration: format, rate, VAD. Twin
+    # streams still differ by a few words in either direction, because interim decode timing, and
+    # so what agreement commits, depends on load: measured +1.8 and -1.7 points, and in one CI run
+    # +3.4 (one turn's first words, "but they'll want the hole" against "but though on the whole").
+    # A wrong format or rate costs tens of points; so each encoding gets 5 points, the pool of
+    # both (~220 words) 3.
+    if openai_wer - native_wer > 0.05:
+        failures.append(f"WER more than five points worse than native: {report}")
     if len(differences) < len(references) * 0.8 or abs(statistics.median(differences)) > 0.1:
         failures.append(f"latency differs by more than 0.1 s: {report}")
     return failures
@@ -342,9 +357,33 @@ def test_sdk_matches_native_accuracy_and_latency_for_pcm_24k_and_mulaw_8k(server
     failures = [
         *compare(sdk_pcm, native_pcm, speech_pcm.references, "pcm 24 kHz"),
         *compare(sdk_mulaw, native_mulaw, speech_mulaw.references, "pcmu 8 kHz"),
-        *([f"pooled WER more than 2 points worse than native: {pooled_openai:.3f} vs {pooled_native:.3f}"] if pooled_openai - pooled_native > 0.02 else []),
+        *([f"pooled WER more than 3 points worse than native: {pooled_openai:.3f} vs {pooled_native:.3f}"] if pooled_openai - pooled_native > 0.03 else []),
     ]
     assert not failures, failures
+    check_passes_core_text(server, sdk_pcm)
+    check_passes_core_text(server, sdk_mulaw)
+
+
+def check_passes_core_text(server: ServerProcess, run: Result) -> None:
+    """Every ``completed`` transcript is, word for word and in order, a final segment the core made
+    for that session, as the server's own record of it (``GET /v1/sessions/{id}/transcript``,
+    the session id being the one ``session.created`` gave the SDK) keeps them: whatever the load
+    did to the reading, the dialect neither lost nor changed a word of it."""
+    session_id = run.of("session.created")[0]["session"]["id"]
+    url = f"http://127.0.0.1:{server.port}/v1/sessions/{session_id}/transcript"
+    deadline = time.monotonic() + 10
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            record = json.load(response)
+        if record["status"] != "active" or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    # An OpenAI client ends by closing the socket, so the record reads "disconnected", not
+    # "completed" (which needs the native ``transcript.text.done``); it is no longer "active".
+    assert record["status"] == "disconnected", record["status"]
+    core = [seg["text"] for channel in record["channels"] for seg in channel["segments"]]
+    completed = [e["transcript"] for e in run.of(COMPLETED)]
+    assert completed == core, word_differences(" ".join(completed), " ".join(core))
 
 
 def test_agents_sdk_speech_to_text_model(server: ServerProcess) -> None:
