@@ -66,19 +66,24 @@ class SileroVad:
         return _SileroState(zeros, zeros.copy(), np.zeros(CONTEXT, np.float32))
 
     def probabilities(self, frames: np.ndarray, state: object) -> tuple[np.ndarray, object]:
-        """Speech probability of each 512-sample frame in ``frames`` (shape [n, 512])."""
+        """Speech probability of each 512-sample frame in ``frames`` (shape [n, 512]).
+
+        One ``run`` for all of them: the v6 graph's first input dimension is a sequence that its
+        LSTM walks in order, carrying ``h``/``c`` from frame to frame, so the probabilities are
+        the same as frame by frame (``test_vad``) while a chunk of n frames pays ONNX Runtime's
+        per-call overhead once (0.071 ms for one frame, 0.20 ms for four, 0.37 ms for eight).
+        """
         assert isinstance(state, _SileroState)
+        if not len(frames):
+            return np.empty(0, np.float32), state
         started = self._profile.inline_start() if self._profile is not None else None
-        probs = np.empty(len(frames), np.float32)
-        h, c, context = state.h, state.c, state.context
-        for i, frame in enumerate(frames):
-            x = np.concatenate([context, frame])[None, :]
-            out, h, c = self._session.run(None, {"input": x, "h": h, "c": c})
-            probs[i] = float(np.asarray(out).ravel()[0])
-            context = frame[-CONTEXT:]
+        frames = np.asarray(frames, np.float32)
+        contexts = np.concatenate([state.context[None, :], frames[:-1, -CONTEXT:]])
+        out, h, c = self._session.run(None, {"input": np.concatenate([contexts, frames], axis=1), "h": state.h, "c": state.c})
+        probs = np.asarray(out, np.float32).reshape(len(frames))
         if self._profile is not None and started is not None:
             self._profile.inline_stop("vad", started)
-        return probs, _SileroState(h, c, context.copy())
+        return probs, _SileroState(h, c, frames[-1, -CONTEXT:].copy())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -82,13 +82,20 @@ def test_silero_hears_real_speech_and_not_silence_or_noise(silero: SileroVad) ->
     assert noise_probs.max() < 0.5
 
 
-def test_silero_state_makes_chunking_irrelevant(silero: SileroVad) -> None:
+@pytest.mark.parametrize("cuts", [(7, 20), tuple(range(1, 40))], ids=["three chunks", "frame by frame"])
+def test_silero_state_makes_chunking_irrelevant(silero: SileroVad, cuts: tuple[int, ...]) -> None:
+    """A chunk of frames goes through the model in one call (its LSTM walks the sequence), so the
+    probabilities must not depend on how the audio arrived: whole, in chunks, or a frame at a time
+    (a 20 ms Twilio frame is under one VAD frame)."""
     require_speech()
     audio = load_clip("leopard_en_test")[: 40 * FRAME].reshape(-1, FRAME)
     whole, _ = silero.probabilities(audio, silero.new_state())
+    assert whole.max() > 0.5 and whole.min() < 0.5, "speech and non-speech both in the excerpt"
     state = silero.new_state()
     parts = []
-    for chunk in (audio[:7], audio[7:20], audio[20:]):
-        probs, state = silero.probabilities(chunk, state)
+    for lo, hi in zip((0, *cuts), (*cuts, len(audio)), strict=True):
+        probs, state = silero.probabilities(audio[lo:hi], state)
         parts.append(probs)
+    empty, state_after_empty = silero.probabilities(audio[:0], state)
+    assert len(empty) == 0 and state_after_empty is state
     np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
