@@ -37,11 +37,23 @@ class VadModel(Protocol):
     def probabilities(self, frames: np.ndarray, state: object) -> tuple[np.ndarray, object]: ...
 
 
+# Silero's LSTM state drifts through a long silence (its cell state keeps growing on zeros and on
+# -66 dBFS noise alike), and the model then hears the start of speech late: after 10 s of silence
+# the first frame at 0.5 came 0.3-0.5 s into three of three clips that it opens at once after 0.1-2 s
+# (Silero's own issue tracker knows it: snakers4/silero-vad#725; pipecat resets every 5 s). The
+# first words of a call's turn, or of a speaker after a long quiet spell, were lost with it. So
+# the state starts afresh after this many frames in a row under ``QUIET_PROB`` (2 s): in silence a
+# fresh state costs nothing, and the speech that follows is heard as after a short lead.
+QUIET_FRAMES_BEFORE_RESET = 62
+QUIET_PROB = 0.1
+
+
 @dataclasses.dataclass
 class _SileroState:
     h: np.ndarray
     c: np.ndarray
     context: np.ndarray
+    quiet: int = 0  # frames in a row under QUIET_PROB, up to the last frame seen
 
 
 class SileroVad:
@@ -77,13 +89,46 @@ class SileroVad:
         if not len(frames):
             return np.empty(0, np.float32), state
         started = self._profile.inline_start() if self._profile is not None else None
-        frames = np.asarray(frames, np.float32)
-        contexts = np.concatenate([state.context[None, :], frames[:-1, -CONTEXT:]])
-        out, h, c = self._session.run(None, {"input": np.concatenate([contexts, frames], axis=1), "h": state.h, "c": state.c})
-        probs = np.asarray(out, np.float32).reshape(len(frames))
+        probs, state = self._run(np.asarray(frames, np.float32), state)
         if self._profile is not None and started is not None:
             self._profile.inline_stop("vad", started)
-        return probs, _SileroState(h, c, frames[-1, -CONTEXT:].copy())
+        return probs, state
+
+    def _run(self, frames: np.ndarray, state: _SileroState) -> tuple[np.ndarray, _SileroState]:
+        """The frames in as few calls as the resets allow: where a quiet run reaches
+        ``QUIET_FRAMES_BEFORE_RESET``, the frames after it go again from a fresh state (so resets
+        fall on the same frames however the audio was chunked)."""
+        parts: list[np.ndarray] = []
+        while True:
+            contexts = np.concatenate([state.context[None, :], frames[:-1, -CONTEXT:]])
+            inputs = {"input": np.concatenate([contexts, frames], axis=1), "h": state.h, "c": state.c}
+            out, h, c = self._session.run(None, inputs)
+            probs = np.asarray(out, np.float32).reshape(len(frames))
+            reset_after = _reset_point(probs, state.quiet)
+            if reset_after is None:
+                quiet = _quiet_run(probs, state.quiet)
+                parts.append(probs)
+                return np.concatenate(parts), _SileroState(h, c, frames[-1, -CONTEXT:].copy(), quiet)
+            parts.append(probs[: reset_after + 1])
+            state = dataclasses.replace(self.new_state(), context=frames[reset_after, -CONTEXT:].copy())
+            frames = frames[reset_after + 1 :]
+            if not len(frames):
+                return np.concatenate(parts), state
+
+
+def _reset_point(probs: np.ndarray, quiet: int) -> int | None:
+    """The index of the frame that completes a quiet run of ``QUIET_FRAMES_BEFORE_RESET``."""
+    for i, prob in enumerate(probs):
+        quiet = quiet + 1 if prob < QUIET_PROB else 0
+        if quiet >= QUIET_FRAMES_BEFORE_RESET:
+            return i
+    return None
+
+
+def _quiet_run(probs: np.ndarray, quiet: int) -> int:
+    """Frames in a row under ``QUIET_PROB`` at the end of ``probs``, counting on from ``quiet``."""
+    loud = np.flatnonzero(probs >= QUIET_PROB)
+    return quiet + len(probs) if not len(loud) else len(probs) - 1 - int(loud[-1])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import subprocess
 import sys
@@ -116,6 +117,20 @@ def test_a_replay_decodes_without_timestamp_tokens_when_asked() -> None:
     assert "timestamp tokens | off" in markdown_summary(off) and "timestamp tokens" not in markdown_summary(on)
     flags = build_parser().parse_args(["--replay", "--replay-timestamp-tokens", "off"])
     assert flags.replay_timestamp_tokens == "off"
+
+
+@needs_corpus
+def test_a_replay_takes_the_pause_flags() -> None:
+    """``--pause-min-s/--pause-max-s/--pause-fill`` reach the replayed streams, as they do a live
+    run's (a replay used to build its streams with the default 0.6-1.5 s of noise whatever the
+    flags said, so a long-silence lever measured nothing)."""
+    options = ReplayOptions(corpus=CORPUS, model_path="", duration_s=40.0, pause_range_s=(8.0, 8.0), pause_fill="silence")
+    (stream,), _ = replay_streams(options)
+    assert len(stream.utterances) >= 2
+    for before, after in itertools.pairwise(stream.utterances):
+        assert after.speech_start_s - before.speech_end_s > 7.0
+        gap = stream.samples[int(before.audio_end_s * stream.sample_rate) + 1 : int(after.audio_start_s * stream.sample_rate) - 1]
+        assert len(gap) and not gap.any(), "digital silence between the clips"
 
 
 @needs_corpus

@@ -72,6 +72,8 @@ class ReplayOptions:
     streams: int = 1
     seed: int = 0
     telephone: bool = False
+    pause_range_s: tuple[float, float] = (0.6, 1.5)  # speech-to-speech pauses between clips
+    pause_fill: str = "noise"  # "noise" (-66 dBFS) or "silence" (digital zeros)
     compute_type: str = "int8"
     cpu_threads: int = 0
     trace_clips: tuple[str, ...] = ()  # clips whose decodes are traced (diagnostics.TracingDecoder)
@@ -206,7 +208,13 @@ def _replay_one(stream: Stream, session: Session, decoder: WhisperDecoder, lag: 
 def replay_streams(options: ReplayOptions) -> tuple[list[Stream], list[PreparedClip]]:
     """The corpus streams ``options`` describes, and their clip pool (for the offline baseline)."""
     return build_streams(
-        options.corpus, options.streams, seed=options.seed, duration_s=options.duration_s, telephone=options.telephone
+        options.corpus,
+        options.streams,
+        seed=options.seed,
+        duration_s=options.duration_s,
+        telephone=options.telephone,
+        pause_range_s=options.pause_range_s,
+        fill=options.pause_fill,
     )
 
 
@@ -254,6 +262,8 @@ def run_decoded(options: ReplayOptions, count: int, one: Callable[[ReplayDecoder
             "streams": options.streams,
             "seed": options.seed,
             "telephone": options.telephone,
+            "pause_range_s": list(options.pause_range_s),
+            "pause_fill": options.pause_fill,
             "jitter_ms": options.jitter_ms,
             "repeats": options.repeats,
             "timestamp_tokens": options.timestamp_tokens,
@@ -336,6 +346,9 @@ def markdown_summary(result: dict[str, Any]) -> str:
     rows = [*rows, *((k, f"{v:.2f}") for k, v in w.items() if k.endswith("_per_audio_s") and k.startswith(("forced", "generated", "encoder", "aligned")))]
     if not result.get("options", {}).get("timestamp_tokens", True):
         rows = [*rows, ("timestamp tokens", "off (--replay-timestamp-tokens off)")]
+    pauses, fill = result.get("options", {}).get("pause_range_s"), result.get("options", {}).get("pause_fill")
+    if pauses and (tuple(pauses) != (0.6, 1.5) or fill != "noise"):
+        rows = [*rows, ("pauses between clips", f"{pauses[0]}-{pauses[1]} s of {'-66 dBFS noise' if fill == 'noise' else 'digital silence'}")]
     return "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]) + "\n"
 
 
@@ -386,7 +399,13 @@ def main_replay(args: argparse.Namespace, out: Path) -> int:
         print(f"[bench] {problem}", file=sys.stderr)
         return 2
     options = replay_options(
-        args, duration_s=args.duration_s, streams=args.streams, seed=args.seed, telephone=args.telephone
+        args,
+        duration_s=args.duration_s,
+        streams=args.streams,
+        seed=args.seed,
+        telephone=args.telephone,
+        pause_range_s=(args.pause_min_s, args.pause_max_s),
+        pause_fill=args.pause_fill,
     )
     streams, pool = replay_streams(options)
     replays: list[tuple[Stream, StreamReplay]] = []
