@@ -95,25 +95,27 @@ class SileroVad:
         return probs, state
 
     def _run(self, frames: np.ndarray, state: _SileroState) -> tuple[np.ndarray, _SileroState]:
-        """The frames in as few calls as the resets allow: where a quiet run reaches
-        ``QUIET_FRAMES_BEFORE_RESET``, the frames after it go again from a fresh state (so resets
-        fall on the same frames however the audio was chunked)."""
+        """The frames in blocks of at most ``QUIET_FRAMES_BEFORE_RESET``: where a quiet run
+        reaches that length, the rest of its block goes again from a fresh state (so resets fall
+        on the same frames however the audio was chunked, and an hour of silence sent whole reruns
+        at most one block per reset, not the whole remainder)."""
         parts: list[np.ndarray] = []
-        while True:
-            contexts = np.concatenate([state.context[None, :], frames[:-1, -CONTEXT:]])
-            inputs = {"input": np.concatenate([contexts, frames], axis=1), "h": state.h, "c": state.c}
-            out, h, c = self._session.run(None, inputs)
-            probs = np.asarray(out, np.float32).reshape(len(frames))
-            reset_after = _reset_point(probs, state.quiet)
-            if reset_after is None:
-                quiet = _quiet_run(probs, state.quiet)
-                parts.append(probs)
-                return np.concatenate(parts), _SileroState(h, c, frames[-1, -CONTEXT:].copy(), quiet)
-            parts.append(probs[: reset_after + 1])
-            state = dataclasses.replace(self.new_state(), context=frames[reset_after, -CONTEXT:].copy())
-            frames = frames[reset_after + 1 :]
-            if not len(frames):
-                return np.concatenate(parts), state
+        while len(frames):
+            block, frames = frames[:QUIET_FRAMES_BEFORE_RESET], frames[QUIET_FRAMES_BEFORE_RESET:]
+            while len(block):
+                contexts = np.concatenate([state.context[None, :], block[:-1, -CONTEXT:]])
+                inputs = {"input": np.concatenate([contexts, block], axis=1), "h": state.h, "c": state.c}
+                out, h, c = self._session.run(None, inputs)
+                probs = np.asarray(out, np.float32).reshape(len(block))
+                reset_after = _reset_point(probs, state.quiet)
+                if reset_after is None:
+                    parts.append(probs)
+                    state = _SileroState(h, c, block[-1, -CONTEXT:].copy(), _quiet_run(probs, state.quiet))
+                    break
+                parts.append(probs[: reset_after + 1])
+                state = dataclasses.replace(self.new_state(), context=block[reset_after, -CONTEXT:].copy())
+                block = block[reset_after + 1 :]
+        return np.concatenate(parts), state
 
 
 def _reset_point(probs: np.ndarray, quiet: int) -> int | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -167,3 +169,22 @@ def test_loud_noise_opens_no_turn(silero: SileroVad, kind: str) -> None:
         audio = (x / level * 10 ** (db / 20)).astype(np.float32)
         probs, _ = silero.probabilities(audio[: n // FRAME * FRAME].reshape(-1, FRAME), silero.new_state())
         assert not [d for d in run(list(map(float, probs)), VadParams()) if isinstance(d, SpeechStart)], (kind, db)
+
+
+def test_a_long_silence_sent_whole_is_run_through_the_model_about_once(silero: SileroVad, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reset reruns only the rest of its block, never the whole remainder of the chunk: an hour
+    of silence uploaded as one file resets 1800 times, and rerunning the remainder each time was
+    quadratic (the model would have run ~10^8 frames for 10^5)."""
+    session = silero._session
+    frames_run = []
+
+    class Counting:
+        def run(self, names: Any, inputs: dict[str, np.ndarray]) -> Any:
+            frames_run.append(len(inputs["input"]))
+            return session.run(names, inputs)
+
+    monkeypatch.setattr(silero, "_session", Counting())
+    n = 10 * 60 * 16000 // FRAME
+    probs, _ = silero.probabilities(np.zeros((n, FRAME), np.float32), silero.new_state())
+    assert len(probs) == n and probs.max() < 0.1
+    assert sum(frames_run) <= 1.05 * n, sum(frames_run)
