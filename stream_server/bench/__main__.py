@@ -21,7 +21,7 @@ from typing import Any
 
 from . import offline as offline_mod
 from .client import ClientConfig
-from .corpus import LEAD_IN_S, NOISE_DBFS, SPEECH_MARGIN_S, TRAIL_S, build_streams
+from .corpus import DEFAULT_PAUSE_FILL, DEFAULT_PAUSE_RANGE_S, LEAD_IN_S, NOISE_DBFS, SPEECH_MARGIN_S, TRAIL_S, build_streams
 from .diagnostics import write_level_per_utterance
 from .report import SYNTHETIC_NOTE, markdown, plots, profile_figures, write_json
 from .runner import LevelResult, run_level, run_with_server, target_for_url
@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--seed", type=int, default=0, help="clip order and pause lengths (default 0)")
     st.add_argument("--telephone", action="store_true",
                     help="stream the 8 kHz clips (orig8k/) at sample_rate 8000")
-    st.add_argument("--pause-min-s", type=float, default=0.6)
-    st.add_argument("--pause-max-s", type=float, default=1.5)
-    st.add_argument("--pause-fill", choices=("noise", "silence"), default="noise",
+    st.add_argument("--pause-min-s", type=float, default=DEFAULT_PAUSE_RANGE_S[0])
+    st.add_argument("--pause-max-s", type=float, default=DEFAULT_PAUSE_RANGE_S[1])
+    st.add_argument("--pause-fill", choices=("noise", "silence"), default=DEFAULT_PAUSE_FILL,
                     help=f"pauses as low-level white noise ({NOISE_DBFS:.0f} dBFS RMS) or digital zeros")
     st.add_argument("--frame-ms", type=int, default=20, help="audio per binary frame, 20-100 (default 20)")
     st.add_argument("--stagger-s", type=float, default=5.0,

@@ -39,6 +39,10 @@ SPEECH_MARGIN_S = 0.12
 LEAD_IN_S = 0.5  # noise before the first utterance: a session never starts mid-word
 TRAIL_S = 1.5  # noise after the last utterance so that the server's VAD, not session.close, ends it
 NOISE_DBFS = -66.0
+# Speech-to-speech pauses between clips in a benchmark stream, and what fills them, unless flags say
+# otherwise (live runs, replays and soaks alike).
+DEFAULT_PAUSE_RANGE_S: tuple[float, float] = (0.6, 1.5)
+DEFAULT_PAUSE_FILL = "noise"
 
 
 @dataclass(frozen=True)
@@ -257,8 +261,8 @@ def build_streams(
     seed: int = 0,
     duration_s: float | None = None,
     telephone: bool = False,
-    pause_range_s: tuple[float, float] = (0.6, 1.5),
-    fill: str = "noise",
+    pause_range_s: tuple[float, float] = DEFAULT_PAUSE_RANGE_S,
+    fill: str = DEFAULT_PAUSE_FILL,
 ) -> tuple[list[Stream], list[PreparedClip]]:
     """Build ``n_streams`` streams from the same clip pool, each in its own seeded order.
 

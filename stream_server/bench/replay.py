@@ -52,7 +52,7 @@ from stream_server.profiling import StageProfile
 from stream_server.session import DecodeTicket, Session
 from stream_server.vad import SileroVad
 
-from .corpus import PreparedClip, Stream, build_streams
+from .corpus import DEFAULT_PAUSE_FILL, DEFAULT_PAUSE_RANGE_S, NOISE_DBFS, PreparedClip, Stream, build_streams
 from .diagnostics import TracingDecoder, per_utterance_wer, trace_spans, trace_text, write_per_utterance
 from .metrics import StreamEvaluation, TimedEvent, evaluate_stream, run_figures
 from .offline import offline_figures, resolve_model_path, transcribe_pool
@@ -72,8 +72,8 @@ class ReplayOptions:
     streams: int = 1
     seed: int = 0
     telephone: bool = False
-    pause_range_s: tuple[float, float] = (0.6, 1.5)  # speech-to-speech pauses between clips
-    pause_fill: str = "noise"  # "noise" (-66 dBFS) or "silence" (digital zeros)
+    pause_range_s: tuple[float, float] = DEFAULT_PAUSE_RANGE_S  # speech-to-speech pauses between clips
+    pause_fill: str = DEFAULT_PAUSE_FILL  # "noise" (-66 dBFS) or "silence" (digital zeros)
     compute_type: str = "int8"
     cpu_threads: int = 0
     trace_clips: tuple[str, ...] = ()  # clips whose decodes are traced (diagnostics.TracingDecoder)
@@ -344,11 +344,13 @@ def markdown_summary(result: dict[str, Any]) -> str:
         spread = f"mean {statistics.mean(runs) * 100:.2f}%, sd {statistics.stdev(runs) * 100:.2f}"
         rows = [*rows[:1], ("WER by run", " / ".join(f"{r * 100:.2f}%" for r in runs) + f" ({spread}; lag {o['lag_ms']} ± {o['jitter_ms']} ms)"), *rows[1:]]
     rows = [*rows, *((k, f"{v:.2f}") for k, v in w.items() if k.endswith("_per_audio_s") and k.startswith(("forced", "generated", "encoder", "aligned")))]
-    if not result.get("options", {}).get("timestamp_tokens", True):
+    options = result.get("options", {})
+    if not options.get("timestamp_tokens", True):
         rows = [*rows, ("timestamp tokens", "off (--replay-timestamp-tokens off)")]
-    pauses, fill = result.get("options", {}).get("pause_range_s"), result.get("options", {}).get("pause_fill")
-    if pauses and (tuple(pauses) != (0.6, 1.5) or fill != "noise"):
-        rows = [*rows, ("pauses between clips", f"{pauses[0]}-{pauses[1]} s of {'-66 dBFS noise' if fill == 'noise' else 'digital silence'}")]
+    pauses, fill = options.get("pause_range_s"), options.get("pause_fill")
+    if pauses and (tuple(pauses) != DEFAULT_PAUSE_RANGE_S or fill != DEFAULT_PAUSE_FILL):
+        filled = f"{NOISE_DBFS:.0f} dBFS noise" if fill == "noise" else "digital silence"
+        rows = [*rows, ("pauses between clips", f"{pauses[0]}-{pauses[1]} s of {filled}")]
     return "\n".join(["| figure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)]) + "\n"
 
 

@@ -55,7 +55,7 @@ import psutil
 
 from . import server_metrics
 from .client import ClientConfig, StreamRecord, run_client
-from .corpus import SAMPLE_RATE, Stream, _assemble, eligible_clips, prepare_clips, select_pool
+from .corpus import DEFAULT_PAUSE_FILL, DEFAULT_PAUSE_RANGE_S, SAMPLE_RATE, Stream, _assemble, eligible_clips, prepare_clips, select_pool
 from .metrics import ZERO_COUNTS, WerCounts, evaluate_stream, least_squares_slope, percentile
 from .report import write_json
 from .server_proc import ResourceMonitor, ServerOptions, ServerProcess
@@ -90,8 +90,8 @@ class SoakConfig:
     sample_s: float = 10.0
     warmup_s: float | None = None  # None: 20% of the run, at most 5 minutes
     seed: int = 0
-    pause_range_s: tuple[float, float] = (0.6, 1.5)
-    fill: str = "noise"
+    pause_range_s: tuple[float, float] = DEFAULT_PAUSE_RANGE_S
+    fill: str = DEFAULT_PAUSE_FILL
 
     @property
     def warmup(self) -> float:
