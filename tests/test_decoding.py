@@ -15,6 +15,7 @@ from stream_server.decoding import (
     _drop_one_word_sentence_loop,
     _drop_repetition_loop,
     _drop_resegmented_restart,
+    _drop_squeezed_echo,
     _drop_squeezed_tail,
     _drop_unheard_sentence_start,
     _words_from_alignment,
@@ -193,6 +194,28 @@ def test_a_next_sentence_start_without_audio_is_dropped() -> None:
     assert [w.text for w in _drop_unheard_sentence_start(invented)] == [" game."]
     spoken = [word(" game.", 0.70, 1.1), word(" Now", 1.5, 1.7), word(" then.", 1.7, 1.7)]
     assert _drop_unheard_sentence_start(spoken) == spoken
+    # A loop took the audio of "add the figures." (24-stream replay): words without audio, but real.
+    robbed = [word(" you", 1.90, 1.98), word(" add", 1.98, 1.98), word(" the", 1.98, 1.98), word(" figures.", 1.98, 1.98)]
+    assert _drop_unheard_sentence_start(robbed) == robbed
+
+
+def test_a_restart_spelled_differently_and_squeezed_is_dropped_but_a_spoken_repeat_stays() -> None:
+    """Calls replay, 400 ms turns: restarts the exact echo guards miss."""
+    paris = [word(" Paris.", 1.00, 1.34), word(" Basil.", 1.34, 1.40), word(" Paris.", 1.40, 1.48)]
+    assert [w.text for w in _drop_squeezed_echo([" Bazel."], paris)] == [" Paris."]
+    capitol = [word(" then", 1.68, 1.78), word(" the", 1.78, 2.12), word(" capital", 2.12, 2.14), word(" letters.", 2.14, 2.14),
+               word(" then", 2.14, 2.14), word(" the", 2.14, 2.14), word(" capitol", 2.14, 2.26)]
+    assert [w.text for w in _drop_squeezed_echo([" lower", " case."], capitol)] == [" then", " the", " capital", " letters."]
+    # A pause decode forced with "... centuries before the wood" went on past "Netherlands,"
+    # with a restart the aligner put at the instant that word ended.
+    forced = [" engraved", " in", " relief", " for", " centuries", " before", " the", " wood"]
+    restart = [word(" cutters", 3.22, 3.56), word(" of", 3.56, 3.80), word(" the", 3.80, 3.94), word(" Netherlands,", 3.94, 4.18),
+               word(" before", 4.18, 4.18), word(" the", 4.18, 4.18), word(" woodcutters", 4.18, 4.18)]
+    assert [w.text for w in _drop_squeezed_echo(forced, restart)] == [" cutters", " of", " the", " Netherlands,"]
+    said_again = [word(" I", 0.0, 0.1), word(" think,", 0.1, 0.4), word(" I", 0.5, 0.6), word(" think", 0.6, 0.9)]
+    assert _drop_squeezed_echo([], said_again) == said_again  # a repeat with audio of its own
+    unlike = [word(" go", 0.0, 0.3), word(" on", 0.3, 0.5), word(" now", 0.5, 0.52), word(" then", 0.52, 0.54)]
+    assert _drop_squeezed_echo([], unlike) == unlike  # squeezed, but like nothing before it
 
 
 def test_a_restart_split_into_other_words_is_dropped_but_a_number_said_twice_stays() -> None:
