@@ -664,6 +664,9 @@ def _drop_squeezed_echo(prefix_words: list[str], words: list[Word], per_word_s: 
 
 
 def _spelled_alike(a: str, b: str, min_stem: int = 4) -> bool:
+    """Whether a decoder's second spelling of a word could be its first: near in letters
+    ("capital"/"capitol"), or one the other's stem of at least ``min_stem`` letters
+    ("wood"/"woodcutters"; "a" is no stem of "and")."""
     if a == b:
         return True
     short, long = sorted((a, b), key=len)
