@@ -397,7 +397,7 @@ class MicSource(AudioSource):
 
     It asks for 16 kHz; a device that cannot open at 16 kHz is opened at its own default rate and
     :attr:`sample_rate` says so -- the client then tells the server (``session.sample_rate``) and
-    the server resamples with soxr, which is better than a second resampler here.
+    the server resamples as it streams, which is better than a second resampler here.
     """
 
     def __init__(

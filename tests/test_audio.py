@@ -47,6 +47,36 @@ def test_streaming_resampler_matches_one_shot_and_keeps_duration(rate: int) -> N
     np.testing.assert_allclose(streamed[1000:31000], resample(tone, rate)[1000:31000], atol=2e-3)
 
 
+@pytest.mark.parametrize("audio_format, rate", [("g711_ulaw", 8000), ("pcm16", 24000), ("pcm16", 44100), ("pcm16", 48000)])
+def test_streaming_resampler_holds_back_only_milliseconds(audio_format: str, rate: int) -> None:
+    """A phone line's 20 ms frames come out as they arrive, not in blocks: every turn end and
+    pause decode waits for what the resampler holds back (soxr's stream held 63 ms on average,
+    114 ms at worst, of an 8 kHz line)."""
+    audio = AudioInput(audio_format, rate)
+    frame = rate // 50
+    width = 1 if audio_format == "g711_ulaw" else 2
+    rng = np.random.default_rng(0)
+    fed = out = 0
+    held_ms = []
+    for _ in range(100):
+        out += len(audio.feed(rng.integers(0, 256, frame * width, dtype=np.uint8).tobytes()).samples)
+        fed += frame
+        held_ms.append((fed * 16000 / rate - out) / 16)
+    assert max(held_ms) <= 5.0
+    assert out + len(audio.flush()) == pytest.approx(fed * 16000 / rate, abs=2)
+
+
+def test_interleaved_channels_resample_like_each_channel_alone() -> None:
+    rng = np.random.default_rng(1)
+    left, right = (rng.standard_normal(8000) * 3000).astype("<i2"), (rng.standard_normal(8000) * 3000).astype("<i2")
+    stereo = AudioInput("pcm16", 8000, channels=2)
+    both = np.concatenate([stereo.feed(np.stack([left, right], 1)[i : i + 333].tobytes()).samples for i in range(0, 8000, 333)] + [stereo.flush()])
+    for column, mono in ((0, left), (1, right)):
+        alone = AudioInput("pcm16", 8000)
+        expected = np.concatenate([alone.feed(mono[i : i + 333].tobytes()).samples for i in range(0, 8000, 333)] + [alone.flush()])
+        np.testing.assert_array_equal(both[:, column], expected)
+
+
 def test_reconfigure_flushes_the_old_rate_first() -> None:
     audio = AudioInput("pcm16", 8000)
     got = len(audio.feed(np.zeros(8000, "<i2").tobytes()).samples)
