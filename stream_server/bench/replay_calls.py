@@ -84,8 +84,17 @@ def _feed_frame(session: Session, legs: list[tuple[int, bytes]], start: int) -> 
 
 
 def channel_events(events: list[TimedEvent], channel: int) -> list[TimedEvent]:
-    """The events of one leg (session-wide events carry no channel and are left out)."""
-    return [(t, e) for t, e in events if e.get("channel") == channel]
+    """The events of one leg, with the session's ``transcript.text.done`` as this leg's (its text
+    per channel), so the scorer checks the leg's deltas against it; other session-wide events
+    carry no channel and are left out."""
+    leg: list[TimedEvent] = []
+    for t, e in events:
+        if e.get("channel") == channel:
+            leg.append((t, e))
+        elif e.get("type") == "transcript.text.done":
+            texts = [c.get("text") for c in e.get("channels") or [] if c.get("channel") == channel]
+            leg.extend((t, {"type": e["type"], "text": text}) for text in texts[:1])
+    return leg
 
 
 def leg_stream(call: Call, index: int, track: str) -> Stream:
