@@ -59,11 +59,17 @@ class AudioInput:
     stereo WAV); a frame split across two messages is kept whole, like a split sample.
     """
 
-    def __init__(self, audio_format: str = "pcm16", sample_rate: int = MODEL_RATE, channels: int = 1) -> None:
+    def __init__(self, audio_format: str = "pcm16", sample_rate: int = MODEL_RATE, channels: int = 1, *, step_ms: int = 0) -> None:
         self.audio_format = audio_format
         self.sample_rate = sample_rate
         self.channels = channels
+        # Samples are released in steps of at least this much audio (0: as they arrive). Fewer,
+        # larger steps cost less per audio second (one resampler call and one VAD run for
+        # several frames) and add up to a step of latency to everything after them.
+        self.step_ms = step_ms
         self._remainder = b""
+        self._held: list[np.ndarray] = []  # decoded samples waiting for a whole step
+        self._held_samples = 0
         self._resampler = self._make_resampler(sample_rate, channels)
 
     @staticmethod
@@ -84,13 +90,14 @@ class AudioInput:
         tail = self.flush()
         self.audio_format = audio_format
         self.sample_rate = sample_rate
-        self._remainder = b""
+        self._remainder = b""  # after flush: part of a sample of the old format
         self._resampler = self._make_resampler(sample_rate, self.channels)
         return tail
 
     def has_pending(self) -> bool:
-        """Whether part of a sample or frame is waiting for the rest of its bytes."""
-        return bool(self._remainder)
+        """Whether part of a sample or frame is waiting for the rest of its bytes, or samples for
+        the rest of their step."""
+        return bool(self._remainder) or self._held_samples > 0
 
     def drain(self) -> np.ndarray:
         """The resampler's delay line, now (at a commit), then a fresh stream: the audio a client
@@ -107,15 +114,31 @@ class AudioInput:
         samples, invalid = decode_samples(data[:usable], self.audio_format)
         if self.channels > 1:
             samples = samples.reshape(-1, self.channels)
-        if self._resampler is not None and len(samples):
-            samples = self._resampler.feed(samples)
-        return DecodedAudio(samples.astype(np.float32, copy=False), invalid)
+        if self.step_ms and len(samples):
+            self._held.append(samples)
+            self._held_samples += len(samples)
+            if self._held_samples * 1000 < self.step_ms * self.sample_rate:
+                return DecodedAudio(self._empty(), invalid)
+            samples = self._release_held()
+        return DecodedAudio(self._resampled(samples), invalid)
 
     def flush(self) -> np.ndarray:
-        """Drain the resampler's delay line (at session end) so the last milliseconds count."""
+        """Everything held: samples short of a step and the resampler's delay line (at a commit,
+        a change of format, the session's end), so the last milliseconds count."""
+        held = self._resampled(self._release_held())
         if self._resampler is None:
-            return self._empty()
-        return self._resampler.flush()
+            return held
+        return np.concatenate([held, self._resampler.flush()])
+
+    def _release_held(self) -> np.ndarray:
+        samples = np.concatenate(self._held) if self._held else self._empty()
+        self._held, self._held_samples = [], 0
+        return samples
+
+    def _resampled(self, samples: np.ndarray) -> np.ndarray:
+        if self._resampler is not None and len(samples):
+            samples = self._resampler.feed(samples)
+        return samples.astype(np.float32, copy=False)
 
 
 #: swresample's filter, twice its default length with the cutoff near soxr HQ's passband

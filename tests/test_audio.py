@@ -77,6 +77,24 @@ def test_interleaved_channels_resample_like_each_channel_alone() -> None:
         np.testing.assert_array_equal(both[:, column], expected)
 
 
+@pytest.mark.parametrize("audio_format, rate", [("g711_ulaw", 8000), ("pcm16", 16000)])
+def test_samples_held_for_a_step_come_out_whole_and_the_same(audio_format: str, rate: int) -> None:
+    """``step_ms`` releases audio in steps (fewer resampler calls and VAD runs) without changing a
+    sample; what is short of a step is pending, and a flush gives it."""
+    rng = np.random.default_rng(2)
+    width = 1 if audio_format == "g711_ulaw" else 2
+    frames = [rng.integers(0, 256, rate // 50 * width, dtype=np.uint8).tobytes() for _ in range(23)]
+    plain, stepped = AudioInput(audio_format, rate), AudioInput(audio_format, rate, step_ms=100)
+    released = [len(stepped.feed(frame).samples) > 0 for frame in frames]
+    assert released == [(i + 1) % 5 == 0 for i in range(23)]  # every fifth 20 ms frame
+    assert stepped.has_pending() and not plain.has_pending()
+    expected = np.concatenate([plain.feed(frame).samples for frame in frames] + [plain.flush()])
+    stepped = AudioInput(audio_format, rate, step_ms=100)
+    got = np.concatenate([stepped.feed(frame).samples for frame in frames] + [stepped.flush()])
+    np.testing.assert_array_equal(got, expected)
+    assert not stepped.has_pending()
+
+
 def test_reconfigure_flushes_the_old_rate_first() -> None:
     audio = AudioInput("pcm16", 8000)
     got = len(audio.feed(np.zeros(8000, "<i2").tobytes()).samples)

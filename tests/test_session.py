@@ -184,6 +184,28 @@ def test_pause_longer_than_silence_duration_splits_turns() -> None:
     assert len(d.of(p.SpeechStarted)) == 2
 
 
+def test_audio_taken_in_steps_gives_the_same_turns_at_the_same_audio_times() -> None:
+    """``intake_step_ms`` changes when the session hears the audio, not what it hears: the turns
+    end at the same samples and read the same; only the events come later (by up to a step)."""
+    runs = []
+    for step_ms in (0, 100):
+        session = Session(
+            "sess_step0001",
+            config=p.SessionConfig(interim_results=True),
+            vad=EnergyVad(),
+            limits=SessionLimits(max_utterance_s=6.0, min_commit_window_ms=MECHANICS_COMMIT_WINDOW_MS, intake_step_ms=step_ms),
+        )
+        d = Driver(session=session)
+        d.feed(speech([1, 2]))
+        d.feed(silence(0.8))
+        d.feed(speech([3, 4]))
+        d.feed(silence(0.8))
+        d.close()
+        runs.append(([s.text for s in d.of(p.TranscriptSegment)], [e.audio_end_ms for e in d.of(p.SpeechStopped)]))
+    assert runs[0] == runs[1]
+    assert runs[0][0] == [spoken(1, 2), spoken(3, 4)]
+
+
 def test_pause_shorter_than_silence_duration_keeps_one_turn() -> None:
     d = Driver(turn_detection={"silence_duration_ms": 1200})
     d.feed(speech([1, 2]))
