@@ -341,3 +341,23 @@ def test_bench_end_to_end(tmp_path: Path) -> None:
     # --per-utterance: the clients asked for word timings, and every utterance of both streams was scored.
     per_utterance = (out / "N002" / "per_utterance.md").read_text()
     assert f"{run['metrics']['utterances']:.0f} utterances." in per_utterance
+
+
+def test_a_calls_turn_never_takes_its_last_word_from_an_utterance_that_began_after_it() -> None:
+    """The alignment may pair the next turn's misheard first word with this turn's last one
+    ("14 62 | imitates" against "1462 | imitate the"): without the utterances' starts the turn
+    seemed final with the next turn's segment."""
+    from stream_server.bench.calls import Turn, _turn_finals
+    from stream_server.bench.metrics import FinalWord
+
+    turns = [
+        Turn("inbound", "a", 0.0, 2.2, b"", "in the year fourteen sixty-two", 0.2, 2.0),
+        Turn("inbound", "b", 3.0, 5.0, b"", "It imitates a much freer hand", 3.2, 4.5),
+    ]
+    words = [FinalWord(raw, "item_a", 2.6, 2.6) for raw in "In the year 1462.".split()]
+    words += [FinalWord(raw, "item_b", 5.1, 5.1) for raw in "Imitate the much freer hand.".split()]
+    misread, _, _ = _turn_finals(words, turns)
+    assert misread[0] == pytest.approx(5.1 - 2.0)  # the artifact this guards against
+    latencies, items, lost = _turn_finals(words, turns, {"item_a": 0.0, "item_b": 2.9})
+    assert latencies == [pytest.approx(0.6), pytest.approx(0.6)]
+    assert items == ["item_a", "item_b"] and lost == []

@@ -555,20 +555,37 @@ def turn_utterances(turns: Sequence[Turn]) -> list[Utterance]:
     return [Utterance(t.clip_id, t.reference, t.speech_start_s, t.speech_end_s, t.start, t.end) for t in turns]
 
 
-def _turn_finals(words: list[FinalWord], turns: Sequence[Turn]) -> tuple[list[float | None], list[str | None], list[str]]:
+def _turn_finals(
+    words: list[FinalWord], turns: Sequence[Turn], starts: Mapping[str, float] | None = None
+) -> tuple[list[float | None], list[str | None], list[str]]:
     """Per turn: when its last attributed word became final (relative to its end of speech) and
-    the utterance that word belongs to; and the turns none of whose words were transcribed."""
+    the utterance that word belongs to; and the turns none of whose words were transcribed.
+
+    ``starts``: where each utterance (item) begins in the call's audio. A word of an utterance
+    that begins after the turn's speech ended is not that turn's, whatever the alignment paired
+    it with: "in the year fourteen sixty-two" (normalised "14 62") heard as "1462", then the next
+    turn's "It imitates" heard as "Imitate the", aligned "imitate" with "62", and the turn's last
+    word seemed final with the next turn's segment, 11 s late."""
     attribution = attribute(words, turn_utterances(turns))
     latencies: list[float | None] = []
     items: list[str | None] = []
     lost: list[str] = []
     for i, turn in enumerate(turns):
-        last = max(attribution.words_of(i), key=lambda w: words[w].t_final, default=None)
+        own = [w for w in attribution.words_of(i) if _may_hold(starts, words[w].item_id, turn)]
+        last = max(own, key=lambda w: words[w].t_final, default=None)
         latencies.append(None if last is None else words[last].t_final - turn.speech_end_s)
         items.append(None if last is None else words[last].item_id)
         if not any(u == i for u in attribution.token_utt):
             lost.append(turn.clip_id)
     return latencies, items, lost
+
+
+def _may_hold(starts: Mapping[str, float] | None, item: str | None, turn: Turn) -> bool:
+    """Whether the utterance ``item`` can hold words of ``turn``: it began before the turn's
+    speech ended (or its start is not known)."""
+    if starts is None or item is None or item not in starts:
+        return True
+    return starts[item] < turn.speech_end_s
 
 
 def score_leg(run: CallRun, track: str, offline: Mapping[str, list[str]]) -> LegScore:
@@ -581,8 +598,9 @@ def score_leg(run: CallRun, track: str, offline: Mapping[str, list[str]]) -> Leg
         FinalWord(raw, e.data.get("item_id"), e.t - t0, e.t - t0) for e in segments for raw in str(e.data.get("text") or "").split()
     ]
     deltas = [(e.t - t0, e.data) for e in run.events if e.kind == "transcript.text.delta" and e.data.get("channel") == channel]
-    finalization, items, lost = _turn_finals(segment_words, turns)
-    last_word, _, _ = _turn_finals(final_words(deltas), turns)
+    starts = {str(e.data.get("item_id")): float(e.data.get("start") or 0.0) for e in segments}
+    finalization, items, lost = _turn_finals(segment_words, turns, starts)
+    last_word, _, _ = _turn_finals(final_words(deltas), turns, starts)
     stopped = {e.data.get("item_id"): e.t - t0 for e in run.events if e.kind == "input_audio_buffer.speech_stopped"}
     endpoint = [
         None if item not in stopped else stopped[item] - turn.speech_end_s for item, turn in zip(items, turns)
