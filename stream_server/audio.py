@@ -176,7 +176,7 @@ class StreamResampler:
             frame.pts = self._pts
             self._pending[c] = self._joined(c, resampler.resample(frame))
         self._pts += len(columns[0])
-        return self._take(samples.ndim)
+        return self._take()
 
     def flush(self) -> np.ndarray:
         """The filter's delay line, at the end of the stream or before a change of rate."""
@@ -185,18 +185,19 @@ class StreamResampler:
         ready = max(len(p) for p in self._pending)
         # Channels fed alike come out alike; pad a shorter one rather than drop a longer one's tail.
         self._pending = [np.pad(p, (0, ready - len(p))) for p in self._pending]
-        return self._take(1 if len(self._pending) == 1 else 2)
+        return self._take()
 
     def _joined(self, channel: int, frames: list[av.AudioFrame]) -> np.ndarray:
         parts = [self._pending[channel], *(f.to_ndarray()[0] for f in frames)]
         return np.concatenate(parts).astype(np.float32, copy=False)
 
-    def _take(self, ndim: int) -> np.ndarray:
-        """What every channel has ready (channels fed alike are ready alike), as ``feed`` shapes it."""
+    def _take(self) -> np.ndarray:
+        """What every channel has ready (channels fed alike are ready alike): mono ``(n,)``, or
+        ``(n, channels)`` as :class:`AudioInput` shapes several channels."""
         ready = min(len(p) for p in self._pending)
         out = [p[:ready] for p in self._pending]
         self._pending = [p[ready:] for p in self._pending]
-        return out[0] if ndim == 1 else np.stack(out, axis=1)
+        return out[0] if len(out) == 1 else np.stack(out, axis=1)
 
 
 def decode_samples(data: bytes, audio_format: str) -> tuple[np.ndarray, int]:

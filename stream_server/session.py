@@ -225,7 +225,7 @@ class Session:
         self.limits = limits
         self._model_exists = model_exists
         self._vad = vad
-        self._audio_in = AudioInput(config.input_audio_format, config.sample_rate, config.channels, step_ms=self.limits.intake_step_ms)
+        self._audio_in = self._audio_input(config, config.channels)
         # Mono inputs for transports that send each channel separately (Twilio's two tracks).
         self._channel_in: dict[int, AudioInput] = {}
         self._channels = [Channel(c, vad, self._vad_params()) for c in range(config.channels)]
@@ -359,9 +359,13 @@ class Session:
             out.append(p.Error.invalid("invalid_audio", message))
         return out + self._push_channels(decoded.samples, channel)
 
+    def _audio_input(self, config: p.SessionConfig, channels: int = 1) -> AudioInput:
+        """Client bytes of ``config``'s format and rate in, 16 kHz samples out, in this server's steps."""
+        return AudioInput(config.input_audio_format, config.sample_rate, channels, step_ms=self.limits.intake_step_ms)
+
     def _mono_input(self, channel: int) -> AudioInput:
         if channel not in self._channel_in:
-            self._channel_in[channel] = AudioInput(self.config.input_audio_format, self.config.sample_rate, step_ms=self.limits.intake_step_ms)
+            self._channel_in[channel] = self._audio_input(self.config)
         return self._channel_in[channel]
 
     def _push_channels(self, samples: np.ndarray, channel: int | None = None) -> list[Output]:
@@ -500,7 +504,7 @@ class Session:
             if self._received or self._audio_in.has_pending() or self._channel_in:
                 message = "channels cannot change once audio has arrived"
                 return [p.Error.invalid("invalid_value", message, "session.channels")]
-            self._audio_in = AudioInput(new.input_audio_format, new.sample_rate, new.channels, step_ms=self.limits.intake_step_ms)
+            self._audio_in = self._audio_input(new, new.channels)
             self._channels = [Channel(c, self._vad, self._vad_params()) for c in range(new.channels)]
         out: list[Output] = []
         old = self.config
