@@ -109,7 +109,7 @@ class SessionLimits:
     # am i fell in americans", -0.68 against -0.41 to -0.53 for the windows around it). -inf: never.
     recheck_logprob: float = -0.6
     # Client audio reaches the VAD in steps of at least this much (0: as it arrives). A phone
-    # line's 20 ms frames, resampled and judged one by one, cost the session 3.5-3.8 ms of CPU per
+    # line's 20 ms frames, resampled and judged one by one, cost the session 3.5-4.3 ms of CPU per
     # leg-second, 2.0-2.3 in 100 ms steps: at 24 calls on two cores that decided p95 (README,
     # "Resampling as audio arrives"). Each step adds up to its length to every turn's end.
     intake_step_ms: int = 0
