@@ -554,7 +554,10 @@ def _tokens_inside_audio(sequence: Sequence[int], tokenizer: Tokenizer, duration
 def _words_from_alignment(
     tokenizer: Tokenizer, tokens: list[int], n_prefix: int, alignment: Any
 ) -> tuple[list[Word], float]:
-    if not tokens or alignment is None:
+    if not tokens or alignment is None or not len(alignment.alignments):
+        # No alignment: the window is shorter than the two feature frames of one encoder frame
+        # (an empty or 5 ms window still gets text such as " you" from the decoder, and the
+        # aligner has no frame to put it on). Text that no audio holds is not a word.
         return [], 0.0
     words_text, word_tokens = tokenizer.split_to_word_tokens(tokens + [tokenizer.eot])
     probs = np.asarray(alignment.text_token_probs, dtype=np.float64)

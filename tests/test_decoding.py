@@ -226,3 +226,15 @@ def test_a_restart_split_into_other_words_is_dropped_but_a_number_said_twice_sta
     assert _drop_resegmented_restart(said_twice) == said_twice
     sentence = [word(" in"), word(" to"), word(" the"), word(" into")]  # "into" is not a restart of "in to"'s tail
     assert _drop_resegmented_restart(sentence) == sentence
+
+
+def test_a_window_too_short_for_one_encoder_frame_gives_no_words_and_spares_its_batch(decoder: WhisperDecoder) -> None:
+    """An empty or 5 ms window used to raise inside the word builder (the aligner has no frame
+    for the text the decoder still makes up), failing every request batched with it."""
+    require_speech()
+    speech = load_clip("ljspeech_LJ001-0002")
+    tiny = np.random.default_rng(2).normal(0, 0.1, 80).astype(np.float32)
+    results = decoder.decode_batch([DecodeRequest(np.zeros(0, np.float32)), DecodeRequest(tiny), DecodeRequest(speech)])
+    [alone] = decoder.decode_batch([DecodeRequest(speech)])
+    assert [r.words for r in results[:2]] == [(), ()]
+    assert results[2].text == alone.text and alone.words
