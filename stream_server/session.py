@@ -50,6 +50,7 @@ from stream_server import protocol as p
 from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
+from stream_server.crosstalk import CrosstalkGate, frame_levels
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
 from stream_server.planner import (
     NARROWBAND_RATE,
@@ -229,6 +230,8 @@ class Session:
         # Mono inputs for transports that send each channel separately (Twilio's two tracks).
         self._channel_in: dict[int, AudioInput] = {}
         self._channels = [Channel(c, vad, self._vad_params()) for c in range(config.channels)]
+        # Which frames of a channel are another channel's speech heard faintly (line echo).
+        self._crosstalk = CrosstalkGate(config.channels, limits.crosstalk_margin_db)
         self._item_channel: dict[str, int] = {}  # open items -> channel, to stamp their events
         self._segments: list[p.TranscriptSegment] = []  # the conversation so far, for ``done``
         self._items = itertools.count(1)
@@ -369,12 +372,16 @@ class Session:
         return self._channel_in[channel]
 
     def _push_channels(self, samples: np.ndarray, channel: int | None = None) -> list[Output]:
-        """Samples of one channel, or interleaved ``(n, channels)`` / mono samples of all."""
+        """Samples of one channel, or interleaved ``(n, channels)`` / mono samples of all (every
+        channel's share is in before any is judged: the crosstalk gate compares them)."""
         if channel is not None:
             return self._push_audio(samples, channel)
+        columns = [(self._channels[index], column) for index, column in enumerate(split_channels(samples)) if len(column)]
+        for ch, column in columns:
+            self._append(ch, column)
         out: list[Output] = []
-        for index, column in enumerate(split_channels(samples)):
-            out += self._push_audio(column, index)
+        for ch, _ in columns:
+            out += self._advance(ch)
         return out
 
     def _drain_inputs(self, *, reset: bool) -> list[Output]:
@@ -506,6 +513,7 @@ class Session:
                 return [p.Error.invalid("invalid_value", message, "session.channels")]
             self._audio_in = self._audio_input(new, new.channels)
             self._channels = [Channel(c, self._vad, self._vad_params()) for c in range(new.channels)]
+            self._crosstalk = CrosstalkGate(new.channels, self.limits.crosstalk_margin_db)
         out: list[Output] = []
         old = self.config
         self._previous_model = old.model
@@ -532,16 +540,33 @@ class Session:
         if not len(samples):
             return []
         ch = self._channels[channel]
+        self._append(ch, samples)
+        return self._advance(ch)
+
+    def _append(self, ch: Channel, samples: np.ndarray) -> None:
+        """``samples`` into ``ch``'s buffer, and the levels of its new whole frames into the
+        crosstalk gate (when it compares channels)."""
         ch.buffer.append(samples)
         self._received = max(self._received, ch.buffer.end)
+        gate = self._crosstalk
+        if gate.active:
+            first = gate.recorded(ch.index) * FRAME
+            n_frames = (ch.buffer.end - first) // FRAME
+            if n_frames > 0:
+                gate.record(ch.index, frame_levels(ch.buffer.slice(first, first + n_frames * FRAME).reshape(n_frames, FRAME)))
+
+    def _advance(self, ch: Channel) -> list[Output]:
+        """The VAD over ``ch``'s new whole frames (a frame that is another channel's speech heard
+        faintly counts as silence), then what follows from them."""
         out: list[Output] = []
         n_frames = (ch.buffer.end - ch.vad_pos) // FRAME
         if n_frames > 0:
             frames = ch.buffer.slice(ch.vad_pos, ch.vad_pos + n_frames * FRAME).reshape(n_frames, FRAME)
             probs, ch.vad_state = ch.vad.probabilities(frames, ch.vad_state)
-            for prob in probs:
-                out += self._on_frame(ch, float(prob), ch.vad_pos)
-                ch.probs.append(float(prob))
+            for value in probs:
+                prob = 0.0 if self._crosstalk.heard_from_elsewhere(ch.index, ch.vad_pos // FRAME) else float(value)
+                out += self._on_frame(ch, prob, ch.vad_pos)
+                ch.probs.append(prob)
                 ch.vad_pos += FRAME
         start = max(ch.buffer.start, ch.consumed)
         if ch.segmenter is None and ch.utterance is None and ch.buffer.end > start:

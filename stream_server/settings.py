@@ -105,6 +105,10 @@ class Settings:
         default=0,
         metadata={"help": "process client audio in steps of at least this many ms (0 = as it arrives): less CPU per stream, up to a step more latency; 100 held 24 two-leg calls on 2 cores at a lower p95 (README)"},
     )
+    crosstalk_margin_db: float = dataclasses.field(
+        default=20.0,
+        metadata={"help": "with several channels (call legs), a channel this many dB under another's recent speech is hearing it (echo, bleed): its VAD hears silence there (0 = off; README)"},
+    )
     max_utterance_s: float = dataclasses.field(
         default=15.0, metadata={"help": "split utterances longer than this (bounds decode window and buffer memory)"}
     )

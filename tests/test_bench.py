@@ -361,3 +361,26 @@ def test_a_calls_turn_never_takes_its_last_word_from_an_utterance_that_began_aft
     latencies, items, lost = _turn_finals(words, turns, {"item_a": 0.0, "item_b": 2.9})
     assert latencies == [pytest.approx(0.6), pytest.approx(0.6)]
     assert items == ["item_a", "item_b"] and lost == []
+
+
+def test_a_call_with_echo_carries_each_leg_faintly_and_late_on_the_other() -> None:
+    from stream_server.audio import decode_samples, encode_g711
+    from stream_server.bench.calls import ECHO_DELAY_S, RATE, Call, with_echo
+
+    t = np.arange(RATE) / RATE
+    tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    quiet = np.zeros(RATE, np.float32)
+    call = Call(turns=[], legs={"inbound": encode_g711(np.concatenate([tone, quiet]), "ulaw"),
+                                "outbound": encode_g711(np.concatenate([quiet, tone]), "ulaw")})
+    echoed = with_echo(call, -30.0)
+    legs = {k: decode_samples(v, "g711_ulaw")[0] for k, v in echoed.legs.items()}
+
+    def db(x: np.ndarray) -> float:
+        return float(10 * np.log10(np.mean(np.square(x, dtype=np.float64))))
+
+    lag = int(ECHO_DELAY_S * RATE)
+    only_inbound, only_outbound = slice(lag, RATE), slice(RATE + lag, 2 * RATE)  # where one leg speaks alone
+    assert db(legs["outbound"][only_inbound]) == pytest.approx(db(legs["inbound"][only_inbound]) - 30.0, abs=0.5)
+    assert db(legs["inbound"][only_outbound]) == pytest.approx(db(legs["outbound"][only_outbound]) - 30.0, abs=0.5)
+    assert not legs["outbound"][:lag].any() and legs["outbound"][lag : 2 * lag].any()  # the echo comes late
+    assert echoed.turns == call.turns and len(echoed.legs["inbound"]) == len(call.legs["inbound"])

@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="replay N concurrent two-leg μ-law calls over /v1/twilio instead of --streams "
                        "(a list sweeps, e.g. 1,2,4); reports per-leg WER vs offline and finalization latency at an SSE subscriber")
     calls.add_argument("--call-s", type=float, default=45.0, help="length of each call in seconds (default 45)")
+    calls.add_argument("--call-echo-db", type=float, metavar="DB",
+                       help="with --calls: each leg also carries the other leg DB dB down (e.g. -45), 40 ms late: "
+                       "line echo, as an imperfect echo canceller leaves it")
     calls.add_argument("--call-param", action="append", metavar="NAME=VALUE",
                        help="with --calls: an extra Twilio customParameter for every call, repeatable "
                        "(e.g. silence_duration_ms=300)")

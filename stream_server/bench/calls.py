@@ -276,10 +276,30 @@ def plan_calls(n: int, call_s: float, corpus: Path) -> tuple[list[list[tuple[str
     return specs, notes
 
 
-def build_calls(n: int, call_s: float, corpus: Path) -> tuple[list[Call], list[str]]:
-    """``n`` different two-leg calls of about ``call_s`` seconds each (see :func:`plan_calls`)."""
+def build_calls(n: int, call_s: float, corpus: Path, *, echo_db: float | None = None) -> tuple[list[Call], list[str]]:
+    """``n`` different two-leg calls of about ``call_s`` seconds each (see :func:`plan_calls`),
+    each leg carrying the other ``echo_db`` dB down when given (:func:`with_echo`)."""
     specs, notes = plan_calls(n, call_s, corpus)
-    return [build_call(spec, corpus=corpus, call_sid=call_sid_for(i)) for i, spec in enumerate(specs)], notes
+    calls = [build_call(spec, corpus=corpus, call_sid=call_sid_for(i)) for i, spec in enumerate(specs)]
+    return ([with_echo(call, echo_db) for call in calls] if echo_db is not None else calls), notes
+
+
+#: How late a leg's echo of the other leg comes (a hybrid's echo path plus the network's).
+ECHO_DELAY_S = 0.04
+
+
+def with_echo(call: Call, echo_db: float, delay_s: float = ECHO_DELAY_S) -> Call:
+    """``call`` with each leg carrying the other leg ``echo_db`` dB down and ``delay_s`` late, as a
+    line with an imperfect echo canceller (or a phone on speaker) delivers it. The turns keep
+    their clean μ-law: the offline baseline and the references are the same as without echo."""
+    legs = {track: audio.decode_samples(data, "g711_ulaw")[0] for track, data in call.legs.items()}
+    delay, gain = int(delay_s * RATE), np.float32(10 ** (echo_db / 20))
+    echoed: dict[str, bytes] = {}
+    for track, own in legs.items():
+        other = sum(leg for name, leg in legs.items() if name != track)
+        late = np.concatenate([np.zeros(delay, np.float32), np.asarray(other, np.float32)[: len(own) - delay]])
+        echoed[track] = audio.encode_g711(np.clip(own + gain * late, -1.0, 1.0).astype(np.float32), "ulaw")
+    return dataclasses.replace(call, legs=echoed)
 
 
 def offline_texts(call: Call, *, model: str = "tiny.en", tag: str = "twilio") -> dict[str, list[str]]:
@@ -856,7 +876,7 @@ def main_calls(args: argparse.Namespace, out: Path, stamp: _dt.datetime, argv: S
     levels = parse_calls(args.calls)
     corpus: Path = args.corpus
     _log(f"[bench] building {max(levels)} two-leg call(s) of about {args.call_s:.0f} s from {corpus} ...")
-    calls, notes = build_calls(max(levels), args.call_s, corpus)
+    calls, notes = build_calls(max(levels), args.call_s, corpus, echo_db=args.call_echo_db)
     model = args.model or "tiny.en"
     _log(f"[bench] offline baseline ({model}, beam 5, each turn whole) ...")
     offline = [offline_texts(call, model=model, tag="calls") for call in calls]
@@ -911,5 +931,5 @@ def main_calls(args: argparse.Namespace, out: Path, stamp: _dt.datetime, argv: S
 __all__ = [
     "CALL_SID", "FRAME", "LABELS", "RATE", "Call", "CallRun", "LegScore", "Replay", "SseEvent", "Turn", "TwilioStream",
     "build_call", "build_calls", "call_messages", "leg_text", "main_calls", "offline_texts",
-    "replay", "run_calls", "score_leg", "subscribe", "telephone",
+    "replay", "run_calls", "score_leg", "subscribe", "telephone", "with_echo",
 ]

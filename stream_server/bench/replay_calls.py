@@ -158,7 +158,7 @@ def main_call_replay(args: argparse.Namespace, out: Path) -> int:
         print(f"[bench] {problem}", file=sys.stderr)
         return 2
     count = max(int(n) for n in str(args.calls).split(","))
-    calls, notes = build_calls(count, args.call_s, args.corpus)
+    calls, notes = build_calls(count, args.call_s, args.corpus, echo_db=args.call_echo_db)
     for note in notes:
         print(f"[bench] {note}", file=sys.stderr)
     options = replay_options(args)
