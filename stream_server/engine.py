@@ -47,6 +47,7 @@ def session_limits(settings: Settings) -> SessionLimits:
         pause_decode_ms=settings.pause_decode_ms,
         stable_silence_ms=settings.stable_silence_ms,
         min_commit_window_ms=settings.min_commit_window_ms,
+        held_commit_ms=settings.held_commit_ms,
         max_utterance_s=settings.max_utterance_s,
         carry_gap_ms=settings.carry_gap_ms,
         narrowband_padding_ms=settings.narrowband_padding_ms,

@@ -74,6 +74,7 @@ from stream_server.policy import (
     surer_reading,
     within_turn,
     without_trailing_punctuation,
+    words_starting_before,
 )
 from stream_server.state import SessionState, TicketState, UtteranceState, transition
 from stream_server.transcript import Transcript
@@ -164,6 +165,10 @@ class Utterance:
     # some (tiny.en, forced to go on from "... fell in americans", said nothing for "ask not"):
     # its later decodes are its own.
     carry_refused: bool = False
+    # The pause whose decode held back words that the hypothesis before read otherwise (a short
+    # turn's dissent, ``policy._settled_at_pause``): they are committed as heard once that pause
+    # lasts ``SessionLimits.held_commit_ms`` (None: nothing held).
+    held_pause: int | None = None
 
     def end_at(self, sample: int) -> None:
         """The turn ended at ``sample``: the audio is fixed, the last words are on their way."""
@@ -581,6 +586,8 @@ class Session:
             return []
         decision = ch.segmenter.push(prob, frame_start)
         out = self._follow_pause(ch, ended_at=decision.sample if isinstance(decision, SpeechEnd) else None)
+        if decision is None:
+            out += self._settle_held(ch)
         if isinstance(decision, SpeechStart) and ch.utterance is None:
             return out + self._open_utterance(ch, decision.sample, decision.onset)
         if isinstance(decision, SpeechEnd) and ch.utterance is not None:
@@ -916,20 +923,47 @@ class Session:
         n = interim_commit_count(utt.tail, words, utterance_start=utt.start, window_end=ticket.window_end, pause_start=ticket.pause_start,
                                  right_context_ms=limits.right_context_ms, min_commit_window_ms=limits.min_commit_window_ms,
                                  previous_window_end=utt.tail_window_end)
+        held = ticket.pause_start is not None and words_starting_before(words, ticket.pause_start / MODEL_RATE) > n
+        utt.held_pause = ticket.pause_start if held else None
+        out = self._commit_at(self._channels[ticket.channel], utt, words, n, at_pause=ticket.pause_start is not None)
+        utt.tail_window_end = ticket.window_end
+        return out
+
+    def _commit_at(self, ch: Channel, utt: Utterance, words: list[Word], n: int, *, at_pause: bool) -> list[Output]:
+        """Commit the first ``n`` of ``words`` (the rest become the tail, shown as the interim);
+        the newest word, committed at a pause, without its punctuation, which waits for what follows."""
         committed, tail = words[:n], words[n:]
-        if committed and not tail and ticket.pause_start is not None:
-            # The newest word, committed at a pause: its punctuation waits for what follows.
+        if committed and not tail and at_pause:
             spoken, marks = without_trailing_punctuation(committed[-1])
             committed, tail = [*committed[:-1], spoken], [marks] if marks is not None else []
-        out = self._commit_words(self._channels[ticket.channel], utt, committed)
+        out = self._commit_words(ch, utt, committed)
         utt.tail = tail
-        utt.tail_window_end = ticket.window_end
         if self.config.interim_results:
             caption = render.interim(utt.item_id, utt.tail, timings=self.config.wants("words"))
             if caption.text != utt.interim_sent:
                 utt.interim_sent = caption.text
                 out.append(caption)
         return out
+
+    def _settle_held(self, ch: Channel) -> list[Output]:
+        """Each VAD frame: words a pause decode held back on a dissent are committed as it heard
+        them once the pause has lasted ``held_commit_ms`` (the turn's end would make them final
+        as heard anyway, only later); an unsure reading (``recheck_logprob``) waits for the
+        turn's end, which decodes it again."""
+        utt, seg = ch.utterance, ch.segmenter
+        if utt is None or utt.held_pause is None or seg is None:
+            return []
+        if seg.pause_start != utt.held_pause:
+            utt.held_pause = None  # the speaker went on: agreement decides
+            return []
+        limit = self.limits.held_commit_ms
+        if not limit or seg.silence_samples < limit * MS:
+            return []
+        pause, utt.held_pause = utt.held_pause, None
+        n = words_starting_before(utt.tail, pause / MODEL_RATE)
+        if not n or mean_logprob(utt.tail[:n]) < self.limits.recheck_logprob:
+            return []
+        return self._commit_at(ch, utt, list(utt.tail), n, at_pause=True)
 
     def _final_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult | None) -> list[Output]:
         if result is not None and len(ticket.request.audio):

@@ -89,6 +89,10 @@ class Settings:
         default=200,
         metadata={"help": "a pause this long in a turn makes the words before it final (decoded from --pause-decode-ms on)"},
     )
+    held_commit_ms: int = dataclasses.field(
+        default=300,
+        metadata={"help": "words a pause decode held back on a dissent (short turns) are made final as heard once the pause lasts this long, not at the turn's end (0 = at the turn's end; README)"},
+    )
     min_commit_window_ms: int = dataclasses.field(
         default=3500,
         metadata={"help": "until a turn is this long, only words two decodes agree on are committed, at pauses too (lower: short turns' words final sooner, for some accuracy; README)"},

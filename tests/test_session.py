@@ -761,19 +761,23 @@ class HearsTheSecondWordLate(BurstDecoder):
 @pytest.mark.parametrize("decoder", [BurstDecoder, HearsTheSecondWordLate])
 def test_a_pause_early_in_a_turn_commits_only_the_words_the_last_hypothesis_agrees_on(decoder: type[BurstDecoder]) -> None:
     """Under ``min_commit_window_ms`` (default limits) a pause commits what two decodes agree on;
-    the rest waits, and the turn's end makes the pause decode's reading final."""
+    the rest waits until the pause has lasted ``held_commit_ms``, and goes out as the pause
+    decode heard it (the turn's end would make that reading final anyway)."""
     session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad(), limits=SessionLimits())
     d = Driver(session)
     d.decoder = decoder()
     d.feed(speech([1, 2, 3, 4, 5]))  # 1.7 s: under the default 3.5 s, long enough for interims to dissent
-    for _ in range(20):  # 0.4 s of pause: the pause decode is back, the turn (0.5 s) has not ended
+    for _ in range(13):  # 0.26 s of pause: the pause decode is back and its pause has lasted 200 ms
         d.feed(silence(0.02))
-    assert not d.of(p.SpeechStopped)
     at_pause = "".join(e.delta for e in d.of(p.TranscriptDelta)).split()
     if decoder is BurstDecoder:
         assert at_pause == ["w1", "w2", "w3", "w4", "w5"], "the pause decode agreed with the last interim"
     else:
         assert at_pause == ["w1"], "the last interim heard w9: the words from w2 on wait"
+    for _ in range(7):  # 0.4 s: held words are final as heard; the turn (0.5 s) has not ended
+        d.feed(silence(0.02))
+    assert not d.of(p.SpeechStopped)
+    assert "".join(e.delta for e in d.of(p.TranscriptDelta)).split() == ["w1", "w2", "w3", "w4", "w5"]
     d.feed(silence(0.5))
     assert d.of(p.SpeechStopped)
     assert not any(r.final for call in d.decoder.calls for r in call), "the pause decode heard the pause: no final decode"
@@ -1097,3 +1101,64 @@ def test_a_recheck_keeps_the_earlier_reading_when_it_was_surer_or_the_final_fail
     d = unsure_turn(30, failing)
     assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(0, 2, 3, 4, 5)]
     assert d.of(p.TranscriptDone)[0].text == spoken(0, 2, 3, 4, 5)
+
+
+class PauseDissentDecoder(BurstDecoder):
+    """Reads burst 2 as ``x2`` in pause decodes (``commits``) and as ``w2`` otherwise: a pause
+    decode that disagrees with the hypothesis before it about a word both heard."""
+
+    def decode_one(self, request: DecodeRequest) -> DecodeResult:
+        result = super().decode_one(request)
+        if not request.commits:
+            return result
+        words = tuple(dataclasses.replace(w, text=" x2") if w.text == " w2" else w for w in result.words)
+        return dataclasses.replace(result, words=words)
+
+
+def held_words_driver(held_commit_ms: int) -> Driver:
+    """A short turn (under ``min_commit_window_ms``) whose pause decode dissents on its second word."""
+    session = Session(
+        "sess_held0001",
+        config=p.SessionConfig(interim_results=True),
+        vad=EnergyVad(),
+        limits=SessionLimits(max_utterance_s=6.0, pause_decode_ms=100, held_commit_ms=held_commit_ms),
+    )
+    d = Driver(session=session, latency_chunks=2)
+    d.decoder = PauseDissentDecoder()
+    return d
+
+
+@pytest.mark.parametrize("held_commit_ms", [0, 300])
+def test_words_a_pause_decode_held_back_are_final_once_the_pause_lasts(held_commit_ms: int) -> None:
+    """A short turn's pause decode reads a word otherwise than the hypothesis before it: at
+    200 ms of silence only the words before it are committed (the dissent rule); the rest is
+    committed as the pause decode heard it once the pause lasts ``held_commit_ms``, or, with 0, at
+    the turn's end. The text is the same either way."""
+    d = held_words_driver(held_commit_ms)
+    d.feed(silence(0.3))
+    d.feed(speech([1, 2, 3, 4]))
+    seen = feed_pause(d, 0.9)
+    assert d.of(p.SpeechStopped), "the turn ended in the pause"
+    committed_at_200 = next(text for t, text, _ in seen if t >= 0.26)
+    assert committed_at_200.strip() == "w1", committed_at_200
+    held_at = next(t for t, text, _ in seen if "x2" in text)
+    if held_commit_ms:
+        assert held_commit_ms / 1000 <= held_at <= held_commit_ms / 1000 + 0.08
+    else:
+        assert held_at >= d.session.config.turn_detection.silence_duration_ms / 1000  # with the turn's end
+    d.close()
+    assert d.of(p.TranscriptDone)[0].text == "w1 x2 w3 w4"
+
+
+def test_held_words_wait_for_agreement_when_the_speaker_goes_on_first() -> None:
+    d = held_words_driver(300)
+    d.feed(silence(0.3))
+    d.feed(speech([1, 2, 3, 4]))
+    seen = feed_pause(d, 0.26)
+    assert seen[-1][1].strip() == "w1"
+    d.feed(speech([5]))  # back before 300 ms: nothing held is committed at the pause
+    assert "x2" not in committed_text(d)
+    d.feed(silence(1.0))
+    d.close()
+    # The turn's real end is decided by its own pause decode, which reads "x2" again.
+    assert d.of(p.TranscriptDone)[0].text == "w1 x2 w3 w4 w5"
