@@ -51,6 +51,7 @@ def session_limits(settings: Settings) -> SessionLimits:
         max_utterance_s=settings.max_utterance_s,
         carry_gap_ms=settings.carry_gap_ms,
         narrowband_padding_ms=settings.narrowband_padding_ms,
+        level_onset_reach_ms=settings.level_onset_reach_ms,
         intake_step_ms=settings.intake_step_ms,
         crosstalk_margin_db=settings.crosstalk_margin_db,
     )

@@ -113,6 +113,12 @@ class SessionLimits:
     # leg-second, 2.0-2.3 in 100 ms steps: at 24 calls on two cores that decided p95 (README,
     # "Resampling as audio arrives"). Each step adds up to its length to every turn's end.
     intake_step_ms: int = 0
+    # A turn's audio starts where its level rose, up to this far before the VAD's onset, when
+    # that is earlier than the onset minus the padding (``vad.level_onset``; 0: the padding only).
+    # Silero can hear a soft first syllable late: 0.81 s into "imitates" on 8 kHz μ-law, 0.42 s
+    # at 16 kHz. 1000 against 0, three draws each: whole corpus (lag 100) 7.83 -> 7.60% WER,
+    # 8 calls 7.67 -> 7.71% (README, "Where the level rose").
+    level_onset_reach_ms: int = 1000
     # Words a pause decode held back because the hypothesis before read them otherwise (a turn
     # shorter than ``min_commit_window_ms``) are committed as it heard them once the pause has
     # lasted this long, instead of at the turn's end, which made them final as heard anyway, only

@@ -50,7 +50,7 @@ from stream_server import protocol as p
 from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
-from stream_server.crosstalk import CrosstalkGate, frame_levels
+from stream_server.crosstalk import FLOOR_DB, CrosstalkGate, frame_levels
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
 from stream_server.planner import (
     NARROWBAND_RATE,
@@ -78,7 +78,7 @@ from stream_server.policy import (
 )
 from stream_server.state import SessionState, TicketState, UtteranceState, transition
 from stream_server.transcript import Transcript
-from stream_server.vad import FRAME, SpeechEnd, SpeechStart, TurnSegmenter, VadModel, VadParams
+from stream_server.vad import FRAME, SpeechEnd, SpeechStart, TurnSegmenter, VadModel, VadParams, level_onset
 
 __all__ = ["MS", "CloseConnection", "DecodeTicket", "Output", "Session", "SessionLimits", "Utterance"]
 
@@ -182,6 +182,10 @@ class Utterance:
         return "".join(w.text for w in self.committed)
 
 
+#: Audio kept before the frame where a turn's level rose (``Session._turn_start``).
+LEVEL_ONSET_LEAD_MS = 100
+
+
 class Channel:
     """One audio channel: its buffer, VAD state and the utterance pipeline."""
 
@@ -192,6 +196,7 @@ class Channel:
         self.vad_state = vad.new_state()
         self.vad_pos = 0  # next frame's first sample
         self.probs: list[float] = []  # per frame since probs_start
+        self.levels: list[float] = []  # dBFS per frame since probs_start (``vad.level_onset``)
         self.probs_start = 0
         self.segmenter = TurnSegmenter(params) if params else None
         self.utterance: Utterance | None = None
@@ -568,8 +573,12 @@ class Session:
         if n_frames > 0:
             frames = ch.buffer.slice(ch.vad_pos, ch.vad_pos + n_frames * FRAME).reshape(n_frames, FRAME)
             probs, ch.vad_state = ch.vad.probabilities(frames, ch.vad_state)
-            for value in probs:
-                prob = 0.0 if self._crosstalk.heard_from_elsewhere(ch.index, ch.vad_pos // FRAME) else float(value)
+            levels = frame_levels(frames) if self.limits.level_onset_reach_ms else np.zeros(0)
+            for k, value in enumerate(probs):
+                elsewhere = self._crosstalk.heard_from_elsewhere(ch.index, ch.vad_pos // FRAME)
+                if len(levels):  # another channel's echo is no level rise of this one's
+                    ch.levels.append(FLOOR_DB if elsewhere else float(levels[k]))
+                prob = 0.0 if elsewhere else float(value)
                 out += self._on_frame(ch, prob, ch.vad_pos)
                 ch.probs.append(prob)
                 ch.vad_pos += FRAME
@@ -589,7 +598,7 @@ class Session:
         if decision is None:
             out += self._settle_held(ch)
         if isinstance(decision, SpeechStart) and ch.utterance is None:
-            return out + self._open_utterance(ch, decision.sample, decision.onset)
+            return out + self._open_utterance(ch, self._turn_start(ch, decision), decision.onset)
         if isinstance(decision, SpeechEnd) and ch.utterance is not None:
             if self._at_pending_bound(ch):
                 # The decoder is that far behind this channel (audio sent faster than real time,
@@ -599,6 +608,19 @@ class Session:
                 return out
             return out + self._end_utterance(ch, decision.sample, pause_end=frame_start + FRAME)
         return out
+
+    def _turn_start(self, ch: Channel, start: SpeechStart) -> int:
+        """Where a new turn's audio starts: the VAD's onset minus the padding, or where the level
+        rose toward that onset when that is earlier (``SessionLimits.level_onset_reach_ms``),
+        never before the last turn's end."""
+        reach = self.limits.level_onset_reach_ms * MS // FRAME
+        if not reach or not ch.levels or ch.segmenter is None:
+            return start.sample
+        onset = (start.onset - ch.probs_start) // FRAME
+        if not 0 < onset <= len(ch.levels):
+            return start.sample
+        rose = ch.probs_start + level_onset(ch.levels, onset, reach) * FRAME - LEVEL_ONSET_LEAD_MS * MS
+        return max(min(start.sample, rose), ch.segmenter.floor, ch.buffer.start)
 
     def _pause_outcome(self, ch: Channel, ticket: DecodeTicket, *, ended_at: int | None = None) -> bool | None:
         """Whether the pause ``ticket`` decoded lasted ``stable_silence_ms`` (or the turn ended
@@ -640,7 +662,8 @@ class Session:
         if ch.utterance is not None:
             keep_from = ch.utterance.start
         else:
-            keep_from = ch.vad_pos - self._prefix_padding_ms() * MS - FRAME * 4
+            # The padding, and how far a turn's start may reach back to where its level rose.
+            keep_from = ch.vad_pos - (self._prefix_padding_ms() + self.limits.level_onset_reach_ms) * MS - FRAME * 4
         if ch.carry_keep is not None and keep_from - ch.carry_turn_end <= self.limits.carry_gap_ms * MS:
             keep_from = min(keep_from, ch.carry_keep)  # a short turn may still continue from its words
         keep_from = min(keep_from, ch.vad_pos)
@@ -648,6 +671,7 @@ class Session:
         drop = (keep_from - ch.probs_start) // FRAME
         if drop > 0:
             del ch.probs[:drop]
+            del ch.levels[:drop]
             ch.probs_start += drop * FRAME
 
     def _channel_end(self, ch: Channel) -> int:

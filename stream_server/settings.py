@@ -105,6 +105,10 @@ class Settings:
         default=200,
         metadata={"help": "input at 8 kHz or less (phone lines) starts each utterance this much before the VAD onset, on top of turn_detection.prefix_padding_ms: the onset comes late there and cut first words (README)"},
     )
+    level_onset_reach_ms: int = dataclasses.field(
+        default=1000,
+        metadata={"help": "a turn's audio starts where its level rose, up to this far before the VAD's onset, when the VAD heard the first syllable late (0 = the padding only; README)"},
+    )
     intake_step_ms: int = dataclasses.field(
         default=0,
         metadata={"help": "process client audio in steps of at least this many ms (0 = as it arrives): less CPU per stream, up to a step more latency; 100 held 24 two-leg calls on 2 cores at a lower p95 (README)"},

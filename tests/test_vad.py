@@ -7,7 +7,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from stream_server.vad import FRAME, SileroVad, SpeechEnd, SpeechStart, TurnSegmenter, VadParams
+from stream_server import protocol as p
+from stream_server.audio import encode_g711
+from stream_server.bench.calls import telephone_samples
+from stream_server.planner import SessionLimits
+from stream_server.session import Session
+from stream_server.vad import FRAME, SileroVad, SpeechEnd, SpeechStart, TurnSegmenter, VadParams, level_onset
+from tests.fakes import BurstDecoder
 from tests.support import load_clip, require_speech
 
 
@@ -188,3 +194,47 @@ def test_a_long_silence_sent_whole_is_run_through_the_model_about_once(silero: S
     probs, _ = silero.probabilities(np.zeros((n, FRAME), np.float32), silero.new_state())
     assert len(probs) == n and probs.max() < 0.1
     assert sum(frames_run) <= 1.05 * n, sum(frames_run)
+
+
+def test_level_onset_finds_where_the_level_rose_before_a_late_onset() -> None:
+    """Digital silence, then a word Silero hears late: the loud run before its onset (with short
+    stops between syllables) is the turn's start; a quiet stretch ends the run."""
+    quiet, syllable, stop = -120.0, -20.0, -60.0
+    levels = [quiet] * 20 + [syllable] * 5 + [stop] * 2 + [syllable] * 6  # Silero's onset: frame 30
+    assert level_onset(levels, 30, reach=31) == 20
+    assert level_onset(levels, 30, reach=6) == 24  # no further back than ``reach``
+    gap = [quiet] * 20 + [syllable] * 5 + [stop] * 3 + [syllable] * 5  # three quiet frames: another sound
+    assert level_onset(gap, 30, reach=31) == 28
+
+
+def test_level_onset_rises_from_the_noise_floor_and_needs_one() -> None:
+    noise = [-45.0 + (k % 3) for k in range(30)]  # a noisy line at -45 dBFS
+    breathing = noise[:22] + [-38.0] * 3 + [-20.0] * 5  # louder than the noise, under the rise
+    assert level_onset(breathing, 27, reach=31) == 25
+    assert level_onset([-20.0] * 4 + [-10.0] * 2, 4, reach=31) == 4  # four frames are no floor
+    assert level_onset([-120.0] * 10 + [-58.0] * 5 + [-20.0], 15, reach=31) == 15  # under -55 dBFS is not speech
+
+
+def test_a_turn_silero_hears_late_starts_where_its_level_rose() -> None:
+    """LJ001-0025 begins "imitates" softly; on 8 kHz μ-law after 0.6 s of silence Silero's onset
+    comes ~0.8 s into the word, past the phone padding (500 ms), and the first words were lost
+    ("Taze the much freer hand"). The turn's audio now starts before the word."""
+    clip = telephone_samples(require_speech(), "ljspeech_LJ001-0025")
+    lead = 0.6
+    audio = np.concatenate([np.zeros(int(lead * 8000), np.float32), clip, np.zeros(8000, np.float32)])
+    data = encode_g711(audio, "ulaw")
+    word_start = lead + 0.16  # the first loud syllable (-18 dBFS; a faint "i" at -40 before it)
+
+    def first_turn_start(reach_ms: int) -> float:
+        config = p.SessionConfig(input_audio_format="g711_ulaw", sample_rate=8000, interim_results=False)
+        session = Session("sess_onset", config=config, vad=SileroVad(), limits=SessionLimits(level_onset_reach_ms=reach_ms))
+        session.start()
+        for i in range(0, len(data), 160):  # 20 ms frames, as a phone line sends them
+            session.receive_bytes(data[i : i + 160])
+            for ticket in session.decodes_to_submit():
+                session.receive_decode_result(ticket, BurstDecoder().decode_one(ticket.request))
+        starts = [e for e in session.events_to_send() if isinstance(e, p.SpeechStarted)]
+        return starts[0].audio_start_ms / 1000
+
+    assert first_turn_start(0) > word_start + 0.1  # the padding alone starts inside the word
+    assert first_turn_start(1000) <= word_start
