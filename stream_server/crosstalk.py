@@ -73,12 +73,6 @@ class CrosstalkGate:
         kept = self._levels[channel]
         return kept[offset] if 0 <= offset < len(kept) else None
 
-    def levels(self, channel: int, first: int, count: int) -> list[float]:
-        """The recorded levels of ``channel``'s frames ``first .. first + count - 1`` (all
-        recorded: the session records a frame before its VAD judges it)."""
-        offset = first - self._first[channel]
-        return self._levels[channel][offset : offset + count]
-
     def heard_from_elsewhere(self, channel: int, index: int) -> bool:
         """Whether frame ``index`` of ``channel`` is another channel's speech heard faintly: its
         level is ``margin_db`` or more under another channel's loudest recorded frame among

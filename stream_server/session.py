@@ -573,7 +573,7 @@ class Session:
         if n_frames > 0:
             frames = ch.buffer.slice(ch.vad_pos, ch.vad_pos + n_frames * FRAME).reshape(n_frames, FRAME)
             probs, ch.vad_state = ch.vad.probabilities(frames, ch.vad_state)
-            levels = self._frame_levels(ch, frames) if self.limits.level_onset_reach_ms else []
+            levels = frame_levels(frames) if self.limits.level_onset_reach_ms else np.zeros(0)
             for k, value in enumerate(probs):
                 elsewhere = self._crosstalk.heard_from_elsewhere(ch.index, ch.vad_pos // FRAME)
                 if len(levels):  # another channel's echo is no level rise of this one's
@@ -589,13 +589,6 @@ class Session:
         out += self._schedule(ch)
         self._trim(ch)
         return out
-
-    def _frame_levels(self, ch: Channel, frames: np.ndarray) -> list[float]:
-        """The levels of ``frames``, ``ch``'s next whole frames: the crosstalk gate's, which
-        recorded them as they arrived, or measured here when the gate compares nothing."""
-        if self._crosstalk.active:
-            return self._crosstalk.levels(ch.index, ch.vad_pos // FRAME, len(frames))
-        return [float(v) for v in frame_levels(frames)]
 
     def _on_frame(self, ch: Channel, prob: float, frame_start: int) -> list[Output]:
         if ch.segmenter is None:
