@@ -52,6 +52,7 @@ def session_limits(settings: Settings) -> SessionLimits:
         carry_gap_ms=settings.carry_gap_ms,
         narrowband_padding_ms=settings.narrowband_padding_ms,
         level_onset_reach_ms=settings.level_onset_reach_ms,
+        fresh_listen_prob=settings.fresh_listen_prob,
         intake_step_ms=settings.intake_step_ms,
         crosstalk_margin_db=settings.crosstalk_margin_db,
     )

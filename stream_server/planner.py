@@ -119,6 +119,11 @@ class SessionLimits:
     # at 16 kHz. 1000 against 0, three draws each: whole corpus (lag 100) 7.83 -> 7.60% WER,
     # 8 calls 7.67 -> 7.71% (README, "Where the level rose").
     level_onset_reach_ms: int = 1000
+    # Between turns, a frame the channel's Silero state puts at this probability or more makes a
+    # fresh Silero state listen too, and the higher of the two decides whether a turn starts
+    # (``vad.FreshListener``; 0: off). Silero's state after speech hears a short word that follows
+    # faintly: two spoken digits of the corpus opened no turn in any replay.
+    fresh_listen_prob: float = 0.2
     # Words a pause decode held back because the hypothesis before read them otherwise (a turn
     # shorter than ``min_commit_window_ms``) are committed as it heard them once the pause has
     # lasted this long, instead of at the turn's end, which made them final as heard anyway, only

@@ -78,7 +78,7 @@ from stream_server.policy import (
 )
 from stream_server.state import SessionState, TicketState, UtteranceState, transition
 from stream_server.transcript import Transcript
-from stream_server.vad import FRAME, SpeechEnd, SpeechStart, TurnSegmenter, VadModel, VadParams, level_onset
+from stream_server.vad import FRAME, FreshListener, SpeechEnd, SpeechStart, TurnSegmenter, VadModel, VadParams, level_onset
 
 __all__ = ["MS", "CloseConnection", "DecodeTicket", "Output", "Session", "SessionLimits", "Utterance"]
 
@@ -184,16 +184,21 @@ class Utterance:
 
 #: Audio kept before the frame where a turn's level rose (``Session._turn_start``).
 LEVEL_ONSET_LEAD_MS = 100
+#: Frames a fresh Silero state hears before the frame that made it listen (``vad.FreshListener``):
+#: 0.26 s, within the quiet before a word (reaching 1 s back into the words before, it heard
+#: "four" faintly again).
+FRESH_PREROLL_FRAMES = 8
 
 
 class Channel:
     """One audio channel: its buffer, VAD state and the utterance pipeline."""
 
-    def __init__(self, index: int, vad: VadModel, params: VadParams | None) -> None:
+    def __init__(self, index: int, vad: VadModel, params: VadParams | None, *, fresh_listen_prob: float = 0.0) -> None:
         self.index = index
         self.buffer = SampleBuffer()
         self.vad = vad
         self.vad_state = vad.new_state()
+        self.listener = FreshListener(vad, trigger=fresh_listen_prob, preroll=FRESH_PREROLL_FRAMES)
         self.vad_pos = 0  # next frame's first sample
         self.probs: list[float] = []  # per frame since probs_start
         self.levels: list[float] = []  # dBFS per frame since probs_start (``vad.level_onset``)
@@ -239,7 +244,7 @@ class Session:
         self._audio_in = self._audio_input(config, config.channels)
         # Mono inputs for transports that send each channel separately (Twilio's two tracks).
         self._channel_in: dict[int, AudioInput] = {}
-        self._channels = [Channel(c, vad, self._vad_params()) for c in range(config.channels)]
+        self._channels = [Channel(c, vad, self._vad_params(), fresh_listen_prob=self.limits.fresh_listen_prob) for c in range(config.channels)]
         # Which frames of a channel are another channel's speech heard faintly (line echo).
         self._crosstalk = CrosstalkGate(config.channels, limits.crosstalk_margin_db)
         self._item_channel: dict[str, int] = {}  # open items -> channel, to stamp their events
@@ -522,7 +527,7 @@ class Session:
                 message = "channels cannot change once audio has arrived"
                 return [p.Error.invalid("invalid_value", message, "session.channels")]
             self._audio_in = self._audio_input(new, new.channels)
-            self._channels = [Channel(c, self._vad, self._vad_params()) for c in range(new.channels)]
+            self._channels = [Channel(c, self._vad, self._vad_params(), fresh_listen_prob=self.limits.fresh_listen_prob) for c in range(new.channels)]
             self._crosstalk = CrosstalkGate(new.channels, self.limits.crosstalk_margin_db)
         out: list[Output] = []
         old = self.config
@@ -578,7 +583,7 @@ class Session:
                 elsewhere = self._crosstalk.heard_from_elsewhere(ch.index, ch.vad_pos // FRAME)
                 if len(levels):  # another channel's echo is no level rise of this one's
                     ch.levels.append(FLOOR_DB if elsewhere else float(levels[k]))
-                prob = 0.0 if elsewhere else float(value)
+                prob = 0.0 if elsewhere else self._heard(ch, frames, k, float(value))
                 out += self._on_frame(ch, prob, ch.vad_pos)
                 ch.probs.append(prob)
                 ch.vad_pos += FRAME
@@ -589,6 +594,20 @@ class Session:
         out += self._schedule(ch)
         self._trim(ch)
         return out
+
+    def _heard(self, ch: Channel, frames: np.ndarray, k: int, prob: float) -> float:
+        """Frame ``k`` of ``frames`` (at ``ch.vad_pos``)'s speech probability for the segmenter:
+        between turns a fresh Silero state may hear a short word better (``vad.FreshListener``)."""
+        seg = ch.segmenter
+        if seg is None:
+            return prob
+
+        def before() -> np.ndarray:
+            grid = ch.buffer.start + (ch.vad_pos - ch.buffer.start) % FRAME
+            start = max(grid, ch.vad_pos - FRESH_PREROLL_FRAMES * FRAME)
+            return ch.buffer.slice(start, ch.vad_pos).reshape(-1, FRAME)
+
+        return ch.listener.probability(frames[k], before, prob, between_turns=not seg.in_speech)
 
     def _on_frame(self, ch: Channel, prob: float, frame_start: int) -> list[Output]:
         if ch.segmenter is None:

@@ -109,6 +109,10 @@ class Settings:
         default=1000,
         metadata={"help": "a turn's audio starts where its level rose, up to this far before the VAD's onset, when the VAD heard the first syllable late (0 = the padding only; README)"},
     )
+    fresh_listen_prob: float = dataclasses.field(
+        default=0.2,
+        metadata={"help": "between turns, a frame the VAD puts at this probability or more is judged again by a fresh VAD state, which hears a short word after speech better (0 = off; README)"},
+    )
     intake_step_ms: int = dataclasses.field(
         default=0,
         metadata={"help": "process client audio in steps of at least this many ms (0 = as it arrives): less CPU per stream, up to a step more latency; 100 held 24 two-leg calls on 2 cores at a lower p95 (README)"},

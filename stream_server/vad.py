@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -128,6 +129,53 @@ def _quiet_scan(probs: np.ndarray, quiet: int) -> tuple[int | None, int]:
         if quiet >= QUIET_FRAMES_BEFORE_RESET:
             return i, quiet
     return None, quiet
+
+
+class FreshListener:
+    """A second Silero state, started afresh just before a frame that might open a turn, whose
+    probabilities count for the turn's start only.
+
+    Silero's state after speech hears the next short word faintly: in the corpus replay, an
+    isolated "six" 1.0 s after the clip before it peaked at 0.47 and a "four" had one frame at
+    0.53 (no turn, the word lost in every draw), where a fresh state gave 0.62-0.88. Resetting
+    the channel's own state sooner in every quiet spell cost more than it gave: turns ran on past
+    their pauses (a fresh state hears their tails as speech too; README, "Silero after a long
+    silence"). So the channel's state keeps deciding where turns end and pauses fall, and only
+    between turns, from a frame its state puts at ``trigger`` or more, a fresh state that has
+    heard the ``preroll`` frames before it listens along for ``life`` frames; the segmenter
+    gets the higher of the two probabilities. Frames are judged one by one, so the probabilities
+    do not depend on how the audio was chunked; a turn start costs one extra run over the
+    pre-roll and a few single frames.
+    """
+
+    def __init__(self, vad: VadModel, *, trigger: float, preroll: int = 8, life: int = 16) -> None:
+        self._vad = vad
+        self.trigger = trigger
+        self._preroll = preroll
+        self._life = life
+        self._state: object | None = None
+        self._age = 0
+
+    def probability(self, frame: np.ndarray, before: Callable[[], np.ndarray], prob: float, *, between_turns: bool) -> float:
+        """The probability the segmenter hears for ``frame``: ``prob`` (the channel's state's),
+        or the fresh state's when it is higher between turns. ``before``: the frames before it,
+        asked for when a fresh state starts (it hears the last ``preroll`` of them)."""
+        if not between_turns or self.trigger <= 0:
+            self._state = None
+            return prob
+        if self._state is None:
+            if prob < self.trigger:
+                return prob
+            state = self._vad.new_state()
+            preroll = before()[-self._preroll :] if self._preroll else before()[:0]
+            if len(preroll):
+                _, state = self._vad.probabilities(preroll, state)
+            self._state, self._age = state, 0
+        fresh, self._state = self._vad.probabilities(frame[None, :], self._state)
+        self._age += 1
+        if self._age >= self._life:
+            self._state = None
+        return max(prob, float(fresh[0]))
 
 
 #: Where Silero hears a turn's first syllable late (on 8 kHz μ-law it gave 0.01-0.07 through the

@@ -156,25 +156,69 @@ def test_resets_fall_on_the_same_frames_however_the_audio_is_chunked(silero: Sil
         np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
 
 
+def noise(kind: str, db: float, rng: np.random.Generator, seconds: float = 60.0) -> np.ndarray:
+    """``seconds`` of white, pink or brown noise, or 5 ms click bursts, at ``db`` dBFS (for clicks,
+    the level of each burst)."""
+    n = int(seconds * 16000)
+    if kind == "clicks":
+        x = np.zeros(n)
+        for i in rng.integers(0, n - 80, int(200 * seconds / 60)):
+            x[i : i + 80] = rng.standard_normal(80)
+    else:
+        spectrum = np.fft.rfft(rng.standard_normal(n))
+        spectrum /= {"white": 1.0, "pink": np.sqrt(np.arange(len(spectrum)) + 1.0), "brown": np.arange(len(spectrum)) + 1.0}[kind]
+        x = np.fft.irfft(spectrum, n)
+    level = np.sqrt(np.mean(x[x != 0] ** 2))
+    return np.asarray(x / level * 10 ** (db / 20), np.float32)
+
+
 @pytest.mark.parametrize("kind", ["white", "pink", "brown", "clicks"])
 def test_loud_noise_opens_no_turn(silero: SileroVad, kind: str) -> None:
     """A fresh state is keener than a drifted one, so the reset must not let noise in: 60 s each
-    at -20 and -10 dBFS (for clicks, the level of each 5 ms burst) open no turn."""
+    at -20 and -10 dBFS open no turn; nor in a session, whose fresh listener
+    (``vad.FreshListener``) judges every frame the channel's state puts at 0.2 or more again."""
     rng = np.random.default_rng(1)
-    n = 60 * 16000
     for db in (-20, -10):
-        if kind == "clicks":
-            x = np.zeros(n)
-            for i in rng.integers(0, n - 80, 200):
-                x[i : i + 80] = rng.standard_normal(80)
-        else:
-            spectrum = np.fft.rfft(rng.standard_normal(n))
-            spectrum /= {"white": 1.0, "pink": np.sqrt(np.arange(len(spectrum)) + 1.0), "brown": np.arange(len(spectrum)) + 1.0}[kind]
-            x = np.fft.irfft(spectrum, n)
-        level = np.sqrt(np.mean(x[x != 0] ** 2))
-        audio = (x / level * 10 ** (db / 20)).astype(np.float32)
-        probs, _ = silero.probabilities(audio[: n // FRAME * FRAME].reshape(-1, FRAME), silero.new_state())
+        audio = noise(kind, db, rng)
+        probs, _ = silero.probabilities(audio[: len(audio) // FRAME * FRAME].reshape(-1, FRAME), silero.new_state())
         assert not [d for d in run(list(map(float, probs)), VadParams()) if isinstance(d, SpeechStart)], (kind, db)
+        assert not turn_starts(audio, SessionLimits(), chunk_s=1.0), (kind, db)
+
+
+def turn_starts(audio: np.ndarray, limits: SessionLimits, *, chunk_s: float) -> list[float]:
+    """Where a session's turns start (s) in 16 kHz ``audio`` sent in chunks of ``chunk_s``."""
+    session = Session("sess_starts", config=p.SessionConfig(interim_results=False), vad=SileroVad(), limits=limits)
+    session.start()
+    data = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    step = max(2, int(chunk_s * 16000) * 2)
+    decoder = BurstDecoder()
+    for i in range(0, len(data), step):
+        session.receive_bytes(data[i : i + step])
+        for ticket in session.decodes_to_submit():
+            session.receive_decode_result(ticket, decoder.decode_one(ticket.request))
+    return [e.audio_start_ms / 1000 for e in session.events_to_send() if isinstance(e, p.SpeechStarted)]
+
+
+def test_a_fresh_state_hears_a_short_word_that_the_channels_state_hears_faintly() -> None:
+    """The whole-corpus replay stream from 410 s: the end of JFK's speech, "three", then 0.83 s
+    later "four" (fsdd_4_theo_0, speech at 414.79-414.95 s). The channel's Silero state, after
+    the speech before, gives the "four" one frame at 0.53 and opens no turn: the word was lost in
+    every replay. A fresh state that heard the 0.26 s before it gives 0.8 and the turn opens; the
+    same whichever way the audio is chunked."""
+    from stream_server.bench.replay import ReplayOptions, replay_streams
+
+    [stream], _ = replay_streams(ReplayOptions(corpus=require_speech(), model_path="", duration_s=100000))
+    offset = 410.0
+    audio = stream.samples[int(offset * 16000) : 416 * 16000].astype(np.float32) / 32768
+    [four] = [u for u in stream.utterances if u.clip_id == "fsdd_4_theo_0"]
+
+    def near_four(starts: list[float]) -> list[float]:
+        return [t for t in starts if four.speech_start_s - 1.0 <= t + offset <= four.speech_end_s]
+
+    assert not near_four(turn_starts(audio, SessionLimits(fresh_listen_prob=0.0), chunk_s=0.02))
+    by_frame = turn_starts(audio, SessionLimits(), chunk_s=0.02)
+    assert len(near_four(by_frame)) == 1
+    assert turn_starts(audio, SessionLimits(), chunk_s=6.0) == by_frame
 
 
 def test_a_long_silence_sent_whole_is_run_through_the_model_about_once(silero: SileroVad, monkeypatch: pytest.MonkeyPatch) -> None:
