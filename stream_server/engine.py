@@ -53,6 +53,7 @@ def session_limits(settings: Settings) -> SessionLimits:
         narrowband_padding_ms=settings.narrowband_padding_ms,
         level_onset_reach_ms=settings.level_onset_reach_ms,
         fresh_listen_prob=settings.fresh_listen_prob,
+        level_end_reach_ms=settings.level_end_reach_ms,
         intake_step_ms=settings.intake_step_ms,
         crosstalk_margin_db=settings.crosstalk_margin_db,
     )

@@ -124,6 +124,11 @@ class SessionLimits:
     # (``vad.FreshListener``; 0: off). Silero's state after speech hears a short word that follows
     # faintly: two spoken digits of the corpus opened no turn in any replay.
     fresh_listen_prob: float = 0.2
+    # A turn's ending silence (``turn_detection.silence_duration_ms``) counts from where the
+    # level fell back to the channel's noise, up to this far before Silero's first frame under its
+    # off threshold (``vad.quiet_lead``; 0: from that frame). Silero's probability falls ~0.1 s
+    # after the level does. The pause timers of the commit policy keep Silero's timing.
+    level_end_reach_ms: int = 128
     # Words a pause decode held back because the hypothesis before read them otherwise (a turn
     # shorter than ``min_commit_window_ms``) are committed as it heard them once the pause has
     # lasted this long, instead of at the turn's end, which made them final as heard anyway, only

@@ -78,7 +78,18 @@ from stream_server.policy import (
 )
 from stream_server.state import SessionState, TicketState, UtteranceState, transition
 from stream_server.transcript import Transcript
-from stream_server.vad import FRAME, FreshListener, SpeechEnd, SpeechStart, TurnSegmenter, VadModel, VadParams, level_onset
+from stream_server.vad import (
+    FRAME,
+    FreshListener,
+    SpeechEnd,
+    SpeechStart,
+    TurnSegmenter,
+    VadModel,
+    VadParams,
+    level_onset,
+    noise_floor,
+    quiet_lead,
+)
 
 __all__ = ["MS", "CloseConnection", "DecodeTicket", "Output", "Session", "SessionLimits", "Utterance"]
 
@@ -199,6 +210,9 @@ class Channel:
         self.vad = vad
         self.vad_state = vad.new_state()
         self.listener = FreshListener(vad, trigger=fresh_listen_prob, preroll=FRESH_PREROLL_FRAMES)
+        # The level of the channel's noise before its current turn's onset (``vad.noise_floor``;
+        # None: not measured): the silence that ends the turn began where the level fell to it.
+        self.noise_floor: float | None = None
         self.vad_pos = 0  # next frame's first sample
         self.probs: list[float] = []  # per frame since probs_start
         self.levels: list[float] = []  # dBFS per frame since probs_start (``vad.level_onset``)
@@ -578,7 +592,8 @@ class Session:
         if n_frames > 0:
             frames = ch.buffer.slice(ch.vad_pos, ch.vad_pos + n_frames * FRAME).reshape(n_frames, FRAME)
             probs, ch.vad_state = ch.vad.probabilities(frames, ch.vad_state)
-            levels = frame_levels(frames) if self.limits.level_onset_reach_ms else np.zeros(0)
+            measured = self.limits.level_onset_reach_ms or self.limits.level_end_reach_ms
+            levels = frame_levels(frames) if measured else np.zeros(0)
             for k, value in enumerate(probs):
                 elsewhere = self._crosstalk.heard_from_elsewhere(ch.index, ch.vad_pos // FRAME)
                 if len(levels):  # another channel's echo is no level rise of this one's
@@ -612,11 +627,14 @@ class Session:
     def _on_frame(self, ch: Channel, prob: float, frame_start: int) -> list[Output]:
         if ch.segmenter is None:
             return []
-        decision = ch.segmenter.push(prob, frame_start)
+        decision = ch.segmenter.push(prob, frame_start, self._quiet_lead(ch, prob, frame_start))
         out = self._follow_pause(ch, ended_at=decision.sample if isinstance(decision, SpeechEnd) else None)
         if decision is None:
             out += self._settle_held(ch)
         if isinstance(decision, SpeechStart) and ch.utterance is None:
+            onset = (decision.onset - ch.probs_start) // FRAME
+            off = ch.segmenter.params.off_threshold
+            ch.noise_floor = noise_floor(ch.levels, ch.probs, onset, below=off) if 0 < onset <= len(ch.levels) else None
             return out + self._open_utterance(ch, self._turn_start(ch, decision), decision.onset)
         if isinstance(decision, SpeechEnd) and ch.utterance is not None:
             if self._at_pending_bound(ch):
@@ -627,6 +645,16 @@ class Session:
                 return out
             return out + self._end_utterance(ch, decision.sample, pause_end=frame_start + FRAME)
         return out
+
+    def _quiet_lead(self, ch: Channel, prob: float, frame_start: int) -> int:
+        """On the first frame of a pause in speech, how many frames before it the channel's level
+        had already fallen to its noise (``SessionLimits.level_end_reach_ms``): the silence that
+        ends the turn is counted from there."""
+        reach = self.limits.level_end_reach_ms * MS // FRAME
+        seg = ch.segmenter
+        if not reach or ch.noise_floor is None or seg is None or not seg.pause_begins(prob):
+            return 0
+        return quiet_lead(ch.levels, (frame_start - ch.probs_start) // FRAME, ch.noise_floor, reach)
 
     def _turn_start(self, ch: Channel, start: SpeechStart) -> int:
         """Where a new turn's audio starts: the VAD's onset minus the padding, or where the level

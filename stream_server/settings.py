@@ -113,6 +113,10 @@ class Settings:
         default=0.2,
         metadata={"help": "between turns, a frame the VAD puts at this probability or more is judged again by a fresh VAD state, which hears a short word after speech better (0 = off; README)"},
     )
+    level_end_reach_ms: int = dataclasses.field(
+        default=128,
+        metadata={"help": "a turn's ending silence counts from where the level fell to the noise, up to this far before the VAD heard the silence (0 = from the VAD's silence; README)"},
+    )
     intake_step_ms: int = dataclasses.field(
         default=0,
         metadata={"help": "process client audio in steps of at least this many ms (0 = as it arrives): less CPU per stream, up to a step more latency; 100 held 24 two-leg calls on 2 cores at a lower p95 (README)"},

@@ -186,6 +186,10 @@ class FreshListener:
 LEVEL_ONSET_RISE_DB = 15.0
 LEVEL_ONSET_MIN_DB = -55.0
 LEVEL_ONSET_GAP_FRAMES = 2
+#: Frames before a turn's onset whose levels give the channel's noise floor (4 s), and how many of
+#: them must be non-speech for a floor (0.5 s).
+NOISE_FLOOR_FRAMES = 125
+NOISE_FLOOR_MIN_FRAMES = 16
 
 
 def level_onset(levels: list[float], onset: int, reach: int) -> int:
@@ -198,7 +202,7 @@ def level_onset(levels: list[float], onset: int, reach: int) -> int:
     before = levels[max(0, onset - 4 * reach) : onset]
     if len(before) < 5 or reach <= 0:
         return onset
-    loud = max(float(np.percentile(before, 10)) + LEVEL_ONSET_RISE_DB, LEVEL_ONSET_MIN_DB)
+    loud = loud_level(float(np.percentile(before, 10)))
     earliest, gap = onset, 0
     for k in range(onset - 1, max(-1, onset - reach - 1), -1):
         if levels[k] >= loud:
@@ -208,6 +212,42 @@ def level_onset(levels: list[float], onset: int, reach: int) -> int:
             if gap > LEVEL_ONSET_GAP_FRAMES:
                 break
     return earliest
+
+
+def noise_floor(levels: list[float], probs: list[float], before: int, *, below: float) -> float | None:
+    """The channel's noise floor (dBFS) before frame ``before``: the 10th percentile of the levels
+    of the last ``NOISE_FLOOR_FRAMES`` frames whose speech probability (``probs``, aligned with
+    ``levels``) was under ``below``; None with fewer than ``NOISE_FLOOR_MIN_FRAMES`` of them (a
+    stream that starts with speech has no noise to measure yet, and its words are no floor: an
+    end rule measured on them took a comma's pause for a turn's end)."""
+    start = max(0, before - NOISE_FLOOR_FRAMES)
+    quiet = [level for level, prob in zip(levels[start:before], probs[start:before], strict=False) if prob < below]
+    return float(np.percentile(quiet, 10)) if len(quiet) >= NOISE_FLOOR_MIN_FRAMES else None
+
+
+def loud_level(floor: float) -> float:
+    """The level (dBFS) from which a frame is heard as sound over a noise floor of ``floor``."""
+    return max(floor + LEVEL_ONSET_RISE_DB, LEVEL_ONSET_MIN_DB)
+
+
+def quiet_lead(levels: list[float], first_silent: int, floor: float, most: int) -> int:
+    """How many frames before frame ``first_silent`` of ``levels`` were already quiet (under
+    :func:`loud_level` of ``floor``), counted back from it, at most ``most``; 0 when that frame
+    itself is not quiet.
+
+    Silero's probability falls ~0.1 s after a speaker's level does (its LSTM holds the word's
+    tail), so the silence that ends a turn began that much earlier than Silero's first silent
+    frame (``SessionLimits.level_end_reach_ms``).
+    """
+    quiet = loud_level(floor)
+    if not 0 <= first_silent < len(levels) or levels[first_silent] >= quiet:
+        return 0
+    lead = 0
+    for k in range(first_silent - 1, max(-1, first_silent - most - 1), -1):
+        if levels[k] >= quiet:
+            break
+        lead += 1
+    return lead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +292,7 @@ class TurnSegmenter:
         self._peaked = False  # one of those was above the threshold
         self._silence = 0  # consecutive silent frames while in speech
         self._last_speech_end = 0
+        self._lead = 0  # silent frames before the current pause's first one (``push``'s lead)
         self._floor = floor  # padding never reaches back before this sample (last utterance end)
 
     @property
@@ -272,7 +313,14 @@ class TurnSegmenter:
         self._silence = 0
         self._last_speech_end = sample
 
-    def push(self, prob: float, frame_start: int) -> SpeechStart | SpeechEnd | None:
+    def pause_begins(self, prob: float) -> bool:
+        """Whether a frame of probability ``prob`` would be the first frame of a pause in speech."""
+        return self.in_speech and not self._silence and prob < self.params.off_threshold
+
+    def push(self, prob: float, frame_start: int, lead: int = 0) -> SpeechStart | SpeechEnd | None:
+        """One frame's probability; ``lead``: on a pause's first frame (:meth:`pause_begins`),
+        how many frames of silence came before it (``vad.quiet_lead``): they count toward the
+        turn's ending silence, not toward the pause the commit policy sees."""
         p = self.params
         frame_end = frame_start + FRAME
         if not self.in_speech:
@@ -297,8 +345,10 @@ class TurnSegmenter:
             self._silence = 0
             self._last_speech_end = frame_end
             return None
+        if not self._silence:
+            self._lead = lead
         self._silence += 1
-        if self._silence * FRAME >= p.silence_duration_ms * 16:
+        if (self._silence + self._lead) * FRAME >= p.silence_duration_ms * 16:
             self.in_speech = False
             self._run = self._soft = 0
             self._peaked = False

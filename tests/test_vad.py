@@ -12,7 +12,7 @@ from stream_server.audio import encode_g711
 from stream_server.bench.calls import telephone_samples
 from stream_server.planner import SessionLimits
 from stream_server.session import Session
-from stream_server.vad import FRAME, SileroVad, SpeechEnd, SpeechStart, TurnSegmenter, VadParams, level_onset
+from stream_server.vad import FRAME, SileroVad, SpeechEnd, SpeechStart, TurnSegmenter, VadParams, level_onset, noise_floor, quiet_lead
 from tests.fakes import BurstDecoder
 from tests.support import load_clip, require_speech
 
@@ -69,6 +69,90 @@ def test_padding_never_reaches_into_the_previous_turn() -> None:
     starts = [d for d in decisions if isinstance(d, SpeechStart)]
     ends = [d for d in decisions if isinstance(d, SpeechEnd)]
     assert starts[1].sample >= ends[0].sample
+
+
+def test_the_silence_that_ends_a_turn_began_where_the_level_fell_to_the_noise() -> None:
+    """Counted back from Silero's first silent frame: the frames already at the noise (under the
+    floor + 15 dB), at most ``most``; none when that frame is loud, a loud frame ends the count."""
+    word, noise = -20.0, -64.0
+    levels = [word] * 10 + [noise] * 4  # Silero's first silent frame: 12 (its tail held 10 and 11)
+    assert quiet_lead(levels, 12, floor=-66.0, most=4) == 2
+    assert quiet_lead(levels, 13, floor=-66.0, most=4) == 3
+    assert quiet_lead(levels, 13, floor=-66.0, most=2) == 2
+    assert quiet_lead([word] * 10 + [noise, word, noise, noise], 13, floor=-66.0, most=4) == 1
+    assert quiet_lead(levels, 9, floor=-66.0, most=4) == 0, "the first silent frame is still loud"
+    fricative = [word] * 10 + [-48.0, -48.0, noise, noise]  # a soft "s" 18 dB over the noise
+    assert quiet_lead(fricative, 13, floor=-66.0, most=4) == 1
+    assert quiet_lead(fricative, 13, floor=-60.0, most=4) == 3, "over a louder floor it is noise"
+    assert quiet_lead(fricative, 13, floor=-120.0, most=4) == 1, "-55 dBFS is quiet over digital silence"
+
+
+
+def test_the_noise_floor_is_measured_on_frames_silero_heard_no_speech_in() -> None:
+    """A stream that starts with speech has no floor (its words would make one 40 dB too high,
+    and every comma's pause a turn's end); half a second of non-speech frames makes one."""
+    words, noise = [-24.0 + (k % 5) for k in range(20)], [-66.0 + (k % 3) for k in range(20)]
+    assert noise_floor(words, [0.9] * 20, 20, below=0.35) is None
+    assert noise_floor(noise[:15], [0.05] * 15, 15, below=0.35) is None, "15 frames are too few"
+    assert noise_floor(noise + words, [0.05] * 20 + [0.9] * 20, 40, below=0.35) == pytest.approx(-66.0)
+    assert noise_floor(words + noise, [0.9] * 20 + [0.05] * 20, 40, below=0.35) == pytest.approx(-66.0)
+
+
+def test_silence_before_silero_heard_it_ends_the_turn_sooner_and_moves_nothing_else() -> None:
+    params = VadParams(prefix_padding_ms=0, silence_duration_ms=320)  # 10 frames
+    probs = [0.0] * 5 + [0.9] * 20 + [0.0] * 30  # Silero's first silent frame: 25
+
+    def pushed(lead: int) -> tuple[list[tuple[int, SpeechStart | SpeechEnd]], list[tuple[int | None, int]]]:
+        seg = TurnSegmenter(params)
+        out, pauses = [], []
+        for i, prob in enumerate(probs):
+            decision = seg.push(prob, i * FRAME, lead if seg.pause_begins(prob) else 0)
+            if decision:
+                out.append((i, decision))
+            pauses.append((seg.pause_start, seg.silence_samples))
+        return out, pauses
+
+    plain, plain_pauses = pushed(0)
+    early, early_pauses = pushed(3)
+    assert plain == [(7, SpeechStart(5 * FRAME, 5 * FRAME)), (34, SpeechEnd(25 * FRAME))]
+    assert early == [(7, SpeechStart(5 * FRAME, 5 * FRAME)), (31, SpeechEnd(25 * FRAME))], "three frames sooner, same end"
+    assert early_pauses[:31] == plain_pauses[:31], "the pause the commit policy sees is Silero's"
+    # A speaker who goes on starts the count afresh: the next pause has its own lead.
+    seg = TurnSegmenter(params)
+    decisions = []
+    for i, prob in enumerate([0.9] * 5 + [0.0] * 5 + [0.9] * 5 + [0.0] * 10):
+        decision = seg.push(prob, i * FRAME, (3 if i == 5 else 0) if seg.pause_begins(prob) else 0)
+        if decision:
+            decisions.append((i, decision))
+    assert decisions[-1] == (24, SpeechEnd(15 * FRAME))
+
+
+def test_a_turn_ends_its_silence_after_the_level_fell_not_after_silero_did() -> None:
+    """A read sentence, then noise at -66 dBFS: ``speech_stopped`` comes sooner with the
+    silence counted from where the level fell (``SessionLimits.level_end_reach_ms``), at most
+    128 ms sooner, and reports the same end."""
+    clip = load_clip("arctic_slt_arctic_a0001").astype(np.float32)
+    rng = np.random.default_rng(3)
+    quiet = (rng.standard_normal(16000) * 10 ** (-66 / 20)).astype(np.float32)
+    audio = np.concatenate([quiet[:8000], clip / 32768 if np.abs(clip).max() > 2 else clip, quiet])
+    data = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+
+    def stopped(reach_ms: int) -> tuple[float, int]:
+        session = Session("sess_end", config=p.SessionConfig(interim_results=False), vad=SileroVad(), limits=SessionLimits(level_end_reach_ms=reach_ms))
+        session.start()
+        decoder = BurstDecoder()
+        for i in range(0, len(data), 640):  # 20 ms
+            session.receive_bytes(data[i : i + 640])
+            for ticket in session.decodes_to_submit():
+                session.receive_decode_result(ticket, decoder.decode_one(ticket.request))
+            ends = [e for e in session.events_to_send() if isinstance(e, p.SpeechStopped)]
+            if ends:
+                return (i + 640) / 32000, ends[0].audio_end_ms
+        raise AssertionError("the turn did not end")
+
+    (plain_at, plain_end), (early_at, early_end) = stopped(0), stopped(128)
+    assert early_end == plain_end
+    assert 0.03 <= plain_at - early_at <= 0.13, (plain_at, early_at)
 
 
 @pytest.fixture(scope="module")
