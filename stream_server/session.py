@@ -239,6 +239,16 @@ class Channel:
         self.carry_turn_end = 0
         self.carry_keep: int | None = None
 
+    def frame_index(self, sample: int) -> int:
+        """The index in ``probs`` and ``levels`` of the frame that starts at ``sample``."""
+        return (sample - self.probs_start) // FRAME
+
+    def measured_frame(self, sample: int) -> int | None:
+        """:meth:`frame_index` of ``sample`` when ``levels`` holds frames before it (None: the
+        channel measures no levels, or none before it are kept)."""
+        index = self.frame_index(sample)
+        return index if 0 < index <= len(self.levels) else None
+
 
 class Session:
     def __init__(
@@ -632,10 +642,10 @@ class Session:
         if decision is None:
             out += self._settle_held(ch)
         if isinstance(decision, SpeechStart) and ch.utterance is None:
-            onset = (decision.onset - ch.probs_start) // FRAME
+            onset = ch.measured_frame(decision.onset)
             off = ch.segmenter.params.off_threshold
-            ch.noise_floor = noise_floor(ch.levels, ch.probs, onset, below=off) if 0 < onset <= len(ch.levels) else None
-            return out + self._open_utterance(ch, self._turn_start(ch, decision), decision.onset)
+            ch.noise_floor = noise_floor(ch.levels, ch.probs, onset, below=off) if onset is not None else None
+            return out + self._open_utterance(ch, self._turn_start(ch, decision, onset), decision.onset)
         if isinstance(decision, SpeechEnd) and ch.utterance is not None:
             if self._at_pending_bound(ch):
                 # The decoder is that far behind this channel (audio sent faster than real time,
@@ -654,17 +664,14 @@ class Session:
         seg = ch.segmenter
         if not reach or ch.noise_floor is None or seg is None or not seg.pause_begins(prob):
             return 0
-        return quiet_lead(ch.levels, (frame_start - ch.probs_start) // FRAME, ch.noise_floor, reach)
+        return quiet_lead(ch.levels, ch.frame_index(frame_start), ch.noise_floor, reach)
 
-    def _turn_start(self, ch: Channel, start: SpeechStart) -> int:
+    def _turn_start(self, ch: Channel, start: SpeechStart, onset: int | None) -> int:
         """Where a new turn's audio starts: the VAD's onset minus the padding, or where the level
-        rose toward that onset when that is earlier (``SessionLimits.level_onset_reach_ms``),
-        never before the last turn's end."""
+        rose toward that onset (frame ``onset`` of ``ch.levels``) when that is earlier
+        (``SessionLimits.level_onset_reach_ms``), never before the last turn's end."""
         reach = self.limits.level_onset_reach_ms * MS // FRAME
-        if not reach or not ch.levels or ch.segmenter is None:
-            return start.sample
-        onset = (start.onset - ch.probs_start) // FRAME
-        if not 0 < onset <= len(ch.levels):
+        if not reach or onset is None or ch.segmenter is None:
             return start.sample
         rose = ch.probs_start + level_onset(ch.levels, onset, reach) * FRAME - LEVEL_ONSET_LEAD_MS * MS
         return max(min(start.sample, rose), ch.segmenter.floor, ch.buffer.start)
@@ -715,7 +722,7 @@ class Session:
             keep_from = min(keep_from, ch.carry_keep)  # a short turn may still continue from its words
         keep_from = min(keep_from, ch.vad_pos)
         ch.buffer.trim_before(keep_from)
-        drop = (keep_from - ch.probs_start) // FRAME
+        drop = ch.frame_index(keep_from)
         if drop > 0:
             del ch.probs[:drop]
             del ch.levels[:drop]
@@ -1139,8 +1146,8 @@ class Session:
         return out + self._open_utterance(ch, cut, cut)
 
     def _quietest_point(self, ch: Channel, lo: int, hi: int) -> int:
-        first = max(0, (lo - ch.probs_start) // FRAME)
-        last = max(first + 1, (hi - ch.probs_start) // FRAME)
+        first = max(0, ch.frame_index(lo))
+        last = max(first + 1, ch.frame_index(hi))
         window = ch.probs[first:last]
         if not window:
             return hi

@@ -167,9 +167,8 @@ class FreshListener:
             if prob < self.trigger:
                 return prob
             state = self._vad.new_state()
-            preroll = before()[-self._preroll :] if self._preroll else before()[:0]
-            if len(preroll):
-                _, state = self._vad.probabilities(preroll, state)
+            if self._preroll:
+                _, state = self._vad.probabilities(before()[-self._preroll :], state)
             self._state, self._age = state, 0
         fresh, self._state = self._vad.probabilities(frame[None, :], self._state)
         self._age += 1
