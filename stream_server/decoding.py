@@ -30,7 +30,9 @@ from typing import Any, Protocol, TypeAlias
 import numpy as np
 
 from stream_server.audio import MODEL_RATE
+from stream_server.crosstalk import frame_levels
 from stream_server.profiling import StageProfile, timed
+from stream_server.vad import FRAME, sound_bursts
 from stream_server.words import bare_word
 
 log = logging.getLogger(__name__)
@@ -472,6 +474,7 @@ class WhisperDecoder:
             # freer hand, simpler. ..." loses its restarts and leaves "simpler. simpler. simpler.".
             words = _drop_one_word_sentence_loop(words)
             words = _drop_unheard_sentence_start(words)
+            words = _drop_unheard_copies(words, request.audio[int(prefix_end * MODEL_RATE) :])
             logprobs = [t.logprob for w in words for t in w.tokens]
             avg = float(np.mean(logprobs)) if logprobs else 0.0
             no_speech = float(generated[i].no_speech_prob)
@@ -695,6 +698,31 @@ def _drop_hollow_repeat(words: list[Word], max_size: int = 8, ratio: float = 0.5
                 break
         else:
             return words
+
+
+def _drop_unheard_copies(words: list[Word], audio: np.ndarray) -> list[Word]:
+    """One word said over and over, cut to as many copies as ``audio`` (the window after its
+    forced prefix) holds bursts of sound.
+
+    Around a short word, tiny.en often writes it twice or three times: a 0.27 s "four" padded as
+    a turn is "four, four," (or "Four. Four."), and 11 of 30 spoken digits (FSDD, with 0.3 to 0.5 s
+    of padding) read so in at least one of two paddings, "9 9 9" among them; the aligner spreads
+    the copies over the padding, so ``_drop_hollow_repeat`` sees each with audio of its own. Each
+    of those windows holds one burst of sound. A speaker's repeat is two ("five five": two bursts
+    35 dB over the dip between them), and keeps both copies.
+
+    The copies kept are those the decoder was surest of: Whisper's no-speech rule weighs the
+    mean log probability of what is left, and a first copy at -1.5 before a second at -0.3 would
+    have turned a heard "Zero." into silence (24-stream replay).
+    """
+    if len(words) < 2 or len({bare_word(w.text) for w in words}) != 1:
+        return words
+    n = len(audio) // FRAME
+    bursts = sound_bursts(frame_levels(audio[: n * FRAME].reshape(n, FRAME)))
+    if not 0 < bursts < len(words):
+        return words
+    surest = sorted(range(len(words)), key=lambda k: -float(np.mean([t.logprob for t in words[k].tokens] or [0.0])))
+    return [words[k] for k in sorted(surest[:bursts])]
 
 
 def _drop_unheard_sentence_start(words: list[Word], max_span_s: float = 0.02) -> list[Word]:

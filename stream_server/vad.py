@@ -229,6 +229,38 @@ def loud_level(floor: float) -> float:
     return max(floor + LEVEL_ONSET_RISE_DB, LEVEL_ONSET_MIN_DB)
 
 
+#: A burst of sound (``sound_bursts``): frames at most this far under the loudest of the audio
+#: (and over its noise, ``loud_level``), for at least ``BURST_MIN_FRAMES`` (64 ms: a click or a
+#: breath is shorter than any word); quiet gaps of up to ``LEVEL_ONSET_GAP_FRAMES`` are inside it.
+BURST_BELOW_PEAK_DB = 25.0
+BURST_MIN_FRAMES = 2
+
+
+def sound_bursts(levels: np.ndarray) -> int:
+    """How many separate bursts of sound ``levels`` (dBFS per frame of some audio) holds: runs of
+    frames over the audio's noise (its 10th percentile, :func:`loud_level`) and within
+    ``BURST_BELOW_PEAK_DB`` of its loudest frame, split by more than ``LEVEL_ONSET_GAP_FRAMES``
+    quiet frames.
+
+    A word said twice is two bursts with a dip between (pocketsphinx "five five": 11 and 8 frames,
+    35 dB down between them); a single spoken digit is one. 0 where the audio is all sound (its
+    noise is its speech) or all quiet: nothing can be said of it then.
+    """
+    if len(levels) == 0:
+        return 0
+    loud = max(loud_level(float(np.percentile(levels, 10))), float(np.max(levels)) - BURST_BELOW_PEAK_DB)
+    bursts, run, gap = 0, 0, 0
+    for is_loud in levels >= loud:
+        if is_loud:
+            run, gap = run + 1, 0
+            continue
+        gap += 1
+        if gap > LEVEL_ONSET_GAP_FRAMES:
+            bursts += run >= BURST_MIN_FRAMES
+            run = 0
+    return bursts + (run >= BURST_MIN_FRAMES)
+
+
 def quiet_lead(levels: list[float], first_silent: int, floor: float, most: int) -> int:
     """How many frames before frame ``first_silent`` of ``levels`` were already quiet (under
     :func:`loud_level` of ``floor``), counted back from it, at most ``most``; 0 when that frame

@@ -17,6 +17,7 @@ from stream_server.decoding import (
     _drop_resegmented_restart,
     _drop_squeezed_echo,
     _drop_squeezed_tail,
+    _drop_unheard_copies,
     _drop_unheard_sentence_start,
     _words_from_alignment,
 )
@@ -238,3 +239,42 @@ def test_a_window_too_short_for_one_encoder_frame_gives_no_words_and_spares_its_
     [alone] = decoder.decode_batch([DecodeRequest(speech)])
     assert [r.words for r in results[:2]] == [(), ()]
     assert results[2].text == alone.text and alone.words
+
+
+def bursts_of_sound(seconds: list[tuple[float, float]], length: float, rng: np.random.Generator) -> np.ndarray:
+    """Noise at -66 dBFS with a 300 Hz tone at -20 dBFS over each (start, end) second span."""
+    audio = rng.normal(0, 10 ** (-66 / 20), int(length * 16000)).astype(np.float32)
+    for start, end in seconds:
+        t = np.arange(int(start * 16000), int(end * 16000))
+        audio[t] += (0.14 * np.sin(2 * np.pi * 300 * t / 16000)).astype(np.float32)
+    return audio
+
+
+def test_a_word_repeated_over_one_burst_of_sound_is_said_once() -> None:
+    rng = np.random.default_rng(3)
+    once = bursts_of_sound([(0.3, 0.57)], 1.1, rng)
+    twice = bursts_of_sound([(0.3, 0.7), (1.0, 1.3)], 1.8, rng)
+    doubled = [word(" four,", 0.0, 0.5), word(" four,", 0.5, 1.0)]
+    assert [w.text for w in _drop_unheard_copies(doubled, once)] == [" four,"]
+    tripled = [word(" 9"), word(" 9"), word(" 9")]
+    assert [w.text for w in _drop_unheard_copies(tripled, once)] == [" 9"]
+    assert _drop_unheard_copies(doubled, twice) == doubled, "a speaker's repeat has two bursts"
+    unsure_first = [Word(" Zero.", 0.0, 0.5, (Token(1, " Zero", -1.5), Token(2, ".", -1.2))), Word(" Zero.", 0.5, 1.0, (Token(1, " Zero", -0.3), Token(2, ".", -0.1)))]
+    assert _drop_unheard_copies(unsure_first, once) == unsure_first[1:], "the copy the decoder was surest of"
+    assert _drop_unheard_copies(tripled, twice) == tripled[:2]
+    other = [word(" four"), word(" five")]
+    assert _drop_unheard_copies(other, once) == other, "only one word said over and over"
+    assert _drop_unheard_copies(doubled, np.full(16000, 0.1, np.float32)) == doubled, "no noise to hear bursts over"
+
+
+def test_spoken_digits_read_once_and_a_spoken_repeat_twice(decoder: WhisperDecoder) -> None:
+    """Padded as the session pads a turn, tiny.en read these FSDD digits twice or three times
+    ("four, four,", "9 9 9", "One. One."); pocketsphinx "five five" is said twice."""
+    require_speech()
+    rng = np.random.default_rng(0)
+    pad = lambda s: rng.normal(0, 10 ** (-66 / 20), int(s * 16000)).astype(np.float32)  # noqa: E731
+    clips = ["fsdd_4_theo_0", "fsdd_2_theo_0", "fsdd_1_yweweler_0", "fsdd_9_jackson_0", "fsdd_0_lucas_0", "pocketsphinx_cards_004"]
+    requests = [DecodeRequest(np.concatenate([pad(0.3), load_clip(c), pad(0.5)]), language="en", final=True) for c in clips]
+    counts = dict(zip(clips, (len(r.words) for r in decoder.decode_batch(requests))))
+    assert counts.pop("pocketsphinx_cards_004") == 2
+    assert max(counts.values()) == 1 and sum(counts.values()) >= 4, counts

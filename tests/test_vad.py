@@ -12,7 +12,18 @@ from stream_server.audio import encode_g711
 from stream_server.bench.calls import telephone_samples
 from stream_server.planner import SessionLimits
 from stream_server.session import Session
-from stream_server.vad import FRAME, SileroVad, SpeechEnd, SpeechStart, TurnSegmenter, VadParams, level_onset, noise_floor, quiet_lead
+from stream_server.vad import (
+    FRAME,
+    SileroVad,
+    SpeechEnd,
+    SpeechStart,
+    TurnSegmenter,
+    VadParams,
+    level_onset,
+    noise_floor,
+    quiet_lead,
+    sound_bursts,
+)
 from tests.fakes import BurstDecoder
 from tests.support import load_clip, require_speech
 
@@ -366,3 +377,19 @@ def test_a_turn_silero_hears_late_starts_where_its_level_rose() -> None:
 
     assert first_turn_start(0) > word_start + 0.1  # the padding alone starts inside the word
     assert first_turn_start(1000) <= word_start
+
+
+def test_sound_bursts_counts_words_apart_not_syllables_clicks_or_noise() -> None:
+    """pocketsphinx "five five" by its levels: two bursts with a 35 dB dip between them."""
+    five_five = [-54, -53, -49, -49, -39, -40, -42, -34, -29, -17, -26, -10, -8, -9, -9, -10, -11, -13, -18, -31, -35, -36,
+                 -41, -45, -45, -44, -38, -37, -32, -21, -12, -10, -11, -13, -16, -19, -23, -34, -39, -38, -46, -45, -49, -51]
+    assert sound_bursts(np.array(five_five, float)) == 2
+    word, noise = -20.0, -66.0
+    one = np.array([noise] * 9 + [word] * 8 + [noise] * 12)
+    assert sound_bursts(one) == 1
+    assert sound_bursts(np.array([noise] * 9 + [word] * 3 + [noise] * 2 + [word] * 3 + [noise] * 12)) == 1, "a stop inside a word"
+    assert sound_bursts(np.array([noise] * 9 + [word] * 4 + [noise] * 3 + [word] * 4 + [noise] * 12)) == 2
+    assert sound_bursts(np.array([noise] * 9 + [word] * 8 + [noise] * 5 + [word] + [noise] * 9)) == 1, "a click is no word"
+    assert sound_bursts(np.array([noise] * 9 + [word] * 8 + [noise] * 5 + [word - 30] * 5 + [noise] * 9)) == 1, "a breath 30 dB down"
+    assert sound_bursts(np.full(20, word)) == 0, "all sound: its noise is its speech"
+    assert sound_bursts(np.zeros(0)) == 0
