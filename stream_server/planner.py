@@ -136,6 +136,13 @@ class SessionLimits:
     # corpus (lag 100) WER 7.93 -> 7.83%, last words final p95 0.57 -> 0.50 s; 8 calls the same
     # 7.67%, p95 0.57 -> 0.55 s (README, "Held words").
     held_commit_ms: int = 300
+    # ... and only when the decoder's mean token log probability over them is at least this: two
+    # readings disagreed there, so a middling one is not enough (tiny.en read JFK's "And so am I
+    # fellow Americans." at -0.53 where the decode before it and the turn's final heard "my fellow",
+    # -0.28 and -0.35). Less sure held words wait for the turn's end, which decodes them again and
+    # keeps the surer reading (as under ``recheck_logprob``). -0.45 against -0.6, 3 draws: 24
+    # streams 7.57 -> 7.30% WER; README, "Held words, unsure". -inf: committed however unsure.
+    held_sure_logprob: float = -0.45
     # In a session of several channels, a frame of one channel this many dB or more under
     # another channel's loudest frame of the last 320 ms is that channel's speech heard faintly
     # (line or acoustic echo, bleed) and its VAD hears silence there (``crosstalk.CrosstalkGate``;

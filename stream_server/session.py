@@ -180,6 +180,9 @@ class Utterance:
     # turn's dissent, ``policy._settled_at_pause``): they are committed as heard once that pause
     # lasts ``SessionLimits.held_commit_ms`` (None: nothing held).
     held_pause: int | None = None
+    # Its held words were too unsure to commit at that pause (``SessionLimits.held_sure_logprob``):
+    # the turn's end decodes them again, as a recheck, instead of making them final as heard.
+    held_unsure: bool = False
 
     def end_at(self, sample: int) -> None:
         """The turn ended at ``sample``: the audio is fixed, the last words are on their way."""
@@ -781,7 +784,7 @@ class Session:
             return out
         if pause_end is not None and heard_the_pause(utt.tail_window_end, turn_end, stable):
             tail = self._within_turn(utt, utt.tail)
-            if tail and mean_logprob(tail) < self.limits.recheck_logprob and may_recheck:
+            if tail and (mean_logprob(tail) < self.limits.recheck_logprob or utt.held_unsure) and may_recheck:
                 return out + self._submit_final(ch, utt, window_end, rival=tail)
             return out + self._resolve_without_decode(ch, utt, tail)
         if not decodable:
@@ -1003,6 +1006,7 @@ class Session:
                                  previous_window_end=utt.tail_window_end)
         held = ticket.pause_start is not None and words_starting_before(words, ticket.pause_start / MODEL_RATE) > n
         utt.held_pause = ticket.pause_start if held else None
+        utt.held_unsure = False
         out = self._commit_at(self._channels[ticket.channel], utt, words, n, at_pause=ticket.pause_start is not None)
         utt.tail_window_end = ticket.window_end
         return out
@@ -1026,8 +1030,8 @@ class Session:
     def _settle_held(self, ch: Channel) -> list[Output]:
         """Each VAD frame: words a pause decode held back on a dissent are committed as it heard
         them once the pause has lasted ``held_commit_ms`` (the turn's end would make them final
-        as heard anyway, only later); an unsure reading (``recheck_logprob``) waits for the
-        turn's end, which decodes it again."""
+        as heard anyway, only later); a reading under ``held_sure_logprob`` waits for the turn's
+        end, which decodes it again (``Utterance.held_unsure``) and keeps the surer reading."""
         utt, seg = ch.utterance, ch.segmenter
         if utt is None or utt.held_pause is None or seg is None:
             return []
@@ -1039,7 +1043,8 @@ class Session:
             return []
         pause, utt.held_pause = utt.held_pause, None
         n = words_starting_before(utt.tail, pause / MODEL_RATE)
-        if not n or mean_logprob(utt.tail[:n]) < self.limits.recheck_logprob:
+        if not n or mean_logprob(utt.tail[:n]) < self.limits.held_sure_logprob:
+            utt.held_unsure = bool(n)
             return []
         return self._commit_at(ch, utt, list(utt.tail), n, at_pause=True)
 
@@ -1058,7 +1063,7 @@ class Session:
                     return [retry]
                 words = rest
             words = self._within_turn(ticket.utterance, words)
-            if ticket.recheck is not None and words and mean_logprob(words) < self.limits.recheck_logprob:
+            if ticket.recheck is not None and words and (mean_logprob(words) < self.limits.recheck_logprob or ticket.utterance.held_unsure):
                 # A promoted hypothesis the decoder was unsure of: the turn's own final decides.
                 recheck = ticket.recheck
                 recheck.rival = words

@@ -1082,7 +1082,7 @@ def test_an_unsure_hypothesis_that_heard_the_pause_is_decoded_again_before_it_is
     before, and the turn's last hypothesis heard the pause. Either would be final as it is; it is
     unsure (mean token logprob -0.68 < ``recheck_logprob``), so the turn's own final decodes it
     again, and the surer reading is kept."""
-    off = unsure_turn(latency_chunks, UnsureOfTheFirstWordAtAPause(), recheck_logprob=float("-inf"))
+    off = unsure_turn(latency_chunks, UnsureOfTheFirstWordAtAPause(), recheck_logprob=float("-inf"), held_sure_logprob=float("-inf"))
     assert not any(r.final for batch in off.decoder.calls for r in batch), "final without a decode of its own"
     assert [s.text for s in off.of(p.TranscriptSegment)] == [spoken(0, 2, 3, 4, 5)]
     assert bool(off.promoted) == (latency_chunks == 30)
@@ -1115,7 +1115,23 @@ class PauseDissentDecoder(BurstDecoder):
         return dataclasses.replace(result, words=words)
 
 
-def held_words_driver(held_commit_ms: int) -> Driver:
+class UnsurePauseDissentDecoder(PauseDissentDecoder):
+    """As :class:`PauseDissentDecoder`, with every word of a pause decode at log probability -0.5:
+    surer than ``recheck_logprob`` (-0.6), less sure than ``held_sure_logprob`` (-0.45), as
+    tiny.en read JFK's "And so am I fellow Americans." (-0.53) where the decode before it and
+    the turn's final heard "my fellow" (-0.28, -0.35)."""
+
+    def decode_one(self, request: DecodeRequest) -> DecodeResult:
+        if request.final:  # a final (its request commits too) hears the turn as spoken
+            return BurstDecoder.decode_one(self, request)
+        result = super().decode_one(request)
+        if not request.commits:
+            return result
+        words = tuple(dataclasses.replace(w, tokens=tuple(dataclasses.replace(t, logprob=-0.5) for t in w.tokens)) for w in result.words)
+        return dataclasses.replace(result, words=words)
+
+
+def held_words_driver(held_commit_ms: int, decoder: BurstDecoder | None = None) -> Driver:
     """A short turn (under ``min_commit_window_ms``) whose pause decode dissents on its second word."""
     session = Session(
         "sess_held0001",
@@ -1124,8 +1140,22 @@ def held_words_driver(held_commit_ms: int) -> Driver:
         limits=SessionLimits(max_utterance_s=6.0, pause_decode_ms=100, held_commit_ms=held_commit_ms),
     )
     d = Driver(session=session, latency_chunks=2)
-    d.decoder = PauseDissentDecoder()
+    d.decoder = decoder or PauseDissentDecoder()
     return d
+
+
+def test_held_words_the_decoder_was_not_sure_of_are_decoded_again_at_the_turns_end() -> None:
+    """A dissent the pause decode read at -0.5: at 300 ms of pause nothing more is committed; the
+    turn's end decodes it again as a final and keeps the surer reading ("w2" at -0.1)."""
+    d = held_words_driver(300, UnsurePauseDissentDecoder())
+    d.feed(silence(0.3))
+    d.feed(speech([1, 2, 3, 4]))
+    seen = feed_pause(d, 0.9)
+    assert d.of(p.SpeechStopped), "the turn ended in the pause"
+    assert all("x2" not in text for _, text, _ in seen)
+    d.close()
+    assert [r.final for batch in d.decoder.calls for r in batch].count(True) == 1
+    assert d.of(p.TranscriptDone)[0].text == "w1 w2 w3 w4"
 
 
 @pytest.mark.parametrize("held_commit_ms", [0, 300])
