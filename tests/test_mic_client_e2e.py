@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 
 from mic_client.captions import format_clock
-from tests.support import REPO, SPEECH_DIR, ServerProcess, manifest, read_wav, require_speech, start_server, wer
+from tests.support import REPO, SPEECH_DIR, ServerProcess, manifest, normalize, read_wav, require_speech, start_server, wer
 
 pytestmark = pytest.mark.slow
 
@@ -223,7 +223,12 @@ CALL_LEGS = {
     "agent": [("arctic_slt_arctic_a0003", 0.5), ("arctic_slt_arctic_a0007", 7.6), ("ljspeech_LJ001-0002", 14.6)],
     "customer": [("arctic_aew_arctic_a0002", 3.2), ("arctic_aew_arctic_a0001", 10.4)],
 }
-LEG_WER_MARGIN = 0.05  # a word or two per leg: the mono and stereo runs decode different windows
+# A leg in the stereo call may read one word otherwise than alone, and 5% of a longer leg: the
+# mono and stereo runs decode different windows. As 0.05 alone this allowed no word on the
+# customer's 16 (one is 0.0625): on the host of 2026-12-05, late, the code that had passed read
+# "Philip Stills" in the call and "Philip Steels" alone, with two ctranslate2 and onnxruntime
+# versions alike.
+LEG_WER_MARGIN = 0.05
 SEGMENT_LINE = re.compile(r"^\[(\d\d):(\d\d\.\d)\] (agent|customer): (.+)$")
 
 
@@ -309,7 +314,8 @@ def test_stereo_call_shows_both_legs_with_speakers(server: ServerProcess, tmp_pa
         mono_wer = wer([references[speaker]], [alone.stdout])
         leg_wer = wer([references[speaker]], [" ".join(said[speaker])])
         print(f"{speaker}: WER {leg_wer:.3f} in the stereo call, {mono_wer:.3f} alone; {said[speaker]}")
-        assert leg_wer <= mono_wer + LEG_WER_MARGIN, (speaker, said[speaker], references[speaker])
+        one_word = 1 / len(normalize(references[speaker]).split())
+        assert leg_wer <= mono_wer + max(LEG_WER_MARGIN, one_word), (speaker, said[speaker], references[speaker])
         assert leg_wer < MAX_WER
 
     # SRT: cues name their speaker and are in time order.
