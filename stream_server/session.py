@@ -784,7 +784,7 @@ class Session:
             return out
         if pause_end is not None and heard_the_pause(utt.tail_window_end, turn_end, stable):
             tail = self._within_turn(utt, utt.tail)
-            if tail and (mean_logprob(tail) < self.limits.recheck_logprob or utt.held_unsure) and may_recheck:
+            if tail and self._unsure(utt, tail) and may_recheck:
                 return out + self._submit_final(ch, utt, window_end, rival=tail)
             return out + self._resolve_without_decode(ch, utt, tail)
         if not decodable:
@@ -1063,7 +1063,7 @@ class Session:
                     return [retry]
                 words = rest
             words = self._within_turn(ticket.utterance, words)
-            if ticket.recheck is not None and words and (mean_logprob(words) < self.limits.recheck_logprob or ticket.utterance.held_unsure):
+            if ticket.recheck is not None and words and self._unsure(ticket.utterance, words):
                 # A promoted hypothesis the decoder was unsure of: the turn's own final decides.
                 recheck = ticket.recheck
                 recheck.rival = words
@@ -1079,6 +1079,12 @@ class Session:
         else:
             ticket.resolve(ticket.rival)  # a failed recheck keeps the reading it was to check
         return self._apply_resolved_finals(ch) + self._schedule(ch)
+
+    def _unsure(self, utt: Utterance, words: list[Word]) -> bool:
+        """Whether ``utt``'s last words, read as ``words`` by a hypothesis that heard its pause,
+        are decoded again before they are final: the decoder was unsure of them
+        (``recheck_logprob``), or of the words it held back there (``held_sure_logprob``)."""
+        return mean_logprob(words) < self.limits.recheck_logprob or utt.held_unsure
 
     @staticmethod
     def _continuation_failed(ticket: DecodeTicket, words: list[Word]) -> bool:
