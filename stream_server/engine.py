@@ -107,12 +107,13 @@ class Engine:
 
     def refusal(self) -> str | None:
         """Why a new session is refused now (``server_busy``), or None: draining, at the session
-        limit, or overloaded (finals already wait past ``admission_max_final_wait_s``)."""
+        limit, or overloaded (the decodes that end turns already take longer than
+        ``admission_max_turn_end_s``)."""
         if self.draining:
             return "the server is shutting down"
         if self.active_sessions >= self.settings.max_sessions:
             return f"the server is at its limit of {self.settings.max_sessions} sessions"
-        if self.scheduler.overloaded(self.settings.admission_max_final_wait_s):
+        if self.scheduler.overloaded(self.settings.admission_max_turn_end_s):
             return "the server is at capacity (final transcripts are running late)"
         return None
 

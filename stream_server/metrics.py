@@ -36,6 +36,12 @@ class ServerMetrics:
         self.queue_wait = Histogram(
             "stream_decode_queue_wait_seconds", "Time a decode request waited for a worker", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.turn_end_decode = Histogram(
+            "stream_turn_end_decode_seconds",
+            "Request to result of the slowest turn-ending decode (final or pause decode) per batch: what admission control watches",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge("stream_decode_queue_depth", "Decode requests waiting", registry=r)
         self.batch_seconds = Histogram(
             "stream_decode_batch_seconds", "Model time per decode batch", buckets=_LATENCY_BUCKETS, registry=r

@@ -40,7 +40,7 @@ async def test_new_sessions_are_refused_while_finals_run_late() -> None:
 
     # One worker and one request per batch: the second final must wait in the queue (with batches,
     # or a second worker, it would go into a stalled decoder too, and nothing would be waiting).
-    settings = Settings(model="tiny.en", admission_max_final_wait_s=0.2, max_batch_size=1, decode_workers=1)
+    settings = Settings(model="tiny.en", admission_max_turn_end_s=0.2, max_batch_size=1, decode_workers=1)
     engine = Engine(settings, vad=EnergyVad(), decoder_factory=lambda path: StalledDecoder())
 
     class Job:

@@ -299,21 +299,65 @@ async def test_a_worker_survives_a_failure_outside_the_decode_and_health_says_so
     assert not scheduler.healthy()
 
 
-def test_final_wait_meter_enters_above_the_limit_leaves_below_half_and_forgets_when_idle() -> None:
-    from stream_server.scheduler import _FinalWait
+def test_turn_end_meter_enters_above_the_limit_leaves_below_three_quarters_and_forgets_when_idle() -> None:
+    from stream_server.scheduler import _TurnEndLatency
 
-    meter = _FinalWait()
+    meter = _TurnEndLatency()
     assert not meter.over(1.0, now=0.0, oldest_waiting=0.0)
     meter.observe(1.4, now=1.0)
     assert meter.over(1.0, now=1.0, oldest_waiting=0.0)
     meter.observe(0.7, now=2.0)  # average 1.26: still over
     assert meter.over(1.0, now=2.0, oldest_waiting=0.0)
-    for t in range(3, 12):
-        meter.observe(0.3, now=float(t))
-    assert not meter.over(1.0, now=11.0, oldest_waiting=0.0)  # below half: admitting again
-    assert meter.over(1.0, now=11.0, oldest_waiting=1.2)  # a final waiting now counts at once
+    for t in range(3, 8):
+        meter.observe(0.8, now=float(t))
+    assert 0.75 < meter.average < 1.0
+    assert meter.over(1.0, now=8.0, oldest_waiting=0.0)  # under the limit, not yet under three quarters
+    for t in range(8, 17):
+        meter.observe(0.5, now=float(t))
+    assert not meter.over(1.0, now=16.0, oldest_waiting=0.0)  # under three quarters: admitting again
+    assert not meter.over(1.0, now=16.0, oldest_waiting=0.9)  # and entering again only above the limit
+    assert meter.over(1.0, now=16.0, oldest_waiting=1.2)  # a turn's end waiting now counts at once
     meter.observe(5.0, now=20.0)
     assert not meter.over(1.0, now=40.0, oldest_waiting=0.0)  # nothing ran for 20 s: idle, not overloaded
+
+
+async def test_overloaded_while_a_pause_decode_waits_past_the_limit() -> None:
+    """A turn usually ends on its pause decode, served after finals: its wait counts too."""
+    decoder = GatedDecoder()
+    scheduler = DecodeScheduler(lambda name: decoder, max_batch_size=1)
+    try:
+        blocker = scheduler.submit(job("warm"))
+        await asyncio.sleep(0.05)
+        pause = Job(DecodeRequest(np.zeros(1600, np.float32), prompt="P", model="m", commits=True), False)
+        interim = scheduler.submit(job("i"))
+        waiting = scheduler.submit(pause)
+        await asyncio.sleep(0.3)
+        assert scheduler.overloaded(0.2)
+        decoder.gate.set()
+        await asyncio.gather(blocker, interim, waiting)
+    finally:
+        scheduler.stop()
+
+
+async def test_a_slow_turn_end_decode_counts_though_it_never_waited() -> None:
+    """Request to result, not wait: a turn-ending decode that took 0.3 s in the model is as late
+    for its speaker as one that waited 0.3 s; interim decodes do not count."""
+    decoder = GatedDecoder()
+    scheduler = DecodeScheduler(lambda name: decoder)
+    try:
+        interim = scheduler.submit(job("i"))
+        await asyncio.sleep(0.3)
+        decoder.gate.set()
+        await interim
+        assert not scheduler.overloaded(0.2)
+        decoder.gate.clear()
+        final = scheduler.submit(job("F", final=True))
+        await asyncio.sleep(0.3)
+        decoder.gate.set()
+        await final
+        assert scheduler.overloaded(0.2)
+    finally:
+        scheduler.stop()
 
 
 async def test_overloaded_while_a_final_waits_past_the_limit() -> None:

@@ -135,7 +135,7 @@ def test_soak_end_to_end(tmp_path: Path) -> None:
     # Admission control off: on a busy CI machine it may turn sessions away, and this test is about
     # the soak's measurements, not capacity (refusals are counted apart and unit-tested above).
     cmd = [sys.executable, "-m", "stream_server.bench", "--soak", "40s", "--clients", "2", "--soak-session-s", "12",
-           "--soak-sample-s", "5", "--server-arg=--admission-max-final-wait-s 0", "--out", str(out)]
+           "--soak-sample-s", "5", "--server-arg=--admission-max-turn-end-s 0", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())

@@ -175,3 +175,12 @@ async def run_clients(
     step = stagger_s / n if n else 0.0
     tasks = [run_client(s, cfg, start_delay_s=i * step) for i, s in enumerate(streams)]
     return list(await asyncio.gather(*tasks))
+
+
+def is_refusal(record: StreamRecord) -> bool:
+    """The server turned the session away (``server_busy``, close 1013) before it heard any speech:
+    capacity, not a lost final."""
+    events = [ev for _, ev in record.events()]
+    busy = any(ev.get("type") == "error" and (ev.get("error") or {}).get("code") == "server_busy" for ev in events)
+    heard = any(str(ev.get("type", "")).startswith(("input_audio_buffer.speech", "transcript.")) for ev in events)
+    return busy and not heard

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 
 from . import server_metrics
-from .client import ClientConfig, StreamRecord, run_clients
+from .client import ClientConfig, StreamRecord, is_refusal, run_clients
 from .corpus import Stream
 from .metrics import StreamEvaluation, evaluate_stream, run_figures
 from .server_proc import ResourceMonitor, ServerOptions, ServerProcess, measure_idle
@@ -102,10 +102,17 @@ def run_level(
     per_stream: list[dict[str, Any]] = []
     events_dir = out_dir / label
     events_dir.mkdir(parents=True, exist_ok=True)
+    refused = 0
     for stream, rec in zip(streams, records):
         events = rec.events()
         _write_events(events_path(events_dir, stream.index), events)
         ev = evaluate_stream(stream.index, events, stream.utterances, client_cfg.speed)
+        if is_refusal(rec):
+            # Admission control turned it away before it spoke: it is counted apart, and its
+            # utterances are not scored as lost (the level's figures are the admitted streams').
+            refused += 1
+            per_stream.append({**_stream_summary(stream, rec, ev), "refused": True})
+            continue
         evaluations.append(ev)
         if rec.error:
             ev.problems.append(f"client: {rec.error}")
@@ -123,7 +130,7 @@ def run_level(
     if frames:
         figures["client_frames_late_50ms_fraction"] = sum(r.frames_late for r in records) / frames
     figures["client_errors"] = sum(1 for r in records if r.error)
-    figures["streams_refused"] = sum(1 for r in records if r.close_code == 1013 or any('"server_busy"' in raw for _, raw in r.raw_events[:3]))
+    figures["streams_refused"] = refused
     figures["bench_client_cpu_cores"] = (my_cpu1 - my_cpu0) / max(1e-9, wall1 - wall0)
     if monitor is not None:
         figures.update(_resource_figures(monitor, records, audio_s, figures.get("idle_rss_mb"), n))

@@ -54,7 +54,7 @@ from typing import Any
 import psutil
 
 from . import server_metrics
-from .client import ClientConfig, StreamRecord, run_client
+from .client import ClientConfig, StreamRecord, is_refusal, run_client
 from .corpus import DEFAULT_PAUSE_FILL, DEFAULT_PAUSE_RANGE_S, SAMPLE_RATE, Stream, _assemble, eligible_clips, prepare_clips, select_pool
 from .metrics import ZERO_COUNTS, WerCounts, evaluate_stream, least_squares_slope, percentile
 from .report import write_json
@@ -222,15 +222,6 @@ class SoakState:
     dumped: Counter[str] = field(default_factory=Counter)
     refusals: list[float] = field(default_factory=list)  # when (s since the start) a session was refused
     server_problem: str | None = None
-
-
-def is_refusal(record: StreamRecord) -> bool:
-    """The server turned the session away (``server_busy``, close 1013) before it heard any speech:
-    capacity, not a lost final."""
-    events = [ev for _, ev in record.events()]
-    busy = any(ev.get("type") == "error" and (ev.get("error") or {}).get("code") == "server_busy" for ev in events)
-    heard = any(str(ev.get("type", "")).startswith(("input_audio_buffer.speech", "transcript.")) for ev in events)
-    return busy and not heard
 
 
 async def client_loop(client: int, plans: list[Stream], cfg: ClientConfig, state: SoakState, start_delay_s: float) -> None:
