@@ -139,6 +139,12 @@ class DecodeRequest:
     # A pause decode: its words are committed when the pause lasts, and it is usually the turn's
     # last decode, so the scheduler serves it with first interims, before re-decodes.
     commits: bool = False
+    # A whole file's decode (the HTTP API), which no one waits on live: served after live
+    # speakers' turn ends and first interims, in turn with their re-decodes, and not counted by
+    # admission control. As finals, a file's four decodes in flight went before every live pause
+    # decode: a 244 s file (4.6 s of decoding) held a live stream's first text up to 3.5 s, and
+    # admission control refused a live session meanwhile.
+    background: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,8 @@ batch of four interim decodes costs little more than one. Rules, in order:
   1.74-2.10 s before, 0.49-0.60 / 1.00-1.24 s after (README, Capacity).
 * Then other interim work by staleness: the utterance that has gone longest without a result goes
   first. (Arrival order let busy streams starve new ones: first text p50 was 5 s at 12 streams.)
+  A whole file's decodes (``DecodeRequest.background``, the HTTP API) take their turn among these,
+  by the time they were queued: no one is waiting on them live.
   ``DecodeRequest.key`` names the utterance; requests without one are their own utterance.
 * A batch is the first request in that order plus the queued requests the decoder can run in the
   same model pass (``Decoder.batch_key``: same window length and prompt shape), in the same order.
@@ -88,9 +90,10 @@ class _Entry:
 
     @property
     def ends_turn(self) -> bool:
-        """A final, or a pause decode (usually the last decode of its turn): what a speaker who
-        stopped waits for."""
-        return self.final or self.job.request.commits
+        """A live final, or a pause decode (usually the last decode of its turn): what a speaker
+        who stopped waits for."""
+        request = self.job.request
+        return (self.final or request.commits) and not request.background
 
 
 @dataclasses.dataclass
@@ -267,6 +270,8 @@ class DecodeScheduler:
     # ---------------------------------------------------------------- ordering
 
     def _priority(self, entry: _Entry) -> tuple[int, float]:
+        if entry.job.request.background:
+            return (2, entry.enqueued)
         if entry.final:
             return (0, entry.enqueued)
         utterance = self._utterances.get(entry.utterance)

@@ -964,6 +964,7 @@ class Session:
             final=state is TicketState.FINAL,
             key=(self.id, ch.index, utt.serial),
             commits=committing,
+            background=not self.limits.interim_decoding,  # a whole file
         )
         return DecodeTicket(request, ch.index, utt, state, plan.start, plan.end, pause_start, committed=len(utt.committed),
                             forced=plan.kept, carried=max(0, len(plan.kept) - len(utt.committed)))

@@ -190,8 +190,9 @@ class KeyedDecoder(GatedDecoder):
         return request.prompt[:1]
 
 
-def keyed_job(name: str, key: object, final: bool = False, commits: bool = False) -> Job:
-    request = DecodeRequest(np.zeros(1600, np.float32), prompt=name, model="m", final=final, key=key, commits=commits)
+def keyed_job(name: str, key: object, final: bool = False, commits: bool = False, background: bool = False) -> Job:
+    request = DecodeRequest(np.zeros(1600, np.float32), prompt=name, model="m", final=final, key=key, commits=commits,
+                            background=background)
     return Job(request, final)
 
 
@@ -237,6 +238,31 @@ async def test_a_pause_decode_goes_with_first_interims_before_re_decodes() -> No
         # The final; then the first interim and the pause decode in the order they asked; then
         # the re-decodes by staleness.
         assert decoder.batches[4:] == [["F"], ["new-1"], ["c-pause"], ["a-2"], ["b-2"]]
+    finally:
+        scheduler.stop()
+
+
+async def test_a_files_decodes_wait_for_live_speakers_and_take_turns_with_their_re_decodes() -> None:
+    """A whole file's finals (HTTP) no one waits on live: after live finals, pause decodes and
+    first interims, by queue time among re-decodes; and a late one does not close admission."""
+    decoder = GatedDecoder()
+    decoder.gate.set()
+    scheduler = DecodeScheduler(lambda name: decoder, max_batch_size=1)
+    try:
+        for name in ("a", "b"):
+            await scheduler.submit(keyed_job(f"{name}-1", name))
+        decoder.gate.clear()
+        blocker = scheduler.submit(keyed_job("warm", "warm", final=True))
+        await asyncio.sleep(0.05)
+        futures = [scheduler.submit(keyed_job("file", "f", final=True, background=True))]
+        await asyncio.sleep(0.3)
+        assert not scheduler.overloaded(0.2), "a file's final waiting is not a speaker waiting"
+        futures += [scheduler.submit(keyed_job("a-2", "a")), scheduler.submit(keyed_job("c-pause", "c", commits=True)),
+                    scheduler.submit(keyed_job("new-1", "new")), scheduler.submit(keyed_job("F", "other", final=True))]
+        decoder.gate.set()
+        await asyncio.gather(blocker, *futures)
+        # "a" was last served before the file's final was queued: its re-decode goes first.
+        assert decoder.batches[3:] == [["F"], ["c-pause"], ["new-1"], ["a-2"], ["file"]]
     finally:
         scheduler.stop()
 
