@@ -383,9 +383,11 @@ class DecodeScheduler:
                 for entry in batch:
                     self._run_alone(decoder, entry)
                 self._served(batch)
+                self._observe_turn_ends(batch, time.monotonic())
                 return
             log.exception("decode failed")
             batch[0].loop.call_soon_threadsafe(_fail, batch[0].future, exc)
+            self._observe_turn_ends(batch, time.monotonic())
             return
         self._served(batch)
         done = time.monotonic()
@@ -400,12 +402,15 @@ class DecodeScheduler:
             entry.loop.call_soon_threadsafe(_succeed, entry.future, result)
 
     def _observe_turn_ends(self, batch: list[_Entry], done: float) -> None:
-        """Feed the admission meter the slowest turn-ending decode of a batch that just ran."""
+        """Feed the admission meter the slowest turn-ending decode of a batch that just ran (or
+        failed: its speakers waited all the same)."""
         latencies = [done - e.enqueued for e in batch if e.ends_turn]
-        if latencies:
-            with self._cond:
-                self._load.observe(max(latencies), done)
-            self._metrics.turn_end_decode.observe(max(latencies))
+        if not latencies:
+            return
+        slowest = max(latencies)
+        with self._cond:
+            self._load.observe(slowest, done)
+        self._metrics.turn_end_decode.observe(slowest)
 
     def _run_alone(self, decoder: Decoder, entry: _Entry) -> None:
         try:

@@ -996,20 +996,6 @@ def file_session_prompts(latency_chunks: int, lag: int) -> tuple[list[str], str,
 FILE_TURNS = 6
 
 
-def test_a_files_decodes_are_background_work_and_a_live_sessions_are_not() -> None:
-    """The scheduler serves a whole file after live speakers (``DecodeRequest.background``)."""
-    file = Driver(Session("sess_file0002", config=p.SessionConfig(interim_results=False), vad=EnergyVad(),
-                          limits=SessionLimits(interim_decoding=False, final_context_lag=2)))
-    live = Driver()
-    for d in (file, live):
-        d.feed(np.concatenate([speech([1, 2, 3]), silence(0.8)]))
-        d.close()
-    file_requests = [r for call in file.decoder.calls for r in call]
-    live_requests = [r for call in live.decoder.calls for r in call]
-    assert file_requests and all(r.background for r in file_requests)
-    assert live_requests and not any(r.background for r in live_requests)
-
-
 def file_turn(turn: int) -> list[int]:
     return list(range(turn + 1, turn + 9))
 
@@ -1026,6 +1012,20 @@ def test_a_files_final_context_lag_makes_its_prompts_independent_of_decode_timin
     unlagged_fast, _, _ = file_session_prompts(latency_chunks=3, lag=0)
     unlagged_slow, _, _ = file_session_prompts(latency_chunks=400, lag=0)
     assert unlagged_fast != unlagged_slow
+
+
+def test_a_files_decodes_are_background_work_and_a_live_sessions_are_not() -> None:
+    """The scheduler serves a whole file after live speakers (``DecodeRequest.background``)."""
+    file = Driver(Session("sess_file0002", config=p.SessionConfig(interim_results=False), vad=EnergyVad(),
+                          limits=SessionLimits(interim_decoding=False, final_context_lag=2)))
+    live = Driver()
+    for d in (file, live):
+        d.feed(np.concatenate([speech([1, 2, 3]), silence(0.8)]))
+        d.close()
+    file_requests = [r for call in file.decoder.calls for r in call]
+    live_requests = [r for call in live.decoder.calls for r in call]
+    assert file_requests and all(r.background for r in file_requests)
+    assert live_requests and not any(r.background for r in live_requests)
 
 
 class MishearsTheStart(BurstDecoder):
