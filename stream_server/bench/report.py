@@ -230,7 +230,7 @@ def plots(out_dir: Path, runs: Sequence[LevelResult], sweep: bool) -> list[str]:
             if xs:
                 s = sorted(xs)
                 ys = [(i + 1) / len(s) for i in range(len(s))]
-                ax.step(s, ys, where="post", label=f"N={lv.n_streams}")
+                ax.step(s, ys, where="post", label=f"N={lv.n_streams}{_refused_note(lv.metrics)}")
     axes[0].set_title("Finalization latency (end of speech → final)")
     axes[1].set_title("First-text latency (speech onset → first text)")
     for ax in axes:
@@ -253,8 +253,13 @@ def plots(out_dir: Path, runs: Sequence[LevelResult], sweep: bool) -> list[str]:
             ("first_text_latency_s_p50", "first text p50"),
         ):
             ax.plot(ns, [lv.metrics.get(key, float("nan")) for lv in runs], marker="o", label=label)
+        for n, lv in zip(ns, runs):
+            if lv.metrics.get("streams_refused"):  # the level's figures are its admitted streams'
+                p95 = lv.metrics.get("finalization_latency_s_p95", float("nan"))
+                ax.annotate(_refused_note(lv.metrics).strip(" ()"), (n, p95), textcoords="offset points", xytext=(0, 8),
+                            ha="center", fontsize=7)
         ax.axhline(1.5, color="grey", ls=":", lw=1)
-        ax.set_xlabel("concurrent streams N")
+        ax.set_xlabel("streams started N (figures of the admitted ones)")
         ax.set_ylabel("latency (s)")
         ax2 = ax.twinx()
         ax2.plot(
@@ -276,3 +281,9 @@ def plots(out_dir: Path, runs: Sequence[LevelResult], sweep: bool) -> list[str]:
         plt.close(fig)
         written.append("capacity.png")
     return written
+
+
+def _refused_note(metrics: dict[str, float]) -> str:
+    """" (k refused)" for a level where admission control turned streams away, else ""."""
+    refused = int(metrics.get("streams_refused", 0))
+    return f" ({refused} refused)" if refused else ""
