@@ -43,6 +43,7 @@ def session_limits(settings: Settings) -> SessionLimits:
     the benchmark, with what the operator set (flags, environment)."""
     return SessionLimits(
         interim_step_ms=settings.interim_step_ms,
+        first_interim_ms=settings.first_interim_ms,
         interim_pace=settings.interim_pace,
         pause_decode_ms=settings.pause_decode_ms,
         stable_silence_ms=settings.stable_silence_ms,

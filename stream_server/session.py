@@ -978,7 +978,8 @@ class Session:
         # ``now`` is ch.vad_pos: decode only audio the VAD has already judged.
         due = interim_due(self.limits, now=ch.vad_pos, utterance_start=utt.start, last_window_end=utt.last_window_end,
                           silence_samples=seg.silence_samples if seg is not None else None, pause_decoded=ch.pause_decoded,
-                          round_trip=ch.round_trip if utt.committed or utt.tail else 0, last_round_trip=ch.round_trip)
+                          round_trip=ch.round_trip if utt.committed or utt.tail else 0, last_round_trip=ch.round_trip,
+                          onset=utt.onset)
         if due is None:
             return []
         if due.early:

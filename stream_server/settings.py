@@ -81,6 +81,10 @@ class Settings:
     interim_step_ms: int = dataclasses.field(
         default=300, metadata={"help": "new audio needed before an open utterance is decoded again"}
     )
+    first_interim_ms: int = dataclasses.field(
+        default=300,
+        metadata={"help": "speech the VAD must hear after a turn's onset before the turn's first interim decode (shorter windows mostly decode to nothing; README)"},
+    )
     interim_pace: float = dataclasses.field(
         default=3.0,
         metadata={"help": "under load, an utterance's next interim decode waits at least this many round trips of its last one (0 = no pacing)"},

@@ -33,6 +33,7 @@ def due(
     pause_decoded: int | None = None,
     round_trip_ms: int = 0,
     last_round_trip_ms: int = 0,
+    onset_ms: int | None = None,
     limits: SessionLimits = LIMITS,
 ) -> InterimDue | None:
     return interim_due(
@@ -44,6 +45,7 @@ def due(
         pause_decoded=pause_decoded,
         round_trip=round_trip_ms * MS,
         last_round_trip=last_round_trip_ms * MS,
+        onset=None if onset_ms is None else onset_ms * MS,
     )
 
 
@@ -54,6 +56,22 @@ def test_interim_decodes_wait_for_min_decode_and_each_step() -> None:
     assert due(1000, last_ms=800) is None  # only 200 ms of new audio
     assert due(1100, last_ms=800) is not None
     assert due(5000, limits=SessionLimits(interim_decoding=False)) is None
+
+
+def test_a_turns_first_interim_waits_for_speech_after_the_onset_but_its_pause_decode_does_not() -> None:
+    """The VAD opens a turn ~0.1 s after its onset, with 0.3 s of padding before: a decode of
+    those 0.4 s usually reads nothing and, under load, costs the turn a round trip."""
+    assert LIMITS.first_interim_ms == 300
+    assert due(599, onset_ms=300) is None  # 299 ms of speech
+    plan = due(600, onset_ms=300)
+    assert plan is not None and not plan.early
+    # Only the first: later interims step from the last window, whenever the onset was.
+    assert due(1100, last_ms=800, onset_ms=1000) is not None
+    # A pause in a short turn is decoded at once: it may be the turn's last decode.
+    plan = due(500, silence_ms=100, onset_ms=300)
+    assert plan is not None and plan.early
+    # 0: the first interim comes at min_decode_ms of audio, as before.
+    assert due(400, onset_ms=300, limits=SessionLimits(first_interim_ms=0)) is not None
 
 
 def test_interims_are_paced_by_the_last_round_trip_but_not_the_first_or_a_pause() -> None:

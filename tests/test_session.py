@@ -28,13 +28,13 @@ MECHANICS_COMMIT_WINDOW_MS = 1000
 class Driver:
     """Feeds audio in 20 ms frames; decodes complete ``latency_chunks`` frames after submission."""
 
-    def __init__(self, session: Session | None = None, latency_chunks: int = 5, **config) -> None:
+    def __init__(self, session: Session | None = None, latency_chunks: int = 5, first_interim_ms: int = SessionLimits.first_interim_ms, **config) -> None:
         self.decoder = BurstDecoder()
         self.session = session or Session(
             "sess_test0001",
             config=p.SessionConfig(**{"interim_results": True, **config}),
             vad=EnergyVad(),
-            limits=SessionLimits(max_utterance_s=6.0, min_commit_window_ms=MECHANICS_COMMIT_WINDOW_MS),
+            limits=SessionLimits(max_utterance_s=6.0, min_commit_window_ms=MECHANICS_COMMIT_WINDOW_MS, first_interim_ms=first_interim_ms),
             model_exists=lambda name: name in ("tiny.en", "base"),
         )
         self.latency = latency_chunks
@@ -511,8 +511,9 @@ def second_turn_requests(d: Driver, calls_before: int) -> list[DecodeRequest]:
 
 def test_a_short_turn_after_a_short_pause_continues_from_the_last_turns_words() -> None:
     """Its committing decodes (the pause's, the final) start at the previous turn's last words,
-    forced as the prefix; its interims stay short; no word is heard twice."""
-    d = Driver(prompt="Acme Corp")
+    forced as the prefix; its interims stay short; no word is heard twice. (A turn of one 0.25 s
+    word gets an interim only if its first one need not wait for more speech.)"""
+    d = Driver(prompt="Acme Corp", first_interim_ms=0)
     d.feed(np.concatenate([speech(list(range(1, 9))), silence(1.0)]))
     calls_before = len(d.decoder.calls)
     d.feed(np.concatenate([speech([9]), silence(1.0)]))
@@ -543,7 +544,7 @@ class SilentAfterCarryDecoder(BurstDecoder):
 def test_a_continuation_that_hears_nothing_of_the_turn_is_decoded_again_on_its_own() -> None:
     """The turn's own interims heard a word; a continuation decode that gives it none is not its
     last word (the turn came out empty): the turn's end is decoded without the carried words."""
-    d = Driver()
+    d = Driver(first_interim_ms=0)
     d.decoder = SilentAfterCarryDecoder()
     d.feed(np.concatenate([speech(list(range(1, 9))), silence(1.0)]))
     calls_before = len(d.decoder.calls)
@@ -556,7 +557,7 @@ def test_a_continuation_that_hears_nothing_of_the_turn_is_decoded_again_on_its_o
     assert d.of(p.TranscriptDone)[0].text.split() == spoken(*range(1, 10)).split()
     # A commit ends the short turn before its pause is decoded: its final is the continuation,
     # and is decoded again alone.
-    d = Driver()
+    d = Driver(first_interim_ms=0)
     d.decoder = SilentAfterCarryDecoder()
     d.feed(np.concatenate([speech(list(range(1, 9))), silence(1.0)]))
     calls_before = len(d.decoder.calls)
@@ -709,6 +710,23 @@ def test_a_turn_that_ends_while_a_pause_decode_is_held_keeps_its_words_and_the_c
     d.close()
     assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(1, 2, 3), spoken(4, 5)]
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5)
+
+
+def test_a_turns_first_interim_waits_for_speech_after_the_onset() -> None:
+    """Its window then holds ``first_interim_ms`` of speech past the onset besides the padding: a
+    window of the padding and the VAD's first frames of speech mostly decodes to nothing."""
+    first_windows = []
+    for first_interim_ms in (0, 300):
+        d = Driver(first_interim_ms=first_interim_ms)
+        d.feed(silence(1.0))
+        d.feed(np.concatenate([speech([1, 2, 3, 4]), silence(1.0)]))
+        d.close()
+        first = next(r for call in d.decoder.calls for r in call if not r.final and not r.commits)
+        first_windows.append(len(first.audio) / 16000)
+        assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4)
+    padding = p.SessionConfig().turn_detection.prefix_padding_ms / 1000
+    at_once, waited = first_windows
+    assert at_once < padding + 0.3 <= waited < padding + 0.3 + 0.1, first_windows
 
 
 def test_a_slow_decoder_gets_fewer_interim_requests_per_utterance() -> None:
