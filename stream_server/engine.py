@@ -45,6 +45,8 @@ def session_limits(settings: Settings) -> SessionLimits:
         interim_step_ms=settings.interim_step_ms,
         first_interim_ms=settings.first_interim_ms,
         interim_pace=settings.interim_pace,
+        interim_pace_loaded=settings.interim_pace_loaded,
+        loaded_round_trip_ms=settings.loaded_round_trip_ms,
         pause_decode_ms=settings.pause_decode_ms,
         stable_silence_ms=settings.stable_silence_ms,
         min_commit_window_ms=settings.min_commit_window_ms,

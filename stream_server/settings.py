@@ -89,6 +89,13 @@ class Settings:
         default=3.0,
         metadata={"help": "under load, an utterance's next interim decode waits at least this many round trips of its last one (0 = no pacing)"},
     )
+    interim_pace_loaded: float = dataclasses.field(
+        default=4.0,
+        metadata={"help": "the pace once an utterance's last interim round trip reaches --loaded-round-trip-ms (a server that far behind; at most --interim-pace: the same pace at every load; README)"},
+    )
+    loaded_round_trip_ms: int = dataclasses.field(
+        default=300, metadata={"help": "interim round trip (audio ms judged while it was out) from which --interim-pace-loaded applies"}
+    )
     pause_decode_ms: int = dataclasses.field(
         default=100,
         metadata={"help": "a pause this long in a turn is decoded at once (its words are committed once it lasts --stable-silence-ms); 200 (the default until 2026-12-04) makes last words final ~0.09 s later at the same accuracy over draws (README)"},

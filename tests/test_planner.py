@@ -79,8 +79,13 @@ def test_interims_are_paced_by_the_last_round_trip_but_not_the_first_or_a_pause(
     assert due(1100, last_ms=800, round_trip_ms=90) is not None
     # A loaded one: the next interim waits pace x round trip after the last window's end.
     assert LIMITS.interim_pace == 3.0
-    assert due(2299, last_ms=800, round_trip_ms=500) is None
-    assert due(2300, last_ms=800, round_trip_ms=500) is not None
+    assert due(1549, last_ms=800, round_trip_ms=250) is None
+    assert due(1550, last_ms=800, round_trip_ms=250) is not None
+    # From loaded_round_trip_ms on, the loaded pace (4).
+    assert (LIMITS.interim_pace_loaded, LIMITS.loaded_round_trip_ms) == (4.0, 300)
+    assert due(2799, last_ms=800, round_trip_ms=500) is None
+    assert due(2800, last_ms=800, round_trip_ms=500) is not None
+    assert due(2300, last_ms=800, round_trip_ms=500, limits=SessionLimits(interim_pace_loaded=0)) is not None
     # The turn's first interim (nothing decoded since its start) is never paced: people see text soon.
     assert due(300, round_trip_ms=900) is not None
     # Nor is a pause's early decode: it may be the utterance's final one.
