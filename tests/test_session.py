@@ -759,10 +759,11 @@ def test_a_turn_without_text_yet_is_not_paced() -> None:
 
     d = Driver(latency_chunks=20)  # a 0.4 s round trip: paced, the next interim would wait 1.6 s (loaded pace 4)
     d.decoder = SilentAtFirst()
-    d.feed(np.concatenate([speech(list(range(1, 12))), silence(1.0)]))
+    # 14 words (5.1 s): long enough for two paced steps before the pause decode at its end.
+    d.feed(np.concatenate([speech(list(range(1, 15))), silence(1.0)]))
     ends = [len(r.audio) / 16000 for call in d.decoder.calls for r in call if not r.final]
     assert all(b - a <= 0.45 for a, b in itertools.pairwise(ends[:4])), ends  # unpaced while empty
-    assert ends[4] - ends[3] >= 1.0, ends  # paced once there is text (the next one is the pause decode)
+    assert all(b - a >= 1.0 for a, b in itertools.pairwise(ends[3:6])), ends  # paced once there is text
 
 
 class HearsTheSecondWordLate(BurstDecoder):
