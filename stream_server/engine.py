@@ -55,6 +55,7 @@ def session_limits(settings: Settings) -> SessionLimits:
         carry_gap_ms=settings.carry_gap_ms,
         narrowband_padding_ms=settings.narrowband_padding_ms,
         level_onset_reach_ms=settings.level_onset_reach_ms,
+        padding_from_level_ms=settings.padding_from_level_ms,
         fresh_listen_prob=settings.fresh_listen_prob,
         level_end_reach_ms=settings.level_end_reach_ms,
         intake_step_ms=settings.intake_step_ms,

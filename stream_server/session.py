@@ -670,14 +670,20 @@ class Session:
         return quiet_lead(ch.levels, ch.frame_index(frame_start), ch.noise_floor, reach)
 
     def _turn_start(self, ch: Channel, start: SpeechStart, onset: int | None) -> int:
-        """Where a new turn's audio starts: the VAD's onset minus the padding, or where the level
+        """Where a new turn's audio starts: the VAD's onset minus the padding; where the level
         rose toward that onset (frame ``onset`` of ``ch.levels``) when that is earlier
-        (``SessionLimits.level_onset_reach_ms``), never before the last turn's end."""
+        (``SessionLimits.level_onset_reach_ms``: the VAD heard the first syllable late); just
+        before the sound when it began after the padding did (``padding_from_level_ms``: the
+        padding held only noise); never before the last turn's end."""
         reach = self.limits.level_onset_reach_ms * MS // FRAME
         if not reach or onset is None or ch.segmenter is None:
             return start.sample
-        rose = ch.probs_start + level_onset(ch.levels, onset, reach) * FRAME - LEVEL_ONSET_LEAD_MS * MS
-        return max(min(start.sample, rose), ch.segmenter.floor, ch.buffer.start)
+        rise = level_onset(ch.levels, onset, reach)
+        begin = min(start.sample, ch.probs_start + rise * FRAME - LEVEL_ONSET_LEAD_MS * MS)
+        keep = self.limits.padding_from_level_ms
+        if keep and rise < onset:
+            begin = max(begin, ch.probs_start + rise * FRAME - keep * MS)
+        return max(begin, ch.segmenter.floor, ch.buffer.start)
 
     def _pause_outcome(self, ch: Channel, ticket: DecodeTicket, *, ended_at: int | None = None) -> bool | None:
         """Whether the pause ``ticket`` decoded lasted ``stable_silence_ms`` (or the turn ended

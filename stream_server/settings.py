@@ -124,6 +124,10 @@ class Settings:
         default=1000,
         metadata={"help": "a turn's audio starts where its level rose, up to this far before the VAD's onset, when the VAD heard the first syllable late (0 = the padding only; README)"},
     )
+    padding_from_level_ms: int = dataclasses.field(
+        default=100,
+        metadata={"help": "when a turn's sound began after its padding did (the padding held only noise), its audio starts this long before the sound instead: noise before a short word made the model misread it (0 = the padding as asked; README)"},
+    )
     fresh_listen_prob: float = dataclasses.field(
         default=0.2,
         metadata={"help": "between turns, a frame the VAD puts at this probability or more is judged again by a fresh VAD state, which hears a short word after speech better (0 = off; README)"},

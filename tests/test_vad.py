@@ -379,6 +379,21 @@ def test_a_turn_silero_hears_late_starts_where_its_level_rose() -> None:
     assert first_turn_start(1000) <= word_start
 
 
+def test_a_turn_after_noise_starts_just_before_its_sound_not_a_padding_earlier() -> None:
+    """FSDD's "eight" (george) after 2 s of white noise at -66 dBFS: tiny.en read the turn's
+    window, which began with the 300 ms padding of noise, as "A.", and from 0.07 s before the
+    word as "eight." (README, "Where the sound began"). The turn now starts 100 ms before the
+    sound (``SessionLimits.padding_from_level_ms``); 0 keeps the padding as asked."""
+    require_speech()
+    rng = np.random.default_rng(1)
+    clip = load_clip("fsdd_8_george_0")  # its sound starts in its first 32 ms frame (-43 dBFS)
+    audio = np.concatenate([noise("white", -66, rng, 2.0), clip + noise("white", -66, rng, 1.0)[: len(clip)], noise("white", -66, rng, 1.0)])
+    [trimmed] = turn_starts(audio, SessionLimits(), chunk_s=0.1)
+    [padded] = turn_starts(audio, SessionLimits(padding_from_level_ms=0), chunk_s=0.1)
+    assert 2.0 - 0.1 - 0.05 <= trimmed <= 2.0 - 0.05, trimmed
+    assert padded <= 2.0 - 0.25, padded
+
+
 def test_sound_bursts_counts_words_apart_not_syllables_clicks_or_noise() -> None:
     """pocketsphinx "five five" by its levels: two bursts with a 35 dB dip between them."""
     five_five = [-54, -53, -49, -49, -39, -40, -42, -34, -29, -17, -26, -10, -8, -9, -9, -10, -11, -13, -18, -31, -35, -36,
