@@ -138,9 +138,10 @@ class SessionLimits:
     # channel's noise), a turn's audio starts this long before the sound instead of at the onset
     # minus the padding (``Session._turn_start``; 0: the padding as asked). tiny.en reads 0.3 s of
     # noise before a short word as part of it: FSDD's "eight" read "A." after 0.3 s of -66 dBFS
-    # noise and "eight." from 0.07 s before the word. 0 -> 100 (draws): whole corpus (lag 100)
-    # 7.83 -> 7.14% WER, 8 calls 7.54 -> 7.38%, 24 streams 7.40 -> 7.52%; 200 and 50 read the
-    # corpus worse than 100 (README, "Where the sound began").
+    # noise and "eight." from 0.07 s before the word. Only once the channel's noise was heard
+    # (``Channel.noise_floor``). 0 -> 100 (draws): whole corpus (lag 100) 7.83 -> 7.14% WER
+    # (with digital silence between clips 8.23 -> 7.34%), 8 calls 7.54 -> 7.38%, 24 streams
+    # 7.40 -> 7.48%; 200 and 50 read the corpus worse (README, "Where the sound began").
     padding_from_level_ms: int = 100
     # Between turns, a frame the channel's Silero state puts at this probability or more makes a
     # fresh Silero state listen too, and the higher of the two decides whether a turn starts

@@ -674,14 +674,15 @@ class Session:
         rose toward that onset (frame ``onset`` of ``ch.levels``) when that is earlier
         (``SessionLimits.level_onset_reach_ms``: the VAD heard the first syllable late); just
         before the sound when it began after the padding did (``padding_from_level_ms``: the
-        padding held only noise); never before the last turn's end."""
+        padding held only noise), once the channel's noise has been heard (``Channel.noise_floor``:
+        a stream that opens with a word keeps its padding); never before the last turn's end."""
         reach = self.limits.level_onset_reach_ms * MS // FRAME
         if not reach or onset is None or ch.segmenter is None:
             return start.sample
         rise = level_onset(ch.levels, onset, reach)
         begin = min(start.sample, ch.probs_start + rise * FRAME - LEVEL_ONSET_LEAD_MS * MS)
         keep = self.limits.padding_from_level_ms
-        if keep and rise < onset:
+        if keep and rise < onset and ch.noise_floor is not None:
             begin = max(begin, ch.probs_start + rise * FRAME - keep * MS)
         return max(begin, ch.segmenter.floor, ch.buffer.start)
 

@@ -392,6 +392,10 @@ def test_a_turn_after_noise_starts_just_before_its_sound_not_a_padding_earlier()
     [padded] = turn_starts(audio, SessionLimits(padding_from_level_ms=0), chunk_s=0.1)
     assert 2.0 - 0.1 - 0.05 <= trimmed <= 2.0 - 0.05, trimmed
     assert padded <= 2.0 - 0.25, padded
+    # A stream that opens with the word (0.2 s of noise first) has no noise floor yet (0.5 s of
+    # non-speech frames): its padding stands, here to the stream's start.
+    opening = np.concatenate([noise("white", -66, rng, 0.2), clip, noise("white", -66, rng, 1.0)])
+    assert turn_starts(opening, SessionLimits(), chunk_s=0.1) == [0.0]
 
 
 def test_sound_bursts_counts_words_apart_not_syllables_clicks_or_noise() -> None:
