@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", help="ask the server for this model (e.g. tiny.en, base)")
     parser.add_argument(
+        "--prompt",
+        help='names and vocabulary the speech uses ("Sweynheim, Pannartz, Subiaco."): the decoder '
+        "gets them with every decode (at most 1000 characters)",
+    )
+    parser.add_argument(
         "--device",
         help="input device: index or part of its name from --list-devices (default: the "
         "system's default input)",
@@ -345,6 +350,7 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO, interrupts: I
             language=args.language,
             model=args.model,
             channel_labels=labels,
+            prompt=args.prompt,
             on_event=display.on_event,
             on_error=display.on_error,
             on_open=lambda: status(announce),

@@ -78,6 +78,7 @@ def session_config(
     interim_results: bool = True,
     channels: int = 1,
     channel_labels: list[str] | None = None,
+    prompt: str | None = None,
 ) -> dict[str, Any]:
     """The ``session`` object of the first ``session.update``.
 
@@ -96,6 +97,8 @@ def session_config(
         config["channels"] = channels  # frames are interleaved: each channel is its own speaker
     if channel_labels:
         config["channel_labels"] = list(channel_labels)
+    if prompt:
+        config["prompt"] = prompt  # names and vocabulary the decoder should know
     return config
 
 
@@ -132,6 +135,7 @@ class StreamClient:
         language: str | None = None,
         model: str | None = None,
         channel_labels: list[str] | None = None,
+        prompt: str | None = None,
         on_event: EventCallback | None = None,
         on_error: Callable[[dict[str, Any]], None] | None = None,
         on_open: Callable[[], None] | None = None,
@@ -143,6 +147,7 @@ class StreamClient:
         self.language = language
         self.model = model
         self.channel_labels = channel_labels
+        self.prompt = prompt
         self.on_event = on_event
         self.on_error = on_error
         self.on_open = on_open
@@ -251,6 +256,7 @@ class StreamClient:
             model=self.model,
             channels=self.source.channels,
             channel_labels=self.channel_labels,
+            prompt=self.prompt,
         )
         bytes_per_second = self.source.sample_rate * 2 * self.source.channels
         try:

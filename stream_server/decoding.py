@@ -44,7 +44,15 @@ StorageView: TypeAlias = Any  # ctranslate2.StorageView (encoder output)
 
 FRAMES_PER_SECOND = 100  # mel frames
 MAX_WINDOW_S = 30
-MAX_PROMPT_TOKENS = 223
+# The client's own prompt (``DecodeRequest.hint``: vocabulary, names, style) goes before the
+# earlier text in every decode of a long enough window (``SessionLimits.min_context_window_ms``),
+# cut to its last this many tokens (~70 words). Before it had a field
+# of its own it was part of the earlier text and cut with it: a prompt under 16 tokens never
+# reached the decoder, a longer one fell off once a sentence or two had been said. Given, tiny.en
+# read LJ Speech's "Sweynheim and Pannartz ... Subiaco" (prompt "Sweynheim, Pannartz, Subiaco.")
+# and "Schoeffer", which it reads "Swainheim and Panerts ... Subiakul" and "chauffeur" without.
+# Each token costs every decode ~0.3 ms of one pass over the prompt (README, "Prompts").
+MAX_HINT_TOKENS = 96
 # Earlier text is cut to this many tokens. CTranslate2 needs <|startoftranscript|> at the same
 # position in every prompt of a batch, so one fixed context length lets sessions with any history
 # share a batch; 48 tokens (~35 words) carry the topic and spelling the decoder benefits from.
@@ -123,12 +131,14 @@ class DecodeRequest:
 
     ``prefix`` are token ids already committed inside this window: the decoder is forced to
     continue from them, so committed text can never be contradicted. ``prompt`` is earlier text
-    (the client's prompt plus previous utterances) given as context only.
+    (previous utterances) given as context only; ``hint`` is the client's own prompt (vocabulary,
+    names, style), given before it in every decode.
     """
 
     audio: np.ndarray
     prefix: tuple[int, ...] = ()
     prompt: str = ""
+    hint: str = ""
     language: str | None = None
     # Without ``language``: what to decode in when the detector is unsure of this window (below
     # LANGUAGE_SETTLE_PROBABILITY), e.g. the language the channel's last utterance settled on.
@@ -283,11 +293,22 @@ class WhisperDecoder:
         return languages, probabilities
 
     def _context(self, request: DecodeRequest) -> list[int]:
-        if not request.prompt.strip():
+        """The tokens before <|startoftranscript|>: the client's hint, whole (up to
+        MAX_HINT_TOKENS), then the end of the earlier text, so that hint and text together come
+        to a multiple of CONTEXT_STEP, at most CONTEXT_TOKENS where the hint is shorter (a hint
+        longer than that goes alone, or with what rounds it up)."""
+        hint = self._text_tokens(request.hint)[-MAX_HINT_TOKENS:]
+        history = self._text_tokens(request.prompt)
+        room = max(0, CONTEXT_TOKENS - len(hint)) if len(hint) < CONTEXT_TOKENS else (-len(hint)) % CONTEXT_STEP
+        total = len(hint) + min(room, len(history))
+        keep = max(0, total - total % CONTEXT_STEP - len(hint))
+        return hint + history[len(history) - keep :] if keep else hint
+
+    def _text_tokens(self, text: str) -> list[int]:
+        if not text.strip():
             return []
-        ids: list[int] = self._tokenizer("en").encode(" " + request.prompt.strip())
-        keep = min(CONTEXT_TOKENS, len(ids) - len(ids) % CONTEXT_STEP)
-        return ids[len(ids) - keep :] if keep else []
+        ids: list[int] = self._tokenizer("en").encode(" " + text.strip())
+        return ids
 
     def batch_key(self, request: DecodeRequest) -> tuple[int, int]:
         """Requests with equal keys run in one encode/generate/align pass (the scheduler fills

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 
@@ -40,8 +41,12 @@ class SessionRunner:
         emit: Callable[[p.ServerEvent], None],
         on_close: Callable[[CloseConnection], None] = lambda close: None,
         metrics: ServerMetrics | None = None,
+        elapsed_s: Callable[[], float] | None = None,
     ) -> None:
         self.session = session
+        # Wall seconds since the client connected (a live transport's clock; None: no clock, every
+        # decode is live). A client this far behind its own audio sent a recording at full speed.
+        self._elapsed_s = elapsed_s
         self._scheduler = scheduler
         self._emit = emit
         self._on_close = on_close
@@ -137,7 +142,19 @@ class SessionRunner:
             self._on_close(close)
             self.closed.set()
 
+    def _mark_recording(self, ticket: DecodeTicket) -> None:
+        """A decode of a client ahead of real time (``mic-client --speed 0``, any recording sent
+        at once) is background work, as a file's through the HTTP API: served after live
+        speakers' turn ends and first interims, and not counted by admission control. Counted,
+        one such file's finals (up to ``max_pending_finals`` queued at once, windows up to 15 s)
+        made an idle server refuse the next session with ``server_busy`` for seconds."""
+        if self._elapsed_s is None or ticket.request.background:
+            return
+        if self.ahead_of_real_time(self._elapsed_s()):
+            ticket.request = dataclasses.replace(ticket.request, background=True)
+
     async def _decode(self, ticket: DecodeTicket) -> None:
+        self._mark_recording(ticket)
         try:
             result = await self._scheduler.submit(ticket)
         except asyncio.CancelledError:

@@ -839,7 +839,7 @@ class Session:
             plan = plan_decode(self.limits, committed=utt.committed, utterance_start=utt.start, start=waiting.window_start,
                                end=waiting.window_end, client_prompt=self.config.prompt,
                                transcript=self._context_of(ch, len(ch.turn_ends) + position))
-            waiting.request = dataclasses.replace(waiting.request, prompt=plan.prompt)
+            waiting.request = dataclasses.replace(waiting.request, prompt=plan.prompt, hint=plan.hint)
             waiting.waiting_for_context = False
             out.append(waiting)
         return out
@@ -965,6 +965,7 @@ class Session:
             audio=ch.buffer.slice(plan.start, plan.end),
             prefix=plan.prefix,
             prompt=plan.prompt,
+            hint=plan.hint,
             language=self.config.language or utt.language,
             language_hint=ch.language,
             model=self.config.model,
@@ -1109,7 +1110,7 @@ class Session:
         plan = plan_decode(self.limits, committed=utt.committed, utterance_start=utt.start, start=utt.start, end=ticket.window_end,
                            client_prompt=self.config.prompt, transcript=ch.transcript.text)
         audio = ticket.request.audio[plan.start - ticket.window_start :]
-        request = dataclasses.replace(ticket.request, audio=audio, prefix=plan.prefix, prompt=plan.prompt)
+        request = dataclasses.replace(ticket.request, audio=audio, prefix=plan.prefix, prompt=plan.prompt, hint=plan.hint)
         return dataclasses.replace(ticket, request=request, window_start=plan.start, forced=plan.kept, carried=0)
 
     @staticmethod

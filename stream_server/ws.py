@@ -84,6 +84,7 @@ def handshake_of(ws: WebSocket, engine: Engine) -> Handshake:
         default_model=engine.settings.model,
         model_exists=engine.registry.exists,
         settings=engine.settings,
+        query_lists={name: tuple(ws.query_params.getlist(name)) for name in ws.query_params},
     )
 
 
@@ -348,7 +349,12 @@ class Connection:
         config = p.SessionConfig(model=self.settings.model).updated(self.dialect.initial_config())
         session = self.engine.new_session(config)
         runner = SessionRunner(
-            session, self.engine.scheduler, emit=self._emit, on_close=self._on_close, metrics=self.engine.metrics
+            session,
+            self.engine.scheduler,
+            emit=self._emit,
+            on_close=self._on_close,
+            metrics=self.engine.metrics,
+            elapsed_s=self._elapsed_s,
         )
         self.runner = runner
         self.engine.hub.open(session.id, duration=lambda: session.audio_seconds, controller=self)

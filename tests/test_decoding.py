@@ -52,6 +52,53 @@ def test_a_batch_equals_its_items_alone(decoder: WhisperDecoder) -> None:
     assert [a.text for a in together] == [b.text for b in alone]
 
 
+HISTORY = (
+    "The invention of movable metal letters in the middle of the fifteenth century may justly be considered as the "
+    "invention of the art of printing. And it is worth mention in passing that, as an example of fine typography, "
+    "the earliest book printed with movable types"
+)
+
+
+def test_the_clients_prompt_reaches_every_decode_however_much_earlier_text_there_is(decoder: WhisperDecoder) -> None:
+    """Vocabulary in the client's prompt (a Deepgram keyterm, an OpenAI prompt) is heard: tiny.en
+    reads these names wrong without it. Before the prompt had a field of its own it was cut with
+    the earlier text: under 16 tokens it never reached the decoder, and after a sentence or two of
+    history it fell off the front."""
+    require_speech()
+    audio = load_clip("ljspeech_LJ001-0031")  # "In fourteen sixty-five Sweynheim and Pannartz ... Subiaco near Rome,"
+    names = "Sweynheim, Pannartz, Subiaco."
+    plain, hinted, with_history, history_only = decoder.decode_batch(
+        [
+            DecodeRequest(audio),
+            DecodeRequest(audio, hint=names),
+            DecodeRequest(audio, hint=names, prompt=HISTORY),
+            DecodeRequest(audio, prompt=f"{names} {HISTORY}"),  # the prompt as it was given before
+        ]
+    )
+    assert "Sweynheim" not in plain.text and "Pannartz" not in plain.text
+    for result in (hinted, with_history):
+        assert "Sweynheim and Pannartz" in result.text and "Subiaco" in result.text, result.text
+    assert "Pannartz" not in history_only.text
+
+
+def test_prompt_context_keeps_the_hint_whole_and_fills_a_batchable_shape(decoder: WhisperDecoder) -> None:
+    """Hint first, then the end of the earlier text, to a multiple of 16 tokens (at most 48 unless
+    the hint is longer): sessions with any hint and enough history share a model pass."""
+    hint = decoder.encode_text(" Sweynheim, Pannartz, Subiaco.")
+    history = decoder.encode_text(" " + HISTORY)
+    assert len(hint) < 16 < 48 < len(history)
+    assert decoder._context(DecodeRequest(np.zeros(1), hint="Sweynheim, Pannartz, Subiaco.")) == hint
+    full = decoder._context(DecodeRequest(np.zeros(1), hint="Sweynheim, Pannartz, Subiaco.", prompt=HISTORY))
+    assert len(full) == 48 and full[: len(hint)] == hint and full[len(hint) :] == history[len(hint) - 48 :]
+    unhinted = decoder._context(DecodeRequest(np.zeros(1), prompt=HISTORY))
+    assert unhinted == history[-48:] and decoder.batch_key(DecodeRequest(np.zeros(1), prompt=HISTORY)) == decoder.batch_key(
+        DecodeRequest(np.zeros(1), hint="Sweynheim, Pannartz, Subiaco.", prompt=HISTORY)
+    )
+    long_hint = " ".join(["Pannartz"] * 40)  # past MAX_HINT_TOKENS: its last 96 tokens go, with 0 or more of history to a multiple of 16
+    context = decoder._context(DecodeRequest(np.zeros(1), hint=long_hint, prompt=HISTORY))
+    assert len(context) % 16 == 0 and len(context) >= 96
+
+
 def test_a_pass_memory_bound_splits_long_windows_not_short_ones() -> None:
     """tiny.en has 6 heads: a 5 s window's attention needs 3 MB, a 20 s one 48 MB, so 64 MB holds
     every short request of a batch but one long request per pass; the results do not change."""

@@ -27,7 +27,7 @@ from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results, ListenV1UtteranceEnd
 
 from stream_server.audio import encode_g711
-from tests.support import ServerProcess, english_references, load_clip, normalize, require_speech, start_server, wer
+from tests.support import ServerProcess, english_references, load_clip, manifest, normalize, require_speech, start_server, wer
 from tests.test_dialect_deepgram import SDK_MODELS, check_documented, sdk_validate
 from tests.test_server import build_long_stream
 
@@ -478,3 +478,29 @@ def test_multichannel_linear16_transcribes_each_leg(server: ServerProcess) -> No
     assert metadata.message["channels"] == 2
     assert metadata.message["duration"] == pytest.approx(length / 16000, abs=0.05)
     check_documented(g.message for g in run.messages)
+
+
+def test_keyterms_are_heard_after_earlier_sentences_fill_the_context(server: ServerProcess) -> None:
+    """A list of keyterms (the SDK repeats ``keyterm``) is the decoder's prompt for the whole
+    session: names tiny.en reads wrong alone ("Swainheim and Panerts") come out as the keyterms
+    spell them in the third sentence, after 40 words of earlier text that used to push the
+    keyterms out of the decoder's context (under 16 tokens they never reached it at all)."""
+    rows = manifest()
+    clips = [rows[c] for c in ("ljspeech_LJ001-0001", "ljspeech_LJ001-0005", "ljspeech_LJ001-0031")]
+    audio, _ = build_long_stream(clips, seed=2)
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    options = {"encoding": "linear16", "smart_format": "true"}
+
+    async def both() -> tuple[Run, Run]:
+        return await asyncio.gather(
+            sdk_stream(server, pcm, 16000, 2, keyterm=["Sweynheim", "Pannartz", "Subiaco"], **options),
+            sdk_stream(server, pcm, 16000, 2, **options),
+        )
+
+    with_terms, without = asyncio.run(both())
+    assert with_terms.error is None and without.error is None
+    heard, plain = deepgram_text(with_terms), deepgram_text(without)
+    print(f"with keyterms: {heard!r}\nwithout: {plain!r}")
+    assert "Sweynheim and Pannartz" in heard and "Subiaco" in heard
+    assert "Pannartz" not in plain  # the premise: without them tiny.en spells the names otherwise
+    assert wer([" ".join(c["text"] for c in clips)], [heard]) < wer([" ".join(c["text"] for c in clips)], [plain])

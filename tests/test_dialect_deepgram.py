@@ -9,6 +9,7 @@ field tables are checked against what is sent.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -436,6 +437,20 @@ def test_configure_keyterms_become_the_prompt_and_features_switch_punctuation() 
     h.send({"type": "Configure", "keyterms": ["x" * 1200]})
     [failure] = h.of("ConfigureFailure")
     assert failure["code"] == "CONFIGURE_KEYTERM_LIMIT_EXCEEDED"
+
+
+def test_every_keyterm_and_keyword_of_the_query_becomes_the_prompt() -> None:
+    """The SDK sends a list of keyterms as ``keyterm`` repeated; Nova-2's ``keywords`` carry an
+    intensifier, and a negative one (suppress the term) is left out: a prompt cannot suppress."""
+    query = {**SDK_QUERY, "keyterm": "gRPC", "keywords": "Zyxel:-3"}
+    lists = {"keyterm": ("Kubernetes", "customer service", "gRPC"), "keywords": ("Acme:2", "Zyxel:-3", "Subiaco")}
+    dialect = dg.create(dataclasses.replace(handshake(query), query_lists=lists), now=NOW)
+    assert dialect.initial_config()["prompt"] == "Kubernetes, customer service, gRPC, Acme, Subiaco"
+    assert dg.create(handshake({**SDK_QUERY, "keyterm": "gRPC"}), now=NOW).initial_config()["prompt"] == "gRPC"
+    assert "prompt" not in dg.create(handshake(), now=NOW).initial_config()
+    with pytest.raises(HandshakeRejected) as refused:
+        dg.create(dataclasses.replace(handshake(query), query_lists={"keyterm": ("x" * 600, "y" * 600)}), now=NOW)
+    assert refused.value.status == 400 and "1000 characters" in str(refused.value.body["err_msg"])
 
 
 def test_idle_close_is_deepgrams_net0001() -> None:

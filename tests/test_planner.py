@@ -151,20 +151,21 @@ def test_only_long_windows_get_earlier_text_as_context() -> None:
     committed = words(10)
     history = "Earlier text." + "".join(w.text for w in committed)
     long = plan_decode(LIMITS, committed=committed, utterance_start=0, start=0, end=8 * RATE, client_prompt=" Acme ", transcript=history)
-    assert long.prompt == "Acme Earlier text. w0 w1"  # the forced prefix (w2..w9) is not context too
+    assert long.prompt == "Earlier text. w0 w1"  # the forced prefix (w2..w9) is not context too
+    assert long.hint == "Acme"  # the client's prompt goes to every long decode, apart from the earlier text
     short = plan_decode(LIMITS, committed=[], utterance_start=0, start=0, end=RATE, client_prompt=" Acme ", transcript=history)
-    assert short.prompt == "Acme" and short.prefix == ()
+    assert short.prompt == "" and short.hint == "" and short.prefix == ()
 
 
 def test_no_context_chars_means_no_earlier_text() -> None:
-    assert context_prompt("Acme", "earlier words here", context_chars=0) == "Acme"
+    assert context_prompt("earlier words here", context_chars=0) == ""
 
 
 def test_context_is_cut_at_a_word_boundary() -> None:
-    assert context_prompt("", "one two three", context_chars=8) == "three"  # "wo three" starts mid-word
-    assert context_prompt("", "one two three", context_chars=6) == "three"  # " three" starts at a word
-    assert context_prompt("P", "one two", without=" two", context_chars=200) == "P one"
-    assert context_prompt("", "", context_chars=200) == ""
+    assert context_prompt("one two three", context_chars=8) == "three"  # "wo three" starts mid-word
+    assert context_prompt("one two three", context_chars=6) == "three"  # " three" starts at a word
+    assert context_prompt("one two", without=" two", context_chars=200) == "one"
+    assert context_prompt("", context_chars=200) == ""
 
 
 def test_a_turn_carries_its_last_words_within_carry_audio_ms_when_they_reach_its_end() -> None:

@@ -212,6 +212,30 @@ def test_a_long_stream_sent_at_full_speed_keeps_its_turns(server: ServerProcess,
     assert read_paused_seconds(server) > paused_before, "the reader waited for the decoder"
 
 
+def test_a_recording_sent_at_full_speed_is_not_load_that_refuses_the_next_session(server: ServerProcess) -> None:
+    """A client ahead of real time (``mic-client --speed 0``) is a recording, not a speaker: its
+    decodes are background work, as an HTTP file's, and admission control (turn-end decodes over
+    0.4 s) does not count them. Counted, its finals (8 queued at once, windows of 7-10 s) made
+    the idle server refuse the next session with ``server_busy``: ``mic-client --speed 0`` run
+    twice in a row failed the second time."""
+    require_speech()
+    rows = [r for r in english_references() if r["kind"] == "read" and 6.0 < r["duration_s"] < 12.0]
+    audio, _ = build_long_stream(random.Random(6).sample(rows, 10))
+    before = turn_end_decodes(server)
+    first = asyncio.run(stream(server.ws_url, audio, speed=0))
+    second = asyncio.run(stream(server.ws_url, load_clip(rows[0]["id"]), speed=0))
+    for run in (first, second):
+        assert not run.of("error"), run.of("error")
+        assert run.of("transcript.text.done") and run.close_code == 1000
+    assert turn_end_decodes(server) == before, "a recording's decodes are not counted as live turn ends"
+
+
+def turn_end_decodes(server: ServerProcess) -> float:
+    count = re.search(r"^stream_turn_end_decode_seconds_count (\S+)$", metrics_text(server), re.M)
+    assert count, "the admission meter's histogram is exposed"
+    return float(count.group(1))
+
+
 def metrics_text(server: ServerProcess) -> str:
     import urllib.request
 

@@ -491,7 +491,7 @@ def test_results_of_a_cleared_utterance_are_ignored() -> None:
     assert d.of(p.TranscriptDone)[0].text == "".join(e.delta for e in d.of(p.TranscriptDelta))
 
 
-def test_short_windows_get_only_the_clients_prompt_as_context() -> None:
+def test_short_windows_get_no_prompt() -> None:
     d = Driver(prompt="Acme Corp")
     # The pause is longer than ``carry_gap_ms``: the short turn is not a continuation (below).
     d.feed(np.concatenate([speech(list(range(1, 12))), silence(3.0)]))
@@ -499,10 +499,11 @@ def test_short_windows_get_only_the_clients_prompt_as_context() -> None:
     d.feed(np.concatenate([speech([5]), silence(1.0)]))  # a 0.25 s word: a short window
     first = [r for call in d.decoder.calls[:calls_before] for r in call]
     second = [r for call in d.decoder.calls[calls_before:] for r in call]
-    # Long windows carry earlier text (older than the forced prefix) after the client's prompt.
-    assert any(r.prompt.startswith("Acme Corp w1") for r in first if len(r.audio) >= 1.5 * 16000)
+    # Long windows carry earlier text (older than the forced prefix); every window the client's prompt.
+    assert any(r.prompt.startswith("w1") for r in first if len(r.audio) >= 1.5 * 16000)
+    assert all(r.hint == "Acme Corp" for r in first if len(r.audio) >= 1.5 * 16000)
     assert second and all(len(r.audio) < 1.5 * 16000 for r in second)
-    assert all(r.prompt == "Acme Corp" for r in second)
+    assert all(r.prompt == "" and r.hint == "" for r in second)
 
 
 def second_turn_requests(d: Driver, calls_before: int) -> list[DecodeRequest]:

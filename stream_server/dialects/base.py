@@ -58,6 +58,8 @@ class Handshake:
     #: The server's settings (secrets a dialect checks at the upgrade: Twilio's auth token, the
     #: AudioHook client secret); None where a caller builds a handshake without a server.
     settings: Settings | None = None
+    #: Every value of each query parameter, in order (Deepgram repeats ``keyterm`` for a list).
+    query_lists: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 class HandshakeRejected(Exception):

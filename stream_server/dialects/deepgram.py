@@ -72,6 +72,7 @@ MAX_UTTERANCE_END_MS = 60_000
 SAMPLE_WIDTH = {"pcm16": 2, "float32": 4, "g711_ulaw": 1, "g711_alaw": 1}
 MAX_HEADER_BYTES = 64 * 1024  # a WAV header larger than this is not a header
 MAX_CHANNELS = 8  # the core's channel limit (Deepgram's own is 20)
+MAX_PROMPT_CHARS = 1000  # the core's `prompt` bound: keyterms beyond it are refused
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,8 +169,33 @@ def _encoding(query: Mapping[str, str], request_id: str) -> tuple[str | None, in
     return encoding, rate
 
 
-def parse_options(query: Mapping[str, str], model_exists: Callable[[str], bool], request_id: str) -> ListenOptions:
-    """Validate the query parameters as Deepgram does; unknown parameters are ignored."""
+def vocabulary_prompt(query: Mapping[str, str], lists: Mapping[str, Sequence[str]], request_id: str) -> str | None:
+    """Every ``keyterm`` (Nova-3; repeated for several, as the SDK sends a list) and ``keywords``
+    term (Nova-2's ``term:intensifier``; a negative intensifier asks to suppress the term, which
+    a prompt cannot, so those are left out), joined as the decoder's prompt."""
+    terms = [t.strip() for t in lists.get("keyterm") or [query.get("keyterm") or ""]]
+    for keyword in lists.get("keywords") or [query.get("keywords") or ""]:
+        term, _, boost = keyword.rpartition(":") if ":" in keyword else (keyword, "", "")
+        try:
+            suppressed = bool(boost) and float(boost) < 0
+        except ValueError:
+            term, suppressed = keyword, False  # a colon inside the term
+        if not suppressed:
+            terms.append(term.strip())
+    prompt = ", ".join(t for t in terms if t)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise reject(f"keyterm and keywords exceed {MAX_PROMPT_CHARS} characters", request_id)
+    return prompt or None
+
+
+def parse_options(
+    query: Mapping[str, str],
+    model_exists: Callable[[str], bool],
+    request_id: str,
+    lists: Mapping[str, Sequence[str]] | None = None,
+) -> ListenOptions:
+    """Validate the query parameters as Deepgram does; unknown parameters are ignored.
+    ``lists``: every value of a repeated parameter (``keyterm``); without it, ``query``'s one."""
     encoding, rate = _encoding(query, request_id)
     channels = _int(query, "channels", request_id, low=1, high=MAX_CHANNELS) or 1
     if encoding is None:
@@ -179,7 +205,7 @@ def parse_options(query: Mapping[str, str], model_exists: Callable[[str], bool],
     # ``language=multi`` is live Deepgram's way to ask for detection; ``detect_language=true`` is
     # its pre-recorded one, which clients reuse: either means detect per utterance.
     detect = language.lower() == "multi" or _bool(query, "detect_language", False, request_id)
-    keyterm = (query.get("keyterm") or "").strip() or None
+    keyterm = vocabulary_prompt(query, lists or {}, request_id)
     return ListenOptions(
         encoding=encoding,
         sample_rate=rate,
@@ -487,8 +513,8 @@ class DeepgramDialect:
         actions: list[Action] = []
         if keyterms is not None:
             prompt = ", ".join(k.strip() for k in keyterms if k.strip())
-            if len(prompt) > 1000:
-                return [self._configure_failure("CONFIGURE_KEYTERM_LIMIT_EXCEEDED", "keyterms exceed 1000 characters")]
+            if len(prompt) > MAX_PROMPT_CHARS:
+                return [self._configure_failure("CONFIGURE_KEYTERM_LIMIT_EXCEEDED", f"keyterms exceed {MAX_PROMPT_CHARS} characters")]
             actions.append(p.SessionUpdate({"prompt": prompt}))
         if features:
             punctuate = features.get("punctuate", self.options.punctuate)
@@ -823,7 +849,7 @@ def _dumps(body: dict[str, Any]) -> str:
 def create(handshake: Handshake, *, now: datetime.datetime | None = None) -> DeepgramDialect:
     """Build the dialect for one ``/v1/listen`` upgrade, or refuse it with Deepgram's HTTP 400."""
     request_id = str(uuid.uuid4())
-    options = parse_options(handshake.query, handshake.model_exists, request_id)
+    options = parse_options(handshake.query, handshake.model_exists, request_id, handshake.query_lists)
     config = native_config(options)
     try:
         p.SessionConfig.model_validate({"model": handshake.default_model}).updated(config)
