@@ -98,3 +98,26 @@ def test_short_clips_wer(base_url):
     server_wer, offline_wer = corpus_wer(references, hypotheses), corpus_wer(references, offline)
     print(f"\n{len(clips)} clips: server WER {server_wer:.4f}, offline WER {offline_wer:.4f}")
     assert server_wer <= offline_wer + 0.05, (server_wer, offline_wer)
+
+
+def test_the_prompt_is_heard_in_every_turn_of_a_file(base_url, tmp_path):
+    """``prompt`` (OpenAI's field for names and spelling) reaches the decodes of every turn of a
+    file, not only the first: the third sentence spells "Sweynheim and Pannartz ... Subiaco" as
+    the prompt does, where tiny.en reads "Swainheim and Panerts" without it."""
+    import openai
+    import soundfile
+
+    speech = require_speech()
+    parts = []
+    for clip in ("ljspeech_LJ001-0001", "ljspeech_LJ001-0005", "ljspeech_LJ001-0031"):
+        audio, _ = soundfile.read(speech / "audio" / f"{clip}.wav", dtype="float32")
+        parts += [audio, np.zeros(12000, np.float32)]
+    path = write_wav(np.concatenate(parts), tmp_path / "printing.wav")
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
+    with open(path, "rb") as f:
+        prompted = client.audio.transcriptions.create(model="whisper-1", file=f, prompt="Sweynheim, Pannartz, Subiaco.").text
+    with open(path, "rb") as f:
+        plain = client.audio.transcriptions.create(model="whisper-1", file=f).text
+    print(f"with the prompt: {prompted!r}\nwithout: {plain!r}")
+    assert "Sweynheim and Pannartz" in prompted and "Subiaco" in prompted
+    assert "Pannartz" not in plain

@@ -464,3 +464,23 @@ def test_browser_style_subprotocol_auth_and_beta_form(server: ServerProcess) -> 
     assert events[2]["error"]["code"] == "invalid_json"
     assert "conversation.item.created" in kinds and "input_audio_buffer.speech_started" not in kinds
     assert wer(clip.references, [events[-1]["transcript"]]) < 0.2
+
+
+def test_the_transcription_prompt_is_heard_after_earlier_sentences(server: ServerProcess) -> None:
+    """``audio.input.transcription.prompt`` (names the speech uses) reaches every decode of the
+    session: the third sentence spells "Sweynheim and Pannartz ... Subiaco" as the prompt does,
+    which tiny.en reads "Swainheim and Panerts" without it (and did with it before the prompt
+    had a field of its own: a 12-token prompt never reached the decoder)."""
+    require_speech()
+    clips = ["ljspeech_LJ001-0001", "ljspeech_LJ001-0005", "ljspeech_LJ001-0031"]
+    audio = np.concatenate([np.concatenate([load_clip(c), np.zeros(12000, np.float32)]) for c in clips])
+    prompted = json.loads(json.dumps(GA_SESSION))
+    prompted["audio"]["input"]["transcription"]["prompt"] = "Sweynheim, Pannartz, Subiaco."
+    data = pcm16(audio, 24000)
+    with_prompt, without = asyncio.run(
+        stream_together([(SdkClient(server.port, prompted), data, 48000), (SdkClient(server.port, GA_SESSION), data, 48000)])
+    )
+    heard, plain = check_openai_run(with_prompt, logprobs=True), check_openai_run(without, logprobs=True)
+    print(f"with the prompt: {heard!r}\nwithout: {plain!r}")
+    assert "Sweynheim and Pannartz" in heard and "Subiaco" in heard
+    assert "Pannartz" not in plain
