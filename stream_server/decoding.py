@@ -46,12 +46,12 @@ FRAMES_PER_SECOND = 100  # mel frames
 MAX_WINDOW_S = 30
 # The client's own prompt (``DecodeRequest.hint``: vocabulary, names, style) goes before the
 # earlier text in every decode of a long enough window (``SessionLimits.min_context_window_ms``),
-# cut to its last this many tokens (~70 words). Before it had a field
-# of its own it was part of the earlier text and cut with it: a prompt under 16 tokens never
-# reached the decoder, a longer one fell off once a sentence or two had been said. Given, tiny.en
-# read LJ Speech's "Sweynheim and Pannartz ... Subiaco" (prompt "Sweynheim, Pannartz, Subiaco.")
-# and "Schoeffer", which it reads "Swainheim and Panerts ... Subiakul" and "chauffeur" without.
-# Each token costs every decode ~0.3 ms of one pass over the prompt (README, "Prompts").
+# cut to its last this many tokens (~70 words). Before it had a field of its own it was part of
+# the earlier text and cut with it: a prompt under 16 tokens never reached the decoder, a longer
+# one fell off once a sentence or two had been said. Given, tiny.en read LJ Speech's "Sweynheim
+# and Pannartz ... Subiaco" (prompt "Sweynheim, Pannartz, Subiaco.") and "Schoeffer", which it
+# reads "Swainheim and Panerts ... Subiakul" and "chauffeur" without. Each token costs every
+# decode ~0.3 ms of one pass over the prompt (README, "Names and vocabulary").
 MAX_HINT_TOKENS = 96
 # Earlier text is cut to this many tokens. CTranslate2 needs <|startoftranscript|> at the same
 # position in every prompt of a batch, so one fixed context length lets sessions with any history
@@ -149,7 +149,8 @@ class DecodeRequest:
     # A pause decode: its words are committed when the pause lasts, and it is usually the turn's
     # last decode, so the scheduler serves it with first interims, before re-decodes.
     commits: bool = False
-    # A whole file's decode (the HTTP API), which no one waits on live: served after live
+    # A whole file's decode (the HTTP API, or a WebSocket client ahead of real time: the runner
+    # marks those, ``SessionRunner._mark_recording``), which no one waits on live: served after live
     # speakers' turn ends and first interims, in turn with their re-decodes, and not counted by
     # admission control. As finals, a file's four decodes in flight went before every live pause
     # decode: a 244 s file (4.6 s of decoding) held a live stream's first text up to 3.5 s, and
@@ -299,8 +300,8 @@ class WhisperDecoder:
         longer than that goes alone, or with what rounds it up)."""
         hint = self._text_tokens(request.hint)[-MAX_HINT_TOKENS:]
         history = self._text_tokens(request.prompt)
-        room = max(0, CONTEXT_TOKENS - len(hint)) if len(hint) < CONTEXT_TOKENS else (-len(hint)) % CONTEXT_STEP
-        total = len(hint) + min(room, len(history))
+        longest = max(CONTEXT_TOKENS, -(-len(hint) // CONTEXT_STEP) * CONTEXT_STEP)
+        total = min(longest, len(hint) + len(history))
         keep = max(0, total - total % CONTEXT_STEP - len(hint))
         return hint + history[len(history) - keep :] if keep else hint
 

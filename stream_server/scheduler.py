@@ -14,7 +14,8 @@ batch of four interim decodes costs little more than one. Rules, in order:
   1.74-2.10 s before, 0.49-0.60 / 1.00-1.24 s after (README, Capacity).
 * Then other interim work by staleness: the utterance that has gone longest without a result goes
   first. (Arrival order let busy streams starve new ones: first text p50 was 5 s at 12 streams.)
-  A whole file's decodes (``DecodeRequest.background``, the HTTP API) take their turn among these,
+  A whole file's decodes (``DecodeRequest.background``: the HTTP API, a recording sent at once)
+  take their turn among these,
   by the time they were queued: no one is waiting on them live.
   ``DecodeRequest.key`` names the utterance; requests without one are their own utterance.
 * A batch is the first request in that order plus the queued requests the decoder can run in the

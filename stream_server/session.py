@@ -680,10 +680,11 @@ class Session:
         if not reach or onset is None or ch.segmenter is None:
             return start.sample
         rise = level_onset(ch.levels, onset, reach)
-        begin = min(start.sample, ch.probs_start + rise * FRAME - LEVEL_ONSET_LEAD_MS * MS)
+        sound = ch.probs_start + rise * FRAME  # the sample where the level rose
+        begin = min(start.sample, sound - LEVEL_ONSET_LEAD_MS * MS)
         keep = self.limits.padding_from_level_ms
         if keep and rise < onset and ch.noise_floor is not None:
-            begin = max(begin, ch.probs_start + rise * FRAME - keep * MS)
+            begin = max(begin, sound - keep * MS)
         return max(begin, ch.segmenter.floor, ch.buffer.start)
 
     def _pause_outcome(self, ch: Channel, ticket: DecodeTicket, *, ended_at: int | None = None) -> bool | None:

@@ -34,7 +34,7 @@ import json
 import math
 import struct
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from stream_server import protocol as p
@@ -169,11 +169,16 @@ def _encoding(query: Mapping[str, str], request_id: str) -> tuple[str | None, in
     return encoding, rate
 
 
+def terms_prompt(terms: Iterable[str]) -> str:
+    """Keyterms as the decoder's prompt: "Kubernetes, gRPC" (blank terms dropped)."""
+    return ", ".join(t.strip() for t in terms if t.strip())
+
+
 def vocabulary_prompt(query: Mapping[str, str], lists: Mapping[str, Sequence[str]], request_id: str) -> str | None:
     """Every ``keyterm`` (Nova-3; repeated for several, as the SDK sends a list) and ``keywords``
     term (Nova-2's ``term:intensifier``; a negative intensifier asks to suppress the term, which
     a prompt cannot, so those are left out), joined as the decoder's prompt."""
-    terms = [t.strip() for t in lists.get("keyterm") or [query.get("keyterm") or ""]]
+    terms = list(lists.get("keyterm") or [query.get("keyterm") or ""])
     for keyword in lists.get("keywords") or [query.get("keywords") or ""]:
         term, _, boost = keyword.rpartition(":") if ":" in keyword else (keyword, "", "")
         try:
@@ -181,8 +186,8 @@ def vocabulary_prompt(query: Mapping[str, str], lists: Mapping[str, Sequence[str
         except ValueError:
             term, suppressed = keyword, False  # a colon inside the term
         if not suppressed:
-            terms.append(term.strip())
-    prompt = ", ".join(t for t in terms if t)
+            terms.append(term)
+    prompt = terms_prompt(terms)
     if len(prompt) > MAX_PROMPT_CHARS:
         raise reject(f"keyterm and keywords exceed {MAX_PROMPT_CHARS} characters", request_id)
     return prompt or None
@@ -512,7 +517,7 @@ class DeepgramDialect:
             return [self._configure_failure("CONFIGURE_INTERNAL_ERROR", "keyterms must be a list of strings")]
         actions: list[Action] = []
         if keyterms is not None:
-            prompt = ", ".join(k.strip() for k in keyterms if k.strip())
+            prompt = terms_prompt(keyterms)
             if len(prompt) > MAX_PROMPT_CHARS:
                 return [self._configure_failure("CONFIGURE_KEYTERM_LIMIT_EXCEEDED", f"keyterms exceed {MAX_PROMPT_CHARS} characters")]
             actions.append(p.SessionUpdate({"prompt": prompt}))
