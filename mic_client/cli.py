@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prompt",
         help='names and vocabulary the speech uses ("Sweynheim, Pannartz, Subiaco."): the decoder '
-        "gets them with every decode (at most 1000 characters)",
+        "gets them with every decode of 1.5 s of audio or more (at most 1000 characters)",
     )
     parser.add_argument(
         "--device",
