@@ -112,13 +112,15 @@ class Engine:
     def refusal(self) -> str | None:
         """Why a new session is refused now (``server_busy``), or None: draining, at the session
         limit, or overloaded (the decodes that end turns already take longer than
-        ``admission_max_turn_end_s``)."""
+        ``admission_max_turn_end_s``, or a turn has waited longer than ``admission_max_first_text_s``
+        for its first text)."""
         if self.draining:
             return "the server is shutting down"
         if self.active_sessions >= self.settings.max_sessions:
             return f"the server is at its limit of {self.settings.max_sessions} sessions"
-        if self.scheduler.overloaded(self.settings.admission_max_turn_end_s):
-            return "the server is at capacity (final transcripts are running late)"
+        settings = self.settings
+        if self.scheduler.overloaded(settings.admission_max_turn_end_s, settings.admission_max_first_text_s):
+            return "the server is at capacity (transcripts are running late)"
         return None
 
     def load_default_model(self) -> None:

@@ -78,6 +78,15 @@ class Settings:
             "help": "refuse new sessions (server_busy) while the decodes that end turns (finals, pause decodes) take longer than this from request to result, recent average (0 = never)"
         },
     )
+    # A turn's first interim is asked for ~0.4 s after the speaker begins (the VAD's onset and
+    # ``first_interim_ms``); waiting a second more for it, that turn shows no text for 1.4 s.
+    admission_max_first_text_s: float = dataclasses.field(
+        default=1.0,
+        metadata={
+            "help": "also refuse new sessions while a turn has waited longer than this for its first text "
+            "(its first interim decode, queued to now; 0 = not watched; --admission-max-turn-end-s 0 turns both off)"
+        },
+    )
     interim_step_ms: int = dataclasses.field(
         default=300, metadata={"help": "new audio needed before an open utterance is decoded again"}
     )

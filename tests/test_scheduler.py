@@ -365,6 +365,40 @@ async def test_overloaded_while_a_pause_decode_waits_past_the_limit() -> None:
         scheduler.stop()
 
 
+async def test_overloaded_while_a_turn_waits_past_its_limit_for_its_first_text() -> None:
+    """A live turn with no text yet counts from its first ask (a shed interim is asked again and
+    keeps its place), on the turn-end scale: the first-text limit maps to the turn-end limit. A
+    recording's first interim is no one waiting live; a turn that shows text is not starving."""
+    decoder = GatedDecoder()
+    scheduler = DecodeScheduler(lambda name: decoder, max_batch_size=1, interim_max_wait_s=5)
+    try:
+        blocker = scheduler.submit(keyed_job("warm", "w"))  # an interim: turn-end latency stays 0
+        await asyncio.sleep(0.05)
+        recording = scheduler.submit(keyed_job("file-1", "f", background=True))
+        await asyncio.sleep(0.3)
+        assert not scheduler.overloaded(0.2, first_text_limit_s=0.2), "a recording is not a speaker waiting"
+        asked = scheduler.submit(keyed_job("new-1", "new"))
+        await asyncio.sleep(0.3)
+        assert not scheduler.overloaded(0.2, first_text_limit_s=0.6)
+        asked_again = scheduler.submit(keyed_job("new-2", "new"))  # as after a shed: the same turn
+        await asyncio.sleep(0.4)
+        assert not scheduler.overloaded(0.2), "not watched without a first-text limit"
+        assert scheduler.overloaded(0.2, first_text_limit_s=0.6), "0.7 s since the turn first asked"
+        decoder.gate.set()
+        await asyncio.gather(blocker, recording, asked, asked_again)
+        # The turn shows text now: its next interim is a re-decode, not a first text.
+        decoder.gate.clear()
+        blocker = scheduler.submit(keyed_job("warm-2", "w2"))
+        await asyncio.sleep(0.05)
+        redecode = scheduler.submit(keyed_job("new-3", "new"))
+        await asyncio.sleep(0.3)
+        assert not scheduler.overloaded(0.2, first_text_limit_s=0.1)
+        decoder.gate.set()
+        await asyncio.gather(blocker, redecode)
+    finally:
+        scheduler.stop()
+
+
 async def test_a_slow_turn_end_decode_counts_though_it_never_waited() -> None:
     """Request to result, not wait: a turn-ending decode that took 0.3 s in the model is as late
     for its speaker as one that waited 0.3 s; interim decodes do not count."""
