@@ -481,7 +481,10 @@ class Session:
         utt = ticket.utterance
         if utt is ch.utterance and utt.state is UtteranceState.OPEN:
             self._previous_model = self.config.model
-            return self._interim_result(ticket, result)
+            out: list[Output] = []
+            for output in self._interim_result(ticket, result):
+                out += self._in_order(ch, utt, output) if isinstance(output, p.ServerEvent) else [output]
+            return out
         return []
 
     def _receive_decode_failure(self, ticket: DecodeTicket, failure: DecodeFailure) -> list[Output]:
@@ -981,7 +984,15 @@ class Session:
     def _schedule(self, ch: Channel) -> list[Output]:
         """Start an interim decode of the open utterance when one is due and none is in flight."""
         utt = ch.utterance
-        if utt is None or ch.inflight is not None or ch.finals:
+        if utt is None or ch.inflight is not None:
+            return []
+        # While earlier turns' finals run, only this turn's first words may be decoded: a decode
+        # that could commit (a pause decode, an agreeing re-decode) waits, since this turn's text
+        # must not reach the transcript before theirs; the first interim's text waits in
+        # ``ch.held`` (``_in_order``) and shows the moment their segments are out, instead of
+        # being asked for only then (under load, a round trip later).
+        waiting = bool(ch.finals)
+        if waiting and (utt.committed or utt.tail):
             return []
         seg = ch.segmenter
         # ``now`` is ch.vad_pos: decode only audio the VAD has already judged.
@@ -989,7 +1000,7 @@ class Session:
                           silence_samples=seg.silence_samples if seg is not None else None, pause_decoded=ch.pause_decoded,
                           round_trip=ch.round_trip if utt.committed or utt.tail else 0, last_round_trip=ch.round_trip,
                           onset=utt.onset)
-        if due is None:
+        if due is None or (waiting and due.early):
             return []
         if due.early:
             ch.pause_decoded = due.pause_start

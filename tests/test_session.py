@@ -242,6 +242,46 @@ def test_each_segment_precedes_the_next_utterances_text() -> None:
     ]
 
 
+class SubmissionLog(Driver):
+    """A Driver that notes, for each decode submitted, its utterance and the events out by then."""
+
+    def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.submitted: list[tuple[DecodeTicket, int]] = []
+        super().__init__(**kwargs)
+
+    def drain(self) -> None:
+        tickets = self.session.decodes_to_submit()
+        self.submitted += [(t, len(self.events)) for t in tickets]
+        for ticket in tickets:
+            self.inflight.append((self.clock + self.latency, ticket))
+        self.promoted = getattr(self, "promoted", []) + self.session.decodes_to_promote()
+        self.events += self.session.events_to_send()
+        self.closed = self.session.close_expected() or self.closed
+
+
+def test_a_turn_that_starts_while_the_last_final_runs_gets_its_first_interim_then_shown_in_order() -> None:
+    """Under load a final takes a while, and the next speaker's turn starts meanwhile: its first
+    interim goes out at once (not after that final), nothing of it that could commit does, and
+    its text waits, with its start, for the earlier segment."""
+    d = SubmissionLog(latency_chunks=60)  # 1.2 s per decode: the first final outlasts the next turn's start
+    d.feed(speech([1, 2, 3, 4]))
+    d.feed(silence(0.6))
+    d.feed(speech([5, 6, 7, 8]))
+    d.feed(silence(0.6))
+    d.close()
+    first_item = d.of(p.SpeechStarted)[0].item_id
+    first_segment_at = next(i for i, e in enumerate(d.events) if isinstance(e, p.TranscriptSegment) and e.item_id == first_item)
+    second = [(t, n) for t, n in d.submitted if t.utterance.item_id != first_item]
+    early = [t for t, n in second if n <= first_segment_at]
+    assert any(t.final for t, n in d.submitted if t.utterance.item_id == first_item), "the first turn had a final decode"
+    assert early and not early[0].final, "the second turn's first interim went out while the first final ran"
+    assert len(early) == 1 and early[0].pause_start is None and not early[0].request.commits, "nothing that commits"
+    second_events = [i for i, e in enumerate(d.events) if getattr(e, "item_id", first_item) != first_item]
+    assert second_events and min(second_events) > first_segment_at, "its start and text come after the first segment"
+    assert any(isinstance(d.events[i], p.TranscriptInterim) for i in second_events)
+    assert d.of(p.TranscriptDone)[0].text == spoken(1, 2, 3, 4, 5, 6, 7, 8)
+
+
 def test_commit_finalizes_mid_speech_and_speech_continues() -> None:
     d = Driver()
     d.feed(speech([1, 2, 3]))
