@@ -270,15 +270,17 @@ class DecodeScheduler:
     def _longest_first_text_wait(self, now: float) -> float:
         """How long the longest-waiting live turn without a result has asked for its first text
         (since its first interim was queued: a shed one is asked again, keeping its place)."""
-        waits = [0.0]
-        for entry in self._pending:
-            request = entry.job.request
-            if entry.final or request.commits or request.background:
-                continue
-            utterance = self._utterances.get(entry.utterance)
-            if utterance is not None and utterance.last_served is None:
-                waits.append(now - utterance.first_asked)
-        return max(waits)
+        asked = (self._first_text_of(e) for e in self._pending)
+        return max((now - u.first_asked for u in asked if u is not None), default=0.0)
+
+    def _first_text_of(self, entry: _Entry) -> _Utterance | None:
+        """The utterance ``entry`` would show the first text of: a live interim (not a final,
+        pause decode or recording) of an utterance that has had no result yet; else None."""
+        request = entry.job.request
+        if entry.final or request.commits or request.background:
+            return None
+        utterance = self._utterances.get(entry.utterance)
+        return utterance if utterance is not None and utterance.last_served is None else None
 
     def healthy(self) -> bool:
         """Every worker thread is alive (a dead one would leave requests waiting forever)."""
@@ -298,11 +300,12 @@ class DecodeScheduler:
             return (2, entry.enqueued)
         if entry.final:
             return (0, entry.enqueued)
+        first = self._first_text_of(entry)
+        if first is not None:
+            return (1, first.first_asked)
         utterance = self._utterances.get(entry.utterance)
-        if entry.job.request.commits or utterance is None:
+        if entry.job.request.commits or utterance is None or utterance.last_served is None:
             return (1, entry.enqueued)
-        if utterance.last_served is None:
-            return (1, utterance.first_asked)
         return (2, utterance.last_served)
 
     def _shed_stale(self, now: float) -> None:

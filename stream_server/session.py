@@ -871,7 +871,8 @@ class Session:
         return out
 
     def _in_order(self, ch: Channel, utt: Utterance, event: p.ServerEvent) -> list[Output]:
-        """Hold a later utterance's start/stop until every earlier utterance's segment is out.
+        """Hold a later utterance's start, stop and interim text until every earlier utterance's
+        segment is out.
 
         Clients then see whole utterances one after another (started → text → stopped →
         segment), even when a final decode is still running as the next speaker turn begins.
@@ -991,14 +992,14 @@ class Session:
         # must not reach the transcript before theirs; the first interim's text waits in
         # ``ch.held`` (``_in_order``) and shows the moment their segments are out, instead of
         # being asked for only then (under load, a round trip later).
-        waiting = bool(ch.finals)
-        if waiting and (utt.committed or utt.tail):
+        waiting, shows_text = bool(ch.finals), bool(utt.committed or utt.tail)
+        if waiting and shows_text:
             return []
         seg = ch.segmenter
         # ``now`` is ch.vad_pos: decode only audio the VAD has already judged.
         due = interim_due(self.limits, now=ch.vad_pos, utterance_start=utt.start, last_window_end=utt.last_window_end,
                           silence_samples=seg.silence_samples if seg is not None else None, pause_decoded=ch.pause_decoded,
-                          round_trip=ch.round_trip if utt.committed or utt.tail else 0, last_round_trip=ch.round_trip,
+                          round_trip=ch.round_trip if shows_text else 0, last_round_trip=ch.round_trip,
                           onset=utt.onset)
         if due is None or (waiting and due.early):
             return []
