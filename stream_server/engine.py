@@ -53,6 +53,7 @@ def session_limits(settings: Settings) -> SessionLimits:
         held_commit_ms=settings.held_commit_ms,
         max_utterance_s=settings.max_utterance_s,
         carry_gap_ms=settings.carry_gap_ms,
+        handover_pause_ms=settings.handover_pause_ms,
         narrowband_padding_ms=settings.narrowband_padding_ms,
         level_onset_reach_ms=settings.level_onset_reach_ms,
         padding_from_level_ms=settings.padding_from_level_ms,

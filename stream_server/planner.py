@@ -107,6 +107,10 @@ class SessionLimits:
     # (longer turns have context of their own); ``carry_audio_ms``: how far back the carried
     # words reach from the last one's end (at most ``prefix_words`` of them).
     carry_gap_ms: int = 1500
+    # In a session of several channels (the legs of a call), a turn whose speaker has been silent
+    # this long when another channel's speaker starts ends there, without waiting for the rest of
+    # ``turn_detection.silence_duration_ms``: the other person took the turn (0: never).
+    handover_pause_ms: int = 200
     carry_window_ms: int = 2000
     carry_audio_ms: int = 1500
     # Input at ``NARROWBAND_RATE`` or less (a phone line) starts each utterance this much earlier

@@ -651,6 +651,7 @@ class Session:
             onset = ch.measured_frame(decision.onset)
             off = ch.segmenter.params.off_threshold
             ch.noise_floor = noise_floor(ch.levels, ch.probs, onset, below=off) if onset is not None else None
+            out += self._handover(ch)
             return out + self._open_utterance(ch, self._turn_start(ch, decision, onset), decision.onset)
         if isinstance(decision, SpeechEnd) and ch.utterance is not None:
             if self._at_pending_bound(ch):
@@ -660,6 +661,24 @@ class Session:
                 # stay bounded; nothing is dropped, the words arrive with the next turn end.
                 return out
             return out + self._end_utterance(ch, decision.sample, pause_end=frame_start + FRAME)
+        return out
+
+    def _handover(self, speaker: Channel) -> list[Output]:
+        """``speaker`` starts a turn: end the other channels' turns that are in a pause of
+        ``handover_pause_ms`` or more (the legs of a call take turns; an agent-assist screen
+        wants the customer's words as the agent answers, not half a second later)."""
+        limit = self.limits.handover_pause_ms * MS
+        out: list[Output] = []
+        for ch in self._channels:
+            seg = ch.segmenter
+            if not limit or ch is speaker or ch.utterance is None or seg is None:
+                continue
+            if seg.ending_silence < limit or self._at_pending_bound(ch):
+                continue
+            end = seg.end_in_pause()
+            assert end is not None
+            out += self._follow_pause(ch, ended_at=end.sample)
+            out += self._end_utterance(ch, end.sample, pause_end=ch.vad_pos)
         return out
 
     def _quiet_lead(self, ch: Channel, prob: float, frame_start: int) -> int:

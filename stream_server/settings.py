@@ -125,6 +125,10 @@ class Settings:
         default=1500,
         metadata={"help": "a short turn this soon after the last one is decoded as its continuation, after its last words (0 = never)"},
     )
+    handover_pause_ms: int = dataclasses.field(
+        default=200,
+        metadata={"help": "in a session of several channels (call legs), a turn silent this long when another channel's speaker starts ends there, without waiting for the rest of turn_detection.silence_duration_ms (0 = never)"},
+    )
     narrowband_padding_ms: int = dataclasses.field(
         default=200,
         metadata={"help": "input at 8 kHz or less (phone lines) starts each utterance this much before the VAD onset, on top of turn_detection.prefix_padding_ms: the onset comes late there and cut first words (README)"},

@@ -388,6 +388,22 @@ class TurnSegmenter:
         return None
 
     @property
+    def ending_silence(self) -> int:
+        """The silence that counts toward ending the turn now (with the quiet lead before the
+        pause; 0 outside a pause)."""
+        return (self._silence + self._lead) * FRAME if self.in_speech and self._silence else 0
+
+    def end_in_pause(self) -> SpeechEnd | None:
+        """End the turn now if it is in a pause (someone else took the turn); None otherwise."""
+        if not self.ending_silence:
+            return None
+        self.in_speech = False
+        self._run = self._soft = 0
+        self._peaked = False
+        self._floor = self._last_speech_end
+        return SpeechEnd(sample=self._last_speech_end)
+
+    @property
     def pause_start(self) -> int | None:
         """Where the current in-speech pause began (None outside speech or while speech goes on)."""
         return self._last_speech_end if self.in_speech and self._silence else None

@@ -915,6 +915,44 @@ def test_two_channels_are_segmented_and_labelled_separately() -> None:
     assert len({e.item_id for e in d.of(p.SpeechStarted)}) == 2  # item ids are unique across channels
 
 
+def caller_stops_heard_at(handover_pause_ms: int, gap_s: float) -> tuple[float, float, str]:
+    """The callee starts ``gap_s`` after the caller's words end: where the caller's speech ended,
+    how far into the call its ``speech_stopped`` came, and the caller's text."""
+    words = speech([1, 2, 3])
+    caller = np.concatenate([silence(0.3), words, silence(3.0)])
+    callee = np.concatenate([silence(0.3 + len(words) / 16000 + gap_s), speech([4, 5]), silence(1.5)])
+    caller, callee = np.pad(caller, (0, max(0, len(callee) - len(caller)))), np.pad(callee, (0, max(0, len(caller) - len(callee))))
+    limits = SessionLimits(max_utterance_s=6.0, min_commit_window_ms=MECHANICS_COMMIT_WINDOW_MS, handover_pause_ms=handover_pause_ms)
+    d = Driver(Session("sess_handover", config=p.SessionConfig(channels=2, interim_results=True), vad=EnergyVad(), limits=limits))
+    data = stereo_pcm16(caller, callee)
+    heard_at = None
+    for i in range(0, len(data), CHUNK * 4):
+        d.session.receive_bytes(data[i : i + CHUNK * 4])
+        d.drain()
+        d.tick()
+        if heard_at is None and any(e.channel == 0 for e in d.of(p.SpeechStopped)):
+            heard_at = (i + CHUNK * 4) / 4 / 16000
+    d.close()
+    [stopped] = [e for e in d.of(p.SpeechStopped) if e.channel == 0]
+    assert heard_at is not None
+    [segment] = [e for e in d.of(p.TranscriptSegment) if e.channel == 0]
+    return stopped.audio_end_ms / 1000, heard_at, segment.text
+
+
+def test_a_turn_ends_when_the_other_leg_starts_after_a_pause() -> None:
+    """The callee answering after the caller has been silent 0.3 s ends the caller's turn then,
+    not 0.5 s (``turn_detection.silence_duration_ms``) after its last word; an answer that
+    starts sooner than ``handover_pause_ms`` into the caller's silence changes nothing."""
+    end, heard, text = caller_stops_heard_at(200, gap_s=0.3)
+    assert text == spoken(1, 2, 3)
+    assert heard - end < 0.45, (end, heard)
+    end_off, heard_off, text_off = caller_stops_heard_at(0, gap_s=0.3)
+    assert (end_off, text_off) == (end, text) and heard_off - end_off >= 0.5, (end_off, heard_off)
+    _, heard_soon, _ = caller_stops_heard_at(200, gap_s=0.05)
+    _, heard_soon_off, _ = caller_stops_heard_at(0, gap_s=0.05)
+    assert heard_soon == heard_soon_off, "an answer 50 ms into the pause does not end the turn"
+
+
 def test_channel_addressed_audio_equals_interleaved_frames() -> None:
     left, right = two_legs()
     interleaved = Driver(channels=2)
