@@ -60,6 +60,7 @@ def session_limits(settings: Settings) -> SessionLimits:
         fresh_listen_prob=settings.fresh_listen_prob,
         level_end_reach_ms=settings.level_end_reach_ms,
         intake_step_ms=settings.intake_step_ms,
+        narrowband_intake_step_ms=settings.narrowband_intake_step_ms,
         crosstalk_margin_db=settings.crosstalk_margin_db,
     )
 

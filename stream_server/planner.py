@@ -133,6 +133,13 @@ class SessionLimits:
     # leg-second, 2.0-2.3 in 100 ms steps: at 24 calls on two cores that decided p95 (README,
     # "Resampling as audio arrives"). Each step adds up to its length to every turn's end.
     intake_step_ms: int = 0
+    # ... and input at ``NARROWBAND_RATE`` or less (a phone line, whose platform sends 20 ms frames
+    # per leg) in steps of at least this much (0: ``intake_step_ms`` only). At 24 two-leg calls on
+    # two cores, frame-by-frame intake put the event loop behind the calls: turns ended 15 s late
+    # (endpoint p50 14.9 s, final p95 23.7 s); in 60 ms steps 0.60 s and 1.72 s. Off by default:
+    # the 8-call replay reads 7.38 -> 7.67% in 60 ms steps (offline 7.13%) (README, "Phone lines
+    # in 60 ms steps").
+    narrowband_intake_step_ms: int = 0
     # A turn's audio starts where its level rose, up to this far before the VAD's onset, when
     # that is earlier than the onset minus the padding (``vad.level_onset``; 0: the padding only).
     # Silero can hear a soft first syllable late: 0.81 s into "imitates" on 8 kHz μ-law, 0.42 s

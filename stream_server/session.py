@@ -405,8 +405,12 @@ class Session:
         return out + self._push_channels(decoded.samples, channel)
 
     def _audio_input(self, config: p.SessionConfig, channels: int = 1) -> AudioInput:
-        """Client bytes of ``config``'s format and rate in, 16 kHz samples out, in this server's steps."""
-        return AudioInput(config.input_audio_format, config.sample_rate, channels, step_ms=self.limits.intake_step_ms)
+        """Client bytes of ``config``'s format and rate in, 16 kHz samples out, in this server's steps
+        (a phone line's at least ``narrowband_intake_step_ms``)."""
+        step = self.limits.intake_step_ms
+        if config.sample_rate <= NARROWBAND_RATE:
+            step = max(step, self.limits.narrowband_intake_step_ms)
+        return AudioInput(config.input_audio_format, config.sample_rate, channels, step_ms=step)
 
     def _mono_input(self, channel: int) -> AudioInput:
         if channel not in self._channel_in:

@@ -153,6 +153,10 @@ class Settings:
         default=0,
         metadata={"help": "process client audio in steps of at least this many ms (0 = as it arrives): less CPU per stream, up to a step more latency; 100 held 24 two-leg calls on 2 cores at a lower p95 (README)"},
     )
+    narrowband_intake_step_ms: int = dataclasses.field(
+        default=0,
+        metadata={"help": "process input at 8 kHz or less (phone lines: Twilio, AudioHook, any 8 kHz stream) in steps of at least this many ms (0 = --intake-step-ms only): frame by frame, 24 two-leg calls put the event loop 15 s behind on 2 cores, 60 held them (README)"},
+    )
     crosstalk_margin_db: float = dataclasses.field(
         default=20.0,
         metadata={"help": "with several channels (call legs), a channel this many dB under another's recent speech is hearing it (echo, bleed): its VAD hears silence there (0 = off; README)"},

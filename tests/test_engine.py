@@ -47,13 +47,13 @@ def test_the_commit_policy_settings_reach_every_session() -> None:
     settings = from_sources(
         parser.parse_args(["--stable-silence-ms", "120", "--carry-gap-ms", "0", "--min-commit-window-ms", "2000",
                            "--first-interim-ms", "200", "--interim-pace-loaded", "5", "--loaded-round-trip-ms", "400",
-                           "--handover-pause-ms", "0"]),
+                           "--handover-pause-ms", "0", "--narrowband-intake-step-ms", "60"]),
         {"STREAM_SERVER_INTERIM_STEP_MS": "400", "STREAM_SERVER_PAUSE_DECODE_MS": "80"},
     )
     limits = session_limits(settings)
     assert (limits.stable_silence_ms, limits.carry_gap_ms, limits.interim_step_ms, limits.pause_decode_ms) == (120, 0, 400, 80)
     assert limits.min_commit_window_ms == 2000
     assert (limits.first_interim_ms, limits.interim_pace_loaded, limits.loaded_round_trip_ms) == (200, 5.0, 400)
-    assert limits.handover_pause_ms == 0
+    assert (limits.handover_pause_ms, limits.narrowband_intake_step_ms) == (0, 60)
     assert limits.trailing_audio_ms == SessionLimits().trailing_audio_ms
     assert session_limits(Settings()) == SessionLimits()

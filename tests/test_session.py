@@ -206,6 +206,25 @@ def test_audio_taken_in_steps_gives_the_same_turns_at_the_same_audio_times() -> 
     assert runs[0][0] == [spoken(1, 2), spoken(3, 4)]
 
 
+def test_a_phone_line_is_taken_in_steps_of_narrowband_intake_step_ms() -> None:
+    """With ``narrowband_intake_step_ms``, input at 8 kHz (Twilio, AudioHook: 20 ms frames per
+    leg) reaches the VAD in steps of at least that; wideband input as it arrives, unless
+    ``intake_step_ms``; without it (the default) a phone line as it arrives too."""
+    def heard_after_frames(rate: int, frames: int, **limits: int) -> float:
+        session = Session("sess_phone001", config=p.SessionConfig(sample_rate=rate), vad=EnergyVad(), limits=SessionLimits(**limits))
+        session.start()
+        for _ in range(frames):
+            session.receive_bytes(to_pcm16(silence(0.02 * rate / 16000)))
+        return session.audio_seconds
+
+    # (the streaming resampler holds back its last ~4 ms until more audio comes)
+    one, two, three, four = (heard_after_frames(8000, n, narrowband_intake_step_ms=60) for n in (1, 2, 3, 4))
+    assert one == two == 0.0 and three == four == pytest.approx(0.06, abs=0.005)
+    assert heard_after_frames(8000, 1) == pytest.approx(0.02, abs=0.005)
+    assert heard_after_frames(16000, 1, narrowband_intake_step_ms=60) == 0.02
+    assert heard_after_frames(16000, 1, intake_step_ms=60) == 0.0
+
+
 def test_pause_shorter_than_silence_duration_keeps_one_turn() -> None:
     d = Driver(turn_detection={"silence_duration_ms": 1200})
     d.feed(speech([1, 2]))
