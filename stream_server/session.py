@@ -673,9 +673,11 @@ class Session:
         wants the customer's words as the agent answers, not half a second later)."""
         limit = self.limits.handover_pause_ms * MS
         out: list[Output] = []
+        if not limit:
+            return out
         for ch in self._channels:
             seg = ch.segmenter
-            if not limit or ch is speaker or ch.utterance is None or seg is None:
+            if ch is speaker or ch.utterance is None or seg is None:
                 continue
             if seg.ending_silence < limit or self._at_pending_bound(ch):
                 continue

@@ -379,13 +379,16 @@ class TurnSegmenter:
         if not self._silence:
             self._lead = lead
         self._silence += 1
-        if (self._silence + self._lead) * FRAME >= p.silence_duration_ms * 16:
-            self.in_speech = False
-            self._run = self._soft = 0
-            self._peaked = False
-            self._floor = self._last_speech_end
-            return SpeechEnd(sample=self._last_speech_end)
+        if self.ending_silence >= p.silence_duration_ms * 16:
+            return self._end_turn()
         return None
+
+    def _end_turn(self) -> SpeechEnd:
+        self.in_speech = False
+        self._run = self._soft = 0
+        self._peaked = False
+        self._floor = self._last_speech_end
+        return SpeechEnd(sample=self._last_speech_end)
 
     @property
     def ending_silence(self) -> int:
@@ -395,13 +398,7 @@ class TurnSegmenter:
 
     def end_in_pause(self) -> SpeechEnd | None:
         """End the turn now if it is in a pause (someone else took the turn); None otherwise."""
-        if not self.ending_silence:
-            return None
-        self.in_speech = False
-        self._run = self._soft = 0
-        self._peaked = False
-        self._floor = self._last_speech_end
-        return SpeechEnd(sample=self._last_speech_end)
+        return self._end_turn() if self.ending_silence else None
 
     @property
     def pause_start(self) -> int | None:
