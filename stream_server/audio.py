@@ -65,7 +65,9 @@ class AudioInput:
         self.channels = channels
         # Samples are released in steps of at least this much audio (0: as they arrive). Fewer,
         # larger steps cost less per audio second (one resampler call and one VAD run for
-        # several frames) and add up to a step of latency to everything after them.
+        # several frames) and add up to a step of latency to everything after them. It may change
+        # between feeds (``Session.set_load_intake_step_ms``); samples held for a longer step
+        # go out with the next feed that completes the current one.
         self.step_ms = step_ms
         self._remainder = b""
         self._held: list[np.ndarray] = []  # decoded samples waiting for a whole step
@@ -114,7 +116,7 @@ class AudioInput:
         samples, invalid = decode_samples(data[:usable], self.audio_format)
         if self.channels > 1:
             samples = samples.reshape(-1, self.channels)
-        if self.step_ms and len(samples):
+        if (self.step_ms or self._held) and len(samples):  # held samples go with the next ones
             self._held.append(samples)
             self._held_samples += len(samples)
             if self._held_samples * 1000 < self.step_ms * self.sample_rate:

@@ -20,6 +20,7 @@ from stream_server import protocol as p
 from stream_server.audio import MODEL_RATE
 from stream_server.decoding import Decoder, WhisperDecoder
 from stream_server.hub import SessionHub
+from stream_server.loop_lag import LoopLag
 from stream_server.metrics import ServerMetrics
 from stream_server.models import ModelRegistry
 from stream_server.runner import SessionRunner
@@ -71,6 +72,10 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.metrics = ServerMetrics()
+        # How late the event loop runs (sampled by a task the server's lifespan starts; without
+        # one, as in tests that drive an engine directly, it reads 0 and nothing adapts).
+        self.loop_lag = LoopLag()
+        self.metrics.loop_lag.set_function(self.loop_lag.seconds)
         self.vad = vad or SileroVad(profile=self.metrics.stages)
         options = settings.decoder_options()
 
@@ -124,6 +129,13 @@ class Engine:
         if self.scheduler.overloaded(settings.admission_max_turn_end_s, settings.admission_max_first_text_s):
             return "the server is at capacity (transcripts are running late)"
         return None
+
+    def load_intake_step_ms(self) -> int:
+        """The intake step live sessions take audio in now: ``--loaded-intake-step-ms`` while the
+        event loop runs ``--loaded-loop-lag-ms`` late or more (fewer, larger resampler and VAD
+        calls for the same audio), else 0 (each session's configured step)."""
+        settings = self.settings
+        return settings.loaded_intake_step_ms if self.loop_lag.behind(settings.loaded_loop_lag_ms / 1000) else 0
 
     def load_default_model(self) -> None:
         """Load and warm the default model (blocking: call from a thread at start-up)."""

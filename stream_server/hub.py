@@ -283,7 +283,7 @@ class Subscription:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return None
 
     def cancel(self) -> None:

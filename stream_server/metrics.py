@@ -42,6 +42,11 @@ class ServerMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.loop_lag = Gauge(
+            "stream_event_loop_lag_seconds",
+            "How late the event loop ran a timer, worst of the last 2 s: the load of client audio intake (parse, resample, VAD)",
+            registry=r,
+        )
         self.queue_depth = Gauge("stream_decode_queue_depth", "Decode requests waiting", registry=r)
         self.batch_seconds = Histogram(
             "stream_decode_batch_seconds", "Model time per decode batch", buckets=_LATENCY_BUCKETS, registry=r

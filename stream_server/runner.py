@@ -42,8 +42,12 @@ class SessionRunner:
         on_close: Callable[[CloseConnection], None] = lambda close: None,
         metrics: ServerMetrics | None = None,
         elapsed_s: Callable[[], float] | None = None,
+        load_intake_step_ms: Callable[[], int] | None = None,
     ) -> None:
         self.session = session
+        # The intake step the server's load asks for now (``Engine.load_intake_step_ms``; None:
+        # the session's configured step always).
+        self._load_intake_step_ms = load_intake_step_ms
         # Wall seconds since the client connected (a live transport's clock; None: no clock, every
         # decode is live). A client this far behind its own audio sent a recording at full speed.
         self._elapsed_s = elapsed_s
@@ -65,6 +69,8 @@ class SessionRunner:
 
     def apply(self, command: p.ClientMessage) -> None:
         """One typed client command (from any dialect), then whatever it produced goes out."""
+        if self._load_intake_step_ms is not None and isinstance(command, p.AudioAppend):
+            self.session.set_load_intake_step_ms(self._load_intake_step_ms())
         self.session.receive_message(command)
         self.pump()
 
@@ -81,7 +87,7 @@ class SessionRunner:
         """Wait for the session's close after a flush; False on timeout."""
         try:
             await asyncio.wait_for(self.closed.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         return True
 

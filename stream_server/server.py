@@ -60,7 +60,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         if not engine.ready:
             await asyncio.to_thread(engine.load_default_model)
         log.info("ready: model %s on %s (%s)", settings.model, settings.resolved_device(), settings.resolved_compute_type())
+        lag_meter = asyncio.create_task(engine.loop_lag.run(), name="loop-lag")
         yield
+        lag_meter.cancel()
         engine.close()
         if ring.usage.fleet is not None:
             await ring.usage.fleet.close()

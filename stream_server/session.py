@@ -268,6 +268,8 @@ class Session:
         self.limits = limits
         self._model_exists = model_exists
         self._vad = vad
+        # The intake step the runner asks for while the server is behind (``set_load_intake_step_ms``).
+        self._load_step_ms = 0
         self._audio_in = self._audio_input(config, config.channels)
         # Mono inputs for transports that send each channel separately (Twilio's two tracks).
         self._channel_in: dict[int, AudioInput] = {}
@@ -405,12 +407,33 @@ class Session:
         return out + self._push_channels(decoded.samples, channel)
 
     def _audio_input(self, config: p.SessionConfig, channels: int = 1) -> AudioInput:
-        """Client bytes of ``config``'s format and rate in, 16 kHz samples out, in this server's steps
-        (a phone line's at least ``narrowband_intake_step_ms``)."""
-        step = self.limits.intake_step_ms
+        """Client bytes of ``config``'s format and rate in, 16 kHz samples out, in this server's steps."""
+        return AudioInput(config.input_audio_format, config.sample_rate, channels, step_ms=self._intake_step_ms(config))
+
+    def _intake_step_ms(self, config: p.SessionConfig) -> int:
+        """The step audio reaches the VAD in: the configured one (a phone line's at least
+        ``narrowband_intake_step_ms``), or longer while the runner says the server is behind."""
+        step = max(self.limits.intake_step_ms, self._load_step_ms)
         if config.sample_rate <= NARROWBAND_RATE:
             step = max(step, self.limits.narrowband_intake_step_ms)
-        return AudioInput(config.input_audio_format, config.sample_rate, channels, step_ms=step)
+        return step
+
+    def set_load_intake_step_ms(self, step_ms: int) -> None:
+        """Take audio in steps of at least ``step_ms`` from the next message on (0: the configured
+        step). The runner asks for this while the event loop is behind (``loop_lag.LoopLag``):
+        each resampler call and VAD run then covers several frames, so intake costs the loop
+        less; turns end at the same audio times whatever the step (``test_session``), each up
+        to one step later on the wall clock."""
+        if step_ms == self._load_step_ms:
+            return
+        self._load_step_ms = step_ms
+        self._restep()
+
+    def _restep(self) -> None:
+        """Every input of the session takes the current step (after a load change or a new rate)."""
+        step = self._intake_step_ms(self.config)
+        for source in (self._audio_in, *self._channel_in.values()):
+            source.step_ms = step
 
     def _mono_input(self, channel: int) -> AudioInput:
         if channel not in self._channel_in:
@@ -570,6 +593,7 @@ class Session:
         out += self._push_channels(self._audio_in.reconfigure(new.input_audio_format, new.sample_rate))
         for channel, source in self._channel_in.items():
             out += self._push_audio(source.reconfigure(new.input_audio_format, new.sample_rate), channel)
+        self._restep()
         if new.turn_detection != old.turn_detection or new.sample_rate != old.sample_rate:
             params = self._vad_params()
             for ch in self._channels:

@@ -157,6 +157,14 @@ class Settings:
         default=0,
         metadata={"help": "process input at 8 kHz or less (phone lines: Twilio, AudioHook, any 8 kHz stream) in steps of at least this many ms (0 = --intake-step-ms only): frame by frame, 24 two-leg calls put the event loop 15 s behind on 2 cores, 60 held them (README)"},
     )
+    loaded_intake_step_ms: int = dataclasses.field(
+        default=100,
+        metadata={"help": "while the event loop runs --loaded-loop-lag-ms late or more, live sessions take audio in steps of at least this many ms: fewer resampler and VAD calls for the same audio (0 = never; README)"},
+    )
+    loaded_loop_lag_ms: int = dataclasses.field(
+        default=50,
+        metadata={"help": "event-loop lateness (worst of the last 2 s) from which sessions take audio in --loaded-intake-step-ms steps, until it falls under half of this (0 = never)"},
+    )
     crosstalk_margin_db: float = dataclasses.field(
         default=20.0,
         metadata={"help": "with several channels (call legs), a channel this many dB under another's recent speech is hearing it (echo, bleed): its VAD hears silence there (0 = off; README)"},

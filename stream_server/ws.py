@@ -355,6 +355,7 @@ class Connection:
             on_close=self._on_close,
             metrics=self.engine.metrics,
             elapsed_s=self._elapsed_s,
+            load_intake_step_ms=self.engine.load_intake_step_ms,
         )
         self.runner = runner
         self.engine.hub.open(session.id, duration=lambda: session.audio_seconds, controller=self)
@@ -390,7 +391,7 @@ class Connection:
             await self._read_loop(runner)
             # A flush (close message, idle timeout, drain): wait for its last finals to go out.
             await asyncio.wait_for(self._closed.wait(), timeout=FLUSH_TIMEOUT_S)
-        except (WebSocketDisconnect, asyncio.TimeoutError, RuntimeError):
+        except (TimeoutError, WebSocketDisconnect, RuntimeError):
             pass
 
     async def _close_stalled(self, sender: asyncio.Task[None]) -> None:
@@ -412,8 +413,9 @@ class Connection:
         while not runner.session.closing and not self._closed.is_set():
             await self._let_the_decoder_catch_up(runner)
             try:
-                message = await asyncio.wait_for(self.ws.receive(), timeout=idle)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(idle):
+                    message = await self.ws.receive()
+            except TimeoutError:
                 self._queue(self.dialect.error(p.Error.invalid("idle_timeout", f"no message for {idle:g} s; closing")))
                 runner.close()
                 return

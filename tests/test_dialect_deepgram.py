@@ -43,7 +43,7 @@ from tests.fakes import silence, speech, to_pcm16
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "deepgram.md"
-NOW = datetime.datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=datetime.timezone.utc)
+NOW = datetime.datetime(2025, 1, 2, 3, 4, 5, 678000, tzinfo=datetime.UTC)
 SDK_QUERY = {"model": "nova-3", "encoding": "linear16", "sample_rate": "16000"}
 
 SDK_MODELS: dict[str, type[pydantic.BaseModel]] = {

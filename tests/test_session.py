@@ -225,6 +225,52 @@ def test_a_phone_line_is_taken_in_steps_of_narrowband_intake_step_ms() -> None:
     assert heard_after_frames(16000, 1, intake_step_ms=60) == 0.0
 
 
+def test_a_load_intake_step_set_and_lifted_mid_stream_gives_the_same_turns() -> None:
+    """The runner lengthens the intake step while the server is behind and lifts it after
+    (``set_load_intake_step_ms``, every message): the turns end at the same samples and read the
+    same as audio taken as it arrives, however often the step changes, held samples included."""
+    runs = []
+    for schedule in ((0,), (100, 0, 0, 100, 40, 0, 100)):
+        session = Session(
+            "sess_loadstep1",
+            config=p.SessionConfig(interim_results=True),
+            vad=EnergyVad(),
+            limits=SessionLimits(max_utterance_s=6.0, min_commit_window_ms=MECHANICS_COMMIT_WINDOW_MS),
+        )
+        d = Driver(session=session)
+        steps = itertools.cycle(schedule)
+        for part in (speech([1, 2]), silence(0.8), speech([3, 4]), silence(0.8)):
+            data = to_pcm16(part)
+            for i in range(0, len(data), CHUNK * 2):
+                session.set_load_intake_step_ms(next(steps))
+                session.receive_bytes(data[i : i + CHUNK * 2])
+                d.drain()
+                d.tick()
+        d.close()
+        runs.append(([s.text for s in d.of(p.TranscriptSegment)], [e.audio_end_ms for e in d.of(p.SpeechStopped)]))
+    assert runs[0] == runs[1]
+    assert runs[0][0] == [spoken(1, 2), spoken(3, 4)]
+
+
+def test_a_load_intake_step_holds_audio_for_its_step_on_every_input_of_the_session() -> None:
+    """While the load step is set, each input (interleaved channels, or a channel sent on its
+    own as Twilio sends a track) releases audio per step; at 0 the configured step is back and
+    what was held goes out with the next message."""
+    session = Session("sess_loadstep2", config=p.SessionConfig(channels=2), vad=EnergyVad(), limits=SessionLimits())
+    session.start()
+    frame = to_pcm16(silence(0.02))
+    session.set_load_intake_step_ms(60)
+    session.receive_message(p.AudioAppend(frame, channel=1))
+    session.receive_message(p.AudioAppend(frame, channel=1))
+    assert session.audio_seconds == 0.0
+    session.receive_message(p.AudioAppend(frame, channel=1))
+    assert session.audio_seconds == pytest.approx(0.06)
+    session.receive_message(p.AudioAppend(frame, channel=1))
+    session.set_load_intake_step_ms(0)
+    session.receive_message(p.AudioAppend(frame, channel=1))
+    assert session.audio_seconds == pytest.approx(0.10)
+
+
 def test_pause_shorter_than_silence_duration_keeps_one_turn() -> None:
     d = Driver(turn_detection={"silence_duration_ms": 1200})
     d.feed(speech([1, 2]))

@@ -217,7 +217,7 @@ def self_signed(directory: Path) -> tuple[Path, Path]:
         pytest.skip("the cryptography package is needed to make a test certificate")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

@@ -259,7 +259,7 @@ def test_absurdly_nested_json_gets_an_error_and_the_session_goes_on(server: Serv
             while True:
                 try:
                     received.append(json.loads(await asyncio.wait_for(ws.recv(), 15)))
-                except (websockets.exceptions.ConnectionClosed, asyncio.TimeoutError):
+                except (TimeoutError, websockets.exceptions.ConnectionClosed):
                     return received
                 if len(received) >= 3 and received[-1].get("type") in ("transcript.text.done", "input_audio_buffer.cleared", "Metadata"):
                     return received

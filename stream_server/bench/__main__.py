@@ -161,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if not 20 <= args.frame_ms <= 100:
         _log("[bench] warning: --frame-ms outside 20-100 ms; results are not comparable")
-    stamp = _dt.datetime.now(_dt.timezone.utc)
+    stamp = _dt.datetime.now(_dt.UTC)
     out: Path = args.out or Path("bench-out") / stamp.strftime("%Y%m%dT%H%M%SZ")
     out.mkdir(parents=True, exist_ok=True)
     if args.fuzz is not None:

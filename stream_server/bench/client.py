@@ -124,7 +124,7 @@ async def run_client(stream: Stream, cfg: ClientConfig, start_delay_s: float = 0
             await ws.send(json.dumps(cfg.session_update(sr)))
             try:
                 await asyncio.wait_for(updated.wait(), timeout=30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 record.error = "no session.updated within 30 s"
             t0 = time.monotonic()
             record.started_wall = t0
@@ -148,14 +148,14 @@ async def run_client(stream: Stream, cfg: ClientConfig, start_delay_s: float = 0
             await ws.send(json.dumps({"type": "session.close"}))
             try:
                 await asyncio.wait_for(finished.wait(), timeout=cfg.close_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 record.error = f"no transcript.text.done within {cfg.close_timeout_s:.0f} s of close"
             try:
                 await asyncio.wait_for(recv_task, timeout=10)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError):
                 recv_task.cancel()
             record.close_code = ws.close_code
-    except (OSError, websockets.WebSocketException, asyncio.TimeoutError) as exc:
+    except (TimeoutError, OSError, websockets.WebSocketException) as exc:
         record.error = f"{type(exc).__name__}: {exc}"
     record.finished_wall = time.monotonic()
     # Arrival times relative to t0: audio time a was spoken at wall time a / speed.

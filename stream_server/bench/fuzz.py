@@ -1183,7 +1183,7 @@ def make_dialect(target: str, setup: dict[str, Any]) -> Dialect:
         return openai_realtime.create(Handshake("/v1/realtime", query, headers, (), "tiny.en", lambda n: n in KNOWN_MODELS))
     if target == "deepgram":
         handshake = Handshake("/v1/listen", setup.get("query", {}), {}, (), "tiny.en", lambda n: n in KNOWN_MODELS)
-        return deepgram.create(handshake, now=_dt.datetime(2025, 1, 1, tzinfo=_dt.timezone.utc))
+        return deepgram.create(handshake, now=_dt.datetime(2025, 1, 1, tzinfo=_dt.UTC))
     if target == "twilio":
         options = twilio.TwilioOptions(api_keys=frozenset(setup.get("api_keys", ())), default_model="tiny.en",
                                        model_exists=lambda n: n in KNOWN_MODELS)
@@ -1345,7 +1345,7 @@ def run_fuzz(n: int, *, seed: int = 0, workers: int | None = None, max_seconds: 
     return {
         "schema": 1,
         "tool": "stream_server.bench --fuzz",
-        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "config": {"requested": n, "seed": seed, "workers": workers, "max_seconds": max_seconds, "chunk": CHUNK},
         "environment": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "cases": total.cases,

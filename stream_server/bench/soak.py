@@ -311,7 +311,7 @@ async def sampler(pid: int, http_base: str | None, interval_s: float, state: Soa
         try:
             await asyncio.wait_for(state.stop.wait(), timeout=interval_s)
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
 
 

@@ -835,7 +835,7 @@ class DeepgramDialect:
             "transaction_key": "deprecated",
             "request_id": self.request_id,
             "sha256": self._sha256.hexdigest(),
-            "created": self.created.astimezone(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "created": self.created.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "duration": round(duration, 3),
             "channels": len(self._channels),
         }
@@ -864,7 +864,7 @@ def create(handshake: Handshake, *, now: datetime.datetime | None = None) -> Dee
     return DeepgramDialect(
         options,
         request_id=request_id,
-        created=now or datetime.datetime.now(datetime.timezone.utc),
+        created=now or datetime.datetime.now(datetime.UTC),
         api_key=key,
         subprotocol=subprotocol,
         default_model=handshake.default_model,

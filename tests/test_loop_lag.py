@@ -1,0 +1,63 @@
+"""The event loop's lateness: the meter on a real loop, its window and its hysteresis, and the
+intake step the engine derives from it for live sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from stream_server.engine import Engine
+from stream_server.loop_lag import LoopLag
+from stream_server.settings import Settings
+from tests.fakes import BurstDecoder, EnergyVad
+
+
+async def test_a_callback_that_holds_the_loop_shows_as_lag_and_passes_with_the_window() -> None:
+    meter = LoopLag(interval_s=0.01, window_s=0.5)
+    task = asyncio.create_task(meter.run())
+    try:
+        await asyncio.sleep(0.1)
+        assert meter.seconds() < 0.1
+        time.sleep(0.25)  # a callback that keeps the loop for a quarter second
+        await asyncio.sleep(0.05)
+        assert 0.2 <= meter.seconds() < 0.5
+        await asyncio.sleep(0.7)  # the window moves past it
+        assert meter.seconds() < 0.1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def test_behind_from_the_limit_until_under_half_of_it() -> None:
+    meter = LoopLag(window_s=1.0)
+    meter.observe(0.04, now=10.0)
+    assert not meter.behind(0.05)
+    meter.observe(0.06, now=10.1)
+    assert meter.behind(0.05)
+    meter.observe(0.03, now=11.5)  # the 0.06 s left the window; 0.03 is over half the limit
+    assert meter.seconds() == 0.03 and meter.behind(0.05)
+    meter.observe(0.02, now=12.6)
+    assert not meter.behind(0.05)
+    assert not meter.behind(0.0)  # 0: never
+
+
+def test_each_limit_keeps_its_own_hysteresis() -> None:
+    meter = LoopLag(window_s=1.0)
+    meter.observe(0.3, now=1.0)
+    assert meter.behind(0.05) and meter.behind(0.25)
+    meter.observe(0.1, now=2.5)
+    assert meter.behind(0.05) and not meter.behind(0.25)
+
+
+def test_live_sessions_take_longer_steps_while_the_loop_is_behind() -> None:
+    settings = Settings(loaded_intake_step_ms=100, loaded_loop_lag_ms=50)
+    engine = Engine(settings, vad=EnergyVad(), decoder_factory=lambda name: BurstDecoder())
+    try:
+        assert engine.load_intake_step_ms() == 0
+        engine.loop_lag.observe(0.08, time.monotonic())
+        assert engine.load_intake_step_ms() == 100
+        assert "stream_event_loop_lag_seconds 0.08" in engine.metrics.render()[0].decode()
+    finally:
+        engine.close()
