@@ -119,8 +119,9 @@ class Engine:
     def refusal(self) -> str | None:
         """Why a new session is refused now (``server_busy``), or None: draining, at the session
         limit, or overloaded (the decodes that end turns already take longer than
-        ``admission_max_turn_end_s``, or a turn has waited longer than ``admission_max_first_text_s``
-        for its first text)."""
+        ``admission_max_turn_end_s``, a turn has waited longer than ``admission_max_first_text_s``
+        for its first text, or the event loop runs ``admission_max_loop_lag_ms`` late: the
+        decoders may be keeping up while the intake of the audio is not)."""
         if self.draining:
             return "the server is shutting down"
         if self.active_sessions >= self.settings.max_sessions:
@@ -128,6 +129,8 @@ class Engine:
         settings = self.settings
         if self.scheduler.overloaded(settings.admission_max_turn_end_s, settings.admission_max_first_text_s):
             return "the server is at capacity (transcripts are running late)"
+        if self.loop_lag.behind(settings.admission_max_loop_lag_ms / 1000):
+            return "the server is at capacity (its audio intake is running late)"
         return None
 
     def load_intake_step_ms(self) -> int:

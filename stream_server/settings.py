@@ -87,6 +87,16 @@ class Settings:
             "(its first interim decode, queued to now; 0 = not watched; --admission-max-turn-end-s 0 turns both off)"
         },
     )
+    # The event loop runs every client's intake (parse, resample, VAD): once it is this late even
+    # with the loaded intake step, every turn end is seen that much late whatever the decoders do.
+    # Two cores: 24 two-leg calls ran 0.05-0.18 s late, 32 calls 0.9-2.2 s (README, "Admission
+    # on the event loop's lag").
+    admission_max_loop_lag_ms: int = dataclasses.field(
+        default=500,
+        metadata={
+            "help": "also refuse new sessions (server_busy) while the event loop runs this late or more (worst of the last 2 s), until it is under half of this (0 = not watched)"
+        },
+    )
     interim_step_ms: int = dataclasses.field(
         default=300, metadata={"help": "new audio needed before an open utterance is decoded again"}
     )

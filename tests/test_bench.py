@@ -384,3 +384,32 @@ def test_a_call_with_echo_carries_each_leg_faintly_and_late_on_the_other() -> No
     assert db(legs["inbound"][only_outbound]) == pytest.approx(db(legs["outbound"][only_outbound]) - 30.0, abs=0.5)
     assert not legs["outbound"][:lag].any() and legs["outbound"][lag : 2 * lag].any()  # the echo comes late
     assert echoed.turns == call.turns and len(echoed.legs["inbound"]) == len(call.legs["inbound"])
+
+
+def test_the_calls_bench_counts_a_refused_call_and_scores_the_admitted_ones(tmp_path: Path) -> None:
+    """A call that admission control turns away (``server_busy``, close 1013) is a refused call,
+    not a crash or a call of lost turns: the real server here holds one session
+    (``--max-sessions 1``), two calls overlap, and the second is refused; the level then reads
+    '2 (1 refused)' and does not count as held."""
+    import asyncio
+
+    from stream_server.audio import encode_g711
+    from stream_server.bench import calls
+    from tests.support import start_server
+
+    quiet = encode_g711(np.zeros(calls.RATE * 3, np.float32), "ulaw")
+    call = calls.Call(turns=[], legs={"inbound": quiet, "outbound": quiet})
+    server = start_server(tmp_path, "--max-sessions", "1")
+    try:
+        runs = asyncio.run(calls.run_calls(f"ws://127.0.0.1:{server.port}/v1/twilio", f"http://127.0.0.1:{server.port}", [call, call], stagger_s=1.0))
+    finally:
+        server.stop()
+    assert [run.refused for run in runs] == [False, True]
+    assert runs[0].replay.close_code == 1000 and runs[0].events and runs[1].events == []
+    figures = {"finalization_s_p50": 0.5, "finalization_s_p95": 1.0, "lost_turns": 0, "bad_close": 0}
+    assert calls.meets_target(figures) and not calls.meets_target({**figures, "refused_calls": 1})
+    level = {"n_calls": 2, "meets_target": False, "legs": [], "metrics": {
+        **figures, "refused_calls": 1, "turns": 0, "wer": 0.0, "offline_wer": 0.0, "wer_minus_offline": 0.0, "client_late_frames": 0}}
+    results = {"config": {"model": "tiny.en", "device": "cpu", "compute_type": "int8", "call_s": 3, "stagger_s": 1.0},
+               "environment": {"cpu_count": 2, "platform": "linux"}, "created_utc": "now", "notes": [], "levels": [level]}
+    assert "| 2 (1 refused) | 0 |" in calls.markdown(results)

@@ -98,3 +98,56 @@ async def test_new_sessions_are_refused_while_a_turn_waits_for_its_first_text() 
         finally:
             gate.set()
             engine.close()
+
+
+async def test_new_sessions_are_refused_while_the_event_loop_runs_late() -> None:
+    """Decodes on time, but the loop that takes every client's audio is ``admission_max_loop_lag_ms``
+    late (a real meter on this loop, held by a blocking callback): refused, with its own reason;
+    admitted again once the lag has left the meter's window; 0 turns the watch off."""
+    import asyncio
+    import contextlib
+    import time
+
+    settings = Settings(model="tiny.en", admission_max_loop_lag_ms=200)
+    engine = Engine(settings, vad=EnergyVad(), decoder_factory=lambda path: BurstDecoder())
+    engine.loop_lag.interval_s, engine.loop_lag.window_s = 0.01, 0.5
+    meter = asyncio.create_task(engine.loop_lag.run())
+    try:
+        await asyncio.sleep(0.05)
+        assert engine.refusal() is None
+        time.sleep(0.3)  # the loop is held: the meter's next timer fires 0.3 s late
+        await asyncio.sleep(0.05)
+        reason = engine.refusal()
+        assert reason is not None and "intake is running late" in reason
+        await asyncio.sleep(0.7)
+        assert engine.refusal() is None
+    finally:
+        meter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await meter
+        engine.close()
+    unwatched = Engine(Settings(model="tiny.en", admission_max_loop_lag_ms=0), vad=EnergyVad(), decoder_factory=lambda path: BurstDecoder())
+    try:
+        unwatched.loop_lag.observe(5.0, time.monotonic())
+        assert unwatched.refusal() is None
+    finally:
+        unwatched.close()
+
+
+def test_a_session_refused_for_the_loop_gets_server_busy_and_1013() -> None:
+    import time
+
+    import pytest
+    from starlette.websockets import WebSocketDisconnect
+
+    settings = Settings(model="tiny.en", admission_max_loop_lag_ms=200)
+    engine = Engine(settings, vad=EnergyVad(), decoder_factory=lambda path: BurstDecoder())
+    with TestClient(create_app(settings, engine)) as client:
+        engine.loop_lag.observe(0.6, time.monotonic())
+        with client.websocket_connect("/v1/stream") as ws:
+            busy = ws.receive_json()
+            assert busy["type"] == "error" and busy["error"]["code"] == "server_busy"
+            assert "intake is running late" in busy["error"]["message"]
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_json()
+            assert closed.value.code == 1013

@@ -486,6 +486,15 @@ class CallRun:
     events: list[SseEvent]
     offset_s: float  # start delay of this call in the run
 
+    @property
+    def refused(self) -> bool:
+        """The server turned the call away at connect (admission control: ``server_busy``, 1013)."""
+        return self.replay.close_code == BUSY_CLOSE_CODE
+
+
+#: The close code of a session refused at connect (``server_busy``, "try again later").
+BUSY_CLOSE_CODE = 1013
+
 
 async def run_call(ws_url: str, http_base: str, call: Call, *, delay: float = 0.0, parameters: dict[str, str] | None = None) -> CallRun:
     """Replay one call, under a fresh Call SID, with a subscriber reading its events from the
@@ -495,7 +504,8 @@ async def run_call(ws_url: str, http_base: str, call: Call, *, delay: float = 0.
     subscriber = asyncio.create_task(subscribe(http_base, call.call_sid, retry_s=30))
     try:
         result = await replay(ws_url, call, parameters=parameters)
-        events = await asyncio.wait_for(subscriber, timeout=120)
+        # A refused call never becomes a session: there is nothing to subscribe to.
+        events = [] if result.close_code == BUSY_CLOSE_CODE else await asyncio.wait_for(subscriber, timeout=120)
     finally:
         subscriber.cancel()
     return CallRun(call, result, events, delay)
@@ -689,11 +699,12 @@ def _level_figures(legs: Sequence[LegScore], runs: Sequence[CallRun]) -> dict[st
 
 
 def meets_target(figures: Mapping[str, float]) -> bool:
-    """p50 ≤ 0.6 s and p95 ≤ 1.2 s over every turn of every leg, no turn lost, every call closed."""
+    """p50 ≤ 0.6 s and p95 ≤ 1.2 s over every turn of every leg, no turn lost, every call
+    admitted and closed."""
     p50, p95 = figures.get("finalization_s_p50"), figures.get("finalization_s_p95")
     return (
         p50 is not None and p95 is not None and p50 <= TARGET_P50_S and p95 <= TARGET_P95_S
-        and figures.get("lost_turns", 1) == 0 and figures.get("bad_close", 1) == 0
+        and figures.get("lost_turns", 1) == 0 and figures.get("bad_close", 1) == 0 and figures.get("refused_calls", 0) == 0
     )
 
 
@@ -765,8 +776,11 @@ def _measure(
     text = server_metrics.fetch(http_base)
     if before is not None and text is not None:
         figures.update(server_metrics.headline(server_metrics.diff(before, server_metrics.parse(text))))
-    legs = [score_leg(run, track, off) for run, off in zip(runs, offline) for track in TRACKS]
-    figures.update(_level_figures(legs, runs))
+    # Refused calls (admission control) are counted, not scored: the figures are the admitted calls'.
+    admitted = [(run, off) for run, off in zip(runs, offline) if not run.refused]
+    legs = [score_leg(run, track, off) for run, off in admitted for track in TRACKS]
+    figures.update(_level_figures(legs, [run for run, _ in admitted]))
+    figures["refused_calls"] = len(runs) - len(admitted)
     figures["foreign_channel_segments"] = sum(len(foreign_segments(r.events)) for r in runs)
     _write_events(cfg.out / label, runs)
     return {
@@ -778,7 +792,7 @@ def _measure(
                   "lost_clips": leg.lost_turns, "finalization_s": leg.finalization_s, "last_word_final_s": leg.last_word_final_s,
                   "endpoint_s": leg.endpoint_s}
                  for leg in legs],
-        "calls": [{"call_sid": r.call.call_sid, "seconds": r.call.seconds, "offset_s": r.offset_s, "close_code": r.replay.close_code,
+        "calls": [{"call_sid": r.call.call_sid, "seconds": r.call.seconds, "offset_s": r.offset_s, "close_code": r.replay.close_code, "refused": r.refused,
                    "flush_s": r.replay.flush_s, "late_frames": r.replay.late_frames, "elapsed_s": r.replay.elapsed_s} for r in runs],
     }
 
@@ -815,15 +829,17 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"Finalization = `transcript.segment` holding the turn's last word arriving at a `GET /v1/sessions/{{callSid}}/events` subscriber − "
         f"the turn's end of speech; last-word final = the same for the `transcript.text.delta` that completed that word; endpoint = the same for the turn's "
         f"`input_audio_buffer.speech_stopped` (the VAD's share: the rest is the final decode and delivery). "
-        f"Target: p50 ≤ {TARGET_P50_S} s, p95 ≤ {TARGET_P95_S} s, no turn lost.",
+        f"Target: p50 ≤ {TARGET_P50_S} s, p95 ≤ {TARGET_P95_S} s, no turn lost, no call refused. "
+        f"Calls that admission control refused (`server_busy`) are counted in the calls column; the figures are the admitted calls'.",
         "",
         "| calls | turns | WER | offline WER | Δ | final p50 / p95 s | worst leg p95 s | last-word p50 / p95 s | endpoint p50 s | lost | server CPU cores | CPU s / audio s | RSS peak MB | late frames | meets target |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in results["levels"]:
         m = level["metrics"]
+        refused = int(m.get("refused_calls", 0))
         lines.append(
-            f"| {level['n_calls']} | {int(m['turns'])} | {_f(m['wer'], pct=True)} | {_f(m['offline_wer'], pct=True)} | "
+            f"| {level['n_calls']}{f' ({refused} refused)' if refused else ''} | {int(m['turns'])} | {_f(m['wer'], pct=True)} | {_f(m['offline_wer'], pct=True)} | "
             f"{_f(m['wer_minus_offline'] * 100, 1)} pt | {_f(m.get('finalization_s_p50'))} / {_f(m.get('finalization_s_p95'))} | "
             f"{_f(m.get('finalization_s_p95_worst_leg'))} | {_f(m.get('last_word_final_s_p50'))} / {_f(m.get('last_word_final_s_p95'))} | "
             f"{_f(m.get('endpoint_s_p50'))} | {int(m['lost_turns'])} | {_f(m.get('server_cpu_cores_mean'))} | {_f(m.get('server_cpu_s_per_audio_s'), 3)} | "
