@@ -422,11 +422,12 @@ async def replay(
                     received.append(message)
 
         listener = asyncio.create_task(listen())
-        await ws.send(json.dumps(twilio.connected()))
         labels = {"inbound_label": LABELS["inbound"], "outbound_label": LABELS["outbound"], "crm_ticket": "T-1"}
-        await ws.send(json.dumps(twilio.start(parameters={**labels, **(parameters or {})})))
         t0 = time.monotonic()
         try:
+            await ws.send(json.dumps(twilio.connected()))
+            await ws.send(json.dumps(twilio.start(parameters={**labels, **(parameters or {})})))
+            t0 = time.monotonic()
             for due, message in call_messages(call, twilio):
                 delay = t0 + due - time.monotonic()
                 if delay > 0:
@@ -437,7 +438,7 @@ async def replay(
                 await ws.send(json.dumps(message))
             stopped = time.monotonic()
             await ws.send(json.dumps(twilio.stop()))
-        except websockets.ConnectionClosed:  # the server ended the stream (a refused API key)
+        except websockets.ConnectionClosed:  # the server ended the stream (a refused API key, server_busy)
             stopped = time.monotonic()
         await asyncio.wait_for(listener, timeout=60)
         flush_s = time.monotonic() - stopped
