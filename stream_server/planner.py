@@ -138,7 +138,8 @@ class SessionLimits:
     # two cores, frame-by-frame intake put the event loop behind the calls: turns ended 15 s late
     # (endpoint p50 14.9 s, final p95 23.7 s); in 60 ms steps 0.60 s and 1.72 s. Off by default:
     # the 8-call replay reads 7.38 -> 7.67% in 60 ms steps (offline 7.13%) (README, "Phone lines
-    # in 60 ms steps").
+    # in 60 ms steps"). The runner now lengthens every session's step while the event loop is
+    # behind (``Session.set_load_intake_step_ms``), which holds 24 calls without this.
     narrowband_intake_step_ms: int = 0
     # A turn's audio starts where its level rose, up to this far before the VAD's onset, when
     # that is earlier than the onset minus the padding (``vad.level_onset``; 0: the padding only).

@@ -165,11 +165,11 @@ class Settings:
     )
     narrowband_intake_step_ms: int = dataclasses.field(
         default=0,
-        metadata={"help": "process input at 8 kHz or less (phone lines: Twilio, AudioHook, any 8 kHz stream) in steps of at least this many ms (0 = --intake-step-ms only): frame by frame, 24 two-leg calls put the event loop 15 s behind on 2 cores, 60 held them (README)"},
+        metadata={"help": "process input at 8 kHz or less (phone lines: Twilio, AudioHook, any 8 kHz stream) in steps of at least this many ms always (0 = --intake-step-ms only); --loaded-intake-step-ms already lengthens every session's step while the event loop is behind (README)"},
     )
     loaded_intake_step_ms: int = dataclasses.field(
         default=100,
-        metadata={"help": "while the event loop runs --loaded-loop-lag-ms late or more, live sessions take audio in steps of at least this many ms: fewer resampler and VAD calls for the same audio (0 = never; README)"},
+        metadata={"help": "while the event loop runs --loaded-loop-lag-ms late or more, live sessions take audio in steps of at least this many ms, or of the loop's lag when longer (up to 400): fewer resampler and VAD calls for the same audio (0 = never; README)"},
     )
     loaded_loop_lag_ms: int = dataclasses.field(
         default=50,

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import time
 
-from stream_server.engine import Engine
+from stream_server.engine import MAX_LOAD_STEP_MS, Engine
 from stream_server.loop_lag import LoopLag
 from stream_server.settings import Settings
 from tests.fakes import BurstDecoder, EnergyVad
@@ -52,12 +52,27 @@ def test_each_limit_keeps_its_own_hysteresis() -> None:
 
 
 def test_live_sessions_take_longer_steps_while_the_loop_is_behind() -> None:
+    """Under the lag limit, each session's own step; from it, the loaded step, or the lag itself
+    (in whole 20 ms frames) when the loop is further behind, up to the cap; 0 turns it off."""
     settings = Settings(loaded_intake_step_ms=100, loaded_loop_lag_ms=50)
     engine = Engine(settings, vad=EnergyVad(), decoder_factory=lambda name: BurstDecoder())
     try:
         assert engine.load_intake_step_ms() == 0
         engine.loop_lag.observe(0.08, time.monotonic())
         assert engine.load_intake_step_ms() == 100
-        assert "stream_event_loop_lag_seconds 0.08" in engine.metrics.render()[0].decode()
+        engine.loop_lag.observe(0.25, time.monotonic())  # further behind: the step follows the lag
+        assert engine.load_intake_step_ms() == 260
+        engine.loop_lag.observe(3.0, time.monotonic())  # up to its cap
+        assert engine.load_intake_step_ms() == MAX_LOAD_STEP_MS
+        assert "stream_event_loop_lag_seconds 3.0" in engine.metrics.render()[0].decode()
+    finally:
+        engine.close()
+
+
+def test_a_loaded_step_of_zero_never_steps() -> None:
+    engine = Engine(Settings(loaded_intake_step_ms=0), vad=EnergyVad(), decoder_factory=lambda name: BurstDecoder())
+    try:
+        engine.loop_lag.observe(1.0, time.monotonic())
+        assert engine.load_intake_step_ms() == 0
     finally:
         engine.close()
