@@ -152,7 +152,7 @@ class Engine:
         settings = self.settings
         if not settings.loaded_intake_step_ms or not self.loop_lag.behind(settings.loaded_loop_lag_ms / 1000):
             return 0
-        lag_ms = math.ceil(self.loop_lag.seconds() * 1000 / LOAD_STEP_GRAIN_MS) * LOAD_STEP_GRAIN_MS
+        lag_ms = math.ceil(self.loop_lag.sustained() * 1000 / LOAD_STEP_GRAIN_MS) * LOAD_STEP_GRAIN_MS
         return max(settings.loaded_intake_step_ms, min(MAX_LOAD_STEP_MS, lag_ms))
 
     def load_default_model(self) -> None:

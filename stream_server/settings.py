@@ -94,7 +94,7 @@ class Settings:
     admission_max_loop_lag_ms: int = dataclasses.field(
         default=500,
         metadata={
-            "help": "also refuse new sessions (server_busy) while the event loop runs this late or more (worst of the last 2 s), until it is under half of this (0 = not watched)"
+            "help": "also refuse new sessions (server_busy) while the event loop runs this late or more (median of the last 2 s), until it is under half of this (0 = not watched)"
         },
     )
     interim_step_ms: int = dataclasses.field(
@@ -173,7 +173,7 @@ class Settings:
     )
     loaded_loop_lag_ms: int = dataclasses.field(
         default=50,
-        metadata={"help": "event-loop lateness (worst of the last 2 s) from which sessions take audio in --loaded-intake-step-ms steps, until it falls under half of this (0 = never)"},
+        metadata={"help": "event-loop lateness (median of the last 2 s) from which sessions take audio in --loaded-intake-step-ms steps, until it falls under half of this (0 = never)"},
     )
     crosstalk_margin_db: float = dataclasses.field(
         default=20.0,
