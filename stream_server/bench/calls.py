@@ -59,7 +59,7 @@ from stream_server import audio
 from . import server_metrics
 from .corpus import Utterance, load_wav, silero_bounds, speech_bounds
 from .metrics import FinalWord, WerCounts, attribute, final_words, percentile, pooled_wer, wer_counts
-from .report import write_json
+from .report import refused_note, write_json
 from .server_proc import ResourceMonitor, ServerOptions, ServerProcess, measure_idle
 
 RATE = 8000
@@ -838,9 +838,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     ]
     for level in results["levels"]:
         m = level["metrics"]
-        refused = int(m.get("refused_calls", 0))
         lines.append(
-            f"| {level['n_calls']}{f' ({refused} refused)' if refused else ''} | {int(m['turns'])} | {_f(m['wer'], pct=True)} | {_f(m['offline_wer'], pct=True)} | "
+            f"| {level['n_calls']}{refused_note(int(m.get('refused_calls', 0)))} | {int(m['turns'])} | {_f(m['wer'], pct=True)} | {_f(m['offline_wer'], pct=True)} | "
             f"{_f(m['wer_minus_offline'] * 100, 1)} pt | {_f(m.get('finalization_s_p50'))} / {_f(m.get('finalization_s_p95'))} | "
             f"{_f(m.get('finalization_s_p95_worst_leg'))} | {_f(m.get('last_word_final_s_p50'))} / {_f(m.get('last_word_final_s_p95'))} | "
             f"{_f(m.get('endpoint_s_p50'))} | {int(m['lost_turns'])} | {_f(m.get('server_cpu_cores_mean'))} | {_f(m.get('server_cpu_s_per_audio_s'), 3)} | "

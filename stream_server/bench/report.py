@@ -285,5 +285,9 @@ def plots(out_dir: Path, runs: Sequence[LevelResult], sweep: bool) -> list[str]:
 
 def _refused_note(metrics: dict[str, float]) -> str:
     """" (k refused)" for a level where admission control turned streams away, else ""."""
-    refused = int(metrics.get("streams_refused", 0))
+    return refused_note(int(metrics.get("streams_refused", 0)))
+
+
+def refused_note(refused: int) -> str:
+    """" (k refused)" after a level's size where admission control turned k away (streams or calls), else ""."""
     return f" ({refused} refused)" if refused else ""
