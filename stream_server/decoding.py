@@ -156,6 +156,10 @@ class DecodeRequest:
     # decode: a 244 s file (4.6 s of decoding) held a live stream's first text up to 3.5 s, and
     # admission control refused a live session meanwhile.
     background: bool = False
+    # Hypotheses the decoder keeps at each step (1: greedy). Requests of one beam size share a
+    # pass. A turn's unsure last words are decoded again with a beam (``recheck_beam``): a greedy
+    # recheck of the same window mostly read the same words again.
+    beam_size: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,13 +315,13 @@ class WhisperDecoder:
         ids: list[int] = self._tokenizer("en").encode(" " + text.strip())
         return ids
 
-    def batch_key(self, request: DecodeRequest) -> tuple[int, int]:
+    def batch_key(self, request: DecodeRequest) -> tuple[int, int, int]:
         """Requests with equal keys run in one encode/generate/align pass (the scheduler fills
         batches by it): the same encoder window and the same prompt position of
         <|startoftranscript|>, which CTranslate2 requires of a batch."""
         return _pass_shape(self._context(request), request)
 
-    def pass_limit(self, key: tuple[int, int]) -> int | None:
+    def pass_limit(self, key: tuple[int, int, int]) -> int | None:
         """How many requests of pass shape ``key`` (:meth:`batch_key`) one pass may take within
         ``pass_memory_mb`` (None: no bound). The scheduler fills batches up to it, so the rest
         of a big batch can go to another worker instead of waiting behind it."""
@@ -347,7 +351,7 @@ class WhisperDecoder:
         """Decode any batch: requests are grouped by :meth:`batch_key`, each group is one
         encode/generate/align pass."""
         contexts = [self._context(r) for r in requests]
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[tuple[int, int, int], list[int]] = {}
         for i, (context, request) in enumerate(zip(contexts, requests)):
             groups.setdefault(_pass_shape(context, request), []).append(i)
         results: list[DecodeResult | None] = [None] * len(requests)
@@ -376,7 +380,7 @@ class WhisperDecoder:
             generated = self._model.model.generate(
                 encoded,
                 prompts,
-                beam_size=1,
+                beam_size=requests[0].beam_size,  # one per group (_pass_shape)
                 max_length=max_length,
                 return_scores=True,
                 return_no_speech_prob=True,
@@ -515,9 +519,10 @@ class WhisperDecoder:
         return results
 
 
-def _pass_shape(context: list[int], request: DecodeRequest) -> tuple[int, int]:
-    """What must be equal across one model pass: prompt context length and encoder window."""
-    return len(context), window_seconds(len(request.audio))
+def _pass_shape(context: list[int], request: DecodeRequest) -> tuple[int, int, int]:
+    """What must be equal across one model pass: prompt context length, encoder window (seconds)
+    and beam size."""
+    return len(context), window_seconds(len(request.audio)), request.beam_size
 
 
 def choose_language(ranked: Sequence[tuple[str, float]], hint: str | None) -> tuple[str, float]:

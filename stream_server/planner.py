@@ -128,6 +128,12 @@ class SessionLimits:
     # tiny.en, on some window ends, falls into a lower-case reading without punctuation ("And so
     # am i fell in americans", -0.68 against -0.41 to -0.53 for the windows around it). -inf: never.
     recheck_logprob: float = -0.6
+    # ... and that final keeps this many hypotheses at each step (1: greedy, as every other
+    # decode). A greedy recheck of the same window mostly read the same words again; 8 calls,
+    # 3 draws (lag 200 ± 50 ms): WER 7.38 -> 7.09% (offline beam 5: 7.13%), the whole corpus
+    # (lag 100 ± 50 ms) 7.14 -> 7.21% (two words in one clip; offline 8.09%); the same finals
+    # (README, "Rechecks with a beam").
+    recheck_beam: int = 5
     # Client audio reaches the VAD in steps of at least this much (0: as it arrives). A phone
     # line's 20 ms frames, resampled and judged one by one, cost the session 3.5-4.3 ms of CPU per
     # leg-second, 2.0-2.3 in 100 ms steps: at 24 calls on two cores that decided p95 (README,

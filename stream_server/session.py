@@ -837,7 +837,7 @@ class Session:
             # The decode already running heard the pause: its hypothesis becomes the final one.
             inflight.promote()
             if may_recheck:
-                inflight.recheck = self._final_ticket(ch, utt, window_end)
+                inflight.recheck = self._final_ticket(ch, utt, window_end, recheck=True)
             ch.inflight = None
             ch.finals.append(inflight)
             self._promotions_out.append(inflight)
@@ -855,13 +855,14 @@ class Session:
         """A final decode of the whole utterance, queued behind the finals ahead of it (and held
         back until its context is final, with ``final_context_lag``); ``rival``: an earlier
         reading of its last words it competes with."""
-        ticket = self._final_ticket(ch, utt, window_end)
+        ticket = self._final_ticket(ch, utt, window_end, recheck=rival is not None)
         ticket.rival = rival
         ch.finals.append(ticket)
         return [] if ticket.waiting_for_context else [ticket]
 
-    def _final_ticket(self, ch: Channel, utt: Utterance, window_end: int) -> DecodeTicket:
-        """The final decode of ``utt`` up to ``window_end``, as :meth:`_submit_final` queues it."""
+    def _final_ticket(self, ch: Channel, utt: Utterance, window_end: int, *, recheck: bool = False) -> DecodeTicket:
+        """The final decode of ``utt`` up to ``window_end``, as :meth:`_submit_final` queues it;
+        a ``recheck`` of an unsure reading searches wider (``recheck_beam``)."""
         lag = self.limits.final_context_lag
         waits = bool(lag) and len(ch.finals) >= lag  # the turn its context ends with is not final yet
         context = None  # without a lag: the whole transcript so far
@@ -870,6 +871,8 @@ class Session:
             context = "" if waits else self._context_of(ch, len(ch.turn_ends) + len(ch.finals))
         ticket = self._ticket(ch, utt, utt.start, window_end, state=TicketState.FINAL, pause_start=None, context=context)
         ticket.waiting_for_context = waits
+        if recheck:
+            ticket.request = dataclasses.replace(ticket.request, beam_size=self.limits.recheck_beam)
         if self.limits.final_agreement and ticket.request.prefix and not ticket.carried:
             ticket.unforced = True
             ticket.request = dataclasses.replace(ticket.request, prefix=())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -51,6 +53,20 @@ def test_a_batch_equals_its_items_alone(decoder: WhisperDecoder) -> None:
     # Each request is padded to its own window bucket, so a batch changes nothing it hears.
     assert [a.text for a in together] == [b.text for b in alone]
 
+
+
+def test_requests_of_another_beam_size_take_their_own_pass(decoder: WhisperDecoder) -> None:
+    """A recheck decodes with a beam (``SessionLimits.recheck_beam``) while the rest is greedy:
+    one batch may hold both, and each reads as it would alone."""
+    require_speech()
+    clips = ["ljspeech_LJ001-0016", "ljspeech_LJ001-0002"]
+    requests = [DecodeRequest(load_clip(c), beam_size=b) for c, b in zip(clips, (5, 1))]
+    assert decoder.batch_key(requests[0]) != decoder.batch_key(dataclasses.replace(requests[0], beam_size=1))
+    together = decoder.decode_batch(requests)
+    alone = [decoder.decode_batch([r])[0] for r in requests]
+    assert [a.text for a in together] == [b.text for b in alone]
+    assert wer([manifest()[clips[0]]["text"]], [together[0].text]) < 0.25
+    assert all(t.logprob <= 0 for w in together[0].words for t in w.tokens)
 
 HISTORY = (
     "The invention of movable metal letters in the middle of the fifteenth century may justly be considered as the "

@@ -24,7 +24,7 @@ from stream_server.bench.diagnostics import (
 )
 from stream_server.bench.metrics import wer_counts
 from stream_server.bench.runner import _write_events, events_path
-from stream_server.decoding import DecodeRequest, DecodeResult, Word
+from stream_server.decoding import DecodeRequest, DecodeResult, Token, Word
 
 UTTERANCES = [
     Utterance("clip_a", "the cat sat", 1.0, 2.0, 0.9, 2.1),
@@ -124,7 +124,8 @@ class Recorded:
     """Stands in for the Whisper decoder: a trace's subject is what the session asks for."""
 
     def decode_batch(self, requests: Sequence[DecodeRequest]) -> list[DecodeResult]:
-        return [DecodeResult(words=(Word(" mat.", 0.5, 0.9, ()),), language="en", no_speech_prob=0.0, avg_logprob=-0.1) for _ in requests]
+        word = Word(" mat.", 0.5, 0.9, (Token(1, " mat", -0.2), Token(2, ".", -0.3)))
+        return [DecodeResult(words=(word,), language="en", no_speech_prob=0.0, avg_logprob=-0.25) for _ in requests]
 
     def decode_tokens(self, ids: Sequence[int]) -> str:
         return " ".join(f"<{i}>" for i in ids)
@@ -144,6 +145,6 @@ def test_the_trace_keeps_decodes_and_events_near_the_chosen_clips_only() -> None
               (3.4, {"type": "transcript.segment", "item_id": "i2", "text": "on the mat."})]
     text = trace_text(STREAM, ["clip_b"], tracing.decodes, events)
     assert text.startswith("clip clip_b: audio 2.90-4.10 s, speech 3.00-4.00 s: on the mat\n")
-    assert "3.30 decode FINAL  window 0.50 s, prompt …'the cat sat.', prefix '<7> <8>' (ends 0.00 s) -> ' mat.' 0.50-0.90" in text
+    assert "3.30 decode FINAL  window 0.50 s, prompt …'the cat sat.', prefix '<7> <8>' (ends 0.00 s) -> ' mat.' 0.50-0.90 (mean logprob -0.25)" in text
     assert "3.40 transcript.segment {'item_id': 'i2', 'text': 'on the mat.'}" in text
     assert "1.20" not in text and "1.00 decode" not in text  # outside the span

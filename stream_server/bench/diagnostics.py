@@ -22,6 +22,7 @@ from typing import Any
 
 from stream_server.audio import MODEL_RATE
 from stream_server.decoding import DecodeRequest, DecodeResult, WhisperDecoder
+from stream_server.policy import mean_logprob
 
 from .corpus import Stream, Utterance
 from .metrics import TimedEvent, pooled_wer, wer_counts
@@ -185,13 +186,14 @@ class TracedDecode:
     prefix: str
     words: tuple[tuple[str, float, float], ...]
     prefix_end: float
+    logprob: float = 0.0  # the mean token log probability of the spoken words (policy.mean_logprob)
 
     def line(self) -> str:
         said = ", ".join(f"{w!r} {a:.2f}-{b:.2f}" for w, a, b in self.words) or "nothing"
         kind = "FINAL " if self.final else "interim"
         return (
             f"{self.at:8.2f} decode {kind} window {self.window_s:.2f} s, prompt …{self.prompt_tail!r}, "
-            f"prefix {self.prefix!r} (ends {self.prefix_end:.2f} s) -> {said}"
+            f"prefix {self.prefix!r} (ends {self.prefix_end:.2f} s) -> {said} (mean logprob {self.logprob:.2f})"
         )
 
 
@@ -223,6 +225,7 @@ class TracingDecoder:
             prefix=self._decoder.decode_tokens(request.prefix),
             words=tuple((w.text, round(w.start, 2), round(w.end, 2)) for w in result.words),
             prefix_end=result.prefix_end,
+            logprob=round(mean_logprob(result.words), 2),
         )
 
 
