@@ -139,6 +139,10 @@ def test_twilio_hears_nothing_back_and_the_stream_closes_after_the_flush(outcome
 # stays, not strict. On 2026-12-04 it failed again in CI: the leg's LJ001-0016 ends "natural there
 # for" where offline says "natural, therefore" (two errors), in every draw of the call replay
 # (`bench --replay --calls 8 --replay-jitter-ms 50 --replay-repeats 3`, per_utterance.md).
+# Replayed alone (this call, 4 draws) it reads 7.3% against offline's 3.6%, every draw: the pause
+# decode, forced on from "... it was natural", reads "there for." (mean log probability -0.91) and
+# commits it at the pause. Holding such words for a recheck lost on the whole corpus, and the
+# recheck read "there for." again (README, "Rechecks with a beam").
 CALLER_GAP = pytest.mark.xfail(reason="core streaming accuracy on this leg (see the capacity/accuracy issue), not the dialect", strict=False)
 
 
