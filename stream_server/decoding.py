@@ -317,8 +317,9 @@ class WhisperDecoder:
 
     def batch_key(self, request: DecodeRequest) -> tuple[int, int, int]:
         """Requests with equal keys run in one encode/generate/align pass (the scheduler fills
-        batches by it): the same encoder window and the same prompt position of
-        <|startoftranscript|>, which CTranslate2 requires of a batch."""
+        batches by it): the same encoder window, the same prompt position of
+        <|startoftranscript|>, which CTranslate2 requires of a batch, and the same beam size,
+        which one ``generate`` call takes for all of its requests."""
         return _pass_shape(self._context(request), request)
 
     def pass_limit(self, key: tuple[int, int, int]) -> int | None:
