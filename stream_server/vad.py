@@ -64,6 +64,10 @@ class SileroVad:
     def __init__(self, path: str | None = None, *, profile: StageProfile | None = None) -> None:
         import onnxruntime
 
+        if os.environ.get("ORT_DISABLE_TELEMETRY") != "0":
+            # The package sets the opt-out before ONNX Runtime starts (``stream_server/__init__``);
+            # where a host application started the runtime first, this still stops its events.
+            onnxruntime.disable_telemetry_events()
         opts = onnxruntime.SessionOptions()
         # One thread: VAD runs inline on the event loop in 0.1 ms steps; thread pools would only
         # add wake-up latency and contend with the decoder for the cores.

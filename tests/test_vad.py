@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -412,3 +416,32 @@ def test_sound_bursts_counts_words_apart_not_syllables_clicks_or_noise() -> None
     assert sound_bursts(np.array([noise] * 9 + [word] * 8 + [noise] * 5 + [word - 30] * 5 + [noise] * 9)) == 1, "a breath 30 dB down"
     assert sound_bursts(np.full(20, word)) == 0, "all sound: its noise is its speech"
     assert sound_bursts(np.zeros(0)) == 0
+
+
+def _telemetry_files_left_by(code: str, home: Path) -> list[str]:
+    """Run ``code`` in a fresh interpreter whose environment does not opt out of ONNX Runtime's
+    telemetry and whose home is ``home``; the files the runtime's telemetry left there."""
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env["HOME"] = str(home)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120, cwd=Path(__file__).parent.parent)
+    return sorted(str(f.relative_to(home)) for f in (home / ".cache" / "Microsoft").rglob("*") if f.is_file())
+
+
+def test_silero_leaves_no_onnx_runtime_telemetry_behind(tmp_path: Path) -> None:
+    """ONNX Runtime's official Linux builds (1.29 on) write a device id and an event cache under
+    ~/.cache/Microsoft and upload usage events to Microsoft from their first session. This server
+    runs offline and hears phone calls: the package opts out before the runtime starts."""
+    plain = _telemetry_files_left_by(
+        "import onnxruntime as o; from stream_server.vad import bundled_silero_path as b\n"
+        "import os; os.environ.pop('ORT_DISABLE_TELEMETRY', None)\n"  # the package set it: undo, as a plain user of the runtime
+        "o.InferenceSession(b(), providers=['CPUExecutionProvider'])",
+        tmp_path / "plain",
+    )
+    if not plain:
+        pytest.skip("this onnxruntime build keeps no telemetry: nothing to opt out of")
+    ours = _telemetry_files_left_by(
+        "import numpy as np\nfrom stream_server.vad import SileroVad\n"
+        "vad = SileroVad(); vad.probabilities(np.zeros((2, 512), np.float32), vad.new_state())",
+        tmp_path / "ours",
+    )
+    assert ours == [], ours
