@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -636,8 +636,7 @@ class Session:
         if n_frames > 0:
             frames = ch.buffer.slice(ch.vad_pos, ch.vad_pos + n_frames * FRAME).reshape(n_frames, FRAME)
             probs, ch.vad_state = ch.vad.probabilities(frames, ch.vad_state)
-            measured = self.limits.level_onset_reach_ms or self.limits.level_end_reach_ms
-            levels = frame_levels(frames) if measured else np.zeros(0)
+            levels = self._frame_levels(ch, frames)
             for k, value in enumerate(probs):
                 elsewhere = self._crosstalk.heard_from_elsewhere(ch.index, ch.vad_pos // FRAME)
                 if len(levels):  # another channel's echo is no level rise of this one's
@@ -653,6 +652,19 @@ class Session:
         out += self._schedule(ch)
         self._trim(ch)
         return out
+
+    def _frame_levels(self, ch: Channel, frames: np.ndarray) -> Sequence[float]:
+        """The levels of the frames the VAD is about to judge (from ``ch.vad_pos``), where the
+        level rules want them (none otherwise): the crosstalk gate's, which ``_append`` measured
+        on the same frame grid, or measured now."""
+        if not (self.limits.level_onset_reach_ms or self.limits.level_end_reach_ms):
+            return ()
+        if self._crosstalk.active and ch.vad_pos % FRAME == 0:
+            recorded = self._crosstalk.levels(ch.index, ch.vad_pos // FRAME, len(frames))
+            if recorded is not None:
+                return recorded
+        levels: Sequence[float] = frame_levels(frames).tolist()
+        return levels
 
     def _heard(self, ch: Channel, frames: np.ndarray, k: int, prob: float) -> float:
         """Frame ``k`` of ``frames`` (at ``ch.vad_pos``)'s speech probability for the segmenter:

@@ -109,9 +109,7 @@ class SileroVad:
         while len(frames):
             block, frames = frames[:QUIET_FRAMES_BEFORE_RESET], frames[QUIET_FRAMES_BEFORE_RESET:]
             while len(block):
-                contexts = np.concatenate([state.context[None, :], block[:-1, -CONTEXT:]])
-                inputs = {"input": np.concatenate([contexts, block], axis=1), "h": state.h, "c": state.c}
-                out, h, c = self._session.run(None, inputs)
+                out, h, c = self._session.run(None, {"input": _with_context(block, state.context), "h": state.h, "c": state.c})
                 probs = np.asarray(out, np.float32).reshape(len(block))
                 reset_after, quiet = _quiet_scan(probs, state.quiet)
                 if reset_after is None:
@@ -122,6 +120,16 @@ class SileroVad:
                 state = dataclasses.replace(self.new_state(), context=block[reset_after, -CONTEXT:].copy())
                 block = block[reset_after + 1 :]
         return np.concatenate(parts), state
+
+
+def _with_context(block: np.ndarray, context: np.ndarray) -> np.ndarray:
+    """Each frame of ``block`` behind the last ``CONTEXT`` samples before it (``context``, then
+    the frame before's tail): the ``[n, CONTEXT + FRAME]`` input the v6 graph takes."""
+    rows = np.empty((len(block), CONTEXT + FRAME), np.float32)
+    rows[0, :CONTEXT] = context
+    rows[1:, :CONTEXT] = block[:-1, -CONTEXT:]
+    rows[:, CONTEXT:] = block
+    return rows
 
 
 def _quiet_scan(probs: np.ndarray, quiet: int) -> tuple[int | None, int]:
