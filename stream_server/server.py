@@ -9,10 +9,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import FrameType
 from typing import Any
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -83,8 +84,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise SystemExit("--ssl-keyfile needs --ssl-certfile (the certificate that key belongs to)")
@@ -115,6 +114,43 @@ def serve(settings: Settings) -> None:
     DrainingServer(config, app.state.engine, keys=app.state.keys).run()
 
 
+#: How often an idle server wakes to look at its exit flag and refresh its Date header (uvicorn's
+#: own loop: ten times a second). Each wakeup of an idle asyncio loop cost ~0.15 ms of CPU on the
+#: benchmark VM; an exit signal still ends the wait at once (:meth:`QuietServer.handle_exit`).
+TICK_S = 1.0
+
+
+class QuietServer(uvicorn.Server):
+    """uvicorn's server, ticking once a second instead of ten times: an idle server uses no CPU
+    to speak of (``test_server``), and a signal still reaches it at once."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._exit_asked: Callable[[], None] | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        if self._exit_asked is not None:
+            self._exit_asked()
+
+    async def main_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        asked = asyncio.Event()
+
+        def ask() -> None:  # from a signal handler or any thread
+            loop.call_soon_threadsafe(asked.set)
+
+        self._exit_asked = ask
+        counter = 0  # on_tick refreshes the Date header when counter % 10 == 0: every tick here
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(TICK_S):
+                    await asked.wait()
+            counter = (counter + 10) % 864000
+            should_exit = await self.on_tick(counter)
+
+
 class DrainingServer:
     """uvicorn's server with a graceful drain in front of its shutdown.
 
@@ -126,11 +162,9 @@ class DrainingServer:
     """
 
     def __init__(self, config: Any, engine: Engine, *, keys: KeyRing | None = None) -> None:
-        import uvicorn
-
         self.engine = engine
         self.keys = keys  # reloaded from --api-keys-file on SIGHUP
-        self.server = uvicorn.Server(config)
+        self.server = QuietServer(config)
         self._plain_exit = self.server.handle_exit
         self._loop: asyncio.AbstractEventLoop | None = None
         self.server.handle_exit = self._handle_exit  # type: ignore[method-assign]

@@ -360,6 +360,7 @@ class Connection:
         self.runner = runner
         self.engine.hub.open(session.id, duration=lambda: session.audio_seconds, controller=self)
         self.engine.connections.add(self)
+        self.engine.loop_lag.watch()
         sender = asyncio.create_task(self._sender())
         runner.start()
         reader = asyncio.create_task(self._read_and_flush(runner))
@@ -372,6 +373,7 @@ class Connection:
             for task in (reader, aborted):
                 task.cancel()
             self.engine.connections.discard(self)
+            self.engine.loop_lag.unwatch()
             runner.cancel()
             self.engine.hub.close(session.id)
             if not self._closed.is_set() and not self._abort.is_set():

@@ -111,6 +111,7 @@ async def test_new_sessions_are_refused_while_the_event_loop_runs_late() -> None
     settings = Settings(model="tiny.en", admission_max_loop_lag_ms=200)
     engine = Engine(settings, vad=EnergyVad(), decoder_factory=lambda path: BurstDecoder())
     engine.loop_lag.interval_s, engine.loop_lag.window_s = 0.01, 0.5
+    engine.loop_lag.watch()  # the meter samples while a live session is open
     meter = asyncio.create_task(engine.loop_lag.run())
     try:
         await asyncio.sleep(0.05)
