@@ -488,9 +488,27 @@ class Session:
         out = self._drain_inputs(reset=False)
         self._state = transition(self._state, SessionState.CLOSING)
         for ch in self._channels:
-            if ch.utterance is not None:
+            if ch.utterance is not None and self._unannounced_and_empty(ch, ch.utterance):
+                self._drop_utterance(ch, ch.utterance)
+            elif ch.utterance is not None:
                 out += self._end_utterance(ch, self._channel_end(ch), pause_end=None)
         return out + self._maybe_finish()
+
+    def _unannounced_and_empty(self, ch: Channel, utt: Utterance) -> bool:
+        """Whether ``utt`` holds less than a frame of audio and nothing of it has reached the
+        client: the utterance a commit opens while the speaker is mid-word (``_commit``), when the
+        stream then ends. Closing it as any other would send a turn of no audio (``speech_started``
+        and ``speech_stopped`` at the same millisecond, an empty segment) after the real one,
+        which is what a client that commits and closes (OpenAI Realtime, Deepgram's Finalize and
+        CloseStream) got every time its audio ended in speech."""
+        if self._channel_end(ch) - utt.start >= FRAME:
+            return False
+        return any(u is utt and isinstance(event, p.SpeechStarted) for u, event in ch.held)
+
+    def _drop_utterance(self, ch: Channel, utt: Utterance) -> None:
+        """Forget ``utt`` and the events it holds back (see ``_unannounced_and_empty``)."""
+        ch.held = [(u, event) for u, event in ch.held if u is not utt]
+        ch.utterance = None
 
     def _receive_decode_result(self, ticket: DecodeTicket, result: DecodeResult) -> list[Output]:
         ch = self._channels[ticket.channel]

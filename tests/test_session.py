@@ -360,6 +360,39 @@ def test_commit_finalizes_mid_speech_and_speech_continues() -> None:
     assert d.of(p.TranscriptDone)[0].text.split() == spoken(1, 2, 3, 4, 5).split()
 
 
+def test_commit_in_mid_speech_then_close_sends_no_turn_without_audio() -> None:
+    """A client that commits and closes while its audio still ends in speech (OpenAI Realtime's
+    commit, Deepgram's Finalize then CloseStream) got the commit's next utterance too: a
+    ``speech_started`` and ``speech_stopped`` at the same millisecond and an empty segment. Nothing
+    of it had been sent (its start waited for the first segment) and it held no audio: it goes."""
+    d = Driver()
+    d.feed(silence(0.3))
+    d.feed(speech([1, 2, 3]))
+    d.send({"type": "input_audio_buffer.commit"})
+    d.close()
+    assert [e.item_id for e in d.of(p.SpeechStarted)] == [d.of(p.BufferCommitted)[0].item_id]
+    assert len(d.of(p.SpeechStopped)) == 1
+    [segment] = d.of(p.TranscriptSegment)
+    assert segment.text.split() == spoken(1, 2, 3).split() and segment.end > segment.start
+    assert d.of(p.TranscriptDone)[0].text.split() == spoken(1, 2, 3).split()
+    assert d.closed == CloseConnection(1000, "session closed")
+
+
+def test_a_turn_a_commit_opened_is_kept_once_it_was_announced() -> None:
+    """The same turn, once its start went out (the first segment came back before the client
+    closed), is closed as any other: every ``speech_started`` gets its stop and segment."""
+    d = Driver()
+    d.feed(silence(0.3))
+    d.feed(speech([1, 2, 3]))
+    d.send({"type": "input_audio_buffer.commit"})
+    while d.inflight:
+        d.tick()
+    d.close()
+    starts, stops, segments = d.of(p.SpeechStarted), d.of(p.SpeechStopped), d.of(p.TranscriptSegment)
+    assert len(starts) == len(stops) == len(segments) == 2
+    assert segments[1].text == ""
+
+
 def test_commit_with_nothing_buffered_says_so() -> None:
     d = Driver()
     d.feed(silence(0.5))
