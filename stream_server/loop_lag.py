@@ -18,7 +18,7 @@ later; a loop that is behind is late at every sample.
 
 The timer runs only while a live session is open (:meth:`LoopLag.watch`): on the 2-core VM the
 benchmarks run on, each wakeup of an idle asyncio loop costs ~0.15 ms of CPU, and this timer's
-20 a second were most of an idle server's 7.7 ms of CPU a second. With no session open there is
+20 a second were most of an idle server's 5.5-7.2 ms of CPU a second. With no session open there is
 nothing to step and the loop is not late.
 """
 

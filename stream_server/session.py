@@ -488,9 +488,12 @@ class Session:
         out = self._drain_inputs(reset=False)
         self._state = transition(self._state, SessionState.CLOSING)
         for ch in self._channels:
-            if ch.utterance is not None and self._unannounced_and_empty(ch, ch.utterance):
-                self._drop_utterance(ch, ch.utterance)
-            elif ch.utterance is not None:
+            utt = ch.utterance
+            if utt is None:
+                continue
+            if self._unannounced_and_empty(ch, utt):
+                self._drop_utterance(ch, utt)
+            else:
                 out += self._end_utterance(ch, self._channel_end(ch), pause_end=None)
         return out + self._maybe_finish()
 
