@@ -16,8 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stream_server.bench import ab
 from stream_server.bench import metrics as m
 from stream_server.bench.corpus import Utterance, build_streams, speech_bounds
+from stream_server.bench.runner import LevelResult
+from stream_server.bench.server_proc import ServerOptions
 from stream_server.bench.sweep import parse_levels, rss_slope
 
 REPO = Path(__file__).resolve().parents[1]
@@ -308,17 +311,18 @@ def _all_numbers(obj: object, path: str = "") -> list[str]:
     return bad
 
 
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m stream_server.bench ARGS`` from the checkout, as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "stream_server.bench", *args], cwd=REPO, capture_output=True, text=True, timeout=280)
+
+
 @needs_corpus
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    cmd = [
-        sys.executable, "-m", "stream_server.bench",
-        "--streams", "2", "--duration-s", "20", "--speed", "2", "--stagger-s", "1",
-        "--idle-s", "0.5", "--profile", "--per-utterance", "--out", str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=280)
+    proc = _bench("--streams", "2", "--duration-s", "20", "--speed", "2", "--stagger-s", "1",
+                  "--idle-s", "0.5", "--profile", "--per-utterance", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("results.json", "summary.md", "latency_cdf.png"):
         assert (out / name).stat().st_size > 0, name
@@ -413,3 +417,58 @@ def test_the_calls_bench_counts_a_refused_call_and_scores_the_admitted_ones(tmp_
     results = {"config": {"model": "tiny.en", "device": "cpu", "compute_type": "int8", "call_s": 3, "stagger_s": 1.0},
                "environment": {"cpu_count": 2, "platform": "linux"}, "created_utc": "now", "notes": [], "levels": [level]}
     assert "| 2 (1 refused) | 0 |" in calls.markdown(results)
+
+
+def _level(label: str, **figures: float) -> LevelResult:
+    return LevelResult(label, 1, dict(figures))
+
+
+def test_ab_pairs_alternate_their_order_and_are_judged_by_pairs_won() -> None:
+    a, b = ab.Arm("A", ServerOptions()), ab.Arm("B", ServerOptions(extra_args=["--x"]))
+    ran: list[str] = []
+    p95 = {"A1": 2.0, "B1": 1.5, "A2": 1.6, "B2": 1.8, "A3": 2.4, "B3": 2.2}
+
+    def run_arm(arm: ab.Arm, label: str) -> LevelResult:
+        ran.append(label)
+        return _level(label, finalization_latency_s_p95=p95[label], wer=0.08)
+
+    pairs = ab.run_pairs(3, (a, b), run_arm, log=lambda _: None)
+    assert ran == ["A1", "B1", "B2", "A2", "A3", "B3"], "AB, BA, AB: a machine slowing down favours neither arm"
+    assert [(x.label, y.label) for x, y in pairs] == [("A1", "B1"), ("A2", "B2"), ("A3", "B3")]
+    summary = ab.summarize(pairs)
+    row = summary["metrics"]["finalization_latency_s_p95"]
+    assert (row["a_median"], row["b_median"], row["b_lower"], row["b_higher"]) == (2.0, 1.8, 2, 1)
+    assert summary["metrics"]["wer"]["b_lower"] == summary["metrics"]["wer"]["b_higher"] == 0
+    assert "first_text_latency_s_p50" not in summary["metrics"], "a figure no run has is left out"
+    md = ab.markdown(summary, "`A`", "`B`")
+    assert "| final p95 s | 2 / 1.6 / 2.4 | 1.5 / 1.8 / 2.2 | 2 | 1.8 | 2 / 1 of 3 |" in md
+    assert "| WER | 8.00% / 8.00% / 8.00% |" in md
+
+
+def test_ab_arm_b_runs_another_checkout_from_its_own_directory(tmp_path: Path) -> None:
+    """``python -m`` puts the working directory ahead of ``PYTHONPATH``: arm B's server must start
+    in its checkout, or a run from inside this one would start this checkout's code twice."""
+    a = ServerOptions(model="tiny.en", extra_args=["--max-batch-size", "8"])
+    b = ab.arm_b(a, ["--max-batch-size", "4"], tmp_path)
+    assert b.args() == ["--model", "tiny.en", "--max-batch-size", "8", "--max-batch-size", "4"], "B's flags come last and win"
+    assert b.env["PYTHONPATH"] == str(tmp_path.resolve()) and b.cwd == tmp_path.resolve()
+    assert a.env == {} and a.cwd is None, "arm A is left as it was"
+    assert ab.arm_b(a, [], None) == a
+    assert "code from" in ab.describe(b) and "this checkout's code" in ab.describe(a)
+
+
+@needs_corpus
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_ab_runs_both_arms_alternated_and_writes_the_pairs(tmp_path: Path) -> None:
+    out = tmp_path / "ab"
+    proc = _bench("--streams", "1", "--duration-s", "12", "--speed", "3", "--stagger-s", "0", "--idle-s", "0", "--no-offline",
+                  "--ab-pairs", "1", "--b-server-arg", "--max-batch-size 4", "--b-pythonpath", str(REPO), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [run["label"] for run in results["runs"]] == ["A1", "B1"]
+    assert results["ab"]["pairs"] == 1 and "final p95 s" in (out / "ab.md").read_text()
+    assert "--max-batch-size 4" not in (out / "server-A1.log").read_text().splitlines()[0]
+    assert "--max-batch-size 4" in (out / "server-B1.log").read_text().splitlines()[0]
+    bad = _bench("--b-server-arg=--x", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "describe arm B" in bad.stderr

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from . import ab as ab_mod
 from . import offline as offline_mod
 from .client import ClientConfig
 from .corpus import DEFAULT_PAUSE_FILL, DEFAULT_PAUSE_RANGE_S, LEAD_IN_S, NOISE_DBFS, SPEECH_MARGIN_S, TRAIL_S, build_streams
@@ -77,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--offline", action=argparse.BooleanOptionalAction, default=None,
                      help="compute the offline WER baseline (default on, off with --synthetic)")
     run.add_argument("--idle-s", type=float, default=2.0, help="idle measurement before each run")
+    ab = p.add_argument_group("A/B (two servers in alternated runs, see bench/ab.py)")
+    ab.add_argument("--ab-pairs", type=int, metavar="K",
+                    help="run K pairs: the server as the other flags describe it (A) and the same with the --b-* "
+                    "changes (B), alternated AB, BA, ...; writes ab.md (medians, pairs won)")
+    ab.add_argument("--b-server-arg", action="append", default=[], metavar="ARGS",
+                    help="extra server flags of arm B, shell-quoted, repeatable")
+    ab.add_argument("--b-pythonpath", type=Path, metavar="DIR",
+                    help="arm B runs the code of this checkout (e.g. a git worktree of the commit before)")
     run.add_argument("--profile", action="store_true",
                      help="add where the server's CPU went per audio second: VAD, features, encoder, decoder steps, "
                      "alignment, event loop (from its /metrics stage counters)")
@@ -189,6 +198,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not (args.corpus / "manifest.jsonl").exists():
         _log(f"[bench] corpus not found: {args.corpus}/manifest.jsonl")
         return 2
+    if args.ab_pairs is not None and (args.ab_pairs < 1 or args.url or args.capacity_sweep):
+        _log("[bench] --ab-pairs needs K >= 1 and a server the bench starts (no --url, no --capacity-sweep)")
+        return 2
+    if args.ab_pairs is None and (args.b_server_arg or args.b_pythonpath):
+        _log("[bench] --b-server-arg and --b-pythonpath describe arm B of --ab-pairs")
+        return 2
     levels = parse_levels(args.capacity_sweep) if args.capacity_sweep else [args.streams]
     max_n = max(levels)
     _log(f"[bench] building {max_n} stream(s) from {args.corpus} ...")
@@ -253,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.url and max_n > 60 and "--max-sessions" not in options.extra_args:
         options.extra_args += ["--max-sessions", str(max_n + 8)]
 
-    def run_one(n: int) -> LevelResult:
+    def run_one(n: int, server: ServerOptions = options, label: str | None = None) -> LevelResult:
         cfg = ClientConfig(
             url=args.url or "",
             speed=args.speed,
@@ -263,12 +278,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             close_timeout_s=max(60.0, 0.5 * s0.duration_s),
             session_extra={"include": ["logprobs", "words"]} if args.per_utterance else {},
         )
-        label = f"N{n:03d}"
+        label = label or f"N{n:03d}"
         if args.url:
             lv = run_level(streams[:n], cfg, target_for_url(args.url, args.server_pid), out,
                            label, args.stagger_s, args.idle_s if args.server_pid else 0.0)
         else:
-            lv, _ = run_with_server(options, streams[:n], cfg, out, label, args.stagger_s, args.idle_s)
+            lv, _ = run_with_server(server, streams[:n], cfg, out, label, args.stagger_s, args.idle_s)
         if texts:
             level_off = offline_mod.offline_figures(streams[:n], texts)
             for k, v in level_off.items():
@@ -279,7 +294,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return lv
 
     sweep_block: dict[str, Any] | None = None
-    if args.capacity_sweep:
+    ab_block: dict[str, Any] | None = None
+    if args.ab_pairs:
+        b_options = ab_mod.arm_b(options, [a for chunk in args.b_server_arg for a in shlex.split(chunk)], args.b_pythonpath)
+        arms = (ab_mod.Arm("A", options), ab_mod.Arm("B", b_options))
+        pairs = ab_mod.run_pairs(args.ab_pairs, arms, lambda arm, label: run_one(max_n, arm.options, label), log=_log)
+        runs = [lv for pair in pairs for lv in pair]
+        ab_block = {"a": ab_mod.describe(options), "b": ab_mod.describe(b_options), **ab_mod.summarize(pairs)}
+    elif args.capacity_sweep:
         sw = run_sweep(levels, run_one, p95_limit_s=args.p95_limit_s, log=_log)
         runs = sw.levels
         sweep_block = {
@@ -353,10 +375,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if sweep_block is not None:
         results["sweep"] = sweep_block
+    if ab_block is not None:
+        results["ab"] = ab_block
     if args.profile:
         results["profile"] = [profile_figures(lv) for lv in results["runs"]]
     write_json(out / "results.json", results)
     md = markdown(results)
+    if ab_block is not None:
+        ab_md = ab_mod.markdown(ab_block, ab_block["a"], ab_block["b"])
+        (out / "ab.md").write_text(ab_md)
+        md = ab_md + "\n" + md
     (out / "summary.md").write_text(md)
     written = plots(out, runs, sweep=bool(args.capacity_sweep))
     _log(f"[bench] wrote {out}/results.json, summary.md, {', '.join(written)}")

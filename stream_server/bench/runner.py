@@ -230,7 +230,8 @@ def run_with_server(
 ) -> tuple[LevelResult, dict[str, float]]:
     """Start a fresh server, run one level against it, stop it; returns the result and
     server lifecycle figures (startup time, exit code)."""
-    server = ServerProcess(options.args(), out_dir / f"server-{label}.log", startup_timeout_s=options.startup_timeout_s)
+    server = ServerProcess(options.args(), out_dir / f"server-{label}.log", env=options.env, cwd=options.cwd,
+                           startup_timeout_s=options.startup_timeout_s)
     server.start()
     try:
         client_cfg.url = server.ws_url

@@ -41,6 +41,8 @@ class ServerOptions:
     compute_type: str | None = None
     extra_args: list[str] = field(default_factory=list)
     startup_timeout_s: float = 300.0
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+    cwd: Path | None = None  # the server's working directory (None: this process's)
 
     def args(self) -> list[str]:
         """The server's command-line flags (everything after ``python -m stream_server``)."""
