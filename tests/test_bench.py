@@ -440,7 +440,7 @@ def test_ab_pairs_alternate_their_order_and_are_judged_by_pairs_won() -> None:
     assert (row["a_median"], row["b_median"], row["b_lower"], row["b_higher"]) == (2.0, 1.8, 2, 1)
     assert summary["metrics"]["wer"]["b_lower"] == summary["metrics"]["wer"]["b_higher"] == 0
     assert "first_text_latency_s_p50" not in summary["metrics"], "a figure no run has is left out"
-    md = ab.markdown(summary, "`A`", "`B`")
+    md = ab.markdown({**summary, "a": "`A`", "b": "`B`"})
     assert "| final p95 s | 2 / 1.6 / 2.4 | 1.5 / 1.8 / 2.2 | 2 | 1.8 | 2 / 1 of 3 |" in md
     assert "| WER | 8.00% / 8.00% / 8.00% |" in md
 

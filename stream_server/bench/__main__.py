@@ -78,14 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--offline", action=argparse.BooleanOptionalAction, default=None,
                      help="compute the offline WER baseline (default on, off with --synthetic)")
     run.add_argument("--idle-s", type=float, default=2.0, help="idle measurement before each run")
-    ab = p.add_argument_group("A/B (two servers in alternated runs, see bench/ab.py)")
-    ab.add_argument("--ab-pairs", type=int, metavar="K",
-                    help="run K pairs: the server as the other flags describe it (A) and the same with the --b-* "
-                    "changes (B), alternated AB, BA, ...; writes ab.md (medians, pairs won)")
-    ab.add_argument("--b-server-arg", action="append", default=[], metavar="ARGS",
-                    help="extra server flags of arm B, shell-quoted, repeatable")
-    ab.add_argument("--b-pythonpath", type=Path, metavar="DIR",
-                    help="arm B runs the code of this checkout (e.g. a git worktree of the commit before)")
     run.add_argument("--profile", action="store_true",
                      help="add where the server's CPU went per audio second: VAD, features, encoder, decoder steps, "
                      "alignment, event loop (from its /metrics stage counters)")
@@ -94,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "(per level in a live run, whose clients then ask for word timings) with the utterances where "
                      "they differ, worst streaming first")
     run.add_argument("--out", type=Path, help="output folder (default bench-out/<UTC timestamp>)")
+    ab = p.add_argument_group("A/B (two servers in alternated runs, see bench/ab.py)")
+    ab.add_argument("--ab-pairs", type=int, metavar="K",
+                    help="run K pairs: the server as the other flags describe it (A) and the same with the --b-* "
+                    "changes (B), alternated AB, BA, ...; writes ab.md (medians, pairs won)")
+    ab.add_argument("--b-server-arg", action="append", default=[], metavar="ARGS",
+                    help="extra server flags of arm B, shell-quoted, repeatable")
+    ab.add_argument("--b-pythonpath", type=Path, metavar="DIR",
+                    help="arm B runs the code of this checkout (e.g. a git worktree of the commit before)")
     calls = p.add_argument_group("calls (call-center mode, see bench/calls.py)")
     calls.add_argument("--calls", metavar="N[,N...]",
                        help="replay N concurrent two-leg μ-law calls over /v1/twilio instead of --streams "
@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(out / "results.json", results)
     md = markdown(results)
     if ab_block is not None:
-        ab_md = ab_mod.markdown(ab_block, ab_block["a"], ab_block["b"])
+        ab_md = ab_mod.markdown(ab_block)
         (out / "ab.md").write_text(ab_md)
         md = ab_md + "\n" + md
     (out / "summary.md").write_text(md)

@@ -91,14 +91,15 @@ def summarize(pairs: list[tuple[LevelResult, LevelResult]]) -> dict[str, Any]:
     return summary
 
 
-def markdown(summary: dict[str, Any], a_label: str, b_label: str) -> str:
-    """The pairs as a table: each metric's runs for A and B, medians, and the pairs B won."""
+def markdown(summary: dict[str, Any]) -> str:
+    """The pairs as a table: each metric's runs for A and B, medians, and the pairs B won;
+    ``summary`` is :func:`summarize`'s, with each arm in words (:func:`describe`) as ``a``, ``b``."""
     n = summary["pairs"]
     lines = [
         "# A/B: alternated pairs",
         "",
-        f"- A: {a_label}",
-        f"- B: {b_label}",
+        f"- A: {summary['a']}",
+        f"- B: {summary['b']}",
         f"- {n} pair(s), run AB, BA, AB, ...; lower is better for every figure. "
         "Judge by the pairs won and the medians, not by one run: this machine's speed moves between runs.",
         "",
@@ -109,15 +110,16 @@ def markdown(summary: dict[str, Any], a_label: str, b_label: str) -> str:
         row = summary["metrics"].get(key)
         if row is None:
             continue
-
-        def fmt(v: float, pct: bool = pct) -> str:
-            return f"{100 * v:.2f}%" if pct else f"{v:.3g}"
-
+        a, b = (" / ".join(_figure(v, pct) for v in row[arm]) for arm in ("a", "b"))
         lines.append(
-            f"| {label} | {' / '.join(fmt(v) for v in row['a'])} | {' / '.join(fmt(v) for v in row['b'])} | "
-            f"{fmt(row['a_median'])} | {fmt(row['b_median'])} | {row['b_lower']} / {row['b_higher']} of {n} |"
+            f"| {label} | {a} | {b} | {_figure(row['a_median'], pct)} | {_figure(row['b_median'], pct)} | "
+            f"{row['b_lower']} / {row['b_higher']} of {n} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _figure(value: float, pct: bool) -> str:
+    return f"{100 * value:.2f}%" if pct else f"{value:.3g}"
 
 
 def describe(options: ServerOptions) -> str:
