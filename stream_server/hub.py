@@ -330,7 +330,8 @@ class Controller(Protocol):
 class SessionObserver(Protocol):
     """Something that keeps or forwards transcripts (the store, webhooks); called on the event
     loop, so each method must only enqueue. An observer may also have ``dtmf(record, index)``
-    (a key press, ``record.dtmf[index]``); one without it is not told of key presses."""
+    (a key press, ``record.dtmf[index]``) and ``discarded(record)`` (below); one without them is
+    not told of those."""
 
     def started(self, record: TranscriptRecord) -> None: ...
 
@@ -339,6 +340,9 @@ class SessionObserver(Protocol):
     def segment(self, record: TranscriptRecord, index: int) -> None: ...
 
     def ended(self, record: TranscriptRecord) -> None: ...
+
+    # Optional, like ``dtmf``: ``discarded(record)``, a session that was no conversation (a
+    # connection probe) ends; one that kept its start forgets it.
 
 
 class _Live:
@@ -442,6 +446,16 @@ class SessionHub:
 
     def close(self, session_id: str) -> None:
         """The session is over (done sent, or the client vanished): tell subscribers and observers."""
+        self._end(session_id, "ended")
+
+    def discard(self, session_id: str) -> None:
+        """The session is no conversation (an AudioHook connection probe: Genesys checks that the
+        server answers, and asks that such a session be neither transcribed nor logged): it ends
+        now, and observers that kept its start are told ``discarded`` (the store forgets it)
+        instead of ``ended`` (no webhook posts it). Later events of it are ignored as unknown."""
+        self._end(session_id, "discarded")
+
+    def _end(self, session_id: str, what: str) -> None:
         live = self._live.pop(session_id, None)
         if live is None:
             return
@@ -456,7 +470,7 @@ class SessionHub:
             subscriber.end(Ended(record))
         live.subscribers.clear()
         if live.announced:
-            self._notify("ended", record)
+            self._notify(what, record)
         if self.bus is not None:
             live.sequence += 1
             fields = {"status": record.status, "ended_at": repr(record.ended_at), "duration": repr(record.duration)}

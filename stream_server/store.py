@@ -126,6 +126,17 @@ class TranscriptStore:
             "UPDATE sessions SET alias = ?, status = ?, ended_at = ?, duration = ?, session = ?, done = ? WHERE id = ?", row
         ))
 
+    def discarded(self, record: TranscriptRecord) -> None:
+        """A session that was no conversation (a connection probe): its rows go."""
+        sid = record.session_id
+
+        def forget(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM segments WHERE session_id = ?", (sid,))
+            db.execute("DELETE FROM dtmf WHERE session_id = ?", (sid,))
+            db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
+
+        self._write(forget)
+
     # ------------------------------------------------------------ reads
 
     async def get(self, session_id: str) -> TranscriptRecord | None:

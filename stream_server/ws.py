@@ -189,6 +189,7 @@ class Connection:
         self._tokens_at = time.monotonic()
         self.runner: SessionRunner | None = None
         self._alias: str | None = None  # the dialect's session_alias, once registered with the hub
+        self._discarded = False  # the hub was told the session is no conversation (``recorded``)
         self._started = time.monotonic()  # the wall clock a client's audio is measured against (flow control)
 
     # ---------------------------------------------------------------- outputs
@@ -201,6 +202,7 @@ class Connection:
             elif self.runner is not None and not self._closed.is_set():
                 self._command(self.runner, action)
         self._register_alias()
+        self._discard_unrecorded()
         self._publish_call_events()
 
     async def _identify_late_key(self, actions: list[Action]) -> list[Action]:
@@ -300,6 +302,13 @@ class Connection:
         if alias and self.runner is not None and alias != self._alias:
             self._alias = alias
             self.engine.hub.alias(self.runner.session.id, str(alias))
+
+    def _discard_unrecorded(self) -> None:
+        """A session its dialect found to be no conversation (``recorded`` false: an AudioHook
+        connection probe) leaves the hub: not stored, not posted, not listed."""
+        if self.runner is not None and not self._discarded and getattr(self.dialect, "recorded", True) is False:
+            self._discarded = True
+            self.engine.hub.discard(self.runner.session.id)
 
     def _emit(self, event: p.ServerEvent) -> None:
         if self.runner is not None:

@@ -338,6 +338,22 @@ def test_silence_sends_no_events() -> None:
     assert [m["type"] for m in h.messages()] == ["opened", "closed"]
 
 
+def test_a_connection_probe_is_answered_but_not_transcribed() -> None:
+    # Genesys probes an integration with the nil conversationId; its audio (if any) is not decoded.
+    h = AudioHookHarness()
+    h.client.conversation_id = ah.PROBE_CONVERSATION
+    opened = h.open()
+    assert opened["type"] == "opened" and opened["parameters"] == {"media": [STEREO_PCMU], "startPaused": False}
+    assert h.dialect.recorded is False and h.dialect.session_alias is None
+    audio, _, _ = call_audio()
+    h.send_audio(audio)
+    h.send(h.client.message("discarded", {"start": fmt(h.client.position), "discarded": "PT1S"}))
+    h.send(h.client.message("ping", {}))
+    h.close()
+    assert [m["type"] for m in h.messages()] == ["opened", "pong", "closed"]
+    assert h.session.audio_seconds == 0.0
+
+
 def test_close_before_open_is_answered_with_closed() -> None:
     h = AudioHookHarness()
     h.close()

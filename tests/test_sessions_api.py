@@ -12,8 +12,10 @@ import asyncio
 import hashlib
 import hmac
 import json
+import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -299,6 +301,37 @@ def test_a_call_that_drops_ends_its_subscribers_stream(server: ServerProcess) ->
     assert events[0][0] == "session.created" and events[-1][0] == "session.ended"
     assert events[-1][1]["status"] == "disconnected" and events[-1][1]["session_id"] == events[0][1]["session"]["id"]
     assert body["status"] == "disconnected" and body["duration"] > 0
+
+
+def test_audiohook_connection_probes_are_answered_and_leave_nothing_behind(server: ServerProcess, call: dict, receiver: Receiver, db: Path) -> None:
+    # Genesys checks an integration with sessions on the nil conversationId, open then close; two
+    # may come at once. Each is answered as any session; none is stored, posted or listed.
+    from stream_server.dialects.audiohook import PROBE_CONVERSATION
+    from tests.test_dialect_audiohook import GenesysClient
+
+    async def probe() -> list[str]:
+        client = GenesysClient(session_id=str(uuid.uuid4()), conversation_id=PROBE_CONVERSATION)
+        headers = {"audiohook-organization-id": client.organization_id, "audiohook-session-id": client.session_id,
+                   "audiohook-correlation-id": str(uuid.uuid4()), "x-api-key": "any"}
+        kinds = []
+        async with websockets.connect(server.ws_url.replace("/v1/stream", "/v1/audiohook"), additional_headers=headers) as ws:
+            for message in (client.open(), client.message("ping", {}), client.message("close", {"reason": "end"})):
+                await ws.send(json.dumps(message))
+                answer = json.loads(await asyncio.wait_for(ws.recv(), 5))
+                client.seen(answer)
+                kinds.append(answer["type"])
+        return kinds
+
+    async def probes() -> list[list[str]]:
+        return list(await asyncio.gather(probe(), probe()))
+
+    posted = len(receiver.payloads())
+    assert asyncio.run(probes()) == [["opened", "pong", "closed"]] * 2
+    time.sleep(1.0)  # what a webhook sender would have posted by now
+    assert len(receiver.payloads()) == posted
+    assert transcript(server, PROBE_CONVERSATION).status_code == 404
+    with sqlite3.connect(db) as stored:
+        assert stored.execute("SELECT COUNT(*) FROM sessions WHERE alias = ? OR session LIKE '%g711_ulaw%'", (PROBE_CONVERSATION,)).fetchone() == (0,)
 
 
 def test_unknown_sessions_and_bad_formats_are_refused_in_the_error_shape(server: ServerProcess, call: dict) -> None:

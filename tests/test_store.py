@@ -81,6 +81,36 @@ def test_a_restart_keeps_finished_calls_and_the_segments_of_an_interrupted_one(d
     reopened.close()
 
 
+def test_a_discarded_session_leaves_no_row_and_no_end(db: Path) -> None:
+    # An AudioHook connection probe: started (the store wrote its row), then found to be no call.
+    class Ends:
+        def __init__(self) -> None:
+            self.ended: list[str] = []
+
+        def started(self, record: TranscriptRecord) -> None: ...
+        def aliased(self, record: TranscriptRecord) -> None: ...
+        def segment(self, record: TranscriptRecord, index: int) -> None: ...
+
+        def ended(self, record: TranscriptRecord) -> None:
+            self.ended.append(record.session_id)
+
+    store, ends = TranscriptStore(db), Ends()
+    run_call(store, "sess_call")
+    hub = SessionHub([store, ends])
+    hub.open("sess_probe")
+    hub.publish("sess_probe", p.SessionCreated({"id": "sess_probe", "channels": 2}))
+    hub.publish("sess_probe", seg(1, "Hello", 0.1, 0.5))
+    assert store.get_now("sess_probe") is not None  # kept while it was a session like any other
+    hub.discard("sess_probe")
+    hub.publish("sess_probe", seg(2, "late", 0.6, 0.9))  # later events of it are unknown ids
+    hub.close("sess_probe")
+    assert store.get_now("sess_probe") is None and ends.ended == []
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM segments WHERE session_id = 'sess_probe'").fetchone() == (0,)
+    kept = store.get_now("sess_call")
+    assert kept is not None and len(kept.segments) == 2  # the other call is untouched
+    store.close()
+
+
 def test_the_latest_call_with_an_alias_wins(db: Path) -> None:
     store = TranscriptStore(db)
     for sid in ("sess_a", "sess_b"):

@@ -73,6 +73,10 @@ MAX_TEXT_CHARS = 65535
 #: Silence put into the session for one declared gap at most; a longer gap (a long hold) only
 #: moves the timeline, so a client cannot make the server buffer minutes of zeros.
 MAX_FILL_S = 60.0
+#: The ``conversationId`` of a connection probe: a session Genesys opens (and closes at once) to
+#: check that the server answers, when an integration is set up and from time to time after. The
+#: protocol's patterns ask that it be answered as any session and neither transcribed nor logged.
+PROBE_CONVERSATION = "00000000-0000-0000-0000-000000000000"
 #: Media formats understood: wire name → (core ``input_audio_format``, bytes per sample, silence).
 FORMATS: dict[str, tuple[str, int, bytes]] = {"PCMU": ("g711_ulaw", 1, b"\xff"), "L16": ("pcm16", 2, b"\x00\x00")}
 CHANNEL_NAMES = ("external", "internal")
@@ -194,6 +198,9 @@ class AudioHookDialect:
         self.options = options or AudioHookOptions()
         self.api_key: str | None = self.options.api_key
         self.session_alias: str | None = None  # the conversationId, once ``open`` is accepted
+        # False for a connection probe (``open`` with the nil conversationId, :data:`PROBE_CONVERSATION`):
+        # Genesys checks that the server answers, and such a session is neither transcribed nor kept.
+        self.recorded = True
         self.session_id: str | None = self.options.session_id
         self.state = State.PREPARING
         self.media: Media | None = None
@@ -423,7 +430,10 @@ class AudioHookDialect:
         if custom is not None and not isinstance(custom, dict):
             raise BadInput("open parameter customConfig must be an object")
         continued = _continued_sessions(parameters.get("continuedSessions"))
-        self.session_alias = conversation
+        if conversation == PROBE_CONVERSATION:
+            self.recorded = False
+        else:
+            self.session_alias = conversation
         header_org = self.options.organization_id
         if header_org is not None and organization.lower() != header_org.lower():
             log.warning("audiohook %s: organizationId %s does not match the Audiohook-Organization-Id header %s", self.call, organization, header_org)
@@ -436,7 +446,10 @@ class AudioHookDialect:
             log.info("audiohook %s: continues session(s) %s at position %s", self.call,
                      ", ".join(f"{c['id']} (serverseq {c['serverseq']}, clientseq {c['clientseq']})" for c in continued), message["position"])
         self.state = State.ACTIVE
-        log.info("audiohook %s: opened (%s, channels %s, language %s)", self.call, media.format, ",".join(media.channels), language or "server default")
+        if not self.recorded:
+            log.info("audiohook %s: connection probe opened (%s, channels %s): not transcribed or stored", self.call, media.format, ",".join(media.channels))
+        else:
+            log.info("audiohook %s: opened (%s, channels %s, language %s)", self.call, media.format, ",".join(media.channels), language or "server default")
         opened: dict[str, Any] = {"media": [media.offered], "startPaused": False}
         if parameters.get("supportedLanguages") is True:
             opened["supportedLanguages"] = list(supported_languages(self.options.default_model))
@@ -501,8 +514,10 @@ class AudioHookDialect:
             raise BadInput(f"audio frame of {len(data)} bytes is not a whole number of {self.media.frame_bytes}-byte samples ({self.media.format}, {len(self.media.channels)} channel(s))")
         samples = len(data) // self.media.frame_bytes
         self._received += samples
-        self._core_samples += samples
         self._stream_s += samples / SAMPLE_RATE
+        if not self.recorded:
+            return []  # a connection probe's audio is counted (its position), not transcribed
+        self._core_samples += samples
         return [p.AudioAppend(data)]
 
     def _gap(self, length: float, position: float) -> list[Action]:
@@ -511,7 +526,7 @@ class AudioHookDialect:
         the stream position follows what the message's ``position`` says it is now (a client that
         counts the gap in its position moves ahead; one that does not, stays)."""
         assert self.media is not None
-        fill = round(min(length, MAX_FILL_S) * SAMPLE_RATE)
+        fill = round(min(length, MAX_FILL_S) * SAMPLE_RATE) if self.recorded else 0
         if length > MAX_FILL_S:
             log.info("audiohook %s: gap of %.1f s: %.0f s of silence inserted, the rest skipped", self.call, length, MAX_FILL_S)
         self._core_samples += fill

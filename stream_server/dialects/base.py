@@ -77,6 +77,13 @@ class Dialect(Protocol):
 
     A module in this package that defines a dialect exposes ``create(handshake: Handshake) ->
     Dialect`` (raising :class:`HandshakeRejected` for a request it refuses).
+
+    Optional attributes the shell reads when a dialect has them: ``session_alias`` (the call's
+    own id, once known: the session is also found under it), ``accept_headers`` (response headers
+    of the upgrade), ``call_events()`` (key presses beside the audio), ``control(control)`` and
+    ``drain()`` (an operator's pause, a server's shutdown), and ``recorded`` (False once the
+    session is known to be no conversation, as an AudioHook connection probe: it is not stored,
+    posted or listed).
     """
 
     #: Short name used in logs and metrics labels ("native", "openai", "deepgram", ...).
