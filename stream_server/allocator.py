@@ -6,7 +6,7 @@ attention, up to ``--pass-memory-mb`` each), their feature extraction and the ev
 each land in an arena of their own, so a loaded server's resident memory grows by the sum of
 those high-water marks. Two arenas share them in heaps that the next pass reuses; one arena
 saves a little more memory but made the event loop and the workers wait on each other's
-allocations (numbers in the README, "Capacity").
+allocations (numbers in the docs/benchmarks.md, "Capacity").
 
 ``MALLOC_ARENA_MAX`` in the environment is read by glibc before Python starts; ``mallopt`` does
 the same from inside the process, which is what lets a plain ``stream-server`` get it. It only

@@ -146,7 +146,7 @@ class AudioInput:
 #: swresample's filter, twice its default length with the cutoff near soxr HQ's passband
 #: (0.91 of Nyquist). Its default (32 taps a phase, cutoff 0.97) lets more of μ-law's
 #: quantisation noise at 3.9-4 kHz through, and eight calls replayed read 8.41% against
-#: 7.87% with this one (soxr's stream: 7.79%; README, "Resampling as audio arrives").
+#: 7.87% with this one (soxr's stream: 7.79%; docs/benchmarks.md, "Resampling as audio arrives").
 SWR_FILTER: Mapping[str, str] = MappingProxyType({"filter_size": "64", "cutoff": "0.92"})
 
 

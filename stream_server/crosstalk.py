@@ -5,7 +5,7 @@ carries the other party too, 20-50 dB down: line echo from a hybrid, acoustic ec
 speaker, a headset's sidetone, bleed in the recorder. Silero hears speech at any level and Whisper
 transcribes it, so every word then appears on both channels. The 8-call replay with each leg
 carrying the other 40 ms late read 64.9% WER at -45 dB (462 of its 528 errors insertions), 86.8%
-at -35 dB and 96.7% at -25 dB, against 7.9% clean (README, "Echo between the legs").
+at -35 dB and 96.7% at -25 dB, against 7.9% clean (docs/benchmarks.md, "Echo between the legs").
 
 So a frame of a channel whose level is ``margin_db`` or more under the loudest frame of another
 channel within the last ``lookback`` frames (echo arrives up to a few hundred milliseconds after

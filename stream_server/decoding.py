@@ -237,7 +237,7 @@ class WhisperDecoder:
         # it echoes of the forced prefix split into other words ("i .e.", "cold -hearted") that
         # grew into loops; with words split as the prefix splits (``_words_from_alignment``),
         # 9.8% and 8.3% (timestamp tokens on: 7.9% and 7.8%, unchanged by that). Off stays for
-        # throughput experiments until the rest of the gap is closed (README, replay).
+        # throughput experiments until the rest of the gap is closed (docs/benchmarks.md, replay).
         self._timestamps = timestamp_tokens
         self._profile = profile  # per-stage CPU and wall time (``bench --profile``), or None
         self._pass_memory = pass_memory_mb * 2**20  # bound on one pass's attention memory (0: none)

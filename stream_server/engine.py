@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 #: A file's turn is prompted with the text up to this many turns before it, and waits for that
 #: turn (``SessionLimits.final_context_lag``): the file's text then does not depend on decode
-#: timing, and this many of its finals still decode at once (measurements: README, Capacity).
+#: timing, and this many of its finals still decode at once (measurements: docs/benchmarks.md, Capacity).
 FILE_CONTEXT_LAG = 4
 
 #: The longest intake step the event loop's lag asks for (``Engine.load_intake_step_ms``): a
@@ -148,7 +148,7 @@ class Engine:
         or the loop's lag itself when that is longer (up to :data:`MAX_LOAD_STEP_MS`). Every frame
         already waits that long for the loop, so steps as long cost the turns little more and
         take the most work off it (24 calls on a slow hour: final p95 2.17-2.68 s against
-        2.30-4.60 s with 100 ms steps; README, "Phone lines when the loop is behind")."""
+        2.30-4.60 s with 100 ms steps; docs/benchmarks.md, "Phone lines when the loop is behind")."""
         settings = self.settings
         if not settings.loaded_intake_step_ms or not self.loop_lag.behind(settings.loaded_loop_lag_ms / 1000):
             return 0

@@ -6,7 +6,7 @@ scheduler's own meter (``DecodeScheduler.overloaded``), but the loop has no queu
 its backlog is the frames waiting in the sockets. On 2 cores, 24 two-leg calls (48 phone lines,
 2,400 frames a second) asked more of the loop than it had beside the decoders, and it fell
 further behind every second: turn ends seen 15-19 s late while every decode, once asked, was
-quick, so admission control saw nothing wrong (README, "Phone lines when the loop is behind").
+quick, so admission control saw nothing wrong (docs/benchmarks.md, "Phone lines when the loop is behind").
 
 :class:`LoopLag` measures that directly: a timer that asks to wake every ``interval_s`` and
 records how late it woke. It reads two ways over the last ``window_s``: the worst lateness (the

@@ -30,7 +30,7 @@ class SessionLimits:
     # behind gains more from fewer interims than its captions lose, while one stream (round trip
     # ~0.1 s) keeps its 300 ms step (pace 4 everywhere paced it too). 24 live streams, three
     # alternated pairs: final p95 1.67 / 2.12 / 1.98 s against 2.32 / 2.52 / 2.21 s, first text
-    # p50 0.07-0.21 s sooner, WER the same (README, "Pacing a server that is behind").
+    # p50 0.07-0.21 s sooner, WER the same (docs/benchmarks.md, "Pacing a server that is behind").
     interim_pace_loaded: float = 4.0
     loaded_round_trip_ms: int = 300
     # A pause in a turn is decoded once it has lasted ``pause_decode_ms``, and the words before it
@@ -38,7 +38,7 @@ class SessionLimits:
     # sooner; a speaker who goes on makes it an ordinary interim). 100 against 200, over three
     # draws of each replay: last words final 0.08-0.09 s sooner (p50), WER within the draws'
     # spread (whole corpus scored alone 8.09 vs 7.89% at lag 200, 7.89 vs 8.28% at lag 100;
-    # 8 calls 7.67 vs 7.59%). README, "Pause timing".
+    # 8 calls 7.67 vs 7.59%). docs/benchmarks.md, "Pause timing".
     pause_decode_ms: int = 100
     stable_silence_ms: int = 200
     min_decode_ms: int = 300
@@ -48,7 +48,7 @@ class SessionLimits:
     # turns of 24 live streams, one of 0.6-0.9 s in 96 of 96. An empty reading costs a turn, under
     # load, a round trip (p50 0.49 s there) before its next interim is asked for. 300 against 0:
     # 24 live streams, first text p50 1.04 / 1.18 s against 1.38 / 1.44 s (two runs each, back
-    # to back), decodes -6 to -13% in the replays, WER within their draws (README, "First interim").
+    # to back), decodes -6 to -13% in the replays, WER within their draws (docs/benchmarks.md, "First interim").
     first_interim_ms: int = 300
     max_utterance_s: float = 15.0
     trailing_audio_ms: int = 300  # silence kept after the speech end for the final decode
@@ -71,7 +71,7 @@ class SessionLimits:
     # at 2000, without that, a 2.0 s window decoded "But though on the whole" as "But, they'll
     # want the hole" and committed it at the comma. 3500 with that rule against 2000 without it,
     # replays: 8 calls 8.98 -> 7.75% WER (offline 6.89%); 413 -> 395 errors in 5011 words pooled
-    # over four replays; finals p50 / p95 +0.00-0.02 s (README, "First words of a turn").
+    # over four replays; finals p50 / p95 +0.00-0.02 s (docs/benchmarks.md, "First words of a turn").
     min_commit_window_ms: int = 3500
     # A final decode runs without its forced prefix, and its words after the committed ones it
     # repeats are kept; one that contradicts them is decoded again, forced. Forced to continue
@@ -119,7 +119,7 @@ class SessionLimits:
     # before the onset it reported), the 300 ms padding cut into it, and the decoder dropped or
     # misheard the first words ("then for our purpose", "But, they'll want the hole"). 8 calls,
     # three draws each: 8.57 -> 7.83% WER (offline beam 5: 7.38%). Wideband audio keeps the plain
-    # padding: 500 ms in all there read the whole corpus 7.90 -> 8.42% (README, "Phone audio").
+    # padding: 500 ms in all there read the whole corpus 7.90 -> 8.42% (docs/benchmarks.md, "Phone audio").
     narrowband_padding_ms: int = 200
     # A turn whose last words come from a hypothesis that already heard its pause (a promoted
     # pause decode, or the last interim) is final without a decode of its own; when the decoder's
@@ -132,18 +132,18 @@ class SessionLimits:
     # decode). A greedy recheck of the same window mostly read the same words again; 8 calls,
     # 3 draws (lag 200 ± 50 ms): WER 7.38 -> 7.09% (offline beam 5: 7.13%), the whole corpus
     # (lag 100 ± 50 ms) 7.14 -> 7.21% (two words in one clip; offline 8.09%); the same finals
-    # (README, "Rechecks with a beam").
+    # (docs/benchmarks.md, "Rechecks with a beam").
     recheck_beam: int = 5
     # Client audio reaches the VAD in steps of at least this much (0: as it arrives). A phone
     # line's 20 ms frames, resampled and judged one by one, cost the session 3.5-4.3 ms of CPU per
-    # leg-second, 2.0-2.3 in 100 ms steps: at 24 calls on two cores that decided p95 (README,
+    # leg-second, 2.0-2.3 in 100 ms steps: at 24 calls on two cores that decided p95 (docs/benchmarks.md,
     # "Resampling as audio arrives"). Each step adds up to its length to every turn's end.
     intake_step_ms: int = 0
     # ... and input at ``NARROWBAND_RATE`` or less (a phone line, whose platform sends 20 ms frames
     # per leg) in steps of at least this much (0: ``intake_step_ms`` only). At 24 two-leg calls on
     # two cores, frame-by-frame intake put the event loop behind the calls: turns ended 15 s late
     # (endpoint p50 14.9 s, final p95 23.7 s); in 60 ms steps 0.60 s and 1.72 s. Off by default:
-    # the 8-call replay reads 7.38 -> 7.67% in 60 ms steps (offline 7.13%) (README, "Phone lines
+    # the 8-call replay reads 7.38 -> 7.67% in 60 ms steps (offline 7.13%) (docs/benchmarks.md, "Phone lines
     # in 60 ms steps"). The runner now lengthens every session's step while the event loop is
     # behind (``Session.set_load_intake_step_ms``), which holds 24 calls without this.
     narrowband_intake_step_ms: int = 0
@@ -151,7 +151,7 @@ class SessionLimits:
     # that is earlier than the onset minus the padding (``vad.level_onset``; 0: the padding only).
     # Silero can hear a soft first syllable late: 0.81 s into "imitates" on 8 kHz μ-law, 0.42 s
     # at 16 kHz. 1000 against 0, three draws each: whole corpus (lag 100) 7.83 -> 7.60% WER,
-    # 8 calls 7.67 -> 7.71% (README, "Where the level rose").
+    # 8 calls 7.67 -> 7.71% (docs/benchmarks.md, "Where the level rose").
     level_onset_reach_ms: int = 1000
     # When the level rose after the padding began (the padding before the sound held only the
     # channel's noise), a turn's audio starts this long before the sound instead of at the onset
@@ -160,7 +160,7 @@ class SessionLimits:
     # noise and "eight." from 0.07 s before the word. Only once the channel's noise was heard
     # (``Channel.noise_floor``). 0 -> 100 (draws): whole corpus (lag 100) 7.83 -> 7.14% WER
     # (with digital silence between clips 8.23 -> 7.34%), 8 calls 7.54 -> 7.38%, 24 streams
-    # 7.40 -> 7.48%; 200 and 50 read the corpus worse (README, "Where the sound began").
+    # 7.40 -> 7.48%; 200 and 50 read the corpus worse (docs/benchmarks.md, "Where the sound began").
     padding_from_level_ms: int = 100
     # Between turns, a frame the channel's Silero state puts at this probability or more makes a
     # fresh Silero state listen too, and the higher of the two decides whether a turn starts
@@ -177,20 +177,20 @@ class SessionLimits:
     # lasted this long, instead of at the turn's end, which made them final as heard anyway, only
     # ~0.25 s later (0: at the turn's end). 300 against 0, three draws of each replay: whole
     # corpus (lag 100) WER 7.93 -> 7.83%, last words final p95 0.57 -> 0.50 s; 8 calls the same
-    # 7.67%, p95 0.57 -> 0.55 s (README, "Held words").
+    # 7.67%, p95 0.57 -> 0.55 s (docs/benchmarks.md, "Held words").
     held_commit_ms: int = 300
     # ... and only when the decoder's mean token log probability over them is at least this: two
     # readings disagreed there, so a middling one is not enough (tiny.en read JFK's "And so am I
     # fellow Americans." at -0.53 where the decode before it and the turn's final heard "my fellow",
     # -0.28 and -0.35). Less sure held words wait for the turn's end, which decodes them again and
     # keeps the surer reading (as under ``recheck_logprob``). -0.45 against -0.6, 3 draws: 24
-    # streams 7.57 -> 7.30% WER; README, "Held words, unsure". -inf: committed however unsure.
+    # streams 7.57 -> 7.30% WER; docs/benchmarks.md, "Held words, unsure". -inf: committed however unsure.
     held_sure_logprob: float = -0.45
     # In a session of several channels, a frame of one channel this many dB or more under
     # another channel's loudest frame of the last 320 ms is that channel's speech heard faintly
     # (line or acoustic echo, bleed) and its VAD hears silence there (``crosstalk.CrosstalkGate``;
     # 0: off). Without it, 8 calls whose legs each carry the other 45 dB down read 64.9% WER
-    # (the other leg's words on both); with it 7.9% (README, "Echo between the legs").
+    # (the other leg's words on both); with it 7.9% (docs/benchmarks.md, "Echo between the legs").
     crosstalk_margin_db: float = 20.0
 
     @property

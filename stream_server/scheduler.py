@@ -11,7 +11,7 @@ batch of four interim decodes costs little more than one. Rules, in order:
   decodes (``DecodeRequest.commits``: a turn usually ends on its pause decode, which then stands
   in for its final). Served by staleness like other re-decodes, a loaded server made the end of
   every turn wait behind other streams' interims: 24 streams, final p50 / p95 0.75-0.82 /
-  1.74-2.10 s before, 0.49-0.60 / 1.00-1.24 s after (README, Capacity).
+  1.74-2.10 s before, 0.49-0.60 / 1.00-1.24 s after (docs/benchmarks.md, Capacity).
 * Then other interim work by staleness: the utterance that has gone longest without a result goes
   first. (Arrival order let busy streams starve new ones: first text p50 was 5 s at 12 streams.)
   A whole file's decodes (``DecodeRequest.background``: the HTTP API, a recording sent at once)
@@ -256,7 +256,7 @@ class DecodeScheduler:
         time while new turns wait for their first words behind them. Traced at 24 live streams
         (admission off), one turn's first interim was shed twelve times in a row and its first
         text came 16 s after the speaker began; by turn ends alone, 20 of 24 streams got in
-        and read first text p50 / p95 1.32 / 3.65 s (README, "First text in admission control")."""
+        and read first text p50 / p95 1.32 / 3.65 s (docs/benchmarks.md, "First text in admission control")."""
         if limit_s <= 0:
             return False
         now = time.monotonic()

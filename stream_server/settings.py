@@ -71,7 +71,7 @@ class Settings:
     # Measured by the decodes that end turns (finals and pause decodes), request to result. On a
     # 2-core host they averaged 0.26 s at 12 streams (final p95 1.07 s) and 0.52 s at 24 (final
     # p95 1.67-1.83 s, past the 1.5 s target): 0.4 refuses between the two. Finals' wait alone (the
-    # measure before) refused no one at 32 streams, final p95 2.50 s (README, "Admission control").
+    # measure before) refused no one at 32 streams, final p95 2.50 s (docs/benchmarks.md, "Admission control").
     admission_max_turn_end_s: float = dataclasses.field(
         default=0.4,
         metadata={
@@ -89,7 +89,7 @@ class Settings:
     )
     # The event loop runs every client's intake (parse, resample, VAD): once it is this late even
     # with the loaded intake step, every turn end is seen that much late whatever the decoders do.
-    # Two cores: 24 two-leg calls ran 0.05-0.18 s late, 32 calls 0.9-2.2 s (README, "Admission
+    # Two cores: 24 two-leg calls ran 0.05-0.18 s late, 32 calls 0.9-2.2 s (docs/benchmarks.md, "Admission
     # on the event loop's lag").
     admission_max_loop_lag_ms: int = dataclasses.field(
         default=500,

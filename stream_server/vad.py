@@ -41,7 +41,7 @@ class VadModel(Protocol):
 # Silero's LSTM state drifts through a long silence (its cell state keeps growing on zeros and on
 # -66 dBFS noise alike), and the model then hears the start of speech late: over 40 read clips the
 # first frame at 0.5 came 0.03 s into the clip (p50) after 0.3 s of zeros, 0.21 s after 30 s (up
-# to 0.8 s; README, "Silero after a long silence"). Silero's own tracker knows it
+# to 0.8 s; docs/benchmarks.md, "Silero after a long silence"). Silero's own tracker knows it
 # (snakers4/silero-vad#725; pipecat resets every 5 s). The first words of a call's turn, or of a
 # speaker after a long quiet spell, were lost with it. So the state starts afresh after this many
 # frames in a row under ``QUIET_PROB`` (2 s): in silence a fresh state costs nothing, and the
@@ -151,7 +151,7 @@ class FreshListener:
     isolated "six" 1.0 s after the clip before it peaked at 0.47 and a "four" had one frame at
     0.53 (no turn, the word lost in every draw), where a fresh state gave 0.62-0.88. Resetting
     the channel's own state sooner in every quiet spell cost more than it gave: turns ran on past
-    their pauses (a fresh state hears their tails as speech too; README, "Silero after a long
+    their pauses (a fresh state hears their tails as speech too; docs/benchmarks.md, "Silero after a long
     silence"). So the channel's state keeps deciding where turns end and pauses fall, and only
     between turns, from a frame its state puts at ``trigger`` or more, a fresh state that has
     heard the ``preroll`` frames before it listens along for ``life`` frames; the segmenter

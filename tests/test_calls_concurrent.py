@@ -49,7 +49,7 @@ POOLED_MARGIN = 0.03
 #: sentences score near or above 100%; anything under this would mean the calls' texts mixed.
 CROSS_WER_FLOOR = 0.7
 #: The second call's echo of each leg on the other (without the crosstalk gate every word of
-#: it came out on both legs: README, "Echo between the legs").
+#: it came out on both legs: docs/benchmarks.md, "Echo between the legs").
 ECHO_DB = -35.0
 
 

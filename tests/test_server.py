@@ -263,7 +263,7 @@ def check_matches_offline(run: Run, clips: list[dict], spans: list[tuple[float, 
         assert any(s["start"] < end and s["end"] > start and s["text"].strip() for s in segments), (
             f"the clip at {start:.1f}-{end:.1f} s got no text"
         )
-    # The accuracy claim is the whole corpus (README: the benchmark, live against offline); on 170
+    # The accuracy claim is the whole corpus (docs/benchmarks.md: the benchmark, live against offline); on 170
     # words one hard utterance decoded differently with timing moves this sample by up to 4 words
     # (CI on another host: 8 errors where offline made 4; here 4-5 in every run, loaded or not).
     # What this test catches is streaming losing, repeating or misordering utterances, which costs

@@ -142,7 +142,7 @@ def test_twilio_hears_nothing_back_and_the_stream_closes_after_the_flush(outcome
 # Replayed alone (this call, 4 draws) it reads 7.3% against offline's 3.6%, every draw: the pause
 # decode, forced on from "... it was natural", reads "there for." (mean log probability -0.91) and
 # commits it at the pause. Holding such words for a recheck lost on the whole corpus, and the
-# recheck read "there for." again (README, "Rechecks with a beam").
+# recheck read "there for." again (docs/benchmarks.md, "Rechecks with a beam").
 CALLER_GAP = pytest.mark.xfail(reason="core streaming accuracy on this leg (see the capacity/accuracy issue), not the dialect", strict=False)
 
 

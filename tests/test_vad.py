@@ -386,7 +386,7 @@ def test_a_turn_silero_hears_late_starts_where_its_level_rose() -> None:
 def test_a_turn_after_noise_starts_just_before_its_sound_not_a_padding_earlier() -> None:
     """FSDD's "eight" (george) after 2 s of white noise at -66 dBFS: tiny.en read the turn's
     window, which began with the 300 ms padding of noise, as "A.", and from 0.07 s before the
-    word as "eight." (README, "Where the sound began"). The turn now starts 100 ms before the
+    word as "eight." (docs/benchmarks.md, "Where the sound began"). The turn now starts 100 ms before the
     sound (``SessionLimits.padding_from_level_ms``); 0 keeps the padding as asked."""
     require_speech()
     rng = np.random.default_rng(1)
