@@ -160,13 +160,6 @@ class DecodeRequest:
     # pass. A turn's unsure last words are decoded again with a beam (``recheck_beam``): a greedy
     # recheck of the same window mostly read the same words again.
     beam_size: int = 1
-    # Whether the words need times and per-token scores: the ``align`` pass (a teacher-forced
-    # decoder pass and DTW over its cross-attention, 8-12% of the server's CPU at 24 streams). An
-    # interim whose words cannot commit (a window too short for agreement, no pause) and whose
-    # client takes no word timings is read for its text alone, so it goes without: its words are
-    # placed at the window's end, with the sequence's mean score for every token, and only the
-    # guards that read text run on them.
-    timed: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -417,7 +410,7 @@ class WhisperDecoder:
         self._profile.count("encoder_s", window_s * len(requests))
         self._profile.count("forced_steps", sum(1 + len(r.prefix) for r in requests))
         self._profile.count("generated_steps", sum(len(t) for t in new_tokens))
-        self._profile.count("aligned_tokens", sum(len(r.prefix) + len(k) for r, k in zip(requests, kept) if r.timed))
+        self._profile.count("aligned_tokens", sum(len(r.prefix) + len(k) for r, k in zip(requests, kept)))
 
     @staticmethod
     def _token_budgets(requests: Sequence[DecodeRequest]) -> list[int]:
@@ -473,7 +466,7 @@ class WhisperDecoder:
         alignments: list[Any] = [None] * len(requests)  # ctranslate2 alignment results
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, tok in enumerate(tokenizers):
-            if text_tokens[i] and requests[i].timed:
+            if text_tokens[i]:
                 groups.setdefault(tuple(tok.sot_sequence), []).append(i)
         for start_sequence, idx in groups.items():
             feats = encoded if len(idx) == len(requests) else _select(encoded, idx)
@@ -500,9 +493,6 @@ class WhisperDecoder:
         """Words from the alignments, through the guards (squeezed tail, loops, echoes)."""
         results: list[DecodeResult] = []
         for i, request in enumerate(requests):
-            if not request.timed:
-                results.append(self._untimed_result(request, tokenizers[i], text_tokens[i], generated[i], languages[i]))
-                continue
             words, prefix_end = _words_from_alignment(
                 tokenizers[i], text_tokens[i], len(request.prefix), alignments[i]
             )
@@ -528,23 +518,6 @@ class WhisperDecoder:
                 DecodeResult(tuple(words), languages[i], no_speech, avg, prefix_end=prefix_end)
             )
         return results
-
-
-    @staticmethod
-    def _untimed_result(request: DecodeRequest, tokenizer: Tokenizer, tokens: list[int], generated: Any, language: str) -> DecodeResult:
-        """A result without the ``align`` pass (``DecodeRequest.timed`` false): the words at the
-        window's end, every token scored with the sequence's mean log probability (CTranslate2's
-        length-normalised score), through the guards that read text alone."""
-        duration = len(request.audio) / MODEL_RATE
-        score = float(generated.scores[0]) if generated.scores else 0.0
-        words = _untimed_words(tokenizer, tokens, len(request.prefix), duration, score)
-        words = _drop_repetition_loop(words)
-        words = _drop_echo(tokenizer.decode(list(request.prefix)).split(), words)
-        words = _drop_resegmented_restart(words)
-        no_speech = float(generated.no_speech_prob)
-        if no_speech > 0.6 and score < -1.0:
-            words = []  # Whisper's own rule, as for timed words
-        return DecodeResult(tuple(words), language, no_speech, score)
 
 
 def _pass_shape(context: list[int], request: DecodeRequest) -> tuple[int, int, int]:
@@ -615,35 +588,6 @@ def _tokens_inside_audio(sequence: Sequence[int], tokenizer: Tokenizer, duration
     return kept
 
 
-def _untimed_words(tokenizer: Tokenizer, tokens: list[int], n_prefix: int, at: float, logprob: float) -> list[Word]:
-    """The words of ``tokens`` after the first ``n_prefix`` (the forced prefix), split as
-    :func:`_words_from_alignment` splits them, all at ``at`` seconds, every token at ``logprob``."""
-    if not tokens:
-        return []
-    words_text, word_tokens = tokenizer.split_to_word_tokens(tokens + [tokenizer.eot])
-    boundaries = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
-    words: list[Word] = []
-    for k in range(len(word_tokens) - 1):
-        if int(boundaries[k + 1]) <= n_prefix:
-            continue
-        toks = tuple(Token(t, tokenizer.decode([t]), logprob) for t in word_tokens[k])
-        _append_word(words, words_text[k], at, at, toks)
-    return words
-
-
-def _append_word(words: list[Word], text: str, start: float, end: float, tokens: tuple[Token, ...]) -> None:
-    """Add a word; punctuation, and any text without a space before it, joins the word before it
-    ("modern." not "modern" + "."; "i.e." not "i" + ".e."; "cold-hearted"), as the words of a
-    forced prefix split: the echo guards compare the two, and " i" ".e." after a prefix ending
-    "i.e." went through as new words (without timestamp tokens it was committed and grew into
-    "i.e. i.e. ... i.e." in every draw)."""
-    if words and not text.startswith(" ") and text.strip():
-        last = words[-1]
-        words[-1] = Word(last.text + text, last.start, max(last.end, end), last.tokens + tokens)
-        return
-    words.append(Word(text, start, max(end, start), tokens))
-
-
 def _words_from_alignment(
     tokenizer: Tokenizer, tokens: list[int], n_prefix: int, alignment: Any
 ) -> tuple[list[Word], float]:
@@ -672,7 +616,17 @@ def _words_from_alignment(
             Token(t, tokenizer.decode([t]), float(np.log(max(probs[j], 1e-12))) if j < len(probs) else 0.0)
             for j, t in zip(range(lo, hi), word_tokens[k])
         )
-        _append_word(words, words_text[k], start, end, toks)
+        text = words_text[k]
+        if words and not text.startswith(" ") and text.strip():
+            # Punctuation, and any text without a space before it, belongs to the word before it
+            # ("modern." not "modern" + "."; "i.e." not "i" + ".e."; "cold-hearted"), as the words
+            # of a forced prefix split: the echo guards compare the two, and " i" ".e." after a
+            # prefix ending "i.e." went through as new words (without timestamp tokens it was
+            # committed and grew into "i.e. i.e. ... i.e." in every draw).
+            last = words[-1]
+            words[-1] = Word(last.text + text, last.start, max(last.end, end), last.tokens + toks)
+            continue
+        words.append(Word(text, start, max(end, start), toks))
     return words, prefix_end
 
 

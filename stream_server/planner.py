@@ -107,11 +107,6 @@ class SessionLimits:
     # (longer turns have context of their own); ``carry_audio_ms``: how far back the carried
     # words reach from the last one's end (at most ``prefix_words`` of them).
     carry_gap_ms: int = 1500
-    # An interim that cannot commit (its window shorter than ``min_commit_window_ms``, no pause in
-    # it) goes without the decoder's ``align`` pass when the client takes no word timings: its
-    # text is all that is read of it (``DecodeRequest.timed``). Such a hypothesis never stands in
-    # for a final: a turn that ends on one gets its final decode.
-    untimed_interims: bool = True
     # In a session of several channels (the legs of a call), a turn whose speaker has been silent
     # this long when another channel's speaker starts ends there, without waiting for the rest of
     # ``turn_detection.silence_duration_ms``: the other person took the turn (0: never).

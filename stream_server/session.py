@@ -168,9 +168,6 @@ class Utterance:
     tail: list[Word] = dataclasses.field(default_factory=list)  # last uncommitted hypothesis
     last_window_end: int = 0  # end of the last interim window submitted
     tail_window_end: int = 0  # end of the window whose hypothesis ``tail`` is
-    # Whether ``tail`` has word times and token scores (an untimed interim's has neither,
-    # ``DecodeRequest.timed``): only a timed hypothesis may be the turn's final text.
-    tail_timed: bool = True
     no_speech_prob: float = 0.0
     language: str | None = None  # settled detected language, forced on its later decodes
     detected: str | None = None  # the language of its latest decode: what its segment reports
@@ -869,8 +866,7 @@ class Session:
         # An unsure hypothesis may be decoded again (``recheck_logprob``), except in files, whose
         # turns wait for their context (``final_context_lag``) and each get a final decode anyway.
         may_recheck = decodable and not self.limits.final_context_lag
-        if (pause_end is not None and inflight is not None and inflight.utterance is utt and inflight.request.timed
-                and heard_the_pause(inflight.window_end, turn_end, stable)):
+        if pause_end is not None and inflight is not None and inflight.utterance is utt and heard_the_pause(inflight.window_end, turn_end, stable):
             # The decode already running heard the pause: its hypothesis becomes the final one.
             inflight.promote()
             if may_recheck:
@@ -879,7 +875,7 @@ class Session:
             ch.finals.append(inflight)
             self._promotions_out.append(inflight)
             return out
-        if pause_end is not None and utt.tail_timed and heard_the_pause(utt.tail_window_end, turn_end, stable):
+        if pause_end is not None and heard_the_pause(utt.tail_window_end, turn_end, stable):
             tail = self._within_turn(utt, utt.tail)
             if tail and self._unsure(utt, tail) and may_recheck:
                 return out + self._submit_final(ch, utt, window_end, rival=tail)
@@ -1067,17 +1063,9 @@ class Session:
             key=(self.id, ch.index, utt.serial),
             commits=committing,
             background=not self.limits.interim_decoding,  # a whole file
-            timed=not self._untimed(utt, state, pause_start, plan.end),
         )
         return DecodeTicket(request, ch.index, utt, state, plan.start, plan.end, pause_start, committed=len(utt.committed),
                             forced=plan.kept, carried=max(0, len(plan.kept) - len(utt.committed)))
-
-    def _untimed(self, utt: Utterance, state: TicketState, pause_start: int | None, end: int) -> bool:
-        """Whether a decode of ``utt`` to ``end`` is read for its text alone: an interim that
-        cannot commit (``interim_commit_count``: a window under ``min_commit_window_ms``, no
-        pause), for a client that takes no word timings (``SessionLimits.untimed_interims``)."""
-        return (self.limits.untimed_interims and state is TicketState.INTERIM and pause_start is None
-                and end - utt.start < self.limits.min_commit_window_ms * MS and not self.config.wants("words"))
 
     def _schedule(self, ch: Channel) -> list[Output]:
         """Start an interim decode of the open utterance when one is due and none is in flight."""
@@ -1129,7 +1117,6 @@ class Session:
         utt.held_unsure = False
         out = self._commit_at(self._channels[ticket.channel], utt, words, n, at_pause=ticket.pause_start is not None)
         utt.tail_window_end = ticket.window_end
-        utt.tail_timed = ticket.request.timed
         return out
 
     def _commit_at(self, ch: Channel, utt: Utterance, words: list[Word], n: int, *, at_pause: bool) -> list[Output]:
@@ -1262,7 +1249,7 @@ class Session:
             return []
         if utt.committed:
             cut = int(utt.committed[-1].end * MODEL_RATE)
-            if utt.tail and utt.tail_timed:
+            if utt.tail:
                 cut = (cut + int(utt.tail[0].start * MODEL_RATE)) // 2
             if cut - utt.start < limit // 2 and length < limit + 5 * MODEL_RATE:
                 return []  # too little is stable yet; give agreement a few more seconds

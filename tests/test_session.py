@@ -130,32 +130,6 @@ def test_words_become_final_before_the_turn_ends() -> None:
     assert "".join(e.delta for e in d.of(p.TranscriptDelta)) == spoken(*range(1, 9))
 
 
-def test_interims_that_cannot_commit_go_without_word_times_unless_the_client_takes_them() -> None:
-    """An interim of a window too short for agreement, with no pause in it, is read for its text
-    alone (``DecodeRequest.timed``: the decoder skips its align pass); decodes that can commit,
-    and every decode of a client that asked for word timings, keep them."""
-    seen: dict[str, list[tuple[DecodeTicket, bool]]] = {}
-    for name, config in (("text", {}), ("words", {"include": ["words"]})):
-        d = Driver(**config)
-        resolve = d.resolve
-
-        def record(ticket: DecodeTicket, resolve=resolve, log=seen.setdefault(name, [])) -> None:
-            log.append((ticket, ticket.request.timed))
-            resolve(ticket)
-
-        d.resolve = record  # type: ignore[method-assign]
-        d.feed(silence(0.3))
-        d.feed(speech([1, 2, 3, 4, 5, 6, 7, 8]))
-        d.feed(silence(1.0))
-        d.close()
-        assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 9))
-    short = MECHANICS_COMMIT_WINDOW_MS * 16
-    untimed = [t for t, timed in seen["text"] if not timed]
-    assert untimed and all(not t.final and t.pause_start is None and t.window_end - t.utterance.start < short for t in untimed)
-    assert all(timed for t, timed in seen["text"] if t.final or t.pause_start is not None or t.window_end - t.utterance.start >= short)
-    assert all(timed for _, timed in seen["words"])
-
-
 def test_partial_words_are_never_committed() -> None:
     d = Driver()
     d.feed(speech([1, 2, 3]))
