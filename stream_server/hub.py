@@ -330,8 +330,9 @@ class Controller(Protocol):
 class SessionObserver(Protocol):
     """Something that keeps or forwards transcripts (the store, webhooks); called on the event
     loop, so each method must only enqueue. An observer may also have ``dtmf(record, index)``
-    (a key press, ``record.dtmf[index]``) and ``discarded(record)`` (below); one without them is
-    not told of those."""
+    (a key press, ``record.dtmf[index]``) and ``discarded(record)`` (a session that was no
+    conversation, a connection probe, ends: one that kept its start forgets it); one without them
+    is not told of those."""
 
     def started(self, record: TranscriptRecord) -> None: ...
 
@@ -340,9 +341,6 @@ class SessionObserver(Protocol):
     def segment(self, record: TranscriptRecord, index: int) -> None: ...
 
     def ended(self, record: TranscriptRecord) -> None: ...
-
-    # Optional, like ``dtmf``: ``discarded(record)``, a session that was no conversation (a
-    # connection probe) ends; one that kept its start forgets it.
 
 
 class _Live:

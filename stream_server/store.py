@@ -70,6 +70,15 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _delete_sessions(db: sqlite3.Connection, where: str, params: tuple[object, ...]) -> int:
+    """Delete the sessions ``where`` selects (a condition on ``sessions``), with their segments
+    and key presses; returns how many sessions went."""
+    ids = f"SELECT id FROM sessions WHERE {where}"
+    db.execute(f"DELETE FROM segments WHERE session_id IN ({ids})", params)
+    db.execute(f"DELETE FROM dtmf WHERE session_id IN ({ids})", params)
+    return int(db.execute(f"DELETE FROM sessions WHERE {where}", params).rowcount)
+
+
 class TranscriptStore:
     """The transcript database at ``path``; ``retention_days`` 0 keeps everything."""
 
@@ -129,13 +138,7 @@ class TranscriptStore:
     def discarded(self, record: TranscriptRecord) -> None:
         """A session that was no conversation (a connection probe): its rows go."""
         sid = record.session_id
-
-        def forget(db: sqlite3.Connection) -> None:
-            db.execute("DELETE FROM segments WHERE session_id = ?", (sid,))
-            db.execute("DELETE FROM dtmf WHERE session_id = ?", (sid,))
-            db.execute("DELETE FROM sessions WHERE id = ?", (sid,))
-
-        self._write(forget)
+        self._write(lambda db: _delete_sessions(db, "id = ?", (sid,)))
 
     # ------------------------------------------------------------ reads
 
@@ -208,11 +211,8 @@ class TranscriptStore:
         if self.retention_days <= 0:
             return 0
         cutoff = self._clock() - self.retention_days * 86400
-        old = "SELECT id FROM sessions WHERE coalesce(ended_at, created_at) < ?"
         with contextlib.nullcontext() if self._db.in_transaction else _transaction(self._db):
-            self._db.execute(f"DELETE FROM segments WHERE session_id IN ({old})", (cutoff,))
-            self._db.execute(f"DELETE FROM dtmf WHERE session_id IN ({old})", (cutoff,))
-            count = self._db.execute("DELETE FROM sessions WHERE coalesce(ended_at, created_at) < ?", (cutoff,)).rowcount
+            count = _delete_sessions(self._db, "coalesce(ended_at, created_at) < ?", (cutoff,))
         if count:
             log.info("transcript store: purged %d sessions older than %g days", count, self.retention_days)
         return int(count)
