@@ -1,4 +1,5 @@
-"""Decoding uploaded audio files (wav, mp3, m4a, flac, ogg, webm, ...) to 16 kHz mono float32.
+"""Decoding uploaded audio files (wav, mp3, m4a, flac, ogg, webm, ...) to 16 kHz float32: mono,
+or one column per channel for a recording whose channels are separate voices (a call's legs).
 
 The container is recognised by its *content* (FFmpeg's probe, through PyAV), never by the file
 name or the declared content type. Three outcomes, each with its own HTTP answer:
@@ -55,8 +56,18 @@ class AudioTooLong(Exception):
     """The decoded audio exceeds the duration limit."""
 
 
-def decode_file(fileobj: IO[bytes], *, max_seconds: float | None = None) -> np.ndarray:
-    """Decode the first audio stream of ``fileobj`` to mono float32 at 16 kHz.
+class TooManyChannels(Exception):
+    """A recording asked for channel by channel has more channels than a session takes."""
+
+
+#: The most channels a file is transcribed channel by channel with (``SessionConfig.channels``).
+MAX_CHANNELS = 8
+
+
+def decode_file(fileobj: IO[bytes], *, max_seconds: float | None = None, split_channels: bool = False) -> np.ndarray:
+    """Decode the first audio stream of ``fileobj`` to float32 at 16 kHz: mono (shape ``[n]``), or
+    with ``split_channels`` one column per channel (shape ``[n, channels]``, in the file's order:
+    a stereo call recording's left and right legs), up to :data:`MAX_CHANNELS`.
 
     Blocking (FFmpeg and resampling): call it from a worker thread.
     """
@@ -82,10 +93,19 @@ def decode_file(fileobj: IO[bytes], *, max_seconds: float | None = None) -> np.n
         if not container.streams.audio:
             raise UnsupportedMedia(f"the {name} file holds no audio stream")
         stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=MODEL_RATE)
+        in_file = max(1, stream.codec_context.layout.nb_channels)
+        if split_channels and in_file > MAX_CHANNELS:
+            raise TooManyChannels(f"the file has {in_file} channels; at most {MAX_CHANNELS} are transcribed one by one")
+        # FFmpeg mixes up to 8 channels down to mono; past that (a microphone array's raw channels,
+        # which it has no downmix for) the channels are averaged here.
+        averaged = not split_channels and in_file > MAX_CHANNELS
+        channels = in_file if split_channels or averaged else 1
+        # Packed float32 keeps the channels interleaved, in the file's layout order.
+        layout = stream.codec_context.layout if channels > 1 else "mono"
+        resampler = av.AudioResampler(format="flt", layout=layout, rate=MODEL_RATE)
         pieces: list[np.ndarray] = []
         total = 0
-        limit = int(max_seconds * MODEL_RATE) if max_seconds else None
+        limit = int(max_seconds * MODEL_RATE * channels) if max_seconds else None
         packets = good = 0
         first_error: Exception | None = None
 
@@ -120,8 +140,12 @@ def decode_file(fileobj: IO[bytes], *, max_seconds: float | None = None) -> np.n
         if packets and not good and first_error is not None:
             raise AudioDecodeError(f"the {stream.codec_context.name} audio stream could not be decoded ({_reason(first_error)})")
     if not pieces:
-        return np.zeros(0, np.float32)
+        return np.zeros((0, channels) if split_channels and channels > 1 else 0, np.float32)
     audio = np.concatenate(pieces)
+    if channels > 1:
+        audio = audio.reshape(-1, channels)
+        if averaged:
+            audio = audio.mean(axis=1, dtype=np.float32)
     # Some decoders overshoot [-1, 1] slightly; NaN/inf from broken streams become silence.
     np.nan_to_num(audio, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     return np.clip(audio, -1.0, 1.0, out=audio)

@@ -184,10 +184,18 @@ class Engine:
     async def transcribe_events(self, audio: np.ndarray, config: p.SessionConfig) -> AsyncIterator[p.ServerEvent]:
         """Transcribe a whole 16 kHz signal; yields the session's events in order, ending with done.
 
+        ``audio``: mono (shape ``[n]``), or one column per channel (``[n, channels]``: a call's
+        legs), each channel then transcribed on its own as in a live multi-channel session
+        (``config.channel_labels``, when set, names as many channels as ``audio`` has).
         Audio is fed as fast as the VAD runs; each utterance's final decode is submitted as soon
         as the VAD closes it, so long files keep the scheduler's batches full.
         """
-        config = config.model_copy(update={"interim_results": False, "input_audio_format": "float32", "sample_rate": MODEL_RATE})
+        channels = audio.shape[1] if audio.ndim == 2 else 1
+        if config.channel_labels is not None and len(config.channel_labels) != channels:
+            raise ValueError(f"{len(config.channel_labels)} channel labels for {channels} channel(s)")
+        config = config.model_copy(
+            update={"interim_results": False, "input_audio_format": "float32", "sample_rate": MODEL_RATE, "channels": channels}
+        )
         # Every turn of a file is queued at once on purpose (batches stay full); the file's size
         # limit bounds that work, so turn ends are never deferred here as they are for a live
         # client that outruns the decoder.
@@ -201,6 +209,7 @@ class Engine:
         try:
             runner.start()
             for i in range(0, len(audio), chunk):
+                # Rows of several channels go out interleaved, as a live client sends them.
                 runner.feed_audio(np.ascontiguousarray(audio[i : i + chunk], "<f4").tobytes())
                 await asyncio.sleep(0)  # let decode results flow while a long file is segmented
                 while not events.empty():  # and pass on what is already final (streamed responses)

@@ -212,6 +212,23 @@ def cues_of(segments: Sequence[p.TranscriptSegment]) -> list[Cue]:
     return without_overlaps([cue for seg in ordered for cue in segment_cues(seg.text, seg.start, seg.end, seg.words)])
 
 
+def speaker_name(speaker: str | None, channel: int) -> str:
+    """How a transcript names a voice: its label, else its channel."""
+    return speaker or f"channel {channel}"
+
+
+def conversation_cues(segments: Sequence[p.TranscriptSegment]) -> list[Cue]:
+    """Several voices' segments (a call's channels) as cues in time order, each starting with its
+    speaker; unlike one voice's, their cues may overlap (people talk over each other)."""
+    ordered = sorted(spoken(list(segments)), key=lambda seg: (seg.start, seg.channel))
+    cues = [
+        cue
+        for seg in ordered
+        for cue in segment_cues(seg.text, seg.start, seg.end, seg.words, prefix=f"{speaker_name(seg.speaker, seg.channel)}:")
+    ]
+    return sorted(cues, key=lambda cue: cue.start)
+
+
 def render_srt(cues: Sequence[Cue]) -> str:
     return "\n".join(f"{i}\n{_timestamp(c.start, ',')} --> {_timestamp(c.end, ',')}\n{c.text}\n" for i, c in enumerate(cues, 1))
 
@@ -228,10 +245,23 @@ def to_vtt(segments: Sequence[p.TranscriptSegment]) -> str:
     return render_vtt(cues_of(segments))
 
 
-def words_json(segments: list[p.TranscriptSegment]) -> list[dict[str, Any]]:
-    """OpenAI's ``words`` (word, start, end) plus AI Refinery's ``confidence`` and ``segment``."""
+def _in_order(segments: list[p.TranscriptSegment], channels: bool) -> list[p.TranscriptSegment]:
+    """The spoken segments as ``segments_json`` numbers them: a split recording's channels
+    interleaved in time order (their finals come in decode order)."""
+    ordered = spoken(segments)
+    return sorted(ordered, key=lambda seg: (seg.start, seg.channel)) if channels else ordered
+
+
+def _voice(seg: p.TranscriptSegment, channels: bool) -> dict[str, Any]:
+    """A segment's ``channel`` and ``speaker`` fields where the file was split by channel."""
+    return {"channel": seg.channel, "speaker": seg.speaker} if channels else {}
+
+
+def words_json(segments: list[p.TranscriptSegment], *, channels: bool = False) -> list[dict[str, Any]]:
+    """OpenAI's ``words`` (word, start, end) plus AI Refinery's ``confidence`` and ``segment``;
+    with ``channels``, each word's channel and speaker (a split recording's words interleave)."""
     out = []
-    for index, seg in enumerate(spoken(segments)):
+    for index, seg in enumerate(_in_order(segments, channels)):
         for word in seg.words or []:
             out.append(
                 {
@@ -240,14 +270,16 @@ def words_json(segments: list[p.TranscriptSegment]) -> list[dict[str, Any]]:
                     "end": max(word.end, word.start),
                     "confidence": min(1.0, max(0.0, word.probability)),
                     "segment": index,
+                    **_voice(seg, channels),
                 }
             )
     return out
 
 
-def segments_json(segments: list[p.TranscriptSegment]) -> list[dict[str, Any]]:
+def segments_json(segments: list[p.TranscriptSegment], *, channels: bool = False) -> list[dict[str, Any]]:
+    """Whisper's segment objects in time order; with ``channels``, each segment's channel and speaker."""
     out = []
-    for index, seg in enumerate(spoken(segments)):
+    for index, seg in enumerate(_in_order(segments, channels)):
         out.append(
             {
                 "id": index,
@@ -260,6 +292,16 @@ def segments_json(segments: list[p.TranscriptSegment]) -> list[dict[str, Any]]:
                 "avg_logprob": min(0.0, seg.avg_logprob),
                 "compression_ratio": compression_ratio(seg.text),
                 "no_speech_prob": seg.no_speech_prob,
+                **_voice(seg, channels),
             }
         )
     return out
+
+
+def channels_json(done: p.TranscriptDone) -> dict[str, Any]:
+    """A split recording's text per channel and its conversation (``transcript.text.done``'s
+    ``channels`` and ``turns``), as the session transcript API shows a call's."""
+    return {
+        "channels": [{"channel": c.channel, "speaker": c.speaker, "text": c.text} for c in done.channels],
+        "turns": [{"channel": t.channel, "speaker": t.speaker, "start": t.start, "end": t.end, "text": t.text.strip()} for t in done.turns],
+    }

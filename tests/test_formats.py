@@ -107,6 +107,30 @@ def test_srt_and_vtt_from_segments() -> None:
     assert vtt.startswith("WEBVTT\n\n00:00:03.000 --> ") and vtt.count(" --> ") == len(blocks)
 
 
+def test_a_recording_split_by_channel() -> None:
+    """Finals of two channels come in decode order: the JSON numbers them in time order (and each
+    word names its own segment), cues say who speaks and may overlap, and the done event's text
+    per channel and conversation come out as the transcript API shows a call's."""
+    agent = p.TranscriptSegment("a", 0.0, 2.0, "Hello, billing.", None, [p.WordTiming(" Hello,", 0.1, 0.5, 0.9), p.WordTiming(" billing.", 0.6, 1.9, 0.8)], -0.2, 0.0, channel=0, speaker="agent")
+    caller = p.TranscriptSegment("b", 1.5, 3.0, "Hi.", None, [p.WordTiming(" Hi.", 1.6, 2.9, 0.7)], -0.3, 0.0, channel=1, speaker=None)
+    segments = [caller, agent]  # the caller's short turn was final first
+    as_json = formats.segments_json(segments, channels=True)
+    assert [(s["id"], s["channel"], s["speaker"], s["text"]) for s in as_json] == [(0, 0, "agent", " Hello, billing."), (1, 1, None, " Hi.")]
+    assert [(w["word"], w["segment"], w["channel"]) for w in formats.words_json(segments, channels=True)] == [
+        (" Hello,", 0, 0), (" billing.", 0, 0), (" Hi.", 1, 1)
+    ]
+    assert "channel" not in formats.segments_json(segments)[0], "one voice: OpenAI's fields only"
+    cues = formats.conversation_cues(segments)
+    assert [(c.start, c.text) for c in cues] == [(0.1, "agent: Hello, billing."), (1.6, "channel 1: Hi.")]
+    assert cues[0].end > cues[1].start, "two voices may overlap"
+    done = p.TranscriptDone("agent: Hello, billing.\nchannel 1: Hi.", None, p.Usage(3.0), channels=[p.ChannelText(0, "agent", "Hello, billing."), p.ChannelText(1, None, "Hi.")],
+                            turns=[p.Turn(0, "agent", 0.0, 2.0, "Hello, billing."), p.Turn(1, None, 1.5, 3.0, " Hi.")])
+    assert formats.channels_json(done) == {
+        "channels": [{"channel": 0, "speaker": "agent", "text": "Hello, billing."}, {"channel": 1, "speaker": None, "text": "Hi."}],
+        "turns": [{"channel": 0, "speaker": "agent", "start": 0.0, "end": 2.0, "text": "Hello, billing."}, {"channel": 1, "speaker": None, "start": 1.5, "end": 3.0, "text": "Hi."}],
+    }
+
+
 def test_mic_client_srt_writer_uses_the_same_cues() -> None:
     buffer = io.StringIO()
     writer = SrtWriter(buffer, channels=2, labels=["agent", "customer"])

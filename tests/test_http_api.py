@@ -265,11 +265,35 @@ def test_unknown_model(base_url, jfk):
         ("chunking_strategy", '{"type": "semantic"}', "chunking_strategy.type"),
         ("extra_body", "[1]", "extra_body"),
         ("timeout", "soon", "timeout"),
+        ("multichannel", "both", "multichannel"),
+        ("channel_labels", "agent,,customer", "channel_labels"),
+        ("channel_labels", ",".join("abcdefghi"), "channel_labels"),
     ],
 )
 def test_invalid_parameter(base_url, jfk, field, value, param):
     error = assert_error(post(base_url, files={"file": jfk.read_bytes()}, data={field: value}), 400, "invalid_value", param)
     assert param in error["message"]
+
+
+def test_channels_that_do_not_fit_the_request(base_url, jfk, tmp_path):
+    """Labels for another number of channels than the file has, and a file with more channels
+    than a session takes, are the client's mistakes (400), found once the file is decoded."""
+    import soundfile
+
+    mono = read_wav(jfk)
+    stereo = write_wav(np.stack([mono, mono * 0.5], 1), tmp_path / "two.wav")
+    error = assert_error(post(base_url, files={"file": stereo.read_bytes()}, data={"channel_labels": "agent,customer,supervisor"}), 400, "invalid_value", "channel_labels")
+    assert "2 channel(s)" in error["message"]
+    assert_error(post(base_url, files={"file": jfk.read_bytes()}, data={"channel_labels": "agent,customer"}), 400, "invalid_value", "channel_labels")
+    soundfile.write(tmp_path / "nine.wav", np.repeat(mono[:16000, None], 9, axis=1), 16000, subtype="PCM_16")
+    error = assert_error(post(base_url, files={"file": (tmp_path / "nine.wav").read_bytes()}, data={"multichannel": "true"}), 400, "too_many_channels", "multichannel")
+    assert "9 channels" in error["message"]
+    # Without it the channels are mixed to one voice: past 8 channels FFmpeg has no downmix and
+    # this answered 500; they are averaged now.
+    mixed = post(base_url, files={"file": (tmp_path / "nine.wav").read_bytes()})
+    assert mixed.status_code == 200 and "channels" not in mixed.json()
+    assert normalize(mixed.json()["text"]).startswith("and so"), mixed.json()
+    assert mixed.json()["usage"]["seconds"] == pytest.approx(1.0)
 
 
 def test_too_large_by_content_length(small_limit_url):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.http_api_support import running_server, write_wav
-from tests.support import english_references, normalize, require_speech
+from tests.support import english_references, normalize, require_speech, wer
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -121,3 +121,65 @@ def test_the_prompt_is_heard_in_every_turn_of_a_file(base_url, tmp_path):
     print(f"with the prompt: {prompted!r}\nwithout: {plain!r}")
     assert "Sweynheim and Pannartz" in prompted and "Subiaco" in prompted
     assert "Pannartz" not in plain
+
+
+#: A call as a contact center stores it: one stereo WAV of 8 kHz μ-law, the customer (LJ Speech)
+#: on the left, the agent (ARCTIC slt) on the right, turns that overlap, abut and pause
+#: (``bench/calls.py``'s spacing).
+STORED_CALL = [
+    ("customer", "ljspeech_LJ001-0002"),
+    ("agent", "arctic_slt_arctic_a0004"),
+    ("customer", "ljspeech_LJ001-0013"),
+    ("agent", "arctic_slt_arctic_a0008"),
+    ("customer", "ljspeech_LJ001-0011"),
+    ("agent", "arctic_slt_arctic_a0003"),
+    ("customer", "ljspeech_LJ001-0008"),
+    ("agent", "arctic_slt_arctic_a0006"),
+]
+LEGS = ("customer", "agent")
+
+
+def test_a_stored_call_recording_is_transcribed_leg_by_leg(base_url, tmp_path):
+    """``multichannel`` and ``channel_labels`` through the OpenAI SDK's ``extra_body``: each leg
+    within one point of offline faster-whisper on the same μ-law turns, every turn under its
+    speaker at its time in the call, subtitles that say who speaks; the same file without them
+    is mixed to one voice, as OpenAI's API does."""
+    import openai
+    import soundfile
+
+    from stream_server import audio
+    from stream_server.bench import calls
+
+    call = calls.build_call(STORED_CALL, corpus=require_speech(), tracks=LEGS)
+    table = audio.g711_table("ulaw")
+    legs = [table[np.frombuffer(call.legs[leg], np.uint8)] for leg in LEGS]
+    path = tmp_path / "call.wav"
+    soundfile.write(path, np.stack(legs, 1), calls.RATE, subtype="ULAW")
+    offline = calls.offline_texts(call, tag="stored-call")
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    split = {"multichannel": "true", "channel_labels": ",".join(LEGS)}
+    with path.open("rb") as f:
+        result = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json", extra_body=split)
+    body = result.model_dump()
+    assert [(c["channel"], c["speaker"]) for c in body["channels"]] == [(0, "customer"), (1, "agent")]
+    for channel, leg in enumerate(LEGS):
+        text = body["channels"][channel]["text"]
+        streaming = wer(call.references(leg), [text])
+        baseline = wer(call.references(leg), offline[leg])
+        print(f"{leg}: WER {streaming:.3f} (offline {baseline:.3f}): {text}")
+        assert streaming <= baseline + 0.01, (leg, text, offline[leg])
+    turns = body["turns"]
+    assert [t["start"] for t in turns] == sorted(t["start"] for t in turns)
+    for spoken in call.turns:
+        near = [t for t in turns if t["speaker"] == spoken.track and abs(t["start"] - spoken.start) < 1.0]
+        assert near, (spoken.track, spoken.start, spoken.reference, turns)
+    assert {(s["channel"], s["speaker"]) for s in body["segments"]} == {(0, "customer"), (1, "agent")}
+    assert all(line.split(":")[0] in LEGS for line in body["text"].splitlines())
+    assert body["duration"] == pytest.approx(call.seconds, abs=0.05)
+    with path.open("rb") as f:
+        srt = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="srt", extra_body=split)
+    cues = [block.splitlines() for block in srt.strip().split("\n\n")]
+    assert len(cues) >= len(call.turns) and all(cue[2].split(":")[0] in LEGS for cue in cues), srt
+    with path.open("rb") as f:
+        mixed = client.audio.transcriptions.create(model="whisper-1", file=f)
+    assert "channels" not in (mixed.model_extra or {}) and ":" not in mixed.text

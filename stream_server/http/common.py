@@ -28,6 +28,7 @@ from stream_server import protocol as p
 from stream_server.audio_files import (
     AudioDecodeError,
     AudioTooLong,
+    TooManyChannels,
     UnsupportedMedia,
     decode_file,
 )
@@ -49,6 +50,7 @@ MAX_FIELD_BYTES = 64 * 1024  # one text field (prompt, JSON options)
 MAX_AUDIO_SECONDS = 4 * 3600  # decoded length bound (a 25 MB low-bitrate file can hold hours)
 CONCURRENT_FILES = 4  # files decoded/transcribed at once; more requests wait their turn
 SPOOL_MEMORY_BYTES = 1 << 20  # uploads larger than this spill from memory to a temporary file
+MAX_LABEL_CHARS = 64  # a channel's name (``SessionConfig.channel_labels``)
 # Always asked of the engine: confidence and word timings are derived from them.
 ENGINE_INCLUDES: tuple[Literal["logprobs", "words"], ...] = ("logprobs", "words")
 
@@ -280,6 +282,21 @@ def parse_string_list(param: str, values: list[Any], allowed: tuple[str, ...]) -
     return out
 
 
+def parse_labels(param: str, values: list[Any], most: int) -> list[str]:
+    """Names in order, as repeated fields, a JSON array or comma-separated text (``agent,customer``):
+    each non-empty, at most ``most`` of them."""
+    labels: list[str] = []
+    for value in values:
+        for item in _list_items(param, value):
+            label = str(item).strip() if isinstance(item, (str, int)) else ""
+            if not label or len(label) > MAX_LABEL_CHARS:
+                raise invalid(param, f"each label must be 1-{MAX_LABEL_CHARS} characters, got {item!r}")
+            labels.append(label)
+    if len(labels) > most:
+        raise invalid(param, f"at most {most} labels, got {len(labels)}")
+    return labels
+
+
 # ----------------------------------------------------------------------------------- models
 
 
@@ -335,18 +352,19 @@ def file_jobs(request: Request) -> FileJobs:
     return jobs
 
 
-def _decode_and_close(fileobj: IO[bytes]) -> np.ndarray:
+def _decode_and_close(fileobj: IO[bytes], split_channels: bool) -> np.ndarray:
     """Decode, then close the upload: its spool is no longer needed while the audio is transcribed."""
     try:
-        return decode_file(fileobj, max_seconds=MAX_AUDIO_SECONDS)
+        return decode_file(fileobj, max_seconds=MAX_AUDIO_SECONDS, split_channels=split_channels)
     finally:
         fileobj.close()
 
 
-async def decode_upload(fileobj: IO[bytes]) -> np.ndarray:
-    """16 kHz mono samples of an upload (off the event loop), or the contract's 413/415/500."""
+async def decode_upload(fileobj: IO[bytes], *, split_channels: bool = False) -> np.ndarray:
+    """16 kHz samples of an upload (off the event loop): mono, or with ``split_channels`` one
+    column per channel of a file that has several; else the contract's 400/413/415/500."""
     try:
-        return await asyncio.to_thread(_decode_and_close, fileobj)
+        return await asyncio.to_thread(_decode_and_close, fileobj, split_channels)
     except UnsupportedMedia as exc:
         raise ApiError(
             415,
@@ -354,10 +372,21 @@ async def decode_upload(fileobj: IO[bytes]) -> np.ndarray:
             f"{exc}. Supported: wav, mp3, m4a, flac, ogg, webm and other audio FFmpeg decodes",
             param="file",
         ) from None
+    except TooManyChannels as exc:
+        raise ApiError(400, "too_many_channels", str(exc), param="multichannel") from None
     except AudioTooLong as exc:
         raise ApiError(413, "audio_too_long", str(exc), param="file") from None
     except AudioDecodeError as exc:
         raise ApiError(500, "audio_decode_failed", f"the audio could not be decoded: {exc}", param="file") from None
+
+
+def with_channels(config: p.SessionConfig, audio: np.ndarray, labels: list[str] | None) -> p.SessionConfig:
+    """The session a decoded file runs as: as many channels as ``audio`` has columns, named by
+    ``labels`` (400 when their number is not the file's)."""
+    channels = audio.shape[1] if audio.ndim == 2 else 1
+    if labels is not None and len(labels) != channels:
+        raise invalid("channel_labels", f"the file has {channels} channel(s) and {len(labels)} label(s) were given: name each channel once")
+    return config.model_copy(update={"channels": channels, "channel_labels": labels})
 
 
 def session_config(model: str, **options: Any) -> p.SessionConfig:
@@ -375,15 +404,18 @@ def _raise_engine_errors(result: FileTranscript) -> None:
             raise ApiError(500, "decode_failed", f"the speech decoder failed: {event.error.message}")
 
 
-async def transcribe_upload(request: Request, fileobj: IO[bytes], config: p.SessionConfig) -> FileTranscript:
-    """Decode and transcribe one upload in a job slot, count its audio, and raise engine errors.
+async def transcribe_upload(
+    request: Request, fileobj: IO[bytes], config: p.SessionConfig, *, split_channels: bool = False, labels: list[str] | None = None
+) -> FileTranscript:
+    """Decode and transcribe one upload in a job slot, count its audio, and raise engine errors;
+    with ``split_channels``, each channel of the file on its own (named by ``labels``).
 
     The slot covers decoding too, since decoded audio is what the bound protects memory from.
     """
     engine: Engine = request.app.state.engine
     async with file_jobs(request).semaphore:
-        audio = await decode_upload(fileobj)
-        result = await engine.transcribe(audio, config)
+        audio = await decode_upload(fileobj, split_channels=split_channels)
+        result = await engine.transcribe(audio, with_channels(config, audio, labels))
     engine.metrics.audio_seconds.inc(result.done.usage.seconds)
     _raise_engine_errors(result)
     return result

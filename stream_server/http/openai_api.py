@@ -39,6 +39,7 @@ from stream_server.http.common import (
     session_config,
     too_large,
     transcribe_upload,
+    with_channels,
 )
 from stream_server.http.openai_form import (
     RESPONSE_FORMATS,
@@ -125,18 +126,21 @@ def _json_body(result: FileTranscript, opts: FileOptions, verbose: bool) -> dict
     """``json`` / ``verbose_json``: OpenAI's object plus AI Refinery's success/error/confidence."""
     done = result.done
     body: dict[str, Any] = {}
+    split = opts.split_channels
     if verbose:
         body.update(
             task="transcribe",
             language=opts.reported_language(file_language(result.segments)),
             duration=done.usage.seconds,
             text=done.text,
-            segments=formats.segments_json(result.segments),
+            segments=formats.segments_json(result.segments, channels=split),
         )
         if opts.wants_words:
-            body["words"] = formats.words_json(result.segments)
+            body["words"] = formats.words_json(result.segments, channels=split)
     else:
         body["text"] = done.text
+    if split:
+        body.update(formats.channels_json(done))
     if opts.wants_logprobs:
         body["logprobs"] = formats.logprobs_json(done.logprobs)
     body["usage"] = formats.usage_json(done)
@@ -148,10 +152,12 @@ def _render(result: FileTranscript, opts: FileOptions) -> Response:
     fmt = opts.response_format
     if fmt == "text":
         return PlainTextResponse(formats.to_text(result.text))
-    if fmt == "srt":
-        return PlainTextResponse(formats.to_srt(result.segments), media_type="application/x-subrip")
-    if fmt == "vtt":
-        return PlainTextResponse(formats.to_vtt(result.segments), media_type="text/vtt")
+    if fmt in ("srt", "vtt"):
+        voices = opts.split_channels and (len(result.done.channels) > 1 or opts.channel_labels is not None)
+        cues = formats.conversation_cues(result.segments) if voices else formats.cues_of(result.segments)
+        if fmt == "srt":
+            return PlainTextResponse(formats.render_srt(cues), media_type="application/x-subrip")
+        return PlainTextResponse(formats.render_vtt(cues), media_type="text/vtt")
     return JSONResponse(_json_body(result, opts, verbose=fmt == "verbose_json"))
 
 
@@ -166,20 +172,26 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 def _stream_event(event: p.ServerEvent, opts: FileOptions) -> dict[str, Any] | None:
     """The stream event for one engine event, or None for events the stream does not carry."""
     if isinstance(event, p.TranscriptDelta):
-        return {
+        delta: dict[str, Any] = {
             "type": "transcript.text.delta",
             "delta": event.delta,
             "text": event.delta,  # AI Refinery's delta event names the field ``text``
             "logprobs": _logprobs(event.logprobs, opts),
         }
+        if opts.split_channels:  # the channels' deltas interleave: each says whose words it adds
+            delta.update(channel=event.channel, speaker=event.speaker)
+        return delta
     if isinstance(event, p.TranscriptDone):
-        return {
+        done: dict[str, Any] = {
             "type": "transcript.text.done",
             "text": event.text,
             "logprobs": _logprobs(event.logprobs, opts),
             "usage": formats.usage_json(event),
             "confidence": formats.confidence(event.logprobs),
         }
+        if opts.split_channels:
+            done.update(formats.channels_json(event))
+        return done
     if isinstance(event, p.Error) and event.error.code in ("model_unavailable", "decode_failed"):
         error = {"message": event.error.message, "type": "server_error", "param": event.error.param, "code": event.error.code}
         return {"type": "error", "error": error}
@@ -205,7 +217,8 @@ async def _stream_response(request: Request, upload: UploadFile, config: p.Sessi
     """Decode now (so decoding errors still get a status), then stream the transcription."""
     jobs = file_jobs(request)
     async with jobs.semaphore:
-        audio = await decode_upload(upload.file)
+        audio = await decode_upload(upload.file, split_channels=opts.split_channels)
+    config = with_channels(config, audio, opts.channel_labels)
     engine: Engine = request.app.state.engine
     return StreamingResponse(_event_stream(engine, audio, config, opts, jobs), media_type="text/event-stream", headers=_SSE_HEADERS)
 
@@ -233,7 +246,7 @@ async def _transcribe(request: Request, upload: UploadFile, opts: FileOptions) -
     config = session_config(model, **opts.session_options())
     if opts.stream:
         return await _stream_response(request, upload, config, opts)
-    result = await transcribe_upload(request, upload.file, config)
+    result = await transcribe_upload(request, upload.file, config, split_channels=opts.split_channels, labels=opts.channel_labels)
     return _render(result, opts)
 
 

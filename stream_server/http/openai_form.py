@@ -17,10 +17,12 @@ from starlette.datastructures import UploadFile
 
 from stream_server import formats
 from stream_server import protocol as p
+from stream_server.audio_files import MAX_CHANNELS
 from stream_server.http import airefinery_api
 from stream_server.http.common import (
     invalid,
     parse_bool,
+    parse_labels,
     parse_number,
     parse_optional_number,
     parse_string_list,
@@ -119,6 +121,9 @@ _FIELD_PARSERS: dict[str, tuple[str, Callable[[list[Any]], Any]]] = {
     "chunking_strategy": ("turn_detection", lambda v: parse_chunking(v[-1])),
     "stream": ("stream", lambda v: parse_bool("stream", v[-1])),
     "timeout": ("timeout", lambda v: parse_optional_number("timeout", v[-1], 0.0)),  # AI Refinery sends it
+    # A recording whose channels are separate voices (a call's legs): each transcribed on its own.
+    "multichannel": ("multichannel", lambda v: parse_bool("multichannel", v[-1])),
+    "channel_labels": ("channel_labels", lambda v: parse_labels("channel_labels", v, MAX_CHANNELS) or None),
 }
 
 
@@ -137,6 +142,14 @@ class FileOptions:
     turn_detection: p.TurnDetection = dataclasses.field(default_factory=p.TurnDetection)
     stream: bool = False
     timeout: float | None = None
+    multichannel: bool = False
+    channel_labels: list[str] | None = None
+
+    @property
+    def split_channels(self) -> bool:
+        """Each channel of the file on its own (``multichannel``, or names given for them), as
+        Deepgram's and AssemblyAI's ``multichannel`` do; else mixed to one voice, as OpenAI does."""
+        return self.multichannel or self.channel_labels is not None
 
     @classmethod
     def from_fields(cls, fields: dict[str, list[Any]]) -> FileOptions:
