@@ -252,7 +252,7 @@ def test_unknown_model(base_url, jfk):
 @pytest.mark.parametrize(
     ("field", "value", "param"),
     [
-        ("response_format", "diarized_json", "response_format"),
+        ("response_format", "diarized_jsonl", "response_format"),
         ("temperature", "hot", "temperature"),
         ("temperature", "1.5", "temperature"),
         ("language", "english!", "language"),
@@ -294,6 +294,18 @@ def test_channels_that_do_not_fit_the_request(base_url, jfk, tmp_path):
     assert mixed.status_code == 200 and "channels" not in mixed.json()
     assert normalize(mixed.json()["text"]).startswith("and so"), mixed.json()
     assert mixed.json()["usage"]["seconds"] == pytest.approx(1.0)
+    # Speakers are told apart by channel: one channel has one (the answer says so, not "A" throughout).
+    error = assert_error(post(base_url, files={"file": jfk.read_bytes()}, data={"response_format": "diarized_json"}), 400, "diarization_unavailable", "response_format")
+    assert "by channel" in error["message"]
+
+
+def test_openai_model_names_mean_the_default_model(base_url, jfk):
+    """OpenAI's current transcription names (``gpt-transcribe``) and dated snapshots of any of
+    them are the server's default model, as ``whisper-1`` is; other unknown names stay 404."""
+    for name in ("gpt-transcribe", "gpt-4o-transcribe-2026-03-01", "gpt-4o-transcribe-diarize"):
+        resp = post(base_url, files={"file": jfk.read_bytes()}, data={"model": name})
+        assert resp.status_code == 200 and close_to_jfk(resp.json()["text"]), (name, resp.text)
+    assert_error(post(base_url, files={"file": jfk.read_bytes()}, data={"model": "gpt-4o"}), 404, "model_not_found", "model")
 
 
 def test_too_large_by_content_length(small_limit_url):

@@ -183,3 +183,18 @@ def test_a_stored_call_recording_is_transcribed_leg_by_leg(base_url, tmp_path):
     with path.open("rb") as f:
         mixed = client.audio.transcriptions.create(model="whisper-1", file=f)
     assert "channels" not in (mixed.model_extra or {}) and ":" not in mixed.text
+    # OpenAI's speaker-annotated answer, typed by the SDK: the speakers are the channels.
+    with path.open("rb") as f:
+        diarized = client.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=f, response_format="diarized_json")
+    assert isinstance(diarized, openai.types.audio.TranscriptionDiarized)
+    assert [(s.speaker, s.start, s.text) for s in diarized.segments] == [("AB"[t["channel"]], t["start"], t["text"]) for t in turns]
+    assert diarized.text == " ".join(t["text"] for t in turns) and diarized.duration == pytest.approx(call.seconds, abs=0.05)
+    with path.open("rb") as f:
+        named = client.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=f, response_format="diarized_json", extra_body={"channel_labels": ",".join(LEGS)})
+    assert {s.speaker for s in named.segments} == set(LEGS)
+    with path.open("rb") as f:
+        stream = client.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=f, response_format="diarized_json", stream=True)
+        events = list(stream)
+    said = sorted((e.start, e.speaker, e.text) for e in events if e.type == "transcript.text.segment")
+    assert said == [(t["start"], "AB"[t["channel"]], t["text"]) for t in turns]
+    assert events[-1].type == "transcript.text.done"

@@ -36,9 +36,11 @@ from stream_server.engine import Engine, FileTranscript
 
 log = logging.getLogger(__name__)
 
-# OpenAI's transcription model names; each one means "this server's default model".
+# OpenAI's transcription model names; each one means "this server's default model" (listed by
+# ``GET /v1/models``), as does any other ``gpt-...transcribe...`` name (dated snapshots to come).
 OPENAI_MODEL_ALIASES = (
     "whisper-1",
+    "gpt-transcribe",
     "gpt-4o-transcribe",
     "gpt-4o-mini-transcribe",
     "gpt-4o-mini-transcribe-2025-03-20",
@@ -300,6 +302,9 @@ def parse_labels(param: str, values: list[Any], most: int) -> list[str]:
 # ----------------------------------------------------------------------------------- models
 
 
+_OPENAI_TRANSCRIBE = re.compile(r"gpt-[a-z0-9.-]*transcribe[a-z0-9.-]*")
+
+
 def _is_hub_name(name: str) -> bool:
     """Hub names of faster-whisper models are fine; local paths are not for HTTP clients to probe."""
     return not name.startswith(("/", ".", "~")) and "\\" not in name and ".." not in name
@@ -308,7 +313,7 @@ def _is_hub_name(name: str) -> bool:
 def resolve_model(engine: Engine, name: str | None, *, param: str = "model") -> str:
     """The registry name for a requested model; OpenAI's names mean the server default."""
     default = engine.settings.model
-    if not name or name in OPENAI_MODEL_ALIASES:
+    if not name or name in OPENAI_MODEL_ALIASES or _OPENAI_TRANSCRIBE.fullmatch(name):
         return default
     listed = {info.id for info in engine.registry.listing()}
     if name in listed:
@@ -380,12 +385,21 @@ async def decode_upload(fileobj: IO[bytes], *, split_channels: bool = False) -> 
         raise ApiError(500, "audio_decode_failed", f"the audio could not be decoded: {exc}", param="file") from None
 
 
-def with_channels(config: p.SessionConfig, audio: np.ndarray, labels: list[str] | None) -> p.SessionConfig:
+def with_channels(config: p.SessionConfig, audio: np.ndarray, labels: list[str] | None, *, by_speaker: bool = False) -> p.SessionConfig:
     """The session a decoded file runs as: as many channels as ``audio`` has columns, named by
-    ``labels`` (400 when their number is not the file's)."""
+    ``labels`` (400 when their number is not the file's). ``by_speaker``: the client asked for
+    speakers told apart, which this server does by channel only (400 for a file of one)."""
     channels = audio.shape[1] if audio.ndim == 2 else 1
     if labels is not None and len(labels) != channels:
         raise invalid("channel_labels", f"the file has {channels} channel(s) and {len(labels)} label(s) were given: name each channel once")
+    if by_speaker and channels < 2:
+        raise ApiError(
+            400,
+            "diarization_unavailable",
+            "this server tells speakers apart by channel (a recording with one voice per channel, such as a "
+            "call's two legs); this file has one channel: ask for json or verbose_json",
+            param="response_format",
+        )
     return config.model_copy(update={"channels": channels, "channel_labels": labels})
 
 
@@ -405,17 +419,24 @@ def _raise_engine_errors(result: FileTranscript) -> None:
 
 
 async def transcribe_upload(
-    request: Request, fileobj: IO[bytes], config: p.SessionConfig, *, split_channels: bool = False, labels: list[str] | None = None
+    request: Request,
+    fileobj: IO[bytes],
+    config: p.SessionConfig,
+    *,
+    split_channels: bool = False,
+    labels: list[str] | None = None,
+    by_speaker: bool = False,
 ) -> FileTranscript:
     """Decode and transcribe one upload in a job slot, count its audio, and raise engine errors;
-    with ``split_channels``, each channel of the file on its own (named by ``labels``).
+    with ``split_channels``, each channel of the file on its own (named by ``labels``; with
+    ``by_speaker``, a file of one channel is refused: see :func:`with_channels`).
 
     The slot covers decoding too, since decoded audio is what the bound protects memory from.
     """
     engine: Engine = request.app.state.engine
     async with file_jobs(request).semaphore:
         audio = await decode_upload(fileobj, split_channels=split_channels)
-        result = await engine.transcribe(audio, with_channels(config, audio, labels))
+        result = await engine.transcribe(audio, with_channels(config, audio, labels, by_speaker=by_speaker))
     engine.metrics.audio_seconds.inc(result.done.usage.seconds)
     _raise_engine_errors(result)
     return result

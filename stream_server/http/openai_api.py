@@ -148,8 +148,29 @@ def _json_body(result: FileTranscript, opts: FileOptions, verbose: bool) -> dict
     return body
 
 
+def _diarized_body(result: FileTranscript) -> dict[str, Any]:
+    """OpenAI's ``diarized_json`` for a recording split by channel: one speaker per channel, named
+    by its label, else ``A``, ``B``, ... in channel order (OpenAI's own unnamed speakers)."""
+    done = result.done
+    segments = [
+        {
+            "type": "transcript.text.segment",
+            "id": f"seg_{index}",
+            "start": turn.start,
+            "end": turn.end,
+            "speaker": turn.speaker or chr(ord("A") + turn.channel),
+            "text": turn.text.strip(),
+        }
+        for index, turn in enumerate(done.turns)
+    ]
+    text = " ".join(turn.text.strip() for turn in done.turns)
+    return {"task": "transcribe", "duration": done.usage.seconds, "text": text, "segments": segments, "usage": formats.usage_json(done)}
+
+
 def _render(result: FileTranscript, opts: FileOptions) -> Response:
     fmt = opts.response_format
+    if fmt == "diarized_json":
+        return JSONResponse(_diarized_body(result))
     if fmt == "text":
         return PlainTextResponse(formats.to_text(result.text))
     if fmt in ("srt", "vtt"):
@@ -181,6 +202,10 @@ def _stream_event(event: p.ServerEvent, opts: FileOptions) -> dict[str, Any] | N
         if opts.split_channels:  # the channels' deltas interleave: each says whose words it adds
             delta.update(channel=event.channel, speaker=event.speaker)
         return delta
+    if isinstance(event, p.TranscriptSegment) and opts.by_speaker and event.text.strip():
+        # OpenAI's diarized stream: each finished turn with its speaker (here, its channel's).
+        speaker = event.speaker or chr(ord("A") + event.channel)
+        return {"type": "transcript.text.segment", "id": event.item_id, "start": event.start, "end": event.end, "speaker": speaker, "text": event.text.strip()}
     if isinstance(event, p.TranscriptDone):
         done: dict[str, Any] = {
             "type": "transcript.text.done",
@@ -218,7 +243,7 @@ async def _stream_response(request: Request, upload: UploadFile, config: p.Sessi
     jobs = file_jobs(request)
     async with jobs.semaphore:
         audio = await decode_upload(upload.file, split_channels=opts.split_channels)
-    config = with_channels(config, audio, opts.channel_labels)
+    config = with_channels(config, audio, opts.channel_labels, by_speaker=opts.by_speaker)
     engine: Engine = request.app.state.engine
     return StreamingResponse(_event_stream(engine, audio, config, opts, jobs), media_type="text/event-stream", headers=_SSE_HEADERS)
 
@@ -246,7 +271,9 @@ async def _transcribe(request: Request, upload: UploadFile, opts: FileOptions) -
     config = session_config(model, **opts.session_options())
     if opts.stream:
         return await _stream_response(request, upload, config, opts)
-    result = await transcribe_upload(request, upload.file, config, split_channels=opts.split_channels, labels=opts.channel_labels)
+    result = await transcribe_upload(
+        request, upload.file, config, split_channels=opts.split_channels, labels=opts.channel_labels, by_speaker=opts.by_speaker
+    )
     return _render(result, opts)
 
 

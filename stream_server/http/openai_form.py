@@ -28,7 +28,7 @@ from stream_server.http.common import (
     parse_string_list,
 )
 
-RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json", "diarized_json")
 GRANULARITIES = ("word", "segment")
 # ``logprobs`` is OpenAI's; ``words`` mirrors the WebSocket option; the rest are AI Refinery's.
 INCLUDES = ("logprobs", *airefinery_api.AIREFINERY_INCLUDES, "words")
@@ -147,9 +147,15 @@ class FileOptions:
 
     @property
     def split_channels(self) -> bool:
-        """Each channel of the file on its own (``multichannel``, or names given for them), as
-        Deepgram's and AssemblyAI's ``multichannel`` do; else mixed to one voice, as OpenAI does."""
-        return self.multichannel or self.channel_labels is not None
+        """Each channel of the file on its own (``multichannel``, names given for them, or
+        speakers asked for: ``diarized_json``), as Deepgram's and AssemblyAI's ``multichannel``
+        do; else mixed to one voice, as OpenAI does."""
+        return self.multichannel or self.channel_labels is not None or self.by_speaker
+
+    @property
+    def by_speaker(self) -> bool:
+        """OpenAI's speaker-annotated answer (``diarized_json``): speakers are told apart by channel."""
+        return self.response_format == "diarized_json"
 
     @classmethod
     def from_fields(cls, fields: dict[str, list[Any]]) -> FileOptions:
