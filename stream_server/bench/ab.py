@@ -34,6 +34,8 @@ AB_METRICS: tuple[tuple[str, str, bool], ...] = (
     ("wer", "WER", True),
     ("utterances_lost", "lost", False),
     ("flicker_per_final_word", "flicker per word", False),
+    ("caption_delay_s_p50", "caption delay p50 s", False),
+    ("caption_delay_s_p95", "caption delay p95 s", False),
     ("server_cpu_s_per_audio_s", "server CPU s per audio s", False),
 )
 

@@ -323,16 +323,8 @@ def first_interim_hits(
     Text shown before the utterance's onset was spoken cannot be its text (it is an alignment
     artifact, e.g. a repeated word of the previous utterance) and is ignored.
     """
-    item_utts: dict[str, list[int]] = defaultdict(list)
-    for tok_i, u in enumerate(attribution.token_utt):
-        if u is None:
-            continue
-        item = attribution.words[attribution.token_word[tok_i]].item_id
-        if item is not None and u not in item_utts[item]:
-            item_utts[item].append(u)
-    ref_by_utt: dict[int, list[str]] = {}
-    for i, utt in enumerate(utterances):
-        ref_by_utt[i] = [t for raw in utt.text.split() for t in normalize_word(raw)]
+    item_utts, _ = _item_links(attribution)
+    ref_by_utt = _words_of_utterances(utterances)
     hits: dict[int, float] = {}
     committed: dict[str, str] = defaultdict(str)
     for t, ev in events:
@@ -346,20 +338,103 @@ def first_interim_hits(
         utts = sorted(item_utts.get(item, []))
         if not utts or all(u in hits for u in utts):
             continue
-        shown = _join(committed[item], ev.get("text") or "")
-        hyp = [tok for raw in shown.split() for tok in normalize_word(raw)]
-        ref: list[str] = []
-        owner: list[int] = []
-        for u in utts:
-            ref.extend(ref_by_utt[u])
-            owner.extend([u] * len(ref_by_utt[u]))
-        for kind_, r0, r1, _h0, _h1 in align_tokens(ref, hyp):
-            if kind_ != "equal":
-                continue
-            for k in range(r0, r1):
-                if t >= utterances[owner[k]].speech_start_s / speed:
-                    hits.setdefault(owner[k], t)
+        for u in _matches(ref_by_utt, utts, _join(committed[item], ev.get("text") or "")):
+            if t >= utterances[u].speech_start_s / speed:
+                hits.setdefault(u, t)
     return hits
+
+
+def _matches(ref_by_utt: Sequence[Sequence[str]], utts: Sequence[int], shown: str) -> list[int]:
+    """The utterance (of ``utts``, in order) of each reference token that ``shown`` matches
+    exactly, aligned with those utterances' reference tokens in a row."""
+    hyp = [tok for raw in shown.split() for tok in normalize_word(raw)]
+    ref: list[str] = []
+    owner: list[int] = []
+    for u in utts:
+        ref.extend(ref_by_utt[u])
+        owner.extend([u] * len(ref_by_utt[u]))
+    return [owner[k] for kind, r0, r1, _h0, _h1 in align_tokens(ref, hyp) if kind == "equal" for k in range(r0, r1)]
+
+
+def _words_of_utterances(utterances: Sequence[Utterance]) -> list[list[str]]:
+    """Each reference utterance's normalised tokens."""
+    return [[t for raw in utt.text.split() for t in normalize_word(raw)] for utt in utterances]
+
+
+def _item_links(attribution: Attribution) -> tuple[dict[str, list[int]], dict[int, list[str]]]:
+    """Which reference utterances each item's (server utterance's) final words went to, and
+    which items each reference utterance's words went to, both in order of the words."""
+    utts: dict[str, list[int]] = defaultdict(list)
+    items: dict[int, list[str]] = defaultdict(list)
+    for tok_i, u in enumerate(attribution.token_utt):
+        item = attribution.words[attribution.token_word[tok_i]].item_id
+        if u is None or item is None:
+            continue
+        if u not in utts[item]:
+            utts[item].append(u)
+        if item not in items[u]:
+            items[u].append(item)
+    return utts, items
+
+
+#: How often, in wall seconds, :func:`caption_delays` samples the screen while someone speaks.
+CAPTION_SAMPLE_S = 0.25
+
+
+def caption_delays(
+    events: Sequence[TimedEvent],
+    attribution: Attribution,
+    utterances: Sequence[Utterance],
+    speed: float = 1.0,
+) -> list[float]:
+    """How far the captions trail the speaker while each utterance is spoken: every
+    ``CAPTION_SAMPLE_S`` from its onset to its end of speech, the speech time elapsed less the
+    speech time the correct words on screen stand for (words taken as evenly spread over the
+    utterance; ahead of that counts 0). Pacing interims under load shows here, where first text
+    and finalization cannot see it: a turn whose caption stands still for 3 s reads ~3 s behind.
+
+    The screen is what a caption client shows: per item its committed (delta) text plus the last
+    interim tail, the final text once the segment is out; an utterance's caption is that of the
+    items its final words went to, aligned with their reference utterances, and the exactly
+    matching words of this utterance count."""
+    owners, by_utt = _item_links(attribution)
+    ref_by_utt = _words_of_utterances(utterances)
+    committed: dict[str, str] = defaultdict(str)
+    tail: dict[str, str] = defaultdict(str)
+    shown: dict[int, list[tuple[float, int]]] = defaultdict(list)  # per utterance: (time, correct words)
+    for t, ev in events:
+        item, kind = ev.get("item_id"), ev.get("type")
+        if not isinstance(item, str) or item not in owners:
+            continue
+        if kind == "transcript.text.delta":
+            committed[item] += ev.get("delta") or ""
+        elif kind == "transcript.text.interim":
+            tail[item] = ev.get("text") or ""
+        elif kind == "transcript.segment":
+            tail[item] = ""
+        else:
+            continue
+        for u in owners[item]:
+            covered = sorted({v for i in by_utt[u] for v in owners[i]})
+            caption = " ".join(_join(committed[i], tail[i]) for i in by_utt[u])
+            shown[u].append((t, _matches(ref_by_utt, covered, caption).count(u)))
+    delays: list[float] = []
+    for u, utt in enumerate(utterances):
+        words = len(ref_by_utt[u])
+        start, end = utt.speech_start_s / speed, utt.speech_end_s / speed
+        if not words or end <= start:
+            continue
+        timeline = shown.get(u, [])
+        k = 0
+        correct = 0
+        t = start
+        while t <= end + 1e-9:
+            while k < len(timeline) and timeline[k][0] <= t:
+                correct = timeline[k][1]
+                k += 1
+            delays.append(max(0.0, (t - start) - min(correct, words) / words * (end - start)))
+            t += CAPTION_SAMPLE_S
+    return delays
 
 
 def utterance_results(
@@ -555,6 +630,7 @@ class StreamEvaluation:
     hypothesis: str
     reference: str
     problems: list[str] = field(default_factory=list)
+    caption_delays: list[float] = field(default_factory=list)  # see :func:`caption_delays`
 
 
 def evaluate_stream(
@@ -573,6 +649,7 @@ def evaluate_stream(
         hypothesis=hypothesis,
         reference=reference,
         problems=protocol_violations(events),
+        caption_delays=caption_delays(events, attribution, utterances, speed),
     )
 
 
@@ -586,8 +663,10 @@ def run_figures(streams: Sequence[StreamEvaluation]) -> dict[str, float]:
     n_utt = 0
     last_missing = 0
     changed = final = interims = inserted = 0
+    delays: list[float] = []
     for s in streams:
         wer = wer + s.wer
+        delays.extend(s.caption_delays)
         for u in s.utterances:
             n_utt += 1
             if u.lost:
@@ -624,6 +703,7 @@ def run_figures(streams: Sequence[StreamEvaluation]) -> dict[str, float]:
     figures.update(summarize(fin, "finalization_latency_s"))
     figures.update(summarize(first, "first_text_latency_s"))
     figures.update(summarize(segment, "segment_latency_s"))
+    figures.update(summarize(delays, "caption_delay_s"))
     return figures
 
 

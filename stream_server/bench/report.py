@@ -57,15 +57,15 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(f"Machine: {env.get('cpu_count')} CPUs, {env.get('platform')}; started {results.get('created_utc')}.")
     lines.append("")
     off = results.get("offline", {}).get("metrics", {})
-    lines.append("| N | audio s | WER | offline WER b1 / b5 | penalty vs b5 | final p50 / p90 / p95 s | turn's segment p50 / p95 s | first text p50 / p95 s | lost | flicker /word | server CPU s per audio s | RSS peak MB | RSS growth MB | queue wait p95 s | batch mean |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("| N | audio s | WER | offline WER b1 / b5 | penalty vs b5 | final p50 / p90 / p95 s | turn's segment p50 / p95 s | first text p50 / p95 s | caption delay p50 / p95 s | lost | flicker /word | server CPU s per audio s | RSS peak MB | RSS growth MB | queue wait p95 s | batch mean |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for lv in results["runs"]:
         m = lv["metrics"]
         b1 = off.get("offline_wer_beam1")
         b5 = off.get("offline_wer_beam5")
         penalty = None if b5 is None else m.get("wer", 0.0) - b5
         lines.append(
-            "| {n} | {a:.0f} | {wer} | {b1} / {b5} | {pen} | {f50} / {f90} / {f95} | {s50} / {s95} | {t50} / {t95} | {lost}/{utt} | {fl} | {cpu} | {rss} | {rps} | {qw} | {bs} |".format(
+            "| {n} | {a:.0f} | {wer} | {b1} / {b5} | {pen} | {f50} / {f90} / {f95} | {s50} / {s95} | {t50} / {t95} | {c50} / {c95} | {lost}/{utt} | {fl} | {cpu} | {rss} | {rps} | {qw} | {bs} |".format(
                 n=int(m["n_streams"]),
                 a=m.get("audio_s_total", 0.0),
                 wer=_fmt(m.get("wer"), pct=True),
@@ -79,6 +79,8 @@ def markdown(results: dict[str, Any]) -> str:
                 s95=_fmt(m.get("segment_latency_s_p95")),
                 t50=_fmt(m.get("first_text_latency_s_p50")),
                 t95=_fmt(m.get("first_text_latency_s_p95")),
+                c50=_fmt(m.get("caption_delay_s_p50")),
+                c95=_fmt(m.get("caption_delay_s_p95")),
                 lost=int(m.get("utterances_lost", 0)),
                 utt=int(m.get("utterances", 0)) if not m.get("streams_refused") else f"{int(m.get('utterances', 0))} ({int(m['streams_refused'])} streams refused)",
                 fl=_fmt(m.get("flicker_per_final_word"), digits=3),
@@ -122,6 +124,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("- Offline: faster-whisper `transcribe` of each clip alone, same model and compute type; b1 greedy, b5 default beam 5. The streaming penalty is taken against beam 5.")
     lines.append("- Finalization latency: arrival of the delta that made an utterance's last word final (its letters: a punctuation mark sent after the word does not count) − the utterance's end of speech (earlier of energy detector and offline Silero VAD on the clean clip), wall seconds.")
     lines.append("- First text: speech onset → first delta with a word attributed to the utterance or first interim showing a correct word of it.")
+    lines.append("- Caption delay: every 0.25 s while an utterance is spoken, the speech time elapsed less the speech time its correct words on screen (committed + interim) stand for, its words taken as evenly spread; how far live captions trail the speaker.")
     lines.append("- Flicker: displayed words (committed + interim) later erased or changed, per final word; case and punctuation ignored.")
     lines.append("- Lost: an utterance with no final word aligned to it.")
     problems = [p for lv in results["runs"] for p in lv.get("problems", [])]
