@@ -344,16 +344,18 @@ def first_interim_hits(
     return hits
 
 
-def _matches(ref_by_utt: Sequence[Sequence[str]], utts: Sequence[int], shown: str) -> list[int]:
+def _matches(ref_by_utt: Sequence[Sequence[str]], utts: Sequence[int], shown: str, *, misheard: bool = False) -> list[int]:
     """The utterance (of ``utts``, in order) of each reference token that ``shown`` matches
-    exactly, aligned with those utterances' reference tokens in a row."""
+    exactly (``misheard``: or stands in for with another word), aligned with those utterances'
+    reference tokens in a row."""
+    kinds = ("equal", "substitute") if misheard else ("equal",)
     hyp = [tok for raw in shown.split() for tok in normalize_word(raw)]
     ref: list[str] = []
     owner: list[int] = []
     for u in utts:
         ref.extend(ref_by_utt[u])
         owner.extend([u] * len(ref_by_utt[u]))
-    return [owner[k] for kind, r0, r1, _h0, _h1 in align_tokens(ref, hyp) if kind == "equal" for k in range(r0, r1)]
+    return [owner[k] for kind, r0, r1, _h0, _h1 in align_tokens(ref, hyp) if kind in kinds for k in range(r0, r1)]
 
 
 def _words_of_utterances(utterances: Sequence[Utterance]) -> list[list[str]]:
@@ -389,14 +391,16 @@ def caption_delays(
 ) -> list[float]:
     """How far the captions trail the speaker while each utterance is spoken: every
     ``CAPTION_SAMPLE_S`` from its onset to its end of speech, the speech time elapsed less the
-    speech time the correct words on screen stand for (words taken as evenly spread over the
-    utterance; ahead of that counts 0). Pacing interims under load shows here, where first text
-    and finalization cannot see it: a turn whose caption stands still for 3 s reads ~3 s behind.
+    speech time the words on screen stand for (words taken as evenly spread over the utterance;
+    ahead of that counts 0). Pacing interims under load shows here, where first text and
+    finalization cannot see it: a turn whose caption stands still for 3 s reads ~3 s behind.
 
     The screen is what a caption client shows: per item its committed (delta) text plus the last
     interim tail, the final text once the segment is out; an utterance's caption is that of the
-    items its final words went to, aligned with their reference utterances, and the exactly
-    matching words of this utterance count."""
+    items its final words went to, aligned with their reference utterances, and the words of this
+    utterance it shows count, misheard ones too (a wrong word on screen is the caption keeping
+    up, not falling behind; WER counts it). A pause inside an utterance (JFK's) reads as delay
+    after it, since the words are spread evenly: compare runs on the same audio, not utterances."""
     owners, by_utt = _item_links(attribution)
     ref_by_utt = _words_of_utterances(utterances)
     committed: dict[str, str] = defaultdict(str)
@@ -417,7 +421,7 @@ def caption_delays(
         for u in owners[item]:
             covered = sorted({v for i in by_utt[u] for v in owners[i]})
             caption = " ".join(_join(committed[i], tail[i]) for i in by_utt[u])
-            shown[u].append((t, _matches(ref_by_utt, covered, caption).count(u)))
+            shown[u].append((t, _matches(ref_by_utt, covered, caption, misheard=True).count(u)))
     delays: list[float] = []
     for u, utt in enumerate(utterances):
         words = len(ref_by_utt[u])

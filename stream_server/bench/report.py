@@ -124,7 +124,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append("- Offline: faster-whisper `transcribe` of each clip alone, same model and compute type; b1 greedy, b5 default beam 5. The streaming penalty is taken against beam 5.")
     lines.append("- Finalization latency: arrival of the delta that made an utterance's last word final (its letters: a punctuation mark sent after the word does not count) − the utterance's end of speech (earlier of energy detector and offline Silero VAD on the clean clip), wall seconds.")
     lines.append("- First text: speech onset → first delta with a word attributed to the utterance or first interim showing a correct word of it.")
-    lines.append("- Caption delay: every 0.25 s while an utterance is spoken, the speech time elapsed less the speech time its correct words on screen (committed + interim) stand for, its words taken as evenly spread; how far live captions trail the speaker.")
+    lines.append("- Caption delay: every 0.25 s while an utterance is spoken, the speech time elapsed less the speech time the words on screen (committed + interim, misheard ones too) stand for, its words taken as evenly spread (pauses inside an utterance read as delay); how far live captions trail the speaker. Compare runs on the same audio.")
     lines.append("- Flicker: displayed words (committed + interim) later erased or changed, per final word; case and punctuation ignored.")
     lines.append("- Lost: an utterance with no final word aligned to it.")
     problems = [p for lv in results["runs"] for p in lv.get("problems", [])]
