@@ -35,6 +35,16 @@ def spoken(segments: list[p.TranscriptSegment]) -> list[p.TranscriptSegment]:
     return [s for s in segments if s.text.strip()]
 
 
+def file_language(segments: Sequence[p.TranscriptSegment]) -> str | None:
+    """The file's language for ``verbose_json`` and Deepgram's ``detected_language``, which have one: each utterance is detected on its
+    own, and the language spoken longest wins (None without speech)."""
+    spoken: dict[str, float] = {}
+    for seg in segments:
+        if seg.text and seg.language:
+            spoken[seg.language] = spoken.get(seg.language, 0.0) + max(0.0, seg.end - seg.start)
+    return max(spoken, key=lambda code: spoken[code]) if spoken else None
+
+
 def confidence(logprobs: list[p.TokenLogprob] | None) -> float | None:
     """Mean token probability (``exp`` of each token's log probability); None without tokens."""
     if not logprobs:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from stream_server import audio_files
+from stream_server.bench import calls
 from stream_server.bench.server_proc import ServerProcess, free_port
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "read_wav",
     "require_speech",
     "start_server",
+    "stored_call_wav",
     "wer",
 ]
 
@@ -95,3 +97,33 @@ def start_server(log_dir: Path, *args: str, timeout: float = 120) -> ServerProce
     server = ServerProcess(args, log_dir / f"server-{port}.log", port=port, cwd=REPO, startup_timeout_s=timeout, stop_timeout_s=20)
     server.start()
     return server
+
+
+#: A call as a contact center stores it: the customer (LJ Speech) on the left channel, the agent
+#: (ARCTIC slt) on the right, turns that overlap, abut and pause (``bench/calls.py``'s spacing).
+STORED_CALL = [
+    ("customer", "ljspeech_LJ001-0002"),
+    ("agent", "arctic_slt_arctic_a0004"),
+    ("customer", "ljspeech_LJ001-0013"),
+    ("agent", "arctic_slt_arctic_a0008"),
+    ("customer", "ljspeech_LJ001-0011"),
+    ("agent", "arctic_slt_arctic_a0003"),
+    ("customer", "ljspeech_LJ001-0008"),
+    ("agent", "arctic_slt_arctic_a0006"),
+]
+STORED_CALL_LEGS = ("customer", "agent")
+
+
+def stored_call_wav(directory: Path) -> tuple[calls.Call, Path]:
+    """:data:`STORED_CALL` built as the call bench builds calls, written as one stereo WAV of
+    8 kHz μ-law (a leg per channel, in :data:`STORED_CALL_LEGS` order): a stored call recording."""
+    import soundfile
+
+    from stream_server import audio
+
+    call = calls.build_call(STORED_CALL, corpus=require_speech(), tracks=STORED_CALL_LEGS)
+    table = audio.g711_table("ulaw")
+    legs = [table[np.frombuffer(call.legs[leg], np.uint8)] for leg in STORED_CALL_LEGS]
+    path = directory / "call.wav"
+    soundfile.write(path, np.stack(legs, 1), calls.RATE, subtype="ULAW")
+    return call, path

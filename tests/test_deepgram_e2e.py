@@ -27,7 +27,18 @@ from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results, ListenV1UtteranceEnd
 
 from stream_server.audio import encode_g711
-from tests.support import ServerProcess, english_references, load_clip, manifest, normalize, require_speech, start_server, wer
+from tests.support import (
+    STORED_CALL_LEGS,
+    ServerProcess,
+    english_references,
+    load_clip,
+    manifest,
+    normalize,
+    require_speech,
+    start_server,
+    stored_call_wav,
+    wer,
+)
 from tests.test_dialect_deepgram import SDK_MODELS, check_documented, sdk_validate
 from tests.test_server import build_long_stream
 
@@ -511,3 +522,84 @@ def test_keyterms_are_heard_after_earlier_sentences_fill_the_context(server: Ser
     assert "Subiaco" in heard or "Suviaco" in heard, heard  # the near tie above, nothing else
     assert "Pannartz" not in plain  # the premise: without them tiny.en spells the names otherwise
     assert wer([" ".join(c["text"] for c in clips)], [heard]) < wer([" ".join(c["text"] for c in clips)], [plain])
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-recorded: POST /v1/listen (the SDK's transcribe_file)
+# --------------------------------------------------------------------------------------------
+
+def test_a_stored_call_through_the_sdks_transcribe_file(server: ServerProcess, tmp_path: Any) -> None:
+    """``transcribe_file`` with ``multichannel`` and ``utterances``: the SDK parses the answer into
+    its types; each leg's transcript is within one point of offline faster-whisper on the same
+    μ-law turns; every turn is an utterance of its channel at its time; every field sent is
+    documented (docs/deepgram.md, "Pre-recorded audio")."""
+    from deepgram import DeepgramClient
+    from deepgram.types.listen_v1response import ListenV1Response
+
+    from stream_server.bench import calls
+    from tests.test_dialect_deepgram import documented_fields, field_paths
+
+    call, path = stored_call_wav(tmp_path)
+    offline = calls.offline_texts(call, tag="stored-call")
+    client = DeepgramClient(api_key="test-key", environment=environment(server))
+    response = client.listen.v1.media.transcribe_file(
+        request=path.read_bytes(), model="nova-3", smart_format=True, multichannel=True, utterances=True
+    )
+    assert isinstance(response, ListenV1Response)
+    assert response.metadata.channels == 2 and response.metadata.duration == pytest.approx(call.seconds, abs=0.05)
+    body = response.model_dump(mode="json", exclude_none=True)
+    for channel, leg in enumerate(STORED_CALL_LEGS):
+        [alternative] = response.results.channels[channel].alternatives
+        streaming, baseline = wer(call.references(leg), [alternative.transcript]), wer(call.references(leg), offline[leg])
+        print(f"{leg}: WER {streaming:.3f} (offline {baseline:.3f}): {alternative.transcript}")
+        assert streaming <= baseline + 0.01, (leg, alternative.transcript, offline[leg])
+        assert alternative.words and all(w.punctuated_word for w in alternative.words)
+    utterances = response.results.utterances
+    assert [u.start for u in utterances] == sorted(u.start for u in utterances)
+    for spoken in call.turns:
+        channel = STORED_CALL_LEGS.index(spoken.track)
+        assert any(u.channel == channel and abs(u.start - spoken.start) < 1.0 for u in utterances), (spoken, utterances)
+    [(required, optional)] = documented_fields("## Pre-recorded audio").values()
+    sent = {f for f in field_paths(body) if not f.startswith("metadata.model_info.")}
+    allowed = {a for f in required | optional for a in _prefixes(f)}
+    assert sent <= allowed, sorted(sent - allowed)
+    assert required <= sent, sorted(required - sent)
+    assert all(set(info) == {"name", "version", "arch"} for info in body["metadata"]["model_info"].values())
+
+
+def _prefixes(path: str) -> set[str]:
+    parts = path.replace("[]", ".[]").split(".")
+    return {".".join(parts[:i]).replace(".[]", "[]") for i in range(1, len(parts) + 1)}
+
+
+def test_pre_recorded_raw_audio_and_refusals(server: ServerProcess) -> None:
+    """Raw linear16 with ``encoding``/``sample_rate`` (what the SDK passes through its query
+    options), mixed to one transcript without ``multichannel``; and each refusal in Deepgram's
+    error shape, as the SDK raises it."""
+    from deepgram import DeepgramClient
+    from deepgram.core.api_error import ApiError as DeepgramApiError
+
+    rows = {r["id"]: r for r in english_references()}
+    clip = "arctic_slt_arctic_a0003"
+    audio = load_clip(clip)
+    pcm = (np.clip(np.stack([audio, audio * 0.5], 1), -1, 1) * 32767).astype("<i2").tobytes()
+    url = server.http_url + "/v1/listen"
+    resp = httpx.post(url, params={"encoding": "linear16", "sample_rate": "16000", "channels": "2"}, content=pcm, timeout=60)
+    assert resp.status_code == 200, resp.text
+    [channel] = resp.json()["results"]["channels"]
+    transcript = channel["alternatives"][0]["transcript"]
+    assert wer([rows[clip]["text"]], [transcript]) <= 0.2, transcript
+    assert transcript == transcript.lower() and "," not in transcript, "no punctuate: Deepgram's plain form"
+    assert resp.json()["metadata"]["duration"] == pytest.approx(len(audio) / 16000, abs=0.05)
+    client = DeepgramClient(api_key="test-key", environment=environment(server))
+    for kwargs, status, needle in (
+        ({"request": b"not audio at all" * 64}, 415, "not a recognised audio format"),
+        ({"request": b""}, 400, "empty"),
+        ({"request": pcm, "encoding": "linear16"}, 400, "sample_rate"),
+    ):
+        with pytest.raises(DeepgramApiError) as caught:
+            client.listen.v1.media.transcribe_file(model="nova-3", **kwargs)
+        assert caught.value.status_code == status, caught.value.body
+        assert needle in caught.value.body["err_msg"] and caught.value.body["request_id"], caught.value.body
+    resp = httpx.post(url, json={"url": "https://example.com/call.wav"}, timeout=10)
+    assert resp.status_code == 400 and "URL" in resp.json()["err_msg"], resp.text

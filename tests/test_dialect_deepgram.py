@@ -99,9 +99,10 @@ def field_paths(value: Any, prefix: str = "") -> set[str]:
     return out
 
 
-def documented_fields() -> dict[str, tuple[set[str], set[str]]]:
-    """``docs/deepgram.md``'s server-message table: type → (required paths, optional paths)."""
-    section = DOC.read_text().split("## Server messages", 1)[1].split("\n## ", 1)[0]
+def documented_fields(heading: str = "## Server messages") -> dict[str, tuple[set[str], set[str]]]:
+    """A table of ``docs/deepgram.md`` (by default the server messages'): type → (required
+    paths, optional paths)."""
+    section = DOC.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
     table: dict[str, tuple[set[str], set[str]]] = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.http_api_support import running_server, write_wav
-from tests.support import english_references, normalize, require_speech, wer
+from tests.support import STORED_CALL_LEGS, english_references, normalize, require_speech, stored_call_wav, wer
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -123,46 +123,24 @@ def test_the_prompt_is_heard_in_every_turn_of_a_file(base_url, tmp_path):
     assert "Pannartz" not in plain
 
 
-#: A call as a contact center stores it: one stereo WAV of 8 kHz μ-law, the customer (LJ Speech)
-#: on the left, the agent (ARCTIC slt) on the right, turns that overlap, abut and pause
-#: (``bench/calls.py``'s spacing).
-STORED_CALL = [
-    ("customer", "ljspeech_LJ001-0002"),
-    ("agent", "arctic_slt_arctic_a0004"),
-    ("customer", "ljspeech_LJ001-0013"),
-    ("agent", "arctic_slt_arctic_a0008"),
-    ("customer", "ljspeech_LJ001-0011"),
-    ("agent", "arctic_slt_arctic_a0003"),
-    ("customer", "ljspeech_LJ001-0008"),
-    ("agent", "arctic_slt_arctic_a0006"),
-]
-LEGS = ("customer", "agent")
-
-
 def test_a_stored_call_recording_is_transcribed_leg_by_leg(base_url, tmp_path):
     """``multichannel`` and ``channel_labels`` through the OpenAI SDK's ``extra_body``: each leg
     within one point of offline faster-whisper on the same μ-law turns, every turn under its
     speaker at its time in the call, subtitles that say who speaks; the same file without them
     is mixed to one voice, as OpenAI's API does."""
     import openai
-    import soundfile
 
-    from stream_server import audio
     from stream_server.bench import calls
 
-    call = calls.build_call(STORED_CALL, corpus=require_speech(), tracks=LEGS)
-    table = audio.g711_table("ulaw")
-    legs = [table[np.frombuffer(call.legs[leg], np.uint8)] for leg in LEGS]
-    path = tmp_path / "call.wav"
-    soundfile.write(path, np.stack(legs, 1), calls.RATE, subtype="ULAW")
+    call, path = stored_call_wav(tmp_path)
     offline = calls.offline_texts(call, tag="stored-call")
     client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
-    split = {"multichannel": "true", "channel_labels": ",".join(LEGS)}
+    split = {"multichannel": "true", "channel_labels": ",".join(STORED_CALL_LEGS)}
     with path.open("rb") as f:
         result = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="verbose_json", extra_body=split)
     body = result.model_dump()
     assert [(c["channel"], c["speaker"]) for c in body["channels"]] == [(0, "customer"), (1, "agent")]
-    for channel, leg in enumerate(LEGS):
+    for channel, leg in enumerate(STORED_CALL_LEGS):
         text = body["channels"][channel]["text"]
         streaming = wer(call.references(leg), [text])
         baseline = wer(call.references(leg), offline[leg])
@@ -174,12 +152,12 @@ def test_a_stored_call_recording_is_transcribed_leg_by_leg(base_url, tmp_path):
         near = [t for t in turns if t["speaker"] == spoken.track and abs(t["start"] - spoken.start) < 1.0]
         assert near, (spoken.track, spoken.start, spoken.reference, turns)
     assert {(s["channel"], s["speaker"]) for s in body["segments"]} == {(0, "customer"), (1, "agent")}
-    assert all(line.split(":")[0] in LEGS for line in body["text"].splitlines())
+    assert all(line.split(":")[0] in STORED_CALL_LEGS for line in body["text"].splitlines())
     assert body["duration"] == pytest.approx(call.seconds, abs=0.05)
     with path.open("rb") as f:
         srt = client.audio.transcriptions.create(model="whisper-1", file=f, response_format="srt", extra_body=split)
     cues = [block.splitlines() for block in srt.strip().split("\n\n")]
-    assert len(cues) >= len(call.turns) and all(cue[2].split(":")[0] in LEGS for cue in cues), srt
+    assert len(cues) >= len(call.turns) and all(cue[2].split(":")[0] in STORED_CALL_LEGS for cue in cues), srt
     with path.open("rb") as f:
         mixed = client.audio.transcriptions.create(model="whisper-1", file=f)
     assert "channels" not in (mixed.model_extra or {}) and ":" not in mixed.text
@@ -190,8 +168,8 @@ def test_a_stored_call_recording_is_transcribed_leg_by_leg(base_url, tmp_path):
     assert [(s.speaker, s.start, s.text) for s in diarized.segments] == [("AB"[t["channel"]], t["start"], t["text"]) for t in turns]
     assert diarized.text == " ".join(t["text"] for t in turns) and diarized.duration == pytest.approx(call.seconds, abs=0.05)
     with path.open("rb") as f:
-        named = client.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=f, response_format="diarized_json", extra_body={"channel_labels": ",".join(LEGS)})
-    assert {s.speaker for s in named.segments} == set(LEGS)
+        named = client.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=f, response_format="diarized_json", extra_body={"channel_labels": ",".join(STORED_CALL_LEGS)})
+    assert {s.speaker for s in named.segments} == set(STORED_CALL_LEGS)
     with path.open("rb") as f:
         stream = client.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=f, response_format="diarized_json", stream=True)
         events = list(stream)

@@ -25,7 +25,7 @@ from stream_server.decoding import (
     choose_language,
     language_settled,
 )
-from stream_server.http.openai_api import file_language
+from stream_server.formats import file_language
 from stream_server.http.openai_form import FileOptions
 from stream_server.models import base_available
 from tests.fakes import BurstDecoder, silence, speech

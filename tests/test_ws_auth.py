@@ -100,6 +100,13 @@ def test_the_http_api_requires_a_key_when_configured(tmp_path: Path) -> None:
         assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
         hf = httpx.post(srv.http_url + "/models/tiny.en", content=wav.read_bytes(), headers={"Content-Type": "audio/wav"})
         assert hf.status_code == 401
+        # Deepgram's pre-recorded route reads the SDK's `Token <key>` and answers as Deepgram does.
+        listen = srv.http_url + "/v1/listen?model=nova-3"
+        dg = httpx.post(listen, content=wav.read_bytes(), headers={"Content-Type": "audio/wav", "Authorization": "Token key-one"}, timeout=60)
+        assert dg.status_code == 200 and dg.json()["results"]["channels"][0]["alternatives"][0]["transcript"].strip()
+        for headers in ({}, {"Authorization": "Token nope"}):
+            refused = httpx.post(listen, content=wav.read_bytes(), headers={"Content-Type": "audio/wav", **headers})
+            assert refused.status_code == 401 and refused.json()["err_code"] == "INVALID_AUTH", refused.text
     finally:
         srv.stop()
     server_output = srv.log_path.read_text().split("\n", 1)[1]

@@ -98,6 +98,7 @@ class ListenOptions:
     language: str | None = "en"  # Deepgram's default; None (``multi`` or ``detect_language``): detect per utterance
     model: str | None = None  # a model this server knows; None: the server default
     keyterm: str | None = None
+    utterances: bool = False  # pre-recorded (``POST /v1/listen``): every turn in ``results.utterances``
 
 
 def reject(message: str, request_id: str) -> HandshakeRejected:
@@ -226,6 +227,7 @@ def parse_options(
         language=None if detect else language,
         model=_model(query.get("model"), model_exists, request_id),
         keyterm=keyterm,
+        utterances=_bool(query, "utterances", False, request_id),
     )
 
 
@@ -295,6 +297,34 @@ def plain_word(word: str) -> str:
 def plain_text(text: str) -> str:
     """A transcript as Deepgram writes it without punctuate/smart_format."""
     return " ".join(w for w in (plain_word(t) for t in text.split()) if w)
+
+
+def result_words(words: Sequence[p.WordTiming], *, punctuated: bool, language: str | None = None) -> list[dict[str, Any]]:
+    """Deepgram's ``words`` (live ``Results`` and pre-recorded ``alternatives`` alike): the plain
+    word, its times and confidence, ``punctuated_word`` with punctuate/smart_format, ``language``
+    when detected."""
+    out: list[dict[str, Any]] = []
+    for w in words:
+        plain = plain_word(w.word.strip())
+        if not plain:
+            continue  # a lone punctuation mark is not a word
+        item: dict[str, Any] = {
+            "word": plain,
+            "start": round(w.start, 3),
+            "end": round(w.end, 3),
+            "confidence": round(w.probability, 4),
+        }
+        if punctuated:
+            item["punctuated_word"] = w.word.strip()
+        if language is not None:
+            item["language"] = language
+        out.append(item)
+    return out
+
+
+def model_info(model: str) -> tuple[str, dict[str, str]]:
+    """The uuid Deepgram's messages name the model by, and its ``model_info`` entry."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"stream-server:model:{model}")), {"name": model, "version": "latest", "arch": "whisper"}
 
 
 def join_text(committed: str, tail: str) -> str:
@@ -793,6 +823,7 @@ class DeepgramDialect:
         }
         if language is not None:
             alternative["languages"] = [language]
+        model_uuid, info = model_info(self.model)
         return {
             "type": "Results",
             "channel_index": self._channel_tag(channel),
@@ -802,31 +833,11 @@ class DeepgramDialect:
             "speech_final": speech_final,
             "from_finalize": from_finalize,
             "channel": {"alternatives": [alternative]},
-            "metadata": {
-                "request_id": self.request_id,
-                "model_info": {"name": self.model, "version": "latest", "arch": "whisper"},
-                "model_uuid": str(uuid.uuid5(uuid.NAMESPACE_URL, f"stream-server:model:{self.model}")),
-            },
+            "metadata": {"request_id": self.request_id, "model_info": info, "model_uuid": model_uuid},
         }
 
     def _words(self, words: Sequence[p.WordTiming], language: str | None = None) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for w in words:
-            plain = plain_word(w.word.strip())
-            if not plain:
-                continue  # a lone punctuation mark is not a word
-            item: dict[str, Any] = {
-                "word": plain,
-                "start": round(w.start, 3),
-                "end": round(w.end, 3),
-                "confidence": round(w.probability, 4),
-            }
-            if self.punctuated:
-                item["punctuated_word"] = w.word.strip()
-            if language is not None:
-                item["language"] = language
-            out.append(item)
-        return out
+        return result_words(words, punctuated=self.punctuated, language=language)
 
     def metadata(self, duration: float) -> dict[str, Any]:
         """The summary Deepgram sends after CloseStream, before closing."""

@@ -408,7 +408,7 @@ def session_config(model: str, **options: Any) -> p.SessionConfig:
     return p.SessionConfig(model=model, include=list(ENGINE_INCLUDES), **options)
 
 
-def _raise_engine_errors(result: FileTranscript) -> None:
+def raise_engine_errors(result: FileTranscript) -> None:
     """A model that failed to load (502) outranks a failed decode (500), whatever came first."""
     for event in result.errors:
         if event.error.code == "model_unavailable":
@@ -438,5 +438,5 @@ async def transcribe_upload(
         audio = await decode_upload(fileobj, split_channels=split_channels)
         result = await engine.transcribe(audio, with_channels(config, audio, labels, by_speaker=by_speaker))
     engine.metrics.audio_seconds.inc(result.done.usage.seconds)
-    _raise_engine_errors(result)
+    raise_engine_errors(result)
     return result

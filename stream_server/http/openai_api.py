@@ -112,16 +112,6 @@ def _logprobs(logprobs: list[p.TokenLogprob] | None, opts: FileOptions) -> list[
     return formats.logprobs_json(logprobs) if opts.wants_logprobs else None
 
 
-def file_language(segments: list[p.TranscriptSegment]) -> str | None:
-    """The file's language for ``verbose_json``, which has one: each utterance is detected on its
-    own, and the language spoken longest wins (None without speech)."""
-    spoken: dict[str, float] = {}
-    for seg in segments:
-        if seg.text and seg.language:
-            spoken[seg.language] = spoken.get(seg.language, 0.0) + max(0.0, seg.end - seg.start)
-    return max(spoken, key=lambda code: spoken[code]) if spoken else None
-
-
 def _json_body(result: FileTranscript, opts: FileOptions, verbose: bool) -> dict[str, Any]:
     """``json`` / ``verbose_json``: OpenAI's object plus AI Refinery's success/error/confidence."""
     done = result.done
@@ -130,7 +120,7 @@ def _json_body(result: FileTranscript, opts: FileOptions, verbose: bool) -> dict
     if verbose:
         body.update(
             task="transcribe",
-            language=opts.reported_language(file_language(result.segments)),
+            language=opts.reported_language(formats.file_language(result.segments)),
             duration=done.usage.seconds,
             text=done.text,
             segments=formats.segments_json(result.segments, channels=split),

@@ -1,0 +1,186 @@
+"""Deepgram's pre-recorded transcription: ``POST /v1/listen`` with the audio as the request body.
+
+The live dialect (``dialects/deepgram.py``) serves the WebSocket on the same path; this is the
+other half of what the Deepgram SDK does against a base URL (``client.listen.v1.media
+.transcribe_file``), and what contact centers send their stored calls to: a stereo recording with
+``multichannel=true`` is transcribed leg by leg (one ``results.channels`` entry per leg, each with
+its own turns), ``utterances=true`` adds every turn in time order with its channel.
+
+The query parameters are the live endpoint's, parsed by the same function, so a value Deepgram
+refuses is refused the same way here (400 ``{err_code, err_msg, request_id}``); containerised audio
+is recognised by content as for the OpenAI route, raw audio needs ``encoding`` and
+``sample_rate`` (and ``channels``). The file is transcribed as the OpenAI route transcribes one:
+every turn's final decode batched, in the file job slots. Deepgram's ``{"url": ...}`` body is
+refused: this server does not fetch what a request points at.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import uuid
+from collections.abc import Sequence
+from typing import IO, Any
+
+import numpy as np
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from stream_server import formats, keys
+from stream_server import protocol as p
+from stream_server.audio import decode_samples, resample
+from stream_server.dialects import deepgram
+from stream_server.dialects.base import HandshakeRejected
+from stream_server.engine import Engine, FileTranscript
+from stream_server.http.common import (
+    ApiError,
+    decode_upload,
+    file_jobs,
+    raise_engine_errors,
+    read_body,
+    resolve_model,
+    session_config,
+    with_channels,
+)
+
+#: Deepgram's ``err_code`` for each status this route answers with.
+ERROR_CODES = {400: "Bad Request", 401: "INVALID_AUTH", 403: "INSUFFICIENT_PERMISSIONS", 413: "PAYLOAD_TOO_LARGE",
+               415: "UNSUPPORTED_MEDIA", 500: "INTERNAL_SERVER_ERROR", 502: "MODEL_UNAVAILABLE"}
+
+
+def _error(status: int, message: str, request_id: str) -> JSONResponse:
+    """An error as Deepgram's REST API answers one (the SDK raises it with this body)."""
+    body = {"err_code": ERROR_CODES.get(status, "Bad Request"), "err_msg": message, "request_id": request_id}
+    return JSONResponse(body, status_code=status, headers={"dg-request-id": request_id})
+
+
+def _authorize(request: Request) -> None:
+    """With API keys configured, ``Authorization: Token <key>`` (the SDK's) or ``Bearer <key>``."""
+    ring = keys.ring_of(request.app.state)
+    if not ring.configured:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() not in ("token", "bearer") or not key.strip():
+        raise ApiError(401, "invalid_api_key", "this server requires an API key: send Authorization: Token <key>")
+    if ring.identify(key.strip()) is None:
+        raise ApiError(401, "invalid_api_key", "Invalid credentials.")
+
+
+def _raw_audio(data: bytes, options: deepgram.ListenOptions) -> np.ndarray:
+    """Headerless audio in ``encoding`` at ``sample_rate``, ``channels`` interleaved: at 16 kHz,
+    one column per channel with ``multichannel``, else averaged into one voice (as Deepgram mixes)."""
+    assert options.encoding is not None and options.sample_rate is not None
+    audio_format = deepgram.RAW_ENCODINGS[options.encoding]
+    width = deepgram.SAMPLE_WIDTH[audio_format] * options.channels
+    samples, _ = decode_samples(data[: len(data) - len(data) % width], audio_format)
+    frames = samples.reshape(-1, options.channels)
+    if not options.multichannel or options.channels == 1:
+        return resample(frames.mean(axis=1, dtype=np.float32), options.sample_rate)
+    return resample(frames, options.sample_rate)
+
+
+async def _audio(spool: IO[bytes], options: deepgram.ListenOptions) -> np.ndarray:
+    if options.encoding is None:
+        return await decode_upload(spool, split_channels=options.multichannel)
+    try:
+        return _raw_audio(spool.read(), options)
+    finally:
+        spool.close()
+
+
+def _alternative(segments: Sequence[p.TranscriptSegment], punctuated: bool, language: str | None) -> dict[str, Any]:
+    """One transcript of ``segments`` (a channel's turns, or one turn) as Deepgram's alternative."""
+    text = " ".join(seg.text.strip() for seg in segments if seg.text.strip())
+    words = [w for seg in segments for w in seg.words or []]
+    confidence = sum(w.probability for w in words) / len(words) if words else 0.0
+    alternative: dict[str, Any] = {
+        "transcript": text if punctuated else deepgram.plain_text(text),
+        "confidence": round(confidence, 4),
+        "words": deepgram.result_words(words, punctuated=punctuated, language=language),
+    }
+    if language is not None:
+        alternative["languages"] = [language]
+    return alternative
+
+
+def response_body(
+    result: FileTranscript, options: deepgram.ListenOptions, *, model: str, request_id: str, sha256: str, created: datetime.datetime
+) -> dict[str, Any]:
+    """Deepgram's pre-recorded response: ``metadata`` and ``results.channels`` (one per channel
+    of the session), with ``results.utterances`` when asked for."""
+    punctuated = options.punctuate or options.smart_format
+    spoken = sorted(formats.spoken(result.segments), key=lambda seg: (seg.start, seg.channel))
+    detected = options.language is None
+    channels = []
+    for index in range(max(1, len(result.done.channels))):
+        mine = [seg for seg in spoken if seg.channel == index]
+        language = formats.file_language(mine) if detected else None
+        entry: dict[str, Any] = {"alternatives": [_alternative(mine, punctuated, language)]}
+        if language is not None:
+            entry["detected_language"] = language
+        channels.append(entry)
+    model_uuid, info = deepgram.model_info(model)
+    body: dict[str, Any] = {
+        "metadata": {
+            "transaction_key": "deprecated",
+            "request_id": request_id,
+            "sha256": sha256,
+            "created": created.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "duration": result.done.usage.seconds,
+            "channels": len(channels),
+            "models": [model_uuid],
+            "model_info": {model_uuid: info},
+        },
+        "results": {"channels": channels},
+    }
+    if options.utterances:
+        body["results"]["utterances"] = [_utterance(seg, punctuated, detected) for seg in spoken]
+    return body
+
+
+def _utterance(seg: p.TranscriptSegment, punctuated: bool, detected: bool) -> dict[str, Any]:
+    alternative = _alternative([seg], punctuated, seg.language if detected else None)
+    return {
+        "start": seg.start,
+        "end": seg.end,
+        "confidence": alternative["confidence"],
+        "channel": seg.channel,
+        "transcript": alternative["transcript"],
+        "words": alternative["words"],
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"stream-server:utterance:{seg.item_id}")),
+    }
+
+
+async def listen(request: Request) -> Response:
+    """``POST /v1/listen``: validate the query, read the body, transcribe, answer as Deepgram."""
+    request_id = str(uuid.uuid4())
+    engine: Engine = request.app.state.engine
+    try:
+        _authorize(request)
+        query = dict(request.query_params)
+        lists = {name: request.query_params.getlist(name) for name in ("keyterm", "keywords")}
+        options = deepgram.parse_options(query, engine.registry.exists, request_id, lists)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+            return _error(400, "this server does not fetch audio from a URL: send the audio itself as the request body", request_id)
+        model = resolve_model(engine, options.model)
+        spool = await read_body(request, engine.settings.max_file_bytes)
+        digest = hashlib.sha256()
+        for block in iter(lambda: spool.read(1 << 20), b""):
+            digest.update(block)
+        if not spool.tell():
+            spool.close()
+            return _error(400, "the request body is empty: send the audio as the body", request_id)
+        spool.seek(0)
+        config = session_config(model, language=options.language, prompt=options.keyterm or "")
+        async with file_jobs(request).semaphore:
+            audio = await _audio(spool, options)
+            result = await engine.transcribe(audio, with_channels(config, audio, None))
+        engine.metrics.audio_seconds.inc(result.done.usage.seconds)
+        raise_engine_errors(result)
+    except HandshakeRejected as exc:
+        return JSONResponse(dict(exc.body), status_code=exc.status, headers={"dg-request-id": request_id})
+    except ApiError as exc:
+        return _error(exc.status, exc.message, request_id)
+    created = datetime.datetime.now(datetime.UTC)
+    body = response_body(result, options, model=model, request_id=request_id, sha256=digest.hexdigest(), created=created)
+    return JSONResponse(body, headers={"dg-request-id": request_id})
