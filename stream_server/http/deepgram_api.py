@@ -35,6 +35,7 @@ from stream_server.engine import Engine, FileTranscript
 from stream_server.http.common import (
     ApiError,
     decode_upload,
+    ensure_loaded,
     file_jobs,
     raise_engine_errors,
     read_body,
@@ -151,26 +152,33 @@ def _utterance(seg: p.TranscriptSegment, punctuated: bool, detected: bool) -> di
     }
 
 
+async def _body(request: Request, engine: Engine) -> tuple[IO[bytes], str]:
+    """The request body spooled (the server's upload limit applies) and its SHA-256, which
+    Deepgram's metadata reports; 400 when it is empty."""
+    spool = await read_body(request, engine.settings.max_file_bytes)
+    digest = hashlib.sha256()
+    for block in iter(lambda: spool.read(1 << 20), b""):
+        digest.update(block)
+    if not spool.tell():
+        spool.close()
+        raise ApiError(400, "empty_file", "the request body is empty: send the audio as the body")
+    spool.seek(0)
+    return spool, digest.hexdigest()
+
+
 async def listen(request: Request) -> Response:
     """``POST /v1/listen``: validate the query, read the body, transcribe, answer as Deepgram."""
     request_id = str(uuid.uuid4())
     engine: Engine = request.app.state.engine
     try:
         _authorize(request)
-        query = dict(request.query_params)
         lists = {name: request.query_params.getlist(name) for name in ("keyterm", "keywords")}
-        options = deepgram.parse_options(query, engine.registry.exists, request_id, lists)
+        options = deepgram.parse_options(dict(request.query_params), engine.registry.exists, request_id, lists)
         if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
-            return _error(400, "this server does not fetch audio from a URL: send the audio itself as the request body", request_id)
+            raise ApiError(400, "url_not_fetched", "this server does not fetch audio from a URL: send the audio itself as the request body")
         model = resolve_model(engine, options.model)
-        spool = await read_body(request, engine.settings.max_file_bytes)
-        digest = hashlib.sha256()
-        for block in iter(lambda: spool.read(1 << 20), b""):
-            digest.update(block)
-        if not spool.tell():
-            spool.close()
-            return _error(400, "the request body is empty: send the audio as the body", request_id)
-        spool.seek(0)
+        await ensure_loaded(engine, model)
+        spool, sha256 = await _body(request, engine)
         config = session_config(model, language=options.language, prompt=options.keyterm or "")
         async with file_jobs(request).semaphore:
             audio = await _audio(spool, options)
@@ -182,5 +190,5 @@ async def listen(request: Request) -> Response:
     except ApiError as exc:
         return _error(exc.status, exc.message, request_id)
     created = datetime.datetime.now(datetime.UTC)
-    body = response_body(result, options, model=model, request_id=request_id, sha256=digest.hexdigest(), created=created)
+    body = response_body(result, options, model=model, request_id=request_id, sha256=sha256, created=created)
     return JSONResponse(body, headers={"dg-request-id": request_id})
