@@ -194,10 +194,23 @@ CLIENT_MESSAGE_TYPES = (
 )
 
 
+def _no_constant(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads`` without Python's ``NaN``/``Infinity`` extensions, which are not JSON (RFC
+    8259): a client that sends them gets its protocol's malformed-JSON answer like any other bad
+    JSON, and nothing it sent comes back inside a message (an AudioHook ``open`` offering media
+    with a ``-Infinity`` field made ``opened`` echo it: the fuzzer's seed 47). Every client's JSON,
+    on every wire protocol and HTTP route, is read with it."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 def parse_client_message(text: str) -> ClientMessage:
     """Turn one JSON text frame into a typed message, or raise ProtocolError."""
     try:
-        data = json.loads(text)
+        data = loads_json(text)
     except json.JSONDecodeError as exc:
         raise ProtocolError("invalid_json", f"message is not valid JSON: {exc.msg}") from None
     except (ValueError, RecursionError) as exc:  # undecodable text, absurd nesting, 4300+ digit numbers

@@ -28,7 +28,8 @@ def test_binary_frames_are_audio_and_text_frames_are_typed_commands() -> None:
 
 @pytest.mark.parametrize(
     "text,code",
-    [("not json", "invalid_json"), ("[1]", "invalid_json"), ('{"type": "nope"}', "unknown_message_type"),
+    [("not json", "invalid_json"), ("[1]", "invalid_json"), ('{"type": "session.update", "session": {"x": NaN}}', "invalid_json"),
+     ('{"type": "nope"}', "unknown_message_type"),
      ('{"type": "input_audio_buffer.append", "audio": "%%%"}', "invalid_audio")],
 )
 def test_malformed_messages_become_error_events_not_commands(text: str, code: str) -> None:

@@ -369,7 +369,7 @@ class AudioHookDialect:
         if len(text) > MAX_TEXT_CHARS:
             raise BadInput(f"text message of {len(text)} characters exceeds {MAX_TEXT_CHARS}")
         try:
-            message = json.loads(text)
+            message = p.loads_json(text)
         except (ValueError, RecursionError):
             raise BadInput("text message is not valid JSON") from None
         if not isinstance(message, dict):

@@ -503,7 +503,7 @@ class DeepgramDialect:
 
     def receive_text(self, text: str) -> list[Action]:
         try:
-            message = json.loads(text)
+            message = p.loads_json(text)
         except (ValueError, RecursionError):  # bad JSON, absurd nesting, 4300+ digit numbers
             return [self._error("SchemaError", "The message could not be parsed as JSON.", message=text)]
         kind = message.get("type") if isinstance(message, dict) else None

@@ -619,7 +619,7 @@ class OpenAIRealtimeDialect:
 
     def receive_text(self, text: str) -> list[Action]:
         try:
-            message = json.loads(text)
+            message = p.loads_json(text)
         except json.JSONDecodeError as exc:
             return self._client_error(RequestError("invalid_json", f"The message is not valid JSON: {exc.msg}."), None)
         except (ValueError, RecursionError):  # absurd nesting, 4300+ digit numbers

@@ -32,7 +32,6 @@ import base64
 import binascii
 import collections
 import dataclasses
-import json
 import logging
 import urllib.parse
 from collections.abc import Callable, Mapping
@@ -147,7 +146,7 @@ class TwilioDialect:
 
     def receive_text(self, text: str) -> list[Action]:
         try:
-            message = json.loads(text)
+            message = p.loads_json(text)
         except (ValueError, RecursionError) as exc:
             self._warn("malformed_json", "message is not JSON (%s): %.80r", type(exc).__name__, text)
             return []

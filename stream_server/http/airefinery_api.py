@@ -16,6 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from stream_server import protocol as p
 from stream_server.http.common import invalid
 
 # ``include`` values AI Refinery's client sends: word confidences and segment ids in verbose_json.
@@ -30,7 +31,7 @@ def _json_object(param: str, value: Any) -> dict[str, Any]:
     if not text:
         return {}
     try:
-        data = json.loads(text)
+        data = p.loads_json(text)
     except json.JSONDecodeError:
         raise invalid(param, "expected a JSON object") from None
     if data is None:

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from stream_server import keys, tokens
+from stream_server import protocol as p
 from stream_server.http.common import ApiError, api_endpoint, bearer_principal, invalid
 
 MAX_BODY_BYTES = 16 * 1024
@@ -54,7 +55,7 @@ async def _body(request: Request) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw)
+        body = p.loads_json(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "invalid_json", "the request body is not JSON") from None
     if not isinstance(body, dict):

@@ -261,7 +261,7 @@ def _list_items(param: str, value: Any) -> list[Any]:
     if not text.startswith("["):
         return [part for part in text.split(",") if part.strip()]
     try:
-        items = json.loads(text)
+        items = p.loads_json(text)
     except json.JSONDecodeError:
         raise invalid(param, f"not a JSON array: {text[:60]!r}") from None
     if not isinstance(items, list):

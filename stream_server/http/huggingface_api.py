@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from stream_server import formats
+from stream_server import protocol as p
 from stream_server.engine import Engine, FileTranscript
 from stream_server.http.common import (
     FORM_OVERHEAD_BYTES,
@@ -84,7 +85,7 @@ def _return_timestamps(raw: Any) -> ReturnTimestamps:
 def _json_object(raw: tempfile.SpooledTemporaryFile[bytes]) -> dict[str, Any]:
     """The JSON body as an object; the spool is closed whatever it held."""
     try:
-        data = json.loads(raw.read())
+        data = p.loads_json(raw.read())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
     finally:

@@ -75,7 +75,7 @@ def _chunking_object(value: Any) -> dict[str, Any] | None:
         if text in ("", "auto", '"auto"'):
             return None
         try:
-            value = json.loads(text)
+            value = p.loads_json(text)
         except json.JSONDecodeError:
             raise invalid(_CHUNKING, _CHUNKING_EXPECTED) from None
         if value == "auto":
