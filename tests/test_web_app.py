@@ -37,7 +37,18 @@ import numpy as np
 import pytest
 
 from stream_server import formats
-from tests.support import REPO, ServerProcess, english_references, load_clip, manifest, require_speech, start_server, wer
+from tests.support import (
+    REPO,
+    STORED_CALL_LEGS,
+    ServerProcess,
+    english_references,
+    load_clip,
+    manifest,
+    require_speech,
+    start_server,
+    stored_call_wav,
+    wer,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -379,6 +390,35 @@ def test_file_box_transcribes_a_file_with_progress(playwright: Any, server: Serv
         page.screenshot(path=str(artifacts / "file-box.png"))
         assert download(page, "#file-txt").strip() == text.strip()
         check_cue_limits(parse_cues(download(page, "#file-srt"), "srt"), text)
+        assert log.errors == [], log.errors
+    finally:
+        browser.close()
+
+
+def test_file_box_transcribes_a_call_recording_leg_by_leg(playwright: Any, server: ServerProcess, artifacts: Path, tmp_path: Path) -> None:
+    """"One speaker per channel" on a stereo μ-law call recording: the conversation comes back a
+    turn a line under its channel, each leg's words are that leg's, and the subtitles say who speaks."""
+    call, wav = stored_call_wav(tmp_path)
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        log = PageLog(page)
+        page.goto(server.http_url)
+        page.check("#file-legs")
+        page.set_input_files("#file", str(wav))
+        wait_for(lambda: page.inner_text("#file-state").startswith(("Done", "Failed")), 60, "the call's transcript")
+        assert page.inner_text("#file-state").startswith("Done"), page.inner_text("#file-state")
+        lines = page.inner_text("#file-text").strip().splitlines()
+        assert len(lines) >= len(call.turns), lines
+        for channel, leg in enumerate(STORED_CALL_LEGS):
+            said = " ".join(line.split(": ", 1)[1] for line in lines if line.startswith(f"channel {channel}: "))
+            error = wer(call.references(leg), [said])
+            print(f"{leg} (channel {channel}): WER {error:.3f}: {said}")
+            assert error < MAX_WER, (leg, said)
+        page.locator("#filebox").scroll_into_view_if_needed()
+        page.screenshot(path=str(artifacts / "file-box-call.png"))
+        cues = parse_cues(download(page, "#file-srt"), "srt")
+        assert cues and all(lines_[0].startswith(("channel 0:", "channel 1:")) for _, _, lines_ in cues), cues
         assert log.errors == [], log.errors
     finally:
         browser.close()

@@ -780,7 +780,7 @@ function initWatch() {
 
 // ------------------------------------------------------------------------------ the file box
 
-const fileState = { file: null, text: "" };
+const fileState = { file: null, text: "", legs: false };
 
 function mediaDuration(file) {
   return new Promise((resolve) => {
@@ -812,13 +812,25 @@ function fileForm(file, extra) {
   if (model && model !== speaker.defaultModel) form.append("model", model);
   const language = $("language").value;
   if (language) form.append("language", language);
+  // A call recording: each channel is a speaker, transcribed on its own (docs/http-api.md).
+  if (fileState.legs) form.append("multichannel", "true");
   for (const [k, v] of Object.entries(extra)) form.append(k, v);
   return form;
+}
+
+// While a recording split by channel streams in, each speaker's words so far on a line of its own;
+// the conversation in time order replaces them once the server is done.
+function legLines(legs) {
+  return Object.entries(legs)
+    .map(([channel, text]) => `channel ${channel}: ${text.trim()}`)
+    .join("\n");
 }
 
 async function transcribeFile(file) {
   fileState.file = file;
   fileState.text = "";
+  fileState.legs = $("file-legs").checked;
+  const legs = {};
   const progress = $("file-progress");
   const status = $("file-state");
   const out = $("file-text");
@@ -855,7 +867,12 @@ async function transcribeFile(file) {
         const ev = JSON.parse(data);
         if (ev.type === "transcript.text.delta") {
           fileState.text += ev.delta;
-          out.append(document.createTextNode(fileState.text.length === ev.delta.length ? ev.delta.trimStart() : ev.delta));
+          if (ev.channel !== undefined) {
+            legs[ev.channel] = (legs[ev.channel] || "") + ev.delta;
+            out.textContent = legLines(legs);
+          } else {
+            out.append(document.createTextNode(fileState.text.length === ev.delta.length ? ev.delta.trimStart() : ev.delta));
+          }
           status.textContent = "Transcribing…";
         } else if (ev.type === "transcript.text.done") {
           fileState.text = ev.text;
