@@ -593,7 +593,7 @@ def test_pre_recorded_raw_audio_and_refusals(server: ServerProcess) -> None:
     assert resp.json()["metadata"]["duration"] == pytest.approx(len(audio) / 16000, abs=0.05)
     client = DeepgramClient(api_key="test-key", environment=environment(server))
     for kwargs, status, needle in (
-        ({"request": b"not audio at all" * 64}, 415, "not a recognised audio format"),
+        ({"request": b"not audio at all" * 64}, 400, "not a recognised audio format"),
         ({"request": b""}, 400, "empty"),
         ({"request": pcm, "encoding": "linear16"}, 400, "sample_rate"),
     ):

@@ -45,12 +45,14 @@ from stream_server.http.common import (
 )
 
 #: Deepgram's ``err_code`` for each status this route answers with.
-ERROR_CODES = {400: "Bad Request", 401: "INVALID_AUTH", 403: "INSUFFICIENT_PERMISSIONS", 413: "PAYLOAD_TOO_LARGE",
-               415: "UNSUPPORTED_MEDIA", 500: "INTERNAL_SERVER_ERROR", 502: "MODEL_UNAVAILABLE"}
+ERROR_CODES = {400: "Bad Request", 401: "INVALID_AUTH", 413: "PAYLOAD_TOO_LARGE", 500: "INTERNAL_SERVER_ERROR", 502: "MODEL_UNAVAILABLE"}
 
 
 def _error(status: int, message: str, request_id: str) -> JSONResponse:
-    """An error as Deepgram's REST API answers one (the SDK raises it with this body)."""
+    """An error as Deepgram's REST API answers one (the SDK raises it with this body). Content
+    that is not audio is 400, as Deepgram answers it ("corrupt or unsupported data"), so the
+    SDK raises its typed ``BadRequestError``, not the 415 of the OpenAI route."""
+    status = 400 if status == 415 else status
     body = {"err_code": ERROR_CODES.get(status, "Bad Request"), "err_msg": message, "request_id": request_id}
     return JSONResponse(body, status_code=status, headers={"dg-request-id": request_id})
 
