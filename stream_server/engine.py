@@ -186,16 +186,13 @@ class Engine:
 
         ``audio``: mono (shape ``[n]``), or one column per channel (``[n, channels]``: a call's
         legs), each channel then transcribed on its own as in a live multi-channel session
-        (``config.channel_labels``, when set, names as many channels as ``audio`` has).
+        (``config.channel_labels``, when set, names as many channels as ``audio`` has: the
+        config's own validation refuses other labels, with a ProtocolError).
         Audio is fed as fast as the VAD runs; each utterance's final decode is submitted as soon
         as the VAD closes it, so long files keep the scheduler's batches full.
         """
         channels = audio.shape[1] if audio.ndim == 2 else 1
-        if config.channel_labels is not None and len(config.channel_labels) != channels:
-            raise ValueError(f"{len(config.channel_labels)} channel labels for {channels} channel(s)")
-        config = config.model_copy(
-            update={"interim_results": False, "input_audio_format": "float32", "sample_rate": MODEL_RATE, "channels": channels}
-        )
+        config = config.updated({"interim_results": False, "input_audio_format": "float32", "sample_rate": MODEL_RATE, "channels": channels})
         # Every turn of a file is queued at once on purpose (batches stay full); the file's size
         # limit bounds that work, so turn ends are never deferred here as they are for a live
         # client that outruns the decoder.

@@ -36,8 +36,9 @@ def spoken(segments: list[p.TranscriptSegment]) -> list[p.TranscriptSegment]:
 
 
 def file_language(segments: Sequence[p.TranscriptSegment]) -> str | None:
-    """The file's language for ``verbose_json`` and Deepgram's ``detected_language``, which have one: each utterance is detected on its
-    own, and the language spoken longest wins (None without speech)."""
+    """The file's language for ``verbose_json`` and Deepgram's ``detected_language``, which have
+    one: each utterance is detected on its own, and the language spoken longest wins (None
+    without speech)."""
     spoken: dict[str, float] = {}
     for seg in segments:
         if seg.text and seg.language:

@@ -138,9 +138,14 @@ def _json_body(result: FileTranscript, opts: FileOptions, verbose: bool) -> dict
     return body
 
 
+def _diarized_speaker(label: str | None, channel: int) -> str:
+    """A channel's speaker in ``diarized_json``: its label, else ``A``, ``B``, ... in channel order
+    (as OpenAI names speakers it was given no names for)."""
+    return label or chr(ord("A") + channel)
+
+
 def _diarized_body(result: FileTranscript) -> dict[str, Any]:
-    """OpenAI's ``diarized_json`` for a recording split by channel: one speaker per channel, named
-    by its label, else ``A``, ``B``, ... in channel order (OpenAI's own unnamed speakers)."""
+    """OpenAI's ``diarized_json`` for a recording split by channel: one speaker per channel."""
     done = result.done
     segments = [
         {
@@ -148,7 +153,7 @@ def _diarized_body(result: FileTranscript) -> dict[str, Any]:
             "id": f"seg_{index}",
             "start": turn.start,
             "end": turn.end,
-            "speaker": turn.speaker or chr(ord("A") + turn.channel),
+            "speaker": _diarized_speaker(turn.speaker, turn.channel),
             "text": turn.text.strip(),
         }
         for index, turn in enumerate(done.turns)
@@ -194,7 +199,7 @@ def _stream_event(event: p.ServerEvent, opts: FileOptions) -> dict[str, Any] | N
         return delta
     if isinstance(event, p.TranscriptSegment) and opts.by_speaker and event.text.strip():
         # OpenAI's diarized stream: each finished turn with its speaker (here, its channel's).
-        speaker = event.speaker or chr(ord("A") + event.channel)
+        speaker = _diarized_speaker(event.speaker, event.channel)
         return {"type": "transcript.text.segment", "id": event.item_id, "start": event.start, "end": event.end, "speaker": speaker, "text": event.text.strip()}
     if isinstance(event, p.TranscriptDone):
         done: dict[str, Any] = {

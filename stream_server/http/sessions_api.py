@@ -116,7 +116,7 @@ def _labelled(body: dict[str, Any]) -> bool:
 
 
 def _speaker(turn: dict[str, Any]) -> str:
-    return str(turn["speaker"] or f"channel {turn['channel']}")
+    return formats.speaker_name(turn["speaker"], int(turn["channel"]))
 
 
 def render_text(body: dict[str, Any]) -> str:
