@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "exit codes: 0 transcript complete, 1 failure during the session, "
-            "2 could not connect / bad arguments, 130 interrupted twice"
+            "2 could not connect / bad arguments (the server's too: an unknown --model, a --language "
+            "the model does not transcribe), 130 interrupted twice"
         ),
     )
     parser.add_argument(
@@ -409,6 +410,9 @@ def _install_signal_handlers(client: StreamClient, display: Display, interrupts:
 
 
 def _exit_code(result: SessionResult, display: Display, args: argparse.Namespace) -> int:
+    if result.refused is not None:
+        display.message("the server refused these settings (above), so nothing was streamed")
+        return EXIT_CONNECT  # a wrong command line for this server
     if result.complete:
         return EXIT_OK
     code = result.close_code

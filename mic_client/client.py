@@ -63,6 +63,9 @@ class SessionResult:
     close_sent: bool = False
     timed_out: bool = False
     audio_seconds_sent: float = 0.0
+    #: The server's ``error`` refusing the settings (``--language``, ``--model``, ...): nothing
+    #: was streamed, since the audio would have been read with settings the user did not ask for.
+    refused: dict[str, Any] | None = None
 
     @property
     def complete(self) -> bool:
@@ -155,6 +158,7 @@ class StreamClient:
         self.open_timeout = open_timeout
         self.result = SessionResult()
         self._last_rx = time.monotonic()
+        self._answered = asyncio.Event()  # the server answered the settings (updated or error)
 
     def request_stop(self) -> None:
         """Finish gracefully: stop the source; the loop then sends ``session.close``.
@@ -261,6 +265,13 @@ class StreamClient:
         bytes_per_second = self.source.sample_rate * 2 * self.source.channels
         try:
             await ws.send(json.dumps({"type": "session.update", "session": config}))
+            # Audio waits for the answer (one round trip; the source buffers meanwhile): if the
+            # settings are refused, audio sent at once would be transcribed with the old ones.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), self.open_timeout)
+            if self.result.refused is not None:
+                self.source.stop()
+                return
             async for frame in self.source:
                 await ws.send(frame)
                 self.result.audio_seconds_sent += len(frame) / bytes_per_second
@@ -310,8 +321,14 @@ class StreamClient:
             self.result.segments.append(event)
         elif kind == "transcript.text.done":
             self.result.done = event
+        elif kind == "session.updated":
+            self._answered.set()
         elif kind == "error":
             self.result.errors.append(event)
+            param = str((event.get("error") or {}).get("param") or "")
+            if not self._answered.is_set() and param.startswith("session"):
+                self.result.refused = event
+                self._answered.set()
         if self.on_event is not None:
             self.on_event(event, received_at)
         if kind == "error" and self.on_error is not None:

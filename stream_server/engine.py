@@ -179,6 +179,7 @@ class Engine:
             vad=self.vad,
             limits=limits or self.limits,
             model_exists=self.registry.exists,
+            model_speaks=self.registry.speaks,
         )
 
     async def transcribe_events(self, audio: np.ndarray, config: p.SessionConfig) -> AsyncIterator[p.ServerEvent]:

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from stream_server import protocol as p
 from stream_server.decoding import Decoder
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,18 @@ class ModelRegistry:
         from faster_whisper.utils import available_models
 
         return name in available_models() or (name.count("/") == 1 and not name.startswith("/"))
+
+    def speaks(self, name: str, language: str) -> bool:
+        """Whether model ``name`` can transcribe ``language`` (a code or locale). An English-only
+        model (tiny.en, the default) would read French speech as English words, so front ends
+        refuse the pair instead; a loaded model says what it is, an unloaded one by its name."""
+        if p.language_code(language) == "en":
+            return True
+        with self._lock:
+            decoder = self._loaded.get(name)
+        if decoder is not None:
+            return bool(decoder.multilingual)
+        return p.speaks_by_name(name, language)
 
     def resolve(self, name: str) -> str:
         """The path or hub name faster-whisper should load for ``name``."""

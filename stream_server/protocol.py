@@ -81,7 +81,7 @@ class SessionConfig(BaseModel):
         # Locale forms (en-US, pt_BR) are what browsers and SDKs send; Whisper wants ISO-639-1.
         if value is None:
             return None
-        code = value.replace("_", "-").split("-")[0].strip().lower()
+        code = language_code(value)
         if not (2 <= len(code) <= 3 and code.isalpha()):
             raise ValueError("must be an ISO-639-1 code such as 'en' or a locale such as 'en-US'")
         return code
@@ -132,6 +132,28 @@ def valid_language(language: str) -> bool:
     except ProtocolError:
         return False
     return True
+
+
+def english_only_model(model: str) -> bool:
+    """Whether a model's name marks it English-only: Whisper's English checkpoints end in ``.en``
+    (``tiny.en``, ``Systran/faster-whisper-small.en``). A loaded model's own flag is surer
+    (``ModelRegistry.speaks``); the name is what is known before loading."""
+    return model.rstrip("/").endswith(".en")
+
+
+def speaks_by_name(model: str, language: str) -> bool:
+    """Whether ``model`` can transcribe ``language`` (a code or locale), judged by its name."""
+    return not english_only_model(model) or language_code(language) == "en"
+
+
+def language_code(language: str) -> str:
+    """The ISO-639-1 part of a code or locale: ``en-US``, ``pt_BR`` -> ``en``, ``pt``."""
+    return language.replace("_", "-").split("-")[0].strip().lower()
+
+
+def unsupported_language_message(model: str, language: str) -> str:
+    """What every front end says when an English-only model is asked for another language."""
+    return f"model {model!r} transcribes English only; language {language!r} needs a multilingual model (such as 'base')"
 
 
 # --------------------------------------------------------------------------------------------

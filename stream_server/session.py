@@ -262,11 +262,13 @@ class Session:
         vad: VadModel,
         limits: SessionLimits = SessionLimits(),
         model_exists: Callable[[str], bool] = lambda name: True,
+        model_speaks: Callable[[str, str], bool] = p.speaks_by_name,
     ) -> None:
         self.id = session_id
         self.config = config
         self.limits = limits
         self._model_exists = model_exists
+        self._model_speaks = model_speaks
         self._vad = vad
         # The intake step the runner asks for while the server is behind (``set_load_intake_step_ms``).
         self._load_step_ms = 0
@@ -600,6 +602,9 @@ class Session:
             return [p.Error.invalid(exc.code, exc.message, exc.param)]
         if "model" in changes and not self._model_exists(new.model):
             return [p.Error.invalid("model_not_found", f"model {new.model!r} is not known to this server", "session.model")]
+        if ("model" in changes or "language" in changes) and new.language and not self._model_speaks(new.model, new.language):
+            message = p.unsupported_language_message(new.model, str(changes.get("language") or new.language))
+            return [p.Error.invalid("unsupported_language", message, "session.language")]
         if new.channels != self.config.channels:
             if self._received or self._audio_in.has_pending() or self._channel_in:
                 message = "channels cannot change once audio has arrived"

@@ -83,6 +83,7 @@ def handshake_of(ws: WebSocket, engine: Engine) -> Handshake:
         subprotocols=tuple(ws.scope.get("subprotocols") or ()),
         default_model=engine.settings.model,
         model_exists=engine.registry.exists,
+        model_speaks=engine.registry.speaks,
         settings=engine.settings,
         query_lists={name: tuple(ws.query_params.getlist(name)) for name in ws.query_params},
     )

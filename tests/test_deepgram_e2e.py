@@ -27,6 +27,7 @@ from deepgram.environment import DeepgramClientEnvironment
 from deepgram.listen.v1.types import ListenV1Metadata, ListenV1Results, ListenV1UtteranceEnd
 
 from stream_server.audio import encode_g711
+from tests.http_api_support import write_wav
 from tests.support import (
     STORED_CALL_LEGS,
     ServerProcess,
@@ -572,7 +573,7 @@ def _prefixes(path: str) -> set[str]:
     return {".".join(parts[:i]).replace(".[]", "[]") for i in range(1, len(parts) + 1)}
 
 
-def test_pre_recorded_raw_audio_and_refusals(server: ServerProcess) -> None:
+def test_pre_recorded_raw_audio_and_refusals(server: ServerProcess, tmp_path: Any) -> None:
     """Raw linear16 with ``encoding``/``sample_rate`` (what the SDK passes through its query
     options), mixed to one transcript without ``multichannel``; and each refusal in Deepgram's
     error shape, as the SDK raises it."""
@@ -596,6 +597,7 @@ def test_pre_recorded_raw_audio_and_refusals(server: ServerProcess) -> None:
         ({"request": b"not audio at all" * 64}, 400, "not a recognised audio format"),
         ({"request": b""}, 400, "empty"),
         ({"request": pcm, "encoding": "linear16"}, 400, "sample_rate"),
+        ({"request": write_wav(audio, tmp_path / "clip.wav").read_bytes(), "language": "es"}, 400, "English only"),  # tiny.en would answer in English words
     ):
         with pytest.raises(DeepgramApiError) as caught:
             client.listen.v1.media.transcribe_file(model="nova-3", **kwargs)

@@ -287,6 +287,16 @@ def test_endpointing_false_keeps_vad_segmentation_but_never_says_speech_final() 
     assert not any(r["speech_final"] for r in results)
 
 
+def test_a_language_the_model_cannot_transcribe_is_refused_before_the_upgrade() -> None:
+    """Deepgram answers a model/language pair it does not have with HTTP 400; tiny.en (English
+    only) would otherwise read Spanish speech as English words."""
+    message = str(rejected({**SDK_QUERY, "language": "es"}).body["err_msg"])
+    assert "'tiny.en' transcribes English only" in message and "'es'" in message
+    assert "English only" in str(rejected({**SDK_QUERY, "language": "es", "model": "nova-3"}).body["err_msg"]), "nova-3 means the default"
+    assert dg.create(handshake({**SDK_QUERY, "language": "es", "model": "base"})).initial_config()["language"] == "es"
+    assert dg.create(handshake({**SDK_QUERY, "language": "en-GB"})).initial_config()["language"] == "en-GB"
+
+
 def test_language_multi_means_detect() -> None:
     assert dg.create(handshake({**SDK_QUERY, "language": "multi"})).initial_config()["language"] is None
     assert dg.create(handshake(SDK_QUERY)).initial_config()["language"] == "en", "Deepgram's default"

@@ -430,10 +430,23 @@ def test_turn_detection_null_switches_vad_off() -> None:
 def test_keywords_and_a_single_language_from_languages() -> None:
     r = Runner()
     r.update(
-        ga_session(transcription={"model": "gpt-transcribe", "languages": ["de"], "keywords": ["Kubernetes", "Acme"]})
+        ga_session(transcription={"model": "base", "languages": ["de"], "keywords": ["Kubernetes", "Acme"]})
     )
     assert r.session.config.language == "de"
     assert r.session.config.prompt == "Kubernetes, Acme."
+
+
+def test_a_language_the_english_only_model_cannot_transcribe_is_an_error_and_the_session_is_kept() -> None:
+    r = Runner()
+    r.update(ga_session(transcription={"model": "gpt-4o-transcribe", "language": "en"}))
+    r.send({"type": "session.update", "session": ga_session(transcription={"model": "gpt-4o-transcribe", "language": "fr"})})
+    [error] = [m for m in r.sent if m["type"] == "error"]
+    assert error["error"]["code"] == "unsupported_language"
+    assert error["error"]["param"] == "session.audio.input.transcription.language"
+    assert "English only" in error["error"]["message"] and "'fr'" in error["error"]["message"]
+    assert (r.session.config.model, r.session.config.language) == ("tiny.en", "en"), "the previous configuration is kept"
+    r.send({"type": "session.update", "session": ga_session(transcription={"model": "base", "language": "fr"})})
+    assert (r.session.config.model, r.session.config.language) == ("base", "fr"), "a multilingual model takes it"
 
 
 def test_beta_form_update_answers_in_the_beta_form() -> None:

@@ -212,6 +212,22 @@ def test_bad_language_and_label_fall_back_and_are_logged(caplog: pytest.LogCaptu
     assert not h.of(p.Error), "the update the core got is valid"
 
 
+def test_a_language_the_model_cannot_transcribe_is_left_out_and_the_call_still_starts(caplog: pytest.LogCaptureFixture) -> None:
+    """A refused language would make the core refuse the whole update (the μ-law format and the
+    legs with it), so the dialect leaves it out and says why."""
+    h = TwilioHarness()
+    h.begin(parameters={"language": "es-MX", "inbound_label": "cliente"})
+    config = h.session.config
+    assert (config.language, config.input_audio_format, config.channels) == (None, "g711_ulaw", 2)
+    assert config.channel_labels == ["cliente", "callee"]
+    [message] = warned(caplog, "language")
+    assert "English only" in message
+    assert not h.of(p.Error)
+    h = TwilioHarness()
+    h.begin(parameters={"language": "es-MX", "model": "base"})
+    assert (h.session.config.model, h.session.config.language) == ("base", "es")
+
+
 def test_a_media_format_other_than_mulaw_closes_with_1003(caplog: pytest.LogCaptureFixture) -> None:
     h = TwilioHarness()
     start = h.twilio.start()

@@ -164,6 +164,11 @@ def test_openai_sdk_errors(openai_client, jfk):
     with jfk.open("rb") as f, pytest.raises(openai.BadRequestError) as info:
         openai_client.audio.transcriptions.create(model="whisper-1", file=f, temperature=3)
     assert info.value.body["param"] == "temperature"
+    # The default model is English-only: French would come back as English words, so it is refused.
+    with jfk.open("rb") as f, pytest.raises(openai.BadRequestError) as info:
+        openai_client.audio.transcriptions.create(model="whisper-1", file=f, language="fr")
+    assert info.value.body["code"] == "unsupported_language" and info.value.body["param"] == "language"
+    assert "'tiny.en' transcribes English only" in info.value.body["message"]
 
 
 def test_openai_models_list(openai_client):

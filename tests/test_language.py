@@ -207,7 +207,7 @@ def test_deepgram_detects_with_multi_or_detect_language(query: dict[str, str]) -
 
 
 def test_deepgram_with_a_language_sends_no_languages_field() -> None:
-    h = DeepgramHarness({**SDK_QUERY, "language": "de"})
+    h = DeepgramHarness({**SDK_QUERY, "language": "de", "model": "base"})
     h.feed(np.concatenate([speech(range(1, 6)), silence(1.2)]))
     h.settle()
     for result in finals(h):

@@ -43,6 +43,19 @@ def test_names_that_exist_and_names_that_do_not(tmp_path: Path) -> None:
         reg.get("no-such-model")
 
 
+def test_which_languages_a_model_speaks_by_name_and_once_loaded(tmp_path: Path) -> None:
+    reg = registry(tmp_path, [])
+    assert reg.speaks("tiny.en", "en-US") and reg.speaks("tiny.en", "EN")
+    assert not reg.speaks("tiny.en", "fr") and not reg.speaks("Systran/faster-whisper-small.en", "de")
+    assert reg.speaks("small", "fr") and reg.speaks("base", "pt_BR")
+    local = tmp_path / "my-whisper"  # a directory's name says nothing: the loaded model does
+    (local / "model.bin").parent.mkdir()
+    (local / "model.bin").write_bytes(b"")
+    assert reg.speaks(str(local), "fr"), "unknown until loaded: assumed multilingual"
+    reg.get(str(local))  # the fake factory loads an English-only model for any path without "base"
+    assert not reg.speaks(str(local), "fr") and reg.speaks(str(local), "en")
+
+
 @pytest.mark.skipif(not base_available(), reason="the [base] extra is not installed")
 def test_base_is_assembled_once_from_its_two_packages(tmp_path: Path) -> None:
     target = assemble_base(tmp_path)

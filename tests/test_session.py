@@ -550,6 +550,24 @@ def test_float32_nan_and_inf_are_silenced_and_reported() -> None:
     assert d.of(p.TranscriptDone)[0].text == spoken(1, 2)
 
 
+def test_an_english_only_model_refuses_other_languages_however_the_pair_is_reached() -> None:
+    """tiny.en would read French speech as English words: the pair is refused, whichever of the
+    two fields changes, and the configuration before it is kept whole."""
+    d = Driver()
+    d.session.receive_text('{"type": "session.update", "session": {"model": "base", "language": "fr"}}')
+    d.drain()
+    assert not d.of(p.Error) and (d.session.config.model, d.session.config.language) == ("base", "fr")
+    d.session.receive_text('{"type": "session.update", "session": {"model": "tiny.en", "sample_rate": 8000}}')
+    d.drain()
+    [error] = d.of(p.Error)
+    assert (error.error.code, error.error.param) == ("unsupported_language", "session.language")
+    assert "'tiny.en' transcribes English only" in error.error.message
+    assert (d.session.config.model, d.session.config.language, d.session.config.sample_rate) == ("base", "fr", 16000)
+    d.session.receive_text('{"type": "session.update", "session": {"model": "tiny.en", "language": "en-GB"}}')
+    d.drain()
+    assert len(d.of(p.Error)) == 1 and (d.session.config.model, d.session.config.language) == ("tiny.en", "en")
+
+
 @pytest.mark.parametrize(
     ("message", "code", "param"),
     [
@@ -567,6 +585,7 @@ def test_float32_nan_and_inf_are_silenced_and_reported() -> None:
         ('{"type": "session.update", "session": {"colour": 1}}', "invalid_value", "session.colour"),
         ('{"type": "session.update", "session": "x"}', "invalid_value", "session"),
         ('{"type": "session.update", "session": {"model": "no-such-model"}}', "model_not_found", "session.model"),
+        ('{"type": "session.update", "session": {"language": "fr-FR"}}', "unsupported_language", "session.language"),
         ('{"type": "input_audio_buffer.append", "audio": "%%%"}', "invalid_audio", "audio"),
     ],
 )

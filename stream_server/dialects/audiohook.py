@@ -142,6 +142,7 @@ class AudioHookOptions:
     correlation_id: str | None = None  # ``Audiohook-Correlation-Id``
     api_key: str | None = None  # ``X-API-KEY``
     default_model: str = "tiny.en"
+    model_speaks: Callable[[str, str], bool] = p.speaks_by_name
 
 
 @dataclasses.dataclass
@@ -481,7 +482,7 @@ class AudioHookDialect:
             return None
         if not isinstance(raw, str) or not p.valid_language(raw):
             raise BadInput(f"language {raw!r} is not a language tag such as 'en-US'")
-        if not _speaks(self.options.default_model, raw):
+        if not self.options.model_speaks(self.options.default_model, raw):
             raise BadInput(f"language {raw!r} is not supported by model {self.options.default_model} (supported: {', '.join(supported_languages(self.options.default_model))})")
         return raw
 
@@ -774,18 +775,10 @@ def _media(item: object) -> Media | None:
     return Media(str(item["format"]), tuple(channels), dict(item))
 
 
-def _english_only(model: str) -> bool:
-    return model.endswith(".en")
-
-
-def _speaks(model: str, language: str) -> bool:
-    return not _english_only(model) or language.replace("_", "-").split("-")[0].lower() == "en"
-
-
 def supported_languages(model: str) -> tuple[str, ...]:
     """What ``opened.supportedLanguages`` lists: English for an English-only model, else every
     language Whisper knows (as ISO 639-1 tags; any region of them is accepted)."""
-    if _english_only(model):
+    if p.english_only_model(model):
         return ("en-US",)
     try:
         from faster_whisper.tokenizer import _LANGUAGE_CODES
@@ -1069,6 +1062,7 @@ def create(handshake: Handshake, *, settings: Settings | None = None, now: float
         correlation_id=headers.get("audiohook-correlation-id") or None,
         api_key=headers.get("x-api-key") or None,
         default_model=handshake.default_model,
+        model_speaks=handshake.model_speaks,
     )
     log.info("audiohook: session %s (correlation %s) connecting", options.session_id or "?", options.correlation_id or "?")
     return AudioHookDialect(options)

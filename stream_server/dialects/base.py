@@ -55,6 +55,8 @@ class Handshake:
     subprotocols: tuple[str, ...]  # as offered by the client, in order
     default_model: str  # the server's default model (a registry name)
     model_exists: Callable[[str], bool] = lambda name: True  # whether the server knows a model
+    #: Whether a model can transcribe a language (code or locale): an English-only one cannot.
+    model_speaks: Callable[[str, str], bool] = p.speaks_by_name
     #: The server's settings (secrets a dialect checks at the upgrade: Twilio's auth token, the
     #: AudioHook client secret); None where a caller builds a handshake without a server.
     settings: Settings | None = None

@@ -867,6 +867,9 @@ def create(handshake: Handshake, *, now: datetime.datetime | None = None) -> Dee
     request_id = str(uuid.uuid4())
     options = parse_options(handshake.query, handshake.model_exists, request_id, handshake.query_lists)
     config = native_config(options)
+    model = options.model or handshake.default_model
+    if options.language is not None and not handshake.model_speaks(model, options.language):
+        raise reject(p.unsupported_language_message(model, options.language), request_id)
     try:
         p.SessionConfig.model_validate({"model": handshake.default_model}).updated(config)
     except p.ProtocolError as exc:

@@ -76,6 +76,7 @@ class TwilioOptions:
     api_keys: frozenset[str] = frozenset()  # non-empty: ``customParameters.api_key`` must be one
     default_model: str = "tiny.en"
     model_exists: Callable[[str], bool] = lambda name: False
+    model_speaks: Callable[[str, str], bool] = p.speaks_by_name
 
 
 @dataclasses.dataclass
@@ -286,12 +287,23 @@ class TwilioDialect:
             "channels": len(names),
             "channel_labels": [self._labels[name] for name in names],
         }
+        model = parameters.get("model", "").strip()
+        if model:
+            if self.options.model_exists(model):
+                changes["model"] = model
+            else:
+                log.info("twilio %s: model %.60r is not on this server; using %s", self.call, model, self.options.default_model)
         language = parameters.get("language", "").strip()
         if language:
-            if p.valid_language(language):
-                changes["language"] = language
-            else:
+            # A refused language would make the core refuse the whole update (the call's format
+            # and legs with it), so it is checked here and left out instead.
+            if not p.valid_language(language):
                 self._warn("language_invalid", "language %.40r is not an ISO-639-1 code or locale; the server default is used", language)
+            elif not self.options.model_speaks(changes.get("model", self.options.default_model), language):
+                self._warn("language_unsupported", "language %.40r: %s; English is used", language,
+                           p.unsupported_language_message(changes.get("model", self.options.default_model), language))
+            else:
+                changes["language"] = language
         silence = parameters.get("silence_duration_ms", "").strip()
         if silence:
             # The turn end (segment) after this much silence; the words themselves are final at
@@ -303,12 +315,6 @@ class TwilioDialect:
                 changes["turn_detection"] = {"silence_duration_ms": ms}
             except ValueError:  # pydantic's ValidationError is one too
                 self._warn("silence_invalid", "silence_duration_ms %.40r is not a turn_detection silence in ms; the default is used", silence)
-        model = parameters.get("model", "").strip()
-        if model:
-            if self.options.model_exists(model):
-                changes["model"] = model
-            else:
-                log.info("twilio %s: model %.60r is not on this server; using %s", self.call, model, self.options.default_model)
         return changes
 
     def _label(self, track: str, parameters: Mapping[str, str]) -> str:
@@ -570,7 +576,10 @@ def create(handshake: Handshake, *, settings: Settings | None = None) -> TwilioD
     if settings.twilio_auth_token:
         verify_signature(handshake, settings.twilio_auth_token, settings.twilio_public_url.strip())
     options = TwilioOptions(
-        api_keys=settings.api_key_set(), default_model=handshake.default_model, model_exists=handshake.model_exists
+        api_keys=settings.api_key_set(),
+        default_model=handshake.default_model,
+        model_exists=handshake.model_exists,
+        model_speaks=handshake.model_speaks,
     )
     return TwilioDialect(options)
 

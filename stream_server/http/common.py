@@ -338,6 +338,13 @@ async def ensure_loaded(engine: Engine, model: str, *, param: str = "model") -> 
         raise ApiError(502, "model_unavailable", f"model {model!r} could not be loaded: {exc}", param=param) from None
 
 
+def check_language(engine: Engine, model: str, language: str | None, *, param: str = "language") -> None:
+    """Refuse a language the (loaded) model cannot transcribe: an English-only model would read
+    the speech as English words, a wrong transcript with no warning."""
+    if language is not None and not engine.registry.speaks(model, language):
+        raise ApiError(400, "unsupported_language", p.unsupported_language_message(model, language), param=param)
+
+
 # ---------------------------------------------------------------------------- transcription
 
 

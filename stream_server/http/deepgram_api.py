@@ -34,6 +34,7 @@ from stream_server.dialects.base import HandshakeRejected
 from stream_server.engine import Engine, FileTranscript
 from stream_server.http.common import (
     ApiError,
+    check_language,
     decode_upload,
     ensure_loaded,
     file_jobs,
@@ -180,6 +181,7 @@ async def listen(request: Request) -> Response:
             raise ApiError(400, "url_not_fetched", "this server does not fetch audio from a URL: send the audio itself as the request body")
         model = resolve_model(engine, options.model)
         await ensure_loaded(engine, model)
+        check_language(engine, model, options.language)
         spool, sha256 = await _body(request, engine)
         config = session_config(model, language=options.language, prompt=options.keyterm or "")
         async with file_jobs(request).semaphore:

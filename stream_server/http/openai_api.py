@@ -30,6 +30,7 @@ from stream_server.http.common import (
     ApiError,
     FileJobs,
     api_endpoint,
+    check_language,
     decode_upload,
     ensure_loaded,
     file_jobs,
@@ -263,6 +264,7 @@ async def _transcribe(request: Request, upload: UploadFile, opts: FileOptions) -
     engine: Engine = request.app.state.engine
     model = resolve_model(engine, opts.model_name)
     await ensure_loaded(engine, model)
+    check_language(engine, model, opts.language_given)
     config = session_config(model, **opts.session_options())
     if opts.stream:
         return await _stream_response(request, upload, config, opts)
