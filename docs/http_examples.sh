@@ -25,6 +25,11 @@ curl -sS --fail-with-body "$BASE/v1/audio/transcriptions" -F file=@"$AUDIO" \
   -F 'chunking_strategy={"type": "server_vad", "silence_duration_ms": 500, "prefix_padding_ms": 300, "threshold": 0.5}'
 echo
 
+echo "### translation"
+# English text of speech in any language (needs a multilingual model, --model base, for speech
+# that is not English; the English-only default transcribes English speech).
+curl -sS --fail-with-body "$BASE/v1/audio/translations" -F file=@"$AUDIO" -F model=whisper-1 -F response_format=text
+
 echo "### stream"
 curl -sS -N --fail-with-body "$BASE/v1/audio/transcriptions" -F file=@"$AUDIO" \
   -F stream=true -F 'include[]=logprobs'

@@ -140,6 +140,7 @@ class DecodeRequest:
     prompt: str = ""
     hint: str = ""
     language: str | None = None
+    task: str = "transcribe"  # or "translate": English text of any speech (multilingual models)
     # Without ``language``: what to decode in when the detector is unsure of this window (below
     # LANGUAGE_SETTLE_PROBABILITY), e.g. the language the channel's last utterance settled on.
     language_hint: str | None = None
@@ -227,7 +228,7 @@ class WhisperDecoder:
             num_workers=num_workers,
         )
         self.multilingual: bool = self._model.model.is_multilingual
-        self._tokenizers: dict[str, Tokenizer] = {}
+        self._tokenizers: dict[tuple[str, str], Tokenizer] = {}
         self._num_mels = self._model.feature_extractor.mel_filters.shape[0]
         # Timestamp tokens let us drop text stamped past the audio (see the module notes). On
         # CUDA, CTranslate2's timestamp rules cost ~20x per decoding step (38 ms vs 1.8 ms at
@@ -246,17 +247,20 @@ class WhisperDecoder:
 
     # -- tokens ---------------------------------------------------------------------------
 
-    def _tokenizer(self, language: str) -> Tokenizer:
+    def _tokenizer(self, language: str, task: str = "transcribe") -> Tokenizer:
+        """The tokenizer whose start sequence names ``language`` and ``task`` (an English-only
+        model's names neither: it has no task tokens, and transcribes)."""
         from faster_whisper.tokenizer import Tokenizer as WhisperTokenizer
 
-        if language not in self._tokenizers:
-            self._tokenizers[language] = WhisperTokenizer(
+        key = (language, task if self.multilingual else "transcribe")
+        if key not in self._tokenizers:
+            self._tokenizers[key] = WhisperTokenizer(
                 self._model.hf_tokenizer,
                 self.multilingual,
-                task="transcribe",
+                task=key[1],
                 language=language if self.multilingual else "en",
             )
-        return self._tokenizers[language]
+        return self._tokenizers[key]
 
     def encode_text(self, text: str) -> list[int]:
         ids: list[int] = self._tokenizer("en").encode(text)
@@ -374,7 +378,7 @@ class WhisperDecoder:
         with timed(self._profile, "encode"):
             encoded = self._model.model.encode(ctranslate2.StorageView.from_array(feats), to_cpu=False)
         languages, probabilities = self._languages(requests, encoded)
-        tokenizers = [self._tokenizer(lang) for lang in languages]
+        tokenizers = [self._tokenizer(lang, r.task) for lang, r in zip(languages, requests)]
         prompts = [self._prompt_tokens(r, tok, c) for r, tok, c in zip(requests, tokenizers, contexts)]
         max_length, suppress_tokens = self._generation_limits(requests, prompts, tokenizers)
         with timed(self._profile, "generate"):

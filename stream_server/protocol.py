@@ -51,6 +51,9 @@ class SessionConfig(BaseModel):
     input_audio_format: Literal["pcm16", "float32", "g711_ulaw", "g711_alaw"] = "pcm16"
     sample_rate: int = Field(16000, ge=8000, le=48000)
     language: str | None = None
+    # ``translate``: English text of speech in any language (Whisper's own task; a multilingual
+    # model). ``language`` is then the speech's language, not the text's.
+    task: Literal["transcribe", "translate"] = "transcribe"
     prompt: str = Field("", max_length=1000)
     model: str = "tiny.en"
     turn_detection: TurnDetection | None = Field(default_factory=TurnDetection)

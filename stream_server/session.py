@@ -1062,6 +1062,7 @@ class Session:
             prompt=plan.prompt,
             hint=plan.hint,
             language=self.config.language or utt.language,
+            task=self.config.task,
             language_hint=ch.language,
             model=self.config.model,
             final=state is TicketState.FINAL,

@@ -171,6 +171,24 @@ def test_openai_sdk_errors(openai_client, jfk):
     assert "'tiny.en' transcribes English only" in info.value.body["message"]
 
 
+def test_translations_on_the_english_only_default(openai_client, base_url, jfk):
+    """tiny.en has no translate task: it transcribes, which for English speech is the translation
+    (``test_language`` translates German, Spanish and French with ``base``)."""
+    import openai
+
+    with jfk.open("rb") as f:
+        result = openai_client.audio.translations.create(model="whisper-1", file=f, response_format="verbose_json")
+    assert close_to_jfk(result.text) and result.language == "english"
+    assert result.model_extra["task"] == "translate" and result.segments
+    with jfk.open("rb") as f:
+        assert close_to_jfk(openai_client.audio.translations.create(model="whisper-1", file=f, response_format="text"))
+    with jfk.open("rb") as f, pytest.raises(openai.BadRequestError) as info:
+        openai_client.audio.translations.create(model="whisper-1", file=f, extra_body={"language": "de"})
+    assert info.value.body["code"] == "unsupported_language"
+    assert_error(post(base_url, files={"file": jfk.read_bytes()}, data={"response_format": "diarized_json"}, path="/v1/audio/translations"),
+                 400, "invalid_value", "response_format")
+
+
 def test_openai_models_list(openai_client):
     ids = [m.id for m in openai_client.models.list()]
     assert "tiny.en" in ids and "whisper-1" in ids
@@ -228,8 +246,8 @@ def test_resampled_stereo_48k(base_url, jfk, tmp_path):
 # ------------------------------------------------------------------------------ error contract
 
 
-def post(base_url: str, files=None, data=None, **kwargs) -> httpx.Response:
-    return httpx.post(base_url + "/v1/audio/transcriptions", files=files, data=data, timeout=120, **kwargs)
+def post(base_url: str, files=None, data=None, path: str = "/v1/audio/transcriptions", **kwargs) -> httpx.Response:
+    return httpx.post(base_url + path, files=files, data=data, timeout=120, **kwargs)
 
 
 def assert_error(resp: httpx.Response, status: int, code: str, param: str | None = "<any>") -> dict:
@@ -557,6 +575,7 @@ def test_curl_examples(base_url, jfk, tmp_path):
         sections[name.strip()] = body
     assert close_to_jfk(json.loads(sections["json"])["text"])
     assert close_to_jfk(sections["text"])
+    assert close_to_jfk(sections["translation"])
     assert sections["srt"].lstrip().startswith("1\n00:00:00,")
     assert sections["vtt"].lstrip().startswith("WEBVTT")
     assert json.loads(sections["verbose_json"])["words"]

@@ -271,7 +271,7 @@ def base_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     srv.stop()
 
 
-async def _segments(url: str, audio: np.ndarray) -> list[dict[str, Any]]:
+async def _segments(url: str, audio: np.ndarray, **session: Any) -> list[dict[str, Any]]:
     """Stream ``audio`` (with silence around it) at real time in 100 ms frames, with
     ``language: null``; the segments of the session. Real time, because that is the pace at which
     an utterance's settled language reaches the next utterances of the stream."""
@@ -280,7 +280,7 @@ async def _segments(url: str, audio: np.ndarray) -> list[dict[str, Any]]:
     pcm = (np.clip(np.concatenate([silence(0.5), audio, silence(1.0)]), -1, 1) * 32767).astype("<i2").tobytes()
     segments: list[dict[str, Any]] = []
     async with websockets.connect(url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.update", "session": {"language": None, "model": "base"}}))
+        await ws.send(json.dumps({"type": "session.update", "session": {"language": None, "model": "base", **session}}))
         start = time.monotonic()
         for i, offset in enumerate(range(0, len(pcm), 3200)):
             await ws.send(pcm[offset : offset + 3200])
@@ -312,3 +312,35 @@ def test_base_model_reports_each_clips_language(base_server: ServerProcess) -> N
         assert segments, f"{clip}: no text"
         wrong += [f"{clip}: {s['language']} for {s['text']!r}" for s in segments if s["language"] != expected]
     assert not wrong, wrong
+
+
+#: Words each clip's English translation by ``base`` has (its source words do not), read from the
+#: clips' references: "Der hinter diesem Portal liegenden Raum ...", "Las arenas son blanquecinas
+#: de grano medio ...", "Sous le consulat il devient conservateur ...".
+TRANSLATED = {"de": ("portal", "room"), "es": ("sand", "grain"), "fr": ("consul",)}
+
+
+def _english(text: str, expected: Sequence[str], source: str) -> bool:
+    words = text.lower()
+    return all(word in words for word in expected) and source.split()[0].lower() not in words.split()
+
+
+@pytest.mark.slow
+def test_base_model_translates_files_and_live_speech_to_english(base_server: ServerProcess) -> None:
+    """``POST /v1/audio/translations`` through the OpenAI SDK, and a live session with
+    ``task: "translate"``: English text, while the segments still report the speech's language."""
+    import openai
+
+    client = openai.OpenAI(base_url=base_server.http_url + "/v1", api_key="unused", max_retries=0)
+    clips = dict(zip(TRANSLATED, _clips(tuple(TRANSLATED)), strict=True))
+    for language, clip in clips.items():
+        source = manifest()[clip]["text"]
+        with open(require_speech() / manifest()[clip]["path"], "rb") as f:
+            answer = client.audio.translations.create(model="whisper-1", file=f, response_format="verbose_json")
+        assert answer.language == "english" and answer.model_extra["task"] == "translate"
+        assert _english(answer.text, TRANSLATED[language], source), (clip, answer.text)
+    clip = clips["de"]
+    segments = [s for s in asyncio.run(_segments(base_server.ws_url, load_clip(clip), task="translate")) if s["text"]]
+    text = " ".join(s["text"] for s in segments)
+    assert _english(text, TRANSLATED["de"], manifest()[clip]["text"]), text
+    assert {s["language"] for s in segments} == {"de"}, "the speech's language, not the text's"

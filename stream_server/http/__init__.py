@@ -25,7 +25,7 @@ Modules
     common            the error contract, limits, body reading, field values, model resolution,
                       decoding and transcribing an upload
     openai_form       the transcription form's fields and their validation
-    openai_api        the OpenAI routes: transcription (json, text, srt, vtt, SSE) and models
+    openai_api        the OpenAI routes: transcription and translation (json, text, srt, vtt, SSE) and models
     airefinery_api    AI Refinery's encoding of the OpenAI form, and its key check
     huggingface_api   the Hugging Face Inference route
     deepgram_api      Deepgram's pre-recorded route (its errors in Deepgram's shape)
@@ -41,7 +41,7 @@ from stream_server.http.airefinery_api import validate_key
 from stream_server.http.client_secrets_api import routes as client_secret_routes
 from stream_server.http.deepgram_api import listen
 from stream_server.http.huggingface_api import hf_transcribe
-from stream_server.http.openai_api import get_model, list_models, transcriptions
+from stream_server.http.openai_api import get_model, list_models, transcriptions, translations
 from stream_server.http.sessions_api import routes as session_routes
 
 
@@ -50,6 +50,8 @@ def routes() -> list[Route]:
     return [
         Route("/v1/audio/transcriptions", transcriptions, methods=["POST"]),
         Route("/audio/transcriptions", transcriptions, methods=["POST"]),
+        Route("/v1/audio/translations", translations, methods=["POST"]),
+        Route("/audio/translations", translations, methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/models/{model_id:path}", hf_transcribe, methods=["POST"]),

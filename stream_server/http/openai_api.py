@@ -34,6 +34,7 @@ from stream_server.http.common import (
     decode_upload,
     ensure_loaded,
     file_jobs,
+    invalid,
     read_multipart,
     require_api_key,
     resolve_model,
@@ -120,7 +121,7 @@ def _json_body(result: FileTranscript, opts: FileOptions, verbose: bool) -> dict
     split = opts.split_channels
     if verbose:
         body.update(
-            task="transcribe",
+            task=opts.task,
             language=opts.reported_language(formats.file_language(result.segments)),
             duration=done.usage.seconds,
             text=done.text,
@@ -274,16 +275,33 @@ async def _transcribe(request: Request, upload: UploadFile, opts: FileOptions) -
     return _render(result, opts)
 
 
-@api_endpoint
-async def transcriptions(request: Request) -> Response:
-    """``POST /v1/audio/transcriptions``: validate everything before decoding any audio."""
+async def _file_request(request: Request, task: str) -> Response:
+    """One upload, transcribed or translated: everything is validated before any audio is decoded."""
     require_api_key(request)
     limit = request.app.state.engine.settings.max_file_bytes
     form = collect_fields(await read_multipart(request, limit))
     try:
         upload = _checked_upload(form, limit)
-        return await _transcribe(request, upload, FileOptions.from_fields(form.fields))
+        opts = FileOptions.from_fields(form.fields)
+        opts.task = task
+        if task == "translate" and opts.by_speaker:
+            raise invalid("response_format", "diarized_json is a transcription format; translations answer json, text, srt, verbose_json or vtt")
+        return await _transcribe(request, upload, opts)
     finally:
         if form.upload is not None:
             with contextlib.suppress(Exception):
                 await form.upload.close()
+
+
+@api_endpoint
+async def transcriptions(request: Request) -> Response:
+    """``POST /v1/audio/transcriptions``."""
+    return await _file_request(request, "transcribe")
+
+
+@api_endpoint
+async def translations(request: Request) -> Response:
+    """``POST /v1/audio/translations``: English text of speech in any language (Whisper's translate
+    task, which needs a multilingual model for speech that is not English). The same form as a
+    transcription; ``language``, which OpenAI's translations do not take, names the speech's."""
+    return await _file_request(request, "translate")

@@ -144,6 +144,8 @@ class FileOptions:
     timeout: float | None = None
     multichannel: bool = False
     channel_labels: list[str] | None = None
+    # "translate" on /v1/audio/translations: English text, ``language`` (optional there) is the speech's.
+    task: str = "transcribe"
 
     @property
     def split_channels(self) -> bool:
@@ -197,12 +199,14 @@ class FileOptions:
     def reported_language(self, detected: str | None = None) -> str:
         """OpenAI writes ``english``; AI Refinery's clients send and expect locales (``en-US``).
         Without a language in the request, the one the decoder ``detected`` (else English, the
-        ``.en`` models' language)."""
+        ``.en`` models' language). A translation's is the text's: English, as OpenAI says."""
+        if self.task == "translate":
+            return formats.language_name("en")
         return airefinery_api.locale(self.language_given) or formats.language_name(self.language or detected or "en")
 
     def session_options(self) -> dict[str, Any]:
         """What these options set of the session's config (the model is resolved separately)."""
-        return {"language": self.language, "prompt": self.prompt, "turn_detection": self.turn_detection}
+        return {"language": self.language, "task": self.task, "prompt": self.prompt, "turn_detection": self.turn_detection}
 
 
 # ----------------------------------------------------------------------------------- fields
