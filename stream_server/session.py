@@ -51,7 +51,16 @@ from stream_server import transcript as render
 from stream_server.audio import MODEL_RATE, AudioInput, split_channels
 from stream_server.buffer import SampleBuffer
 from stream_server.crosstalk import FLOOR_DB, CrosstalkGate, frame_levels
-from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Word, language_settled
+from stream_server.decoding import (
+    LANGUAGE_SETTLE_PROBABILITY,
+    LANGUAGE_SETTLE_S,
+    DecodeFailure,
+    DecodeRequest,
+    DecodeResult,
+    FailureKind,
+    Word,
+    language_settled,
+)
 from stream_server.planner import (
     NARROWBAND_RATE,
     SessionLimits,
@@ -134,6 +143,9 @@ class DecodeTicket:
     # (``SessionLimits.recheck_logprob``); and on such a final, the reading it competes with.
     recheck: DecodeTicket | None = None
     rival: list[Word] | None = None
+    # A final's result unsure of its language while the channel's other finals, which may settle
+    # it, are still out (``Session._waits_for_language``): kept here, the ticket still pending.
+    parked: DecodeResult | None = None
 
     @property
     def final(self) -> bool:
@@ -1164,6 +1176,13 @@ class Session:
 
     def _final_result(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult | None) -> list[Output]:
         if result is not None and len(ticket.request.audio):
+            if self._hint_came_late(ch, ticket, result):
+                retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, language_hint=ch.language))
+                ch.finals[ch.finals.index(ticket)] = retry
+                return [retry]
+            if self._waits_for_language(ch, ticket, result):
+                ticket.parked = result
+                return []
             words = self._words_of(ticket, result)
             if self._continuation_failed(ticket, words):
                 retry = self._without_carry(ch, ticket)
@@ -1192,7 +1211,59 @@ class Session:
             ticket.resolve(words)
         else:
             ticket.resolve(ticket.rival)  # a failed recheck keeps the reading it was to check
-        return self._apply_resolved_finals(ch) + self._schedule(ch)
+        return self._apply_resolved_finals(ch) + self._schedule(ch) + self._unpark(ch)
+
+    @staticmethod
+    def _hint_came_late(ch: Channel, ticket: DecodeTicket, result: DecodeResult) -> bool:
+        """Whether a final was decoded with no language hint, unsure of its language, in another
+        language than the channel has settled on since it was asked for. A file's turns are all
+        asked for at once, before any has settled the channel's language, so a short Spanish turn
+        came back Portuguese ("e de nem muito pouca assistência") where a live one, hinted, reads
+        Spanish; it is decoded again with the hint, as it would have been asked for live."""
+        request = ticket.request
+        return (
+            request.language is None
+            and request.language_hint is None
+            and ch.language is not None
+            and result.language != ch.language
+            and result.language_probability < LANGUAGE_SETTLE_PROBABILITY
+        )
+
+    def _waits_for_language(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult) -> bool:
+        """Whether a final unsure of its language waits for the channel to settle one: no hint
+        was given (the channel had none yet) and another of its finals that heard enough audio to
+        settle it is still out. A file's first turns ("Olá, bom dia", read as Portuguese, Finnish
+        and Polish before a Catalan turn settled) are then decoded again with the hint
+        (``_hint_came_late``) instead of keeping a guess."""
+        request = ticket.request
+        if request.language is not None or request.language_hint is not None or ch.language is not None:
+            return False
+        if self.config.language is not None or result.language_probability >= LANGUAGE_SETTLE_PROBABILITY:
+            return False
+        return self._may_settle(ch, ticket)
+
+    @staticmethod
+    def _may_settle(ch: Channel, ticket: DecodeTicket) -> bool:
+        """Whether a final of ``ch`` other than ``ticket`` is still out and long enough to settle
+        the channel's language. A final not yet sent, waiting for an earlier turn's text as its
+        context (``final_context_lag``), may be waiting for ``ticket`` itself: not counted."""
+        return any(
+            other is not ticket and not other.resolved and other.parked is None and not other.waiting_for_context
+            and len(other.request.audio) >= LANGUAGE_SETTLE_S * MODEL_RATE
+            for other in ch.finals
+        )
+
+    def _unpark(self, ch: Channel) -> list[Output]:
+        """Finish the parked finals that can be finished: the channel settled a language (a
+        different one is decoded again with it as the hint), or nothing still out could settle it
+        (the result stands)."""
+        out: list[Output] = []
+        for ticket in list(ch.finals):
+            result = ticket.parked
+            if result is not None and ticket in ch.finals and (ch.language is not None or not self._may_settle(ch, ticket)):
+                ticket.parked = None
+                out += self._final_result(ch, ticket, result)
+        return out
 
     def _unsure(self, utt: Utterance, words: list[Word]) -> bool:
         """Whether ``utt``'s last words, read as ``words`` by a hypothesis that heard its pause,

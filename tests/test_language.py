@@ -28,11 +28,12 @@ from stream_server.decoding import (
 from stream_server.formats import file_language
 from stream_server.http.openai_form import FileOptions
 from stream_server.models import base_available
-from tests.fakes import BurstDecoder, silence, speech
+from stream_server.session import Session, SessionLimits
+from tests.fakes import BurstDecoder, EnergyVad, silence, speech
 from tests.support import ServerProcess, load_clip, manifest, require_speech, start_server
 from tests.test_dialect_audiohook import AudioHookHarness, call_audio
 from tests.test_dialect_deepgram import SDK_QUERY, DeepgramHarness, finals
-from tests.test_session import Driver
+from tests.test_session import Driver, spoken
 
 RATE = 16000
 
@@ -147,6 +148,87 @@ def test_an_unsure_detection_decodes_in_the_language_the_channel_settled_on() ->
     second = decoder.requests()[first:]
     assert second and all(r.language is None and r.language_hint == "es" for r in second)
     assert [s.language for s in d.of(p.TranscriptSegment)] == ["es", "es"]
+
+
+def file_driver(decoder: DetectingDecoder, context_lag: int = 0) -> Driver:
+    """A file's session (no interims) whose decodes take long enough that every turn's final is
+    asked for before the first comes back, as a file's are (``context_lag``: as the engine runs
+    a file, each final held until the turn ``context_lag`` before it is final)."""
+    session = Session(
+        "sess_file0001",
+        config=p.SessionConfig(model="base"),
+        vad=EnergyVad(),
+        limits=SessionLimits(interim_decoding=False, max_utterance_s=6.0, final_context_lag=context_lag),
+    )
+    d = Driver(session, latency_chunks=2000)
+    d.decoder = decoder
+    return d
+
+
+def test_a_files_unsure_turn_asked_for_before_the_channel_settled_is_decoded_again_with_the_hint() -> None:
+    """The short turn's final went out with no hint, came back unsure and Portuguese after the
+    first turn settled on Spanish, and is decoded again hinted, as a live turn would have been; a
+    request with a hint is never redone."""
+    decoder = DetectingDecoder(short="pt", long="es", switch_s=2.2)
+    d = file_driver(decoder)
+    d.feed(speech(range(1, 9)))
+    d.feed(silence(1.2))
+    d.feed(speech([1, 2]))
+    d.feed(silence(1.2))
+    d.close()
+    finals = decoder.requests()
+    assert [r.language_hint for r in finals] == [None, None, "es"], "the short turn, once more, hinted"
+    assert [s.language for s in d.of(p.TranscriptSegment)] == ["es", "es"]
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(*range(1, 9)), spoken(1, 2)]
+
+
+def test_a_files_first_unsure_turn_waits_for_a_later_turn_to_settle_the_language() -> None:
+    """"Olá, bom dia" opening a Catalan file came back Portuguese before any turn had settled:
+    its result now waits while a longer turn is out, and is decoded again with that turn's
+    language; with nothing left that could settle one, an unsure result stands."""
+    decoder = DetectingDecoder(short="pt", long="ca", switch_s=2.2)
+    d = file_driver(decoder)
+    d.feed(speech([1, 2]))
+    d.feed(silence(1.2))
+    d.feed(speech(range(1, 9)))
+    d.feed(silence(1.2))
+    d.feed(speech([3]))
+    d.feed(silence(1.2))
+    d.close()
+    assert [r.language_hint for r in decoder.requests()] == [None, None, None, "ca", "ca"]
+    segments = d.of(p.TranscriptSegment)
+    assert [s.language for s in segments] == ["ca", "ca", "ca"]
+    assert [s.text for s in segments] == [spoken(1, 2), spoken(*range(1, 9)), spoken(3)]
+    decoder = DetectingDecoder(short="pt", long="ca", switch_s=2.2)
+    d = file_driver(decoder)
+    d.feed(speech([1, 2]))
+    d.feed(silence(1.2))
+    d.feed(speech([3]))
+    d.feed(silence(1.2))
+    d.close()
+    assert [r.language_hint for r in decoder.requests()] == [None, None], "nothing could settle: no decode is redone"
+    assert [s.language for s in d.of(p.TranscriptSegment)] == ["pt", "pt"]
+
+
+def test_a_parked_turn_does_not_wait_for_finals_that_wait_for_its_own_text() -> None:
+    """As the engine runs a file, a turn's final is held until the turn four before it is final
+    (its prompt): those held finals may be waiting for the parked turn itself, so they do not
+    count as able to settle the language (counted, the session never finished)."""
+    decoder = DetectingDecoder(short="pt", long="ca", switch_s=LANGUAGE_SETTLE_S)
+    d = file_driver(decoder, context_lag=4)
+    for _ in range(4):  # four short turns go out at once; the long ones wait for their text
+        d.feed(speech([1, 2]))
+        d.feed(silence(1.2))
+    for _ in range(2):
+        d.feed(speech(range(1, 9)))
+        d.feed(silence(1.2))
+    d.close()
+    segments = d.of(p.TranscriptSegment)
+    assert len(segments) == 6 and d.of(p.TranscriptDone), "every turn final, the session done"
+    # The first short turn's result stands (nothing sent could settle a language); the next three
+    # wait for the long turn its final released, and are decoded again in its language.
+    assert [r.language_hint for r in decoder.requests()] == [None] * 5 + ["ca"] * 3 + [None]
+    assert [s.language for s in segments] == ["pt"] + ["ca"] * 5
 
 
 def test_a_session_language_is_forced_and_reported() -> None:
