@@ -9,6 +9,7 @@ import re
 import pytest
 
 from stream_server import protocol as p
+from stream_server.decoding import FailureKind
 from tests.support import REPO
 
 
@@ -116,3 +117,21 @@ def test_booleans_are_not_numbers() -> None:
     with pytest.raises(p.ProtocolError) as info:
         p.SessionConfig().updated({"sample_rate": True})
     assert info.value.param == "session.sample_rate"
+
+
+def documented_error_codes() -> set[str]:
+    """The codes of protocol.md's Errors table (a row may name several)."""
+    text = (REPO / "protocol.md").read_text()
+    table = text[text.index("## Errors") : text.index("## Close codes")]
+    return {code for line in table.splitlines() if line.startswith("| `") for code in re.findall(r"`([a-z_]+)`", line.split("|")[1])}
+
+
+def test_every_error_code_the_core_and_the_native_shell_send_is_documented() -> None:
+    """Codes as written where they are made: ``Error.invalid``/``Error.server`` and
+    ``ProtocolError`` calls, and the decoder's failures that reach the client."""
+    made = re.compile(r"(?:Error\.(?:invalid|server)|ProtocolError)\(\s*\"([a-z_]+)\"")
+    sources = [*(REPO / "stream_server").glob("*.py"), REPO / "stream_server" / "dialects" / "native.py"]
+    codes = {code for path in sources for code in made.findall(path.read_text())}
+    codes |= {kind.value for kind in FailureKind if kind is not FailureKind.DROPPED}  # a shed interim is asked again, silently
+    assert {"unsupported_language", "model_not_found", "server_busy"} <= codes, "the pattern finds them"
+    assert codes <= documented_error_codes(), sorted(codes - documented_error_codes())
