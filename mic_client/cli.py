@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", help="ask the server for this model (e.g. tiny.en, base)")
     parser.add_argument(
+        "--translate",
+        action="store_true",
+        help="English captions of speech in any language (Whisper's translation; needs a "
+        "multilingual model on the server, e.g. --model base)",
+    )
+    parser.add_argument(
         "--prompt",
         help='names and vocabulary the speech uses ("Sweynheim, Pannartz, Subiaco."): the decoder '
         "gets them with every decode of 1.5 s of audio or more (at most 1000 characters)",
@@ -352,6 +358,7 @@ async def _run(args: argparse.Namespace, out: TextIO, err: TextIO, interrupts: I
             model=args.model,
             channel_labels=labels,
             prompt=args.prompt,
+            translate=args.translate,
             on_event=display.on_event,
             on_error=display.on_error,
             on_open=lambda: status(announce),

@@ -82,6 +82,7 @@ def session_config(
     channels: int = 1,
     channel_labels: list[str] | None = None,
     prompt: str | None = None,
+    translate: bool = False,
 ) -> dict[str, Any]:
     """The ``session`` object of the first ``session.update``.
 
@@ -102,6 +103,8 @@ def session_config(
         config["channel_labels"] = list(channel_labels)
     if prompt:
         config["prompt"] = prompt  # names and vocabulary the decoder should know
+    if translate:
+        config["task"] = "translate"  # English text of any speech (a multilingual model)
     return config
 
 
@@ -139,6 +142,7 @@ class StreamClient:
         model: str | None = None,
         channel_labels: list[str] | None = None,
         prompt: str | None = None,
+        translate: bool = False,
         on_event: EventCallback | None = None,
         on_error: Callable[[dict[str, Any]], None] | None = None,
         on_open: Callable[[], None] | None = None,
@@ -151,6 +155,7 @@ class StreamClient:
         self.model = model
         self.channel_labels = channel_labels
         self.prompt = prompt
+        self.translate = translate
         self.on_event = on_event
         self.on_error = on_error
         self.on_open = on_open
@@ -261,6 +266,7 @@ class StreamClient:
             channels=self.source.channels,
             channel_labels=self.channel_labels,
             prompt=self.prompt,
+            translate=self.translate,
         )
         bytes_per_second = self.source.sample_rate * 2 * self.source.channels
         try:

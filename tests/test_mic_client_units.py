@@ -409,6 +409,7 @@ def test_output_format_inference() -> None:
 def test_session_config_sends_only_what_differs_from_defaults() -> None:
     assert session_config() == {"interim_results": True}
     assert session_config(prompt="Sweynheim, Pannartz.")["prompt"] == "Sweynheim, Pannartz."
+    assert session_config(translate=True)["task"] == "translate" and "task" not in session_config()
     assert session_config(language="de", sample_rate=48000, model="base") == {
         "interim_results": True,
         "language": "de",

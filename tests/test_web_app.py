@@ -395,6 +395,48 @@ def test_file_box_transcribes_a_file_with_progress(playwright: Any, server: Serv
         browser.close()
 
 
+def test_translate_to_english_with_a_multilingual_model(playwright: Any, server: ServerProcess, artifacts: Path, tmp_path: Path) -> None:
+    """"Translate to English" sends a file to /v1/audio/translations (and a live session's
+    ``task``): German speech comes back English with ``base``; with the English-only default the
+    box is disabled (it has no translate task)."""
+    from stream_server.models import base_available
+
+    if not base_available():
+        pytest.skip("model 'base' needs the optional packages: pip install 'stream-server[base]'")
+    clip = "leopard_de_test"
+    wav = tmp_path / f"{clip}.wav"
+    write_wav(wav, load_clip(clip))
+    (tmp_path / "base-server").mkdir()
+    base = start_server(tmp_path / "base-server", "--model", "base", timeout=300)
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM))
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(server.http_url)
+        page.click("#settings summary")
+        page.wait_for_selector("#model option", state="attached")
+        assert page.is_disabled("#translate"), "tiny.en has no translate task"
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        log = PageLog(page)
+        page.goto(base.http_url)
+        page.click("#settings summary")
+        page.wait_for_selector("#model option", state="attached")
+        page.check("#translate")
+        page.set_input_files("#file", str(wav))
+        deadline = time.monotonic() + 120
+        while not page.inner_text("#file-state").startswith(("Done", "Failed")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert page.inner_text("#file-state").startswith("Done"), page.inner_text("#file-state")
+        text = page.inner_text("#file-text")
+        print(f"\ntranslated {clip}: {text!r} (source: {manifest()[clip]['text']!r})")
+        assert "portal" in text.lower() and "room" in text.lower(), text
+        assert "Raum" not in text, "English, not the German transcript"
+        page.screenshot(path=str(artifacts / "file-box-translate.png"), full_page=True)
+        assert log.errors == [], log.errors
+    finally:
+        browser.close()
+        base.stop()
+
+
 def test_file_box_transcribes_a_call_recording_leg_by_leg(playwright: Any, server: ServerProcess, artifacts: Path, tmp_path: Path) -> None:
     """"One speaker per channel" on a stereo μ-law call recording: the conversation comes back a
     turn a line under its channel, each leg's words are that leg's, and the subtitles say who speaks."""

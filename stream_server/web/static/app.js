@@ -339,7 +339,7 @@ function loadSettings() {
 }
 
 function saveSettings() {
-  const s = { mic: $("mic").value, model: $("model").value, language: $("language").value, silence: $("vad-silence").value, threshold: $("vad-threshold").value, echo: $("echo").checked, noise: $("noise").checked, agc: $("agc").checked };
+  const s = { mic: $("mic").value, model: $("model").value, language: $("language").value, translate: $("translate").checked, silence: $("vad-silence").value, threshold: $("vad-threshold").value, echo: $("echo").checked, noise: $("noise").checked, agc: $("agc").checked };
   try {
     localStorage.setItem(SETTINGS_KEY, JSON.stringify(s));
   } catch {
@@ -367,7 +367,14 @@ function sessionConfig() {
   if (language) config.language = language;
   const model = $("model").value;
   if (model && model !== speaker.defaultModel) config.model = model;
+  config.task = translating() ? "translate" : "transcribe"; // sent either way: an update merges
   return config;
+}
+
+// English text of any speech (Whisper's translate task), for a multilingual model only: an
+// English-only one has no such task, so the box is off and disabled with one.
+function translating() {
+  return $("translate").checked && !$("translate").disabled;
 }
 
 const languageNames = (() => {
@@ -396,6 +403,7 @@ function fillLanguages(saved) {
   options.sort((a, b) => (a.value === "" ? -1 : b.value === "" ? 1 : a.text.localeCompare(b.text)));
   select.replaceChildren(...options);
   if (saved !== undefined && [...select.options].some((o) => o.value === saved)) select.value = saved;
+  $("translate").disabled = codes.length <= 1;
 }
 
 async function loadModels(saved) {
@@ -670,6 +678,7 @@ function initSpeaker() {
   $("echo").checked = !!saved.echo;
   $("noise").checked = !!saved.noise;
   $("agc").checked = !!saved.agc;
+  $("translate").checked = !!saved.translate;
   $("start").setAttribute("aria-pressed", "false");
   $("start").addEventListener("click", () => (speaker.running ? stop() : start()));
   $("overlay-start").addEventListener("click", () => {
@@ -680,7 +689,7 @@ function initSpeaker() {
     fillLanguages($("language").value);
     liveUpdate();
   });
-  for (const id of ["language", "vad-silence", "vad-threshold"]) $(id).addEventListener("change", liveUpdate);
+  for (const id of ["language", "translate", "vad-silence", "vad-threshold"]) $(id).addEventListener("change", liveUpdate);
   for (const id of ["mic", "echo", "noise", "agc"]) $(id).addEventListener("change", restartCapture);
   $("share-copy").addEventListener("click", () => copyText($("share-link").textContent));
   navigator.mediaDevices?.addEventListener?.("devicechange", () => listMicrophones().catch(() => {}));
@@ -805,6 +814,11 @@ async function authorize(setHeader) {
   if (token) setHeader("Authorization", `Bearer ${token}`);
 }
 
+// A file's text: transcribed, or translated to English (the same form, docs/http-api.md).
+function fileRoute() {
+  return translating() ? "/v1/audio/translations" : "/v1/audio/transcriptions";
+}
+
 function fileForm(file, extra) {
   const form = new FormData();
   form.append("file", file, file.name);
@@ -850,7 +864,7 @@ async function transcribeFile(file) {
     progress.value = 0.2 * uploaded + 0.8 * spoken;
   };
   const xhr = new XMLHttpRequest();
-  xhr.open("POST", "/v1/audio/transcriptions");
+  xhr.open("POST", fileRoute());
   await authorize((name, value) => xhr.setRequestHeader(name, value));
   let seen = 0;
   let finished = false;
@@ -926,7 +940,7 @@ async function fileSubtitles(format) {
   status.textContent = `Preparing .${format}…`;
   const headers = {};
   await authorize((name, value) => (headers[name] = value));
-  const response = await fetch("/v1/audio/transcriptions", { method: "POST", headers, body: fileForm(fileState.file, { response_format: format }) });
+  const response = await fetch(fileRoute(), { method: "POST", headers, body: fileForm(fileState.file, { response_format: format }) });
   if (!response.ok) {
     status.textContent = `Failed: HTTP ${response.status}`;
     return;
