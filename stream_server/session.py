@@ -1273,9 +1273,12 @@ class Session:
 
     @staticmethod
     def _continuation_failed(ticket: DecodeTicket, words: list[Word]) -> bool:
-        """A continuation decode that gave its turn no words where the turn's own decodes heard some."""
-        utt = ticket.utterance
-        return bool(ticket.carried) and not words and bool(utt.tail or utt.committed)
+        """A continuation decode that gave its turn no words: the VAD heard speech there, and the
+        decoder, forced on from the last turn's words, may have ended that sentence instead
+        ("... for your country." over a spoken "eight"). Its turn is decoded alone. Whether the
+        turn's own decodes heard words does not decide it: under load they are the ones shed
+        (24 streams lost one-word turns so, with no final decode at all)."""
+        return bool(ticket.carried) and not words
 
     def _without_carry(self, ch: Channel, ticket: DecodeTicket) -> DecodeTicket:
         """``ticket``'s decode of its turn alone, from the audio it holds (the buffer may have

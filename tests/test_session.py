@@ -12,7 +12,7 @@ import pytest
 
 from stream_server import protocol as p
 from stream_server.decoding import DecodeFailure, DecodeRequest, DecodeResult, FailureKind, Token
-from stream_server.scheduler import failure_of
+from stream_server.scheduler import DecodeDropped, failure_of
 from stream_server.session import CloseConnection, DecodeTicket, Session, SessionLimits
 from tests.fakes import BurstDecoder, EnergyVad, silence, speech, to_pcm16
 
@@ -63,7 +63,7 @@ class Driver:
     def resolve(self, ticket: DecodeTicket) -> None:
         try:
             [result] = self.decoder.decode_batch([ticket.request])
-        except RuntimeError as exc:
+        except (RuntimeError, DecodeDropped) as exc:  # a failure, or work shed under load
             self.session.receive_decode_failure(ticket, failure_of(exc))
         else:
             self.session.receive_decode_result(ticket, result)
@@ -725,6 +725,38 @@ def test_a_continuation_that_hears_nothing_of_the_turn_is_decoded_again_on_its_o
     finals = [r for r in second_turn_requests(d, calls_before) if r.final]
     assert [bool(r.prefix) for r in finals] == [True, False]
     assert [s.text for s in d.of(p.TranscriptSegment)][:2] == [spoken(*range(1, 9)), spoken(9)]
+
+
+class ShedAloneSilentAfterCarryDecoder(SilentAfterCarryDecoder):
+    """As under load: the short turn's own interims (no prefix, after the first turn) are shed,
+    so the only decode that hears it before its end is the continuation, which says nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shedding = False
+
+    def decode_one(self, request: DecodeRequest) -> DecodeResult:
+        if self.shedding and not request.prefix and not request.final:
+            raise DecodeDropped("shed under load")
+        return super().decode_one(request)
+
+
+def test_a_continuation_that_hears_nothing_of_a_turn_nothing_else_heard_is_decoded_again_on_its_own() -> None:
+    """24 streams lost one-word turns ("eight" after "... for your country."): their own interims
+    were shed, the pause decode continued from the last turn's words and gave the turn none, and
+    that emptiness was taken as the turn's text, with no final decode. A continuation that gives
+    a turn the VAD heard no words is not its reading, whatever else heard it."""
+    d = Driver(first_interim_ms=0)
+    d.decoder = decoder = ShedAloneSilentAfterCarryDecoder()
+    d.feed(np.concatenate([speech(list(range(1, 9))), silence(1.0)]))
+    calls_before = len(decoder.calls)
+    decoder.shedding = True
+    d.feed(np.concatenate([speech([9]), silence(1.0)]))
+    d.close()
+    second = second_turn_requests(d, calls_before)
+    assert any(r.prefix for r in second), "it was tried as a continuation"
+    assert second[-1].final and not second[-1].prefix, "then decoded alone"
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(*range(1, 9)), spoken(9)]
 
 
 def test_no_continuation_after_a_long_pause_or_for_a_long_turn() -> None:
