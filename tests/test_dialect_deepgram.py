@@ -297,6 +297,15 @@ def test_a_language_the_model_cannot_transcribe_is_refused_before_the_upgrade() 
     assert dg.create(handshake({**SDK_QUERY, "language": "en-GB"})).initial_config()["language"] == "en-GB"
 
 
+def test_a_language_that_is_not_one_is_refused_by_the_parser_both_routes_share() -> None:
+    """The pre-recorded route builds its session from ``parse_options`` alone: an unusable
+    language must be refused there, in Deepgram's shape, not when the session is built."""
+    with pytest.raises(HandshakeRejected) as info:
+        dg.parse_options({**SDK_QUERY, "language": "123"}, lambda name: True, "req")
+    assert info.value.status == 400 and "`language`" in str(info.value.body["err_msg"])
+    assert dg.parse_options({**SDK_QUERY, "language": "multi"}, lambda name: True, "req").language is None
+
+
 def test_language_multi_means_detect() -> None:
     assert dg.create(handshake({**SDK_QUERY, "language": "multi"})).initial_config()["language"] is None
     assert dg.create(handshake(SDK_QUERY)).initial_config()["language"] == "en", "Deepgram's default"

@@ -211,6 +211,9 @@ def parse_options(
     # ``language=multi`` is live Deepgram's way to ask for detection; ``detect_language=true`` is
     # its pre-recorded one, which clients reuse: either means detect per utterance.
     detect = language.lower() == "multi" or _bool(query, "detect_language", False, request_id)
+    if not detect and not p.valid_language(language):
+        # Here, not only at the live upgrade: the pre-recorded route builds its session from it.
+        raise reject(f"Invalid value for query parameter `language`: {language!r}", request_id)
     keyterm = vocabulary_prompt(query, lists or {}, request_id)
     return ListenOptions(
         encoding=encoding,
