@@ -1214,33 +1214,32 @@ class Session:
         return self._apply_resolved_finals(ch) + self._schedule(ch) + self._unpark(ch)
 
     @staticmethod
-    def _hint_came_late(ch: Channel, ticket: DecodeTicket, result: DecodeResult) -> bool:
-        """Whether a final was decoded with no language hint, unsure of its language, in another
-        language than the channel has settled on since it was asked for. A file's turns are all
-        asked for at once, before any has settled the channel's language, so a short Spanish turn
-        came back Portuguese ("e de nem muito pouca assistência") where a live one, hinted, reads
-        Spanish; it is decoded again with the hint, as it would have been asked for live."""
+    def _language_guessed(ticket: DecodeTicket, result: DecodeResult) -> bool:
+        """Whether a final's language is the detector's unsure guess: decoded with no language
+        (neither the session's nor its utterance's settled one) and no hint, below the settling
+        probability. The channel's settled language, when it has one, is the better guess."""
         request = ticket.request
         return (
             request.language is None
             and request.language_hint is None
-            and ch.language is not None
-            and result.language != ch.language
             and result.language_probability < LANGUAGE_SETTLE_PROBABILITY
         )
 
+    def _hint_came_late(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult) -> bool:
+        """Whether a guessed language (``_language_guessed``) differs from the one the channel
+        has settled on since the final was asked for. A file's turns are all asked for at once,
+        before any has settled the channel's language, so a short Spanish turn came back
+        Portuguese ("e de nem muito pouca assistência") where a live one, hinted, reads Spanish;
+        it is decoded again with the hint, as it would have been asked for live."""
+        return ch.language is not None and result.language != ch.language and self._language_guessed(ticket, result)
+
     def _waits_for_language(self, ch: Channel, ticket: DecodeTicket, result: DecodeResult) -> bool:
-        """Whether a final unsure of its language waits for the channel to settle one: no hint
-        was given (the channel had none yet) and another of its finals that heard enough audio to
-        settle it is still out. A file's first turns ("Olá, bom dia", read as Portuguese, Finnish
-        and Polish before a Catalan turn settled) are then decoded again with the hint
-        (``_hint_came_late``) instead of keeping a guess."""
-        request = ticket.request
-        if request.language is not None or request.language_hint is not None or ch.language is not None:
-            return False
-        if self.config.language is not None or result.language_probability >= LANGUAGE_SETTLE_PROBABILITY:
-            return False
-        return self._may_settle(ch, ticket)
+        """Whether a final with a guessed language waits for the channel to settle one: the
+        channel has none yet and another of its finals that heard enough audio to settle it is
+        still out. A file's first turns ("Olá, bom dia", read as Portuguese before a Catalan turn
+        settled) are then decoded again with the hint (``_hint_came_late``) instead of keeping
+        a guess."""
+        return ch.language is None and self._language_guessed(ticket, result) and self._may_settle(ch, ticket)
 
     @staticmethod
     def _may_settle(ch: Channel, ticket: DecodeTicket) -> bool:

@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import itertools
 import json
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -699,19 +700,33 @@ class SilentAfterCarryDecoder(BurstDecoder):
         return result
 
 
-def test_a_continuation_that_hears_nothing_of_the_turn_is_decoded_again_on_its_own() -> None:
-    """The turn's own interims heard a word; a continuation decode that gives it none is not its
-    last word (the turn came out empty): the turn's end is decoded without the carried words."""
+def one_word_after_a_sentence(
+    decoder: SilentAfterCarryDecoder, on_second_turn: Callable[[], None] = lambda: None
+) -> tuple[Driver, list[DecodeRequest]]:
+    """Eight words, a 1 s pause, then the one-word turn ``w9`` (a continuation candidate) and a
+    1 s pause, through ``decoder``; ``on_second_turn`` runs between the two turns. The closed
+    driver and the requests made for the second turn."""
     d = Driver(first_interim_ms=0)
-    d.decoder = SilentAfterCarryDecoder()
+    d.decoder = decoder
     d.feed(np.concatenate([speech(list(range(1, 9))), silence(1.0)]))
-    calls_before = len(d.decoder.calls)
+    calls_before = len(decoder.calls)
+    on_second_turn()
     d.feed(np.concatenate([speech([9]), silence(1.0)]))
     d.close()
-    second = second_turn_requests(d, calls_before)
+    return d, second_turn_requests(d, calls_before)
+
+
+def assert_decoded_alone_after_the_continuation(d: Driver, second: list[DecodeRequest]) -> None:
     assert any(r.prefix for r in second), "it was tried as a continuation"
     assert second[-1].final and not second[-1].prefix, "then decoded alone"
     assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(*range(1, 9)), spoken(9)]
+
+
+def test_a_continuation_that_hears_nothing_of_the_turn_is_decoded_again_on_its_own() -> None:
+    """The turn's own interims heard a word; a continuation decode that gives it none is not its
+    last word (the turn came out empty): the turn's end is decoded without the carried words."""
+    d, second = one_word_after_a_sentence(SilentAfterCarryDecoder())
+    assert_decoded_alone_after_the_continuation(d, second)
     assert d.of(p.TranscriptDone)[0].text.split() == spoken(*range(1, 10)).split()
     # A commit ends the short turn before its pause is decoded: its final is the continuation,
     # and is decoded again alone.
@@ -746,17 +761,9 @@ def test_a_continuation_that_hears_nothing_of_a_turn_nothing_else_heard_is_decod
     were shed, the pause decode continued from the last turn's words and gave the turn none, and
     that emptiness was taken as the turn's text, with no final decode. A continuation that gives
     a turn the VAD heard no words is not its reading, whatever else heard it."""
-    d = Driver(first_interim_ms=0)
-    d.decoder = decoder = ShedAloneSilentAfterCarryDecoder()
-    d.feed(np.concatenate([speech(list(range(1, 9))), silence(1.0)]))
-    calls_before = len(decoder.calls)
-    decoder.shedding = True
-    d.feed(np.concatenate([speech([9]), silence(1.0)]))
-    d.close()
-    second = second_turn_requests(d, calls_before)
-    assert any(r.prefix for r in second), "it was tried as a continuation"
-    assert second[-1].final and not second[-1].prefix, "then decoded alone"
-    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(*range(1, 9)), spoken(9)]
+    decoder = ShedAloneSilentAfterCarryDecoder()
+    d, second = one_word_after_a_sentence(decoder, on_second_turn=lambda: setattr(decoder, "shedding", True))
+    assert_decoded_alone_after_the_continuation(d, second)
 
 
 def test_no_continuation_after_a_long_pause_or_for_a_long_turn() -> None:

@@ -293,15 +293,16 @@ class TwilioDialect:
                 changes["model"] = model
             else:
                 log.info("twilio %s: model %.60r is not on this server; using %s", self.call, model, self.options.default_model)
+        chosen = changes.get("model", self.options.default_model)
         language = parameters.get("language", "").strip()
         if language:
             # A refused language would make the core refuse the whole update (the call's format
             # and legs with it), so it is checked here and left out instead.
             if not p.valid_language(language):
                 self._warn("language_invalid", "language %.40r is not an ISO-639-1 code or locale; the server default is used", language)
-            elif not self.options.model_speaks(changes.get("model", self.options.default_model), language):
+            elif not self.options.model_speaks(chosen, language):
                 self._warn("language_unsupported", "language %.40r: %s; English is used", language,
-                           p.unsupported_language_message(changes.get("model", self.options.default_model), language))
+                           p.unsupported_language_message(chosen, language))
             else:
                 changes["language"] = language
         silence = parameters.get("silence_duration_ms", "").strip()
