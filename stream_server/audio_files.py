@@ -16,9 +16,11 @@ URLs or local files named inside an upload, and no network or file protocol is w
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import wave
+from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING
 
 import numpy as np
@@ -27,6 +29,9 @@ from stream_server.audio import MODEL_RATE
 
 if TYPE_CHECKING:
     from av.audio.frame import AudioFrame
+    from av.audio.resampler import AudioResampler
+    from av.audio.stream import AudioStream
+    from av.container import InputContainer
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,78 @@ class TooManyChannels(Exception):
 MAX_CHANNELS = 8
 
 
+def refuse_playlist(head: bytes) -> None:
+    """Raise :class:`UnsupportedMedia` for a playlist or manifest (by its first bytes): FFmpeg
+    would follow the URLs and file names inside it."""
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if any(stripped.startswith(magic) for magic in _PLAYLIST_MAGIC):
+        raise UnsupportedMedia("playlists and manifests are not accepted; send the audio itself")
+
+
+def open_audio(fileobj: object, *, options: dict[str, str] | None = None) -> tuple[InputContainer, AudioStream]:
+    """FFmpeg's demuxer on ``fileobj`` (anything with ``read``) and its first audio stream, or
+    :class:`UnsupportedMedia`. The container is closed again when it is refused."""
+    import av
+
+    try:
+        # A bare protocol whitelist: demuxers that open further URLs (HLS, concat) cannot.
+        container = av.open(fileobj, mode="r", options={"protocol_whitelist": "pipe", **(options or {})})
+    except av.error.FFmpegError as exc:
+        raise UnsupportedMedia(f"the file is not a recognised audio format ({_reason(exc)})") from None
+    name = container.format.name
+    if name not in AUDIO_CONTAINERS or not container.streams.audio:
+        container.close()
+        if name not in AUDIO_CONTAINERS:
+            raise UnsupportedMedia(f"container format {name!r} is not an accepted audio format")
+        raise UnsupportedMedia(f"the {name} file holds no audio stream")
+    return container, container.streams.audio[0]
+
+
+@dataclasses.dataclass
+class Damage:
+    """What went wrong while reading a stream's packets: a few damaged packets are skipped (as
+    players do); a stream none of whose packets decoded is an error (:meth:`check`)."""
+
+    packets: int = 0
+    good: int = 0
+    first_error: Exception | None = None
+
+    def check(self, stream: AudioStream) -> None:
+        if self.packets and not self.good and self.first_error is not None:
+            raise AudioDecodeError(f"the {stream.codec_context.name} audio stream could not be decoded ({_reason(self.first_error)})")
+
+
+def decoded_chunks(container: InputContainer, stream: AudioStream, resampler: AudioResampler, damage: Damage) -> Iterator[np.ndarray]:
+    """The stream's audio as the resampler makes it, one flat float32 array per frame (channels
+    interleaved), up to the end of the stream or a demuxer error (truncated or corrupt data:
+    what was read is kept, the error is in ``damage``)."""
+    import av
+
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 and packet.dts is None:
+                continue  # the flush packet
+            damage.packets += 1
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as exc:
+                damage.first_error = damage.first_error or exc
+                continue  # a damaged packet: keep what decodes (as players do)
+            damage.good += 1
+            for frame in frames:
+                frame.pts = None  # timestamps of damaged files confuse the resampler
+                yield from _flat(resampler.resample(frame))
+    except av.error.FFmpegError as exc:
+        damage.first_error = damage.first_error or exc
+        log.info("audio ended early: %s", _reason(exc))
+    yield from _flat(resampler.resample(None))
+
+
+def _flat(frames: list[AudioFrame]) -> Iterator[np.ndarray]:
+    for frame in frames:
+        yield frame.to_ndarray().reshape(-1).astype(np.float32, copy=False)
+
+
 def decode_file(fileobj: IO[bytes], *, max_seconds: float | None = None, split_channels: bool = False) -> np.ndarray:
     """Decode the first audio stream of ``fileobj`` to float32 at 16 kHz: mono (shape ``[n]``), or
     with ``split_channels`` one column per channel (shape ``[n, channels]``, in the file's order:
@@ -78,21 +155,9 @@ def decode_file(fileobj: IO[bytes], *, max_seconds: float | None = None, split_c
     fileobj.seek(0)
     if not head:
         raise UnsupportedMedia("the file is empty")
-    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if any(stripped.startswith(magic) for magic in _PLAYLIST_MAGIC):
-        raise UnsupportedMedia("playlists and manifests are not accepted; upload the audio itself")
-    try:
-        # A bare protocol whitelist: demuxers that open further URLs (HLS, concat) cannot.
-        container = av.open(fileobj, mode="r", options={"protocol_whitelist": "pipe"})
-    except av.error.FFmpegError as exc:
-        raise UnsupportedMedia(f"the file is not a recognised audio format ({_reason(exc)})") from None
+    refuse_playlist(head)
+    container, stream = open_audio(fileobj)
     with container:
-        name = container.format.name
-        if name not in AUDIO_CONTAINERS:
-            raise UnsupportedMedia(f"container format {name!r} is not an accepted audio format")
-        if not container.streams.audio:
-            raise UnsupportedMedia(f"the {name} file holds no audio stream")
-        stream = container.streams.audio[0]
         in_file = max(1, stream.codec_context.layout.nb_channels)
         if split_channels and in_file > MAX_CHANNELS:
             raise TooManyChannels(f"the file has {in_file} channels; at most {MAX_CHANNELS} are transcribed one by one")
@@ -106,39 +171,13 @@ def decode_file(fileobj: IO[bytes], *, max_seconds: float | None = None, split_c
         pieces: list[np.ndarray] = []
         total = 0
         limit = int(max_seconds * MODEL_RATE * channels) if max_seconds else None
-        packets = good = 0
-        first_error: Exception | None = None
-
-        def take(frames: list[AudioFrame]) -> None:
-            nonlocal total
-            for out in frames:
-                samples = out.to_ndarray().reshape(-1).astype(np.float32, copy=False)
-                pieces.append(samples)
-                total += len(samples)
+        damage = Damage()
+        for samples in decoded_chunks(container, stream, resampler, damage):
+            pieces.append(samples)
+            total += len(samples)
             if limit is not None and total > limit:
                 raise AudioTooLong(f"the audio is longer than the limit of {max_seconds:g} s")
-
-        try:
-            for packet in container.demux(stream):
-                if packet.size == 0 and packet.dts is None:
-                    continue  # the flush packet
-                packets += 1
-                try:
-                    frames = packet.decode()
-                except av.error.FFmpegError as exc:
-                    first_error = first_error or exc
-                    continue  # a damaged packet: keep what decodes (as players do)
-                good += 1
-                for frame in frames:
-                    frame.pts = None  # timestamps of damaged files confuse the resampler
-                    take(resampler.resample(frame))
-        except av.error.FFmpegError as exc:
-            # A demuxer error mid-file (truncated or corrupt data): keep what was read so far.
-            first_error = first_error or exc
-            log.info("audio upload ended early: %s", _reason(exc))
-        take(resampler.resample(None))
-        if packets and not good and first_error is not None:
-            raise AudioDecodeError(f"the {stream.codec_context.name} audio stream could not be decoded ({_reason(first_error)})")
+        damage.check(stream)
     if not pieces:
         return np.zeros((0, channels) if split_channels and channels > 1 else 0, np.float32)
     audio = np.concatenate(pieces)

@@ -385,6 +385,9 @@ class Connection:
             self.engine.connections.discard(self)
             self.engine.loop_lag.unwatch()
             runner.cancel()
+            release = getattr(self.dialect, "release", None)
+            if release is not None:
+                release()
             self.engine.hub.close(session.id)
             if not self._closed.is_set() and not self._abort.is_set():
                 # Give already-queued messages (a refusal, the last segment) a moment to leave.

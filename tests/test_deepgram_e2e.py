@@ -106,20 +106,21 @@ async def sdk_stream(server: ServerProcess, data: bytes, rate: int, width: int, 
     async with client.listen.v1.connect(model="nova-3", sample_rate=rate, **options) as connection:
         start = time.monotonic()
         run.request_id = upgrade_headers(connection._websocket).get("dg-request-id")
-
-        async def reader() -> None:
-            try:
-                async for message in connection:
-                    run.messages.append(Got(time.monotonic() - start, sdk_message(message)))
-            except Exception as exc:  # noqa: BLE001 - the test asserts on what the SDK raised
-                run.error = exc
-
-        task = asyncio.create_task(reader())
+        task = asyncio.create_task(collect(connection, run, start))
         await paced(connection.send_media, data, int(rate * FRAME_S) * width, start)
         run.marks["close_stream"] = time.monotonic() - start
         await connection.send_close_stream()
         await asyncio.wait_for(task, timeout=60)
     return run
+
+
+async def collect(connection: Any, run: Run, start: float) -> None:
+    """Every message the SDK parses, with its arrival time; how the connection ended."""
+    try:
+        async for message in connection:
+            run.messages.append(Got(time.monotonic() - start, sdk_message(message)))
+    except Exception as exc:  # noqa: BLE001 - the test asserts on what the SDK raised
+        run.error = exc
 
 
 def upgrade_headers(websocket: Any) -> Any:
@@ -605,3 +606,66 @@ def test_pre_recorded_raw_audio_and_refusals(server: ServerProcess, tmp_path: An
         assert needle in caught.value.body["err_msg"] and caught.value.body["request_id"], caught.value.body
     resp = httpx.post(url, json={"url": "https://example.com/call.wav"}, timeout=10)
     assert resp.status_code == 400 and "URL" in resp.json()["err_msg"], resp.text
+
+
+# --------------------------------------------------------------------------------------------
+# Containerized compressed audio: what browsers (MediaRecorder) and radio streams send
+# --------------------------------------------------------------------------------------------
+
+
+async def sdk_container_stream(server: ServerProcess, data: bytes, seconds: float, **options: Any) -> Run:
+    """A Deepgram session with no ``encoding``/``sample_rate`` (as Deepgram asks for containerized
+    audio), the stream's bytes sent in 250 ms pieces at real time (a MediaRecorder's timeslice),
+    then CloseStream."""
+    client = AsyncDeepgramClient(api_key="test-key", environment=environment(server))
+    run = Run([])
+    async with client.listen.v1.connect(model="nova-3", **options) as connection:
+        start = time.monotonic()
+        task = asyncio.create_task(collect(connection, run, start))
+        step = max(1, int(len(data) * 0.25 / seconds))
+        for i, offset in enumerate(range(0, len(data), step)):
+            await connection.send_media(data[offset : offset + step])
+            await asyncio.sleep(max(0.0, start + (i + 1) * 0.25 - time.monotonic()))
+        run.marks["close_stream"] = time.monotonic() - start
+        await connection.send_close_stream()
+        await asyncio.wait_for(task, timeout=60)
+    return run
+
+
+def test_webm_opus_and_mp3_streams_read_as_well_as_linear16(server: ServerProcess, tmp_path: Any) -> None:
+    """The SDK streams the same three sentences as WebM/Opus (Chrome's MediaRecorder), as MP3 (a
+    radio stream, the SDK's own live example) and as linear16, side by side: the compressed
+    streams are decoded as they come, so their finals arrive while they are sent, and read the
+    same words within two points."""
+    from tests.http_api_support import encode
+
+    rows = [r for r in english_references() if r["kind"] == "read" and 3.0 < r["duration_s"] < 7.0]
+    clips = random.Random(3).sample(rows, 3)
+    audio, spans = build_long_stream(clips, seed=2)
+    audio = np.concatenate([audio, np.zeros(16000, np.float32)])
+    seconds = len(audio) / 16000
+    webm = encode(audio, tmp_path / "speech.webm", "libopus", container="webm").read_bytes()
+    mp3 = encode(audio, tmp_path / "speech.mp3", "libmp3lame", rate=44100).read_bytes()
+    pcm16 = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    options = {"interim_results": "true", "smart_format": "true"}
+
+    async def everything() -> tuple[Run, Run, Run]:
+        return await asyncio.gather(
+            sdk_container_stream(server, webm, seconds, **options),
+            sdk_container_stream(server, mp3, seconds, **options),
+            sdk_stream(server, pcm16, 16000, 2, encoding="linear16", **options),
+        )
+
+    runs = dict(zip(("webm", "mp3", "linear16"), asyncio.run(everything()), strict=True))
+    references = [r["text"] for r in clips]
+    errors = {name: wer(references, [deepgram_text(run)]) for name, run in runs.items()}
+    print({name: f"{e:.3f}" for name, e in errors.items()}, {name: deepgram_text(run) for name, run in runs.items()})
+    for name in ("webm", "mp3"):
+        run = runs[name]
+        assert run.error is None and not run.of("Error"), (name, run.error, run.of("Error"))
+        assert errors[name] <= errors["linear16"] + 0.02, (name, errors)
+        live = [g for g in finals(run) if final_transcript(g) and g.at < run.marks["close_stream"]]
+        assert len(live) >= len(spans) - 1, f"{name}: finals come while the stream is sent"
+        [metadata] = run.of("Metadata")
+        assert metadata.message["duration"] == pytest.approx(seconds, abs=0.1)
+        check_documented(g.message for g in run.messages)

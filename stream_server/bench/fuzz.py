@@ -34,6 +34,8 @@ import contextlib
 import copy
 import dataclasses
 import datetime as _dt
+import functools
+import io
 import itertools
 import json
 import logging
@@ -449,6 +451,47 @@ wav_headers = st.builds(
     st.sampled_from([b"", b"LIST\x04\x00\x00\x00abcd", b"junk\xff\xff\xff\x7f"]),
 )
 
+
+
+@functools.cache
+def compressed_clips() -> dict[str, bytes]:
+    """Half a second of tone words in the compressed formats Deepgram clients stream without an
+    encoding (made once per process with PyAV)."""
+    import av
+
+    from stream_server.bench.tone_models import speech
+
+    samples = (np.clip(speech([1, 2], seconds=0.2), -1, 1) * 32767).astype(np.int16)[None, :]
+    clips = {}
+    for name, codec, container, rate in [("webm", "libopus", "webm", 48000), ("ogg", "libopus", "ogg", 48000),
+                                         ("mp3", "libmp3lame", "mp3", 44100), ("flac", "flac", "flac", 16000)]:
+        buffer = io.BytesIO()
+        with av.open(buffer, "w", format=container) as out:
+            stream = out.add_stream(codec, rate=rate)
+            assert isinstance(stream, av.audio.stream.AudioStream)
+            stream.layout = "mono"
+            frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+            frame.sample_rate = 16000
+            resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=rate)
+            for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
+                out.mux(stream.encode(chunk))
+            out.mux(stream.encode(None))
+        clips[name] = buffer.getvalue()
+    return clips
+
+
+@st.composite
+def compressed_opening(draw: st.DrawFn) -> list[Step]:
+    """A compressed stream in pieces, now and then cut short, with bytes flipped or spliced in."""
+    data = bytearray(compressed_clips()[draw(st.sampled_from(["webm", "ogg", "mp3", "flac"]))])
+    for _ in range(draw(st.integers(0, 3))):
+        position = draw(st.integers(0, len(data) - 1))
+        data[position : position + 1] = draw(st.binary(min_size=0, max_size=8))
+    data = data[: draw(st.integers(1, len(data)))] if draw(st.integers(0, 3)) == 0 else data
+    cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=6)))
+    return [Bytes(bytes(data[a:b])) for a, b in itertools.pairwise([0, *cuts, len(data)]) if b > a]
+
+
 # ---- Twilio ---------------------------------------------------------------------------------
 
 TWILIO_MEDIA_FORMAT = {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}
@@ -622,7 +665,9 @@ def opening(draw: st.DrawFn, dialect: str, setup: dict[str, Any]) -> list[Step]:
         return [*steps, draw(TWILIO_START)]
     if dialect == "audiohook":
         return [draw(AUDIOHOOK_OPEN)]
-    if dialect == "deepgram" and "encoding" not in setup["query"]:
+    if dialect == "deepgram" and ("encoding" not in setup["query"] or setup["query"]["encoding"] == "opus"):
+        if draw(st.booleans()):
+            return draw(compressed_opening())
         header = draw(wav_headers)
         if draw(st.integers(0, 3)) == 0:
             header = header[: draw(st.integers(0, len(header)))]
@@ -1118,6 +1163,8 @@ class Rig:
                 return "buffered WAV header (documented)"
             if isinstance(frame, bytes) and self.dialect._mix_frame:
                 return "buffered partial frame (documented)"
+            if isinstance(frame, bytes) and self.dialect._stream is not None:
+                return "buffered in the compressed stream's decoder (documented)"
             if isinstance(frame, str) and _json_type(frame, "type") == "KeepAlive":
                 return "KeepAlive (documented)"
         if isinstance(self.dialect, twilio.TwilioDialect) and isinstance(frame, str) and _json_type(frame, "event") == "connected":
@@ -1241,6 +1288,9 @@ def _run_case(case: Case) -> CaseResult:
     finally:
         _LOG.format_errors.clear()
         if rig is not None:
+            release = getattr(rig.dialect, "release", None)  # as the WebSocket shell does
+            if release is not None:
+                release()
             result.inputs = rig.inputs
             result.outcomes.update(rig.outcomes)
     return result

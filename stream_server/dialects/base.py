@@ -83,9 +83,10 @@ class Dialect(Protocol):
     Optional attributes the shell reads when a dialect has them: ``session_alias`` (the call's
     own id, once known: the session is also found under it), ``accept_headers`` (response headers
     of the upgrade), ``call_events()`` (key presses beside the audio), ``control(control)`` and
-    ``drain()`` (an operator's pause, a server's shutdown), and ``recorded`` (False once the
+    ``drain()`` (an operator's pause, a server's shutdown), ``recorded`` (False once the
     session is known to be no conversation, as an AudioHook connection probe: it is not stored,
-    posted or listed).
+    posted or listed), and ``release()`` (called once the connection is over: a dialect that
+    holds a worker, as Deepgram's decoder of compressed audio, stops it).
     """
 
     #: Short name used in logs and metrics labels ("native", "openai", "deepgram", ...).

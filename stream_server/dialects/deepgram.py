@@ -38,7 +38,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from stream_server import protocol as p
-from stream_server.audio import decode_samples
+from stream_server.audio import MODEL_RATE, decode_samples
+from stream_server.audio_stream import ContainerStream, Decoded
 from stream_server.dialects.base import (
     Action,
     Close,
@@ -59,9 +60,15 @@ IDLE_CLOSE = Close(
 #: Close frame for audio that cannot be decoded (Deepgram's DATA-0000, code 1008).
 DATA_CLOSE_CODE = 1008
 
-RAW_ENCODINGS = {"linear16": "pcm16", "mulaw": "g711_ulaw", "alaw": "g711_alaw"}
-#: Encodings Deepgram accepts that this server cannot decode (refused with a clear 400).
-UNSUPPORTED_ENCODINGS = {"linear32", "flac", "amr-nb", "amr-wb", "opus", "ogg-opus", "speex", "g729"}
+RAW_ENCODINGS = {"linear16": "pcm16", "linear32": "float32", "mulaw": "g711_ulaw", "alaw": "g711_alaw"}
+#: Encodings whose bitstream FFmpeg recognises by itself (Ogg Opus, FLAC, AMR's storage format):
+#: decoded as containerized audio is, with the rate and channels the stream says.
+DECODED_ENCODINGS = {"opus", "ogg-opus", "flac", "amr-nb", "amr-wb"}
+#: AMR's storage format starts with this line (RFC 4867 §5); bare AMR frames get it added.
+AMR_MAGIC = {"amr-nb": b"#!AMR\n", "amr-wb": b"#!AMR-WB\n"}
+#: Encodings Deepgram accepts that this server cannot decode (refused with a clear 400): Speex
+#: and G.729 come as bare frames that FFmpeg cannot delimit without a container.
+UNSUPPORTED_ENCODINGS = {"speex", "g729"}
 #: Deepgram model families; a name from them means "the server's model" unless the server knows it.
 DEEPGRAM_MODEL_FAMILIES = (
     "nova-3", "nova-2", "nova", "enhanced", "base", "whisper",
@@ -84,7 +91,7 @@ MAX_PROMPT_CHARS = 1000  # the core's `prompt` bound: keyterms beyond it are ref
 class ListenOptions:
     """The query parameters this server honours, parsed and validated."""
 
-    encoding: str | None = None  # None: containerized audio (a WAV header is read)
+    encoding: str | None = None  # None: containerized audio (a WAV header, or FFmpeg recognises it)
     sample_rate: int | None = None
     channels: int = 1
     multichannel: bool = False
@@ -155,15 +162,15 @@ def _encoding(query: Mapping[str, str], request_id: str) -> tuple[str | None, in
     raw = query.get("encoding")
     rate = _int(query, "sample_rate", request_id, low=8000, high=48000)
     if raw is None:
-        return None, None  # containerized audio: the WAV header decides, sample_rate is not read
+        return None, None  # containerized audio: the stream says its format, sample_rate is not read
     encoding = raw.strip().lower()
     if encoding in UNSUPPORTED_ENCODINGS:
         raise reject(
-            f"encoding={encoding} is not supported by this server; use linear16, mulaw or alaw "
-            "(or send WAV audio without an encoding parameter)",
+            f"encoding={encoding} is not supported by this server; use linear16, linear32, mulaw, alaw, "
+            "opus, ogg-opus, flac, amr-nb or amr-wb (or send containerized audio without an encoding parameter)",
             request_id,
         )
-    if encoding not in RAW_ENCODINGS:
+    if encoding not in RAW_ENCODINGS and encoding not in DECODED_ENCODINGS:
         raise reject(f"Invalid value for query parameter `encoding`: {raw!r}", request_id)
     if rate is None:
         raise reject(f"sample_rate is required when encoding={encoding} (raw audio has no header)", request_id)
@@ -244,7 +251,7 @@ def native_config(options: ListenOptions) -> dict[str, object]:
         # heard so far is final (see DeepgramDialect._interim); forwarded only when asked for.
         "interim_results": True,
     }
-    if options.encoding is not None:
+    if options.encoding in RAW_ENCODINGS:
         config["input_audio_format"] = RAW_ENCODINGS[options.encoding]
         config["sample_rate"] = options.sample_rate
         if options.channels > 1:
@@ -470,9 +477,15 @@ class DeepgramDialect:
         self.created = created
         self.model = options.model or default_model
         self.punctuated = options.punctuate or options.smart_format
-        self._format = RAW_ENCODINGS[options.encoding] if options.encoding else "pcm16"
+        self._format = RAW_ENCODINGS.get(options.encoding or "", "pcm16")
         self._rate = options.sample_rate or 16000
+        # Containerized audio: a WAV header is read here; anything else FFmpeg decodes (_stream).
         self._header: bytearray | None = None if options.encoding else bytearray()
+        self._stream: ContainerStream | None = None
+        self._stream_channels: int | None = None  # the decoded stream's channels, once it said
+        self._magic: bytes | None = None
+        if options.encoding in DECODED_ENCODINGS:
+            self._start_stream(AMR_MAGIC.get(options.encoding or ""))
         self._samples = 0.0  # audio received, in samples of the stream's format (all channels)
         self._sha256 = hashlib.sha256()  # of the audio received: Deepgram's Metadata reports it
         self._finalized: set[str] = set()  # items whose final comes from a Finalize
@@ -502,6 +515,12 @@ class DeepgramDialect:
             return self._close_stream()
         if self._header is not None:
             return self._sniff(data)
+        if self._stream is not None:
+            self._sha256.update(data)
+            if self._magic is not None:
+                data = data if data.startswith(b"#!AMR") else self._magic + data
+                self._magic = None
+            return self._decoded(self._stream.feed(data))
         return self._append(data)
 
     def receive_text(self, text: str) -> list[Action]:
@@ -535,7 +554,16 @@ class DeepgramDialect:
         self._closing = True
         if self._header:  # a WAV header that never completed is not audio
             self._header = None
+        if self._stream is not None:  # the audio still inside the decoder comes first
+            stream, self._stream = self._stream, None
+            return [*self._decoded(stream.finish(), ending=True), p.SessionClose()]
         return [p.SessionClose()]
+
+    def release(self) -> None:
+        """The connection is gone: the decoder of a compressed stream stops (the shell calls this)."""
+        if self._stream is not None:
+            self._stream.release()
+            self._stream = None
 
     def _configure(self, message: dict[str, Any]) -> list[Action]:
         """Mid-stream reconfiguration: keyterms become the decoder's vocabulary prompt, the
@@ -570,6 +598,11 @@ class DeepgramDialect:
     def _sniff(self, data: bytes) -> list[Action]:
         assert self._header is not None
         self._header += data
+        if len(self._header) >= 4 and self._header[:4] != b"RIFF":
+            # Not WAV: a compressed stream (WebM or Ogg Opus, MP3, FLAC, AAC, ...) for FFmpeg.
+            head, self._header = bytes(self._header), None
+            self._start_stream(None)
+            return self.receive_bytes(head)
         try:
             parsed = parse_wav_header(bytes(self._header))
             if parsed is None and len(self._header) > MAX_HEADER_BYTES:
@@ -594,9 +627,47 @@ class DeepgramDialect:
         update = p.SessionUpdate(fields)
         return [update, *self._append(rest)] if rest else [update]
 
-    def _append(self, data: bytes) -> list[Action]:
+    def _start_stream(self, magic: bytes | None) -> None:
+        """Decode the stream with FFmpeg from here on; ``magic``: AMR's first line, added to a
+        stream of bare AMR frames."""
+        self._stream = ContainerStream(keep_channels=self.options.multichannel)
+        self._magic = magic
+
+    def _decoded(self, decoded: Decoded, *, ending: bool = False) -> list[Action]:
+        """Audio out of the decoder: the first says the stream's channels (a session update, as a
+        WAV header's does); an error ends the stream as a bad WAV header does if nothing was
+        heard, else after the finals of what was (nothing received is lost)."""
+        actions: list[Action] = []
+        if decoded.channels is not None and self._stream_channels is None:
+            self._stream_channels = decoded.channels
+            self._format, self._rate = "float32", MODEL_RATE
+            self._set_channels(decoded.channels)
+            fields: dict[str, object] = {"input_audio_format": "float32", "sample_rate": MODEL_RATE}
+            if decoded.channels > 1:
+                fields.update(channel_config(decoded.channels, self.options.multichannel, "float32"))
+            actions.append(p.SessionUpdate(fields))
+        if decoded.samples.size:
+            actions.extend(self._append(decoded.samples.astype("<f4").tobytes(), hashed=True))
+        error = decoded.error
+        if error is None or (self._closing and not ending):
+            return actions
+        if not self._samples:
+            self.release()
+            self._closing = True
+            return [
+                *actions,
+                self._error("DataError", f"DATA-0000: {error}."),
+                Close(DATA_CLOSE_CODE, f"DATA-0000: the payload cannot be decoded as audio ({error})"[:120]),
+            ]
+        actions.append(self._error("DataError", f"DATA-0000: the audio after {self.audio_seconds:.2f} s could not be decoded ({error})."))
+        return actions if ending else [*actions, *self._close_stream()]
+
+    def _append(self, data: bytes, *, hashed: bool = False) -> list[Action]:
+        """Audio in the session's format; ``hashed``: its bytes were counted in Metadata's sha256
+        as they came (compressed)."""
         self._samples += len(data) / SAMPLE_WIDTH[self._format]
-        self._sha256.update(data)
+        if not hashed:
+            self._sha256.update(data)
         if self._mix_frame:
             data = self._mix(data)
             if not data:

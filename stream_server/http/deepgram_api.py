@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import shutil
 import uuid
 from collections.abc import Sequence
 from typing import IO, Any
@@ -38,6 +39,7 @@ from stream_server.http.common import (
     decode_upload,
     ensure_loaded,
     file_jobs,
+    new_spool,
     raise_engine_errors,
     read_body,
     resolve_model,
@@ -83,8 +85,23 @@ def _raw_audio(data: bytes, options: deepgram.ListenOptions) -> np.ndarray:
     return resample(frames, options.sample_rate)
 
 
+def _prefixed(prefix: bytes, spool: IO[bytes]) -> IO[bytes]:
+    """``spool``'s bytes after ``prefix``, in a new spool (AMR frames sent without their file's
+    first line, as Deepgram takes ``encoding=amr-nb``)."""
+    out = new_spool()
+    out.write(prefix)
+    spool.seek(0)
+    shutil.copyfileobj(spool, out)
+    spool.close()
+    return out
+
+
 async def _audio(spool: IO[bytes], options: deepgram.ListenOptions) -> np.ndarray:
-    if options.encoding is None:
+    if options.encoding is None or options.encoding in deepgram.DECODED_ENCODINGS:
+        magic = deepgram.AMR_MAGIC.get(options.encoding or "")
+        if magic is not None and not spool.read(5).startswith(b"#!AMR"):
+            spool = _prefixed(magic, spool)
+        spool.seek(0)
         return await decode_upload(spool, split_channels=options.multichannel)
     try:
         return _raw_audio(spool.read(), options)

@@ -1,0 +1,212 @@
+"""Decoding compressed audio that arrives in pieces: a WebM or Ogg stream of Opus from a browser's
+``MediaRecorder``, an MP3 radio stream, FLAC, AAC (ADTS), AMR, ... sent over a WebSocket a chunk
+at a time, as Deepgram's clients send "containerized" audio.
+
+FFmpeg (through PyAV) only *pulls* its input, and a demuxer cannot be stopped when the bytes run
+out mid-packet. So the demuxer and decoder run in a worker thread that reads from a pipe, and
+:class:`ContainerStream` hands bytes over synchronously: :meth:`~ContainerStream.feed` puts them
+in the pipe and waits until FFmpeg has taken them all and asks for more (it has decoded every
+packet they completed), then returns the audio decoded so far. The caller sees a push decoder:
+bytes in, 16 kHz float32 out, in order, with no callback and no clock, as the dialects need. The
+wait is bounded (``handoff_wait_s``): a decoder that takes longer hands its audio over with the
+next call instead of blocking the caller.
+
+Decoding compressed speech costs little next to transcribing it: Opus at 48 kHz decodes at about
+a thousand times real time on one core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import weakref
+
+import numpy as np
+
+from stream_server.audio import MODEL_RATE
+from stream_server.audio_files import (
+    MAX_CHANNELS,
+    AudioDecodeError,
+    Damage,
+    UnsupportedMedia,
+    decoded_chunks,
+    open_audio,
+    refuse_playlist,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bytes looked at before FFmpeg is started: a playlist or manifest is refused by its first bytes.
+HEAD_BYTES = 64
+#: FFmpeg's probe reads this many bytes to recognise the container, and then looks at no more of
+#: the stream before decoding (``analyzeduration`` 0). FFmpeg's defaults (5 MB, 5 s) held an MP3
+#: stream's first audio back for 1.4 s of it; with these it comes with the first 0.3 s.
+PROBE_OPTIONS = {"probesize": "2048", "analyzeduration": "0"}
+#: How long :meth:`ContainerStream.feed` waits for FFmpeg to take the bytes it was given.
+HANDOFF_WAIT_S = 0.5
+#: How long :meth:`ContainerStream.finish` waits for the last audio after the end of the stream.
+FINISH_WAIT_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """Audio decoded since the previous call: float32 at 16 kHz, ``channels`` interleaved.
+    ``channels`` is None until FFmpeg has recognised the stream; ``error`` says why decoding
+    stopped, when it did (the audio before it is still here)."""
+
+    samples: np.ndarray
+    channels: int | None
+    error: str | None = None
+
+
+class _Pipe:
+    """What the worker thread shares with the caller: the bytes not yet read by FFmpeg, the audio
+    not yet handed back, and whether FFmpeg is waiting for more (``idle``)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.buffer = bytearray()
+        self.ended = False  # no more bytes will come: FFmpeg's next read past them is the end
+        self.idle = False  # FFmpeg is blocked in read() with nothing left to read
+        self.done = False  # the worker finished (end of stream, error, or released)
+        self.chunks: list[np.ndarray] = []
+        self.channels: int | None = None
+        self.error: str | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        """FFmpeg's read: blocks while there is nothing to read and the stream goes on."""
+        with self.cond:
+            while not self.buffer and not self.ended:
+                self.idle = True
+                self.cond.notify_all()
+                self.cond.wait()
+            self.idle = False
+            size = len(self.buffer) if size < 0 else size
+            chunk = bytes(self.buffer[:size])
+            del self.buffer[:size]
+            return chunk
+
+    def end(self) -> None:
+        with self.cond:
+            self.ended = True
+            self.cond.notify_all()
+
+    def caught_up(self) -> bool:
+        return self.done or (self.idle and not self.buffer)
+
+
+def _decode(pipe: _Pipe, keep_channels: bool) -> None:
+    """The worker thread: FFmpeg reads the pipe; each decoded frame goes into ``pipe.chunks``."""
+    import av
+
+    try:
+        container, stream = open_audio(pipe, options=PROBE_OPTIONS)
+        with container:
+            in_stream = max(1, stream.codec_context.layout.nb_channels)
+            channels = in_stream if keep_channels else 1
+            if channels > MAX_CHANNELS:
+                raise UnsupportedMedia(f"the audio has {channels} channels; at most {MAX_CHANNELS} are transcribed one by one")
+            layout = stream.codec_context.layout if channels > 1 else "mono"
+            resampler = av.AudioResampler(format="flt", layout=layout, rate=MODEL_RATE)
+            with pipe.cond:
+                pipe.channels = channels
+            damage = Damage()
+            for samples in decoded_chunks(container, stream, resampler, damage):
+                with pipe.cond:
+                    pipe.chunks.append(samples)
+            damage.check(stream)
+    except (UnsupportedMedia, AudioDecodeError) as exc:
+        pipe.error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - FFmpeg on hostile bytes: the stream ends, the server goes on
+        log.warning("compressed audio stream failed: %r", exc)
+        pipe.error = f"the audio could not be decoded ({type(exc).__name__})"
+    finally:
+        with pipe.cond:
+            pipe.done = True
+            pipe.cond.notify_all()
+
+
+def _release(pipe: _Pipe) -> None:
+    pipe.end()
+
+
+class ContainerStream:
+    """One compressed audio stream, decoded as its bytes come (see the module's docstring).
+    ``keep_channels``: a multi-channel stream keeps its channels (interleaved, at most
+    :data:`MAX_CHANNELS`); otherwise FFmpeg mixes them to mono."""
+
+    def __init__(self, *, keep_channels: bool = False, handoff_wait_s: float = HANDOFF_WAIT_S) -> None:
+        self.keep_channels = keep_channels
+        self.handoff_wait_s = handoff_wait_s
+        self._pipe = _Pipe()
+        self._head = bytearray()  # the first bytes, held until they show the stream is no playlist
+        self._thread: threading.Thread | None = None
+        self._error_told = False  # an error is reported once, with the audio before it
+        self._decoded = 0  # samples handed back so far
+        # A stream dropped without release() still lets its worker thread end.
+        self._finalizer = weakref.finalize(self, _release, self._pipe)
+
+    def feed(self, data: bytes) -> Decoded:
+        """The next bytes of the stream; the audio they completed (and any decoded since)."""
+        if self._thread is None:
+            self._head += data
+            if len(self._head) >= HEAD_BYTES:
+                head, self._head = bytes(self._head), bytearray()
+                self._start(head)
+            return self._collect()
+        pipe = self._pipe
+        with pipe.cond:
+            if not pipe.done:
+                pipe.buffer += data
+                pipe.cond.notify_all()
+                pipe.cond.wait_for(pipe.caught_up, timeout=self.handoff_wait_s)
+        return self._collect()
+
+    def finish(self, timeout: float = FINISH_WAIT_S) -> Decoded:
+        """The end of the stream: the audio still inside FFmpeg (its last packets, the resampler's
+        tail), waited for up to ``timeout``."""
+        if self._thread is None and self._head:
+            head, self._head = bytes(self._head), bytearray()
+            self._start(head)
+        self._pipe.end()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            with self._pipe.cond:
+                if self._thread.is_alive():
+                    self._pipe.error = self._pipe.error or f"the decoder did not finish within {timeout:g} s"
+                elif not self._decoded and not self._pipe.chunks:
+                    # An MP4 whose index comes at its end (FFmpeg cannot seek back in a stream),
+                    # or a container that held nothing: say so rather than end in silence.
+                    self._pipe.error = self._pipe.error or "no audio could be decoded from the stream"
+        return self._collect()
+
+    def release(self) -> None:
+        """Stop decoding (the connection is gone): the worker ends at its next read."""
+        self._finalizer()
+
+    def _start(self, head: bytes) -> None:
+        """Start FFmpeg on a stream whose first bytes are ``head`` (unless they are refused)."""
+        try:
+            refuse_playlist(head)
+        except UnsupportedMedia as exc:
+            self._pipe.error, self._pipe.done = str(exc), True
+            return
+        self._pipe.buffer += head
+        self._thread = threading.Thread(target=_decode, args=(self._pipe, self.keep_channels), name="audio-stream", daemon=True)
+        self._thread.start()
+        with self._pipe.cond:
+            self._pipe.cond.wait_for(self._pipe.caught_up, timeout=self.handoff_wait_s)
+
+    def _collect(self) -> Decoded:
+        pipe = self._pipe
+        with pipe.cond:
+            chunks, pipe.chunks = pipe.chunks, []
+            channels, error = pipe.channels, None if self._error_told else pipe.error
+            self._error_told = self._error_told or error is not None
+        samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+        self._decoded += len(samples)
+        # Some decoders overshoot [-1, 1] slightly; NaN/inf from broken streams become silence.
+        np.nan_to_num(samples, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        np.clip(samples, -1.0, 1.0, out=samples)
+        return Decoded(samples, channels, error)
