@@ -897,3 +897,23 @@ def test_channels_query_is_read_only_with_an_encoding_and_at_most_8() -> None:
     assert "channels" not in dg.create(handshake({"model": "nova-3", "channels": "2", "multichannel": "true"})).initial_config()
     assert dg.create(handshake({**STEREO_QUERY, "channels": "8", "multichannel": "true"})).initial_config()["channels"] == 8
     assert "9 is outside 1..8" in str(rejected({**SDK_QUERY, "channels": "9"}).body["err_msg"])
+
+
+def test_a_mark_the_decoder_adds_after_an_earlier_final_does_not_start_the_next_one() -> None:
+    """Seen with the real SDK: "on the whole" went out final at a pause, the comma after it came
+    with the next words, and the client's finals joined read "on the whole , the type"."""
+    dialect = dg.create(handshake({**SDK_QUERY, "smart_format": "true"}))
+    first = [p.WordTiming(" On", 0.1, 0.3, 0.9), p.WordTiming(" the", 0.3, 0.4, 0.9), p.WordTiming(" whole", 0.4, 0.8, 0.9)]
+    rest = [p.WordTiming(",", 0.8, 0.8, 0.9), p.WordTiming(" the", 1.2, 1.3, 0.9), p.WordTiming(" type.", 1.3, 1.7, 0.9)]
+    events: list[p.ServerEvent] = [
+        p.SpeechStarted("item_1", 100),
+        p.TranscriptDelta("item_1", "On the whole", tokens("On", " the", " whole"), first),
+        p.TranscriptInterim("item_1", "", []),
+        p.TranscriptDelta("item_1", ", the type.", tokens(",", " the", " type", "."), rest),
+        p.TranscriptSegment("item_1", 0.1, 1.8, "On the whole, the type.", None, first + rest, -0.1, 0.01),
+    ]
+    sent = [sdk_validate(str(a.message)) for e in events for a in dialect.render(e) if isinstance(a, Send)]
+    results = [r for r in sent if r["type"] == "Results" and r["is_final"] and transcript(r)]
+    assert [transcript(r) for r in results] == ["On the whole", "the type."]
+    assert [w["punctuated_word"] for w in results[1]["channel"]["alternatives"][0]["words"]] == ["the", "type."]
+    assert dg.punctuated_text(" ¿Qué? ") == "¿Qué?" and dg.punctuated_text('"Quoted," he said') == '"Quoted," he said'

@@ -309,6 +309,18 @@ def plain_text(text: str) -> str:
     return " ".join(w for w in (plain_word(t) for t in text.split()) if w)
 
 
+#: Marks that close what came before them: a result never starts with one.
+CLOSING_MARKS = ",.;:!?)]}"
+
+
+def punctuated_text(text: str) -> str:
+    """A result's transcript with the decoder's punctuation. A mark the decoder put after a word
+    that an earlier final already carried (", the type" after "on the whole", the comma decided
+    once the next words were heard) is left out: Deepgram clients join finals with a space, and
+    "on the whole , the type" reads worse than the comma missing."""
+    return text.strip().lstrip(CLOSING_MARKS).lstrip()
+
+
 def result_words(words: Sequence[p.WordTiming], *, punctuated: bool, language: str | None = None) -> list[dict[str, Any]]:
     """Deepgram's ``words`` (live ``Results`` and pre-recorded ``alternatives`` alike): the plain
     word, its times and confidence, ``punctuated_word`` with punctuate/smart_format, ``language``
@@ -891,7 +903,7 @@ class DeepgramDialect:
         if is_final:
             state.chunk_start = end
         alternative: dict[str, Any] = {
-            "transcript": text.strip() if self.punctuated else plain_text(text),
+            "transcript": punctuated_text(text) if self.punctuated else plain_text(text),
             "confidence": round(confidence, 4),
             "words": self._words(words, language),
         }
