@@ -47,6 +47,10 @@ PROBE_OPTIONS = {"probesize": "2048", "analyzeduration": "0"}
 HANDOFF_WAIT_S = 0.5
 #: How long :meth:`ContainerStream.finish` waits for the last audio after the end of the stream.
 FINISH_WAIT_S = 5.0
+#: The most audio the decoder makes ahead of its caller: what one message may hold. A MiB of
+#: 32 kbit/s Opus (the largest WebSocket message the server takes) is 260 s; a MiB of FLAC
+#: silence is hours (a decompression bomb), and would be as many hundred MB of samples.
+MAX_AHEAD_S = 300.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,7 @@ class _Pipe:
         self.idle = False  # FFmpeg is blocked in read() with nothing left to read
         self.done = False  # the worker finished (end of stream, error, or released)
         self.chunks: list[np.ndarray] = []
+        self.ahead = 0  # samples per channel in ``chunks``
         self.channels: int | None = None
         self.error: str | None = None
 
@@ -96,8 +101,9 @@ class _Pipe:
         return self.done or (self.idle and not self.buffer)
 
 
-def _decode(pipe: _Pipe, keep_channels: bool) -> None:
-    """The worker thread: FFmpeg reads the pipe; each decoded frame goes into ``pipe.chunks``."""
+def _decode(pipe: _Pipe, keep_channels: bool, max_ahead_s: float) -> None:
+    """The worker thread: FFmpeg reads the pipe; each decoded frame goes into ``pipe.chunks``,
+    until more than ``max_ahead_s`` of audio waits there (the decoding then stops)."""
     import av
 
     try:
@@ -115,6 +121,10 @@ def _decode(pipe: _Pipe, keep_channels: bool) -> None:
             for samples in decoded_chunks(container, stream, resampler, damage):
                 with pipe.cond:
                     pipe.chunks.append(samples)
+                    pipe.ahead += len(samples) // channels
+                    if pipe.ahead > max_ahead_s * MODEL_RATE:
+                        pipe.error = f"one message held more than {max_ahead_s:g} s of audio; the rest of the stream is not decoded"
+                        return
             damage.check(stream)
     except (UnsupportedMedia, AudioDecodeError) as exc:
         pipe.error = str(exc)
@@ -136,9 +146,10 @@ class ContainerStream:
     ``keep_channels``: a multi-channel stream keeps its channels (interleaved, at most
     :data:`MAX_CHANNELS`); otherwise FFmpeg mixes them to mono."""
 
-    def __init__(self, *, keep_channels: bool = False, handoff_wait_s: float = HANDOFF_WAIT_S) -> None:
+    def __init__(self, *, keep_channels: bool = False, handoff_wait_s: float = HANDOFF_WAIT_S, max_ahead_s: float = MAX_AHEAD_S) -> None:
         self.keep_channels = keep_channels
         self.handoff_wait_s = handoff_wait_s
+        self.max_ahead_s = max_ahead_s
         self._pipe = _Pipe()
         self._head = bytearray()  # the first bytes, held until they show the stream is no playlist
         self._thread: threading.Thread | None = None
@@ -193,7 +204,7 @@ class ContainerStream:
             self._pipe.error, self._pipe.done = str(exc), True
             return
         self._pipe.buffer += head
-        self._thread = threading.Thread(target=_decode, args=(self._pipe, self.keep_channels), name="audio-stream", daemon=True)
+        self._thread = threading.Thread(target=_decode, args=(self._pipe, self.keep_channels, self.max_ahead_s), name="audio-stream", daemon=True)
         self._thread.start()
         with self._pipe.cond:
             self._pipe.cond.wait_for(self._pipe.caught_up, timeout=self.handoff_wait_s)
@@ -201,7 +212,7 @@ class ContainerStream:
     def _collect(self) -> Decoded:
         pipe = self._pipe
         with pipe.cond:
-            chunks, pipe.chunks = pipe.chunks, []
+            chunks, pipe.chunks, pipe.ahead = pipe.chunks, [], 0
             channels, error = pipe.channels, None if self._error_told else pipe.error
             self._error_told = self._error_told or error is not None
         samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)

@@ -163,3 +163,19 @@ def test_release_and_dropping_a_stream_end_its_decoder_thread(tmp_path) -> None:
     del dropped
     gc.collect()
     assert wait_for_no_decoder_threads(), "a connection that goes leaves no thread behind"
+
+
+def test_a_message_that_holds_more_audio_than_the_bound_is_cut_there(tmp_path) -> None:
+    """A decompression bomb (FLAC of silence: 40 s in a few KB) stops at ``max_ahead_s``; a
+    stream whose messages each hold less goes on however long it is."""
+    data = encode(np.zeros(40 * 16000, np.float32), tmp_path / "silence.flac", "flac").read_bytes()
+    bomb = ContainerStream(max_ahead_s=10)
+    first = bomb.feed(data)
+    assert first.error is not None and "more than 10 s of audio" in first.error
+    assert 10 * 16000 <= len(first.samples) < 11 * 16000, "the audio up to the bound is kept"
+    assert bomb.finish().error is None, "said once"
+    paced = ContainerStream(max_ahead_s=10)
+    out = [paced.feed(piece) for piece in pieces(data, 20)]
+    last = paced.finish()
+    assert not any(d.error for d in [*out, last])
+    assert sum(len(d.samples) for d in [*out, last]) == 40 * 16000
