@@ -4,15 +4,15 @@ at a time, as Deepgram's clients send "containerized" audio.
 
 FFmpeg (through PyAV) only *pulls* its input, and a demuxer cannot be stopped when the bytes run
 out mid-packet. So the demuxer and decoder run in a worker thread that reads from a pipe, and
-:class:`ContainerStream` hands bytes over synchronously: :meth:`~ContainerStream.feed` puts them
-in the pipe and waits until FFmpeg has taken them all and asks for more (it has decoded every
-packet they completed), then returns the audio decoded so far. The caller sees a push decoder:
-bytes in, 16 kHz float32 out, in order, with no callback and no clock, as the dialects need. The
-wait is bounded (``handoff_wait_s``): a decoder that takes longer hands its audio over with the
-next call instead of blocking the caller.
+:class:`ContainerStream` is a push decoder in front of it: :meth:`~ContainerStream.feed` puts
+bytes in the pipe and hands back the audio decoded so far, 16 kHz float32, in order.
 
-Decoding compressed speech costs little next to transcribing it: Opus at 48 kHz decodes at about
-a thousand times real time on one core.
+A feed waits (at most ``handoff_wait_s``) until FFmpeg has taken every byte and asks for more,
+so the audio of a live piece (250 ms of WebM decodes in about a millisecond) comes back with the
+piece itself. What takes longer (a large message: a MiB of Opus is two minutes of audio and 0.3 s
+of decoding) is not waited for: the caller is told through ``wakeup`` (called from the worker
+thread) and collects it with :meth:`~ContainerStream.poll`, so an event loop is never held for a
+big message. :meth:`~ContainerStream.end` ends the stream the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import threading
 import weakref
+from collections.abc import Callable
 
 import numpy as np
 
@@ -43,8 +44,9 @@ HEAD_BYTES = 64
 #: the stream before decoding (``analyzeduration`` 0). FFmpeg's defaults (5 MB, 5 s) held an MP3
 #: stream's first audio back for 1.4 s of it; with these it comes with the first 0.3 s.
 PROBE_OPTIONS = {"probesize": "2048", "analyzeduration": "0"}
-#: How long :meth:`ContainerStream.feed` waits for FFmpeg to take the bytes it was given.
-HANDOFF_WAIT_S = 0.5
+#: How long :meth:`ContainerStream.feed` and :meth:`~ContainerStream.end` wait for FFmpeg to
+#: catch up before handing back what is there (the rest comes through ``wakeup``).
+HANDOFF_WAIT_S = 0.02
 #: How long :meth:`ContainerStream.finish` waits for the last audio after the end of the stream.
 FINISH_WAIT_S = 5.0
 #: The most audio the decoder makes ahead of its caller: what one message may hold. A MiB of
@@ -78,6 +80,17 @@ class _Pipe:
         self.ahead = 0  # samples per channel in ``chunks``
         self.channels: int | None = None
         self.error: str | None = None
+        self.waiting = False  # the caller waits in feed()/end() and collects without a wake-up
+        self.wakeup: Callable[[], None] | None = None
+
+    def wake(self) -> None:
+        """Tell the caller there is something to collect (called with ``cond`` held)."""
+        self.cond.notify_all()
+        if self.wakeup is not None and not self.waiting:
+            try:
+                self.wakeup()
+            except Exception:  # the caller's loop is gone: nothing waits for the audio
+                log.debug("compressed audio stream: wake-up failed", exc_info=True)
 
     def read(self, size: int = -1) -> bytes:
         """FFmpeg's read: blocks while there is nothing to read and the stream goes on."""
@@ -120,6 +133,8 @@ def _decode(pipe: _Pipe, keep_channels: bool, max_ahead_s: float) -> None:
             damage = Damage()
             for samples in decoded_chunks(container, stream, resampler, damage):
                 with pipe.cond:
+                    if not pipe.chunks:
+                        pipe.wake()  # one wake-up per batch the caller collects
                     pipe.chunks.append(samples)
                     pipe.ahead += len(samples) // channels
                     if pipe.ahead > max_ahead_s * MODEL_RATE:
@@ -134,23 +149,33 @@ def _decode(pipe: _Pipe, keep_channels: bool, max_ahead_s: float) -> None:
     finally:
         with pipe.cond:
             pipe.done = True
-            pipe.cond.notify_all()
+            pipe.wake()
 
 
 def _release(pipe: _Pipe) -> None:
+    with pipe.cond:
+        pipe.wakeup = None
     pipe.end()
 
 
 class ContainerStream:
     """One compressed audio stream, decoded as its bytes come (see the module's docstring).
     ``keep_channels``: a multi-channel stream keeps its channels (interleaved, at most
-    :data:`MAX_CHANNELS`); otherwise FFmpeg mixes them to mono."""
+    :data:`MAX_CHANNELS`); otherwise FFmpeg mixes them to mono. ``wakeup`` is called (from the
+    worker thread) when audio decoded after a feed returned, or the stream's end, waits for
+    :meth:`poll`; without one, poll when convenient."""
 
-    def __init__(self, *, keep_channels: bool = False, handoff_wait_s: float = HANDOFF_WAIT_S, max_ahead_s: float = MAX_AHEAD_S) -> None:
+    def __init__(
+        self,
+        *,
+        keep_channels: bool = False,
+        max_ahead_s: float = MAX_AHEAD_S,
+        wakeup: Callable[[], None] | None = None,
+    ) -> None:
         self.keep_channels = keep_channels
-        self.handoff_wait_s = handoff_wait_s
         self.max_ahead_s = max_ahead_s
         self._pipe = _Pipe()
+        self.set_wakeup(wakeup)
         self._head = bytearray()  # the first bytes, held until they show the stream is no playlist
         self._thread: threading.Thread | None = None
         self._error_told = False  # an error is reported once, with the audio before it
@@ -158,61 +183,70 @@ class ContainerStream:
         # A stream dropped without release() still lets its worker thread end.
         self._finalizer = weakref.finalize(self, _release, self._pipe)
 
+    def set_wakeup(self, wakeup: Callable[[], None] | None) -> None:
+        """Announce late audio through ``wakeup``; without one, each hand-off waits for the
+        decoder to catch up (up to :data:`FINISH_WAIT_S`), as a caller with no loop needs."""
+        with self._pipe.cond:
+            self._pipe.wakeup = wakeup
+            self.handoff_wait_s = HANDOFF_WAIT_S if wakeup is not None else FINISH_WAIT_S
+
     def feed(self, data: bytes) -> Decoded:
-        """The next bytes of the stream; the audio they completed (and any decoded since)."""
+        """The next bytes of the stream; the audio decoded so far that was not handed back yet."""
         if self._thread is None:
             self._head += data
             if len(self._head) >= HEAD_BYTES:
                 head, self._head = bytes(self._head), bytearray()
                 self._start(head)
-            return self._collect()
-        pipe = self._pipe
-        with pipe.cond:
-            if not pipe.done:
-                pipe.buffer += data
-                pipe.cond.notify_all()
-                pipe.cond.wait_for(pipe.caught_up, timeout=self.handoff_wait_s)
-        return self._collect()
+            return self.poll()
+        with self._pipe.cond:
+            if not self._pipe.done:
+                self._pipe.buffer += data
+                self._wait(self._pipe.caught_up)
+        return self.poll()
 
-    def finish(self, timeout: float = FINISH_WAIT_S) -> Decoded:
-        """The end of the stream: the audio still inside FFmpeg (its last packets, the resampler's
-        tail), waited for up to ``timeout``."""
+    def end(self) -> bool:
+        """No more bytes will come; True once the worker has decoded everything (then
+        :meth:`poll` has the last audio), else the wake-up tells when it has."""
         if self._thread is None and self._head:
             head, self._head = bytes(self._head), bytearray()
             self._start(head)
-        self._pipe.end()
+        if self._thread is None:
+            return True
+        with self._pipe.cond:
+            self._pipe.ended = True
+            self._wait(lambda: self._pipe.done)
+            return self._pipe.done
+
+    @property
+    def done(self) -> bool:
+        """The worker finished (or never started): nothing more will come after a poll."""
+        return self._thread is None or self._pipe.done
+
+    def finish(self, timeout: float = FINISH_WAIT_S) -> Decoded:
+        """The end of the stream, waited for up to ``timeout``: the last audio (its last packets,
+        the resampler's tail)."""
+        self.end()
         if self._thread is not None:
             self._thread.join(timeout)
-            with self._pipe.cond:
-                if self._thread.is_alive():
+            if self._thread.is_alive():
+                with self._pipe.cond:
                     self._pipe.error = self._pipe.error or f"the decoder did not finish within {timeout:g} s"
-                elif not self._decoded and not self._pipe.chunks:
-                    # An MP4 whose index comes at its end (FFmpeg cannot seek back in a stream),
-                    # or a container that held nothing: say so rather than end in silence.
-                    self._pipe.error = self._pipe.error or "no audio could be decoded from the stream"
-        return self._collect()
+        return self.poll()
 
     def release(self) -> None:
         """Stop decoding (the connection is gone): the worker ends at its next read."""
         self._finalizer()
 
-    def _start(self, head: bytes) -> None:
-        """Start FFmpeg on a stream whose first bytes are ``head`` (unless they are refused)."""
-        try:
-            refuse_playlist(head)
-        except UnsupportedMedia as exc:
-            self._pipe.error, self._pipe.done = str(exc), True
-            return
-        self._pipe.buffer += head
-        self._thread = threading.Thread(target=_decode, args=(self._pipe, self.keep_channels, self.max_ahead_s), name="audio-stream", daemon=True)
-        self._thread.start()
-        with self._pipe.cond:
-            self._pipe.cond.wait_for(self._pipe.caught_up, timeout=self.handoff_wait_s)
-
-    def _collect(self) -> Decoded:
+    def poll(self) -> Decoded:
+        """The audio decoded and not handed back yet; once the worker is done, any error (once),
+        including that a stream that held bytes gave no audio at all."""
         pipe = self._pipe
         with pipe.cond:
             chunks, pipe.chunks, pipe.ahead = pipe.chunks, [], 0
+            if pipe.done and not pipe.error and not self._decoded and not chunks and self._thread is not None:
+                # An MP4 whose index comes at its end (FFmpeg cannot seek back in a stream),
+                # or a container that held nothing: say so rather than end in silence.
+                pipe.error = "no audio could be decoded from the stream"
             channels, error = pipe.channels, None if self._error_told else pipe.error
             self._error_told = self._error_told or error is not None
         samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
@@ -221,3 +255,28 @@ class ContainerStream:
         np.nan_to_num(samples, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         np.clip(samples, -1.0, 1.0, out=samples)
         return Decoded(samples, channels, error)
+
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        """With ``cond`` held: wake the worker and wait for ``ready``, at most the hand-off time;
+        what comes later is announced by the wake-up."""
+        pipe = self._pipe
+        pipe.waiting = True
+        try:
+            pipe.cond.notify_all()
+            pipe.cond.wait_for(ready, timeout=self.handoff_wait_s)
+        finally:
+            pipe.waiting = False  # what the worker appended meanwhile is collected by the caller now
+
+    def _start(self, head: bytes) -> None:
+        """Start FFmpeg on a stream whose first bytes are ``head`` (unless they are refused)."""
+        try:
+            refuse_playlist(head)
+        except UnsupportedMedia as exc:
+            with self._pipe.cond:
+                self._pipe.error, self._pipe.done = str(exc), True
+            return
+        self._pipe.buffer += head
+        self._thread = threading.Thread(target=_decode, args=(self._pipe, self.keep_channels, self.max_ahead_s), name="audio-stream", daemon=True)
+        self._thread.start()
+        with self._pipe.cond:
+            self._wait(self._pipe.caught_up)

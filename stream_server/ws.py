@@ -192,6 +192,11 @@ class Connection:
         self._alias: str | None = None  # the dialect's session_alias, once registered with the hub
         self._discarded = False  # the hub was told the session is no conversation (``recorded``)
         self._started = time.monotonic()  # the wall clock a client's audio is measured against (flow control)
+        # A client message and audio a dialect's decoder made later (``pending``) reach the core
+        # one after the other, in the order the dialect handed them out.
+        self._dialect_turn = asyncio.Lock()
+        self._woken = False  # the dialect has something to collect
+        self._collector: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- outputs
 
@@ -368,6 +373,7 @@ class Connection:
             load_intake_step_ms=self.engine.load_intake_step_ms,
         )
         self.runner = runner
+        self._listen_to_the_dialect()
         self.engine.hub.open(session.id, duration=lambda: session.audio_seconds, controller=self)
         self.engine.connections.add(self)
         self.engine.loop_lag.watch()
@@ -385,6 +391,8 @@ class Connection:
             self.engine.connections.discard(self)
             self.engine.loop_lag.unwatch()
             runner.cancel()
+            if self._collector is not None:
+                self._collector.cancel()
             release = getattr(self.dialect, "release", None)
             if release is not None:
                 release()
@@ -431,6 +439,8 @@ class Connection:
                 async with asyncio.timeout(idle):
                     message = await self.ws.receive()
             except TimeoutError:
+                if getattr(self.dialect, "closing", False) or runner.session.closing:
+                    return  # the client asked to close; its last audio is still being decoded
                 self._queue(self.dialect.error(p.Error.invalid("idle_timeout", f"no message for {idle:g} s; closing")))
                 runner.close()
                 return
@@ -448,7 +458,35 @@ class Connection:
                 error = p.Error.invalid("message_too_large", f"message of {size} bytes exceeds the limit of {limit} bytes")
                 self._queue([*self.dialect.error(error), Close(1009, "message too large")])
                 return
-            await self._queue_paced(runner, await self._identify_late_key(self._translate(data, text)))
+            async with self._dialect_turn:
+                await self._queue_paced(runner, await self._identify_late_key(self._translate(data, text)))
+
+    def _listen_to_the_dialect(self) -> None:
+        """A dialect that decodes in the background (Deepgram's compressed audio) calls back from
+        its thread when it has audio for the core; the loop then collects it (``pending``)."""
+        set_wakeup = getattr(self.dialect, "set_wakeup", None)
+        if set_wakeup is None:
+            return
+        loop = asyncio.get_running_loop()
+        set_wakeup(lambda: loop.call_soon_threadsafe(self._dialect_woke))
+
+    def _dialect_woke(self) -> None:
+        if self.runner is None or self._closed.is_set():
+            return
+        self._woken = True
+        if self._collector is None or self._collector.done():
+            self._collector = asyncio.create_task(self._collect_from_the_dialect(self.runner))
+
+    async def _collect_from_the_dialect(self, runner: SessionRunner) -> None:
+        while self._woken and not self._closed.is_set():
+            self._woken = False
+            async with self._dialect_turn:
+                try:
+                    actions = self.dialect.pending()  # type: ignore[attr-defined]
+                except Exception:
+                    log.exception("%s dialect failed to hand over decoded audio (session %s)", self.dialect.name, runner.session.id)
+                    actions = self.dialect.error(p.Error.server("internal_error", "the server could not decode this audio"))
+                await self._queue_paced(runner, actions)
 
     async def _queue_paced(self, runner: SessionRunner, actions: list[Action]) -> None:
         """A client message's actions, as ``_queue`` applies them, except that a large audio

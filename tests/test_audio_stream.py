@@ -125,10 +125,9 @@ def test_an_mp4_that_needs_seeking_says_it_decoded_nothing(tmp_path) -> None:
     """An M4A written for files keeps its index at the end: a stream cannot be read back for it."""
     data = encode(CLIP, tmp_path / "clip.m4a", "aac", container="mp4").read_bytes()
     stream = ContainerStream()
-    for piece in pieces(data, 10):
-        assert stream.feed(piece).samples.size == 0
-    last = stream.finish()
-    assert last.samples.size == 0 and last.error == "no audio could be decoded from the stream"
+    out = [stream.feed(piece) for piece in pieces(data, 10)] + [stream.finish()]
+    assert not any(d.samples.size for d in out)
+    assert [d.error for d in out if d.error] == ["no audio could be decoded from the stream"]
 
 
 def test_a_stream_that_breaks_off_keeps_the_audio_before_the_break(tmp_path) -> None:
@@ -179,3 +178,25 @@ def test_a_message_that_holds_more_audio_than_the_bound_is_cut_there(tmp_path) -
     last = paced.finish()
     assert not any(d.error for d in [*out, last])
     assert sum(len(d.samples) for d in [*out, last]) == 40 * 16000
+
+
+def test_audio_a_feed_does_not_wait_for_comes_through_the_wakeup(tmp_path) -> None:
+    """With a wake-up (an event loop to call back), a large message is not waited for: the feed
+    returns at once and the wake-up says when there is audio to poll, and when the end is."""
+    data = encode(np.tile(CLIP, 12), tmp_path / "long.webm", "libopus", container="webm").read_bytes()
+    woken = threading.Event()
+    stream = ContainerStream(wakeup=woken.set)
+    started = time.monotonic()
+    first = stream.feed(data)  # ~50 s of audio in one message
+    returned = time.monotonic() - started
+    got = [first.samples]
+    done = stream.end()
+    while not done:
+        assert woken.wait(10), "the worker announces what it decoded"
+        woken.clear()
+        done = stream.done
+        got.append(stream.poll().samples)
+    got.append(stream.poll().samples)
+    assert sum(len(g) for g in got) == len(decode_file(io.BytesIO(data)))
+    print(f"feed returned after {returned * 1000:.0f} ms with {len(first.samples) / 16000:.1f} s of audio")
+    assert returned < 1.0

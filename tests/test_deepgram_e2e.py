@@ -669,3 +669,55 @@ def test_webm_opus_and_mp3_streams_read_as_well_as_linear16(server: ServerProces
         [metadata] = run.of("Metadata")
         assert metadata.message["duration"] == pytest.approx(seconds, abs=0.1)
         check_documented(g.message for g in run.messages)
+
+
+def test_one_large_compressed_message_is_decoded_beside_the_event_loop(server: ServerProcess, tmp_path: Any) -> None:
+    """A client that sends a whole recording as one WebM message (about 100 s, most of a MiB) and
+    CloseStream at once: the server decodes it in the background (the audio comes to the session
+    through the decoder's wake-up), answers /healthz meanwhile, and transcribes all of it."""
+    import threading
+
+    from tests.http_api_support import encode
+
+    rows = [r for r in english_references() if r["kind"] == "read" and 4.0 < r["duration_s"] < 9.0]
+    clips = random.Random(8).sample(rows, 14)
+    audio, _ = build_long_stream(clips, seed=4)
+    seconds = len(audio) / 16000
+    webm = encode(audio, tmp_path / "recording.webm", "libopus", container="webm").read_bytes()
+    assert len(webm) < 1 << 20
+    health: list[float] = []
+    stop = threading.Event()
+
+    def watch_health() -> None:
+        with httpx.Client(base_url=server.http_url, timeout=10) as http:
+            while not stop.is_set():
+                started = time.monotonic()
+                http.get("/healthz")
+                health.append(time.monotonic() - started)
+                time.sleep(0.02)
+
+    async def one_message() -> Run:
+        client = AsyncDeepgramClient(api_key="test-key", environment=environment(server))
+        run = Run([])
+        async with client.listen.v1.connect(model="nova-3") as connection:
+            task = asyncio.create_task(collect(connection, run, time.monotonic()))
+            await connection.send_media(webm)
+            await connection.send_close_stream()
+            await asyncio.wait_for(task, timeout=120)
+        return run
+
+    watcher = threading.Thread(target=watch_health, daemon=True)
+    watcher.start()
+    try:
+        run = asyncio.run(one_message())
+    finally:
+        stop.set()
+        watcher.join(5)
+    text = deepgram_text(run)
+    error = wer([r["text"] for r in clips], [text])
+    print(f"{len(webm)} bytes, {seconds:.1f} s in one message: WER {error:.3f}; /healthz max {max(health) * 1000:.0f} ms, "
+          f"p50 {statistics.median(health) * 1000:.0f} ms over {len(health)} requests")
+    assert run.error is None and not run.of("Error"), (run.error, run.of("Error"))
+    [metadata] = run.of("Metadata")
+    assert metadata.message["duration"] == pytest.approx(seconds, abs=0.1), "every second of the message was heard"
+    assert error <= 0.15, text

@@ -85,8 +85,11 @@ class Dialect(Protocol):
     of the upgrade), ``call_events()`` (key presses beside the audio), ``control(control)`` and
     ``drain()`` (an operator's pause, a server's shutdown), ``recorded`` (False once the
     session is known to be no conversation, as an AudioHook connection probe: it is not stored,
-    posted or listed), and ``release()`` (called once the connection is over: a dialect that
-    holds a worker, as Deepgram's decoder of compressed audio, stops it).
+    posted or listed), ``release()`` (called once the connection is over: a dialect that
+    holds a worker, as Deepgram's decoder of compressed audio, stops it), and for a dialect
+    that makes audio in the background, ``set_wakeup(callback)`` (the callback is called from
+    any thread when ``pending()`` has actions to collect) and ``closing`` (the client ended the
+    stream: no idle timeout while its last audio is decoded).
     """
 
     #: Short name used in logs and metrics labels ("native", "openai", "deepgram", ...).

@@ -495,6 +495,7 @@ class DeepgramDialect:
         self._header: bytearray | None = None if options.encoding else bytearray()
         self._stream: ContainerStream | None = None
         self._stream_channels: int | None = None  # the decoded stream's channels, once it said
+        self._wakeup: Callable[[], None] | None = None
         self._magic: bytes | None = None
         if options.encoding in DECODED_ENCODINGS:
             self._start_stream(AMR_MAGIC.get(options.encoding or ""))
@@ -567,12 +568,40 @@ class DeepgramDialect:
         if self._header:  # a WAV header that never completed is not audio
             self._header = None
         if self._stream is not None:  # the audio still inside the decoder comes first
-            stream, self._stream = self._stream, None
-            return [*self._decoded(stream.finish(), ending=True), p.SessionClose()]
+            self._stream.end()
+            return self.pending()
         return [p.SessionClose()]
+
+    def set_wakeup(self, wakeup: Callable[[], None]) -> None:
+        """How the decoder of a compressed stream says it has audio (or its end) to collect with
+        :meth:`pending`: called from its thread; the shell hands it to its event loop. Without
+        one (tests, the fuzzer) every hand-off waits for the decoder instead."""
+        self._wakeup = wakeup
+        if self._stream is not None:
+            self._stream.set_wakeup(wakeup)
+
+    def pending(self) -> list[Action]:
+        """What the decoder made since the client's last message (a large message decodes in the
+        background), and once a closing stream's decoder is done, the session's close."""
+        stream = self._stream
+        if stream is None:
+            return []
+        done = stream.done  # before the poll: audio that comes after it is not missed
+        actions = self._decoded(stream.poll())
+        if self._closing and done and self._stream is stream:
+            self._stream = None
+            stream.release()
+            actions.append(p.SessionClose())
+        return actions
+
+    @property
+    def closing(self) -> bool:
+        """The client ended the stream (the shell stops waiting for its messages)."""
+        return self._closing
 
     def release(self) -> None:
         """The connection is gone: the decoder of a compressed stream stops (the shell calls this)."""
+        self._wakeup = None  # it calls into the connection: no cycle outlives it
         if self._stream is not None:
             self._stream.release()
             self._stream = None
@@ -643,9 +672,10 @@ class DeepgramDialect:
         """Decode the stream with FFmpeg from here on; ``magic``: AMR's first line, added to a
         stream of bare AMR frames."""
         self._stream = ContainerStream(keep_channels=self.options.multichannel)
+        self._stream.set_wakeup(self._wakeup)
         self._magic = magic
 
-    def _decoded(self, decoded: Decoded, *, ending: bool = False) -> list[Action]:
+    def _decoded(self, decoded: Decoded) -> list[Action]:
         """Audio out of the decoder: the first says the stream's channels (a session update, as a
         WAV header's does); an error ends the stream as a bad WAV header does if nothing was
         heard, else after the finals of what was (nothing received is lost)."""
@@ -661,7 +691,7 @@ class DeepgramDialect:
         if decoded.samples.size:
             actions.extend(self._append(decoded.samples.astype("<f4").tobytes(), hashed=True))
         error = decoded.error
-        if error is None or (self._closing and not ending):
+        if error is None:
             return actions
         if not self._samples:
             self.release()
@@ -672,7 +702,7 @@ class DeepgramDialect:
                 Close(DATA_CLOSE_CODE, f"DATA-0000: the payload cannot be decoded as audio ({error})"[:120]),
             ]
         actions.append(self._error("DataError", f"DATA-0000: the audio after {self.audio_seconds:.2f} s could not be decoded ({error})."))
-        return actions if ending else [*actions, *self._close_stream()]
+        return [*actions, *self._close_stream()]
 
     def _append(self, data: bytes, *, hashed: bool = False) -> list[Action]:
         """Audio in the session's format; ``hashed``: its bytes were counted in Metadata's sha256
