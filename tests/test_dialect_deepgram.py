@@ -648,7 +648,7 @@ def send_in_pieces(h: DeepgramHarness, data: bytes, size: int = 1500) -> None:
         h.tick()
 
 
-@pytest.mark.parametrize("query", [{"model": "nova-3"}, {"model": "nova-3", "encoding": "flac", "sample_rate": "16000"}])
+@pytest.mark.parametrize("query", [{"model": "nova-3"}, {"model": "nova-3", "encoding": "flac", "sample_rate": "16000"}, {"model": "nova-3", "encoding": "flac"}])
 def test_a_compressed_stream_is_decoded_as_it_comes(query: dict[str, str], tmp_path: Path) -> None:
     clip = np.concatenate([silence(0.3), speech([1, 2]), silence(1.0), speech([3]), silence(1.0)])
     data = flac_stream(clip, tmp_path)

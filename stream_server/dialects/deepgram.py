@@ -172,9 +172,9 @@ def _encoding(query: Mapping[str, str], request_id: str) -> tuple[str | None, in
         )
     if encoding not in RAW_ENCODINGS and encoding not in DECODED_ENCODINGS:
         raise reject(f"Invalid value for query parameter `encoding`: {raw!r}", request_id)
-    if rate is None:
+    if rate is None and encoding in RAW_ENCODINGS:
         raise reject(f"sample_rate is required when encoding={encoding} (raw audio has no header)", request_id)
-    return encoding, rate
+    return encoding, rate  # a decoded encoding's stream says its rate (the SDK's transcribe_file sends none)
 
 
 def terms_prompt(terms: Iterable[str]) -> str:
