@@ -45,6 +45,7 @@ DIALECTS: dict[str, str] = {
     "/v1/stream": "native",
     "/v1/realtime": "openai_realtime",
     "/v1/listen": "deepgram",
+    "/v2/listen": "deepgram_flux",
     "/v1/twilio": "twilio",
     "/v1/audiohook": "audiohook",
 }

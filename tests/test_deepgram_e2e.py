@@ -114,11 +114,12 @@ async def sdk_stream(server: ServerProcess, data: bytes, rate: int, width: int, 
     return run
 
 
-async def collect(connection: Any, run: Run, start: float) -> None:
-    """Every message the SDK parses, with its arrival time; how the connection ended."""
+async def collect(connection: Any, run: Run, start: float, parse: Callable[[Any], dict[str, Any]] | None = None) -> None:
+    """Every message the SDK parses (``parse``: checked as :func:`sdk_message` does), with its
+    arrival time; how the connection ended."""
     try:
         async for message in connection:
-            run.messages.append(Got(time.monotonic() - start, sdk_message(message)))
+            run.messages.append(Got(time.monotonic() - start, (parse or sdk_message)(message)))
     except Exception as exc:  # noqa: BLE001 - the test asserts on what the SDK raised
         run.error = exc
 

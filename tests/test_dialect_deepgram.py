@@ -122,10 +122,10 @@ def _ancestors(path: str) -> set[str]:
     return {"".join(parts[:i]).lstrip(".") for i in range(1, len(parts) + 1)} - {""}
 
 
-def check_documented(messages: Iterable[dict[str, Any]]) -> set[str]:
-    """Every field sent is documented and every documented required field is sent; returns the
-    message types seen."""
-    table = documented_fields()
+def check_documented(messages: Iterable[dict[str, Any]], heading: str = "## Server messages") -> set[str]:
+    """Every field sent is documented (in the table under ``heading``) and every documented
+    required field is sent; returns the message types seen."""
+    table = documented_fields(heading)
     seen: dict[str, set[str]] = {}
     for message in messages:
         seen.setdefault(message["type"], set()).update(field_paths(message))

@@ -58,7 +58,7 @@ from hypothesis import strategies as st
 from stream_server import protocol as p
 from stream_server.audio import SAMPLE_WIDTH, g711_table
 from stream_server.decoding import DecodeFailure, DecodeResult, FailureKind
-from stream_server.dialects import audiohook, deepgram, native, openai_realtime, twilio
+from stream_server.dialects import audiohook, deepgram, deepgram_flux, native, openai_realtime, twilio
 from stream_server.dialects.base import Action, Close, Dialect, Handshake, HandshakeRejected, Send
 from stream_server.session import DecodeTicket, Session, SessionLimits
 
@@ -66,7 +66,7 @@ from .tone_models import BurstDecoder, EnergyVad, word_amplitude
 
 MODEL_RATE = 16000
 KNOWN_MODELS = ("tiny.en", "base")
-DIALECTS = ("native", "openai", "deepgram", "twilio", "audiohook")
+DIALECTS = ("native", "openai", "deepgram", "flux", "twilio", "audiohook")
 TARGETS = (*DIALECTS, "session")
 MAX_PENDING_FINALS = SessionLimits().max_pending_finals
 CATCH_UP_TICKS = 10  # the shell's bounded wait for a backlogged session, in scheduler ticks
@@ -75,6 +75,7 @@ DOCUMENTED_CLOSE_CODES: dict[str, frozenset[int]] = {
     "native": frozenset(),
     "openai": frozenset(),
     "deepgram": frozenset({deepgram.DATA_CLOSE_CODE, 1011}),
+    "flux": frozenset({deepgram.DATA_CLOSE_CODE, 1011}),
     "twilio": frozenset({twilio.POLICY_VIOLATION, twilio.UNSUPPORTED_DATA}),
     "audiohook": frozenset(),
 }
@@ -436,6 +437,34 @@ def deepgram_message(draw: st.DrawFn) -> dict[str, Any]:
     return message
 
 
+# ---- Deepgram Flux --------------------------------------------------------------------------
+
+flux_query = st.fixed_dictionaries({}, optional={
+    "encoding": st.sampled_from(["linear16", "mulaw", "opus", "flac", "LINEAR16"]),
+    "sample_rate": st.sampled_from(["8000", "16000", "x", "16000.5"]),
+    "eot_threshold": st.sampled_from(["0.5", "0.7", "1.0", "0.2", "nan", "x"]),
+    "eager_eot_threshold": st.sampled_from(["0.3", "0.5", "0.95", ""]),
+    "eot_timeout_ms": st.sampled_from(["500", "5000", "60000", "100", "1e9"]),
+    "model": st.sampled_from(["flux-general-en", "flux-general-multi", "base", "nova-3", ""]),
+    "language_hint": st.sampled_from(["de", "xx-yy-zz", ""]),
+    "keyterm": st.text(max_size=20),
+})
+
+
+@st.composite
+def flux_message(draw: st.DrawFn) -> dict[str, Any]:
+    kind = draw(st.sampled_from(["CloseStream", "ForceEndTurn", "ForceEndTurn", "Configure", "KeepAlive"]))
+    message: dict[str, Any] = {"type": kind}
+    if kind == "Configure":
+        if draw(st.booleans()):
+            message["thresholds"] = draw(st.dictionaries(
+                st.sampled_from(["eot_threshold", "eager_eot_threshold", "eot_timeout_ms", "other"]),
+                st.one_of(st.floats(allow_nan=True), st.integers(-10, 70000), st.booleans(), st.text(max_size=4)), max_size=3))
+        if draw(st.booleans()):
+            message["keyterms"] = draw(st.one_of(st.lists(st.text(max_size=20), max_size=4), st.text(max_size=10), st.integers()))
+    return message
+
+
 def wav_header(fmt_tag: int, channels: int, rate: int, bits: int, data_size: int, extra: bytes) -> bytes:
     fmt = struct.pack("<HHIIHH", fmt_tag, channels, rate, rate * channels * bits // 8, channels * bits // 8, bits)
     return b"RIFF" + struct.pack("<I", (36 + data_size) & 0xFFFFFFFF) + b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt + extra + b"data" + struct.pack("<I", data_size)
@@ -604,6 +633,7 @@ PROTOCOL_MESSAGES: dict[str, st.SearchStrategy[Any]] = {
     "native": native_message(),
     "openai": openai_message(),
     "deepgram": deepgram_message(),
+    "flux": flux_message(),
     "twilio": twilio_message(),
     "audiohook": audiohook_message(),
 }
@@ -640,6 +670,12 @@ def dialect_setup(draw: st.DrawFn, dialect: str) -> dict[str, Any]:
         if draw(st.integers(0, 2)) == 0:
             query.update(draw(deepgram_query))
         return {"query": query}
+    if dialect == "flux":
+        raw = draw(st.booleans())
+        query = {"model": "flux-general-en", **({"encoding": "linear16", "sample_rate": "16000"} if raw else {})}
+        if draw(st.integers(0, 2)) == 0:
+            query.update(draw(flux_query))
+        return {"query": query}
     if dialect == "twilio":
         return {"api_keys": draw(st.sampled_from([(), (), (), ("k1",)]))}
     if dialect == "audiohook":
@@ -665,7 +701,7 @@ def opening(draw: st.DrawFn, dialect: str, setup: dict[str, Any]) -> list[Step]:
         return [*steps, draw(TWILIO_START)]
     if dialect == "audiohook":
         return [draw(AUDIOHOOK_OPEN)]
-    if dialect == "deepgram" and ("encoding" not in setup["query"] or setup["query"]["encoding"] == "opus"):
+    if dialect in ("deepgram", "flux") and ("encoding" not in setup["query"] or setup["query"]["encoding"] == "opus"):
         if draw(st.booleans()):
             return draw(compressed_opening())
         header = draw(wav_headers)
@@ -1087,8 +1123,8 @@ class Rig:
 
     def audio_shape(self) -> AudioShape:
         d = self.dialect
-        if isinstance(d, deepgram.DeepgramDialect):
-            return AudioShape(d._format, d._rate, d.audio_channels)
+        if isinstance(d, deepgram.DeepgramDialect | deepgram_flux.FluxDialect):
+            return AudioShape(d.audio.audio_format, d.audio.rate, d.audio.audio_channels)
         if isinstance(d, audiohook.AudioHookDialect):
             if d.media is None:
                 return AudioShape("g711_ulaw", 8000, 1)
@@ -1134,8 +1170,8 @@ class Rig:
 
     def dialect_state(self) -> tuple[bool, bool]:
         d = self.dialect
-        if isinstance(d, deepgram.DeepgramDialect):
-            return d._closing, d._header is not None
+        if isinstance(d, deepgram.DeepgramDialect | deepgram_flux.FluxDialect):
+            return d.audio.closing, d.audio.sniffing
         return False, False
 
     def classify(self, frame: str | bytes, actions: list[Action], state_before: tuple[bool, bool], closes_before: int, logged_before: int) -> str:
@@ -1156,14 +1192,16 @@ class Rig:
         if _LOG.count > logged_before:
             return "dropped (logged)"
         was_closing, had_header = state_before
-        if isinstance(self.dialect, deepgram.DeepgramDialect):
+        if isinstance(self.dialect, deepgram_flux.FluxDialect) and isinstance(frame, str) and _json_type(frame, "type") == "ForceEndTurn":
+            return "ForceEndTurn with no turn open (documented)"
+        if isinstance(self.dialect, deepgram.DeepgramDialect | deepgram_flux.FluxDialect):
             if was_closing:
                 return "ignored after CloseStream (documented)"
-            if isinstance(frame, bytes) and (had_header or self.dialect._header is not None):
+            if isinstance(frame, bytes) and (had_header or self.dialect.audio.sniffing):
                 return "buffered WAV header (documented)"
-            if isinstance(frame, bytes) and self.dialect._mix_frame:
+            if isinstance(frame, bytes) and self.dialect.audio.mixing:
                 return "buffered partial frame (documented)"
-            if isinstance(frame, bytes) and self.dialect._stream is not None:
+            if isinstance(frame, bytes) and self.dialect.audio.decoding:
                 return "buffered in the compressed stream's decoder (documented)"
             if isinstance(frame, str) and _json_type(frame, "type") == "KeepAlive":
                 return "KeepAlive (documented)"
@@ -1193,7 +1231,7 @@ def _sent_kind(target: str, body: Any) -> str:
             return "error"
         return str(kind)
     kind = body.get("type")
-    if kind in ("error", "Error", "ConfigureFailure"):
+    if kind in ("error", "Error", "ConfigureFailure", "Warning"):
         return "error"
     return str(kind)
 
@@ -1211,6 +1249,8 @@ def _error_shape_ok(target: str, body: Any) -> bool:
         return isinstance(body.get("variant"), str) and isinstance(body.get("description"), str)
     if target == "deepgram" and kind == "ConfigureFailure":
         return isinstance(body.get("code"), str) and isinstance(body.get("description"), str)
+    if target == "flux" and kind in ("Error", "Warning", "ConfigureFailure"):
+        return isinstance(body.get("code"), str) and isinstance(body.get("description"), str) and isinstance(body.get("sequence_id"), int)
     if target == "audiohook":
         return {"version", "id", "type", "seq", "clientseq", "parameters"} <= set(body)
     return True
@@ -1231,6 +1271,8 @@ def make_dialect(target: str, setup: dict[str, Any]) -> Dialect:
     if target == "deepgram":
         handshake = Handshake("/v1/listen", setup.get("query", {}), {}, (), "tiny.en", lambda n: n in KNOWN_MODELS)
         return deepgram.create(handshake, now=_dt.datetime(2025, 1, 1, tzinfo=_dt.UTC))
+    if target == "flux":
+        return deepgram_flux.create(Handshake("/v2/listen", setup.get("query", {}), {}, (), "tiny.en", lambda n: n in KNOWN_MODELS))
     if target == "twilio":
         options = twilio.TwilioOptions(api_keys=frozenset(setup.get("api_keys", ())), default_model="tiny.en",
                                        model_exists=lambda n: n in KNOWN_MODELS)

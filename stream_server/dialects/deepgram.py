@@ -29,17 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
-import struct
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from stream_server import protocol as p
-from stream_server.audio import MODEL_RATE, decode_samples
-from stream_server.audio_stream import ContainerStream, Decoded
 from stream_server.dialects.base import (
     Action,
     Close,
@@ -47,7 +43,21 @@ from stream_server.dialects.base import (
     HandshakeRejected,
     Send,
 )
+from stream_server.dialects.deepgram_audio import (
+    AMR_MAGIC,
+    DATA_CLOSE_CODE,
+    DECODED_ENCODINGS,
+    MAX_CHANNELS,
+    RAW_ENCODINGS,
+    SAMPLE_WIDTH,
+    AudioIntake,
+    channel_config,
+    mix_down,
+    raw_config,
+)
 from stream_server.words import bare_word
+
+__all__ = ["AMR_MAGIC", "DATA_CLOSE_CODE", "DECODED_ENCODINGS", "MAX_CHANNELS", "RAW_ENCODINGS", "SAMPLE_WIDTH", "channel_config", "mix_down"]
 
 #: Deepgram closes a stream that receives neither audio nor a text message for 10 seconds.
 IDLE_TIMEOUT_S = 10.0
@@ -57,15 +67,6 @@ IDLE_CLOSE = Close(
     "NET-0001: no audio data or text message arrived within the 10 s timeout window "
     "(see https://dpgr.am/net0001)",
 )
-#: Close frame for audio that cannot be decoded (Deepgram's DATA-0000, code 1008).
-DATA_CLOSE_CODE = 1008
-
-RAW_ENCODINGS = {"linear16": "pcm16", "linear32": "float32", "mulaw": "g711_ulaw", "alaw": "g711_alaw"}
-#: Encodings whose bitstream FFmpeg recognises by itself (Ogg Opus, FLAC, AMR's storage format):
-#: decoded as containerized audio is, with the rate and channels the stream says.
-DECODED_ENCODINGS = {"opus", "ogg-opus", "flac", "amr-nb", "amr-wb"}
-#: AMR's storage format starts with this line (RFC 4867 §5); bare AMR frames get it added.
-AMR_MAGIC = {"amr-nb": b"#!AMR\n", "amr-wb": b"#!AMR-WB\n"}
 #: Encodings Deepgram accepts that this server cannot decode (refused with a clear 400): Speex
 #: and G.729 come as bare frames that FFmpeg cannot delimit without a container.
 UNSUPPORTED_ENCODINGS = {"speex", "g729"}
@@ -76,9 +77,6 @@ DEEPGRAM_MODEL_FAMILIES = (
 )
 MAX_ENDPOINTING_MS = 5000  # the core's silence_duration_ms bound
 MAX_UTTERANCE_END_MS = 60_000
-SAMPLE_WIDTH = {"pcm16": 2, "float32": 4, "g711_ulaw": 1, "g711_alaw": 1}
-MAX_HEADER_BYTES = 64 * 1024  # a WAV header larger than this is not a header
-MAX_CHANNELS = 8  # the core's channel limit (Deepgram's own is 20)
 MAX_PROMPT_CHARS = 1000  # the core's `prompt` bound: keyterms beyond it are refused
 
 
@@ -124,17 +122,24 @@ def _bool(query: Mapping[str, str], name: str, default: bool, request_id: str) -
     return value == "true"
 
 
-def _int(query: Mapping[str, str], name: str, request_id: str, *, low: int, high: int) -> int | None:
+def query_number(query: Mapping[str, str], name: str, request_id: str, *, low: float, high: float, parse: Callable[[str], float] = float) -> float | None:
+    """A numeric query parameter within ``[low, high]`` (``parse``: ``int`` or ``float``), None when absent."""
     raw = query.get(name)
     if raw is None:
         return None
     try:
-        value = int(raw.strip())
+        value = parse(raw.strip())
     except ValueError:
-        raise reject(f"Invalid value for query parameter `{name}`: expected an integer, got {raw!r}", request_id) from None
+        kind = "an integer" if parse is int else "a number"
+        raise reject(f"Invalid value for query parameter `{name}`: expected {kind}, got {raw!r}", request_id) from None
     if not low <= value <= high:
-        raise reject(f"Invalid value for query parameter `{name}`: {value} is outside {low}..{high}", request_id)
+        raise reject(f"Invalid value for query parameter `{name}`: {value:g} is outside {low:g}..{high:g}", request_id)
     return value
+
+
+def _int(query: Mapping[str, str], name: str, request_id: str, *, low: int, high: int) -> int | None:
+    value = query_number(query, name, request_id, low=low, high=high, parse=int)
+    return None if value is None else int(value)
 
 
 def _endpointing(query: Mapping[str, str], request_id: str) -> tuple[int | None, bool]:
@@ -251,11 +256,7 @@ def native_config(options: ListenOptions) -> dict[str, object]:
         # heard so far is final (see DeepgramDialect._interim); forwarded only when asked for.
         "interim_results": True,
     }
-    if options.encoding in RAW_ENCODINGS:
-        config["input_audio_format"] = RAW_ENCODINGS[options.encoding]
-        config["sample_rate"] = options.sample_rate
-        if options.channels > 1:
-            config.update(channel_config(options.channels, options.multichannel, RAW_ENCODINGS[options.encoding]))
+    config.update(raw_config(options.encoding, options.sample_rate, options.channels, options.multichannel))
     if options.model is not None:
         config["model"] = options.model
     if options.endpointing is not None:
@@ -263,22 +264,6 @@ def native_config(options: ListenOptions) -> dict[str, object]:
     if options.keyterm:
         config["prompt"] = options.keyterm
     return config
-
-
-def channel_config(channels: int, multichannel: bool, audio_format: str) -> dict[str, object]:
-    """Native fields for ``channels`` > 1 interleaved channels in ``audio_format``: one core
-    channel each with ``multichannel``, else mono float32 (the dialect mixes, see :func:`mix_down`)."""
-    if multichannel:
-        return {"channels": channels}
-    return {"input_audio_format": "float32"}
-
-
-def mix_down(data: bytes, audio_format: str, channels: int) -> bytes:
-    """Whole interleaved frames in ``audio_format`` averaged into mono float32 bytes: what Deepgram
-    does with several channels when ``multichannel`` is off (one transcript of everyone)."""
-    samples, _ = decode_samples(data, audio_format)
-    mono = samples.reshape(-1, channels).mean(axis=1, dtype="float32")
-    return bytes(mono.astype("<f4").tobytes())
 
 
 def api_key(handshake: Handshake) -> tuple[str | None, str | None]:
@@ -353,61 +338,6 @@ def join_text(committed: str, tail: str) -> str:
     if committed and tail and not committed[-1].isspace() and not tail[0].isspace():
         return f"{committed} {tail}".strip()
     return (committed + tail).strip()
-
-
-# --------------------------------------------------------------------------------------------
-# Containerized audio: a WAV header says what follows
-# --------------------------------------------------------------------------------------------
-
-WAV_FORMAT_TAGS = {1: "pcm16", 3: "float32", 6: "g711_alaw", 7: "g711_ulaw"}
-WAV_BITS = {"pcm16": 16, "float32": 32, "g711_alaw": 8, "g711_ulaw": 8}
-
-
-class NotWav(Exception):
-    """The stream does not start with a WAV header this server can read."""
-
-
-def parse_wav_header(data: bytes) -> tuple[str, int, int, int] | None:
-    """(native format, sample rate, channels, header length) of a WAV stream's start, None when more bytes
-    are needed; raises :class:`NotWav`. The data chunk's size is ignored: streamed WAVs often
-    carry 0 or 0xFFFFFFFF there, and everything after the header is audio."""
-    if len(data) < 12:
-        if not b"RIFF".startswith(data[:4]):
-            raise NotWav("the audio has no encoding parameter and is not a WAV stream")
-        return None
-    if data[:4] != b"RIFF" or data[8:12] != b"WAVE":
-        raise NotWav("the audio has no encoding parameter and is not a WAV stream")
-    fmt: tuple[str, int, int] | None = None
-    pos = 12
-    while pos + 8 <= len(data):
-        chunk, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
-        body = pos + 8
-        if chunk == b"data":
-            if fmt is None:
-                raise NotWav("WAV data chunk before its fmt chunk")
-            return fmt[0], fmt[1], fmt[2], body
-        if body + size > len(data):
-            return None
-        if chunk == b"fmt ":
-            fmt = _wav_format(data[body : body + size])
-        pos = body + size + (size & 1)
-    return None
-
-
-def _wav_format(fmt: bytes) -> tuple[str, int, int]:
-    if len(fmt) < 16:
-        raise NotWav("WAV fmt chunk too short")
-    tag, channels, rate, _, _, bits = struct.unpack_from("<HHIIHH", fmt)
-    if tag == 0xFFFE and len(fmt) >= 26:
-        tag = struct.unpack_from("<H", fmt, 24)[0]  # WAVE_FORMAT_EXTENSIBLE: the sub-format GUID
-    native = WAV_FORMAT_TAGS.get(tag)
-    if native is None or WAV_BITS[native] != bits:
-        raise NotWav(f"WAV format tag {tag} with {bits}-bit samples is not supported (linear16, float32, mulaw, alaw)")
-    if not 1 <= channels <= MAX_CHANNELS:
-        raise NotWav(f"WAV audio has {channels} channels; this server transcribes 1 to {MAX_CHANNELS}")
-    if not 8000 <= rate <= 48000:
-        raise NotWav(f"WAV sample rate {rate} Hz is outside 8000..48000")
-    return native, rate, channels
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,31 +419,21 @@ class DeepgramDialect:
         self.created = created
         self.model = options.model or default_model
         self.punctuated = options.punctuate or options.smart_format
-        self._format = RAW_ENCODINGS.get(options.encoding or "", "pcm16")
-        self._rate = options.sample_rate or 16000
-        # Containerized audio: a WAV header is read here; anything else FFmpeg decodes (_stream).
-        self._header: bytearray | None = None if options.encoding else bytearray()
-        self._stream: ContainerStream | None = None
-        self._stream_channels: int | None = None  # the decoded stream's channels, once it said
-        self._wakeup: Callable[[], None] | None = None
-        self._magic: bytes | None = None
-        if options.encoding in DECODED_ENCODINGS:
-            self._start_stream(AMR_MAGIC.get(options.encoding or ""))
-        self._samples = 0.0  # audio received, in samples of the stream's format (all channels)
-        self._sha256 = hashlib.sha256()  # of the audio received: Deepgram's Metadata reports it
+        self._channels: list[ChannelState] = []
+        self.audio = AudioIntake(
+            options.encoding,
+            options.sample_rate,
+            options.channels,
+            options.multichannel,
+            data_error=lambda description: [self._error("DataError", description)],
+            on_channels=self._set_channels,
+        )
         self._finalized: set[str] = set()  # items whose final comes from a Finalize
         self._finalize_pending = False  # a Finalize whose first BufferCommitted has not come back
-        self._closing = False
-        self._set_channels(options.channels)
 
-    def _set_channels(self, channels: int) -> None:
-        """``channels`` interleaved in the audio; transcribed one by one with ``multichannel``,
-        else mixed into one (``_mix_frame`` bytes per frame, a split frame kept for the next)."""
-        self.audio_channels = channels
-        transcribed = channels if self.options.multichannel else 1
+    def _set_channels(self, transcribed: int) -> None:
+        """The transcribed channels (one by one with ``multichannel``, else one mix)."""
         self._channels = [ChannelState() for _ in range(transcribed)]
-        self._mix_frame = 0 if transcribed == channels else channels * SAMPLE_WIDTH[self._format]
-        self._mix_rest = b""
 
     # ---------------------------------------------------------------- client → server
 
@@ -521,20 +441,12 @@ class DeepgramDialect:
         return native_config(self.options)
 
     def receive_bytes(self, data: bytes) -> list[Action]:
-        if self._closing:
+        if self.audio.closing:
             return []
         if not data:
             # Deepgram's original way of ending a stream, still honoured: an empty binary frame.
             return self._close_stream()
-        if self._header is not None:
-            return self._sniff(data)
-        if self._stream is not None:
-            self._sha256.update(data)
-            if self._magic is not None:
-                data = data if data.startswith(b"#!AMR") else self._magic + data
-                self._magic = None
-            return self._decoded(self._stream.feed(data))
-        return self._append(data)
+        return [*self.audio.receive(data), *self._utterance_end_due()]
 
     def receive_text(self, text: str) -> list[Action]:
         try:
@@ -545,7 +457,7 @@ class DeepgramDialect:
         if kind == "KeepAlive":
             return []
         if kind == "Finalize":
-            if self._closing:
+            if self.audio.closing:
                 return []
             self._finalize_pending = True
             return [p.BufferCommit()]
@@ -562,49 +474,24 @@ class DeepgramDialect:
         ]
 
     def _close_stream(self) -> list[Action]:
-        if self._closing:
-            return []
-        self._closing = True
-        if self._header:  # a WAV header that never completed is not audio
-            self._header = None
-        if self._stream is not None:  # the audio still inside the decoder comes first
-            self._stream.end()
-            return self.pending()
-        return [p.SessionClose()]
+        return self.audio.end()
 
     def set_wakeup(self, wakeup: Callable[[], None]) -> None:
-        """How the decoder of a compressed stream says it has audio (or its end) to collect with
-        :meth:`pending`: called from its thread; the shell hands it to its event loop. Without
-        one (tests, the fuzzer) every hand-off waits for the decoder instead."""
-        self._wakeup = wakeup
-        if self._stream is not None:
-            self._stream.set_wakeup(wakeup)
+        """The shell's wake-up for the decoder of compressed audio (see :class:`AudioIntake`)."""
+        self.audio.set_wakeup(wakeup)
 
     def pending(self) -> list[Action]:
-        """What the decoder made since the client's last message (a large message decodes in the
-        background), and once a closing stream's decoder is done, the session's close."""
-        stream = self._stream
-        if stream is None:
-            return []
-        done = stream.done  # before the poll: audio that comes after it is not missed
-        actions = self._decoded(stream.poll())
-        if self._closing and done and self._stream is stream:
-            self._stream = None
-            stream.release()
-            actions.append(p.SessionClose())
-        return actions
+        """Audio decoded in the background since the last message (see :class:`AudioIntake`)."""
+        return [*self.audio.pending(), *self._utterance_end_due()]
 
     @property
     def closing(self) -> bool:
         """The client ended the stream (the shell stops waiting for its messages)."""
-        return self._closing
+        return self.audio.closing
 
     def release(self) -> None:
         """The connection is gone: the decoder of a compressed stream stops (the shell calls this)."""
-        self._wakeup = None  # it calls into the connection: no cycle outlives it
-        if self._stream is not None:
-            self._stream.release()
-            self._stream = None
+        self.audio.release()
 
     def _configure(self, message: dict[str, Any]) -> list[Action]:
         """Mid-stream reconfiguration: keyterms become the decoder's vocabulary prompt, the
@@ -636,97 +523,10 @@ class DeepgramDialect:
     def _configure_failure(self, code: str, description: str) -> Send:
         return Send(_dumps({"type": "ConfigureFailure", "request_id": self.request_id, "code": code, "description": description}))
 
-    def _sniff(self, data: bytes) -> list[Action]:
-        assert self._header is not None
-        self._header += data
-        if len(self._header) >= 4 and self._header[:4] != b"RIFF":
-            # Not WAV: a compressed stream (WebM or Ogg Opus, MP3, FLAC, AAC, ...) for FFmpeg.
-            head, self._header = bytes(self._header), None
-            self._start_stream(None)
-            return self.receive_bytes(head)
-        try:
-            parsed = parse_wav_header(bytes(self._header))
-            if parsed is None and len(self._header) > MAX_HEADER_BYTES:
-                raise NotWav("no WAV data chunk in the first 64 KiB")
-        except NotWav as exc:
-            self._header = None
-            self._closing = True
-            return [
-                self._error("DataError", f"DATA-0000: {exc}."),
-                Close(DATA_CLOSE_CODE, f"DATA-0000: the payload cannot be decoded as audio ({exc})"[:120]),
-            ]
-        if parsed is None:
-            return []
-        audio_format, rate, channels, header_length = parsed
-        rest = bytes(self._header[header_length:])
-        self._header = None
-        self._format, self._rate = audio_format, rate
-        self._set_channels(channels)
-        fields: dict[str, object] = {"input_audio_format": audio_format, "sample_rate": rate}
-        if channels > 1:
-            fields.update(channel_config(channels, self.options.multichannel, audio_format))
-        update = p.SessionUpdate(fields)
-        return [update, *self._append(rest)] if rest else [update]
-
-    def _start_stream(self, magic: bytes | None) -> None:
-        """Decode the stream with FFmpeg from here on; ``magic``: AMR's first line, added to a
-        stream of bare AMR frames."""
-        self._stream = ContainerStream(keep_channels=self.options.multichannel)
-        self._stream.set_wakeup(self._wakeup)
-        self._magic = magic
-
-    def _decoded(self, decoded: Decoded) -> list[Action]:
-        """Audio out of the decoder: the first says the stream's channels (a session update, as a
-        WAV header's does); an error ends the stream as a bad WAV header does if nothing was
-        heard, else after the finals of what was (nothing received is lost)."""
-        actions: list[Action] = []
-        if decoded.channels is not None and self._stream_channels is None:
-            self._stream_channels = decoded.channels
-            self._format, self._rate = "float32", MODEL_RATE
-            self._set_channels(decoded.channels)
-            fields: dict[str, object] = {"input_audio_format": "float32", "sample_rate": MODEL_RATE}
-            if decoded.channels > 1:
-                fields.update(channel_config(decoded.channels, self.options.multichannel, "float32"))
-            actions.append(p.SessionUpdate(fields))
-        if decoded.samples.size:
-            actions.extend(self._append(decoded.samples.astype("<f4").tobytes(), hashed=True))
-        error = decoded.error
-        if error is None:
-            return actions
-        if not self._samples:
-            self.release()
-            self._closing = True
-            return [
-                *actions,
-                self._error("DataError", f"DATA-0000: {error}."),
-                Close(DATA_CLOSE_CODE, f"DATA-0000: the payload cannot be decoded as audio ({error})"[:120]),
-            ]
-        actions.append(self._error("DataError", f"DATA-0000: the audio after {self.audio_seconds:.2f} s could not be decoded ({error})."))
-        return [*actions, *self._close_stream()]
-
-    def _append(self, data: bytes, *, hashed: bool = False) -> list[Action]:
-        """Audio in the session's format; ``hashed``: its bytes were counted in Metadata's sha256
-        as they came (compressed)."""
-        self._samples += len(data) / SAMPLE_WIDTH[self._format]
-        if not hashed:
-            self._sha256.update(data)
-        if self._mix_frame:
-            data = self._mix(data)
-            if not data:
-                return self._utterance_end_due()
-        return [p.AudioAppend(data), *self._utterance_end_due()]
-
-    def _mix(self, data: bytes) -> bytes:
-        """Mix whole interleaved frames to mono float32; a frame split across messages waits."""
-        data = self._mix_rest + data
-        whole = len(data) - len(data) % self._mix_frame
-        self._mix_rest = data[whole:]
-        return mix_down(data[:whole], self._format, self.audio_channels) if whole else b""
-
     @property
     def audio_seconds(self) -> float:
         """Seconds of audio received so far (the clock Deepgram's times are in)."""
-        return self._samples / self.audio_channels / self._rate
+        return self.audio.seconds
 
     # ---------------------------------------------------------------- server → client
 
@@ -961,7 +761,7 @@ class DeepgramDialect:
             "type": "Metadata",
             "transaction_key": "deprecated",
             "request_id": self.request_id,
-            "sha256": self._sha256.hexdigest(),
+            "sha256": self.audio.sha256.hexdigest(),
             "created": self.created.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "duration": round(duration, 3),
             "channels": len(self._channels),
