@@ -66,10 +66,13 @@ def test_the_sdks_flux_client_gets_one_turn_per_sentence_with_eager_ends(server:
     # End of turn after each sentence's last sample (audio went out at real time from t = 0).
     end_times = [g.at for g in run.messages if g.message.get("event") == "EndOfTurn"]
     eager_times = [g.at for g in run.messages if g.message.get("event") == "EagerEndOfTurn"]
+    start_times = [g.at for g in run.messages if g.message.get("event") == "StartOfTurn"]
+    started = [min((t for t in start_times if t > start), default=float("nan")) - start for start, _ in spans]
     after = [min((t for t in end_times if t > end), default=float("nan")) - end for _, end in spans]
     eager_after = [min((t for t in eager_times if t > end), default=float("nan")) - end for _, end in spans]
     print(f"Flux: {len(ends)} turns for {len(spans)} sentences, WER {error:.3f}; EndOfTurn after the sentence: "
-          f"p50 {statistics.median(after):.2f} s; EagerEndOfTurn p50 {statistics.median(eager_after):.2f} s\n{text}")
+          f"p50 {statistics.median(after):.2f} s; EagerEndOfTurn p50 {statistics.median(eager_after):.2f} s; "
+          f"StartOfTurn after the sentence starts: p50 {statistics.median(started):.2f} s\n{text}")
     assert error <= 0.15, text
     # A turn per sentence; a read sentence's comma pause (over 500 ms at Flux's default threshold)
     # may split one in two.

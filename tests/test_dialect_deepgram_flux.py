@@ -257,8 +257,8 @@ def test_an_update_never_shows_a_committed_word_twice() -> None:
         p.TranscriptSegment("item_1", 0.0, 1.5, " w1 w2 w3", None, w, -0.1, 0.0),
     ]
     sent = [sdk_validate(str(a.message)) for e in events for a in dialect.render(e) if hasattr(a, "message")]
-    updates = [m["transcript"] for m in sent if m.get("event") == "Update"]
-    assert updates == ["w1 w2", "w1 w2 w3"]
+    shown = [(m["event"], m["transcript"]) for m in sent if m.get("event") in ("StartOfTurn", "Update")]
+    assert shown == [("StartOfTurn", "w1 w2"), ("Update", "w1 w2 w3")]
     assert [m["transcript"] for m in check_turns(sent)] == ["w1 w2 w3"]
 
 
@@ -279,3 +279,24 @@ def test_every_message_type_validates_against_the_sdk_and_matches_the_doc() -> N
     assert broken.closes and broken.closes[-1].code == 1008
     seen = check_documented(messages, "## Flux server messages")
     assert seen == set(documented_fields("## Flux server messages")), "the doc lists exactly the messages sent"
+
+
+def test_a_turn_starts_with_its_first_words_and_noise_starts_none() -> None:
+    """A VAD onset that the decoder hears no words in (a cough, a door) is no turn: no StartOfTurn
+    interrupts an agent for it, and turn_index does not move."""
+    dialect = flux.create(handshake())
+    w = [p.WordTiming(" Hello.", 2.1, 2.5, 0.9)]
+    events: list[p.ServerEvent] = [
+        p.SessionCreated({"model": "tiny.en"}),
+        p.SpeechStarted("item_1", 0),
+        p.TranscriptInterim("item_1", "", []),
+        p.TranscriptSegment("item_1", 0.0, 0.6, "", None, [], 0.0, 0.0),
+        p.SpeechStarted("item_2", 2000),
+        p.TranscriptInterim("item_2", " Hello.", w),
+        p.TranscriptDelta("item_2", " Hello.", [p.TokenLogprob.of(" Hello.", -0.1)], w),
+        p.TranscriptInterim("item_2", "", []),
+        p.TranscriptSegment("item_2", 2.0, 2.9, " Hello.", None, w, -0.1, 0.0),
+    ]
+    sent = [sdk_validate(str(a.message)) for e in events for a in dialect.render(e) if hasattr(a, "message")]
+    turns = [(m["event"], m["turn_index"], m["transcript"]) for m in sent if m["type"] == "TurnInfo"]
+    assert turns == [("StartOfTurn", 0, "Hello."), ("EndOfTurn", 0, "Hello.")]

@@ -9,8 +9,9 @@ turns. ``docs/deepgram.md`` ("Flux") is the user-facing description; every messa
 against the official SDK's models (``tests/test_dialect_deepgram_flux.py``).
 
 How the core maps onto it: a turn is one core utterance (the VAD's speech plus its trailing
-silence). ``StartOfTurn`` is the core's ``speech_started``; ``Update`` carries the turn's
-committed text and interim tail; ``EagerEndOfTurn`` is the moment every word heard so far is
+silence). ``StartOfTurn`` comes with the turn's first words (a VAD onset that yields none, a
+cough, starts no turn: an agent that stops talking on ``StartOfTurn`` is not interrupted by
+noise); ``Update`` carries the turn's committed text and interim tail; ``EagerEndOfTurn`` is the moment every word heard so far is
 final while the speaker pauses (the core's empty interim tail, ~0.2 s into the pause);
 ``EndOfTurn`` is the core's ``transcript.segment``. Flux's end-of-turn *model* is Whisper's VAD
 silence here: ``eot_threshold`` chooses how long a pause ends a turn (:func:`turn_silence_ms`),
@@ -160,6 +161,7 @@ class Turn:
     shown: str = ""  # the transcript of the last TurnInfo
     language: str | None = None
     forced: bool = False  # a ForceEndTurn ends it
+    started: bool = False  # its StartOfTurn went out (with its first words)
 
     @property
     def text(self) -> str:
@@ -296,7 +298,7 @@ class FluxDialect:
             return [self._send({"type": "Connected", "request_id": self.request_id})]
         if isinstance(event, p.SpeechStarted):
             self._turn = Turn(event.item_id, event.audio_start_ms / 1000)
-            return [self._turn_info("StartOfTurn", self._turn)]
+            return []
         turn = self._turn
         if isinstance(event, p.TranscriptDelta) and turn is not None and event.item_id == turn.item_id:
             turn.committed += event.delta
@@ -309,7 +311,7 @@ class FluxDialect:
             turn.tail, turn.tail_words = event.text, list(event.words or [])
             if not event.text and turn.committed.strip() and self.options.eager_eot_threshold is not None and turn.eager is None:
                 turn.eager = turn.text
-                return [self._turn_info("EagerEndOfTurn", turn)]
+                return [*self._start(turn), self._turn_info("EagerEndOfTurn", turn)]
             return self._progress(turn)
         if isinstance(event, p.TranscriptSegment) and turn is not None and event.item_id == turn.item_id:
             return self._end_of_turn(turn, event)
@@ -329,6 +331,8 @@ class FluxDialect:
         """An ``Update`` when the turn's transcript changed (after a ``TurnResumed`` if the user
         went on past an ``EagerEndOfTurn``)."""
         text = turn.text
+        if not turn.started:
+            return self._start(turn)
         if text == turn.shown:
             return []
         out: list[Action] = []
@@ -338,15 +342,25 @@ class FluxDialect:
         out.append(self._turn_info("Update", turn))
         return out
 
+    def _start(self, turn: Turn) -> list[Action]:
+        """``StartOfTurn``, once the turn has words."""
+        if turn.started or not turn.text:
+            return []
+        turn.started = True
+        return [self._turn_info("StartOfTurn", turn)]
+
     def _end_of_turn(self, turn: Turn, segment: p.TranscriptSegment) -> list[Action]:
         final = punctuated_text(segment.text)
+        self._turn = None
+        if not turn.started and not final:
+            return []  # no words: no turn
         out: list[Action] = []
         if turn.eager is not None and final != turn.eager:
             out.append(self._turn_info("TurnResumed", turn))
         turn.committed, turn.committed_words, turn.tail, turn.tail_words = segment.text, list(segment.words or []), "", []
         turn.language = segment.language or turn.language
+        out.extend(self._start(turn))
         out.append(self._turn_info("EndOfTurn", turn, end=segment.end, trigger="manual" if turn.forced else "model"))
-        self._turn = None
         self._turn_index += 1
         return out
 
