@@ -47,8 +47,9 @@ PROBE_OPTIONS = {"probesize": "2048", "analyzeduration": "0"}
 #: How long :meth:`ContainerStream.feed` and :meth:`~ContainerStream.end` wait for FFmpeg to
 #: catch up before handing back what is there (the rest comes through ``wakeup``).
 HANDOFF_WAIT_S = 0.02
-#: How long :meth:`ContainerStream.finish` waits for the last audio after the end of the stream.
-FINISH_WAIT_S = 5.0
+#: How long a hand-off waits for FFmpeg to catch up when there is no wake-up to tell of late audio
+#: (a caller with no event loop: tests, the fuzzer).
+NO_WAKEUP_WAIT_S = 5.0
 #: The most audio the decoder makes ahead of its caller: what one message may hold. A MiB of
 #: 32 kbit/s Opus (the largest WebSocket message the server takes) is 260 s; a MiB of FLAC
 #: silence is hours (a decompression bomb), and would be as many hundred MB of samples.
@@ -185,10 +186,10 @@ class ContainerStream:
 
     def set_wakeup(self, wakeup: Callable[[], None] | None) -> None:
         """Announce late audio through ``wakeup``; without one, each hand-off waits for the
-        decoder to catch up (up to :data:`FINISH_WAIT_S`), as a caller with no loop needs."""
+        decoder to catch up (up to :data:`NO_WAKEUP_WAIT_S`), as a caller with no loop needs."""
         with self._pipe.cond:
             self._pipe.wakeup = wakeup
-            self.handoff_wait_s = HANDOFF_WAIT_S if wakeup is not None else FINISH_WAIT_S
+            self.handoff_wait_s = HANDOFF_WAIT_S if wakeup is not None else NO_WAKEUP_WAIT_S
 
     def feed(self, data: bytes) -> Decoded:
         """The next bytes of the stream; the audio decoded so far that was not handed back yet."""
@@ -221,17 +222,6 @@ class ContainerStream:
     def done(self) -> bool:
         """The worker finished (or never started): nothing more will come after a poll."""
         return self._thread is None or self._pipe.done
-
-    def finish(self, timeout: float = FINISH_WAIT_S) -> Decoded:
-        """The end of the stream, waited for up to ``timeout``: the last audio (its last packets,
-        the resampler's tail)."""
-        self.end()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                with self._pipe.cond:
-                    self._pipe.error = self._pipe.error or f"the decoder did not finish within {timeout:g} s"
-        return self.poll()
 
     def release(self) -> None:
         """Stop decoding (the connection is gone): the worker ends at its next read."""

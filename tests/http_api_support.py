@@ -37,18 +37,23 @@ def running_server(**settings: object) -> Iterator[str]:
             server.stop()
 
 
-def encode(samples: np.ndarray, path: Path, codec: str, *, rate: int = 16000, container: str | None = None) -> Path:
-    """Write mono 16 kHz float samples with PyAV (``codec`` such as libmp3lame, aac, flac, libopus),
-    resampled to ``rate`` in the file."""
+def encode(
+    samples: np.ndarray, path: Path, codec: str, *, rate: int = 16000, container: str | None = None, bit_rate: int | None = None
+) -> Path:
+    """Write 16 kHz float samples with PyAV (``codec`` such as libmp3lame, aac, flac, libopus,
+    libopencore_amrnb), resampled to ``rate`` in the file: mono, or two columns as stereo."""
     import av
 
+    layout = "mono" if samples.ndim == 1 else "stereo"
     with av.open(str(path), "w", format=container) as out:
         stream = out.add_stream(codec, rate=48000 if codec == "libopus" else rate)
-        stream.layout = "mono"
+        stream.layout = layout
+        if bit_rate is not None:
+            stream.bit_rate = bit_rate
         pcm = (np.clip(samples, -1, 1) * 32767).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout=layout)  # interleaved
         frame.sample_rate = 16000
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout="mono", rate=stream.codec_context.sample_rate)
+        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=stream.codec_context.sample_rate)
         for chunk in resampler.resample(frame) + resampler.resample(None):
             for packet in stream.encode(chunk):
                 out.mux(packet)

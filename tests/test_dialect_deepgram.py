@@ -42,6 +42,7 @@ from stream_server.dialects import deepgram as dg
 from stream_server.dialects.base import Close, Handshake, HandshakeRejected, Send
 from tests.dialect_harness import DialectHarness
 from tests.fakes import silence, speech, to_pcm16
+from tests.http_api_support import encode
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "deepgram.md"
@@ -623,23 +624,9 @@ def test_a_wav_header_this_server_cannot_read_is_refused_with_data_0000(data: by
 # --------------------------------------------------------------------------------------------
 
 
-def flac_stream(samples: np.ndarray, tmp_path: Path, channels: int = 1) -> bytes:
-    """``samples`` (one column per channel) as a FLAC stream: lossless, so the tone words survive."""
-    import av
-
-    path = tmp_path / "stream.flac"
-    layout = "mono" if channels == 1 else "stereo"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("flac", rate=16000)
-        stream.layout = layout
-        planar = np.ascontiguousarray(samples.reshape(len(samples), channels).T, np.float32)
-        frame = av.AudioFrame.from_ndarray((np.clip(planar, -1, 1) * 32767).astype(np.int16), format="s16p", layout=layout)
-        frame.sample_rate = 16000
-        resampler = av.AudioResampler(format=stream.codec_context.format.name, layout=layout, rate=16000)
-        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
-            out.mux(stream.encode(chunk))
-        out.mux(stream.encode(None))
-    return path.read_bytes()
+def flac_stream(samples: np.ndarray, tmp_path: Path) -> bytes:
+    """``samples`` (mono, or one column per channel) as a FLAC stream: lossless, so the tone words survive."""
+    return encode(samples, tmp_path / "stream.flac", "flac").read_bytes()
 
 
 def send_in_pieces(h: DeepgramHarness, data: bytes, size: int = 1500) -> None:
@@ -671,7 +658,7 @@ def test_a_stereo_compressed_stream_follows_multichannel(tmp_path: Path) -> None
     right = np.concatenate([silence(1.5), speech([3]), silence(1.0)])
     stereo = np.zeros((len(left), 2), np.float32)
     stereo[:, 0], stereo[: len(right), 1] = left, right
-    data = flac_stream(stereo, tmp_path, channels=2)
+    data = flac_stream(stereo, tmp_path)
     h = DeepgramHarness({"model": "nova-3", "multichannel": "true"})
     send_in_pieces(h, data)
     assert h.commands[0] == p.SessionUpdate({"input_audio_format": "float32", "sample_rate": 16000, "channels": 2})
@@ -707,21 +694,8 @@ def test_a_stream_that_breaks_off_keeps_its_finals_and_says_where_it_broke(tmp_p
 
 
 def test_amr_frames_without_their_magic_line_are_decoded(tmp_path: Path) -> None:
-    import av
-
-    path = tmp_path / "clip.amr"
     clip = np.concatenate([silence(0.3), speech([1, 2], seconds=0.4), silence(1.0)])
-    with av.open(str(path), "w", format="amr") as out:
-        stream = out.add_stream("libopencore_amrnb", rate=8000)
-        stream.layout = "mono"
-        stream.bit_rate = 12200
-        frame = av.AudioFrame.from_ndarray((clip * 32767).astype(np.int16)[None, :], format="s16", layout="mono")
-        frame.sample_rate = 16000
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=8000, frame_size=160)
-        for chunk in [*resampler.resample(frame), *resampler.resample(None)]:
-            out.mux(stream.encode(chunk))
-        out.mux(stream.encode(None))
-    data = path.read_bytes()
+    data = encode(clip, tmp_path / "clip.amr", "libopencore_amrnb", rate=8000, container="amr", bit_rate=12200).read_bytes()
     assert data.startswith(b"#!AMR\n")
     for stream_bytes in (data, data[6:]):
         dialect = dg.create(handshake({"model": "nova-3", "encoding": "amr-nb", "sample_rate": "8000"}))

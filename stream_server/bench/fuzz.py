@@ -60,6 +60,7 @@ from stream_server.audio import SAMPLE_WIDTH, g711_table
 from stream_server.decoding import DecodeFailure, DecodeResult, FailureKind
 from stream_server.dialects import audiohook, deepgram, deepgram_flux, native, openai_realtime, twilio
 from stream_server.dialects.base import Action, Close, Dialect, Handshake, HandshakeRejected, Send
+from stream_server.dialects.deepgram_audio import DATA_CLOSE_CODE
 from stream_server.session import DecodeTicket, Session, SessionLimits
 
 from .tone_models import BurstDecoder, EnergyVad, word_amplitude
@@ -74,8 +75,8 @@ CATCH_UP_TICKS = 10  # the shell's bounded wait for a backlogged session, in sch
 DOCUMENTED_CLOSE_CODES: dict[str, frozenset[int]] = {
     "native": frozenset(),
     "openai": frozenset(),
-    "deepgram": frozenset({deepgram.DATA_CLOSE_CODE, 1011}),
-    "flux": frozenset({deepgram.DATA_CLOSE_CODE, 1011}),
+    "deepgram": frozenset({DATA_CLOSE_CODE, 1011}),
+    "flux": frozenset({DATA_CLOSE_CODE, 1011}),
     "twilio": frozenset({twilio.POLICY_VIOLATION, twilio.UNSUPPORTED_DATA}),
     "audiohook": frozenset(),
 }

@@ -44,20 +44,13 @@ from stream_server.dialects.base import (
     Send,
 )
 from stream_server.dialects.deepgram_audio import (
-    AMR_MAGIC,
-    DATA_CLOSE_CODE,
     DECODED_ENCODINGS,
     MAX_CHANNELS,
     RAW_ENCODINGS,
-    SAMPLE_WIDTH,
     AudioIntake,
-    channel_config,
-    mix_down,
     raw_config,
 )
 from stream_server.words import bare_word
-
-__all__ = ["AMR_MAGIC", "DATA_CLOSE_CODE", "DECODED_ENCODINGS", "MAX_CHANNELS", "RAW_ENCODINGS", "SAMPLE_WIDTH", "channel_config", "mix_down"]
 
 #: Deepgram closes a stream that receives neither audio nor a text message for 10 seconds.
 IDLE_TIMEOUT_S = 10.0
@@ -182,6 +175,12 @@ def _encoding(query: Mapping[str, str], request_id: str) -> tuple[str | None, in
     return encoding, rate  # a decoded encoding's stream says its rate (the SDK's transcribe_file sends none)
 
 
+def query_values(query: Mapping[str, str], lists: Mapping[str, Sequence[str]], name: str) -> list[str]:
+    """Every value of a parameter that may be repeated (``keyterm=a&keyterm=b``, as the SDK
+    sends a list), blank ones left out; ``lists`` holds the repeated ones, ``query`` the last."""
+    return [v for v in (lists.get(name) or [query.get(name) or ""]) if v.strip()]
+
+
 def terms_prompt(terms: Iterable[str]) -> str:
     """Keyterms as the decoder's prompt: "Kubernetes, gRPC" (blank terms dropped)."""
     return ", ".join(t.strip() for t in terms if t.strip())
@@ -191,8 +190,8 @@ def vocabulary_prompt(query: Mapping[str, str], lists: Mapping[str, Sequence[str
     """Every ``keyterm`` (Nova-3; repeated for several, as the SDK sends a list) and ``keywords``
     term (Nova-2's ``term:intensifier``; a negative intensifier asks to suppress the term, which
     a prompt cannot, so those are left out), joined as the decoder's prompt."""
-    terms = list(lists.get("keyterm") or [query.get("keyterm") or ""])
-    for keyword in lists.get("keywords") or [query.get("keywords") or ""]:
+    terms = query_values(query, lists, "keyterm")
+    for keyword in query_values(query, lists, "keywords"):
         term, _, boost = keyword.rpartition(":") if ":" in keyword else (keyword, "", "")
         try:
             suppressed = bool(boost) and float(boost) < 0

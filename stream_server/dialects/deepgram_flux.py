@@ -35,6 +35,7 @@ from stream_server.dialects.deepgram import (
     api_key,
     punctuated_text,
     query_number,
+    query_values,
     reject,
     terms_prompt,
 )
@@ -110,12 +111,12 @@ def parse_options(
     if encoding in RAW_ENCODINGS and rate is None:
         raise reject(f"sample_rate is required when encoding={encoding} (raw audio has no header)", request_id)
     timeout = _float(query, "eot_timeout_ms", TIMEOUT_RANGE, request_id)
-    keyterms = tuple(t for t in (lists or {}).get("keyterm", [query.get("keyterm") or ""]) if t.strip())
+    keyterms = tuple(query_values(query, lists or {}, "keyterm"))
     if len(terms_prompt(keyterms)) > MAX_PROMPT_CHARS:
         raise reject(f"keyterm exceeds {MAX_PROMPT_CHARS} characters", request_id)
     language: str | None = "en"
     if raw_model == "flux-general-multi" or (model is not None and "multi" in raw_model):
-        hints = [h for h in (lists or {}).get("language_hint", [query.get("language_hint") or ""]) if h.strip()]
+        hints = query_values(query, lists or {}, "language_hint")
         language = hints[0].strip() if len(hints) == 1 else None
         if language is not None and not p.valid_language(language):
             raise reject(f"Invalid value for query parameter `language_hint`: {language!r}", request_id)
@@ -131,13 +132,18 @@ def parse_options(
     )
 
 
+def turn_detection(options: FluxOptions) -> dict[str, object]:
+    """The core's ``turn_detection`` for the options' thresholds (:func:`turn_silence_ms`)."""
+    return {"type": "server_vad", "silence_duration_ms": turn_silence_ms(options.eot_threshold, options.eot_timeout_ms)}
+
+
 def native_config(options: FluxOptions) -> dict[str, object]:
     """The core ``session`` fields for these options."""
     config: dict[str, object] = {
         "language": options.language,
         "include": ["logprobs", "words"],
         "interim_results": True,
-        "turn_detection": {"type": "server_vad", "silence_duration_ms": turn_silence_ms(options.eot_threshold, options.eot_timeout_ms)},
+        "turn_detection": turn_detection(options),
     }
     config.update(raw_config(options.encoding, options.sample_rate, 1, False))
     if options.model is not None:
@@ -258,9 +264,7 @@ class FluxDialect:
         except ValueError as exc:
             return [self._configure_failure(str(exc))]
         self.options = options
-        update: dict[str, object] = {
-            "turn_detection": {"type": "server_vad", "silence_duration_ms": turn_silence_ms(options.eot_threshold, options.eot_timeout_ms)},
-        }
+        update: dict[str, object] = {"turn_detection": turn_detection(options)}
         if keyterms is not None:
             update["prompt"] = terms_prompt(options.keyterms)
         success = {

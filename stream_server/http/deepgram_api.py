@@ -32,6 +32,7 @@ from stream_server import protocol as p
 from stream_server.audio import decode_samples, resample
 from stream_server.dialects import deepgram
 from stream_server.dialects.base import HandshakeRejected
+from stream_server.dialects.deepgram_audio import AMR_MAGIC, DECODED_ENCODINGS, RAW_ENCODINGS, SAMPLE_WIDTH
 from stream_server.engine import Engine, FileTranscript
 from stream_server.http.common import (
     ApiError,
@@ -76,8 +77,8 @@ def _raw_audio(data: bytes, options: deepgram.ListenOptions) -> np.ndarray:
     """Headerless audio in ``encoding`` at ``sample_rate``, ``channels`` interleaved: at 16 kHz,
     one column per channel with ``multichannel``, else averaged into one voice (as Deepgram mixes)."""
     assert options.encoding is not None and options.sample_rate is not None
-    audio_format = deepgram.RAW_ENCODINGS[options.encoding]
-    width = deepgram.SAMPLE_WIDTH[audio_format] * options.channels
+    audio_format = RAW_ENCODINGS[options.encoding]
+    width = SAMPLE_WIDTH[audio_format] * options.channels
     samples, _ = decode_samples(data[: len(data) - len(data) % width], audio_format)
     frames = samples.reshape(-1, options.channels)
     if not options.multichannel or options.channels == 1:
@@ -97,8 +98,8 @@ def _prefixed(prefix: bytes, spool: IO[bytes]) -> IO[bytes]:
 
 
 async def _audio(spool: IO[bytes], options: deepgram.ListenOptions) -> np.ndarray:
-    if options.encoding is None or options.encoding in deepgram.DECODED_ENCODINGS:
-        magic = deepgram.AMR_MAGIC.get(options.encoding or "")
+    if options.encoding is None or options.encoding in DECODED_ENCODINGS:
+        magic = AMR_MAGIC.get(options.encoding or "")
         if magic is not None and not spool.read(5).startswith(b"#!AMR"):
             spool = _prefixed(magic, spool)
         spool.seek(0)
