@@ -19,11 +19,13 @@ import numpy as np
 
 from stream_server import protocol as p
 from stream_server.audio import MODEL_RATE
+from stream_server.callbacks import CallbackJobs
 from stream_server.decoding import Decoder, WhisperDecoder
 from stream_server.hub import SessionHub
 from stream_server.loop_lag import LoopLag
 from stream_server.metrics import ServerMetrics
 from stream_server.models import ModelRegistry
+from stream_server.request_urls import UrlPolicy
 from stream_server.runner import SessionRunner
 from stream_server.scheduler import DecodeScheduler
 from stream_server.session import Session, SessionLimits
@@ -123,6 +125,17 @@ class Engine:
         self.hub = SessionHub(
             [observer for observer in (self.store, self.webhooks) if observer is not None], redis_url=settings.redis_url
         )
+        # Requests answered at a callback URL (Deepgram's callback=), run in the background.
+        self.callbacks = CallbackJobs(
+            self.url_policy(),
+            retries=settings.callback_retries,
+            retry_s=settings.callback_retry_s,
+            secret=settings.webhook_secret,
+        )
+
+    def url_policy(self) -> UrlPolicy:
+        """Which URLs requests may have the server reach (``--request-urls``)."""
+        return UrlPolicy(self.settings.request_urls)
 
     def refusal(self) -> str | None:
         """Why a new session is refused now (``server_busy``), or None: draining, at the session

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from types import FrameType
@@ -64,6 +65,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
         lag_meter = asyncio.create_task(engine.loop_lag.run(), name="loop-lag")
         yield
         lag_meter.cancel()
+        await engine.callbacks.close(grace_s=1.0)  # the drain already waited for them
         engine.close()
         if ring.usage.fleet is not None:
             await ring.usage.fleet.close()
@@ -85,6 +87,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> Starlette:
 
 def serve(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request's whole URL at INFO: a callback's may hold credentials (user:password@).
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise SystemExit("--ssl-keyfile needs --ssl-certfile (the certificate that key belongs to)")
     # Before create_app: the decode threads it starts must find the limit in place.
@@ -111,7 +115,22 @@ def serve(settings: Settings) -> None:
         ssl_certfile=settings.ssl_certfile or None,
         ssl_keyfile=settings.ssl_keyfile or None,
     )
+    logging.getLogger("uvicorn.access").addFilter(RedactUrlCredentials())  # after uvicorn configured its logging
     DrainingServer(config, app.state.engine, keys=app.state.keys).run()
+
+
+#: The ``user:password@`` of a URL, plain or percent-encoded inside a query string.
+_URL_CREDENTIALS = re.compile(r"(://|%3A%2F%2F)[^/\s&@]+(@|%40)", re.IGNORECASE)
+
+
+class RedactUrlCredentials(logging.Filter):
+    """Access-log lines without the credentials of URLs in query strings: Deepgram's callback
+    URLs carry a receiver's basic-auth password (``callback=https://user:pass@host/...``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_URL_CREDENTIALS.sub(r"\1***\2", arg) if isinstance(arg, str) else arg for arg in record.args)
+        return True
 
 
 #: How often an idle server wakes to look at its exit flag and refresh its Date header (uvicorn's
@@ -192,8 +211,11 @@ class DrainingServer:
         for connection in connections:
             connection.drain()
         deadline = started + self.engine.settings.drain_timeout_s
-        while self.engine.connections and time.monotonic() < deadline:
+        while (self.engine.connections or self.engine.callbacks.pending) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = len(self.engine.connections)
-        log.info("drain finished in %.2f s (%d session(s) still open)", time.monotonic() - started, left)
+        log.info(
+            "drain finished in %.2f s (%d session(s) still open, %d callback(s) not delivered)",
+            time.monotonic() - started, left, self.engine.callbacks.pending,
+        )
         self._plain_exit(sig, frame)

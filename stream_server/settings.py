@@ -246,6 +246,23 @@ class Settings:
     webhook_max_attempts: int = dataclasses.field(
         default=5, metadata={"help": "attempts per webhook payload (exponential backoff between them) before it is dropped"}
     )
+    # URLs that requests name: Deepgram's {"url": ...} audio and callback= (request_urls.py, callbacks.py).
+    request_urls: str = dataclasses.field(
+        default="public",
+        metadata={
+            "help": "which URLs a request may name for the server to reach (audio to fetch, callbacks): public (hosts with public addresses only), any (private and loopback too), off",
+            "choices": ("public", "any", "off"),
+        },
+    )
+    request_url_timeout_s: float = dataclasses.field(
+        default=120.0, metadata={"help": "longest time fetching a request's audio URL may take in all"}
+    )
+    callback_retries: int = dataclasses.field(
+        default=10, metadata={"help": "times a failed callback delivery is tried again (as Deepgram does)"}
+    )
+    callback_retry_s: float = dataclasses.field(
+        default=30.0, metadata={"help": "seconds between a failed callback delivery and the next try"}
+    )
     # Twilio Media Streams and TLS (Twilio only connects to wss:// URLs).
     twilio_auth_token: str = dataclasses.field(
         default="",

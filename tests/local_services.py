@@ -1,19 +1,24 @@
-"""Real local services the scale-out tests start themselves: redis-server and nginx on loopback.
+"""Real local services tests start themselves: redis-server and nginx on loopback (the scale-out
+tests), and an HTTP receiver for webhooks and callbacks.
 
-Each test that needs one skips, with the reason, when the binary is not installed (``.ci/run``
+Each test that needs a binary skips, with the reason, when it is not installed (``.ci/run``
 installs both from Debian).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,3 +70,57 @@ def running_redis(folder: Path) -> Iterator[str]:
     finally:
         stop(proc)
         log.close()
+
+
+class Receiver:
+    """An HTTP endpoint for webhooks and callbacks (``http.server`` on loopback): records every
+    POST and PUT as (method, lower-cased headers, body); answers 503 to the first ``fail_first``
+    so the sender's retries are exercised."""
+
+    def __init__(self, fail_first: int = 0, path: str = "/hooks/transcripts") -> None:
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.failures_left = fail_first
+        self.path = path
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _record(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with receiver.lock:
+                    fail = receiver.failures_left > 0
+                    receiver.failures_left -= fail
+                    if not fail:
+                        receiver.requests.append((self.command, {k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(503 if fail else 200)
+                self.end_headers()
+
+            do_POST = do_PUT = _record
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{self.path}"
+
+    def payloads(self) -> list[Any]:
+        with self.lock:
+            return [json.loads(body) for _, _, body in self.requests]
+
+    def wait_for(self, predicate: Callable[[list[Any]], bool], timeout: float = 30.0) -> list[Any]:
+        """The payloads so far, once ``predicate`` holds of them."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.payloads()):
+                return self.payloads()
+            time.sleep(0.05)
+        raise AssertionError(f"the receiver never saw what was expected: {self.payloads()}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

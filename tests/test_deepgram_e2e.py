@@ -605,8 +605,9 @@ def test_pre_recorded_raw_audio_and_refusals(server: ServerProcess, tmp_path: An
             client.listen.v1.media.transcribe_file(model="nova-3", **kwargs)
         assert caught.value.status_code == status, caught.value.body
         assert needle in caught.value.body["err_msg"] and caught.value.body["request_id"], caught.value.body
-    resp = httpx.post(url, json={"url": "https://example.com/call.wav"}, timeout=10)
-    assert resp.status_code == 400 and "URL" in resp.json()["err_msg"], resp.text
+    # A URL instead of the audio: by default only public hosts are fetched (test_deepgram_callbacks.py).
+    resp = httpx.post(url, json={"url": server.http_url + "/v1/models"}, timeout=10)
+    assert resp.status_code == 400 and "--request-urls any" in resp.json()["err_msg"], resp.text
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,11 +13,9 @@ import hashlib
 import hmac
 import json
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -25,62 +23,14 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.support import ServerProcess, free_port, load_clip, require_speech, start_server
+from tests.local_services import Receiver
+from tests.support import ServerProcess, load_clip, require_speech, start_server
 
 pytestmark = pytest.mark.slow
 
 SECRET = "whsec-test-секрет"
 FRAME_S = 0.04
 CLIPS = ("ljspeech_LJ001-0002", "ljspeech_LJ001-0008", "ljspeech_LJ001-0013")
-
-
-class Receiver:
-    """A tiny webhook endpoint: records every POST (headers, body); answers 503 to the first
-    ``fail_first`` requests so the sender's retries are exercised."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.requests: list[tuple[dict[str, str], bytes]] = []
-        self.failures_left = fail_first
-        self.lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with receiver.lock:
-                    fail = receiver.failures_left > 0
-                    receiver.failures_left -= fail
-                    if not fail:
-                        receiver.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(503 if fail else 204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hooks/transcripts"
-
-    def payloads(self) -> list[dict]:
-        with self.lock:
-            return [json.loads(body) for _, body in self.requests]
-
-    def wait_for(self, predicate, timeout: float = 30.0) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate(self.payloads()):
-                return self.payloads()
-            time.sleep(0.05)
-        raise AssertionError(f"webhook receiver never saw what was expected: {self.payloads()}")
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +222,7 @@ def test_the_webhook_receiver_gets_every_segment_and_the_end_signed(call: dict, 
     [end] = [p for p in payloads if p["type"] == "session.ended"]
     assert end["transcript"]["status"] == "completed" and end["transcript"]["channels"][0]["text"] == call["ws"][-1]["text"]
     with receiver.lock:
-        requests = [(h, b) for h, b in receiver.requests if json.loads(b)["session_id"] == session_id]
+        requests = [(h, b) for _, h, b in receiver.requests if json.loads(b)["session_id"] == session_id]
     for headers, body in requests:
         expected = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
         assert headers["x-stream-server-signature"] == expected

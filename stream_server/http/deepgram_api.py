@@ -10,19 +10,24 @@ The query parameters are the live endpoint's, parsed by the same function, so a 
 refuses is refused the same way here (400 ``{err_code, err_msg, request_id}``); containerised audio
 is recognised by content as for the OpenAI route, raw audio needs ``encoding`` and
 ``sample_rate`` (and ``channels``). The file is transcribed as the OpenAI route transcribes one:
-every turn's final decode batched, in the file job slots. Deepgram's ``{"url": ...}`` body is
-refused: this server does not fetch what a request points at.
+every turn's final decode batched, in the file job slots. Deepgram's ``{"url": ...}`` body has the
+audio fetched from there (``http/remote_audio.py``), and ``callback=URL`` answers at once with the
+``request_id`` and sends the response to that URL when it is ready (``callbacks.py``); which URLs
+a request may name is ``--request-urls``' choice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
+import json
 import shutil
 import uuid
 from collections.abc import Sequence
 from typing import IO, Any
 
+import httpx
 import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -30,12 +35,15 @@ from starlette.responses import JSONResponse, Response
 from stream_server import formats, keys
 from stream_server import protocol as p
 from stream_server.audio import decode_samples, resample
+from stream_server.callbacks import METHODS, Callback
 from stream_server.dialects import deepgram
 from stream_server.dialects.base import HandshakeRejected
 from stream_server.dialects.deepgram_audio import AMR_MAGIC, DECODED_ENCODINGS, RAW_ENCODINGS, SAMPLE_WIDTH
 from stream_server.engine import Engine, FileTranscript
 from stream_server.http.common import (
+    MAX_FIELD_BYTES,
     ApiError,
+    FileJobs,
     check_language,
     decode_upload,
     ensure_loaded,
@@ -47,30 +55,42 @@ from stream_server.http.common import (
     session_config,
     with_channels,
 )
+from stream_server.http.remote_audio import fetch_audio
+from stream_server.request_urls import UrlPolicy, UrlRefused
 
 #: Deepgram's ``err_code`` for each status this route answers with.
 ERROR_CODES = {400: "Bad Request", 401: "INVALID_AUTH", 413: "PAYLOAD_TOO_LARGE", 500: "INTERNAL_SERVER_ERROR", 502: "MODEL_UNAVAILABLE"}
+MAX_JSON_BYTES = MAX_FIELD_BYTES  # a {"url": ...} body
+
+
+def _status(status: int) -> int:
+    """Content that is not audio is 400, as Deepgram answers it ("corrupt or unsupported data"),
+    so the SDK raises its typed ``BadRequestError``, not the 415 of the OpenAI route."""
+    return 400 if status == 415 else status
+
+
+def _error_body(status: int, message: str, request_id: str, code: str | None = None) -> dict[str, Any]:
+    return {"err_code": code or ERROR_CODES.get(_status(status), "Bad Request"), "err_msg": message, "request_id": request_id}
 
 
 def _error(status: int, message: str, request_id: str) -> JSONResponse:
-    """An error as Deepgram's REST API answers one (the SDK raises it with this body). Content
-    that is not audio is 400, as Deepgram answers it ("corrupt or unsupported data"), so the
-    SDK raises its typed ``BadRequestError``, not the 415 of the OpenAI route."""
-    status = 400 if status == 415 else status
-    body = {"err_code": ERROR_CODES.get(status, "Bad Request"), "err_msg": message, "request_id": request_id}
-    return JSONResponse(body, status_code=status, headers={"dg-request-id": request_id})
+    """An error as Deepgram's REST API answers one (the SDK raises it with this body)."""
+    return JSONResponse(_error_body(status, message, request_id), status_code=_status(status), headers={"dg-request-id": request_id})
 
 
-def _authorize(request: Request) -> None:
-    """With API keys configured, ``Authorization: Token <key>`` (the SDK's) or ``Bearer <key>``."""
+def _authorize(request: Request) -> str | None:
+    """With API keys configured, ``Authorization: Token <key>`` (the SDK's) or ``Bearer <key>``;
+    the key's name (what a callback's ``dg-token`` says), or None without keys."""
     ring = keys.ring_of(request.app.state)
     if not ring.configured:
-        return
+        return None
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() not in ("token", "bearer") or not key.strip():
         raise ApiError(401, "invalid_api_key", "this server requires an API key: send Authorization: Token <key>")
-    if ring.identify(key.strip()) is None:
+    principal = ring.identify(key.strip())
+    if principal is None:
         raise ApiError(401, "invalid_api_key", "Invalid credentials.")
+    return principal.label
 
 
 def _raw_audio(data: bytes, options: deepgram.ListenOptions) -> np.ndarray:
@@ -187,30 +207,105 @@ async def _body(request: Request, engine: Engine) -> tuple[IO[bytes], str]:
     return spool, digest.hexdigest()
 
 
+async def _audio_url(request: Request, policy: UrlPolicy) -> str:
+    """The URL of a JSON body (``{"url": "https://..."}``, the SDK's ``transcribe_url``), checked
+    against the server's ``--request-urls`` policy before the request is answered."""
+    spool = await read_body(request, MAX_JSON_BYTES)
+    try:
+        body = json.loads(spool.read() or b"null")
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_json", "the JSON body is not valid JSON: send {\"url\": \"https://...\"} or the audio itself") from None
+    finally:
+        spool.close()
+    url = body.get("url") if isinstance(body, dict) else None
+    if not isinstance(url, str) or not url.strip():
+        raise ApiError(400, "missing_url", "a JSON body must be {\"url\": \"https://...\"} (the audio's URL); to send audio, send its bytes with its content type")
+    await _reachable(policy, url.strip(), "audio")
+    return url.strip()
+
+
+async def _reachable(policy: UrlPolicy, url: str, what: str) -> httpx.URL:
+    try:
+        parsed = policy.parse(url, what)
+        await policy.check_host(parsed)
+    except UrlRefused as exc:
+        raise ApiError(400, "url_refused", exc.message) from None
+    return parsed
+
+
+async def _callback(request: Request, policy: UrlPolicy, token: str | None) -> Callback | None:
+    """``callback`` (and ``callback_method``: post or put) of the query, checked as an audio URL is."""
+    url = request.query_params.get("callback", "").strip()
+    method = request.query_params.get("callback_method", "post").strip().upper()
+    if not url:
+        return None
+    if method not in METHODS:
+        raise ApiError(400, "invalid_callback_method", f"Invalid value for query parameter `callback_method`: expected post or put, got {method.lower()!r}")
+    return Callback(await _reachable(policy, url, "callback"), method, token)
+
+
+@dataclasses.dataclass
+class _Job:
+    """One pre-recorded request once its parameters are checked: what it transcribes and how."""
+
+    engine: Engine
+    jobs: FileJobs
+    options: deepgram.ListenOptions
+    model: str
+    request_id: str
+    upload: tuple[IO[bytes], str] | None  # the body and its SHA-256, or None: fetch ``url``
+    url: str = ""
+
+    async def answer(self) -> tuple[int, dict[str, Any]]:
+        """The status and body Deepgram answers the request with (its error shape on failure)."""
+        engine = self.engine
+        try:
+            if self.upload is None:
+                policy = engine.url_policy()
+                self.upload = await fetch_audio(self.url, policy, max_bytes=engine.settings.max_file_bytes, total_s=engine.settings.request_url_timeout_s)
+            spool, sha256 = self.upload
+            config = session_config(self.model, language=self.options.language, prompt=self.options.keyterm or "")
+            async with self.jobs.semaphore:
+                audio = await _audio(spool, self.options)
+                result = await engine.transcribe(audio, with_channels(config, audio, None))
+            engine.metrics.audio_seconds.inc(result.done.usage.seconds)
+            raise_engine_errors(result)
+        except UrlRefused as exc:
+            code = ERROR_CODES[413] if exc.status == 413 else "REMOTE_CONTENT_ERROR"
+            return exc.status, _error_body(exc.status, exc.message, self.request_id, code)
+        except ApiError as exc:
+            return _status(exc.status), _error_body(exc.status, exc.message, self.request_id)
+        created = datetime.datetime.now(datetime.UTC)
+        return 200, response_body(result, self.options, model=self.model, request_id=self.request_id, sha256=sha256, created=created)
+
+
 async def listen(request: Request) -> Response:
-    """``POST /v1/listen``: validate the query, read the body, transcribe, answer as Deepgram."""
+    """``POST /v1/listen``: validate the query, read the body (or the URL it names), transcribe,
+    answer as Deepgram: at once, or with ``callback`` at once with the ``request_id`` and later
+    at the callback URL."""
     request_id = str(uuid.uuid4())
     engine: Engine = request.app.state.engine
+    headers = {"dg-request-id": request_id}
     try:
-        _authorize(request)
+        token = _authorize(request)
         lists = {name: request.query_params.getlist(name) for name in ("keyterm", "keywords")}
         options = deepgram.parse_options(dict(request.query_params), engine.registry.exists, request_id, lists)
-        if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
-            raise ApiError(400, "url_not_fetched", "this server does not fetch audio from a URL: send the audio itself as the request body")
+        policy = engine.url_policy()
+        callback = await _callback(request, policy, token)
         model = resolve_model(engine, options.model)
         await ensure_loaded(engine, model)
         check_language(engine, model, options.language)
-        spool, sha256 = await _body(request, engine)
-        config = session_config(model, language=options.language, prompt=options.keyterm or "")
-        async with file_jobs(request).semaphore:
-            audio = await _audio(spool, options)
-            result = await engine.transcribe(audio, with_channels(config, audio, None))
-        engine.metrics.audio_seconds.inc(result.done.usage.seconds)
-        raise_engine_errors(result)
+        job = _Job(engine, file_jobs(request), options, model, request_id, None)
+        if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
+            job.url = await _audio_url(request, policy)
+        else:
+            job.upload = await _body(request, engine)
     except HandshakeRejected as exc:
-        return JSONResponse(dict(exc.body), status_code=exc.status, headers={"dg-request-id": request_id})
+        return JSONResponse(dict(exc.body), status_code=exc.status, headers=headers)
     except ApiError as exc:
         return _error(exc.status, exc.message, request_id)
-    created = datetime.datetime.now(datetime.UTC)
-    body = response_body(result, options, model=model, request_id=request_id, sha256=sha256, created=created)
-    return JSONResponse(body, headers={"dg-request-id": request_id})
+    if callback is not None:
+        engine.callbacks.start(request_id, callback, job.answer)
+        return JSONResponse({"request_id": request_id}, headers=headers)
+    status, body = await job.answer()
+    return JSONResponse(body, status_code=status, headers=headers)
