@@ -30,6 +30,9 @@ from stream_server.webhooks import SIGNATURE_HEADER, sign
 log = logging.getLogger(__name__)
 
 METHODS = ("POST", "PUT")
+#: Jobs held at once (each holds its upload, up to ``--max-file-bytes``, until it is transcribed);
+#: more are refused with 429, as Deepgram refuses requests over its concurrency limit.
+MAX_PENDING = 100
 #: Makes a job's result: the HTTP status the request would have been answered with, and its body.
 Producer = Callable[[], Awaitable[tuple[int, dict[str, Any]]]]
 
@@ -46,8 +49,11 @@ class Callback:
 class CallbackJobs:
     """The server's background jobs with a callback; one per server (``Engine.callbacks``)."""
 
-    def __init__(self, policy: UrlPolicy, *, retries: int = 10, retry_s: float = 30.0, secret: str = "") -> None:
+    def __init__(
+        self, policy: UrlPolicy, *, retries: int = 10, retry_s: float = 30.0, secret: str = "", max_pending: int = MAX_PENDING
+    ) -> None:
         self.policy = policy
+        self.max_pending = max_pending
         self.retries = max(0, retries)
         self.retry_s = retry_s
         self.secret = secret
@@ -59,6 +65,11 @@ class CallbackJobs:
     def pending(self) -> int:
         """Jobs not yet delivered or given up (running, or waiting to retry)."""
         return len(self._tasks)
+
+    @property
+    def full(self) -> bool:
+        """Whether a new job would be one too many (the request is refused instead)."""
+        return self.pending >= self.max_pending
 
     def start(self, request_id: str, callback: Callback, produce: Producer) -> None:
         """Run ``produce`` in the background, then deliver what it made to ``callback``."""
@@ -123,4 +134,4 @@ class CallbackJobs:
             await asyncio.wait(left, timeout=1.0)
 
 
-__all__ = ["METHODS", "Callback", "CallbackJobs", "Producer"]
+__all__ = ["MAX_PENDING", "METHODS", "Callback", "CallbackJobs", "Producer"]

@@ -190,7 +190,7 @@ def test_a_name_that_resolves_differently_the_second_time_gets_nothing(files: Fi
 
 def test_a_delivery_is_retried_then_given_up_and_a_shutdown_cancels_what_is_left() -> None:
     receiver = Receiver(fail_first=1000)
-    jobs = CallbackJobs(UrlPolicy("any"), retries=2, retry_s=0.01)
+    jobs = CallbackJobs(UrlPolicy("any"), retries=2, retry_s=0.01, max_pending=2)
     started = asyncio.Event()
 
     async def answer() -> tuple[int, dict[str, Any]]:
@@ -205,9 +205,11 @@ def test_a_delivery_is_retried_then_given_up_and_a_shutdown_cancels_what_is_left
         callback = Callback(UrlPolicy("any").parse(receiver.url, "callback"))
         jobs.start("r1", callback, answer)
         jobs.start("r2", callback, never)
+        assert jobs.full, "two jobs held: a third request would be refused (429)"
         await started.wait()
         while jobs.pending > 1:
             await asyncio.sleep(0.01)
+        assert not jobs.full
         assert (jobs.delivered, jobs.failed) == (0, 1)
         await jobs.close(grace_s=0.05)
         assert jobs.pending == 0

@@ -59,7 +59,7 @@ from stream_server.http.remote_audio import fetch_audio
 from stream_server.request_urls import UrlPolicy, UrlRefused
 
 #: Deepgram's ``err_code`` for each status this route answers with.
-ERROR_CODES = {400: "Bad Request", 401: "INVALID_AUTH", 413: "PAYLOAD_TOO_LARGE", 500: "INTERNAL_SERVER_ERROR", 502: "MODEL_UNAVAILABLE"}
+ERROR_CODES = {400: "Bad Request", 401: "INVALID_AUTH", 413: "PAYLOAD_TOO_LARGE", 429: "TOO_MANY_REQUESTS", 500: "INTERNAL_SERVER_ERROR", 502: "MODEL_UNAVAILABLE"}
 MAX_JSON_BYTES = MAX_FIELD_BYTES  # a {"url": ...} body
 
 
@@ -292,6 +292,8 @@ async def listen(request: Request) -> Response:
         options = deepgram.parse_options(dict(request.query_params), engine.registry.exists, request_id, lists)
         policy = engine.url_policy()
         callback = await _callback(request, policy, token)
+        if callback is not None and engine.callbacks.full:
+            raise ApiError(429, "too_many_requests", f"{engine.callbacks.pending} callback requests are waiting: try again later")
         model = resolve_model(engine, options.model)
         await ensure_loaded(engine, model)
         check_language(engine, model, options.language)
