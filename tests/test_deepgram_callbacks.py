@@ -269,7 +269,7 @@ def test_a_callback_request_is_answered_at_once_and_its_result_put_at_the_callba
     started = time.monotonic()
     with_credentials = receiver.url.replace("http://", "http://dg:s3cret@")  # Deepgram's basic-auth callbacks
     accepted = client(server).listen.v1.media.transcribe_file(
-        request=audio, model="nova-3", punctuate=True, callback=with_credentials, callback_method="PUT"
+        request=audio, model="nova-3", punctuate=True, callback=with_credentials, callback_method="PUT", extra=["call:4711", "queue:billing"]
     )
     answered_s = time.monotonic() - started
     assert type(accepted).__name__ == "ListenV1AcceptedResponse" and accepted.request_id, accepted
@@ -279,6 +279,7 @@ def test_a_callback_request_is_answered_at_once_and_its_result_put_at_the_callba
     assert "s3cret" not in server.log_path.read_text(), "the access log hides the callback's password"
     assert verify(SECRET, json.dumps(body, ensure_ascii=False).encode(), headers[SIGNATURE_HEADER.lower()])
     assert body["metadata"]["request_id"] == accepted.request_id
+    assert body["metadata"]["extra"] == {"call": "4711", "queue": "billing"}, "the receiver tells its calls apart"
     ListenV1Response.model_validate(body)  # as the SDK reads its own response
     transcript = body["results"]["channels"][0]["alternatives"][0]["transcript"]
     assert wer([reference()], [transcript]) <= 0.2, transcript

@@ -71,6 +71,8 @@ DEEPGRAM_MODEL_FAMILIES = (
 MAX_ENDPOINTING_MS = 5000  # the core's silence_duration_ms bound
 MAX_UTTERANCE_END_MS = 60_000
 MAX_PROMPT_CHARS = 1000  # the core's `prompt` bound: keyterms beyond it are refused
+MAX_EXTRA_CHARS = 2048  # one ``extra`` KEY:VALUE pair, as Deepgram bounds it
+MAX_EXTRA_PAIRS = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -97,6 +99,9 @@ class ListenOptions:
     model: str | None = None  # a model this server knows; None: the server default
     keyterm: str | None = None
     utterances: bool = False  # pre-recorded (``POST /v1/listen``): every turn in ``results.utterances``
+    # ``extra=KEY:VALUE`` (repeatable): the caller's labels, echoed as ``extra`` in the response's
+    # metadata (a callback's receiver tells its calls apart by them).
+    extra: tuple[tuple[str, str], ...] = ()
 
 
 def reject(message: str, request_id: str) -> HandshakeRejected:
@@ -205,6 +210,22 @@ def vocabulary_prompt(query: Mapping[str, str], lists: Mapping[str, Sequence[str
     return prompt or None
 
 
+def extra_pairs(query: Mapping[str, str], lists: Mapping[str, Sequence[str]], request_id: str) -> tuple[tuple[str, str], ...]:
+    """Every ``extra=KEY:VALUE`` (split at the first colon; a later pair with the same key wins)."""
+    values = query_values(query, lists, "extra")
+    if len(values) > MAX_EXTRA_PAIRS:
+        raise reject(f"At most {MAX_EXTRA_PAIRS} `extra` parameters are accepted, got {len(values)}", request_id)
+    pairs: dict[str, str] = {}
+    for value in values:
+        key, colon, text = value.partition(":")
+        if not colon or not key.strip():
+            raise reject(f"Invalid value for query parameter `extra`: expected KEY:VALUE, got {value[:100]!r}", request_id)
+        if len(value) > MAX_EXTRA_CHARS:
+            raise reject(f"Invalid value for query parameter `extra`: a pair is limited to {MAX_EXTRA_CHARS} characters", request_id)
+        pairs[key.strip()] = text
+    return tuple(pairs.items())
+
+
 def parse_options(
     query: Mapping[str, str],
     model_exists: Callable[[str], bool],
@@ -242,6 +263,7 @@ def parse_options(
         model=_model(query.get("model"), model_exists, request_id),
         keyterm=keyterm,
         utterances=_bool(query, "utterances", False, request_id),
+        extra=extra_pairs(query, lists or {}, request_id),
     )
 
 
@@ -764,6 +786,7 @@ class DeepgramDialect:
             "created": self.created.astimezone(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "duration": round(duration, 3),
             "channels": len(self._channels),
+            **({"extra": dict(self.options.extra)} if self.options.extra else {}),
         }
 
     def _error(self, variant: str, description: str, *, message: str | None = None) -> Send:

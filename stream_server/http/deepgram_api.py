@@ -172,6 +172,7 @@ def response_body(
             "channels": len(channels),
             "models": [model_uuid],
             "model_info": {model_uuid: info},
+            **({"extra": dict(options.extra)} if options.extra else {}),
         },
         "results": {"channels": channels},
     }
@@ -288,7 +289,7 @@ async def listen(request: Request) -> Response:
     headers = {"dg-request-id": request_id}
     try:
         token = _authorize(request)
-        lists = {name: request.query_params.getlist(name) for name in ("keyterm", "keywords")}
+        lists = {name: request.query_params.getlist(name) for name in ("keyterm", "keywords", "extra")}
         options = deepgram.parse_options(dict(request.query_params), engine.registry.exists, request_id, lists)
         policy = engine.url_policy()
         callback = await _callback(request, policy, token)
