@@ -122,7 +122,7 @@ def test_sigterm_drains_every_open_utterance_then_closes_1001(tmp_path: Path) ->
         unread.append(sent_at_sigterm[row["id"]] - events[-1]["usage"]["seconds"])
     drain_s = max(closed for _, _, closed in results) - sigterm_at
     log = server.log_path.read_text()
-    assert "draining 8 session(s)" in log and "(0 session(s) still open)" in log
+    assert "draining 8 session(s)" in log and "(0 session(s) still open, 0 callback(s) not delivered)" in log
     # Audio the client sent before SIGTERM is transcribed: the drain reads on for DRAIN_READ_S
     # before finalizing (closing at once left 1.4-1.9 s of each session unread on a loaded machine).
     assert max(unread) <= 0.25, f"audio sent before SIGTERM but never read: {unread}"
