@@ -546,7 +546,7 @@ def test_a_stored_call_through_the_sdks_transcribe_file(server: ServerProcess, t
     offline = calls.offline_texts(call, tag="stored-call")
     client = DeepgramClient(api_key="test-key", environment=environment(server))
     response = client.listen.v1.media.transcribe_file(
-        request=path.read_bytes(), model="nova-3", smart_format=True, multichannel=True, utterances=True
+        request=path.read_bytes(), model="nova-3", smart_format=True, multichannel=True, utterances=True, paragraphs=True
     )
     assert isinstance(response, ListenV1Response)
     assert response.metadata.channels == 2 and response.metadata.duration == pytest.approx(call.seconds, abs=0.05)
@@ -557,6 +557,11 @@ def test_a_stored_call_through_the_sdks_transcribe_file(server: ServerProcess, t
         print(f"{leg}: WER {streaming:.3f} (offline {baseline:.3f}): {alternative.transcript}")
         assert streaming <= baseline + 0.01, (leg, alternative.transcript, offline[leg])
         assert alternative.words and all(w.punctuated_word for w in alternative.words)
+        paragraphs = alternative.paragraphs
+        assert paragraphs is not None and paragraphs.transcript and paragraphs.transcript.startswith("\n") and paragraphs.paragraphs
+        sentences = [s.text for par in paragraphs.paragraphs for s in par.sentences or []]
+        assert " ".join(sentences).split() == alternative.transcript.split(), "the paragraphs hold the transcript's words"
+        assert sum(par.num_words or 0 for par in paragraphs.paragraphs) == len(alternative.words)
     utterances = response.results.utterances
     assert [u.start for u in utterances] == sorted(u.start for u in utterances)
     for spoken in call.turns:

@@ -99,6 +99,7 @@ class ListenOptions:
     model: str | None = None  # a model this server knows; None: the server default
     keyterm: str | None = None
     utterances: bool = False  # pre-recorded (``POST /v1/listen``): every turn in ``results.utterances``
+    paragraphs: bool = False  # pre-recorded: ``paragraphs`` in each channel's alternative (punctuated)
     # ``extra=KEY:VALUE`` (repeatable): the caller's labels, echoed as ``extra`` in the response's
     # metadata (a callback's receiver tells its calls apart by them).
     extra: tuple[tuple[str, str], ...] = ()
@@ -263,6 +264,7 @@ def parse_options(
         model=_model(query.get("model"), model_exists, request_id),
         keyterm=keyterm,
         utterances=_bool(query, "utterances", False, request_id),
+        paragraphs=_bool(query, "paragraphs", False, request_id),
         extra=extra_pairs(query, lists or {}, request_id),
     )
 

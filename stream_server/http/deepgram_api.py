@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -130,7 +131,7 @@ async def _audio(spool: IO[bytes], options: deepgram.ListenOptions) -> np.ndarra
         spool.close()
 
 
-def _alternative(segments: Sequence[p.TranscriptSegment], punctuated: bool, language: str | None) -> dict[str, Any]:
+def _alternative(segments: Sequence[p.TranscriptSegment], punctuated: bool, language: str | None, *, paragraphs: bool = False) -> dict[str, Any]:
     """One transcript of ``segments`` (a channel's turns, or one turn) as Deepgram's alternative."""
     text = " ".join(seg.text.strip() for seg in segments if seg.text.strip())
     words = [w for seg in segments for w in seg.words or []]
@@ -140,9 +141,71 @@ def _alternative(segments: Sequence[p.TranscriptSegment], punctuated: bool, lang
         "confidence": round(confidence, 4),
         "words": deepgram.result_words(words, punctuated=punctuated, language=language),
     }
+    if paragraphs:
+        alternative["paragraphs"] = paragraphs_of(segments)
     if language is not None:
         alternative["languages"] = [language]
     return alternative
+
+
+#: A turn that starts this long after the channel's last one opens a new paragraph ...
+PARAGRAPH_GAP_S = 2.0
+#: ... as does the first turn after a paragraph has reached this many words.
+PARAGRAPH_WORDS = 60
+SENTENCE_ENDS = (".", "?", "!", "\u2026")
+
+
+def paragraphs_of(segments: Sequence[p.TranscriptSegment]) -> dict[str, Any]:
+    """Deepgram's ``paragraphs`` (``paragraphs=true``): the channel's turns grouped into
+    paragraphs, each split into sentences at the decoder's sentence marks, and the transcript
+    written as paragraphs (each after a blank line, as Deepgram writes it).
+
+    Deepgram breaks paragraphs on punctuation, speakers and channels by its own model; here a
+    paragraph is one or more consecutive turns of a channel (its speaker), and a new one begins
+    after a pause of ``PARAGRAPH_GAP_S`` or once one holds ``PARAGRAPH_WORDS`` words."""
+    paragraphs: list[dict[str, Any]] = []
+    last_end = -math.inf
+    for seg in segments:
+        sentences = _sentences(seg.words or [])
+        if not sentences:
+            continue
+        if not paragraphs or seg.start - last_end >= PARAGRAPH_GAP_S or paragraphs[-1]["num_words"] >= PARAGRAPH_WORDS:
+            paragraphs.append({"sentences": [], "num_words": 0, "start": sentences[0]["start"], "end": sentences[0]["end"]})
+        paragraph = paragraphs[-1]
+        paragraph["sentences"].extend({k: v for k, v in s.items() if k != "words"} for s in sentences)
+        paragraph["num_words"] += sum(s["words"] for s in sentences)
+        paragraph["end"] = sentences[-1]["end"]
+        last_end = seg.end
+    texts = [" ".join(s["text"] for s in paragraph["sentences"]) for paragraph in paragraphs]
+    return {"transcript": "\n" + "\n\n".join(texts) if texts else "", "paragraphs": paragraphs}
+
+
+def _sentences(words: Sequence[p.WordTiming]) -> list[dict[str, Any]]:
+    """A turn's words as sentences (text, start, end and word count), split after each word that
+    ends a sentence; a mark the decoder sent as a word of its own closes the word before it."""
+    sentences: list[dict[str, Any]] = []
+    current: list[str] = []
+    start = end = 0.0
+    count = 0
+    for w in words:
+        text = w.word.strip()
+        if not text:
+            continue
+        if not deepgram.plain_word(text):  # a lone mark: it belongs to the word before
+            if current:
+                current[-1] += text
+        else:
+            if not current:
+                start = w.start
+            current.append(text)
+            count += 1
+            end = w.end
+        if current and current[-1].endswith(SENTENCE_ENDS):
+            sentences.append({"text": " ".join(current), "start": round(start, 3), "end": round(end, 3), "words": count})
+            current, count = [], 0
+    if current:
+        sentences.append({"text": " ".join(current), "start": round(start, 3), "end": round(end, 3), "words": count})
+    return sentences
 
 
 def response_body(
@@ -150,14 +213,14 @@ def response_body(
 ) -> dict[str, Any]:
     """Deepgram's pre-recorded response: ``metadata`` and ``results.channels`` (one per channel
     of the session), with ``results.utterances`` when asked for."""
-    punctuated = options.punctuate or options.smart_format
+    punctuated = options.punctuate or options.smart_format or options.paragraphs  # paragraphs are made of punctuation
     spoken = sorted(formats.spoken(result.segments), key=lambda seg: (seg.start, seg.channel))
     detected = options.language is None
     channels = []
     for index in range(max(1, len(result.done.channels))):
         mine = [seg for seg in spoken if seg.channel == index]
         language = formats.file_language(mine) if detected else None
-        entry: dict[str, Any] = {"alternatives": [_alternative(mine, punctuated, language)]}
+        entry: dict[str, Any] = {"alternatives": [_alternative(mine, punctuated, language, paragraphs=options.paragraphs)]}
         if language is not None:
             entry["detected_language"] = language
         channels.append(entry)
