@@ -48,6 +48,21 @@ class VadModel(Protocol):
 # speech that follows is heard as after a short lead. (1 s and 0.5 s read the corpus worse.)
 QUIET_FRAMES_BEFORE_RESET = 62
 QUIET_PROB = 0.1
+# A fresh state (a channel's first frames, or after such a reset) is not run on frames under this
+# level (RMS, dBFS): they are silence (probability 0), and the state stays fresh for the speech
+# that follows, as a reset would leave it. An open session that hears nothing (a call leg on hold
+# or waiting while the other speaks, a muted microphone) then costs no model run. Speech Whisper
+# can read is above it; a quiet room's floor may be under it, and is silence too (docs/benchmarks.md,
+# "Silence is not run").
+SKIP_LEVEL_DB = -60.0
+_SKIP_MEAN_SQUARE = 10 ** (SKIP_LEVEL_DB / 10)
+# Speech after skipped frames is run with the last of them in front of it, as a state reset in
+# the silence would have heard them: unskipped, the speech found a state that had run 0-2 s of
+# silence since its last reset (1 s on average). A state fresh at the speech's first frame heard
+# two of 12 turns a frame (0.2 s) late; with 4 to 32 frames, every onset fell on its unskipped
+# frame. A short word can turn on it: an isolated "three" after 3 s of zeros peaked at 0.38 / 0.49
+# / 0.54 with 8 / 31 / 61 frames, 0.49 unskipped (docs/benchmarks.md, "Silence is not run").
+WARMUP_FRAMES = 31
 
 
 @dataclasses.dataclass
@@ -56,6 +71,8 @@ class _SileroState:
     c: np.ndarray
     context: np.ndarray
     quiet: int = 0  # frames in a row under QUIET_PROB, up to the last frame seen
+    fresh: bool = True  # no frame run since the state was made (or reset)
+    skipped: np.ndarray | None = None  # the last frames skipped (at most WARMUP_FRAMES + 1), for the warm-up
 
 
 class SileroVad:
@@ -102,24 +119,50 @@ class SileroVad:
 
     def _run(self, frames: np.ndarray, state: _SileroState) -> tuple[np.ndarray, _SileroState]:
         """The frames in blocks of at most ``QUIET_FRAMES_BEFORE_RESET``: where a quiet run
-        reaches that length, the rest of its block goes again from a fresh state (so resets fall
-        on the same frames however the audio was chunked, and an hour of silence sent whole reruns
-        at most one block per reset, not the whole remainder)."""
+        reaches that length, the frames after it go again from a fresh state (so resets fall on
+        the same frames however the audio was chunked, and an hour of silence sent whole reruns
+        at most one block per reset, not the whole remainder); a fresh state skips the frames
+        under ``SKIP_LEVEL_DB`` in front of it."""
         parts: list[np.ndarray] = []
         while len(frames):
-            block, frames = frames[:QUIET_FRAMES_BEFORE_RESET], frames[QUIET_FRAMES_BEFORE_RESET:]
-            while len(block):
-                out, h, c = self._session.run(None, {"input": _with_context(block, state.context), "h": state.h, "c": state.c})
-                probs = np.asarray(out, np.float32).reshape(len(block))
-                reset_after, quiet = _quiet_scan(probs, state.quiet)
-                if reset_after is None:
-                    parts.append(probs)
-                    state = _SileroState(h, c, block[-1, -CONTEXT:].copy(), quiet)
-                    break
+            warm = 0
+            if state.fresh:
+                skip = _leading_silence(frames)
+                if skip:
+                    parts.append(np.zeros(skip, np.float32))
+                    kept = frames[max(0, skip - WARMUP_FRAMES - 1) : skip]
+                    if state.skipped is not None and len(kept) < WARMUP_FRAMES + 1:
+                        kept = np.concatenate([state.skipped, kept])[-(WARMUP_FRAMES + 1) :]
+                    state = dataclasses.replace(state, context=frames[skip - 1, -CONTEXT:].copy(), skipped=kept.copy())
+                    frames = frames[skip:]
+                    continue
+                if state.skipped is not None and WARMUP_FRAMES:
+                    # Speech after skipped silence: the fresh state first hears the silence just before it.
+                    lead = state.skipped
+                    warm = len(lead) - 1
+                    state = dataclasses.replace(state, context=lead[0, -CONTEXT:].copy())
+                    frames = np.concatenate([lead[1:], frames])
+            block = frames[: QUIET_FRAMES_BEFORE_RESET + warm]
+            out, h, c = self._session.run(None, {"input": _with_context(block, state.context), "h": state.h, "c": state.c})
+            probs = np.asarray(out, np.float32).reshape(len(block))
+            if warm:
+                block, frames, probs = block[warm:], frames[warm:], probs[warm:]
+            reset_after, quiet = _quiet_scan(probs, state.quiet)
+            if reset_after is None:
+                parts.append(probs)
+                state = _SileroState(h, c, block[-1, -CONTEXT:].copy(), quiet, fresh=False)
+                frames = frames[len(block) :]
+            else:
                 parts.append(probs[: reset_after + 1])
                 state = dataclasses.replace(self.new_state(), context=block[reset_after, -CONTEXT:].copy())
-                block = block[reset_after + 1 :]
+                frames = frames[reset_after + 1 :]
         return np.concatenate(parts), state
+
+
+def _leading_silence(frames: np.ndarray) -> int:
+    """How many leading frames are under ``SKIP_LEVEL_DB``."""
+    loud = np.flatnonzero(np.einsum("ij,ij->i", frames, frames) >= _SKIP_MEAN_SQUARE * frames.shape[1])
+    return int(loud[0]) if len(loud) else len(frames)
 
 
 def _with_context(block: np.ndarray, context: np.ndarray) -> np.ndarray:

@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 
 from stream_server import protocol as p
+from stream_server import vad
 from stream_server.audio import encode_g711
 from stream_server.bench.calls import telephone_samples
 from stream_server.planner import SessionLimits
 from stream_server.session import Session
 from stream_server.vad import (
     FRAME,
+    WARMUP_FRAMES,
     SileroVad,
     SpeechEnd,
     SpeechStart,
@@ -334,9 +336,41 @@ def test_a_long_silence_sent_whole_is_run_through_the_model_about_once(silero: S
 
     monkeypatch.setattr(silero, "_session", Counting())
     n = 10 * 60 * 16000 // FRAME
-    probs, _ = silero.probabilities(np.zeros((n, FRAME), np.float32), silero.new_state())
-    assert len(probs) == n and probs.max() < 0.1
-    assert sum(frames_run) <= 1.05 * n, sum(frames_run)
+    hiss = np.random.default_rng(3).standard_normal((n, FRAME)).astype(np.float32) * 10 ** (-50 / 20)  # above the skip level
+    probs, _ = silero.probabilities(hiss, silero.new_state())
+    assert len(probs) == n and probs.max() < 0.5
+    assert sum(frames_run) <= 1.1 * n, sum(frames_run)  # a reset wastes at most the rest of its block
+
+
+@pytest.mark.parametrize("lead_s", [0.5, 3.0, 10.0])
+def test_silence_under_the_skip_level_runs_no_model_and_speech_after_it_is_heard_as_before(
+    silero: SileroVad, monkeypatch: pytest.MonkeyPatch, lead_s: float
+) -> None:
+    """A fresh state is not run on silence (a muted microphone, a call leg on hold): those frames
+    are 0 and cost no model run, and the speech after them is heard as when every frame was run
+    (the same onset frame, probabilities within a few hundredths), since the state first hears
+    the last ``WARMUP_FRAMES`` of the silence."""
+    require_speech()
+    clip = load_clip("leopard_en_test")
+    audio = np.concatenate([np.zeros(int(16000 * lead_s), np.float32), clip])
+    frames = audio[: len(audio) // FRAME * FRAME].reshape(-1, FRAME)
+    lead = int(lead_s * 16000) // FRAME
+    session = silero._session
+    frames_run: list[int] = []
+
+    class Counting:
+        def run(self, names: Any, inputs: dict[str, np.ndarray]) -> Any:
+            frames_run.append(len(inputs["input"]))
+            return session.run(names, inputs)
+
+    monkeypatch.setattr(silero, "_session", Counting())
+    skipped, _ = silero.probabilities(frames, silero.new_state())
+    assert not skipped[:lead].any(), "silence is 0"
+    assert sum(frames_run) <= len(frames) - lead + WARMUP_FRAMES, (sum(frames_run), len(frames) - lead)
+    monkeypatch.setattr(vad, "_SKIP_MEAN_SQUARE", -1.0)  # every frame run, as before the skip
+    every, _ = silero.probabilities(frames, silero.new_state())
+    assert np.argmax(skipped >= 0.5) == np.argmax(every >= 0.5)
+    assert np.abs(skipped[lead:] - every[lead:]).max() < 0.1
 
 
 def test_level_onset_finds_where_the_level_rose_before_a_late_onset() -> None:
