@@ -125,17 +125,15 @@ class Engine:
         self.hub = SessionHub(
             [observer for observer in (self.store, self.webhooks) if observer is not None], redis_url=settings.redis_url
         )
-        # Requests answered at a callback URL (Deepgram's callback=), run in the background.
+        # Which URLs requests may have the server reach (--request-urls), and the requests
+        # answered at a callback URL (Deepgram's callback=), run in the background.
+        self.url_policy = UrlPolicy(settings.request_urls)
         self.callbacks = CallbackJobs(
-            self.url_policy(),
+            self.url_policy,
             retries=settings.callback_retries,
             retry_s=settings.callback_retry_s,
             secret=settings.webhook_secret,
         )
-
-    def url_policy(self) -> UrlPolicy:
-        """Which URLs requests may have the server reach (``--request-urls``)."""
-        return UrlPolicy(self.settings.request_urls)
 
     def refusal(self) -> str | None:
         """Why a new session is refused now (``server_busy``), or None: draining, at the session

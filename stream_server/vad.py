@@ -18,6 +18,7 @@ from typing import Protocol
 
 import numpy as np
 
+from stream_server.crosstalk import frame_levels
 from stream_server.profiling import StageProfile
 
 FRAME = 512  # samples per Silero frame at 16 kHz (32 ms)
@@ -55,7 +56,6 @@ QUIET_PROB = 0.1
 # can read is above it; a quiet room's floor may be under it, and is silence too (docs/benchmarks.md,
 # "Silence is not run").
 SKIP_LEVEL_DB = -60.0
-_SKIP_MEAN_SQUARE = 10 ** (SKIP_LEVEL_DB / 10)
 # Speech after skipped frames is run with the last of them in front of it, as a state reset in
 # the silence would have heard them: unskipped, the speech found a state that had run 0-2 s of
 # silence since its last reset (1 s on average). A state fresh at the speech's first frame heard
@@ -160,8 +160,8 @@ class SileroVad:
 
 
 def _leading_silence(frames: np.ndarray) -> int:
-    """How many leading frames are under ``SKIP_LEVEL_DB``."""
-    loud = np.flatnonzero(np.einsum("ij,ij->i", frames, frames) >= _SKIP_MEAN_SQUARE * frames.shape[1])
+    """How many leading frames are under ``SKIP_LEVEL_DB`` (levels as the session measures them)."""
+    loud = np.flatnonzero(frame_levels(frames) >= SKIP_LEVEL_DB)
     return int(loud[0]) if len(loud) else len(frames)
 
 

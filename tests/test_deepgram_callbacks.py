@@ -183,9 +183,8 @@ def test_a_name_that_resolves_differently_the_second_time_gets_nothing(files: Fi
     with pytest.raises(UrlRefused) as caught:
         asyncio.run(fetch_audio(files.url("clip.wav"), rebinding, max_bytes=MAX_FILE_BYTES, total_s=10))
     assert "127.0.0.1" in caught.value.message and "not a public address" in caught.value.message
-    spool, sha256 = asyncio.run(fetch_audio(files.url("moved/clip.wav"), UrlPolicy("any"), max_bytes=MAX_FILE_BYTES, total_s=10))
-    data = spool.read()
-    assert data == (files.folder / "clip.wav").read_bytes() and sha256 == hashlib.sha256(data).hexdigest()
+    spool = asyncio.run(fetch_audio(files.url("moved/clip.wav"), UrlPolicy("any"), max_bytes=MAX_FILE_BYTES, total_s=10))
+    assert spool.read() == (files.folder / "clip.wav").read_bytes()  # its sha256 in the response: the SDK test below
 
 
 def test_a_delivery_is_retried_then_given_up_and_a_shutdown_cancels_what_is_left() -> None:

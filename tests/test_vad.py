@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -367,7 +368,7 @@ def test_silence_under_the_skip_level_runs_no_model_and_speech_after_it_is_heard
     skipped, _ = silero.probabilities(frames, silero.new_state())
     assert not skipped[:lead].any(), "silence is 0"
     assert sum(frames_run) <= len(frames) - lead + WARMUP_FRAMES, (sum(frames_run), len(frames) - lead)
-    monkeypatch.setattr(vad, "_SKIP_MEAN_SQUARE", -1.0)  # every frame run, as before the skip
+    monkeypatch.setattr(vad, "SKIP_LEVEL_DB", -math.inf)  # every frame run, as before the skip
     every, _ = silero.probabilities(frames, silero.new_state())
     assert np.argmax(skipped >= 0.5) == np.argmax(every >= 0.5)
     assert np.abs(skipped[lead:] - every[lead:]).max() < 0.1

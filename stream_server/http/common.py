@@ -14,7 +14,7 @@ import logging
 import math
 import re
 import tempfile
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import IO, Any, Literal
 
 import numpy as np
@@ -145,8 +145,8 @@ def require_api_key(request: Request) -> None:
 # ------------------------------------------------------------------------------ body reading
 
 
-class _TooLarge(Exception):
-    """The body passed its limit while streaming in (raised inside the parser, mapped to 413)."""
+class TooLarge(Exception):
+    """A body passed its limit while streaming in (raised inside the parser, mapped to 413)."""
 
 
 def _check_length(request: Request, limit: int) -> None:
@@ -164,16 +164,16 @@ def _check_length(request: Request, limit: int) -> None:
         )
 
 
-async def _counted(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
-    """The request body, failing as soon as more than ``limit`` bytes have arrived.
+async def _counted(chunks: AsyncIterable[bytes], limit: int) -> AsyncGenerator[bytes, None]:
+    """``chunks`` (a body as it streams in), failing as soon as more than ``limit`` bytes have arrived.
 
     A missing or lying ``Content-Length`` (chunked uploads) must not let a body grow unbounded.
     """
     seen = 0
-    async for chunk in request.stream():
+    async for chunk in chunks:
         seen += len(chunk)
         if seen > limit:
-            raise _TooLarge(seen)
+            raise TooLarge(seen)
         yield chunk
 
 
@@ -184,10 +184,10 @@ async def read_multipart(request: Request, file_limit: int) -> list[tuple[str, s
         raise ApiError(400, "missing_file", "send the audio as multipart/form-data with a 'file' part", param="file")
     limit = file_limit + FORM_OVERHEAD_BYTES
     _check_length(request, limit)
-    parser = MultiPartParser(request.headers, _counted(request, limit), max_files=4, max_fields=200, max_part_size=MAX_FIELD_BYTES)
+    parser = MultiPartParser(request.headers, _counted(request.stream(), limit), max_files=4, max_fields=200, max_part_size=MAX_FIELD_BYTES)
     try:
         form = await parser.parse()
-    except _TooLarge:
+    except TooLarge:
         raise too_large(file_limit) from None
     except MultiPartException as exc:
         raise ApiError(400, "invalid_multipart", f"malformed multipart body: {exc.message}") from None
@@ -197,13 +197,19 @@ async def read_multipart(request: Request, file_limit: int) -> list[tuple[str, s
 async def read_body(request: Request, limit: int) -> tempfile.SpooledTemporaryFile[bytes]:
     """The raw body in a spooled temporary file, rewound; the caller closes it."""
     _check_length(request, limit)
+    try:
+        return await spool_limited(request.stream(), limit)
+    except TooLarge:
+        raise too_large(limit) from None
+
+
+async def spool_limited(chunks: AsyncIterable[bytes], limit: int) -> tempfile.SpooledTemporaryFile[bytes]:
+    """``chunks`` in a spooled temporary file, rewound (the caller closes it); :class:`TooLarge`
+    as soon as more than ``limit`` bytes have come, with nothing left open."""
     spool = new_spool()
     try:
-        async for chunk in _counted(request, limit):
+        async for chunk in _counted(chunks, limit):
             spool.write(chunk)
-    except _TooLarge:
-        spool.close()
-        raise too_large(limit) from None
     except BaseException:
         spool.close()
         raise

@@ -257,18 +257,24 @@ def _utterance(seg: p.TranscriptSegment, punctuated: bool, detected: bool) -> di
     }
 
 
-async def _body(request: Request, engine: Engine) -> tuple[IO[bytes], str]:
-    """The request body spooled (the server's upload limit applies) and its SHA-256, which
-    Deepgram's metadata reports; 400 when it is empty."""
-    spool = await read_body(request, engine.settings.max_file_bytes)
+def _with_sha256(spool: IO[bytes]) -> tuple[IO[bytes], str]:
+    """``spool`` (rewound) and the SHA-256 of its bytes, which Deepgram's metadata reports."""
     digest = hashlib.sha256()
+    spool.seek(0)
     for block in iter(lambda: spool.read(1 << 20), b""):
         digest.update(block)
-    if not spool.tell():
-        spool.close()
-        raise ApiError(400, "empty_file", "the request body is empty: send the audio as the body")
     spool.seek(0)
     return spool, digest.hexdigest()
+
+
+async def _body(request: Request, engine: Engine) -> tuple[IO[bytes], str]:
+    """The request body spooled (the server's upload limit applies) and its SHA-256; 400 when
+    it is empty."""
+    spool = await read_body(request, engine.settings.max_file_bytes)
+    if not spool.read(1):
+        spool.close()
+        raise ApiError(400, "empty_file", "the request body is empty: send the audio as the body")
+    return _with_sha256(spool)
 
 
 async def _audio_url(request: Request, policy: UrlPolicy) -> str:
@@ -325,8 +331,8 @@ class _Job:
         engine = self.engine
         try:
             if self.upload is None:
-                policy = engine.url_policy()
-                self.upload = await fetch_audio(self.url, policy, max_bytes=engine.settings.max_file_bytes, total_s=engine.settings.request_url_timeout_s)
+                fetched = await fetch_audio(self.url, engine.url_policy, max_bytes=engine.settings.max_file_bytes, total_s=engine.settings.request_url_timeout_s)
+                self.upload = _with_sha256(fetched)
             spool, sha256 = self.upload
             config = session_config(self.model, language=self.options.language, prompt=self.options.keyterm or "")
             async with self.jobs.semaphore:
@@ -354,7 +360,7 @@ async def listen(request: Request) -> Response:
         token = _authorize(request)
         lists = {name: request.query_params.getlist(name) for name in ("keyterm", "keywords", "extra")}
         options = deepgram.parse_options(dict(request.query_params), engine.registry.exists, request_id, lists)
-        policy = engine.url_policy()
+        policy = engine.url_policy
         callback = await _callback(request, policy, token)
         if callback is not None and engine.callbacks.full:
             raise ApiError(429, "too_many_requests", f"{engine.callbacks.pending} callback requests are waiting: try again later")

@@ -10,21 +10,20 @@ address each connection reached before any of the body is read.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from typing import IO
 
 import httpx
 
-from stream_server.http.common import new_spool
+from stream_server.http.common import TooLarge, spool_limited
 from stream_server.request_urls import UrlPolicy, UrlRefused
 
 MAX_REDIRECTS = 5
 
 
-async def fetch_audio(url: str, policy: UrlPolicy, *, max_bytes: int, total_s: float) -> tuple[IO[bytes], str]:
-    """The body at ``url`` in a spool (rewound) and its SHA-256; :class:`UrlRefused` with the
-    status to answer when the URL may not be reached, cannot be, answers with an error, is empty,
-    is larger than ``max_bytes`` (413) or takes longer than ``total_s`` in all."""
+async def fetch_audio(url: str, policy: UrlPolicy, *, max_bytes: int, total_s: float) -> IO[bytes]:
+    """The body at ``url`` in a spool (rewound); :class:`UrlRefused` with the status to answer
+    when the URL may not be reached, cannot be, answers with an error, is empty, is larger than
+    ``max_bytes`` (413) or takes longer than ``total_s`` in all."""
     target = policy.parse(url, "audio")
     try:
         async with asyncio.timeout(total_s), policy.client() as client:
@@ -43,29 +42,22 @@ async def fetch_audio(url: str, policy: UrlPolicy, *, max_bytes: int, total_s: f
     raise UrlRefused(400, f"the audio URL redirected more than {MAX_REDIRECTS} times")
 
 
-async def _body(response: httpx.Response, max_bytes: int) -> tuple[IO[bytes], str]:
+async def _body(response: httpx.Response, max_bytes: int) -> IO[bytes]:
     if response.status_code >= 400:
         side = "client" if response.status_code < 500 else "server"
         raise UrlRefused(400, f"The remote server hosting the media returned a {side} error: {response.status_code} {response.reason_phrase}.")
     declared = response.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise UrlRefused(413, f"the audio at the URL is {int(declared)} bytes; the limit is {max_bytes} bytes")
-    spool = new_spool()
-    digest = hashlib.sha256()
     try:
-        async for chunk in response.aiter_bytes():
-            if spool.tell() + len(chunk) > max_bytes:
-                raise UrlRefused(413, f"the audio at the URL is over the limit of {max_bytes} bytes")
-            spool.write(chunk)
-            digest.update(chunk)
-    except BaseException:
-        spool.close()
-        raise
-    if not spool.tell():
+        spool = await spool_limited(response.aiter_bytes(), max_bytes)
+    except TooLarge:
+        raise UrlRefused(413, f"the audio at the URL is over the limit of {max_bytes} bytes") from None
+    if not spool.read(1):
         spool.close()
         raise UrlRefused(400, "the URL's response has no content: there is no audio to transcribe")
     spool.seek(0)
-    return spool, digest.hexdigest()
+    return spool
 
 
 __all__ = ["MAX_REDIRECTS", "fetch_audio"]
