@@ -12,6 +12,7 @@ import base64
 import binascii
 import dataclasses
 import json
+import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -228,8 +229,17 @@ def loads_json(text: str | bytes) -> Any:
     8259): a client that sends them gets its protocol's malformed-JSON answer like any other bad
     JSON, and nothing it sent comes back inside a message (an AudioHook ``open`` offering media
     with a ``-Infinity`` field made ``opened`` echo it: the fuzzer's seed 47). Every client's JSON,
-    on every wire protocol and HTTP route, is read with it."""
-    return json.loads(text, parse_constant=_no_constant)
+    on every wire protocol and HTTP route, is read with it. A number too large for a float
+    ("1e999", valid JSON) is refused as well: Python reads it as infinity, which would go back out
+    as ``Infinity`` (the fuzzer's seed 62, in an offered medium's extra field)."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise json.JSONDecodeError(f"{text[:20]} is too large a number", text, 0)
+    return value
 
 
 def parse_client_message(text: str) -> ClientMessage:

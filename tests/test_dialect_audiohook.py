@@ -617,6 +617,8 @@ BEFORE_OPEN: dict[str, tuple[Any, str]] = {
     "open without media": (lambda h: h.send(h.client.open(media=[])), "none of the offered media is supported"),
     # Python's JSON extensions are not JSON; read as such, opened echoed the -Infinity back (fuzz seed 47).
     "open with -Infinity": (lambda h: h.send_raw(json.dumps(h.client.open(media=[{**OFFER[0], "x": float("-inf")}]))), "not valid JSON"),
+    # valid JSON that Python reads as infinity, echoed back as Infinity (fuzz seed 62)
+    "open with 1e999": (lambda h: h.send_raw(json.dumps(h.client.open(media=[{**OFFER[0], "x": 1.5}])).replace("1.5", "1e999")), "not valid JSON"),
     "open without conversation": (lambda h: h.send(h.client.message("open", {"organizationId": ORG, "media": OFFER})), "conversationId"),
     "continuedSessions not a list": (lambda h: h.send(h.client.open(continuedSessions={"id": SESSION})), "continuedSessions must be a list"),
     "continuedSessions without seqs": (lambda h: h.send(h.client.open(continuedSessions=[{"id": SESSION}])), "serverseq and clientseq"),

@@ -29,6 +29,7 @@ def test_binary_frames_are_audio_and_text_frames_are_typed_commands() -> None:
 @pytest.mark.parametrize(
     "text,code",
     [("not json", "invalid_json"), ("[1]", "invalid_json"), ('{"type": "session.update", "session": {"x": NaN}}', "invalid_json"),
+     ('{"type": "session.update", "session": {"x": 1e999}}', "invalid_json"),
      ('{"type": "nope"}', "unknown_message_type"),
      ('{"type": "input_audio_buffer.append", "audio": "%%%"}', "invalid_audio")],
 )
