@@ -33,7 +33,7 @@ from stream_server.audio import MODEL_RATE
 from stream_server.crosstalk import frame_levels
 from stream_server.profiling import StageProfile, timed
 from stream_server.vad import FRAME, sound_bursts
-from stream_server.words import bare_word
+from stream_server.words import bare_word, digits_in
 
 log = logging.getLogger(__name__)
 
@@ -671,12 +671,18 @@ def _drop_echo(prefix_words: list[str], words: list[Word], min_tail: int = 2, mi
         history = earlier + [bare_word(w.text) for w in kept]
         run = _longest_repeat(history, current, i)
         at_end = i + run == len(current)
-        if run >= min_inner or (at_end and run >= min_tail):
+        if (run >= min_inner or (at_end and run >= min_tail)) and not _one_digit_again(current[i - 1 : i + run] if i else []):
             i += run
             continue
         kept.append(words[i])
         i += 1
     return kept
+
+
+def _one_digit_again(words: list[str]) -> bool:
+    """Whether ``words`` (bare) are one digit said again and again ("0 0 0 0 0" in a card number):
+    a number, not an echo; the loop guard judges whether each copy had time to be said."""
+    return len(words) > 1 and len(set(words)) == 1 and digits_in(words[0]) == 1
 
 
 def _drop_squeezed_echo(prefix_words: list[str], words: list[Word], per_word_s: float = 0.08, max_size: int = 8) -> list[Word]:
@@ -843,5 +849,28 @@ def _drop_repetition_loop(words: list[Word]) -> list[Word]:
         for start in range(0, len(norm) - 3 * size + 1):
             phrase = norm[start : start + size]
             if norm[start + size : start + 2 * size] == phrase and norm[start + 2 * size : start + 3 * size] == phrase:
+                if len(set(phrase)) == 1 and _spoken_digit_run(words, norm, start):
+                    continue
                 return words[: start + size]
     return words
+
+
+#: A digit said again and again is a number ("5200 0000 0000 0007" has eleven zeros running), not
+#: a loop, while each copy had time to be said; a copy under this long (seconds), or more copies
+#: than a card number holds, is the decoder's loop.
+DIGIT_SAID_S = 0.15
+MAX_DIGIT_REPEATS = 12
+
+
+def _spoken_digit_run(words: list[Word], norm: list[str], start: int) -> bool:
+    """Whether the word repeated from ``start`` on is a one-digit number whose copies were each
+    heard for :data:`DIGIT_SAID_S` on average, and no more than :data:`MAX_DIGIT_REPEATS` of them:
+    tiny.en read "7, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 6. Has never been surpassed." right,
+    and the loop cut kept "7, 3, 0, 0," of it."""
+    if digits_in(norm[start]) != 1:
+        return False
+    end = start
+    while end < len(norm) and norm[end] == norm[start]:
+        end += 1
+    copies = words[start:end]
+    return end - start <= MAX_DIGIT_REPEATS and (copies[-1].end - copies[0].start) / len(copies) >= DIGIT_SAID_S

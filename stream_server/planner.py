@@ -128,6 +128,12 @@ class SessionLimits:
     # tiny.en, on some window ends, falls into a lower-case reading without punctuation ("And so
     # am i fell in americans", -0.68 against -0.41 to -0.53 for the windows around it). -inf: never.
     recheck_logprob: float = -0.6
+    # ... and so is a turn whose reading stops this long before the turn's speech does: the
+    # decoder ended the text early (tiny.en, given "4539 1488" read digit by digit over 3.3 s,
+    # wrote " four," and stopped, its word sure enough; a beam read "4, 5, 3, 9, 1, 4, 8,").
+    # Between two readings, one that reads that much further into the turn's speech is kept
+    # (``policy.surer_reading``). 0: never.
+    unread_speech_ms: int = 1000
     # ... and that final keeps this many hypotheses at each step (1: greedy, as every other
     # decode). A greedy recheck of the same window mostly read the same words again; 8 calls,
     # 3 draws (lag 200 ± 50 ms): WER 7.38 -> 7.09% (offline beam 5: 7.13%), the whole corpus

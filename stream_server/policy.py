@@ -221,9 +221,23 @@ def mean_logprob(words: Sequence[Word]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-def surer_reading(rival: Sequence[Word], words: Sequence[Word]) -> list[Word]:
+def unread_speech(words: Sequence[Word], speech_end_s: float, limit_s: float) -> bool:
+    """Whether a reading of a turn stops more than ``limit_s`` before its speech does (0: never
+    said): the decoder ended its text early, leaving words unread."""
+    return bool(limit_s) and bool(words) and speech_end_s - words[-1].end > limit_s
+
+
+def surer_reading(rival: Sequence[Word], words: Sequence[Word], *, speech_end_s: float | None = None, unread_s: float = 0.0) -> list[Word]:
     """Of two readings of a turn's last words, the one the decoder was surer of; a reading with
-    words beats one without (nothing said is lost to a decode that heard nothing)."""
+    words beats one without (nothing said is lost to a decode that heard nothing), and with
+    ``speech_end_s`` (where the turn's speech ends), one that reads ``unread_s`` or more further
+    into that speech beats one that stopped early (:func:`unread_speech`)."""
+    if speech_end_s is not None and rival and words:
+        rival_end, words_end = rival[-1].end, words[-1].end
+        if unread_speech(words, speech_end_s, unread_s) and rival_end - words_end >= unread_s:
+            return list(rival)
+        if unread_speech(rival, speech_end_s, unread_s) and words_end - rival_end >= unread_s:
+            return list(words)
     if rival and (not words or mean_logprob(rival) > mean_logprob(words)):
         return list(rival)
     return list(words)

@@ -81,6 +81,7 @@ from stream_server.policy import (
     interim_commit_count,
     mean_logprob,
     surer_reading,
+    unread_speech,
     within_turn,
     without_trailing_punctuation,
     words_starting_before,
@@ -894,7 +895,7 @@ class Session:
             return out
         if pause_end is not None and heard_the_pause(utt.tail_window_end, turn_end, stable):
             tail = self._within_turn(utt, utt.tail)
-            if tail and self._unsure(utt, tail) and may_recheck:
+            if self._unsure(utt, tail) and may_recheck:
                 return out + self._submit_final(ch, utt, window_end, rival=tail)
             return out + self._resolve_without_decode(ch, utt, tail)
         if not decodable:
@@ -1196,14 +1197,20 @@ class Session:
                     return [retry]
                 words = rest
             words = self._within_turn(ticket.utterance, words)
-            if ticket.recheck is not None and words and self._unsure(ticket.utterance, words):
+            if ticket.recheck is not None and self._unsure(ticket.utterance, words):
                 # A promoted hypothesis the decoder was unsure of: the turn's own final decides.
                 recheck = ticket.recheck
                 recheck.rival = words
                 ch.finals[ch.finals.index(ticket)] = recheck
                 return [recheck]
+            if ticket.rival is None and ticket.request.beam_size < self.limits.recheck_beam and self._stops_early(ticket.utterance, words):
+                # A final that stopped reading early (a file's turn, or a live one with no
+                # reading that heard its pause): decoded again with a beam, the further reading kept.
+                retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, beam_size=self.limits.recheck_beam), rival=words)
+                ch.finals[ch.finals.index(ticket)] = retry
+                return [retry]
             if ticket.rival is not None:
-                words = surer_reading(ticket.rival, words)
+                words = surer_reading(ticket.rival, words, speech_end_s=self._speech_end_s(ticket.utterance), unread_s=self.limits.unread_speech_ms / 1000)
             ticket.utterance.no_speech_prob = result.no_speech_prob
             ticket.utterance.detected = result.language
             if language_settled(len(ticket.request.audio), result.language_probability):
@@ -1267,8 +1274,21 @@ class Session:
     def _unsure(self, utt: Utterance, words: list[Word]) -> bool:
         """Whether ``utt``'s last words, read as ``words`` by a hypothesis that heard its pause,
         are decoded again before they are final: the decoder was unsure of them
-        (``recheck_logprob``), or of the words it held back there (``held_sure_logprob``)."""
-        return mean_logprob(words) < self.limits.recheck_logprob or utt.held_unsure
+        (``recheck_logprob``), or of the words it held back there (``held_sure_logprob``), or
+        they stop well before the turn's speech does (``unread_speech_ms``)."""
+        if words and (mean_logprob(words) < self.limits.recheck_logprob or utt.held_unsure):
+            return True
+        return self._stops_early(utt, words)
+
+    def _stops_early(self, utt: Utterance, words: list[Word]) -> bool:
+        """Whether ``utt``, read as its committed words and then ``words``, stops well before its
+        speech does (``unread_speech_ms``)."""
+        return unread_speech([*utt.committed, *words], self._speech_end_s(utt), self.limits.unread_speech_ms / 1000)
+
+    @staticmethod
+    def _speech_end_s(utt: Utterance) -> float:
+        """Where ``utt``'s speech ends (its turn's end; the audio so far while it is open)."""
+        return (utt.end if utt.end is not None else utt.last_window_end) / MODEL_RATE
 
     @staticmethod
     def _continuation_failed(ticket: DecodeTicket, words: list[Word]) -> bool:

@@ -13,6 +13,7 @@ deciding whether two hypotheses agree.)
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 #: Punctuation that carries meaning a reader would say aloud: never stripped.
@@ -32,3 +33,28 @@ def bare_word(word: str) -> str:
     while end > start and _is_edge_mark(word[end - 1]):
         end -= 1
     return word[start:end].lower()
+
+
+# Numbers as spoken and as Whisper writes them (redaction's runs, the loop guard's digits).
+UNITS = {"zero": 1, "oh": 1, "o": 1, "one": 1, "two": 1, "three": 1, "four": 1, "five": 1, "six": 1, "seven": 1, "eight": 1, "nine": 1}
+TEENS = {"ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"}
+TENS = {"twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"}
+#: "double five" is two digits, "triple oh" three: the word adds what the next one repeats.
+REPEATS = {"double": 1, "triple": 2}
+#: "five hundred" is three digits, "two thousand" four.
+SCALES = {"hundred": 2, "thousand": 3}
+
+#: A numeral as Whisper writes one: digits with separators inside ("4111-1111", "12/25", "1,000").
+NUMERAL = re.compile(r"^[$£€#]?\d[\d,./:-]*%?$")
+
+
+def digits_in(word: str) -> int:
+    """How many digits ``word`` (bare, as :func:`bare_word` writes it) stands for as spoken, or 0
+    when it is not a number."""
+    if NUMERAL.match(word):
+        return sum(c.isdigit() for c in word)
+    if word in UNITS:
+        return 1
+    if word in TEENS or word in TENS:
+        return 2
+    return REPEATS.get(word, 0) + SCALES.get(word, 0)

@@ -227,6 +227,31 @@ def test_a_word_written_three_times_as_a_sentence_each_is_a_loop() -> None:
         assert guard(twice) == twice
 
 
+def card_read_aloud(seconds_per_digit: float) -> list[Word]:
+    """ "7, 3," then ten zeros, "1, 6", then a sentence: a card number's middle read digit by digit."""
+    texts = [" 7,", " 3,", *[" 0,"] * 10, " 1,", " 6.", " Has", " never", " been", " surpassed."]
+    return [word(t, i * seconds_per_digit, (i + 1) * seconds_per_digit) for i, t in enumerate(texts)]
+
+
+def test_a_digit_said_again_and_again_is_a_number_not_a_loop_or_an_echo() -> None:
+    """tiny.en read a card's "7300 0000 0000 16" right, over 3.7 s, and the loop cut kept "7, 3,
+    0, 0," (the sentence after it was lost too); the echo guard then took four of the zeros as a
+    repeat of the two before them."""
+    said = card_read_aloud(0.35)
+    assert _drop_repetition_loop(said) == said
+    assert _drop_echo([], said) == said
+    assert _drop_echo("4, 0, 0".split(), said) == said
+
+
+def test_a_digit_written_over_and_over_faster_than_speech_or_past_a_cards_length_is_a_loop() -> None:
+    squeezed = card_read_aloud(0.05)
+    assert " ".join(w.text.strip() for w in _drop_repetition_loop(squeezed)) == "7, 3, 0, 0,"
+    endless = [word(" 1,", i * 0.3, i * 0.3 + 0.3) for i in range(20)]
+    assert len(_drop_repetition_loop(endless)) == 1
+    phrase = [word(" " + w, i * 0.4, i * 0.4 + 0.4) for i, w in enumerate(("7 of clubs. " * 3).split())]
+    assert len(_drop_repetition_loop(phrase)) == 3, "a phrase said three times is still one"
+
+
 def test_a_repeat_without_audio_of_its_own_is_dropped() -> None:
     """Word times as the aligner gave them for "In 1813, in 1813," on 1.96 s of "In eighteen
     thirteen": the second copy sits in zero time."""

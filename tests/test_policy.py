@@ -15,6 +15,7 @@ from stream_server.policy import (
     interim_commit_count,
     mean_logprob,
     surer_reading,
+    unread_speech,
     within_turn,
     without_trailing_punctuation,
     words_before,
@@ -186,3 +187,23 @@ def test_the_surer_reading_wins_and_one_with_words_beats_one_without() -> None:
     assert surer_reading(surer, unsure) == surer
     assert surer_reading(unsure, []) == unsure
     assert surer_reading([], surer) == surer
+
+
+def test_a_reading_that_stops_well_before_the_speech_does_leaves_it_unread() -> None:
+    four = hypothesis(" four,", start=2.4)  # ends at 2.7
+    assert unread_speech(four, speech_end_s=5.7, limit_s=1.0)
+    assert not unread_speech(four, speech_end_s=3.5, limit_s=1.0)
+    assert not unread_speech(four, speech_end_s=5.7, limit_s=0.0), "0: never"
+    assert not unread_speech([], speech_end_s=5.7, limit_s=1.0), "nothing read is another rule's"
+
+
+def test_of_two_readings_the_one_that_reads_the_turns_speech_wins_over_a_surer_one_that_stopped() -> None:
+    """tiny.en's greedy reading of "4539 1488" said only " four," (sure of it); a beam read seven
+    digits less surely. The turn's speech ran to 5.7 s: the reading that stopped at 2.7 s loses."""
+    stopped = [sure(" four,", -0.1)]
+    stopped = [Word(" four,", 2.4, 2.7, stopped[0].tokens)]
+    digits = [Word(f" {d},", 2.4 + 0.4 * i, 2.7 + 0.4 * i, (Token(1, f" {d},", -0.5),)) for i, d in enumerate("4539148")]
+    assert surer_reading(stopped, digits, speech_end_s=5.7, unread_s=1.0) == digits
+    assert surer_reading(digits, stopped, speech_end_s=5.7, unread_s=1.0) == digits
+    assert surer_reading(stopped, digits) == stopped, "without the turn's end, the surer one"
+    assert surer_reading(stopped, digits, speech_end_s=5.7, unread_s=0.0) == stopped

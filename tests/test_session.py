@@ -1498,3 +1498,41 @@ def test_held_words_wait_for_agreement_when_the_speaker_goes_on_first() -> None:
     d.close()
     # The turn's real end is decided by its own pause decode, which reads "x2" again.
     assert d.of(p.TranscriptDone)[0].text == "w1 x2 w3 w4 w5"
+
+
+class StopsEarlyWhereItHeardThePause(BurstDecoder):
+    """Reads every word while the speaker talks, but a greedy decode whose window ends in the
+    pause stops after its first new word, sure of it (tiny.en, given "4539 1488" read digit by
+    digit, wrote " four," and stopped); a beam reads on."""
+
+    def decode_one(self, request: DecodeRequest) -> DecodeResult:
+        result = super().decode_one(request)
+        heard_pause = bool(result.words) and len(request.audio) / 16000 - result.words[-1].end >= 0.3
+        if request.beam_size > 1 or not heard_pause or len(result.words) < 2:
+            return result
+        return dataclasses.replace(result, words=result.words[:1])
+
+
+def stopped_turn(latency_chunks: int, **limits) -> Driver:
+    session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad(),
+                      limits=SessionLimits(**limits))
+    d = Driver(session, latency_chunks=latency_chunks)
+    d.decoder = StopsEarlyWhereItHeardThePause()
+    d.feed(np.concatenate([silence(0.3), speech(list(range(1, 9))), silence(1.5)]))  # 2.8 s: nothing commits before its pause
+    d.close()
+    return d
+
+
+@pytest.mark.parametrize("latency_chunks", [3, 30])
+def test_a_reading_that_stops_well_before_the_turns_speech_is_decoded_again_and_the_further_one_kept(latency_chunks: int) -> None:
+    """Latency 30: the pause decode is in flight at the turn's end and promoted; 3: it is back
+    before and its words are the turn's last hypothesis. Either way its reading stops seconds
+    before the turn's speech (``unread_speech_ms``): the turn's final decodes it again with a
+    beam, and the reading that reads the speech is kept."""
+    if latency_chunks == 30:  # (at 3, the turn's final decode heard no pause: it read on anyway)
+        [lost] = stopped_turn(latency_chunks, unread_speech_ms=0).of(p.TranscriptSegment)
+        assert lost.text == "w1"
+    d = stopped_turn(latency_chunks)
+    assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(*range(1, 9))]
+    assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 9))
+    assert any(r.final and r.beam_size == 5 for batch in d.decoder.calls for r in batch) == (latency_chunks == 30)
