@@ -191,6 +191,7 @@ class Engine:
             limits=limits or self.limits,
             model_exists=self.registry.exists,
             model_speaks=self.registry.speaks,
+            redact_floor=self.settings.redact_names(),
         )
 
     async def transcribe_events(self, audio: np.ndarray, config: p.SessionConfig) -> AsyncIterator[p.ServerEvent]:

@@ -64,6 +64,9 @@ class SessionConfig(BaseModel):
     # utterances; events say which channel they belong to. At most 8 bounds per-session VAD work.
     channels: int = Field(1, ge=1, le=8)
     channel_labels: list[str] | None = None  # names echoed as ``speaker`` ("agent", "customer")
+    # Spoken numbers replaced by placeholders in every event (``redaction.py``): ``pci`` (card
+    # numbers, expiry dates, security codes), ``ssn``, ``numbers`` (any 3+ digits), or one kind.
+    redact: list[Literal["pci", "credit_card", "credit_card_expiration", "cvv", "ssn", "numbers"]] = Field(default_factory=list)
 
     @field_validator("channel_labels")
     @classmethod

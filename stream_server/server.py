@@ -91,6 +91,10 @@ def serve(settings: Settings) -> None:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     if settings.ssl_keyfile and not settings.ssl_certfile:
         raise SystemExit("--ssl-keyfile needs --ssl-certfile (the certificate that key belongs to)")
+    try:
+        settings.redact_names()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     # Before create_app: the decode threads it starts must find the limit in place.
     if limit_malloc_arenas(settings.malloc_arenas):
         log.info("malloc arenas limited to %d (--malloc-arenas)", settings.malloc_arenas)

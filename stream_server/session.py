@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,6 +86,7 @@ from stream_server.policy import (
     without_trailing_punctuation,
     words_starting_before,
 )
+from stream_server.redaction import HeldRun, Redactor, kinds_of, without_placeholders
 from stream_server.state import SessionState, TicketState, UtteranceState, transition
 from stream_server.transcript import Transcript
 from stream_server.vad import (
@@ -178,6 +179,10 @@ class Utterance:
     end: int | None = None  # set when it ends
     state: UtteranceState = UtteranceState.OPEN
     committed: list[Word] = dataclasses.field(default_factory=list)  # absolute times
+    # What its deltas spelled: ``committed`` with redacted runs replaced (``redaction.py``), less
+    # the run of numbers ``number_run`` holds back until it ends.
+    shown: list[Word] = dataclasses.field(default_factory=list)
+    number_run: HeldRun = dataclasses.field(default_factory=lambda: HeldRun(Redactor(frozenset())))
     tail: list[Word] = dataclasses.field(default_factory=list)  # last uncommitted hypothesis
     last_window_end: int = 0  # end of the last interim window submitted
     tail_window_end: int = 0  # end of the window whose hypothesis ``tail`` is
@@ -276,9 +281,14 @@ class Session:
         limits: SessionLimits = SessionLimits(),
         model_exists: Callable[[str], bool] = lambda name: True,
         model_speaks: Callable[[str, str], bool] = p.speaks_by_name,
+        redact_floor: Iterable[str] = (),
     ) -> None:
         self.id = session_id
+        # The server's ``--redact``: kinds every session redacts, whatever its client asks.
+        self._redact_floor = frozenset(redact_floor)
+        config = self._with_floor(config)
         self.config = config
+        self._redactor = Redactor(kinds_of(config.redact))
         self.limits = limits
         self._model_exists = model_exists
         self._model_speaks = model_speaks
@@ -309,6 +319,11 @@ class Session:
     @property
     def state(self) -> SessionState:
         return self._state
+
+    def _with_floor(self, config: p.SessionConfig) -> p.SessionConfig:
+        """``config`` with the server's redaction floor added to what it asks for."""
+        missing = self._redact_floor - set(config.redact)
+        return config.model_copy(update={"redact": [*config.redact, *sorted(missing)]}) if missing else config
 
     @property
     def closing(self) -> bool:
@@ -610,7 +625,7 @@ class Session:
 
     def _update(self, changes: dict[str, Any]) -> list[Output]:
         try:
-            new = self.config.updated(changes)
+            new = self._with_floor(self.config.updated(changes))
         except p.ProtocolError as exc:
             return [p.Error.invalid(exc.code, exc.message, exc.param)]
         if "model" in changes and not self._model_exists(new.model):
@@ -629,6 +644,7 @@ class Session:
         old = self.config
         self._previous_model = old.model
         self.config = new
+        self._redactor.kinds = kinds_of(new.redact)
         out += self._push_channels(self._audio_in.reconfigure(new.input_audio_format, new.sample_rate))
         for channel, source in self._channel_in.items():
             out += self._push_audio(source.reconfigure(new.input_audio_format, new.sample_rate), channel)
@@ -850,7 +866,8 @@ class Session:
     def _open_utterance(self, ch: Channel, start: int, onset: int) -> list[Output]:
         start = max(start, ch.buffer.start)
         serial = next(self._items)
-        utt = Utterance(item_id=f"item_{self.id[-8:]}_{serial}", serial=serial, start=start, onset=onset)
+        utt = Utterance(item_id=f"item_{self.id[-8:]}_{serial}", serial=serial, start=start, onset=onset,
+                        number_run=HeldRun(self._redactor, ch.index))
         self._item_channel[utt.item_id] = ch.index
         utt.last_window_end = start
         ch.utterance = utt
@@ -932,7 +949,8 @@ class Session:
     def _context_of(self, ch: Channel, turn: int) -> str:
         """The channel's text up to the end of turn ``turn - final_context_lag`` ("" before it)."""
         last = turn - self.limits.final_context_lag
-        return ch.transcript.text[: ch.turn_ends[last]] if last >= 0 else ""
+        text = ch.transcript.text[: ch.turn_ends[last]] if last >= 0 else ""
+        return without_placeholders(text) if self._redactor.active else text
 
     def _release_waiting_finals(self, ch: Channel) -> list[Output]:
         """Send the finals whose context turn has just become final, planned with that text."""
@@ -964,7 +982,7 @@ class Session:
             ticket = ch.finals.pop(0)
             utt = ticket.utterance
             utt.tail = []
-            out += self._commit_words(ch, utt, ticket.words)
+            out += self._commit_words(ch, utt, ticket.words, closing=True)
             ch.carry = carry_of(self.limits, utt.committed, utt.end)
             ch.turn_ends.append(len(ch.transcript.text))
             out += self._finish_utterance(utt)
@@ -999,7 +1017,7 @@ class Session:
             if self.config.interim_results:
                 out.append(render.interim(utt.item_id, [], timings=self.config.wants("words")))
         wants = self.config.wants
-        segment = render.segment(utt.item_id, utt.committed, onset=utt.onset, end=utt.end, no_speech_prob=utt.no_speech_prob,
+        segment = render.segment(utt.item_id, utt.shown, onset=utt.onset, end=utt.end, no_speech_prob=utt.no_speech_prob,
                                  logprobs=wants("logprobs"), timings=wants("words"), language=utt.detected or self.config.language)
         channel = self._item_channel.get(utt.item_id, 0)
         self._segments.append(dataclasses.replace(segment, channel=channel, speaker=self.config.speaker(channel)))
@@ -1148,7 +1166,7 @@ class Session:
         out = self._commit_words(ch, utt, committed)
         utt.tail = tail
         if self.config.interim_results:
-            caption = render.interim(utt.item_id, utt.tail, timings=self.config.wants("words"))
+            caption = render.interim(utt.item_id, utt.number_run.caption(utt.tail), timings=self.config.wants("words"))
             if caption.text != utt.interim_sent:
                 utt.interim_sent = caption.text
                 out.append(caption)
@@ -1323,11 +1341,17 @@ class Session:
     def _within_turn(self, utt: Utterance, words: list[Word]) -> list[Word]:
         return within_turn(words, utt.end, self.limits.end_tolerance_ms)
 
-    def _commit_words(self, ch: Channel, utt: Utterance, words: list[Word]) -> list[Output]:
-        if not words:
-            return []
+    def _commit_words(self, ch: Channel, utt: Utterance, words: list[Word], *, closing: bool = False) -> list[Output]:
+        """Commit ``words``; their delta spells them redacted, less a run of numbers that may
+        still grow (``closing``: the utterance's last words, so nothing is held back)."""
         utt.committed.extend(words)
-        delta = ch.transcript.delta(utt.item_id, words, logprobs=self.config.wants("logprobs"), timings=self.config.wants("words"),
+        shown = utt.number_run.push(words)
+        if closing:
+            shown += utt.number_run.flush()
+        if not shown:
+            return []
+        utt.shown.extend(shown)
+        delta = ch.transcript.delta(utt.item_id, shown, logprobs=self.config.wants("logprobs"), timings=self.config.wants("words"),
                                     language=utt.detected)
         return [delta] if delta is not None else []
 

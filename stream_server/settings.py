@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from stream_server.redaction import names_from as redaction_names
+
 ENV_PREFIX = "STREAM_SERVER_"
 
 
@@ -246,6 +248,11 @@ class Settings:
     webhook_max_attempts: int = dataclasses.field(
         default=5, metadata={"help": "attempts per webhook payload (exponential backoff between them) before it is dropped"}
     )
+    # Redaction every session gets, whatever its client asks (redaction.py).
+    redact: str = dataclasses.field(
+        default="",
+        metadata={"help": "redact these in every session's transcripts, comma-separated: pci (card numbers, expiry dates, security codes), ssn, numbers (any 3+ digits), or credit_card, credit_card_expiration, cvv; clients can add kinds, not remove these (empty: only what a client asks)"},
+    )
     # URLs that requests name: Deepgram's {"url": ...} audio and callback= (request_urls.py, callbacks.py).
     request_urls: str = dataclasses.field(
         default="public",
@@ -289,6 +296,13 @@ class Settings:
         default="",
         metadata={"help": "Redis as the shared session bus (redis://host:6379/0): every session's events and transcript are published there, so /v1/sessions/{id}/events and /transcript answer on any replica, and per-key limits count every replica's sessions and audio (empty: in-process only)"},
     )
+
+    def redact_names(self) -> tuple[str, ...]:
+        """``--redact`` as names; raises ValueError naming one that is not a redaction kind."""
+        try:
+            return tuple(redaction_names([self.redact]))
+        except ValueError as exc:
+            raise ValueError(f"--redact: {exc}") from None
 
     def api_key_set(self) -> frozenset[str]:
         return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())

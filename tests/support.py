@@ -29,6 +29,7 @@ __all__ = [
     "normalize",
     "read_wav",
     "require_speech",
+    "spoken_card_call",
     "start_server",
     "stored_call_wav",
     "wer",
@@ -62,6 +63,30 @@ def english_references() -> list[dict]:
 def load_clip(clip_id: str, *, rate: int = 16000) -> np.ndarray:
     row = manifest()[clip_id]
     return read_wav(SPEECH_DIR / (row["path"] if rate == 16000 else row["orig8k_path"]), rate=rate)
+
+
+#: FSDD speakers who read each digit (the corpus has each digit by three of them).
+DIGIT_SPEAKERS = {0: "george", 1: "jackson", 2: "lucas", 3: "nicolas", 4: "theo", 5: "yweweler", 6: "george", 7: "jackson", 8: "lucas", 9: "nicolas"}
+
+
+def spoken_digits(digits: str, *, gap_s: float = 0.08, group_gap_s: float = 0.35) -> np.ndarray:
+    """``digits`` read out by real voices (FSDD), a space a longer pause: "5204 7300" is a card
+    number read in groups of four."""
+    parts: list[np.ndarray] = []
+    for ch in digits:
+        if ch == " ":
+            parts.append(np.zeros(int(16000 * group_gap_s), np.float32))
+        else:
+            parts += [load_clip(f"fsdd_{ch}_{DIGIT_SPEAKERS[int(ch)]}_0"), np.zeros(int(16000 * gap_s), np.float32)]
+    return np.concatenate(parts)
+
+
+def spoken_card_call(card: str = "5204 7300 0000 0016") -> np.ndarray:
+    """A customer's turn of real speech ("will we ever forget it"), then a card number read out
+    in groups by real voices, then another sentence ("has never been surpassed"): 16 kHz mono."""
+    pause = np.zeros(int(16000 * 0.3), np.float32)
+    quiet = np.zeros(int(16000 * 0.5), np.float32)
+    return np.concatenate([quiet, load_clip("arctic_slt_arctic_a0005"), pause, spoken_digits(card), pause, load_clip("ljspeech_LJ001-0008"), quiet])
 
 
 def read_wav(path: Path, *, dtype: str = "float32", rate: int = 16000) -> np.ndarray:

@@ -307,6 +307,14 @@ def test_a_stereo_call_becomes_final_transcript_events_then_closed() -> None:
     assert h.closes and h.closes[0].code == 1000, "the core closes after done; closed went out first"
 
 
+@pytest.mark.parametrize("redact", [["pci", "ssn"], "pci, ssn"])
+def test_custom_config_redact_reaches_the_session(redact: object) -> None:
+    h = AudioHookHarness()
+    h.open(customConfig={"redact": redact})
+    assert h.session.config.redact == ["pci", "ssn"]
+    assert h.of("opened") and not h.of("disconnect")
+
+
 def test_interim_results_on_request_share_the_final_id() -> None:
     h = AudioHookHarness()
     h.open(customConfig={"interimResults": True})
@@ -622,6 +630,9 @@ BEFORE_OPEN: dict[str, tuple[Any, str]] = {
     "open without conversation": (lambda h: h.send(h.client.message("open", {"organizationId": ORG, "media": OFFER})), "conversationId"),
     "continuedSessions not a list": (lambda h: h.send(h.client.open(continuedSessions={"id": SESSION})), "continuedSessions must be a list"),
     "continuedSessions without seqs": (lambda h: h.send(h.client.open(continuedSessions=[{"id": SESSION}])), "serverseq and clientseq"),
+    # a redaction the server does not do: the conversation is not transcribed unredacted
+    "open with an unknown redaction": (lambda h: h.send(h.client.open(customConfig={"redact": ["pci", "pii"]})), "customConfig.redact: 'pii' is not a redaction"),
+    "open with redact not text": (lambda h: h.send(h.client.open(customConfig={"redact": 3})), "customConfig.redact must be a string or a list of strings"),
 }
 
 

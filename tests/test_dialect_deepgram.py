@@ -316,6 +316,27 @@ def test_a_language_that_is_not_one_is_refused_by_the_parser_both_routes_share()
     assert dg.parse_options({**SDK_QUERY, "language": "multi"}, lambda name: True, "req").language is None
 
 
+@pytest.mark.parametrize(
+    ("values", "names"),
+    [(["pci"], ["pci"]), (["pci", "ssn"], ["pci", "ssn"]), (["true"], ["numbers"]), (["aggressive_numbers,cvv"], ["numbers", "cvv"]), (["false"], None)],
+)
+def test_redact_becomes_the_sessions_redaction(values: list[str], names: list[str] | None) -> None:
+    options = dg.parse_options({**SDK_QUERY, "redact": values[-1]}, lambda name: True, "req", lists={"redact": values})
+    assert dg.native_config(options).get("redact") == names
+
+
+def test_a_redaction_this_server_cannot_do_is_refused_not_ignored() -> None:
+    """``pii`` and ``phi`` need an entity model: accepted and left undone, the caller would get
+    back the names and addresses it asked to have removed."""
+    message = str(rejected({**SDK_QUERY, "redact": "pii"}).body["err_msg"])
+    assert "`redact`" in message and "'pii' is not a redaction this server does" in message
+
+
+def test_a_redaction_placeholder_keeps_its_brackets_in_the_plain_form() -> None:
+    assert dg.plain_word("[CREDIT_CARD_1],") == "[credit_card_1]"
+    assert dg.plain_text("My card is [CREDIT_CARD_1]. Thanks") == "my card is [credit_card_1] thanks"
+
+
 def test_language_multi_means_detect() -> None:
     assert dg.create(handshake({**SDK_QUERY, "language": "multi"})).initial_config()["language"] is None
     assert dg.create(handshake(SDK_QUERY)).initial_config()["language"] == "en", "Deepgram's default"

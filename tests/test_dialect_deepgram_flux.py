@@ -220,12 +220,18 @@ def test_turn_silence_follows_eot_threshold_and_the_timeout() -> None:
         ({**QUERY, "eager_eot_threshold": "0.95"}, "eager_eot_threshold"),
         ({**QUERY, "eot_timeout_ms": "100"}, "eot_timeout_ms"),
         ({**QUERY, "model": "flux-general-multi"}, "English only"),
+        ({**QUERY, "redact": "phi"}, "'phi' is not a redaction this server does"),
     ],
 )
 def test_invalid_queries_are_refused_before_the_upgrade(query: dict[str, str], needle: str) -> None:
     with pytest.raises(HandshakeRejected) as info:
         flux.create(handshake(query))
     assert info.value.status == 400 and needle in info.value.body["err_msg"], info.value.body
+
+
+def test_redact_numbers_becomes_the_sessions_redaction() -> None:
+    assert flux.create(handshake({**QUERY, "redact": "aggressive_numbers"})).initial_config()["redact"] == ["numbers"]
+    assert "redact" not in flux.create(handshake(QUERY)).initial_config()
 
 
 def test_flux_multi_detects_the_language_with_a_multilingual_model() -> None:

@@ -259,6 +259,22 @@ def test_with_keys_configured_a_good_key_starts_the_call() -> None:
     assert h.closes == [] and h.dialect.api_key == "k2" and h.session.config.channels == 2
 
 
+def test_a_redact_parameter_reaches_the_session() -> None:
+    h = TwilioHarness()
+    h.begin(parameters={"redact": "PCI, ssn"})
+    assert h.closes == [] and h.session.config.redact == ["pci", "ssn"]
+
+
+def test_a_redact_parameter_the_server_does_not_do_closes_with_1008(caplog: pytest.LogCaptureFixture) -> None:
+    """A flow asking for ``pii`` (names, addresses: no entity model here) would otherwise have its
+    call transcribed unredacted."""
+    h = TwilioHarness()
+    h.begin(parameters={"redact": "pci,pii"})
+    assert h.closes == [Close(1008, "unsupported redact")]
+    assert not [c for c in h.commands if isinstance(c, p.SessionUpdate)]
+    warned(caplog, "'pii' is not a redaction this server does")
+
+
 def test_without_keys_configured_any_key_is_ignored() -> None:
     h = TwilioHarness()
     h.begin(parameters={"api_key": "anything"})

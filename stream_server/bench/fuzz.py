@@ -339,6 +339,7 @@ NATIVE_SESSION_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "interim_results": st.booleans(),
     "channels": st.integers(1, 3),
     "channel_labels": st.none() | st.lists(st.sampled_from(["agent", "customer", "x" * 65, ""]), max_size=3),
+    "redact": st.lists(st.sampled_from(["pci", "ssn", "numbers", "cvv", "pii", ""]), max_size=3) | st.sampled_from(["pci", None]),
 }
 native_session_fields = st.fixed_dictionaries({}, optional=NATIVE_SESSION_FIELDS)
 
@@ -423,6 +424,7 @@ deepgram_query = st.fixed_dictionaries({}, optional={
     "language": st.sampled_from(["en", "multi", "en-US", "xx-yy-zz", ""]),
     "model": st.sampled_from(["nova-3", "tiny.en", "base", "mystery", ""]),
     "keyterm": st.text(max_size=20),
+    "redact": st.sampled_from(["pci", "true", "false", "pci,ssn", "pii", "aggressive_numbers", ""]),
 }) | st.dictionaries(st.sampled_from(["encoding", "sample_rate", "channels", "endpointing", "model", "language"]), st.text(max_size=12))
 
 
@@ -449,6 +451,7 @@ flux_query = st.fixed_dictionaries({}, optional={
     "model": st.sampled_from(["flux-general-en", "flux-general-multi", "base", "nova-3", ""]),
     "language_hint": st.sampled_from(["de", "xx-yy-zz", ""]),
     "keyterm": st.text(max_size=20),
+    "redact": st.sampled_from(["numbers", "aggressive_numbers", "phi"]),
 })
 
 
@@ -539,6 +542,7 @@ def twilio_start(draw: st.DrawFn) -> dict[str, Any]:
         "inbound_label": st.sampled_from(["agent", "", "x" * 70]),
         "outbound_label": st.sampled_from(["customer", " "]),
         "silence_duration_ms": st.sampled_from(["300", "800", "0", "-1", "abc", ""]) | ODD_NUMBERS,
+        "redact": st.sampled_from(["pci", "pci,ssn", "PCI", "", "pii"]),
     }))
     tracks = draw(st.sampled_from([["inbound"], ["inbound", "outbound"], ["inbound", "outbound"], ["outbound"], ["both_tracks"], []]))
     start = {"accountSid": "AC" + "3d" * 16, "streamSid": "MZ" + "2e" * 16, "callSid": "CA" + "1f" * 16,
@@ -603,7 +607,9 @@ def audiohook_open(draw: st.DrawFn) -> dict[str, Any]:
     if draw(st.booleans()):
         parameters["language"] = draw(st.sampled_from(["en-US", "de-DE", "xx", "en"]))
     if draw(st.booleans()):
-        parameters["customConfig"] = {"interimResults": draw(st.booleans())}
+        parameters["customConfig"] = draw(st.fixed_dictionaries({"interimResults": st.booleans()}, optional={
+            "redact": st.sampled_from([["pci"], "pci, ssn", ["pii"], 3, []]),
+        }))
     if draw(st.booleans()):
         parameters["supportedLanguages"] = True
     return audiohook_envelope("open", parameters)

@@ -62,6 +62,7 @@ from typing import Any
 from stream_server import protocol as p
 from stream_server.dialects.base import Action, Handshake, HandshakeRejected, Send
 from stream_server.hub import Control, ControlRefused
+from stream_server.redaction import names_from
 from stream_server.settings import Settings, from_sources
 
 log = logging.getLogger(__name__)
@@ -441,6 +442,7 @@ class AudioHookDialect:
             return self._disconnect("unauthorized", "organizationId does not match the Audiohook-Organization-Id header")
         self.media, self.language = media, language
         self.interim_results = bool(custom and custom.get("interimResults") is True)
+        redact = _redact(custom.get("redact") if custom else None)
         self.continued_sessions = continued
         self._start_timeline(_position(message))
         if continued:
@@ -454,7 +456,10 @@ class AudioHookDialect:
         opened: dict[str, Any] = {"media": [media.offered], "startPaused": False}
         if parameters.get("supportedLanguages") is True:
             opened["supportedLanguages"] = list(supported_languages(self.options.default_model))
-        return [p.SessionUpdate(self._session_changes(media, language)), self._message("opened", opened)]
+        changes = self._session_changes(media, language)
+        if redact:
+            changes["redact"] = redact
+        return [p.SessionUpdate(changes), self._message("opened", opened)]
 
     def _start_timeline(self, position: float) -> None:
         """The stream's position at ``open``: 0 for a new session; where a continued session's
@@ -726,6 +731,21 @@ class AudioHookDialect:
 
 def _natural(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _redact(raw: object) -> list[str]:
+    """``customConfig.redact``: a list of redaction names or one comma-separated string. One the
+    server does not do is bad input (``disconnect``, reason ``error``): the conversation is not
+    transcribed unredacted."""
+    if raw is None:
+        return []
+    values = [raw] if isinstance(raw, str) else raw
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise BadInput("open parameter customConfig.redact must be a string or a list of strings")
+    try:
+        return names_from(values)
+    except ValueError as exc:
+        raise BadInput(f"customConfig.redact: {exc}") from None
 
 
 def _continued_sessions(raw: object) -> list[dict[str, Any]]:

@@ -50,6 +50,7 @@ from stream_server.dialects.deepgram_audio import (
     AudioIntake,
     raw_config,
 )
+from stream_server.redaction import PLACEHOLDER, names_from
 from stream_server.words import bare_word
 
 #: Deepgram closes a stream that receives neither audio nor a text message for 10 seconds.
@@ -103,6 +104,7 @@ class ListenOptions:
     # ``extra=KEY:VALUE`` (repeatable): the caller's labels, echoed as ``extra`` in the response's
     # metadata (a callback's receiver tells its calls apart by them).
     extra: tuple[tuple[str, str], ...] = ()
+    redact: tuple[str, ...] = ()  # core redaction names (``redact_names``)
 
 
 def reject(message: str, request_id: str) -> HandshakeRejected:
@@ -227,6 +229,24 @@ def extra_pairs(query: Mapping[str, str], lists: Mapping[str, Sequence[str]], re
     return tuple(pairs.items())
 
 
+#: Deepgram's names for the redactions this server does that are not the core's own.
+DEEPGRAM_REDACT_ALIASES = {"true": "numbers", "aggressive_numbers": "numbers"}
+
+
+def redact_names(query: Mapping[str, str], lists: Mapping[str, Sequence[str]], request_id: str) -> tuple[str, ...]:
+    """Every ``redact=`` (repeated, as the SDK sends a list, or comma-separated) as core names:
+    ``pci``, ``ssn``, ``numbers`` (``true``, ``aggressive_numbers``), ``credit_card``,
+    ``credit_card_expiration``, ``cvv``; ``false`` is none. Deepgram's entity redaction of names,
+    addresses and health terms (``pii``, ``phi``) needs an entity model this server lacks: it is
+    refused (400) rather than accepted and left undone, which would hand back the very text the
+    caller asked to have removed."""
+    values = [v for raw in query_values(query, lists, "redact") for v in raw.split(",") if v.strip().lower() != "false"]
+    try:
+        return tuple(names_from(DEEPGRAM_REDACT_ALIASES.get(v.strip().lower(), v) for v in values))
+    except ValueError as exc:
+        raise reject(f"Invalid value for query parameter `redact`: {exc}", request_id) from None
+
+
 def parse_options(
     query: Mapping[str, str],
     model_exists: Callable[[str], bool],
@@ -266,6 +286,7 @@ def parse_options(
         utterances=_bool(query, "utterances", False, request_id),
         paragraphs=_bool(query, "paragraphs", False, request_id),
         extra=extra_pairs(query, lists or {}, request_id),
+        redact=redact_names(query, lists or {}, request_id),
     )
 
 
@@ -286,6 +307,8 @@ def native_config(options: ListenOptions) -> dict[str, object]:
         config["turn_detection"] = {"type": "server_vad", "silence_duration_ms": options.endpointing}
     if options.keyterm:
         config["prompt"] = options.keyterm
+    if options.redact:
+        config["redact"] = list(options.redact)
     return config
 
 
@@ -308,7 +331,12 @@ def api_key(handshake: Handshake) -> tuple[str | None, str | None]:
 
 def plain_word(word: str) -> str:
     """Deepgram's ``word``: lower-case, without leading/trailing punctuation ("Hello," → "hello";
-    "don't" and "3.5" keep their inner marks) — the server's one word normaliser."""
+    "don't" and "3.5" keep their inner marks) — the server's one word normaliser. A redaction
+    placeholder keeps its brackets ("[CREDIT_CARD_1]," → "[credit_card_1]"): without them it
+    would read as a word that was said."""
+    placeholder = PLACEHOLDER.search(word)
+    if placeholder is not None:
+        return placeholder.group().strip().lower()
     return bare_word(word)
 
 

@@ -36,6 +36,7 @@ from stream_server.dialects.deepgram import (
     punctuated_text,
     query_number,
     query_values,
+    redact_names,
     reject,
     terms_prompt,
 )
@@ -84,6 +85,7 @@ class FluxOptions:
     keyterms: tuple[str, ...] = ()
     model: str | None = None  # a model this server has; None: the server default
     language: str | None = "en"  # flux-general-en; None: detect per turn (flux-general-multi)
+    redact: tuple[str, ...] = ()  # core redaction names (``deepgram.redact_names``)
 
 
 def _float(query: Mapping[str, str], name: str, bounds: tuple[float, float], request_id: str) -> float | None:
@@ -129,6 +131,7 @@ def parse_options(
         keyterms=keyterms,
         model=model,
         language=language,
+        redact=redact_names(query, lists or {}, request_id),
     )
 
 
@@ -150,6 +153,8 @@ def native_config(options: FluxOptions) -> dict[str, object]:
         config["model"] = options.model
     if options.keyterms:
         config["prompt"] = terms_prompt(options.keyterms)
+    if options.redact:
+        config["redact"] = list(options.redact)
     return config
 
 

@@ -40,6 +40,7 @@ from typing import Any
 from stream_server import protocol as p
 from stream_server.dialects.base import Action, Close, Handshake, HandshakeRejected
 from stream_server.hub import Dtmf
+from stream_server.redaction import names_from
 from stream_server.settings import Settings, from_sources
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class TwilioDialect:
         self.dtmf: list[str] = []  # digits pressed, in order
         self._call_events: list[Dtmf] = []  # key presses the shell has not taken yet
         self._labels: dict[str, str] = {}  # track → speaker label, once ``start`` is accepted
+        self._redact: list[str] = []  # customParameters.redact, once ``start`` is accepted
         self._started = False
         self._stopped = False
         self._last_sequence: int | None = None
@@ -222,7 +224,7 @@ class TwilioDialect:
         if refusal is not None:
             return [refusal]
         parameters = self._parameters(start.get("customParameters"))
-        refusal = self._authorize(parameters)
+        refusal = self._authorize(parameters) or self._check_redact(parameters)
         if refusal is not None:
             return [refusal]
         names = self._track_names(start.get("tracks"))
@@ -267,6 +269,17 @@ class TwilioDialect:
         log.warning("twilio %s: %s API key in customParameters.api_key; closing with %d", self.call, reason, POLICY_VIOLATION)
         return Close(POLICY_VIOLATION, f"{reason} API key")
 
+    def _check_redact(self, parameters: Mapping[str, str]) -> Close | None:
+        """``customParameters.redact`` (``pci,ssn``) must name redactions this server does: a
+        call whose flow asks for one it does not (a typo, ``pii``) is ended with 1008 rather than
+        transcribed unredacted, and logged with the callSid."""
+        try:
+            self._redact = names_from([parameters.get("redact", "")])
+        except ValueError as exc:
+            log.warning("twilio %s: customParameters.redact: %s; closing with %d", self.call, exc, POLICY_VIOLATION)
+            return Close(POLICY_VIOLATION, "unsupported redact")
+        return None
+
     def _track_names(self, raw: object) -> list[str]:
         """The tracks in channel order: ``inbound`` first. Unknown names are logged and left out;
         no usable track means Twilio's default, ``inbound``."""
@@ -287,6 +300,8 @@ class TwilioDialect:
             "channels": len(names),
             "channel_labels": [self._labels[name] for name in names],
         }
+        if self._redact:
+            changes["redact"] = self._redact
         model = parameters.get("model", "").strip()
         if model:
             if self.options.model_exists(model):

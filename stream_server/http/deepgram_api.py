@@ -334,7 +334,7 @@ class _Job:
                 fetched = await fetch_audio(self.url, engine.url_policy, max_bytes=engine.settings.max_file_bytes, total_s=engine.settings.request_url_timeout_s)
                 self.upload = _with_sha256(fetched)
             spool, sha256 = self.upload
-            config = session_config(self.model, language=self.options.language, prompt=self.options.keyterm or "")
+            config = session_config(self.model, language=self.options.language, prompt=self.options.keyterm or "", redact=list(self.options.redact))
             async with self.jobs.semaphore:
                 audio = await _audio(spool, self.options)
                 result = await engine.transcribe(audio, with_channels(config, audio, None))
