@@ -66,6 +66,7 @@ def session_limits(settings: Settings) -> SessionLimits:
         carry_gap_ms=settings.carry_gap_ms,
         handover_pause_ms=settings.handover_pause_ms,
         narrowband_padding_ms=settings.narrowband_padding_ms,
+        number_pause_ms=settings.number_pause_ms,
         level_onset_reach_ms=settings.level_onset_reach_ms,
         padding_from_level_ms=settings.padding_from_level_ms,
         fresh_listen_prob=settings.fresh_listen_prob,

@@ -192,6 +192,12 @@ class SessionLimits:
     # keeps the surer reading (as under ``recheck_logprob``). -0.45 against -0.6, 3 draws: 24
     # streams 7.57 -> 7.30% WER; docs/benchmarks.md, "Held words, unsure". -inf: committed however unsure.
     held_sure_logprob: float = -0.45
+    # With redaction on, a turn whose words so far end in a number (its committed words and its
+    # latest hypothesis) ends only after this much silence, when that is longer than the turn's
+    # ``silence_duration_ms``: a card read in groups stays one turn, so redaction judges all of
+    # it (``redaction.py``), where a turn end between two groups sent the first group as said.
+    # 24 spoken numbers (``bench --replay --numbers``): see docs/benchmarks.md, "Redaction".
+    number_pause_ms: int = 1200
     # In a session of several channels, a frame of one channel this many dB or more under
     # another channel's loudest frame of the last 320 ms is that channel's speech heard faintly
     # (line or acoustic echo, bleed) and its VAD hears silence there (``crosstalk.CrosstalkGate``;

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from stream_server.decoding import Token, Word
-from stream_server.words import TENS, UNITS, bare_word, digits_in
+from stream_server.words import SPOKEN_DIGITS, TENS, UNITS, bare_word, digits_in
 
 #: What a session's ``redact`` may name: the kinds, and the groups that stand for several.
 KINDS = ("credit_card", "credit_card_expiration", "cvv", "ssn", "numbers")
@@ -66,6 +66,8 @@ CONTEXT_S = 20.0
 #: one on its channel continues it: a card read in groups, with a pause the VAD took for the end
 #: of a turn between them, is judged by all its digits.
 JOIN_S = 3.0
+#: Words taken as misheard digits inside one number (``Redactor.redact``).
+MAX_BRIDGES = 2
 #: Words of context kept per session (about the last 20 s of a two-party call).
 CONTEXT_WORDS = 80
 
@@ -161,14 +163,65 @@ def run_digits(words: Sequence[Word]) -> int:
     return total
 
 
-def open_run_start(words: Sequence[Word]) -> int:
-    """The index where the run of numbers that ends ``words`` starts (``len(words)``: none)."""
+def open_run_start(words: Sequence[Word], *, bridge: bool = True) -> int:
+    """The index where the run of numbers that ends ``words`` starts (``len(words)``: none).
+    With ``bridge``, one word after the run is held with it: it may be a digit the decoder
+    misheard, with the rest of the number still to come (:func:`_bridge_end`)."""
     start = len(words)
+    if bridge:
+        end = _last_word(words, len(words))
+        before = _last_word(words, end - 1) if end else 0
+        if end and not _in_run(words[end - 1]) and before and _is_number(words[before - 1], first=False):
+            start = end - 1  # the word after a run, which the next words may show to be its digit
     while start > 0 and _in_run(words[start - 1]):
         start -= 1  # a lone "oh" is held too: it is the zero of a run that may follow
+    for _ in range(MAX_BRIDGES if bridge and start < len(words) else 0):
+        word = _last_word(words, start) - 1  # the word before the run, past the marks
+        before = _last_word(words, word) if word > 0 else 0
+        if word < 1 or _in_run(words[word]) or bare_word(words[word].text) in CUE_ALL or not before or not _is_number(words[before - 1], first=False):
+            break
+        start = before  # a misheard digit between two runs: the one before is held with it
+        while start > 0 and _in_run(words[start - 1]):
+            start -= 1
     while start < len(words) and _mark(words[start]):
         start += 1  # marks before the run are not held
     return start
+
+
+def _last_word(words: Sequence[Word], end: int) -> int:
+    """``end`` less the marks before it: one past the last word that is not a mark."""
+    while end > 0 and _mark(words[end - 1]):
+        end -= 1
+    return end
+
+
+def ends_in_number(words: Sequence[Word]) -> bool:
+    """Whether ``words`` end in a run of numbers that may still grow, or in one word after one
+    (a digit misheard: "2, 3, 0, please." with the rest of the card to come)."""
+    return open_run_start(words) < len(words)
+
+
+CUE_ALL = frozenset(w for cues in CUE_WORDS.values() for w in cues) | frozenset(w for pairs in CUE_PAIRS.values() for pair in pairs for w in pair)
+
+
+def _bridge_end(words: Sequence[Word], j: int) -> int | None:
+    """Where the run that starts one word after ``j`` (the end of a run, marks between allowed)
+    ends, or None when there is no such run: "2, 3, 0, please. 1, 0, 4, 9" (tiny.en's "please"
+    for "three")."""
+    k = j
+    while k < len(words) and _mark(words[k]):
+        k += 1
+    if k >= len(words) or _in_run(words[k]) or bare_word(words[k].text) in CUE_ALL:
+        return None
+    m = k + 1
+    while m < len(words) and _mark(words[m]):
+        m += 1
+    if m >= len(words) or not _is_number(words[m], first=True):
+        return None
+    end = m + 1
+    while end < len(words) and _in_run(words[end]):
+        end += 1
+    return _last_word(words, end)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,14 +273,23 @@ class Redactor:
                 i -= 1  # "oh four twenty seven": the "oh" before a run is its zero
                 out.pop()
                 heard.pop()
-            run = words[i:j]
             # (a continuation may open with the mark that joins it to the last turn: ", 7, 3")
             first = opening and not any(bare_word(w.text) for w in words[:i])
             before = self._trailing.get(channel) if first else None
-            prior = before[1] if before is not None and run[0].start - before[0] <= JOIN_S else 0
-            kind = self._kind_of(run, [*self._context, *heard], prior=prior)
+            prior = before[1] if before is not None and words[i].start - before[0] <= JOIN_S else 0
+            context = [*self._context, *heard]
+            kind = self._kind_of(words[i:j], context, prior=prior)
+            probe, bridges = j, 0
+            while kind is None and bridges < MAX_BRIDGES and (after := _bridge_end(words, probe)) is not None:
+                # A digit the decoder misheard as a word splits a number into runs too short to
+                # be anything; with that word counted as a digit, they may be one.
+                probe, bridges = after, bridges + 1
+                kind = self._kind_of(words[i:probe], context, prior=prior + bridges, lengths_only=True)
+                j = probe if kind is not None else j
+            run = words[i:j]
             out.extend([self._placeholder(kind, run, commit=commit)] if kind else run)
-            trailing = (run[-1].end, prior + run_digits(run)) if j == len(words) else None
+            ends = all(_mark(w) for w in words[j:])  # the run ends the words (a "." after it is no word)
+            trailing = (run[-1].end, prior + run_digits(run)) if ends else None
             i = j
         if commit:
             self._context.extend(heard)
@@ -242,12 +304,14 @@ class Redactor:
         else:
             self._trailing[channel] = trailing
 
-    def _kind_of(self, run: Sequence[Word], context: Sequence[ContextWord], *, prior: int = 0) -> str | None:
+    def _kind_of(self, run: Sequence[Word], context: Sequence[ContextWord], *, prior: int = 0, lengths_only: bool = False) -> str | None:
         """The kind ``run`` is, when it is one this session redacts (None: it stays). The word
         said last decides among those that fit ("the CVV is 123 and it expires 12/25": 12/25 is
         the expiry date); without one, the length does, counting the ``prior`` digits of the run
-        it continues."""
+        it continues (``lengths_only``: the length alone decides, and only cards and SSNs)."""
         digits = run_digits(run)
+        if lengths_only:
+            return next((kind for kind, fits in LENGTHS if fits(digits + prior) and (kind in self.kinds or "numbers" in self.kinds)), None)
         recent = [c.bare for c in context if c.end >= run[0].start - CONTEXT_S]
         everything = "numbers" in self.kinds
         cues = [kind for kind, fits in CUES if fits(digits)]
@@ -265,7 +329,9 @@ class Redactor:
         """One word for the whole run: its times, its tokens' mean log probability, the text
         ``[KIND_n]`` (``n`` the value's number among the session's values of that kind), and the
         run's leading space and closing punctuation, so the transcript still reads as a sentence."""
-        value = "".join(c for w in run for c in bare_word(w.text) if c.isalnum())
+        # The digits said, so a card read back in words ("four one ...") is the same value.
+        value = "".join(SPOKEN_DIGITS.get(b, b) for b in (bare_word(w.text) for w in run))
+        value = "".join(c for c in value if c.isalnum())
         numbers = self._numbers.setdefault(kind, {})
         n = numbers.get(value, len(numbers) + 1)
         if commit:

@@ -86,7 +86,7 @@ from stream_server.policy import (
     without_trailing_punctuation,
     words_starting_before,
 )
-from stream_server.redaction import HeldRun, Redactor, kinds_of, without_placeholders
+from stream_server.redaction import HeldRun, Redactor, ends_in_number, kinds_of, without_placeholders
 from stream_server.state import SessionState, TicketState, UtteranceState, transition
 from stream_server.transcript import Transcript
 from stream_server.vad import (
@@ -879,6 +879,8 @@ class Session:
         utt = ch.utterance
         assert utt is not None
         ch.utterance = None
+        if ch.segmenter is not None and (params := self._vad_params()) is not None:
+            ch.segmenter.params = params  # the next turn ends after its own silence
         utt.end_at(end)
         ch.consumed = max(ch.consumed, end)
         ch.carry_turn_end = end
@@ -1165,12 +1167,27 @@ class Session:
             committed, tail = [*committed[:-1], spoken], [marks] if marks is not None else []
         out = self._commit_words(ch, utt, committed)
         utt.tail = tail
+        self._pace_turn_end(ch, utt)
         if self.config.interim_results:
             caption = render.interim(utt.item_id, utt.number_run.caption(utt.tail), timings=self.config.wants("words"))
             if caption.text != utt.interim_sent:
                 utt.interim_sent = caption.text
                 out.append(caption)
         return out
+
+    def _pace_turn_end(self, ch: Channel, utt: Utterance) -> None:
+        """With redaction on, the silence that ends ``utt`` is ``number_pause_ms`` while its
+        words so far end in a number (its committed words, or with its latest hypothesis: a
+        hypothesis that ends in a word misheard at the window's end does not end the number),
+        the turn's own otherwise: a card read in groups stays one turn, judged at once."""
+        base = self._vad_params()
+        if ch.segmenter is None or base is None:
+            return
+        longer = self.limits.number_pause_ms > base.silence_duration_ms
+        held = utt.number_run.words
+        if longer and self._redactor.active and (ends_in_number(held) or ends_in_number([*held, *utt.tail])):
+            base = dataclasses.replace(base, silence_duration_ms=self.limits.number_pause_ms)
+        ch.segmenter.params = base
 
     def _settle_held(self, ch: Channel) -> list[Output]:
         """Each VAD frame: words a pause decode held back on a dissent are committed as it heard

@@ -36,7 +36,10 @@ def bare_word(word: str) -> str:
 
 
 # Numbers as spoken and as Whisper writes them (redaction's runs, the loop guard's digits).
-UNITS = {"zero": 1, "oh": 1, "o": 1, "one": 1, "two": 1, "three": 1, "four": 1, "five": 1, "six": 1, "seven": 1, "eight": 1, "nine": 1}
+#: The one-digit number words, and the digit each says.
+SPOKEN_DIGITS = {"zero": "0", "oh": "0", "o": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                 "six": "6", "seven": "7", "eight": "8", "nine": "9"}
+UNITS = dict.fromkeys(SPOKEN_DIGITS, 1)
 TEENS = {"ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"}
 TENS = {"twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"}
 #: "double five" is two digits, "triple oh" three: the word adds what the next one repeats.

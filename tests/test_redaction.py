@@ -59,9 +59,9 @@ def test_runs_of_numbers_become_placeholders_of_their_kind(kinds: list[str], tex
 
 def test_the_same_value_gets_the_same_placeholder_and_another_the_next_number() -> None:
     run = HeldRun(Redactor(kinds_of(["pci"])))
-    text = "Card 4111 1111 1111 1111, I repeat, 4111-1111-1111-1111, and the other is 5500 0000 0000 0004."
+    text = "Card 4111 1111 1111 1111, I repeat, 4111-1111-1111-1111, and the other is 5500 0000 0000 0004, that's 5500 0000 0000 oh oh oh four."
     assert "".join(w.text for w in run.push(words(text)) + run.flush()).strip() == (
-        "Card [CREDIT_CARD_1], I repeat, [CREDIT_CARD_1], and the other is [CREDIT_CARD_2]."
+        "Card [CREDIT_CARD_1], I repeat, [CREDIT_CARD_1], and the other is [CREDIT_CARD_2], that's [CREDIT_CARD_2]."
     )
 
 
@@ -88,8 +88,9 @@ def test_a_run_that_may_still_grow_is_held_and_left_out_of_the_caption() -> None
     assert [w.text for w in run.push(heard[:5])] == [" My", " card", " is"]  # "4," "1," held
     assert run.caption(heard[5:8]) == []  # the open run is not shown, even in part
     assert run.push(heard[5:19]) == []
-    shown = run.push(heard[19:])
-    assert [w.text for w in shown] == [" [CREDIT_CARD_1].", " thanks"]
+    # the word after it is held too (it could be a digit misheard, the rest of the card to come)
+    assert run.push(heard[19:]) == []
+    assert [w.text for w in run.push(words("so much"))] == [" [CREDIT_CARD_1].", " thanks", " so", " much"]
     assert run.words == [] and run.flush() == []
 
 
@@ -99,6 +100,8 @@ def test_a_caption_shows_closed_runs_judged_without_numbering_them() -> None:
     caption = run.caption(words("order 12345 please and 678"))
     assert [w.text for w in caption] == [" order", " [NUMBER_1]", " please", " and"]
     shown = run.push(words("order 99999 please"))
+    assert [w.text for w in shown] == [" order"]  # "please" may be a misheard digit: it waits for the next word
+    shown += run.flush()
     assert [w.text for w in shown] == [" order", " [NUMBER_1]", " please"]  # the caption's value took no number
 
 
@@ -238,8 +241,8 @@ def test_a_pause_comma_on_its_own_neither_breaks_nor_starts_a_run() -> None:
     assert [w.text for w in shown] == [" Number"]
     mark = Word(",", 2.0, 2.0, (Token(1, ",", -0.1),))
     assert run.push([mark]) == []
-    shown = run.push(words("0, 0, 0, 0, 0, 1, 6 thanks", start=2.1))
-    assert [w.text for w in shown] == [" [CREDIT_CARD_1]", " thanks"]
+    shown = run.push(words("0, 0, 0, 0, 0, 1, 6 thanks now", start=2.1))
+    assert [w.text for w in shown] == [" [CREDIT_CARD_1]", " thanks", " now"]
 
 
 def test_a_card_split_by_a_pause_into_two_utterances_is_judged_whole() -> None:
@@ -248,8 +251,8 @@ def test_a_card_split_by_a_pause_into_two_utterances_is_judged_whole() -> None:
     the one that ended the last, and 3 + 12 is a card."""
     redactor = Redactor(kinds_of(["pci"]))
     first = HeldRun(redactor, channel=1)
-    ended = first.push(words("It is 5, 2, 4")) + first.flush()
-    assert "".join(w.text for w in ended) == " It is 5, 2, 4"  # three digits alone are nothing yet
+    ended = first.push(words("It is 5, 2, 4")) + first.push([Word(".", 2.0, 2.0, (Token(1, ".", -0.1),))]) + first.flush()
+    assert "".join(w.text for w in ended) == " It is 5, 2, 4."  # three digits alone are nothing yet (a "." ends them)
     second = HeldRun(redactor, channel=1)
     rest = words(", 7, 3, 0, 0, 0, 0, 0, 0, 0, 1, 6, has never been surpassed.", start=2.5)
     assert "".join(w.text for w in second.push(rest) + second.flush()) == " , [CREDIT_CARD_1], has never been surpassed."
@@ -259,3 +262,43 @@ def test_a_card_split_by_a_pause_into_two_utterances_is_judged_whole() -> None:
     late = HeldRun(Redactor(kinds_of(["pci"])), channel=1)
     late._redactor.end_utterance(1, (0.0, 3))
     assert "[CREDIT_CARD" not in "".join(w.text for w in late.push(words("7, 3, 0, 0, 0, 0, 0, 0, 0, 1, 6", start=5.0)) + late.flush())
+
+
+def test_a_card_read_in_two_groups_with_a_pause_between_stays_one_turn() -> None:
+    """0.8 s between the groups ends a turn (silence_duration_ms 500): without redaction the
+    card is two turns; with it, a turn whose words end in a number waits ``number_pause_ms``
+    (1.2 s), so the card is one run and none of it is shown."""
+
+    def read_in_groups(redact: list[str]) -> Driver:
+        d = card_session(redact)
+        d.feed(silence(0.5))
+        d.feed(speech([1, 2, 3, *CARD_BURSTS[:8]], gap=0.1, seconds=0.2))
+        d.feed(silence(0.8))
+        d.feed(speech([*CARD_BURSTS[8:], 4], gap=0.1, seconds=0.2))
+        d.feed(silence(1.5))
+        d.close()
+        return d
+
+    plain = read_in_groups([])
+    assert len(plain.of(p.TranscriptSegment)) == 2
+    d = read_in_groups(["pci"])
+    [segment] = d.of(p.TranscriptSegment)
+    assert segment.text == "My card is [CREDIT_CARD_1], thanks."
+    assert not [t for t in texts_of(d) if re.search(r"(?<!w)\d", without_placeholders(t))]
+
+
+@pytest.mark.parametrize(
+    ("kinds", "text", "expected"),
+    [
+        # tiny.en read "2303 1045 0932 2717" as "2, 3, 0, please. 1, 0, 4, 9. 0, 9, 3, 2. 7, 1, 7."
+        (["pci"], "2, 3, 0, please. 1, 0, 4, 9. 0, 9, 3, 2. 7, 1, 7. Men the coat", "[CREDIT_CARD_1]. Men the coat"),
+        (["ssn"], "It is 4 3 2 for 9 4 3 1 6 ok", "It is [SSN_1] ok"),
+        # no bridge where the parts are each what they are, or together nothing
+        (["pci"], "I have 2 kids and 3 cats", "I have 2 kids and 3 cats"),
+        (["numbers"], "order 123 and 456 please", "order [NUMBER_1] and [NUMBER_2] please"),
+        # a cue word is never a misheard digit
+        (["pci"], "4111 1111 card 1111 1111 1111 ok", "4111 1111 card [CREDIT_CARD_1] ok"),
+    ],
+)
+def test_a_word_misheard_inside_a_number_is_bridged_when_the_parts_make_one(kinds: list[str], text: str, expected: str) -> None:
+    assert said(kinds, text) == expected

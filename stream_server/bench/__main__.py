@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--replay-timestamp-tokens", choices=("on", "off"), default="on",
                     help="with --replay: decode with Whisper timestamp tokens (the server's --timestamp-tokens; off "
                     "measures the guards that must stand in for them on a GPU)")
+    rp.add_argument("--numbers", type=int, metavar="N",
+                    help="with --replay: N spoken numbers (cards, phone numbers, SSNs read digit by digit by the corpus's "
+                    "FSDD voices, between two sentences): digit error rate, and the digits redaction leaves shown (see bench/replay_numbers.py)")
     rp.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                     help="with --replay: a session limit (planner.SessionLimits field), repeatable, "
                     "e.g. --limit prefix_words=4")
@@ -181,6 +184,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .soak import main_soak
 
         return main_soak(args, out, stamp, list(sys.argv[1:] if argv is None else argv))
+    if args.replay and args.numbers:
+        from .replay_numbers import main_number_replay
+
+        return main_number_replay(args, out)
     if args.replay and args.calls:
         from .replay_calls import main_call_replay
 
