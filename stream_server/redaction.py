@@ -14,8 +14,8 @@ spoken: "double five" is two, "twenty" two) and the words said shortly before it
 ==============================  ====================================================================
 placeholder                     when (``redact`` names)
 ==============================  ====================================================================
-``[CREDIT_CARD_n]``             13-19 digits; or 4+ digits after a card word ("card", "visa", ...)
-                                (``pci``, ``credit_card``)
+``[CREDIT_CARD_n]``             12-19 digits (a decoder misses some of a card's 13-19); or 4+ after
+                                a card word ("card", "visa", ...) (``pci``, ``credit_card``)
 ``[CREDIT_CARD_EXPIRATION_n]``  3-6 digits after "expiry", "expiration", "expires", "valid thru"
                                 (``pci``, ``credit_card_expiration``)
 ``[CVV_n]``                     3-4 digits after "cvv", "cvc", "security code", "verification code"
@@ -30,9 +30,14 @@ same way (``[CREDIT_CARD_1]``), which is why this form was chosen.
 
 Streaming: a run that reaches the end of the committed words may still grow ("four one one one"
 and then the rest of the card), so its words are *held*: not in any delta, and left out of the
-caption, until a word that is not a number follows or the utterance ends. Then the whole run is
-judged at once. Text is therefore never shown and then taken back; a card number read out only
-delays the words after it by the time it takes to say it.
+caption, until a word that is not a number follows (and the word after that: it may be a digit
+misheard, "please" for "three", with more digits to come) or the utterance ends. Then the whole
+run is judged at once. Text is therefore never shown and then taken back; a card number read out
+only delays the words after it by the time it takes to say it. Runs split by a misheard word
+are judged together when together they are a card or an SSN (``MAX_BRIDGES``), and a run that
+opens a channel's next utterance soon after the run that ended its last continues it
+(``JOIN_S``); the session keeps a turn open longer while its words end in a number
+(``SessionLimits.number_pause_ms``), so a card read in groups is one turn.
 
 Everything here is plain synchronous code on :class:`~stream_server.decoding.Word` lists; the
 session owns one :class:`Redactor` and one :class:`HeldRun` per utterance.
