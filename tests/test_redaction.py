@@ -146,12 +146,12 @@ class VocabularyDecoder(BurstDecoder):
         return " " + (word if whole else word.rstrip(",") if 10 <= k <= 19 else word + "~")
 
 
-def card_session(redact: list[str], *, floor: Sequence[str] = ()) -> Driver:
+def card_session(redact: list[str], *, floor: Sequence[str] = (), number_pause_ms: int = 0) -> Driver:
     session = Session(
         "sess_redact01",
         config=p.SessionConfig(interim_results=True, include=["logprobs", "words"], redact=redact),  # type: ignore[list-item]
         vad=EnergyVad(),
-        limits=SessionLimits(max_utterance_s=12.0, min_commit_window_ms=MECHANICS_COMMIT_WINDOW_MS),
+        limits=SessionLimits(max_utterance_s=12.0, min_commit_window_ms=MECHANICS_COMMIT_WINDOW_MS, number_pause_ms=number_pause_ms),
         redact_floor=floor,
     )
     driver = Driver(session)
@@ -266,11 +266,11 @@ def test_a_card_split_by_a_pause_into_two_utterances_is_judged_whole() -> None:
 
 def test_a_card_read_in_two_groups_with_a_pause_between_stays_one_turn() -> None:
     """0.8 s between the groups ends a turn (silence_duration_ms 500): without redaction the
-    card is two turns; with it, a turn whose words end in a number waits ``number_pause_ms``
-    (1.2 s), so the card is one run and none of it is shown."""
+    card is two turns; with it and ``number_pause_ms`` 1200 (off by default), a turn whose words
+    end in a number waits 1.2 s, so the card is one run and none of it is shown."""
 
     def read_in_groups(redact: list[str]) -> Driver:
-        d = card_session(redact)
+        d = card_session(redact, number_pause_ms=1200)
         d.feed(silence(0.5))
         d.feed(speech([1, 2, 3, *CARD_BURSTS[:8]], gap=0.1, seconds=0.2))
         d.feed(silence(0.8))
