@@ -851,6 +851,8 @@ def _drop_repetition_loop(words: list[Word]) -> list[Word]:
             if norm[start + size : start + 2 * size] == phrase and norm[start + 2 * size : start + 3 * size] == phrase:
                 if len(set(phrase)) == 1 and _spoken_digit_run(words, norm, start):
                     continue
+                if len(set(phrase)) == 1 and (kept := _digit_loop_left(words, norm, start)) is not None:
+                    return kept
                 return words[: start + size]
     return words
 
@@ -860,6 +862,33 @@ def _drop_repetition_loop(words: list[Word]) -> list[Word]:
 #: than a card number holds, is the decoder's loop.
 DIGIT_SAID_S = 0.15
 MAX_DIGIT_REPEATS = 12
+#: How long a digit read out takes, with its gap, when a reading has no other digit to time one by.
+DIGIT_READ_S = 0.4
+
+
+def _digit_loop_left(words: list[Word], norm: list[str], start: int) -> list[Word] | None:
+    """``words`` with a one-digit loop the decoder came out of cut to the copies its audio holds,
+    or None when it did not come out (nothing after the loop, or only words squeezed as it was).
+
+    Forced on from "0, 0, 0, 0, 0," of a card read "7300 0000 0016", tiny.en wrote thirteen more
+    zeros in 1.1 s, then "1, 6" at their times: cutting at the loop lost "1, 6" and the sentence
+    after it, and left a card too short to redact. The copies kept are as many as the loop's
+    span holds at the time its reading's other digits took each (``DIGIT_READ_S`` without any),
+    at least one. Guards after this one judge what is left; the loop guard runs on the rest."""
+    if digits_in(norm[start]) != 1:
+        return None
+    end = start
+    while end < len(norm) and norm[end] == norm[start]:
+        end += 1
+    after = words[end:]
+    if not after or any(w.end - w.start < DIGIT_SAID_S for w in after[:2]):
+        return None
+    copies = words[start:end]
+    others = [w.end - w.start for i, w in enumerate(words) if not start <= i < end and digits_in(norm[i]) == 1]
+    each = float(np.median(others)) if others else DIGIT_READ_S
+    kept = max(1, min(len(copies), int((copies[-1].end - copies[0].start) / max(each, DIGIT_SAID_S))))
+    last = dataclasses.replace(copies[kept - 1], end=copies[-1].end)
+    return [*words[:start], *copies[: kept - 1], last, *_drop_repetition_loop(after)]
 
 
 def _spoken_digit_run(words: list[Word], norm: list[str], start: int) -> bool:

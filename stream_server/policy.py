@@ -121,6 +121,12 @@ def interim_commit_count(
         if short and previous_window_end - utterance_start >= DISSENT_WINDOW_MS * MS:
             at_pause = min(at_pause, _settled_at_pause(previous, words, previous_window_end - right_context_ms * MS))
         n = max(n, at_pause)
+    if n and not comparable(words[n - 1]):
+        # A bare mark ("?" left waiting after committed words) waits for the word after it, as
+        # the newest word does: committed alone, it ends the forced prefix, and after a forced
+        # "it?" tiny.en closed the segment and read nothing more of the 10 s of digits that
+        # followed in the same turn (every interim empty, the final's digits lost).
+        n -= 1
     return n
 
 
@@ -156,6 +162,7 @@ def after_agreeing_prefix(kept: Sequence[Word], words: Sequence[Word]) -> list[W
     A mark the hypothesis puts after the last kept word ("so" committed, "so," decoded) comes
     first: it was waiting, as the tail, for this.
     """
+    kept = glued_marks(kept)
     n = len(kept)
     if agreed_prefix_length(kept, words) < n:
         return None
@@ -165,6 +172,33 @@ def after_agreeing_prefix(kept: Sequence[Word], words: Sequence[Word]) -> list[W
         if marks is not None and not kept[-1].text.rstrip().endswith(marks.text.strip()):
             rest.insert(0, marks)
     return rest
+
+
+def read_past(committed: Sequence[Word], words: Sequence[Word]) -> list[Word]:
+    """The words of a reading that disagrees with ``committed`` which lie past it: those ending
+    after the last committed word does (the aligner stretches a word over audio the reading
+    skipped: " has" over a run of zeros it did not read), less a first one that is that last
+    word again."""
+    if not committed:
+        return list(words)
+    last = committed[-1]
+    past = [w for w in words if w.end > last.end]
+    if past and past[0].start < last.end and comparable(past[0]) == comparable(last):
+        past = past[1:]
+    return past
+
+
+def glued_marks(words: Sequence[Word]) -> list[Word]:
+    """``words`` with each bare mark joined to the word before it ("it" "?" as "it?"), as a
+    decoder's words are split: committed apart, they are still one word of the hypothesis."""
+    out: list[Word] = []
+    for word in words:
+        if out and not comparable(word):
+            last = out[-1]
+            out[-1] = Word(last.text + word.text, last.start, max(last.end, word.end), last.tokens + word.tokens)
+        else:
+            out.append(word)
+    return out
 
 
 def heard_the_pause(window_end: int, turn_end: int, stable_silence_ms: int) -> bool:

@@ -80,6 +80,7 @@ from stream_server.policy import (
     heard_the_pause,
     interim_commit_count,
     mean_logprob,
+    read_past,
     surer_reading,
     unread_speech,
     within_turn,
@@ -133,6 +134,10 @@ class DecodeTicket:
     # A final sent without that prefix (``SessionLimits.final_agreement``): a result that does not
     # repeat ``forced`` is decoded again with it.
     unforced: bool = False
+    # Such a result's words past the committed ones (``policy.read_past``), kept in case the
+    # forced readings stop early: forced on from "0, 0, 0," tiny.en read nothing more of a card
+    # and the sentence after it, where the unforced reading (which skipped zeros) read on.
+    unforced_rest: list[Word] | None = None
     carried: int = 0  # how many of ``forced`` are the previous turn's words (a continuation)
     # A pause decode: whether its pause has lasted ``stable_silence_ms`` (its words before the
     # pause may be committed). An interim's result until it is applied: one that decoded a pause
@@ -1227,7 +1232,8 @@ class Session:
             if ticket.unforced:
                 rest = after_agreeing_prefix(ticket.forced, words)
                 if rest is None:  # it contradicts committed text: decode again, forced
-                    retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, prefix=token_ids(ticket.forced)), unforced=False)
+                    retry = dataclasses.replace(ticket, request=dataclasses.replace(ticket.request, prefix=token_ids(ticket.forced)), unforced=False,
+                                                unforced_rest=read_past(ticket.utterance.committed, words))
                     ch.finals[ch.finals.index(ticket)] = retry
                     return [retry]
                 words = rest
@@ -1246,6 +1252,9 @@ class Session:
                 return [retry]
             if ticket.rival is not None:
                 words = surer_reading(ticket.rival, words, speech_end_s=self._speech_end_s(ticket.utterance), unread_s=self.limits.unread_speech_ms / 1000)
+            if ticket.unforced_rest and self._stops_early(ticket.utterance, words):
+                words = surer_reading(self._within_turn(ticket.utterance, ticket.unforced_rest), words,
+                                      speech_end_s=self._speech_end_s(ticket.utterance), unread_s=self.limits.unread_speech_ms / 1000)
             ticket.utterance.no_speech_prob = result.no_speech_prob
             ticket.utterance.detected = result.language
             if language_settled(len(ticket.request.audio), result.language_probability):

@@ -252,6 +252,21 @@ def test_a_digit_written_over_and_over_faster_than_speech_or_past_a_cards_length
     assert len(_drop_repetition_loop(phrase)) == 3, "a phrase said three times is still one"
 
 
+def test_a_digit_loop_the_decoder_came_out_of_keeps_the_copies_its_audio_holds_and_what_follows() -> None:
+    """Forced on from "0, 0, 0, 0, 0," of "7300 0000 0016", tiny.en wrote thirteen more zeros in
+    1.1 s, then "1, 6" at their times: the cut lost "1, 6" and the sentence after them."""
+    zeros = [word(" 0,", 0.4 + i * 1.1 / 13, 0.4 + (i + 1) * 1.1 / 13) for i in range(13)]
+    looped = [word(" 3,", 0.0, 0.4), *zeros, word(" 1,", 1.5, 1.9), word(" 6.", 1.9, 2.3), word(" Has", 2.3, 2.6), word(" never", 2.6, 2.9)]
+    kept = _drop_repetition_loop(looped)
+    # 1.1 s at the 0.4 s the other digits took each: two zeros, the last one ending where the loop did.
+    assert " ".join(w.text.strip() for w in kept) == "3, 0, 0, 1, 6. Has never"
+    assert kept[2].end == zeros[-1].end
+    # A word that is not a digit, looped so, is cut as before.
+    words = [word(" the", 0.4 + i * 0.1, 0.5 + i * 0.1) for i in range(8)]
+    cut = _drop_repetition_loop([word(" and", 0.0, 0.4), *words, word(" end", 1.3, 1.7), word(" here", 1.7, 2.0)])
+    assert [w.text for w in cut] in ([" and", " the"], [" and", " the", " the"])
+
+
 def test_a_repeat_without_audio_of_its_own_is_dropped() -> None:
     """Word times as the aligner gave them for "In 1813, in 1813," on 1.96 s of "In eighteen
     thirteen": the second copy sits in zero time."""

@@ -14,6 +14,7 @@ from stream_server.policy import (
     heard_the_pause,
     interim_commit_count,
     mean_logprob,
+    read_past,
     surer_reading,
     unread_speech,
     within_turn,
@@ -148,6 +149,31 @@ def test_an_unforced_final_that_repeats_the_committed_words_gives_what_follows_t
     # Case and punctuation aside; a mark the committed word already has is not repeated.
     assert [x.text for x in after_agreeing_prefix([tokens_word(" And"), tokens_word(" so", ",")], [tokens_word(" and"), tokens_word(" so", ","), tokens_word(" my")]) or []] == [" my"]
     assert after_agreeing_prefix([], words) == words
+
+
+def test_a_bare_mark_waits_for_the_word_after_it() -> None:
+    """At a pause tiny.en's next reading began with the mark that waited ("?" then " Five.");
+    committed alone, it ended every forced prefix, and after a forced "it?" the decoder closed
+    its segment and read nothing of the digits that followed in the same turn."""
+    waiting = [w("?", 1.6, 1.6)]
+    assert count(waiting, [w("?", 1.6, 1.6), w(" Five.", 2.5, 2.7)], window_end_s=2.8, pause_start_s=2.0, previous_end_s=2.0) == 0
+    # With the word after it, it goes out.
+    assert count(waiting, [w("?", 1.6, 1.6), w(" 5,", 2.5, 2.8), w(" 2,", 3.0, 3.3)], window_end_s=3.8, pause_start_s=3.4, previous_end_s=2.8) == 3
+
+
+def test_an_unforced_final_agrees_with_a_mark_committed_apart() -> None:
+    kept = [tokens_word(" forget"), tokens_word(" it"), tokens_word("?")]
+    rest = after_agreeing_prefix(kept, [tokens_word(" forget"), tokens_word(" it", "?"), tokens_word(" 5", ",")])
+    assert rest is not None and [x.text for x in rest] == [" 5,"]
+
+
+def test_the_words_past_the_committed_ones_of_a_reading_that_disagrees() -> None:
+    committed = [w(" 0,", 7.3, 7.7), w(" 0,", 7.7, 8.7)]
+    # A word stretched over the zeros the reading skipped counts; the last committed word read again does not.
+    reading = [w(" 0,", 8.2, 8.9), w(" has", 5.3, 9.9), w(" never", 9.9, 10.9)]
+    assert [x.text for x in read_past(committed, reading)] == [" has", " never"]
+    assert [x.text for x in read_past(committed, [w(" 3,", 4.8, 5.3), w(" has", 9.0, 9.9)])] == [" has"]
+    assert read_past([], reading) == reading
 
 
 def test_an_unforced_final_that_contradicts_committed_words_is_refused() -> None:

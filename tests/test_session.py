@@ -1536,3 +1536,31 @@ def test_a_reading_that_stops_well_before_the_turns_speech_is_decoded_again_and_
     assert [s.text for s in d.of(p.TranscriptSegment)] == [spoken(*range(1, 9))]
     assert d.of(p.TranscriptDone)[0].text == spoken(*range(1, 9))
     assert any(r.final and r.beam_size == 5 for batch in d.decoder.calls for r in batch) == (latency_chunks == 30)
+
+
+class ReadsNothingForced(BurstDecoder):
+    """tiny.en on a card read as "7300 0000 0016" in a long turn: forced on from "0, 0, 0," its
+    finals read nothing more (a zero loop, cut), where the unforced final read the words after
+    the zeros but not the zeros (here: the window's first word misheard, so it contradicts the
+    committed words)."""
+
+    def decode_one(self, request: DecodeRequest) -> DecodeResult:
+        result = super().decode_one(request)
+        if not request.final:
+            return result
+        if request.prefix:
+            return dataclasses.replace(result, words=())
+        first, *rest = result.words
+        return dataclasses.replace(result, words=(dataclasses.replace(first, text=first.text.replace("w", "x")), *rest))
+
+
+def test_a_final_whose_forced_readings_stop_early_keeps_the_unforced_readings_words_past_the_committed_ones() -> None:
+    session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad())
+    d = Driver(session, latency_chunks=10)
+    d.decoder = ReadsNothingForced()
+    d.feed(np.concatenate([silence(0.3), speech(list(range(1, 17)))]))
+    d.close()  # mid-speech: the turn's last words come from its final decode
+    [segment] = d.of(p.TranscriptSegment)
+    assert segment.text == spoken(*range(1, 17))
+    # Decoded forced, then with a beam (both read nothing); the reading kept is the unforced one's.
+    assert [(bool(r.prefix), r.beam_size) for batch in d.decoder.calls for r in batch if r.final] == [(False, 1), (True, 1), (True, 5)]
