@@ -72,13 +72,9 @@ DIGIT_SPEAKERS = {0: "george", 1: "jackson", 2: "lucas", 3: "nicolas", 4: "theo"
 def spoken_digits(digits: str, *, gap_s: float = 0.08, group_gap_s: float = 0.35) -> np.ndarray:
     """``digits`` read out by real voices (FSDD), a space a longer pause: "5204 7300" is a card
     number read in groups of four."""
-    parts: list[np.ndarray] = []
-    for ch in digits:
-        if ch == " ":
-            parts.append(np.zeros(int(16000 * group_gap_s), np.float32))
-        else:
-            parts += [load_clip(f"fsdd_{ch}_{DIGIT_SPEAKERS[int(ch)]}_0"), np.zeros(int(16000 * gap_s), np.float32)]
-    return np.concatenate(parts)
+    from stream_server.bench.replay_numbers import read_out
+
+    return read_out(digits, lambda ch: load_clip(f"fsdd_{ch}_{DIGIT_SPEAKERS[int(ch)]}_0"), lambda: gap_s, lambda: group_gap_s)
 
 
 def spoken_card_call(card: str = "5204 7300 0000 0016") -> np.ndarray:

@@ -26,7 +26,7 @@ import json
 import random
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,16 +74,23 @@ def digit_voices(manifest: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     return voices
 
 
-def spoken_digits(grouped: str, corpus: Path, rng: random.Random, voices: dict[str, list[str]]) -> np.ndarray:
-    """``grouped`` ("5204 7300") read by the corpus's voices, a space a longer pause."""
+def read_out(grouped: str, clip: Callable[[str], np.ndarray], gap_s: Callable[[], float], group_gap_s: Callable[[], float]) -> np.ndarray:
+    """``grouped`` ("5204 7300") read digit by digit: ``clip(digit)`` each followed by
+    ``gap_s()`` of silence, a space ``group_gap_s()`` (called in reading order, so seeded
+    draws repeat)."""
     parts: list[np.ndarray] = []
     for ch in grouped:
         if ch == " ":
-            parts.append(np.zeros(int(RATE * rng.uniform(*GROUP_GAP_S)), np.float32))
-            continue
-        audio, _ = read_wav(corpus / rng.choice(voices[ch]))
-        parts += [audio, np.zeros(int(RATE * rng.uniform(*GAP_S)), np.float32)]
+            parts.append(np.zeros(int(RATE * group_gap_s()), np.float32))
+        else:
+            parts += [clip(ch), np.zeros(int(RATE * gap_s()), np.float32)]
     return np.concatenate(parts)
+
+
+def spoken_digits(grouped: str, corpus: Path, rng: random.Random, voices: dict[str, list[str]]) -> np.ndarray:
+    """``grouped`` read by voices drawn from the corpus's, gaps drawn too."""
+    return read_out(grouped, lambda ch: read_wav(corpus / rng.choice(voices[ch]))[0],
+                    lambda: rng.uniform(*GAP_S), lambda: rng.uniform(*GROUP_GAP_S))
 
 
 def sentences(manifest: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
