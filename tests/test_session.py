@@ -1554,18 +1554,12 @@ class ReadsNothingForced(BurstDecoder):
         return dataclasses.replace(result, words=(dataclasses.replace(first, text=first.text.replace("w", "x")), *rest))
 
 
-def closed_mid_turn(decoder: BurstDecoder, latency_chunks: int) -> Driver:
-    """16 words, the session closed mid-speech: the turn's last words come from its final decode."""
-    session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad())
-    d = Driver(session, latency_chunks=latency_chunks)
-    d.decoder = decoder
-    d.feed(np.concatenate([silence(0.3), speech(list(range(1, 17)))]))
-    d.close()
-    return d
-
-
 def test_a_final_whose_forced_readings_stop_early_keeps_the_unforced_readings_words_past_the_committed_ones() -> None:
-    d = closed_mid_turn(ReadsNothingForced(), latency_chunks=10)
+    session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad())
+    d = Driver(session, latency_chunks=10)
+    d.decoder = ReadsNothingForced()
+    d.feed(np.concatenate([silence(0.3), speech(list(range(1, 17)))]))
+    d.close()  # mid-speech: the turn's last words come from its final decode
     [segment] = d.of(p.TranscriptSegment)
     assert segment.text == spoken(*range(1, 17))
     # Decoded forced, then with a beam (both read nothing); the reading kept is the unforced one's.
@@ -1585,7 +1579,11 @@ class StopsShortOnLongWindows(BurstDecoder):
 
 
 def test_the_audio_every_reading_of_a_final_left_unread_is_decoded_on_its_own() -> None:
-    d = closed_mid_turn(StopsShortOnLongWindows(), latency_chunks=20)
+    session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad())
+    d = Driver(session, latency_chunks=20)
+    d.decoder = StopsShortOnLongWindows()
+    d.feed(np.concatenate([silence(0.3), speech(list(range(1, 17)))]))
+    d.close()  # mid-speech: the turn's last words come from its final decode
     [segment] = d.of(p.TranscriptSegment)
     assert segment.text == spoken(*range(1, 17))
     finals = [r for batch in d.decoder.calls for r in batch if r.final]
