@@ -188,18 +188,6 @@ def read_past(committed: Sequence[Word], words: Sequence[Word]) -> list[Word]:
     return past
 
 
-def read_on(read: Sequence[Word], words: Sequence[Word]) -> list[Word]:
-    """The words of a decode of the audio from ``read``'s last word on that continue ``read``:
-    those starting at that word or later, less that word read again."""
-    if not read:
-        return list(words)
-    last = read[-1]
-    on = [w for w in words if w.start >= last.start - 0.1]
-    if on and comparable(on[0]) == comparable(last):
-        on = on[1:]
-    return on
-
-
 def glued_marks(words: Sequence[Word]) -> list[Word]:
     """``words`` with each bare mark joined to the word before it ("it" "?" as "it?"), as a
     decoder's words are split: committed apart, they are still one word of the hypothesis."""
@@ -267,21 +255,10 @@ def mean_logprob(words: Sequence[Word]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
-#: No word takes longer to say (seconds); past that, a word's end is the aligner stretching it
-#: over audio the reading left unread (" 6." from 9.6 s to 12.6 s, over a sentence not read).
-LONGEST_WORD_S = 1.5
-
-def read_to(words: Sequence[Word]) -> float:
-    """Where a reading (non-empty) stops in the audio: its last word's end, at most
-    :data:`LONGEST_WORD_S` after that word starts."""
-    last = words[-1]
-    return min(last.end, last.start + LONGEST_WORD_S)
-
-
 def unread_speech(words: Sequence[Word], speech_end_s: float, limit_s: float) -> bool:
     """Whether a reading of a turn stops more than ``limit_s`` before its speech does (0: never
     said): the decoder ended its text early, leaving words unread."""
-    return bool(limit_s) and bool(words) and speech_end_s - read_to(words) > limit_s
+    return bool(limit_s) and bool(words) and speech_end_s - words[-1].end > limit_s
 
 
 def surer_reading(rival: Sequence[Word], words: Sequence[Word], *, speech_end_s: float | None = None, unread_s: float = 0.0) -> list[Word]:
@@ -290,7 +267,7 @@ def surer_reading(rival: Sequence[Word], words: Sequence[Word], *, speech_end_s:
     ``speech_end_s`` (where the turn's speech ends), one that reads ``unread_s`` or more further
     into that speech beats one that stopped early (:func:`unread_speech`)."""
     if speech_end_s is not None and rival and words:
-        rival_end, words_end = read_to(rival), read_to(words)
+        rival_end, words_end = rival[-1].end, words[-1].end
         if unread_speech(words, speech_end_s, unread_s) and rival_end - words_end >= unread_s:
             return list(rival)
         if unread_speech(rival, speech_end_s, unread_s) and words_end - rival_end >= unread_s:

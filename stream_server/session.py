@@ -80,7 +80,6 @@ from stream_server.policy import (
     heard_the_pause,
     interim_commit_count,
     mean_logprob,
-    read_on,
     read_past,
     surer_reading,
     unread_speech,
@@ -139,9 +138,6 @@ class DecodeTicket:
     # forced readings stop early: forced on from "0, 0, 0," tiny.en read nothing more of a card
     # and the sentence after it, where the unforced reading (which skipped zeros) read on.
     unforced_rest: list[Word] | None = None
-    # A decode of only the audio a final's reading left unread (``Session._unread_tail``): the
-    # words read before it, which its own words continue.
-    read_before: list[Word] | None = None
     carried: int = 0  # how many of ``forced`` are the previous turn's words (a continuation)
     # A pause decode: whether its pause has lasted ``stable_silence_ms`` (its words before the
     # pause may be committed). An interim's result until it is applied: one that decoded a pause
@@ -1228,8 +1224,6 @@ class Session:
                 ticket.parked = result
                 return []
             words = self._words_of(ticket, result)
-            if ticket.read_before is not None:
-                words = [*ticket.read_before, *read_on([*ticket.utterance.committed, *ticket.read_before], words)]
             if self._continuation_failed(ticket, words):
                 retry = self._without_carry(ch, ticket)
                 ch.finals[ch.finals.index(ticket)] = retry
@@ -1260,9 +1254,6 @@ class Session:
             if ticket.unforced_rest and self._stops_early(ticket.utterance, words):
                 words = surer_reading(self._within_turn(ticket.utterance, ticket.unforced_rest), words,
                                       speech_end_s=self._speech_end_s(ticket.utterance), unread_s=self.limits.unread_speech_ms / 1000)
-            if ticket.read_before is None and self._stops_early(ticket.utterance, words) and (tail := self._unread_tail(ch, ticket, words)):
-                ch.finals[ch.finals.index(ticket)] = tail
-                return [tail]
             ticket.utterance.no_speech_prob = result.no_speech_prob
             ticket.utterance.detected = result.language
             if language_settled(len(ticket.request.audio), result.language_probability):
@@ -1336,25 +1327,6 @@ class Session:
         """Whether ``utt``, read as its committed words and then ``words``, stops well before its
         speech does (``unread_speech_ms``)."""
         return unread_speech([*utt.committed, *words], self._speech_end_s(utt), self.limits.unread_speech_ms / 1000)
-
-    def _unread_tail(self, ch: Channel, ticket: DecodeTicket, words: list[Word]) -> DecodeTicket | None:
-        """A decode of the audio after where every reading of ``ticket``'s turn stopped, prompted
-        with the text before it, whose words continue ``words``; None when too little is left.
-
-        A final's readings can all stop seconds before the turn's speech ends: tiny.en, given an
-        11 s turn of a sentence, a card read digit by digit and another sentence, read to the
-        card's last digit forced, with a beam and unforced alike, and the last sentence was lost.
-        Heard on its own, the rest of the turn is read."""
-        utt = ticket.utterance
-        read = [*utt.committed, *words]
-        start = max(utt.start, int(read[-1].start * MODEL_RATE) if read else utt.start)  # its last word heard again
-        offset = start - ticket.window_start
-        if offset <= 0 or len(ticket.request.audio) - offset < self.limits.min_final_ms * MS:
-            return None
-        # Without the text before it as a prompt: after "0, 0, 0, 0, 1, 6." the rest was read as zeros.
-        request = dataclasses.replace(ticket.request, audio=ticket.request.audio[offset:], prefix=(), prompt="")
-        return dataclasses.replace(ticket, request=request, window_start=start, forced=(), carried=0, unforced=False,
-                                   unforced_rest=None, recheck=None, rival=None, read_before=words)
 
     @staticmethod
     def _speech_end_s(utt: Utterance) -> float:

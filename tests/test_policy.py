@@ -14,9 +14,7 @@ from stream_server.policy import (
     heard_the_pause,
     interim_commit_count,
     mean_logprob,
-    read_on,
     read_past,
-    read_to,
     surer_reading,
     unread_speech,
     within_turn,
@@ -176,23 +174,6 @@ def test_the_words_past_the_committed_ones_of_a_reading_that_disagrees() -> None
     assert [x.text for x in read_past(committed, reading)] == [" has", " never"]
     assert [x.text for x in read_past(committed, [w(" 3,", 4.8, 5.3), w(" has", 9.0, 9.9)])] == [" has"]
     assert read_past([], reading) == reading
-
-
-def test_a_word_stretched_over_unread_audio_does_not_hide_that_the_reading_stopped() -> None:
-    """The aligner put a card's last digit " 6." at 9.6-12.6 s, over a sentence not read."""
-    stretched = [w(" 1,", 8.8, 9.6), w(" 6.", 9.6, 12.6)]
-    assert read_to(stretched) == pytest.approx(11.1)
-    assert unread_speech(stretched, 12.63, 1.0)
-    assert not unread_speech([w(" 1,", 8.8, 9.6), w(" 6.", 9.6, 10.0), w(" surpassed.", 11.3, 12.4)], 12.63, 1.0)
-
-
-def test_a_decode_of_the_unread_audio_continues_the_reading() -> None:
-    read = [w(" 1,", 8.8, 9.6), w(" 6.", 9.6, 12.6)]
-    # From the last word on: that word heard again is not repeated; what follows continues.
-    tail = [w(" 6,", 9.6, 10.0), w(" Has", 10.1, 10.6), w(" never", 10.6, 11.0)]
-    assert [x.text for x in read_on(read, tail)] == [" Has", " never"]
-    assert [x.text for x in read_on(read, tail[1:])] == [" Has", " never"]
-    assert read_on([], tail) == tail
 
 
 def test_an_unforced_final_that_contradicts_committed_words_is_refused() -> None:

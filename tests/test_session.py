@@ -1564,28 +1564,3 @@ def test_a_final_whose_forced_readings_stop_early_keeps_the_unforced_readings_wo
     assert segment.text == spoken(*range(1, 17))
     # Decoded forced, then with a beam (both read nothing); the reading kept is the unforced one's.
     assert [(bool(r.prefix), r.beam_size) for batch in d.decoder.calls for r in batch if r.final] == [(False, 1), (True, 1), (True, 5)]
-
-
-class StopsShortOnLongWindows(BurstDecoder):
-    """Reads two words of a final's window and stops, forced or not, greedy or with a beam, when
-    the window is long (tiny.en on an 11 s turn of a sentence, a card read digit by digit and a
-    sentence: every reading ended at the card's last digit); a short window it reads whole."""
-
-    def decode_one(self, request: DecodeRequest) -> DecodeResult:
-        result = super().decode_one(request)
-        if request.final and len(request.audio) > 3 * 16000:
-            return dataclasses.replace(result, words=result.words[:2])
-        return result
-
-
-def test_the_audio_every_reading_of_a_final_left_unread_is_decoded_on_its_own() -> None:
-    session = Session("sess_test0001", config=p.SessionConfig(interim_results=True), vad=EnergyVad())
-    d = Driver(session, latency_chunks=20)
-    d.decoder = StopsShortOnLongWindows()
-    d.feed(np.concatenate([silence(0.3), speech(list(range(1, 17)))]))
-    d.close()  # mid-speech: the turn's last words come from its final decode
-    [segment] = d.of(p.TranscriptSegment)
-    assert segment.text == spoken(*range(1, 17))
-    finals = [r for batch in d.decoder.calls for r in batch if r.final]
-    tail = finals[-1]
-    assert len(tail.audio) <= 3 * 16000 and not tail.prefix and not tail.prompt  # heard on its own
